@@ -1,0 +1,42 @@
+"""attent-scale command line: one subcommand per module, each registering itself with `add_parser`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from attent_scale.errors import UserError
+
+# subcommand -> module exposing `add_parser(subparsers)`; the parser it adds sets `func(args) -> int`.
+COMMANDS = {
+    "shards": "attent_scale.data.cli",
+    "train": "attent_scale.train",
+    "demo": "attent_scale.demo",
+    "bench": "attent_scale.bench",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attent-scale", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module_name in COMMANDS.values():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # subcommand not built yet
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"attent-scale: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,306 @@
+"""Typed run configuration: dataclass sections, YAML loading, `--set` overrides, one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from attent_scale.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""  # manifest directory written by `attent-scale shards build`
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    val_max_batches: int = 0  # 0 = the whole val split
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["c_attn"])
+    export_merged: bool = False  # also write merged full weights at the end
+
+
+@dataclass
+class ModelConfig:
+    # HF config dict for a model built from scratch (needs `model_type`); vocab_size is taken from the
+    # manifest when absent. Ignored when `pretrained` names a local directory with safetensors weights.
+    config: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class EngineConfig:
+    name: Literal["local", "deepspeed", "fsdp"] = "local"
+    deepspeed_config: str | None = None  # DeepSpeed JSON; batch sizes are filled in from `train`
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+
+
+@dataclass
+class TeacherConfig:
+    mode: Literal["none", "cycle", "ledger", "online"] = "none"
+    strategy: Literal["hard", "soft", "random"] = "soft"
+    temperature: float = 1.0
+    normalization: Literal["softmax", "sigmoid"] = "softmax"
+    ratio_schedule: Literal["constant", "incremental", "cosine", "step"] = "incremental"
+    initial_ratio: float = 0.2
+    final_ratio: float = 0.8
+    total_cycles: int = 10
+    interval_schedule: Literal["fixed", "incremental"] = "incremental"
+    initial_interval: int = 1
+    max_interval: int = 4
+    warmup_epochs: int = 1
+    full_epochs_per_cycle: int = 1
+    online_ratio: float = 0.5  # online mode: fraction of each step's candidates trained on
+    topk_method: Literal["gather", "threshold"] = "gather"
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    max_nonfinite_in_row: int = 3
+    log_every: int = 10
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 50
+    max_batches: int = 0  # 0 = whole val split
+    batch_size: int = 16
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0 = only on signal and at the end
+    keep_last: int = 2
+    resume: bool = True  # pick up the latest checkpoint in run_dir when present
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = False
+    port: int = 9400  # rank r listens on port + local_rank
+    address: str = "127.0.0.1"
+    port_fallback: bool = False  # take the next free port instead of failing when the port is taken
+    job: str = "attent"
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+# (key, predicate, message) range checks applied after loading
+_RANGES: list[tuple[str, Any, str]] = [
+    ("train.max_steps", lambda v: v >= 1, "must be >= 1"),
+    ("train.micro_batch_size", lambda v: v >= 1, "must be >= 1"),
+    ("train.grad_accum_steps", lambda v: v >= 1, "must be >= 1"),
+    ("train.lr", lambda v: v > 0, "must be > 0"),
+    ("train.min_lr_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    ("train.warmup_steps", lambda v: v >= 0, "must be >= 0"),
+    ("train.grad_clip", lambda v: v >= 0, "must be >= 0 (0 disables clipping)"),
+    ("train.max_nonfinite_in_row", lambda v: v >= 1, "must be >= 1"),
+    ("train.log_every", lambda v: v >= 1, "must be >= 1"),
+    ("teacher.temperature", lambda v: v > 0, "must be > 0"),
+    ("teacher.initial_ratio", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    ("teacher.final_ratio", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    ("teacher.online_ratio", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    ("teacher.total_cycles", lambda v: v >= 1, "must be >= 1"),
+    ("teacher.initial_interval", lambda v: v >= 1, "must be >= 1"),
+    ("teacher.max_interval", lambda v: v >= 1, "must be >= 1"),
+    ("teacher.warmup_epochs", lambda v: v >= 0, "must be >= 0"),
+    ("teacher.full_epochs_per_cycle", lambda v: v >= 0, "must be >= 0"),
+    ("eval.every_steps", lambda v: v >= 0, "must be >= 0 (0 = only at the end)"),
+    ("eval.max_batches", lambda v: v >= 0, "must be >= 0"),
+    ("eval.batch_size", lambda v: v >= 1, "must be >= 1"),
+    ("data.num_workers", lambda v: v >= 0, "must be >= 0"),
+    ("data.shuffle_buffer", lambda v: v >= 1, "must be >= 1"),
+    ("checkpoint.every_steps", lambda v: v >= 0, "must be >= 0"),
+    ("checkpoint.keep_last", lambda v: v >= 1, "must be >= 1"),
+    ("metrics.port", lambda v: 0 <= v <= 65535, "must be a TCP port (0-65535)"),
+    ("model.lora.r", lambda v: v >= 1, "must be >= 1"),
+]
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(repr(c) for c in typing.get_args(tp))
+            raise UserError(f"config key '{key}': {value!r} is not one of {choices}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except UserError as exc:
+                errors.append(str(exc))
+        raise UserError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"config key '{key}': expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}': expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"config key '{key}': expected true/false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    raise UserError(f"config key '{key}': unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise UserError(f"unknown config key '{full}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise UserError(f"config key '{full}': expected a section (mapping), got {value!r}")
+            kwargs[key] = _build(tp, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(full, value, tp)
+    return cls(**kwargs)
+
+
+def get_key(cfg: Any, dotted: str) -> Any:
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _validate(cfg: RunConfig) -> None:
+    for key, ok, message in _RANGES:
+        value = get_key(cfg, key)
+        if not ok(value):
+            raise UserError(f"config key '{key}': {value!r} {message}")
+    t = cfg.teacher
+    if t.max_interval < t.initial_interval:
+        raise UserError(
+            f"config key 'teacher.max_interval': {t.max_interval} is below teacher.initial_interval "
+            f"{t.initial_interval}"
+        )
+    if cfg.engine.name == "deepspeed" and cfg.engine.deepspeed_config is None:
+        raise UserError("config key 'engine.deepspeed_config': required when engine.name is 'deepspeed'")
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `section.key=value` override (value parsed as YAML) to a raw config mapping."""
+    if "=" not in assignment:
+        raise UserError(f"--set {assignment!r}: expected section.key=value")
+    dotted, text = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    if not all(parts):
+        raise UserError(f"--set {assignment!r}: empty key")
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as exc:
+        raise UserError(f"--set {dotted}: value {text!r} is not valid YAML ({exc.problem})") from None
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    cfg = _build(RunConfig, raw, "")
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load YAML from `path` (or start from defaults), apply `--set` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise UserError(f"config file {path}: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file {path}: invalid YAML: {exc}".replace("\n", " ")) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file {path}: top level must be a mapping")
+        raw = loaded
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    return config_from_dict(raw)
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
