@@ -1,0 +1,251 @@
+"""Prometheus exporter per rank: the metric names, labels and the API the trainer feeds them through.
+
+One exporter per process, listening on ``cfg.address:cfg.port + local_rank`` with its own private
+``CollectorRegistry`` (so several exporters can live in one process, e.g. in tests). Every series carries
+the labels ``job``, ``rank`` and ``node`` (set once at start; Prometheus must scrape with
+``honor_labels: true`` so these win over the target labels, see tools/prometheus/prometheus.yml).
+
+API (the trainer calls only these; ``Metrics.create`` returns a no-op ``NullMetrics`` with the same
+methods when ``cfg.enabled`` is false)::
+
+    m = Metrics.create(cfg.metrics, rank=rank, local_rank=local_rank, node=socket.gethostname(),
+                       job=None)                      # job=None -> cfg.job
+    m.port                                            # actual port (None when disabled)
+    m.update(totals)                                  # CUMULATIVE numbers, the keys of summary.json
+    m.observe_step(seconds, train_loss, tokens_per_second)
+    m.observe_selection(phase_seconds={}, selected_ratio=None, staleness_median=None)
+    m.observe_eval(val_loss)
+    m.observe_checkpoint(seconds)
+    m.close()
+
+``update(totals)`` reads these keys (all optional, missing ones are left alone; unknown keys ignored):
+``samples_trained``, ``samples_scored``, ``corrupt_samples``, ``nonfinite_skipped``, ``collective_bytes``
+(cumulative counts: each counter advances by the delta since the last call, so after a final ``update``
+with the numbers written to summary.json a scrape agrees with summary.json by construction, also after
+a resume, where the first call carries the restored totals), ``selection_seconds_by_phase``
+({phase: cumulative seconds}; the part not yet observed through ``observe_selection`` is observed into
+the ``attent_selection_seconds`` histogram, so its ``_sum`` equals the total), ``wall_seconds``
+(cumulative training wall time; overhead ratio = sum of phase seconds / wall_seconds), and the gauges
+``selected_ratio``, ``staleness_median``, ``train_loss``, ``val_loss``, ``tokens_per_second``.
+
+``observe_selection(phase_seconds)`` takes the *increments* of those same per-phase seconds (one
+selection event); it is optional — a trainer that only calls ``update`` gets one histogram observation
+per phase per ``update`` call with the time spent since the previous call.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from attent_scale.config import MetricsConfig
+from attent_scale.errors import UserError
+
+PHASES: tuple[str, ...] = ("score", "collective", "select", "share", "rebalance")
+CONST_LABELS: tuple[str, ...] = ("job", "rank", "node")
+FALLBACK_TRIES = 100  # ports tried after the configured one when port_fallback is on
+
+# summary.json key -> counter attribute (counters advance by the delta of these cumulative numbers)
+COUNTER_KEYS: dict[str, str] = {
+    "samples_trained": "samples_trained",
+    "samples_scored": "samples_scored",
+    "corrupt_samples": "corrupt_samples",
+    "nonfinite_skipped": "nonfinite_skipped",
+    "collective_bytes": "collective_bytes",
+}
+# summary.json key -> gauge attribute
+GAUGE_KEYS: dict[str, str] = {
+    "selected_ratio": "selected_ratio",
+    "staleness_median": "staleness",
+    "train_loss": "train_loss",
+    "val_loss": "val_loss",
+    "tokens_per_second": "tokens_per_second",
+}
+
+_SELECTION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
+_STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_CKPT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_EPS = 1e-9
+
+
+class NullMetrics:
+    """Metrics switched off: every method is a no-op; ``port`` is None."""
+
+    port: int | None = None
+
+    def update(self, totals: Mapping[str, Any]) -> None:
+        """Take the cumulative totals (summary.json keys); see the module docstring."""
+
+    def observe_step(self, seconds: float, train_loss: float | None = None,
+                     tokens_per_second: float | None = None) -> None:
+        """Record one optimizer step: its wall seconds, its train loss, its throughput."""
+
+    def observe_selection(self, phase_seconds: Mapping[str, float] | None = None,
+                          selected_ratio: float | None = None,
+                          staleness_median: float | None = None) -> None:
+        """Record one selection event: per-phase seconds (increments), the ratio chosen, staleness."""
+
+    def observe_eval(self, val_loss: float) -> None:
+        """Record a held-out evaluation."""
+
+    def observe_checkpoint(self, seconds: float) -> None:
+        """Record the wall seconds one checkpoint save took."""
+
+    def close(self) -> None:
+        """Stop the exporter (idempotent)."""
+
+    def __enter__(self) -> NullMetrics:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Metrics(NullMetrics):
+    """A live exporter for one rank; build it with ``Metrics.create``."""
+
+    def __init__(self, *, rank: int, node: str, job: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.labels = {"job": job, "rank": str(rank), "node": node}
+        self._lock = threading.Lock()
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self.port = None
+        self._last: dict[str, float] = {}
+        self._phase_observed: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        self._phase_total: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        self._define()
+
+    # ---- metric definitions (the names are the contract; the dashboard relies on them)
+    def _define(self) -> None:
+        reg, names, lab = self.registry, list(CONST_LABELS), self.labels
+
+        def counter(name: str, doc: str) -> Any:
+            return Counter(name, doc, names, registry=reg).labels(**lab)
+
+        def gauge(name: str, doc: str) -> Any:
+            return Gauge(name, doc, names, registry=reg).labels(**lab)
+
+        self._selection = Histogram(
+            "attent_selection_seconds", "Seconds spent selecting, by phase (score/collective/select/"
+            "share/rebalance)", [*names, "phase"], registry=reg, buckets=_SELECTION_BUCKETS)
+        self.selection = {p: self._selection.labels(**lab, phase=p) for p in PHASES}
+        self.overhead_ratio = gauge("attent_selection_overhead_ratio",
+                                    "Selection seconds (all phases) / training wall seconds")
+        self.selected_ratio = gauge("attent_selected_ratio", "Fraction of samples the last selection kept")
+        self.staleness = gauge("attent_score_staleness_steps",
+                               "Median age in steps of the scores the last selection used")
+        self.train_loss = gauge("attent_train_loss", "Train loss of the last step")
+        self.val_loss = gauge("attent_val_loss", "Held-out validation loss of the last evaluation")
+        self.tokens_per_second = gauge("attent_tokens_per_second", "Trained tokens per second (last step)")
+        self.samples_scored = counter("attent_samples_scored", "Samples scored by the teacher")
+        self.samples_trained = counter("attent_samples_trained", "Samples trained on")
+        self.corrupt_samples = counter("attent_corrupt_samples_skipped",
+                                       "Corrupt samples replaced by filler and skipped")
+        self.nonfinite_skipped = counter("attent_nonfinite_losses_skipped",
+                                         "Steps or scores skipped because of a non-finite loss")
+        self.collective_bytes = counter("attent_collective_sent_bytes",
+                                        "Bytes this rank sent in selection collectives")
+        self.step_seconds = Histogram("attent_step_seconds", "Wall seconds per optimizer step", names,
+                                      registry=reg, buckets=_STEP_BUCKETS).labels(**lab)
+        self.checkpoint_seconds = Histogram("attent_checkpoint_seconds", "Wall seconds per checkpoint save",
+                                            names, registry=reg, buckets=_CKPT_BUCKETS).labels(**lab)
+
+    @classmethod
+    def create(cls, cfg: MetricsConfig, *, rank: int, local_rank: int, node: str | None = None,
+               job: str | None = None) -> NullMetrics:
+        """Start this rank's exporter on ``cfg.port + local_rank`` (a NullMetrics when disabled)."""
+        if not cfg.enabled:
+            return NullMetrics()
+        metrics = cls(rank=rank, node=node or socket.gethostname(), job=job or cfg.job)
+        metrics._serve(cfg.address, cfg.port + local_rank if cfg.port else 0, cfg.port_fallback)
+        return metrics
+
+    def _serve(self, address: str, port: int, fallback: bool) -> None:
+        tries = FALLBACK_TRIES + 1 if fallback and port else 1
+        for candidate in range(port, min(port + tries, 65536)) if port else [0]:
+            try:
+                self._server, self._thread = start_http_server(candidate, addr=address,
+                                                               registry=self.registry)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise UserError(f"metrics exporter: cannot listen on {address}:{candidate} "
+                                    f"({exc.strerror})") from None
+                if not fallback:
+                    raise UserError(f"metrics exporter: port {candidate} on {address} is already in use "
+                                    "(set metrics.port to a free port or metrics.port_fallback: true)"
+                                    ) from None
+                continue
+            self.port = int(self._server.server_address[1])
+            return
+        raise UserError(f"metrics exporter: no free port in {port}..{port + tries - 1} on {address}")
+
+    # ---- the trainer's API
+    def update(self, totals: Mapping[str, Any]) -> None:
+        with self._lock:
+            for key, attr in COUNTER_KEYS.items():
+                value = totals.get(key)
+                if value is None:
+                    continue
+                value = float(value)
+                delta = value - self._last.get(key, 0.0)
+                if delta > 0:
+                    getattr(self, attr).inc(delta)
+                self._last[key] = value
+            phases = totals.get("selection_seconds_by_phase") or {}
+            for phase, seconds in phases.items():
+                if phase not in self.selection:
+                    continue
+                self._phase_total[phase] = float(seconds)
+                delta = float(seconds) - self._phase_observed[phase]
+                if delta > _EPS:
+                    self.selection[phase].observe(delta)
+                    self._phase_observed[phase] = float(seconds)
+            wall = totals.get("wall_seconds")
+            if wall:
+                self.overhead_ratio.set(sum(self._phase_total.values()) / float(wall))
+            for key, attr in GAUGE_KEYS.items():
+                value = totals.get(key)
+                if value is not None:
+                    getattr(self, attr).set(float(value))
+
+    def observe_step(self, seconds: float, train_loss: float | None = None,
+                     tokens_per_second: float | None = None) -> None:
+        self.step_seconds.observe(seconds)
+        if train_loss is not None:
+            self.train_loss.set(train_loss)
+        if tokens_per_second is not None:
+            self.tokens_per_second.set(tokens_per_second)
+
+    def observe_selection(self, phase_seconds: Mapping[str, float] | None = None,
+                          selected_ratio: float | None = None,
+                          staleness_median: float | None = None) -> None:
+        with self._lock:
+            for phase, seconds in (phase_seconds or {}).items():
+                if phase in self.selection and seconds > 0:
+                    self.selection[phase].observe(seconds)
+                    self._phase_observed[phase] += float(seconds)
+        if selected_ratio is not None:
+            self.selected_ratio.set(selected_ratio)
+        if staleness_median is not None:
+            self.staleness.set(staleness_median)
+
+    def observe_eval(self, val_loss: float) -> None:
+        self.val_loss.set(val_loss)
+
+    def observe_checkpoint(self, seconds: float) -> None:
+        self.checkpoint_seconds.observe(seconds)
+
+    def close(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
