@@ -71,6 +71,8 @@ class TeacherConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 100
+    max_epochs: int = 0  # 0 = no epoch limit; else stop after this many epochs, LR decayed over their steps
+    max_seconds: float = 0.0  # 0 = no time limit; else stop once training seconds reach it
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
     lr: float = 1e-3
@@ -122,6 +124,8 @@ class RunConfig:
 # (key, predicate, message) range checks applied after loading
 _RANGES: list[tuple[str, Any, str]] = [
     ("train.max_steps", lambda v: v >= 1, "must be >= 1"),
+    ("train.max_epochs", lambda v: v >= 0, "must be >= 0 (0 = no epoch limit)"),
+    ("train.max_seconds", lambda v: v >= 0, "must be >= 0 (0 = no time limit)"),
     ("train.micro_batch_size", lambda v: v >= 1, "must be >= 1"),
     ("train.grad_accum_steps", lambda v: v >= 1, "must be >= 1"),
     ("train.lr", lambda v: v > 0, "must be > 0"),
