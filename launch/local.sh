@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# attent-scale on one machine: torchrun with N processes (ATTENT_NPROC, default: GPUs, else 1).
+#
+# Usage:  launch/local.sh CONFIG.yaml [--set key=value ...]      (further args go to `attent-scale train`)
+#
+# EDIT: ATTENT_NPROC (processes), ATTENT_VENV (venv to activate; default: the one on PATH),
+#   ATTENT_RDZV_PORT (29500), ATTENT_METRICS (1: exporters on 127.0.0.1:ATTENT_METRICS_PORT+local_rank),
+#   ATTENT_METRICS_PORT (9400), ATTENT_TARGETS_DIR (file_sd directory for a local Prometheus; unset = none).
+# Stopping: USR1, TERM or INT to this script asks the trainers to checkpoint and exit (code 75, passed on);
+#   running the same command again resumes from the checkpoint.
+set -euo pipefail
+
+if [[ $# -lt 1 ]]; then
+    echo "usage: $0 CONFIG.yaml [--set key=value ...]" >&2
+    exit 2
+fi
+config=$1
+shift
+
+cd "$(dirname "$0")/.."
+if [[ -n ${ATTENT_VENV:-} ]]; then
+    # shellcheck disable=SC1091
+    source "$ATTENT_VENV/bin/activate"
+fi
+
+if [[ -n ${ATTENT_NPROC:-} ]]; then
+    nproc=$ATTENT_NPROC
+elif command -v nvidia-smi > /dev/null && nvidia-smi -L > /dev/null 2>&1; then
+    nproc=$(nvidia-smi -L | wc -l)
+else
+    nproc=1
+fi
+metrics_port=${ATTENT_METRICS_PORT:-9400}
+job=${ATTENT_JOB:-local-$$}
+
+train_args=(train --config "$config")
+if [[ ${ATTENT_METRICS:-1} == 1 ]]; then
+    train_args+=(--set metrics.enabled=true --set metrics.address=127.0.0.1
+                 --set "metrics.port=$metrics_port" --set "metrics.job=$job")
+    if [[ -n ${ATTENT_TARGETS_DIR:-} ]]; then
+        python tools/prometheus/write_targets.py --out "$ATTENT_TARGETS_DIR/$job.json" \
+            --nodelist 127.0.0.1 --ranks-per-node "$nproc" --base-port "$metrics_port" --job "$job"
+    fi
+fi
+train_args+=("$@")
+
+launcher=
+stopping=0
+# shellcheck disable=SC2317  # invoked by the trap
+on_stop() {
+    stopping=1
+    echo "attent-scale: stop requested: asking the trainers to checkpoint and exit"
+    if [[ -n $launcher ]]; then
+        pkill -USR1 -P "$launcher" || true   # the workers are torchrun's children
+    fi
+}
+trap on_stop USR1 TERM INT
+
+# torchrun starts with USR1 ignored (inherited across exec) and never sees TERM/INT from us, so it does
+# not SIGKILL the workers while they checkpoint (pytorch #119856).
+(trap '' USR1 INT; exec torchrun --standalone --nproc-per-node="$nproc" --max-restarts=0 \
+    -m attent_scale "${train_args[@]}") &
+launcher=$!
+rc=0
+wait "$launcher" || rc=$?
+while kill -0 "$launcher" 2>/dev/null; do   # wait returns early when the trap runs
+    rc=0
+    wait "$launcher" || rc=$?
+done
+if [[ -n ${ATTENT_TARGETS_DIR:-} ]]; then
+    rm -f "$ATTENT_TARGETS_DIR/$job.json"
+fi
+if [[ $rc -ne 0 && $stopping == 1 ]]; then
+    echo "attent-scale: stopped after a checkpoint (rc $rc); run the same command again to resume"
+    exit 75
+fi
+exit "$rc"
