@@ -1,0 +1,411 @@
+"""ShardStream: deterministic, rank-balanced, filterable and exactly resumable batches from tar shards.
+
+Epoch plan (a pure function of manifest, selection, seed, epoch, world size): shards are shuffled with a
+generator seeded by (seed, epoch) - the same order on every rank - and the selected ids of the shards, in
+that order, form the epoch sequence of M ids. Rank r takes the contiguous block
+[r * (M // W), (r + 1) * (M // W)); the last M mod W ids are dropped (counted in `dropped`). The rank's
+block is cut into ceil(per / B) batches; logical worker w takes a contiguous run of whole batches, reads
+only the shards its run touches, and emits its samples in the order of a seeded shuffle buffer that is
+computed over positions (not contents), so a worker can resume at any batch by reading at most one buffer
+of samples. The DataLoader returns batches round-robin from its workers; the main process tags every
+batch with its logical worker, so the position (batches consumed per worker, next worker in the cycle) is
+exact, and a restored stream rotates the logical workers so the cycle continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.handlers import reraise_exception
+from webdataset.tariterators import tar_file_iterator
+
+from attent_scale.data.manifest import Manifest
+from attent_scale.errors import UserError
+
+STATE_VERSION = 1
+IGNORE_INDEX = -100
+FILLER_ID = -1
+
+
+def collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack samples ({"id": int, "input_ids": [T], "labels": [T]}) into a batch of int64 tensors."""
+    ids = torch.tensor([int(s["id"]) for s in samples], dtype=torch.int64)
+    inputs = torch.from_numpy(np.stack([np.asarray(s["input_ids"], dtype=np.int64) for s in samples]))
+    labels = torch.from_numpy(np.stack([np.asarray(s["labels"], dtype=np.int64) for s in samples]))
+    return {"ids": ids, "input_ids": inputs, "labels": labels}
+
+
+def make_sample(sample_id: int, window: np.ndarray | None, seq_len: int, pad_id: int) -> dict[str, Any]:
+    """Inputs/targets from one stored window (<= seq_len + 1 tokens); None gives the filler sample."""
+    inputs = np.full(seq_len, pad_id, dtype=np.int64)
+    labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
+    if window is None:
+        return {"id": FILLER_ID, "input_ids": inputs, "labels": labels}
+    n = len(window) - 1
+    inputs[:n] = window[:-1]
+    labels[:n] = window[1:]
+    return {"id": sample_id, "input_ids": inputs, "labels": labels}
+
+
+def buffer_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
+    """The emission order of a shuffle buffer of size `buffer` fed positions 0..n-1 (a permutation)."""
+    if buffer <= 1 or n <= 1:
+        return np.arange(n, dtype=np.int64)
+    draws = rng.random(n)
+    out = np.empty(n, dtype=np.int64)
+    buf: list[int] = []
+    j = 0
+    for i in range(n):
+        buf.append(i)
+        if len(buf) >= buffer:
+            k = int(draws[j] * len(buf))
+            out[j] = buf[k]
+            buf[k] = buf[-1]
+            buf.pop()
+            j += 1
+    while buf:
+        k = int(draws[j] * len(buf))
+        out[j] = buf[k]
+        buf[k] = buf[-1]
+        buf.pop()
+        j += 1
+    return out
+
+
+def _selection_mask(selection: Any, manifest: Manifest, split: str) -> np.ndarray | None:
+    n = manifest.num_samples(split)
+    if selection is None:
+        return None
+    if isinstance(selection, np.ndarray):
+        if selection.shape != (n,):
+            raise UserError(f"selection: array of shape {selection.shape}, expected ({n},) for {split!r}")
+        return selection.astype(bool, copy=False)
+    if not hasattr(selection, "mask"):
+        raise UserError(f"selection: expected None, a numpy bool array or an object with .mask(ids), "
+                        f"got {type(selection).__name__}")
+    mask = np.zeros(n, dtype=bool)
+    for s in manifest.shards(split):
+        if s.count:
+            ids = np.arange(s.first_id, s.last_id, dtype=np.int64)
+            m = np.asarray(selection.mask(ids), dtype=bool)
+            if m.shape != ids.shape:
+                raise UserError(f"selection.mask returned shape {m.shape} for {len(ids)} ids")
+            mask[s.first_id : s.last_id] = m
+    return mask
+
+
+class _EpochPlan:
+    """Everything a worker needs for one (epoch, rank): picklable and cheap to copy into workers."""
+
+    def __init__(self, stream: ShardStream) -> None:
+        m = stream.manifest
+        self.dir = str(m.dir)
+        self.seq_len, self.pad_id, self.vocab_size = m.seq_len, m.pad_id, m.vocab_size
+        self.dtype = np.dtype(m.token_dtype)
+        shards = m.shards(stream.split)
+        self.names = [s.name for s in shards]
+        self.firsts = np.array([s.first_id for s in shards], dtype=np.int64)
+        self.counts = np.array([s.count for s in shards], dtype=np.int64)
+        self.mask = stream._mask
+        if self.mask is None:
+            self.sel_counts = self.counts.copy()
+        else:
+            pairs = zip(self.firsts, self.counts, strict=True)
+            self.sel_counts = np.array([int(self.mask[f : f + c].sum()) for f, c in pairs], dtype=np.int64)
+        rng = np.random.default_rng([stream.seed, stream.epoch, 0x5EED])
+        self.order = rng.permutation(len(shards)) if len(shards) else np.zeros(0, dtype=np.int64)
+        self.seg_starts = np.concatenate([[0], np.cumsum(self.sel_counts[self.order])]).astype(np.int64)
+        self.total = int(self.seg_starts[-1])
+        w = stream.world_size
+        self.per = self.total // w
+        self.dropped = self.total - self.per * w
+        self.rank_start = stream.rank * self.per
+        self.batch_size = stream.batch_size
+        self.num_batches = -(-self.per // self.batch_size)
+        self.logical_workers = max(1, stream.num_workers)
+        self.shuffle_buffer = stream.shuffle_buffer
+        self.seed, self.epoch, self.rank = stream.seed, stream.epoch, stream.rank
+
+    def worker_batches(self, w: int) -> tuple[int, int]:
+        """Batch range [b0, b1) of the rank's batches that logical worker w produces."""
+        nb, lw = self.num_batches, self.logical_workers
+        return w * nb // lw, (w + 1) * nb // lw
+
+    def segments(self, a: int, b: int) -> list[tuple[int, np.ndarray]]:
+        """(shard index, ids) runs covering positions [a, b) of the epoch sequence, in order."""
+        out = []
+        for k, si in enumerate(self.order):
+            s0, s1 = int(self.seg_starts[k]), int(self.seg_starts[k + 1])
+            lo, hi = max(a, s0), min(b, s1)
+            if lo >= hi:
+                continue
+            f, c = int(self.firsts[si]), int(self.counts[si])
+            if self.mask is None:
+                ids = np.arange(f + lo - s0, f + hi - s0, dtype=np.int64)
+            else:
+                ids = (np.flatnonzero(self.mask[f : f + c]) + f)[lo - s0 : hi - s0].astype(np.int64)
+            out.append((int(si), ids))
+        return out
+
+
+class _WorkerState:
+    def __init__(self) -> None:
+        self.warned: set[str] = set()
+
+    def warn(self, shard: str, why: str) -> None:
+        if shard not in self.warned:
+            self.warned.add(shard)
+            warnings.warn(f"{shard}: {why}; its unreadable samples are replaced by filler", stacklevel=2)
+
+
+def _decode(data: bytes, plan: _EpochPlan) -> np.ndarray | None:
+    size = plan.dtype.itemsize
+    if len(data) % size:
+        return None
+    window = np.frombuffer(data, dtype=plan.dtype)
+    if not 2 <= len(window) <= plan.seq_len + 1 or int(window.max()) >= plan.vocab_size:
+        return None
+    return window
+
+
+def _read_positions(
+    plan: _EpochPlan, segs: list[tuple[int, np.ndarray]], needed: np.ndarray, ws: _WorkerState
+) -> Iterator[tuple[int, np.ndarray | None]]:
+    """Yield (position, window or None) once for every needed position, reading shards in order."""
+    base = 0
+    for si, ids in segs:
+        lo, hi = base, base + len(ids)
+        base = hi
+        want = needed[lo:hi]
+        if not want.any():
+            continue
+        path = str(Path(plan.dir) / plan.names[si])
+        done = np.zeros(len(ids), dtype=bool)
+        remaining = int(want.sum())
+        try:
+            with open(path, "rb") as f:
+                for member in tar_file_iterator(f, handler=reraise_exception):
+                    name = member["fname"]
+                    key = name.split("/")[-1].split(".", 1)[0]
+                    try:
+                        sid = int(key)
+                    except ValueError:
+                        ws.warn(path, f"bad sample key {name!r}")
+                        continue
+                    j = int(np.searchsorted(ids, sid))
+                    if j >= len(ids) or ids[j] != sid or done[j] or not want[j]:
+                        continue
+                    done[j] = True
+                    remaining -= 1
+                    window = _decode(member["data"], plan)
+                    if window is None:
+                        ws.warn(path, f"sample {key} does not decode")
+                    yield lo + j, window
+                    if remaining == 0:
+                        break
+        except (OSError, tarfile.TarError, EOFError, ValueError) as exc:
+            ws.warn(path, f"unreadable shard ({type(exc).__name__}: {exc})")
+        if remaining:
+            ws.warn(path, f"{remaining} sample(s) missing or unreadable")
+            for j in np.flatnonzero(want & ~done):
+                yield lo + int(j), None
+
+
+class _EpochDataset(IterableDataset):
+    """The per-rank iterable a DataLoader runs; each (logical) worker yields its run of batches."""
+
+    def __init__(self, plan: _EpochPlan, done_batches: list[int], rotation: int) -> None:
+        super().__init__()
+        self.plan, self.done_batches, self.rotation = plan, list(done_batches), rotation
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        if info is None and self.plan.logical_workers > 1:
+            raise RuntimeError("_EpochDataset with several logical workers runs inside a DataLoader")
+        w = (physical + self.rotation) % self.plan.logical_workers
+        yield from self._worker(w)
+
+    def _worker(self, w: int) -> Iterator[dict[str, Any]]:
+        p = self.plan
+        b0, b1 = p.worker_batches(w)
+        a = b0 * p.batch_size
+        b = min(b1 * p.batch_size, p.per)
+        n = b - a
+        skip = self.done_batches[w] * p.batch_size
+        if n <= 0 or skip >= n:
+            return
+        rng = np.random.default_rng([p.seed, p.epoch, p.rank, w, 0xB0F])
+        order = buffer_order(n, p.shuffle_buffer, rng)
+        segs = p.segments(p.rank_start + a, p.rank_start + b)
+        ids = np.concatenate([s[1] for s in segs]) if segs else np.zeros(0, dtype=np.int64)
+        needed = np.zeros(n, dtype=bool)
+        needed[order[skip:]] = True
+        ws = _WorkerState()
+        reader = _read_positions(p, segs, needed, ws)
+        pending: dict[int, np.ndarray | None] = {}
+        for t0 in range(skip, n, p.batch_size):
+            samples = []
+            faults = 0
+            for pos in order[t0 : t0 + p.batch_size]:
+                pos = int(pos)
+                while pos not in pending:
+                    q, window = next(reader)
+                    pending[q] = window
+                window = pending.pop(pos)
+                faults += window is None
+                samples.append(make_sample(int(ids[pos]), window, p.seq_len, p.pad_id))
+            batch: dict[str, Any] = collate(samples)
+            batch["_worker"] = w
+            batch["_faults"] = faults
+            yield batch
+
+
+class ShardStream:
+    """Batches of one split for one rank; see the module docstring for the guarantees."""
+
+    def __init__(
+        self,
+        manifest_dir: str | Path,
+        split: str,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        epoch: int = 0,
+        batch_size: int = 1,
+        selection: Any = None,
+        shuffle_buffer: int = 1000,
+        num_workers: int = 0,
+    ) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise UserError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
+        if batch_size < 1:
+            raise UserError(f"batch_size {batch_size}: must be at least 1")
+        if shuffle_buffer < 0 or num_workers < 0:
+            raise UserError("shuffle_buffer and num_workers must be >= 0")
+        if epoch < 0:
+            raise UserError(f"epoch {epoch}: must be >= 0")
+        self.manifest = Manifest.load(manifest_dir)
+        self.split = split
+        self.manifest.shards(split)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.batch_size, self.shuffle_buffer, self.num_workers = batch_size, shuffle_buffer, num_workers
+        self._mask = _selection_mask(selection, self.manifest, split)
+        self.selection_sha256 = (
+            "all" if self._mask is None else hashlib.sha256(np.packbits(self._mask).tobytes()).hexdigest()
+        )
+        self.epoch = epoch
+        self._plan = _EpochPlan(self)
+        self._reset_position()
+
+    # ---- plan and position ------------------------------------------------------------------------
+    def _reset_position(self) -> None:
+        self.worker_batches = [0] * self._plan.logical_workers
+        self.next_worker = 0
+        self.batches_consumed = 0
+        self.samples_consumed = 0
+        self.faults = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Re-plan for another epoch and rewind to its start."""
+        self.epoch = epoch
+        self._plan = _EpochPlan(self)
+        self._reset_position()
+
+    @property
+    def selected(self) -> int:
+        """Ids in this epoch's sequence before equalisation (all ranks)."""
+        return self._plan.total
+
+    @property
+    def samples_per_rank(self) -> int:
+        return self._plan.per
+
+    @property
+    def dropped(self) -> int:
+        """Samples of the epoch no rank yields (the last M mod world_size of the epoch sequence)."""
+        return self._plan.dropped
+
+    def __len__(self) -> int:
+        return self._plan.num_batches
+
+    def epoch_ids(self) -> np.ndarray:
+        """This rank's ids for the epoch as a set (sorted), without reading shards."""
+        segs = self._plan.segments(self._plan.rank_start, self._plan.rank_start + self._plan.per)
+        return np.sort(np.concatenate([s[1] for s in segs])) if segs else np.zeros(0, dtype=np.int64)
+
+    # ---- iteration --------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.batches_consumed >= len(self):
+            self._reset_position()  # a finished epoch iterates again from its start
+        nw = self.num_workers
+        dataset = _EpochDataset(self._plan, self.worker_batches, self.next_worker)
+        if nw == 0:
+            batches: Any = dataset._worker(0)
+        else:
+            batches = DataLoader(dataset, batch_size=None, num_workers=nw, persistent_workers=False)
+        lw = self._plan.logical_workers
+        for batch in batches:
+            w = int(batch.pop("_worker"))
+            self.faults += int(batch.pop("_faults"))
+            self.worker_batches[w] += 1
+            self.next_worker = (w + 1) % lw
+            self.batches_consumed += 1
+            self.samples_consumed += len(batch["ids"])
+            yield batch
+
+    # ---- resume -----------------------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        m = self.manifest
+        shard_hash = hashlib.sha256("".join(s.sha256 for s in m.shards(self.split)).encode()).hexdigest()
+        return {
+            "split": self.split,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "shuffle_buffer": self.shuffle_buffer,
+            "num_workers": self.num_workers,
+            "shards_sha256": shard_hash,
+            "selection_sha256": self.selection_sha256,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The exact position: restore with `load_state_dict` on a stream built with the same arguments."""
+        return {
+            "version": STATE_VERSION,
+            **self._identity(),
+            "epoch": self.epoch,
+            "worker_batches": list(self.worker_batches),
+            "next_worker": self.next_worker,
+            "batches_consumed": self.batches_consumed,
+            "samples_consumed": self.samples_consumed,
+            "faults": self.faults,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where the saved stream was (its epoch included)."""
+        if state.get("version") != STATE_VERSION:
+            raise UserError(f"stream state version {state.get('version')!r}: expected {STATE_VERSION}")
+        for key, value in self._identity().items():
+            if state.get(key) != value:
+                raise UserError(f"stream state {key}={state.get(key)!r} differs from {value!r}")
+        if int(state["epoch"]) != self.epoch:
+            self.set_epoch(int(state["epoch"]))
+        wb = [int(x) for x in state["worker_batches"]]
+        if len(wb) != self._plan.logical_workers:
+            raise UserError(f"stream state worker_batches has {len(wb)} entries")
+        self.worker_batches = wb
+        self.next_worker = int(state["next_worker"])
+        self.batches_consumed = int(state["batches_consumed"])
+        self.samples_consumed = int(state["samples_consumed"])
+        self.faults = int(state["faults"])
