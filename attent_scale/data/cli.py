@@ -1,0 +1,145 @@
+"""`attent-scale shards build|inspect`: the command line of the data path."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+from webdataset.handlers import reraise_exception
+from webdataset.tariterators import tar_file_iterator
+
+from attent_scale.data.builder import build_shards, sample_key
+from attent_scale.data.manifest import Manifest
+from attent_scale.data.tokenizer import sha256_file
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("shards", help="build and inspect token shards")
+    sub = p.add_subparsers(dest="shards_command", required=True)
+
+    b = sub.add_parser("build", help="tokenize a corpus into webdataset tar shards plus manifest.json")
+    b.add_argument("inputs", nargs="*", help="files, directories or JSONL (none: embedded stdlib corpus)")
+    b.add_argument("-o", "--out", required=True, help="output directory")
+    b.add_argument("--glob", default="*", help="file pattern inside input directories (recursive)")
+    b.add_argument("--text-field", default=None, help="JSONL field holding the text (*.jsonl inputs)")
+    b.add_argument("--max-bytes", type=int, default=None, help="stop after this many bytes of text")
+    b.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
+    b.add_argument("--seq-len", type=int, default=1024)
+    b.add_argument("--vocab-size", type=int, default=8000)
+    b.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    b.add_argument("--tokenizer", default=None, help="reuse this sentencepiece .model instead of training")
+    b.add_argument("--val-fraction", type=float, default=0.01)
+    b.add_argument("--shard-size-mb", type=float, default=64.0)
+    b.add_argument("--samples-per-shard", type=int, default=None)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=cmd_build)
+
+    i = sub.add_parser("inspect", help="summarise a shard directory; --verify re-hashes and decodes all")
+    i.add_argument("dir")
+    i.add_argument("--verify", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    m = build_shards(
+        args.inputs,
+        args.out,
+        seq_len=args.seq_len,
+        vocab_size=args.vocab_size,
+        model_type=args.model_type,
+        tokenizer=args.tokenizer,
+        val_fraction=args.val_fraction,
+        glob=args.glob,
+        text_field=args.text_field,
+        max_bytes=args.max_bytes,
+        max_docs=args.max_docs,
+        shard_size_mb=args.shard_size_mb,
+        samples_per_shard=args.samples_per_shard,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    for split in m.splits:
+        print(f"{split}: {m.num_samples(split)} samples, {m.num_tokens(split)} tokens, "
+              f"{len(m.splits[split])} shards")
+    print(f"wrote {m.dir}")
+    return 0
+
+
+def _summary(m: Manifest) -> None:
+    print(f"{m.dir}: seq_len {m.seq_len}, vocab {m.vocab_size}, eos {m.eos_id}, pad {m.pad_id}, "
+          f"tokens {m.token_dtype}, tokenizer {m.tokenizer_path.name} ({m.tokenizer_sha256[:12]})")
+    raw = m.raw or {}
+    for split, shards in m.splits.items():
+        n, tokens = m.num_samples(split), m.num_tokens(split)
+        print(f"{split}: {n} samples, {tokens} tokens, {len(shards)} shards")
+        if not shards:
+            continue
+        sizes = np.array([s.bytes for s in shards])
+        print(f"  shard bytes: min {sizes.min()}, mean {int(sizes.mean())}, max {sizes.max()}, "
+              f"total {sizes.sum()}")
+        padding = n * (m.seq_len + 1) - tokens
+        full = n - (1 if padding else 0)
+        print(f"  window tokens (seq_len+1 = {m.seq_len + 1}): {full} full, {n - full} partial, "
+              f"{padding} padding tokens")
+        info = raw.get("splits", {}).get(split, {})
+        dt = info.get("doc_tokens")
+        if dt:
+            print(f"  documents: {info.get('documents')}, text {info.get('text_bytes')} bytes, "
+                  f"doc tokens min {dt['min']} p50 {dt['p50']} p90 {dt['p90']} max {dt['max']}")
+
+
+def verify(m: Manifest) -> list[str]:
+    """Re-hash every shard and decode every sample; one line per problem found."""
+    bad: list[str] = []
+    if not m.tokenizer_path.is_file():
+        bad.append(f"{m.tokenizer_path.name}: missing")
+    elif sha256_file(m.tokenizer_path) != m.tokenizer_sha256:
+        bad.append(f"{m.tokenizer_path.name}: sha256 mismatch")
+    dtype = np.dtype(m.token_dtype)
+    for split, shards in m.splits.items():
+        for s in shards:
+            path = m.shard_path(s)
+            if not path.is_file():
+                bad.append(f"{split}/{s.name}: missing")
+                continue
+            if path.stat().st_size != s.bytes:
+                bad.append(f"{split}/{s.name}: size {path.stat().st_size} != manifest {s.bytes}")
+            if sha256_file(path) != s.sha256:
+                bad.append(f"{split}/{s.name}: sha256 mismatch")
+            expected = {sample_key(i) for i in range(s.first_id, s.last_id)}
+            seen: set[str] = set()
+            try:
+                with open(path, "rb") as f:
+                    for member in tar_file_iterator(f, handler=reraise_exception):
+                        key = member["fname"].split(".", 1)[0]
+                        data = member["data"]
+                        if key not in expected:
+                            bad.append(f"{split}/{s.name}: unexpected member {member['fname']!r}")
+                            continue
+                        seen.add(key)
+                        ok = len(data) % dtype.itemsize == 0
+                        w = np.frombuffer(data, dtype=dtype) if ok else None
+                        if w is None or not 2 <= len(w) <= m.seq_len + 1 or int(w.max()) >= m.vocab_size:
+                            bad.append(f"{split}/{s.name}: sample {key} does not decode")
+            except Exception as exc:  # a truncated/corrupt tar: report, keep checking the rest
+                bad.append(f"{split}/{s.name}: unreadable ({type(exc).__name__}: {exc})")
+            missing = len(expected - seen)
+            if missing:
+                bad.append(f"{split}/{s.name}: {missing} sample(s) missing")
+    return bad
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    m = Manifest.load(args.dir, check_files=not args.verify)
+    _summary(m)
+    if not args.verify:
+        return 0
+    bad = verify(m)
+    for line in bad:
+        print(f"BAD {line}")
+    total = sum(len(v) for v in m.splits.values())
+    print(f"verify: {total} shards, {len(bad)} problem(s)")
+    return 1 if bad else 0
