@@ -102,6 +102,10 @@ def train_tokenizer(
         )
     except RuntimeError as exc:
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", msg)
+        if small:  # byte_fallback alone needs 256 pieces, plus the corpus's characters
+            need = small.group(1)
+            raise UserError(f"--vocab-size {vocab_size}: too small, the corpus needs {need}") from None
         limit = re.search(r"value <= (\d+)", msg)
         if limit or "Vocabulary size" in msg:
             hint = f" (at most {limit.group(1)})" if limit else ""
