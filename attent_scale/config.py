@@ -105,6 +105,7 @@ class MetricsConfig:
     address: str = "127.0.0.1"
     port_fallback: bool = False  # take the next free port instead of failing when the port is taken
     job: str = "attent"
+    linger_seconds: float = 0.0  # keep the exporter up this long at close so the last values get scraped
 
 
 @dataclass
@@ -151,6 +152,7 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("checkpoint.every_steps", lambda v: v >= 0, "must be >= 0"),
     ("checkpoint.keep_last", lambda v: v >= 1, "must be >= 1"),
     ("metrics.port", lambda v: 0 <= v <= 65535, "must be a TCP port (0-65535)"),
+    ("metrics.linger_seconds", lambda v: v >= 0, "must be >= 0"),
     ("model.lora.r", lambda v: v >= 1, "must be >= 1"),
 ]
 

@@ -16,7 +16,7 @@ methods when ``cfg.enabled`` is false)::
     m.observe_selection(phase_seconds={}, selected_ratio=None, staleness_median=None)
     m.observe_eval(val_loss)
     m.observe_checkpoint(seconds)
-    m.close()
+    m.close()                                         # waits metrics.linger_seconds first
 
 ``update(totals)`` reads these keys (all optional, missing ones are left alone; unknown keys ignored):
 ``samples_trained``, ``samples_scored``, ``corrupt_samples``, ``nonfinite_skipped``, ``collective_bytes``
@@ -38,6 +38,7 @@ from __future__ import annotations
 import errno
 import socket
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -117,6 +118,7 @@ class Metrics(NullMetrics):
         self._thread: threading.Thread | None = None
         self.port = None
         self._last: dict[str, float] = {}
+        self.linger_seconds = 0.0
         self._phase_observed: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self._phase_total: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self._define()
@@ -163,6 +165,7 @@ class Metrics(NullMetrics):
         if not cfg.enabled:
             return NullMetrics()
         metrics = cls(rank=rank, node=node or socket.gethostname(), job=job or cfg.job)
+        metrics.linger_seconds = cfg.linger_seconds
         metrics._serve(cfg.address, cfg.port + local_rank if cfg.port else 0, cfg.port_fallback)
         return metrics
 
@@ -244,6 +247,7 @@ class Metrics(NullMetrics):
     def close(self) -> None:
         server, self._server = self._server, None
         if server is not None:
+            time.sleep(self.linger_seconds)  # metrics.linger_seconds: let Prometheus take a last scrape
             server.shutdown()
             server.server_close()
         if self._thread is not None:

@@ -1,0 +1,293 @@
+"""Real servers for ops tests: a single-node Slurm (munge, slurmctld, slurmd) and a loopback Prometheus."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SLURM_BINARIES = ("munged", "munge", "unmunge", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol",
+                  "squeue", "srun")
+
+
+def free_port() -> int:
+    """A TCP port that was free on loopback a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def require(binaries: tuple[str, ...], package: str) -> None:
+    """FAIL (never skip) when a server binary is missing: the tests must run for real."""
+    missing = [b for b in binaries if shutil.which(b) is None and not Path(f"/usr/sbin/{b}").exists()]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not installed: install the Debian package(s) {package} "
+                    "(.ci/run does: apt-get install slurm-wlm munge prometheus shellcheck)", pytrace=False)
+
+
+def _binary(name: str) -> str:
+    return shutil.which(name) or f"/usr/sbin/{name}"
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """Stop a daemon we started, by its pid: TERM, then KILL."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def _wait(pred: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.3)
+    tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{tail}", pytrace=False)
+
+
+# ----------------------------------------------------------------------------- Slurm
+@dataclass
+class Slurm:
+    """A running single-node cluster; run client commands with ``env`` (it carries SLURM_CONF)."""
+
+    dir: Path
+    conf: Path
+    node: str
+    partition: str
+    env: dict[str, str]
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def run(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, check=check,
+                              timeout=timeout)
+
+    def sbatch(self, *args: str, cwd: Path | str | None = None, env: dict[str, str] | None = None) -> int:
+        out = subprocess.run(["sbatch", "--parsable", *args], env={**self.env, **(env or {})}, cwd=cwd,
+                             capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise AssertionError(f"sbatch failed: {out.stderr}")
+        return int(out.stdout.strip().split(";")[0])
+
+    def job(self, job_id: int) -> dict[str, str]:
+        """``scontrol show job`` as a dict (JobState, ExitCode, Restarts, ...)."""
+        out = self.run("scontrol", "show", "job", "-o", str(job_id)).stdout
+        return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+    def wait_job(self, job_id: int, timeout: float, states: tuple[str, ...] = ("COMPLETED", "FAILED",
+                 "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL")) -> str:
+        deadline = time.monotonic() + timeout
+        state = ""
+        while time.monotonic() < deadline:
+            state = self.job(job_id).get("JobState", "")
+            if state in states:
+                return state
+            time.sleep(0.5)
+        self.run("scancel", str(job_id), check=False)
+        raise AssertionError(f"job {job_id} still {state} after {timeout:.0f}s: {self.job(job_id)}")
+
+
+def _munge_ok() -> bool:
+    try:
+        cred = subprocess.run(["munge", "-n"], capture_output=True, timeout=10)
+        if cred.returncode != 0:
+            return False
+        return subprocess.run(["unmunge"], input=cred.stdout, capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _start_munge(procs: list[subprocess.Popen], log: Path) -> None:
+    if _munge_ok():
+        return  # a munged is already running (CI or another test session): share it
+    key = Path("/etc/munge/munge.key")
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True)
+        key.write_bytes(os.urandom(1024))
+        shutil.chown(key, "munge", "munge")
+        key.chmod(0o400)
+    for d in ("/run/munge", "/var/log/munge", "/var/lib/munge"):
+        Path(d).mkdir(parents=True, exist_ok=True)
+        shutil.chown(d, "munge", "munge")
+    procs.append(subprocess.Popen([_binary("munged"), "--foreground", "--force"], user="munge",
+                                  group="munge", extra_groups=[], stdout=log.open("w"),
+                                  stderr=subprocess.STDOUT, start_new_session=True))
+    _wait(_munge_ok, 30, "munged to answer", log)
+
+
+SLURM_CONF = """\
+ClusterName=attenttest
+SlurmctldHost={node}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SchedulerType=sched/backfill
+ReturnToService=2
+KillWait=30
+MinJobAge=600
+StateSaveLocation={dir}/state
+SlurmdSpoolDir={dir}/spool
+SlurmctldPidFile={dir}/slurmctld.pid
+SlurmdPidFile={dir}/slurmd.pid
+SlurmctldLogFile={dir}/slurmctld.log
+SlurmdLogFile={dir}/slurmd.log
+NodeName={node} CPUs={cpus} State=UNKNOWN
+PartitionName={partition} Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+"""
+
+
+@contextmanager
+def slurm_cluster(partition: str = "debug") -> Iterator[Slurm]:
+    """Bring up munge + slurmctld + slurmd (as root) in a temp dir; stop what we started, by pid."""
+    require(SLURM_BINARIES, "slurm-wlm and munge")
+    if os.geteuid() != 0:
+        pytest.fail("the Slurm test cluster needs root (slurmd runs jobs as their user)", pytrace=False)
+    tmp = Path(tempfile.mkdtemp(prefix="attent-slurm-"))
+    node = socket.gethostname()
+    for d in ("state", "spool"):
+        (tmp / d).mkdir()
+    conf = tmp / "slurm.conf"
+    conf.write_text(SLURM_CONF.format(node=node, cpus=os.cpu_count() or 1, dir=tmp, partition=partition,
+                                      ctld_port=free_port(), slurmd_port=free_port()))
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    procs: list[subprocess.Popen] = []
+    cluster = Slurm(dir=tmp, conf=conf, node=node, partition=partition, env=env, procs=procs)
+    try:
+        _start_munge(procs, tmp / "munged.log")
+        procs.append(subprocess.Popen([_binary("slurmctld"), "-D", "-i", "-f", str(conf)], env=env,
+                                      stdout=(tmp / "slurmctld.out").open("w"), stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+        _wait(lambda: cluster.run("scontrol", "ping", check=False).stdout.count("UP") > 0, 60,
+              "slurmctld", tmp / "slurmctld.log")
+        procs.append(subprocess.Popen([_binary("slurmd"), "-D", "-f", str(conf)], env=env,
+                                      stdout=(tmp / "slurmd.out").open("w"), stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+
+        def idle() -> bool:
+            out = cluster.run("sinfo", "-h", "-N", "-o", "%t", check=False).stdout.split()
+            return bool(out) and all(s.rstrip("*") in ("idle", "mix", "alloc") for s in out)
+
+        _wait(idle, 60, "the node to be idle in sinfo", tmp / "slurmd.log")
+        yield cluster
+    finally:
+        subprocess.run(["scancel", "--full", "--quiet", f"--partition={partition}"], env=env,
+                       capture_output=True, timeout=30, check=False)
+        for proc in reversed(procs):
+            _stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- Prometheus
+@dataclass
+class Prometheus:
+    """A loopback Prometheus (scrape_interval 1s) reading file_sd targets from ``targets_dir``."""
+
+    url: str
+    targets_dir: Path
+    proc: subprocess.Popen
+
+    def add_targets(self, name: str, targets: list[str], labels: dict[str, str] | None = None) -> None:
+        """Write a file_sd target file (atomically) for Prometheus to pick up."""
+        tmp = self.targets_dir / f".{name}.tmp"
+        tmp.write_text(json.dumps([{"targets": targets, "labels": labels or {}}]))
+        os.replace(tmp, self.targets_dir / f"{name}.json")
+
+    def query(self, promql: str, at: float | None = None) -> list[dict[str, Any]]:
+        """Instant query via /api/v1/query; raises AssertionError on any API error."""
+        params = {"query": promql, **({"time": f"{at:.3f}"} if at is not None else {})}
+        url = f"{self.url}/api/v1/query?{urllib.parse.urlencode(params)}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                body = json.load(resp)
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"query {promql!r} failed: {exc.read().decode()}") from None
+        if body.get("status") != "success":
+            raise AssertionError(f"query {promql!r} failed: {body}")
+        return body["data"]["result"]
+
+    def wait_for(self, promql: str, pred: Callable[[list[dict[str, Any]]], bool], timeout: float = 30
+                 ) -> list[dict[str, Any]]:
+        """Poll ``promql`` until ``pred(result)`` holds."""
+        deadline = time.monotonic() + timeout
+        result: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            result = self.query(promql)
+            if pred(result):
+                return result
+            time.sleep(0.5)
+        raise AssertionError(f"{promql!r} never satisfied the condition in {timeout:.0f}s: {result}")
+
+
+PROMETHEUS_YML = """\
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+  evaluation_interval: 1s
+scrape_configs:
+  - job_name: attent
+    honor_labels: true
+    file_sd_configs:
+      - files: ['{targets}/*.json']
+        refresh_interval: 1s
+"""
+
+
+@contextmanager
+def prometheus_server() -> Iterator[Prometheus]:
+    """Start Prometheus on a free loopback port with a temp TSDB; stop it by pid."""
+    require(("prometheus",), "prometheus")
+    tmp = Path(tempfile.mkdtemp(prefix="attent-prom-"))
+    (tmp / "targets").mkdir()
+    (tmp / "prometheus.yml").write_text(PROMETHEUS_YML.format(targets=tmp / "targets"))
+    port = free_port()
+    log = tmp / "prometheus.log"
+    proc = subprocess.Popen(
+        [_binary("prometheus"), f"--config.file={tmp / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"prometheus exited with {proc.returncode}: {log.read_text()[-2000:]}", pytrace=False)
+        try:
+            with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    try:
+        _wait(ready, 60, "prometheus /-/ready", log)
+        yield Prometheus(url=url, targets_dir=tmp / "targets", proc=proc)
+    finally:
+        _stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
