@@ -314,6 +314,7 @@ class ShardStream:
         self.batches_consumed = 0
         self.samples_consumed = 0
         self.faults = 0
+        self._finished = False
 
     def set_epoch(self, epoch: int) -> None:
         """Re-plan for another epoch and rewind to its start."""
@@ -345,8 +346,8 @@ class ShardStream:
 
     # ---- iteration --------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self.batches_consumed >= len(self):
-            self._reset_position()  # a finished epoch iterates again from its start
+        if self._finished:
+            self._reset_position()  # an epoch this object ran to its end iterates again from its start
         nw = self.num_workers
         dataset = _EpochDataset(self._plan, self.worker_batches, self.next_worker)
         if nw == 0:
@@ -362,6 +363,7 @@ class ShardStream:
             self.batches_consumed += 1
             self.samples_consumed += len(batch["ids"])
             yield batch
+        self._finished = True
 
     # ---- resume -----------------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
