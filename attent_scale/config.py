@@ -47,6 +47,7 @@ class EngineConfig:
     name: Literal["local", "deepspeed", "fsdp"] = "local"
     deepspeed_config: str | None = None  # DeepSpeed JSON; batch sizes are filled in from `train`
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    loss_chunk_tokens: int = 8192  # per-sample loss upcasts logits to fp32 this many tokens at a time
 
 
 @dataclass
@@ -66,6 +67,7 @@ class TeacherConfig:
     full_epochs_per_cycle: int = 1
     online_ratio: float = 0.5  # online mode: fraction of each step's candidates trained on
     topk_method: Literal["gather", "threshold"] = "gather"
+    online_record_every: int = 1  # online mode: write a selection record every this many steps
 
 
 @dataclass
@@ -80,6 +82,8 @@ class TrainConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
     max_nonfinite_in_row: int = 3
     log_every: int = 10
 
@@ -144,6 +148,7 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("teacher.max_interval", lambda v: v >= 1, "must be >= 1"),
     ("teacher.warmup_epochs", lambda v: v >= 0, "must be >= 0"),
     ("teacher.full_epochs_per_cycle", lambda v: v >= 0, "must be >= 0"),
+    ("teacher.online_record_every", lambda v: v >= 1, "must be >= 1"),
     ("eval.every_steps", lambda v: v >= 0, "must be >= 0 (0 = only at the end)"),
     ("eval.max_batches", lambda v: v >= 0, "must be >= 0"),
     ("eval.batch_size", lambda v: v >= 1, "must be >= 1"),
@@ -154,6 +159,12 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("metrics.port", lambda v: 0 <= v <= 65535, "must be a TCP port (0-65535)"),
     ("metrics.linger_seconds", lambda v: v >= 0, "must be >= 0"),
     ("model.lora.r", lambda v: v >= 1, "must be >= 1"),
+    ("model.lora.alpha", lambda v: v > 0, "must be > 0"),
+    ("model.lora.dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("engine.loss_chunk_tokens", lambda v: v >= 1, "must be >= 1"),
+    ("train.adam_beta1", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("train.adam_beta2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("train.weight_decay", lambda v: v >= 0, "must be >= 0"),
 ]
 
 

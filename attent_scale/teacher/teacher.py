@@ -1,0 +1,386 @@
+"""The Teacher: decides per epoch what to score and select (cycle / ledger / online modes)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from attent_scale.config import TeacherConfig
+from attent_scale.teacher.ledger import SCORE, TRAIN, Ledger, block_range
+from attent_scale.teacher.records import RecordWriter, make_record
+from attent_scale.teacher.schedules import interval_at, ratio_at
+from attent_scale.teacher.selection import Selection
+from attent_scale.teacher.strategies import strategy_keys
+from attent_scale.teacher.topk import _Comm, _resolve_group, kth_largest, select_global
+
+STATE_FORMAT = 1
+STAT_KEYS = (
+    "seconds_score", "seconds_collective", "seconds_select", "seconds_share", "seconds_rebalance",
+    "samples_scored", "bytes_sent", "nonfinite", "selections", "last_ratio", "last_k",
+    "last_staleness_median", "last_staleness_max",
+)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What the trainer does in one epoch. `phase`: "full" (teacher off, warm-up or a cycle's full
+    epochs), "subset" (train on `teacher.select(...)`), "online" (per-step selection). `cycle` is -1
+    outside cycles; `index` is the epoch's position inside its phase of the cycle (-1 outside)."""
+
+    epoch: int
+    phase: str
+    score: bool
+    subset: bool
+    cycle: int = -1
+    index: int = -1
+    ratio: float | None = None
+    interval: int = 0
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+class Teacher:
+    """Globally consistent AtteNT selection; every public method that says "collective" must be called
+    by all ranks in the same order."""
+
+    def __init__(self, cfg: TeacherConfig, *, num_samples: int, seed: int, record_path: Path | None = None,
+                 group: Any = None) -> None:
+        if num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+        self.cfg = cfg
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.group = _resolve_group(group)
+        self.world_size = dist.get_world_size(self.group) if self.group is not None else 1
+        self.rank = dist.get_rank(self.group) if self.group is not None else 0
+        self.ledger = Ledger(self.num_samples)
+        self._writer = RecordWriter(record_path if self.rank == 0 else None)
+        self._cache_cycle = -1
+        self._cache: Selection | None = None
+        self._score_seconds_pending = 0.0
+        self._scored_pending = 0
+        self.last_record: dict[str, Any] | None = None
+        self.stats: dict[str, Any] = {key: 0 for key in STAT_KEYS}
+        for key in ("last_ratio", "last_staleness_median", "last_staleness_max"):
+            self.stats[key] = None
+        for key in STAT_KEYS:
+            if key.startswith("seconds_"):
+                self.stats[key] = 0.0
+
+    # ------------------------------------------------------------------ planning (pure)
+
+    @property
+    def mode(self) -> str:
+        """"none", "cycle", "ledger" or "online"."""
+        return self.cfg.mode
+
+    def _ratio(self, cycle: int) -> float:
+        c = self.cfg
+        return ratio_at(c.ratio_schedule, cycle, initial=c.initial_ratio, final=c.final_ratio,
+                        total_cycles=c.total_cycles)
+
+    def _interval(self, cycle: int) -> int:
+        c = self.cfg
+        return interval_at(c.interval_schedule, cycle, initial=c.initial_interval, maximum=c.max_interval,
+                           total_cycles=c.total_cycles)
+
+    def plan_epoch(self, epoch: int) -> EpochPlan:
+        """Pure function of (config, epoch): the same answer on every rank and after a resume.
+        cycle mode: epochs < warmup_epochs are full; then cycle c = interval(c) subset epochs (the first
+        one starts with a scoring pass, except for `random`, which needs no losses) followed by
+        full_epochs_per_cycle full epochs. After total_cycles the cycles go on with the final ratio and
+        interval. ledger mode: epochs < warmup_epochs full, then every epoch is a subset epoch chosen from
+        the training losses (cycle = epoch - warmup_epochs drives the ratio schedule)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        c = self.cfg
+        if c.mode == "none":
+            return EpochPlan(epoch, "full", False, False)
+        if c.mode == "online":
+            return EpochPlan(epoch, "online", False, False)
+        if epoch < c.warmup_epochs:
+            return EpochPlan(epoch, "full", False, False)
+        e = epoch - c.warmup_epochs
+        if c.mode == "ledger":
+            return EpochPlan(epoch, "subset", False, True, cycle=e, index=0, ratio=self._ratio(e), interval=1)
+        cycle = 0
+        while True:
+            n_sub = self._interval(cycle)
+            length = n_sub + c.full_epochs_per_cycle
+            if cycle >= c.total_cycles - 1:  # schedule frozen: jump arithmetically
+                cycle += e // length
+                e %= length
+                break
+            if e < length:
+                break
+            e -= length
+            cycle += 1
+        if e < n_sub:
+            return EpochPlan(epoch, "subset", e == 0 and c.strategy != "random", True, cycle=cycle, index=e,
+                             ratio=self._ratio(cycle), interval=n_sub)
+        return EpochPlan(epoch, "full", False, False, cycle=cycle, index=e - n_sub, ratio=None,
+                         interval=n_sub)
+
+    def candidate_batch_size(self, batch_size: int) -> int:
+        """Per-rank batch size to draw from the stream: ceil(B / online_ratio) in online mode, else B."""
+        if self.cfg.mode != "online":
+            return int(batch_size)
+        return max(int(batch_size), math.ceil(batch_size / self.cfg.online_ratio - 1e-9))
+
+    # ------------------------------------------------------------------ observing
+
+    def score_pass(self, stream: Iterable[dict[str, torch.Tensor]],
+                   score_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], step: int) -> int:
+        """Score every batch of this rank's stream (no grad) into the ledger; returns samples scored here."""
+        t0 = time.perf_counter()
+        n = 0
+        with torch.no_grad():
+            for batch in stream:
+                scores = score_fn(batch)
+                self.stats["nonfinite"] += self.ledger.observe(batch["ids"], scores, step, kind=SCORE)
+                n += int(batch["ids"].shape[0])
+        dt = time.perf_counter() - t0
+        self.stats["seconds_score"] += dt
+        self.stats["samples_scored"] += n
+        self._score_seconds_pending += dt
+        self._scored_pending += n
+        return n
+
+    def observe(self, ids: torch.Tensor, losses: torch.Tensor, step: int) -> None:
+        """Record training-forward losses (free scores). A no-op in online and none modes."""
+        if self.cfg.mode in ("cycle", "ledger"):
+            self.stats["nonfinite"] += self.ledger.observe(ids, losses, step, kind=TRAIN)
+
+    # ------------------------------------------------------------------ selecting
+
+    def _comm(self) -> _Comm | None:
+        return _Comm(self.group) if self.group is not None else None
+
+    def _all_sum(self, values: list[int], comm: _Comm | None) -> list[int]:
+        t = torch.tensor(values, dtype=torch.int64)
+        if comm is not None:
+            comm.all_reduce(t, "collective")
+        return [int(v) for v in t.tolist()]
+
+    def _staleness(self, ages: np.ndarray, comm: _Comm | None) -> dict[str, int] | None:
+        (n,) = self._all_sum([int(ages.shape[0])], comm)
+        if n == 0:
+            return None
+        u = ages.astype(np.int64).clip(min=0).view(np.uint64)
+        top, _, _ = kth_largest(u, 1, comm, bits=32)
+        median, _, _ = kth_largest(u, n - (n - 1) // 2, comm, bits=32)  # lower median
+        return {"n": n, "median": int(median), "max": int(top)}
+
+    def select(self, epoch: int, step: int) -> Selection:
+        """Collective (cycle and ledger modes): the selection for a subset epoch, identical on every rank.
+        Ids never observed are always kept; non-finite losses are never selected by hard/soft. hard and
+        random reuse the cycle's first selection in later subset epochs; soft re-selects each epoch."""
+        if self.cfg.mode not in ("cycle", "ledger"):
+            raise ValueError(f"select() is for cycle and ledger modes, not {self.cfg.mode!r}")
+        plan = self.plan_epoch(epoch)
+        if not plan.subset:
+            raise ValueError(f"epoch {epoch} is not a subset epoch ({plan.phase})")
+        cfg = self.cfg
+        if (cfg.mode == "cycle" and cfg.strategy != "soft" and plan.index > 0
+                and self._cache is not None and self._cache_cycle == plan.cycle):
+            return self._cache
+        comm = self._comm()
+        t0 = time.perf_counter()
+        ratio = float(plan.ratio if plan.ratio is not None else 1.0)
+        lo, hi = block_range(self.rank, self.num_samples, self.world_size)
+        pool = np.arange(lo, hi, dtype=np.int64)
+        ages = np.empty(0, dtype=np.int64)
+        if cfg.strategy == "random":
+            keys = strategy_keys("random", np.zeros(0), pool, seed=self.seed, cycle=epoch)
+            t_keys = time.perf_counter() - t0
+            n_obs, n_fin, n_nonfinite = self.num_samples, self.num_samples, 0
+            k = _round_half_up(ratio * self.num_samples)
+        else:
+            self.ledger.consolidate(comm=comm)
+            t1 = time.perf_counter()
+            ids, loss, steps, _ = self.ledger.entries()
+            keys_np = np.full(pool.shape[0], np.inf, dtype=np.float64)  # unseen ids rank first
+            keys_np[ids - lo] = strategy_keys(cfg.strategy, loss, ids, seed=self.seed, cycle=epoch,
+                                              temperature=cfg.temperature,
+                                              normalization=cfg.normalization).numpy()
+            keys = torch.from_numpy(keys_np)
+            ages = np.int64(step) - steps.astype(np.int64)
+            local_fin = int(np.count_nonzero(np.isfinite(loss)))
+            t_keys = time.perf_counter() - t1
+            n_obs, n_fin = self._all_sum([int(ids.shape[0]), local_fin], comm)
+            n_nonfinite = n_obs - n_fin
+            k = self.num_samples - n_obs + _round_half_up(ratio * n_fin)
+        report: dict[str, Any] = {}
+        chosen = select_global(keys, torch.from_numpy(pool), k, method=cfg.topk_method, group=self.group,
+                               report=report)
+        selection = Selection.from_ids(chosen, self.num_samples)
+        staleness = self._staleness(ages, comm) if cfg.strategy != "random" else None
+        seconds = {
+            "score": self._score_seconds_pending,
+            "collective": report["seconds"]["collective"] + (comm.seconds.get("consolidate", 0.0)
+                                                             + comm.seconds.get("collective", 0.0)
+                                                             if comm else 0.0),
+            "select": report["seconds"]["select"] + t_keys,
+            "share": report["seconds"]["share"],
+        }
+        bytes_rank = dict(report["bytes_sent"])
+        for phase, nbytes in (comm.bytes.items() if comm else []):
+            bytes_rank[phase] = bytes_rank.get(phase, 0) + nbytes
+        total_bytes = int(sum(bytes_rank.values()))
+        bmax = torch.tensor([total_bytes], dtype=torch.int64)
+        if comm is not None:
+            dist.all_reduce(bmax, op=dist.ReduceOp.MAX, group=self.group)
+        record = make_record(
+            step=int(step), epoch=int(epoch), cycle=plan.cycle, mode=cfg.mode, strategy=cfg.strategy,
+            method=report["method"], ratio=ratio, k=int(k), n_scored=int(n_obs), n_selected=selection.count,
+            n_unseen=int(self.num_samples - n_obs) if cfg.strategy != "random" else 0,
+            n_nonfinite=int(n_nonfinite), world_size=self.world_size, seconds=seconds,
+            bytes_per_rank=bytes_rank, bytes_per_rank_max=int(bmax.item()),
+            sha256=selection.sha256 if self.rank == 0 else None, staleness=staleness,
+        )
+        self._finish(record, seconds, total_bytes)
+        if cfg.mode == "cycle" and cfg.strategy != "soft":
+            self._cache, self._cache_cycle = selection, plan.cycle
+        return selection
+
+    def _finish(self, record: dict[str, Any], seconds: dict[str, float], total_bytes: int) -> None:
+        for phase in ("collective", "select", "share", "rebalance"):
+            self.stats[f"seconds_{phase}"] += float(seconds.get(phase, 0.0))
+        self.stats["bytes_sent"] += total_bytes
+        self.stats["selections"] += 1
+        self.stats["last_ratio"] = record["ratio"]
+        self.stats["last_k"] = record["k"]
+        st = record["staleness"]
+        self.stats["last_staleness_median"] = st["median"] if st else None
+        self.stats["last_staleness_max"] = st["max"] if st else None
+        self._score_seconds_pending = 0.0
+        self._scored_pending = 0
+        self.last_record = record
+        self._writer.write(record)
+
+    # ------------------------------------------------------------------ online mode
+
+    def online_pick(self, batch: dict[str, Any], scores: torch.Tensor, batch_size: int,
+                    step: int) -> dict[str, Any]:
+        """Collective (online mode): global top over all ranks' candidates, then all_to_all so that every
+        rank returns exactly b = min(B, ceil(min_c * online_ratio)) samples (b = B for full candidate
+        batches). The chosen samples, ordered by global candidate slot (rank-major), are dealt in
+        consecutive runs of b: slots j*b..(j+1)*b-1 of the sorted chosen list go to rank j."""
+        cfg = self.cfg
+        comm = self._comm()
+        t0 = time.perf_counter()
+        ids = batch["ids"].detach().cpu().reshape(-1).to(torch.int64)
+        c = int(ids.shape[0])
+        if comm is not None:
+            sizes = torch.cat(comm.all_gather(torch.tensor([c], dtype=torch.int64), "collective")).tolist()
+        else:
+            sizes = [c]
+        offset = int(sum(sizes[: self.rank]))
+        b = min(int(batch_size), math.ceil(min(sizes) * cfg.online_ratio - 1e-9))
+        k = b * self.world_size
+        keys = strategy_keys(cfg.strategy, scores.detach().float().cpu().reshape(-1), ids.clamp(min=0),
+                             seed=self.seed, cycle=step, temperature=cfg.temperature,
+                             normalization=cfg.normalization)
+        keys[ids < 0] = float("nan")  # filler samples go last
+        n_nonfinite = int((~torch.isfinite(keys)).sum())
+        slots = torch.arange(offset, offset + c, dtype=torch.int64)
+        t_keys = time.perf_counter() - t0
+        report: dict[str, Any] = {}
+        chosen = select_global(keys, slots, k, method=cfg.topk_method, group=self.group, report=report)
+        t1 = time.perf_counter()
+        chosen_np = chosen.numpy()
+        local = chosen_np[(chosen_np >= offset) & (chosen_np < offset + c)]
+        pos = np.searchsorted(chosen_np, local)
+        dest = pos // max(1, b)
+        counts = np.bincount(dest, minlength=self.world_size).tolist()
+        rows = torch.from_numpy(local - offset)
+        out: dict[str, Any] = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == c:
+                picked = value.detach().cpu()[rows].contiguous()
+                if comm is not None:
+                    out[key] = comm.all_to_all(picked, counts, "rebalance")
+                else:
+                    out[key] = picked
+            else:
+                out[key] = value
+        t_rebalance = time.perf_counter() - t1
+        nonfin = self._all_sum([n_nonfinite], comm)[0]
+        self.stats["nonfinite"] += n_nonfinite
+        self.stats["samples_scored"] += c
+        seconds = {"collective": report["seconds"]["collective"] + (comm.seconds.get("collective", 0.0)
+                                                                   if comm else 0.0),
+                   "select": report["seconds"]["select"] + t_keys, "share": report["seconds"]["share"],
+                   "rebalance": t_rebalance}
+        bytes_rank = dict(report["bytes_sent"])
+        if comm is not None:
+            for phase, nbytes in comm.bytes.items():
+                bytes_rank[phase] = bytes_rank.get(phase, 0) + nbytes
+        total_bytes = int(sum(bytes_rank.values()))
+        if step % max(1, cfg.online_record_every) == 0 or self.last_record is None:
+            sel_sha = None
+            if self.rank == 0:
+                sel_sha = hashlib.sha256(chosen_np.astype("<i8").tobytes()).hexdigest()
+            record = make_record(
+                step=int(step), epoch=None, cycle=None, mode="online", strategy=cfg.strategy,
+                method=report["method"], ratio=cfg.online_ratio, k=int(k), n_scored=int(sum(sizes)),
+                n_selected=int(chosen_np.shape[0]), n_unseen=0, n_nonfinite=nonfin,
+                world_size=self.world_size, seconds=seconds, bytes_per_rank=bytes_rank,
+                bytes_per_rank_max=None, sha256=sel_sha, staleness=None,
+            )
+            self._finish(record, seconds, total_bytes)
+        else:
+            for phase in ("collective", "select", "share", "rebalance"):
+                self.stats[f"seconds_{phase}"] += float(seconds.get(phase, 0.0))
+            self.stats["bytes_sent"] += total_bytes
+            self.stats["selections"] += 1
+        return out
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Per-rank state: ledger tensors (safetensors-ready), cached cycle selection, stats, last record.
+        Noise is counter-based (seed, cycle, id), so there is no RNG state to save."""
+        return {
+            "format": STATE_FORMAT,
+            "mode": self.cfg.mode,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "ledger": self.ledger.state_tensors(),
+            "cache_cycle": self._cache_cycle,
+            "cache_bits": torch.from_numpy(self._cache.bits.copy()) if self._cache is not None else None,
+            "score_seconds_pending": self._score_seconds_pending,
+            "scored_pending": self._scored_pending,
+            "stats": dict(self.stats),
+            "last_record": self.last_record,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore state_dict(); the world size, seed and sample count must match."""
+        for key, mine in (("seed", self.seed), ("num_samples", self.num_samples),
+                          ("world_size", self.world_size), ("rank", self.rank), ("mode", self.cfg.mode)):
+            if state.get(key) != mine:
+                raise ValueError(f"teacher state has {key}={state.get(key)!r}, this run has {mine!r}")
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"teacher state format {state.get('format')!r} != {STATE_FORMAT}")
+        self.ledger = Ledger.from_state_tensors(state["ledger"])
+        self._cache_cycle = int(state["cache_cycle"])
+        bits = state["cache_bits"]
+        self._cache = Selection(bits.numpy(), self.num_samples) if bits is not None else None
+        self._score_seconds_pending = float(state["score_seconds_pending"])
+        self._scored_pending = int(state["scored_pending"])
+        self.stats = dict(state["stats"])
+        self.last_record = state["last_record"]

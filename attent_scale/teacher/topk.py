@@ -1,0 +1,301 @@
+"""Distributed exact top-k over (key, id) pairs held by all ranks: `gather` and `threshold` methods."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from attent_scale.teacher.strategies import splitmix64
+
+METHODS = ("gather", "threshold")
+RADIX_BITS = 12  # histogram bins per round = 2**RADIX_BITS (32 KiB of int64 counts)
+_SIGN = np.uint64(1 << 63)
+
+
+class SelectionMismatchError(RuntimeError):
+    """Ranks computed different selections (the hashes of their selected ids differ)."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def key_image(keys: np.ndarray) -> np.ndarray:
+    """Order-preserving uint64 image of float64 keys: a < b  <=>  image(a) < image(b); -0.0 == +0.0;
+    every NaN maps to 0, below every other key (also below -inf)."""
+    k = np.ascontiguousarray(keys, dtype=np.float64).reshape(-1) + 0.0  # -0.0 -> +0.0
+    b = k.view(np.int64)
+    u = k.view(np.uint64) ^ ((b >> np.int64(63)).view(np.uint64) | _SIGN)
+    u[np.isnan(k)] = 0
+    return u
+
+
+def _np(x: torch.Tensor | np.ndarray, dtype: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=dtype).reshape(-1)
+
+
+def ids_hash(ids: np.ndarray) -> int:
+    """Order-independent 64-bit hash of a set of int64 ids (wrapping sum of mixed ids, mixed with count)."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    with np.errstate(over="ignore"):
+        s = int(splitmix64(ids.view(np.uint64) ^ np.uint64(0x5E1EC7)).sum(dtype=np.uint64))
+        tail = splitmix64(np.array([s ^ ids.size], dtype=np.uint64))
+    return int(tail[0])
+
+
+def sorted_ids(chosen: np.ndarray) -> np.ndarray:
+    """Sort unique int64 ids; a bitmap pass when they are dense enough, else a sort."""
+    chosen = np.asarray(chosen, dtype=np.int64)
+    if chosen.size == 0:
+        return chosen.copy()
+    hi = int(chosen.max())
+    if int(chosen.min()) >= 0 and hi < 16 * chosen.size:
+        m = np.zeros(hi + 1, dtype=bool)
+        m[chosen] = True
+        return np.flatnonzero(m).astype(np.int64)
+    return np.sort(chosen)
+
+
+def local_topk(u: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """Single-process exact top-k: largest image first, ties to the smaller id; returns sorted ids."""
+    n = u.shape[0]
+    if k <= 0:
+        return np.empty(0, dtype=np.int64)
+    if k >= n:
+        return sorted_ids(ids)
+    t = np.partition(u, n - k)[n - k]  # the k-th largest image
+    above = u > t
+    need = k - int(np.count_nonzero(above))
+    tie_ids = ids[u == t]
+    if need < tie_ids.shape[0]:
+        tie_ids = np.partition(tie_ids, need - 1)[:need] if need > 0 else tie_ids[:0]
+    return sorted_ids(np.concatenate([ids[above], tie_ids]))
+
+
+class _Comm:
+    """Thin wrapper over the collectives that counts bytes sent by this rank (ring model) and time."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.bytes: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+
+    def _add(self, phase: str, nbytes: float, t0: float) -> None:
+        self.bytes[phase] = self.bytes.get(phase, 0) + int(nbytes)
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+    def all_gather(self, t: torch.Tensor, phase: str) -> list[torch.Tensor]:
+        t0 = time.perf_counter()
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t, group=self.group)
+        self._add(phase, (self.world - 1) * t.numel() * t.element_size(), t0)
+        return out
+
+    def all_reduce(self, t: torch.Tensor, phase: str, op: Any = None) -> torch.Tensor:
+        t0 = time.perf_counter()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op, group=self.group)
+        self._add(phase, 2 * (self.world - 1) / self.world * t.numel() * t.element_size(), t0)
+        return t
+
+    def all_to_all(self, t: torch.Tensor, send_counts: list[int], phase: str) -> torch.Tensor:
+        """all_to_all_single along dim 0 with per-destination row counts; returns the received rows."""
+        t0 = time.perf_counter()
+        cnt = torch.tensor(send_counts, dtype=torch.int64)
+        recv_cnt = torch.empty_like(cnt)
+        dist.all_to_all_single(recv_cnt, cnt, group=self.group)
+        rest = tuple(t.shape[1:])
+        out = torch.empty((int(recv_cnt.sum()), *rest), dtype=t.dtype)
+        dist.all_to_all_single(
+            out, t, recv_cnt.tolist(), list(send_counts), group=self.group
+        )
+        row = t.element_size() * (int(np.prod(rest)) if rest else 1)
+        sent = (sum(send_counts) - send_counts[self.rank]) * row + (self.world - 1) * 8
+        self._add(phase, sent, t0)
+        return out
+
+
+def _resolve_group(group: Any) -> Any:
+    """The process group to use, or None for the single-process path."""
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def kth_largest(u: np.ndarray, k: int, comm: _Comm | None, *, bits: int = 64, phase: str = "collective"
+                ) -> tuple[int, int, int]:
+    """Exact k-th largest (1 <= k <= global count) of uint64 values < 2**bits spread over ranks, by
+    histogram all-reduce rounds of RADIX_BITS bits from the top. Returns (value, count strictly above,
+    count equal), all global and identical on every rank."""
+    cand = u
+    prefix = 0
+    need = int(k)
+    shift = int(bits)
+    eq = 0
+    while shift > 0:
+        b = min(RADIX_BITS, shift)
+        shift -= b
+        digit = ((cand >> np.uint64(shift)) & np.uint64((1 << b) - 1)).astype(np.intp)
+        hist = torch.from_numpy(np.bincount(digit, minlength=1 << b).astype(np.int64))
+        if comm is not None:
+            comm.all_reduce(hist, phase)
+        h = hist.numpy()
+        above = np.cumsum(h[::-1])[::-1] - h  # count in strictly higher bins
+        d = int(np.flatnonzero((above < need) & (above + h >= need))[0])
+        need -= int(above[d])
+        eq = int(h[d])
+        prefix = (prefix << b) | d
+        cand = cand[digit == d]
+    return prefix, int(k) - need, eq
+
+
+# ----------------------------------------------------------------------------- the public entry
+
+
+def check_agreement(ids: np.ndarray, comm: _Comm | None, phase: str = "share") -> int:
+    """All-gather a hash of the selected ids; raise SelectionMismatchError naming both hashes if any
+    rank differs. Returns the hash."""
+    h = ids_hash(ids)
+    if comm is None:
+        return h
+    mine = torch.tensor([np.uint64(h).view(np.int64)], dtype=torch.int64)
+    hs = [int(np.int64(x.item()).view(np.uint64)) for x in comm.all_gather(mine, phase)]
+    for r, other in enumerate(hs):
+        if other != hs[0]:
+            raise SelectionMismatchError(
+                f"selection differs across ranks: rank 0 hash {hs[0]:016x} != rank {r} hash {other:016x} "
+                f"(this is rank {comm.rank})"
+            )
+    return h
+
+
+def select_global(
+    keys: torch.Tensor | np.ndarray,
+    ids: torch.Tensor | np.ndarray,
+    k: int,
+    *,
+    method: str = "gather",
+    group: Any = None,
+    report: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Exact global top-k: every rank passes its local keys (float64) and ids (int64, >= 0, unique across
+    ranks; possibly empty); every rank gets the same sorted int64 tensor of the min(k, N) ids ranked
+    highest (largest key first, ties to the smaller id, NaN keys after every other key). Without an
+    initialised process group this is the single-process reference. `report`, when given, is filled
+    with bytes sent by this rank (ring model) and seconds per phase."""
+    if method not in METHODS:
+        raise ValueError(f"unknown top-k method {method!r} (one of {', '.join(METHODS)})")
+    t_start = time.perf_counter()
+    key_np = _np(keys, np.float64)
+    id_np = _np(ids, np.int64)
+    bad = int(key_np.shape[0] != id_np.shape[0] or (id_np.size > 0 and int(id_np.min()) < 0) or k < 0)
+    pg = _resolve_group(group)
+    comm = _Comm(pg) if pg is not None else None
+    n_local = int(id_np.shape[0])
+    lo = int(id_np.min()) if n_local and not bad else -1
+    hi = int(id_np.max()) if n_local and not bad else -1
+    ctrl = torch.tensor([[n_local, lo, hi, bad]], dtype=torch.int64)
+    rows = torch.cat(comm.all_gather(ctrl, "control")).numpy() if comm else ctrl.numpy()
+    if rows[:, 3].any():
+        raise ValueError("select_global: keys/ids length mismatch, negative id or k < 0 on some rank "
+                         f"(ranks {np.flatnonzero(rows[:, 3]).tolist()})")
+    total = int(rows[:, 0].sum())
+    max_id = int(rows[:, 2].max())
+    k_eff = max(0, min(int(k), total))
+    sel_s = 0.0
+    t0 = time.perf_counter()
+    u = key_image(key_np)
+    sel_s += time.perf_counter() - t0
+    rounds = 0
+    if comm is None:
+        t0 = time.perf_counter()
+        result = local_topk(u, id_np, k_eff)
+        sel_s += time.perf_counter() - t0
+    elif method == "gather":
+        m = int(rows[:, 0].max())
+        buf = torch.zeros((2, m), dtype=torch.int64)
+        buf[0, :n_local] = torch.from_numpy(u.view(np.int64))
+        buf[1, :n_local] = torch.from_numpy(id_np)
+        parts = comm.all_gather(buf, "collective")
+        t0 = time.perf_counter()
+        allu = np.concatenate([p[0, : rows[r, 0]].numpy() for r, p in enumerate(parts)]).view(np.uint64)
+        alli = np.concatenate([p[1, : rows[r, 0]].numpy() for r, p in enumerate(parts)])
+        del parts
+        result = local_topk(allu, alli, k_eff)
+        sel_s += time.perf_counter() - t0
+    else:
+        t0 = time.perf_counter()
+        if k_eff == 0:
+            chosen = id_np[:0]
+        elif k_eff == total:
+            chosen = id_np
+        else:
+            coll0 = comm.seconds.get("collective", 0.0)
+            t_val, n_above, n_eq = kth_largest(u, k_eff, comm)
+            rounds = (64 + RADIX_BITS - 1) // RADIX_BITS
+            need = k_eff - n_above
+            t_val_u = np.uint64(t_val)
+            tie_ids = id_np[u == t_val_u]
+            take = id_np[u > t_val_u]
+            if need >= n_eq:
+                chosen = np.concatenate([take, tie_ids])
+            else:
+                tie_ids = np.sort(tie_ids)
+                nz = rows[rows[:, 0] > 0]
+                ordered = bool(np.all(nz[1:, 1] > nz[:-1, 2])) if nz.shape[0] > 1 else True
+                if ordered:  # rank order == id order: exclusive scan of tie counts
+                    cnt = torch.tensor([[tie_ids.shape[0]]], dtype=torch.int64)
+                    counts = torch.cat(comm.all_gather(cnt, "collective")).numpy().reshape(-1)
+                    offset = int(counts[: comm.rank].sum())
+                    mine = max(0, min(tie_ids.shape[0], need - offset))
+                    chosen = np.concatenate([take, tie_ids[:mine]])
+                else:  # radix descent on the tied ids: the need-th smallest tied id
+                    id_bits = max(1, max_id.bit_length())
+                    flip = np.uint64((1 << id_bits) - 1) - tie_ids.view(np.uint64)
+                    t_id, _, _ = kth_largest(flip, need, comm, bits=id_bits)
+                    rounds += (id_bits + RADIX_BITS - 1) // RADIX_BITS
+                    chosen = np.concatenate([take, tie_ids[flip >= np.uint64(t_id)]])
+            sel_s -= comm.seconds.get("collective", 0.0) - coll0
+        sel_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        nbits = max_id + 1 if max_id >= 0 else 0
+        mask = np.zeros(nbits, dtype=bool)
+        mask[chosen] = True
+        bitset = torch.from_numpy(np.packbits(mask, bitorder="little"))
+        del mask
+        if nbits:
+            comm.all_reduce(bitset, "share", op=dist.ReduceOp.BOR)
+        result = np.flatnonzero(
+            np.unpackbits(bitset.numpy(), count=nbits, bitorder="little")
+        ).astype(np.int64)
+        share_extra = time.perf_counter() - t1 - comm.seconds.get("share", 0.0)
+        comm.seconds["share"] = comm.seconds.get("share", 0.0) + share_extra
+    check_agreement(result, comm)
+    if report is not None:
+        by = dict(comm.bytes) if comm else {}
+        secs = dict(comm.seconds) if comm else {}
+        report.clear()
+        report.update(
+            method=method if comm else "local",
+            world_size=comm.world if comm else 1,
+            n=total,
+            k=int(result.shape[0]),
+            rounds=rounds,
+            bytes_sent=by,
+            bytes_total=int(sum(by.values())),
+            seconds={
+                "collective": secs.get("collective", 0.0) + secs.get("control", 0.0),
+                "select": sel_s,
+                "share": secs.get("share", 0.0),
+                "total": time.perf_counter() - t_start,
+            },
+        )
+    return torch.from_numpy(result)
