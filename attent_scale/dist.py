@@ -1,0 +1,97 @@
+"""Process-group setup from the torchrun / deepspeed-launcher environment, plus lockstep helpers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job; `backend` is None for a single process."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str | None
+    device: torch.device
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value in (None, "") else int(value)
+
+
+def ensure_accelerator_env() -> None:
+    """Point DeepSpeed at the CPU accelerator when there is no CUDA (must run before `import deepspeed`)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def init_distributed(timeout_s: float = 600.0) -> DistInfo:
+    """Join the process group described by RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT.
+
+    nccl on CUDA, gloo on CPU. A single process (WORLD_SIZE unset or 1) initialises nothing.
+    Calling it again after the group exists returns the same info.
+    """
+    import datetime
+
+    ensure_accelerator_env()
+    rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), device)
+    if world_size <= 1:
+        return DistInfo(0, 1, 0, None, device)
+    backend = "nccl" if cuda else "gloo"
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set (launch with torchrun or deepspeed)")
+    kwargs: dict = {"timeout": datetime.timedelta(seconds=timeout_s)}
+    if cuda:
+        kwargs["device_id"] = device
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+    return DistInfo(rank, world_size, local_rank, backend, device)
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one rank is up."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier(group: dist.ProcessGroup | None = None) -> None:
+    """Wait for every rank; a no-op for a single process."""
+    if is_distributed():
+        dist.barrier(group=group)
+
+
+def all_reduce_flag(flag: bool, op: str = "max", group: dist.ProcessGroup | None = None) -> bool:
+    """Combine a per-rank bool across ranks: op 'max' = any rank true, 'min' = all ranks true.
+
+    Use it at step boundaries so every rank takes the same stop/save decision (lockstep).
+    """
+    if op not in ("max", "min"):
+        raise ValueError(f"all_reduce_flag: op must be 'max' or 'min', got {op!r}")
+    if not is_distributed():
+        return bool(flag)
+    backend = dist.get_backend(group)
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN, group=group)
+    return bool(t.item())
+
+
+def destroy() -> None:
+    """Tear the process group down if one is up."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

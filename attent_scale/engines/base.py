@@ -1,0 +1,241 @@
+"""Engine protocol, StepResult, the per-sample loss and the LR schedule shared by every engine."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from attent_scale.config import RunConfig
+
+IGNORE_INDEX = -100
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class StepResult:
+    """Outcome of one optimizer step over a rank's whole batch."""
+
+    loss: float  # token-mean training loss over the rank's batch (before the update)
+    per_sample: torch.Tensor  # [B] fp32, detached, on CPU: mean token CE per sequence
+    lr: float  # learning rate used for this step
+    grad_norm: float  # global grad norm before clipping (nan when skipped)
+    skipped: bool  # non-finite loss or grad norm: no update was applied
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the trainer and the teacher rely on; every engine keeps its ranks in lockstep."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    group: Any
+
+    def per_sample_loss(self, batch: Batch) -> torch.Tensor: ...
+    def score(self, batch: Batch) -> torch.Tensor: ...
+    def train_step(self, batch: Batch) -> StepResult: ...
+    def evaluate(self, batches: Iterable[Batch]) -> float: ...
+    def save(self, ckpt_dir: str | Path, tag: str) -> None: ...
+    def load(self, ckpt_dir: str | Path, tag: str) -> None: ...
+    def export(self, out_dir: str | Path) -> None: ...
+
+
+def _chunk_ce_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of fp32 token CE per row for one chunk of rows; only this chunk is upcast."""
+    rows, t, v = logits.shape
+    ce = F.cross_entropy(
+        logits.reshape(rows * t, v).float(),
+        labels.reshape(rows * t),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
+    return ce.view(rows, t).sum(dim=1)
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:
+    """Mean token cross-entropy per sequence over labels != -100, in fp32; rows with no target give 0.
+
+    `labels` are the targets already aligned with `logits` (no shift here). Rows are processed in
+    chunks of about `chunk_tokens` tokens, upcasting only the chunk, so no [B, T, V] fp32 copy of the
+    logits is made; under autograd each chunk is recomputed in backward instead of keeping its fp32
+    log-softmax alive.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"per_sample_loss: logits {tuple(logits.shape)} vs labels {tuple(labels.shape)}")
+    b, t, _ = logits.shape
+    rows = max(1, chunk_tokens // max(t, 1))
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    sums = []
+    for start in range(0, b, rows):
+        lg, lb = logits[start : start + rows], labels[start : start + rows]
+        if grad:
+            sums.append(checkpoint(_chunk_ce_sums, lg, lb, use_reentrant=False))
+        else:
+            sums.append(_chunk_ce_sums(lg, lb))
+    total = torch.cat(sums) if sums else logits.new_zeros(0, dtype=torch.float32)
+    counts = (labels != IGNORE_INDEX).sum(dim=1)
+    return total / counts.clamp(min=1).to(total.dtype)
+
+
+def token_counts(labels: torch.Tensor) -> torch.Tensor:
+    """Valid target tokens per row (labels != -100)."""
+    return (labels != IGNORE_INDEX).sum(dim=1)
+
+
+def lr_lambda(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1 over `warmup_steps`, then cosine down to `min_lr_ratio`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR with warmup + cosine from `cfg.train`; stepped once per applied optimizer step."""
+    t = cfg.train
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_lambda(
+            s, warmup_steps=t.warmup_steps, max_steps=t.max_steps, min_lr_ratio=t.min_lr_ratio
+        ),
+    )
+
+
+def make_adamw(params: Iterable[torch.nn.Parameter], cfg: RunConfig) -> torch.optim.AdamW:
+    """torch AdamW over the trainable parameters; no weight decay on biases and norms (dim < 2)."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if _ndim(p) >= 2]
+    no_decay = [p for p in params if _ndim(p) < 2]
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2))
+
+
+def _ndim(p: torch.Tensor) -> int:
+    ds_shape = getattr(p, "ds_shape", None)  # ZeRO-3 partitioned parameter: its full shape
+    return len(ds_shape) if ds_shape is not None else p.dim()
+
+
+def split_micro(batch: Batch, n: int) -> list[Batch]:
+    """Split a batch into exactly `n` micro batches along the rows (sizes differ by at most 1)."""
+    b = batch["input_ids"].shape[0]
+    if b < n:
+        raise ValueError(f"batch of {b} rows cannot be split into {n} gradient-accumulation micro batches")
+    parts = {k: torch.tensor_split(v, n) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    return [{k: parts[k][i] for k in parts} for i in range(n)]
+
+
+def all_reduce_sum(values: list[float], device: torch.device, group: Any = None) -> list[float]:
+    """Sum a few float64 numbers across ranks (identity for one process)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return t.tolist()
+
+
+class BaseEngine:
+    """The step logic every engine shares; subclasses supply forward, backward, the optimizer step,
+    train/eval mode and state I/O."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    group: Any = None
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.grad_accum = cfg.train.grad_accum_steps
+        self.chunk_tokens = cfg.engine.loss_chunk_tokens
+        self.steps_done = 0  # optimizer steps applied
+
+    # --- hooks -------------------------------------------------------------------------------
+    def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _backward(self, loss: torch.Tensor, nonfinite: bool) -> None:
+        raise NotImplementedError
+
+    def _optimizer_step(self, nonfinite: bool) -> tuple[float, bool]:
+        """Finish the step after the last micro batch: returns (grad_norm, applied)."""
+        raise NotImplementedError
+
+    def _set_train(self, mode: bool) -> None:
+        raise NotImplementedError
+
+    def current_lr(self) -> float:
+        raise NotImplementedError
+
+    # --- shared API ----------------------------------------------------------------------------
+    def per_sample_loss(self, batch: Batch) -> torch.Tensor:
+        """[B] fp32 mean token CE per sequence (forward under the current grad mode and module mode)."""
+        logits = self._logits(batch["input_ids"].to(self.device))
+        return per_sample_loss(logits, batch["labels"].to(self.device), self.chunk_tokens)
+
+    def score(self, batch: Batch) -> torch.Tensor:
+        """Per-sample loss without grad and without dropout; [B] fp32 on CPU."""
+        self._set_train(False)
+        try:
+            with torch.no_grad():
+                return self.per_sample_loss(batch).float().cpu()
+        finally:
+            self._set_train(True)
+
+    def train_step(self, batch: Batch) -> StepResult:
+        """One optimizer step over the rank's batch, split into `grad_accum` micro batches.
+
+        The objective is the token mean over the rank's whole batch (each micro batch contributes its
+        CE sum divided by the batch's token count), so 1 x B and k x B/k give the same update.
+        """
+        self._set_train(True)
+        lr = self.current_lr()
+        labels = batch["labels"]
+        total_tokens = max(1, int(token_counts(labels).sum()))
+        per_sample: list[torch.Tensor] = []
+        loss_sum = 0.0
+        nonfinite = False
+        for micro in split_micro(batch, self.grad_accum):
+            ps = self.per_sample_loss(micro)
+            tok = token_counts(micro["labels"]).to(ps.device, ps.dtype)
+            loss = (ps * tok).sum() / total_tokens
+            value = float(loss.detach())
+            nonfinite = nonfinite or not math.isfinite(value)
+            self._backward(loss, nonfinite)
+            per_sample.append(ps.detach().float().cpu())
+            loss_sum += value
+        grad_norm, applied = self._optimizer_step(nonfinite)
+        if applied:
+            self.steps_done += 1
+        return StepResult(loss_sum, torch.cat(per_sample), lr, grad_norm, not applied)
+
+    def evaluate(self, batches: Iterable[Batch]) -> float:
+        """Token-mean loss over all batches of all ranks (every rank must pass the same count)."""
+        self._set_train(False)
+        ce_sum, n_tok = 0.0, 0.0
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    ps = self.per_sample_loss(batch)
+                    tok = token_counts(batch["labels"]).to(ps.device, ps.dtype)
+                    ce_sum += float((ps * tok).sum())
+                    n_tok += float(tok.sum())
+        finally:
+            self._set_train(True)
+        ce_sum, n_tok = all_reduce_sum([ce_sum, n_tok], self._collective_device(), self.group)
+        return ce_sum / n_tok if n_tok > 0 else float("nan")
+
+    def _collective_device(self) -> torch.device:
+        if dist.is_available() and dist.is_initialized() and dist.get_backend(self.group) == "nccl":
+            return self.device
+        return torch.device("cpu")

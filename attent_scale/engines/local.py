@@ -1,0 +1,111 @@
+"""Single-process engine: the model on one device, torch AdamW, no distributed init."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attent_scale.config import RunConfig
+from attent_scale.engines.base import BaseEngine, make_adamw, make_scheduler
+from attent_scale.models import build_model, export_state_dict
+
+
+def resolve_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
+    """Compute dtype for `engine.mixed_precision` (auto: bf16 on CUDA, fp32 on CPU)."""
+    mp = cfg.engine.mixed_precision
+    if mp == "bf16" or (mp == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+class LocalEngine(BaseEngine):
+    """One process; weights in fp32, bf16 autocast on CUDA when mixed precision resolves to bf16."""
+
+    def __init__(self, cfg: RunConfig, vocab_size: int | None, device: torch.device | None = None) -> None:
+        super().__init__(cfg)
+        self.vocab_size = vocab_size
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = resolve_dtype(cfg, self.device)
+        self.model = build_model(cfg.model, vocab_size, seed=cfg.seed).to(self.device)
+        self._wrap()
+        self.optimizer = make_adamw(self.model.parameters(), cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg)
+        self.model.train()
+
+    def _wrap(self) -> None:
+        """Hook for sharding wrappers (FSDP); nothing to do on one process."""
+
+    # --- hooks ---------------------------------------------------------------------------------
+    def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        autocast = self.dtype != torch.float32 and self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
+            return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def _backward(self, loss: torch.Tensor, nonfinite: bool) -> None:
+        if not nonfinite:
+            loss.backward()
+
+    def _any_rank(self, flag: bool) -> bool:
+        return flag
+
+    def _clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _optimizer_step(self, nonfinite: bool) -> tuple[float, bool]:
+        # The decision is all-reduced so every rank skips together (no rank runs ahead).
+        if self._any_rank(nonfinite):
+            self.optimizer.zero_grad(set_to_none=True)
+            return float("nan"), False
+        grad_norm = self._clip()
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return grad_norm, False
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, True
+
+    def _set_train(self, mode: bool) -> None:
+        self.model.train(mode)
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # --- state -----------------------------------------------------------------------------------
+    def save(self, ckpt_dir: str | Path, tag: str) -> None:
+        """Write model, optimizer and scheduler state to `ckpt_dir/tag/engine.pt`."""
+        path = Path(ckpt_dir) / tag
+        path.mkdir(parents=True, exist_ok=True)
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "steps_done": self.steps_done,
+        }
+        torch.save(state, path / "engine.pt")
+
+    def load(self, ckpt_dir: str | Path, tag: str) -> None:
+        """Restore what `save` wrote."""
+        state = torch.load(Path(ckpt_dir) / tag / "engine.pt", map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.steps_done = int(state["steps_done"])
+
+    def full_state_dict(self) -> dict[str, Any] | None:
+        """The whole model's state dict on CPU on rank 0 (None elsewhere); collective when sharded."""
+        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in self.model.state_dict().items()}
+
+    def export(self, out_dir: str | Path) -> None:
+        """Write adapters (LoRA), merged weights on request, or the full model as safetensors (rank 0)."""
+        sd = self.full_state_dict()
+        if self.rank == 0 and sd is not None:
+            export_state_dict(sd, self.cfg.model, self.vocab_size, out_dir)
