@@ -33,6 +33,7 @@ fi
 metrics_port=${ATTENT_METRICS_PORT:-9400}
 job=${ATTENT_JOB:-local-$$}
 
+module=${ATTENT_MODULE:-attent_scale}   # python module run as the trainer (tests use a stand-in)
 train_args=(train --config "$config")
 if [[ ${ATTENT_METRICS:-1} == 1 ]]; then
     train_args+=(--set metrics.enabled=true --set metrics.address=127.0.0.1
@@ -59,7 +60,7 @@ trap on_stop USR1 TERM INT
 # torchrun starts with USR1 ignored (inherited across exec) and never sees TERM/INT from us, so it does
 # not SIGKILL the workers while they checkpoint (pytorch #119856).
 (trap '' USR1 INT; exec torchrun --standalone --nproc-per-node="$nproc" --max-restarts=0 \
-    -m attent_scale "${train_args[@]}") &
+    -m "$module" "${train_args[@]}") &
 launcher=$!
 rc=0
 wait "$launcher" || rc=$?

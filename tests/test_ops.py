@@ -1,0 +1,101 @@
+"""Ops files without servers: target generator, shellcheck of launch scripts, dashboard vs live exporter."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_metrics import scrape
+
+from attent_scale.config import MetricsConfig
+from attent_scale.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools" / "prometheus"))
+import write_targets  # noqa: E402
+
+DASHBOARD = ROOT / "tools" / "grafana" / "attent-scale.json"
+SCRIPTS = [ROOT / "launch" / n for n in ("slurm_torchrun.sbatch", "slurm_deepspeed.sbatch", "local.sh")]
+
+
+@pytest.mark.parametrize(("text", "hosts"), [
+    ("node1", ["node1"]),
+    ("gpu[01-03,07]", ["gpu01", "gpu02", "gpu03", "gpu07"]),
+    ("a[1-2]-ib,b,c[9-10]", ["a1-ib", "a2-ib", "b", "c9", "c10"]),
+    ("r[1-2]n[0-1]", ["r1n0", "r1n1", "r2n0", "r2n1"]),
+])
+def test_expand_hostlist(text: str, hosts: list[str]) -> None:
+    assert write_targets.expand_hostlist(text) == hosts
+
+
+@pytest.mark.parametrize("bad", ["a[1-2", "a]1", "a[x]", "a[3-1]"])
+def test_expand_hostlist_rejects_bad_input(bad: str) -> None:
+    with pytest.raises(ValueError):
+        write_targets.expand_hostlist(bad)
+
+
+def test_write_targets_cli(tmp_path: Path) -> None:
+    out = tmp_path / "sd" / "job.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/prometheus/write_targets.py"), "--out", str(out),
+                           "--nodelist", "gpu[1-2]", "--ranks-per-node", "2", "--base-port", "9500",
+                           "--job", "77"], capture_output=True, text=True, env={"PATH": "/nonexistent"})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text()) == [
+        {"targets": ["gpu1:9500", "gpu1:9501"], "labels": {"job": "77", "node": "gpu1"}},
+        {"targets": ["gpu2:9500", "gpu2:9501"], "labels": {"job": "77", "node": "gpu2"}}]
+    assert [p.name for p in out.parent.iterdir()] == ["job.json"]  # no temp file left behind
+    bad = subprocess.run([sys.executable, str(ROOT / "tools/prometheus/write_targets.py"), "--out", str(out),
+                          "--nodelist", "x[1-", "--ranks-per-node", "1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unbalanced" in bad.stderr
+
+
+def test_launch_scripts_are_shellcheck_clean() -> None:
+    if shutil.which("shellcheck") is None:
+        pytest.fail("shellcheck not installed (Debian package shellcheck; .ci/run installs it)",
+                    pytrace=False)
+    proc = subprocess.run(["shellcheck", "--shell=bash", *map(str, SCRIPTS)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for script in SCRIPTS:
+        text = script.read_text()
+        assert "EDIT" in text and "ATTENT_VENV" in text, script
+        if script.suffix == ".sbatch":
+            assert "#SBATCH --signal=B:USR1@" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
+            assert "#SBATCH --partition=" in text and "--gpus-per-node" in text
+
+
+def dashboard_exprs() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+
+
+def fill(expr: str, job: str, rank: str = ".*") -> str:
+    """Template variables as Grafana would fill them."""
+    return (expr.replace("$__rate_interval", "1m").replace("$job", job).replace("$rank", rank))
+
+
+def test_dashboard_structure_and_metrics_exist_in_a_live_scrape() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    assert {"job", "rank"} <= variables.keys()
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for word in ("phase", "overhead", "selected ratio", "loss", "throughput", "staleness", "faults",
+                 "checkpoint"):
+        assert word in titles, word
+    for panel in dash["panels"]:
+        assert panel["datasource"]["uid"] == "${datasource}"
+    with Metrics.create(MetricsConfig(enabled=True, port=0), rank=0, local_rank=0, node="n") as m:
+        exported = {name for name, _ in scrape(m.port)}  # type: ignore[arg-type]
+    used = {n for e in dashboard_exprs() for n in re.findall(r"\battent_[a-z_]+", e)}
+    assert used, "no attent_ metric in the dashboard"
+    assert not used - exported, f"dashboard uses metrics the exporter does not export: {used - exported}"
+    # every query is filtered by the template variables
+    for expr in dashboard_exprs():
+        for sel in re.findall(r"attent_[a-z_]+(\{[^}]*\})?", expr):
+            assert 'job=~"$job"' in sel and 'rank=~"$rank"' in sel, expr
