@@ -1,0 +1,129 @@
+"""Multi-process engine scenarios run as real ranks (env RANK/WORLD_SIZE/MASTER_PORT), gloo on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 1000
+SEQ = 32
+
+
+def tiny_config(engine: str = "local", *, lora: bool = False, stage: int = 3, **train: Any) -> dict[str, Any]:
+    """Raw run config for a tiny GPT-2 (2 layers, width 32, vocab 1000, seq 32), dropout off."""
+    model: dict[str, Any] = {
+        "config": {
+            "model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": SEQ,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        }
+    }
+    if lora:
+        model["lora"] = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["c_attn", "c_proj"],
+                         "export_merged": True}
+    tr = {"micro_batch_size": 4, "grad_accum_steps": 1, "lr": 3e-3, "warmup_steps": 0, "max_steps": 50}
+    tr.update(train)
+    eng: dict[str, Any] = {"name": engine}
+    if engine == "deepspeed":
+        eng["deepspeed_config"] = str(REPO / "configs" / f"deepspeed_zero{stage}.json")
+    return {"seed": 0, "model": model, "engine": eng, "train": tr}
+
+
+def make_batch(rows: int, seed: int, *, pad_rows: bool = True) -> dict[str, torch.Tensor]:
+    """Random tokens; row 0 padded after 20 tokens and row 1 with no target when `pad_rows`."""
+    g = torch.Generator().manual_seed(seed)
+    toks = torch.randint(0, VOCAB, (rows, SEQ + 1), generator=g)
+    labels = toks[:, 1:].clone()
+    if pad_rows and rows >= 2:
+        labels[0, 20:] = -100
+        labels[1] = -100
+    return {"ids": torch.arange(rows, dtype=torch.int64) + 1000 * seed, "input_ids": toks[:, :-1].clone(),
+            "labels": labels}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(scenario: str, out: Path, world_size: int = 2, timeout: float = 120.0) -> list[dict[str, Any]]:
+    """Run `scenario` on `world_size` ranks as separate processes; return each rank's JSON result."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                   LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        log = open(out / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
+        procs.append((subprocess.Popen([sys.executable, __file__, scenario, str(out)], env=env, stdout=log,
+                                       stderr=subprocess.STDOUT), log))
+    try:
+        codes = [p.wait(timeout=timeout) for p, _ in procs]
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            log.close()
+    if any(codes):
+        tail = (out / f"rank{codes.index(next(c for c in codes if c))}.log").read_text()[-3000:]
+        raise AssertionError(f"scenario {scenario} exit codes {codes}:\n{tail}")
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
+
+
+def _steps(engine: Any, batch: dict[str, torch.Tensor], n: int) -> list[float]:
+    return [engine.train_step(batch).loss for _ in range(n)]
+
+
+def run_scenario(name: str, out: Path) -> dict[str, Any]:
+    from attent_scale.config import config_from_dict
+    from attent_scale.engines import build_engine
+
+    engine_name, _, variant = name.partition("_")
+    stage = 2 if variant == "zero2" else 3
+    lora = variant == "lora"
+    cfg = config_from_dict(tiny_config(engine_name, lora=lora, stage=stage, grad_accum_steps=2))
+    engine = build_engine(cfg, vocab_size=VOCAB)
+    rank = engine.rank
+    probe = make_batch(8, seed=99)  # same on every rank
+    batch = make_batch(8, seed=rank + 1)  # different per rank
+    res: dict[str, Any] = {"rank": rank, "world_size": engine.world_size}
+    res["initial_score"] = engine.score(probe).tolist()
+    res["trainable"] = [n for n, p in engine.model.named_parameters() if p.requires_grad]
+    res["losses"] = _steps(engine, batch, 6)
+    engine.save(out / "ckpt", "step6")
+    after_save = _steps(engine, batch, 2)
+    engine.load(out / "ckpt", "step6")
+    after_load = _steps(engine, batch, 2)
+    res["after_save"], res["after_load"] = after_save, after_load
+    res["eval"] = engine.evaluate([probe, batch])
+    res["final_score"] = engine.score(probe).tolist()
+    engine.export(out / "export")
+    return res
+
+
+def main() -> None:
+    import faulthandler
+
+    faulthandler.dump_traceback_later(100, exit=True)  # a hung collective shows where, then exits
+    name, out = sys.argv[1], Path(sys.argv[2])
+    res = run_scenario(name, out)
+    (out / f"rank{res['rank']}.json").write_text(json.dumps(res))
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
