@@ -55,7 +55,7 @@ class Selection:
     @cached_property
     def count(self) -> int:
         """Number of selected ids."""
-        return int(np.unpackbits(self.bits, count=self.num_ids).sum(dtype=np.int64))
+        return int(np.unpackbits(self.bits).sum(dtype=np.int64))  # padding bits are zero
 
     @cached_property
     def sha256(self) -> str:
