@@ -43,18 +43,6 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {"ids": ids, "input_ids": inputs, "labels": labels}
 
 
-def make_sample(sample_id: int, window: np.ndarray | None, seq_len: int, pad_id: int) -> dict[str, Any]:
-    """Inputs/targets from one stored window (<= seq_len + 1 tokens); None gives the filler sample."""
-    inputs = np.full(seq_len, pad_id, dtype=np.int64)
-    labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
-    if window is None:
-        return {"id": FILLER_ID, "input_ids": inputs, "labels": labels}
-    n = len(window) - 1
-    inputs[:n] = window[:-1]
-    labels[:n] = window[1:]
-    return {"id": sample_id, "input_ids": inputs, "labels": labels}
-
-
 def buffer_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
     """The emission order of a shuffle buffer of size `buffer` fed positions 0..n-1 (a permutation)."""
     if buffer <= 1 or n <= 1:
