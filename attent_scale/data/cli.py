@@ -21,7 +21,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("inputs", nargs="*", help="files, directories or JSONL (none: embedded stdlib corpus)")
     b.add_argument("-o", "--out", required=True, help="output directory")
     b.add_argument("--glob", default="*", help="file pattern inside input directories (recursive)")
-    b.add_argument("--text-field", default=None, help="JSONL field holding the text (*.jsonl inputs)")
+    b.add_argument("--text-field", default=None, help="inputs are JSONL; the field holding the text")
     b.add_argument("--max-bytes", type=int, default=None, help="stop after this many bytes of text")
     b.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
     b.add_argument("--seq-len", type=int, default=1024)

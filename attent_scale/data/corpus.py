@@ -54,7 +54,11 @@ def _expand(inputs: Sequence[str | Path], glob: str) -> list[Path]:
 
 
 class Corpus:
-    """A re-iterable, deterministic sequence of documents with optional byte/document caps."""
+    """A re-iterable, deterministic sequence of documents with optional byte/document caps.
+
+    Plain text: one document per file. With `text_field`, every input file is JSONL and each non-blank
+    line is one document, its text under `text_field`.
+    """
 
     def __init__(
         self,
@@ -91,8 +95,7 @@ class Corpus:
 
     def _docs_of(self, path: Path) -> Iterator[Document]:
         text = self._read(path)
-        is_jsonl = self.text_field is not None and path.suffix in (".jsonl", ".json", ".ndjson")
-        if not is_jsonl:
+        if self.text_field is None:  # with --text-field every input file is JSONL, one document a line
             yield Document(str(path), text)
             return
         for lineno, line in enumerate(text.splitlines(), 1):
