@@ -31,19 +31,31 @@ def bench_build(out: Path, seq_len: int, max_bytes: int) -> Manifest:
 
 def bench_stream(m: Manifest, workers: int, batch_size: int, min_seconds: float) -> None:
     samples = tokens = epochs = 0
+    steady_samples, steady_secs, first_batch = 0, 0.0, []
     t0 = time.perf_counter()
     while True:
+        e0 = time.perf_counter()
         s = ShardStream(m.dir, "train", batch_size=batch_size, num_workers=workers, epoch=epochs,
                         shuffle_buffer=1000)
+        t_first = None
         for batch in s:
-            samples += len(batch["ids"])
+            n = len(batch["ids"])
+            if t_first is None:
+                t_first = time.perf_counter()
+                first_batch.append(t_first - e0)
+            else:
+                steady_samples += n
+            samples += n
             tokens += int((batch["labels"] != -100).sum())
+        steady_secs += time.perf_counter() - (t_first or e0)
         epochs += 1
         secs = time.perf_counter() - t0
         if secs >= min_seconds:
             break
     print(f"stream seq_len {m.seq_len:5d} workers {workers}: {samples / secs:9.0f} samples/s "
-          f"{tokens / secs:11.0f} tokens/s  ({epochs} epoch(s), {secs:.1f}s, batch {batch_size})")
+          f"{tokens / secs:11.0f} tokens/s incl. start-up; steady {steady_samples / steady_secs:9.0f} "
+          f"samples/s; first batch {1e3 * sum(first_batch) / len(first_batch):.0f} ms "
+          f"({epochs} epoch(s), {secs:.1f}s, batch {batch_size})")
 
 
 def main() -> None:
