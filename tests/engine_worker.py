@@ -17,12 +17,14 @@ VOCAB = 1000
 SEQ = 32
 
 
-def tiny_config(engine: str = "local", *, lora: bool = False, stage: int = 3, **train: Any) -> dict[str, Any]:
+def tiny_config(
+    engine: str = "local", *, lora: bool = False, stage: int = 3, tied: bool = True, **train: Any
+) -> dict[str, Any]:
     """Raw run config for a tiny GPT-2 (2 layers, width 32, vocab 1000, seq 32), dropout off."""
     model: dict[str, Any] = {
         "config": {
             "model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": SEQ,
-            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": tied,
         }
     }
     if lora:
@@ -84,11 +86,63 @@ def _steps(engine: Any, batch: dict[str, torch.Tensor], n: int) -> list[float]:
     return [engine.train_step(batch).loss for _ in range(n)]
 
 
+POISON = 5  # token whose embedding rank 0 sets to inf in the skip scenario
+
+
+def _local_rows(engine: Any) -> tuple[torch.Tensor, int]:
+    """This rank's storage of the token-embedding weight and the flat offset it starts at."""
+    if hasattr(engine.model, "reshard"):  # FSDP2: the root stays unsharded after a forward
+        engine.model.reshard()
+    wte = engine.model.get_input_embeddings().weight
+    if hasattr(wte, "ds_tensor"):
+        if wte.data.numel() == wte.ds_numel:  # ZeRO-3 persistent (small) parameter: a full copy per rank
+            return wte.data.view(-1), 0 if engine.rank == 0 else wte.ds_numel
+        return wte.ds_tensor, engine.rank * wte.ds_tensor.numel()  # ZeRO-3: a flat slice
+    local = wte.to_local() if hasattr(wte, "to_local") else wte.data  # FSDP2: rows sharded on dim 0
+    return local.view(-1), engine.rank * local.numel()
+
+
+def skip_scenario(engine: Any) -> dict[str, Any]:
+    """A non-finite loss on rank 0 only: every rank must skip the same step and stay unchanged."""
+    rank = engine.rank
+    probe = make_batch(8, seed=99)
+    batch = make_batch(8, seed=rank + 1)
+    for b in (probe, batch):
+        b["input_ids"][b["input_ids"] == POISON] = POISON + 1
+    engine.train_step(batch)
+    score_before, lr_before = engine.score(probe).tolist(), engine.current_lr()
+    flat, offset = _local_rows(engine)
+    width = engine.model.get_input_embeddings().embedding_dim
+    lo, hi = POISON * width - offset, (POISON + 1) * width - offset
+    owner = lo >= 0 and hi <= flat.numel()
+    saved = flat[lo:hi].clone() if owner else None
+    if owner:
+        with torch.no_grad():
+            flat[lo:hi] = float("inf")
+    poisoned = {k: v.clone() for k, v in batch.items()}
+    if rank == 0:
+        poisoned["input_ids"][2, 3] = POISON
+    res = engine.train_step(poisoned)
+    flat, _ = _local_rows(engine)
+    if owner:
+        with torch.no_grad():
+            flat[lo:hi] = saved
+    lr_after = engine.current_lr()
+    score_after = engine.score(probe).tolist()
+    after = engine.train_step(batch)
+    return {"rank": rank, "owner": owner, "skipped": res.skipped, "loss": res.loss,
+            "lr_before": lr_before, "lr_after": lr_after, "score_before": score_before,
+            "score_after": score_after, "next_skipped": after.skipped, "steps_done": engine.steps_done}
+
+
 def run_scenario(name: str, out: Path) -> dict[str, Any]:
     from attent_scale.config import config_from_dict
     from attent_scale.engines import build_engine
 
     engine_name, _, variant = name.partition("_")
+    if variant == "skip":
+        cfg = config_from_dict(tiny_config(engine_name, tied=False, grad_accum_steps=2, warmup_steps=5))
+        return skip_scenario(build_engine(cfg, vocab_size=VOCAB))
     stage = 2 if variant == "zero2" else 3
     lora = variant == "lora"
     cfg = config_from_dict(tiny_config(engine_name, lora=lora, stage=stage, grad_accum_steps=2))

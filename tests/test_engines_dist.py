@@ -108,3 +108,14 @@ def test_fsdp_lora(tmp_path: Path) -> None:
     cfg = config_from_dict(tiny_config("local"))
     model = load_adapter(build_model(cfg.model, VOCAB, seed=cfg.seed), tmp_path / "export" / "adapter")
     _assert_scores(model, res[0]["final_score"])
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp"])
+def test_nonfinite_on_one_rank_skips_on_all(tmp_path: Path, engine: str) -> None:
+    r0, r1 = launch(f"{engine}_skip", tmp_path)
+    assert r0["owner"] and not math.isfinite(r0["loss"]) and math.isfinite(r1["loss"])
+    for r in (r0, r1):
+        assert r["skipped"], r  # lockstep: the rank with a finite loss skips too
+        assert r["score_after"] == r["score_before"]  # no update applied
+        assert r["lr_after"] == r["lr_before"]  # the LR schedule does not advance
+        assert not r["next_skipped"] and r["steps_done"] == 2
