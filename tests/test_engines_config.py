@@ -1,0 +1,68 @@
+"""DeepSpeed JSON fill-in, engine config ranges and single-process dist helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from engine_worker import REPO, tiny_config
+
+from attent_scale.config import config_from_dict
+from attent_scale.dist import all_reduce_flag, barrier, init_distributed
+from attent_scale.engines.deepspeed import load_ds_config
+from attent_scale.errors import UserError
+
+
+def test_ds_config_filled_from_train_section() -> None:
+    cfg = config_from_dict(tiny_config("deepspeed", grad_accum_steps=3, micro_batch_size=5, grad_clip=0.5))
+    ds = load_ds_config(cfg, world_size=4, device=torch.device("cpu"))
+    assert ds["train_micro_batch_size_per_gpu"] == 5 and ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 60 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert ds["bf16"]["enabled"] is False  # 'auto' resolves to fp32 on CPU
+    assert load_ds_config(cfg, 1, torch.device("cuda"))["bf16"]["enabled"] is True
+    for stage in (2, 3):  # the shipped JSONs parse and are passed through
+        raw = json.loads((REPO / "configs" / f"deepspeed_zero{stage}.json").read_text())
+        assert raw["zero_optimization"]["stage"] == stage
+
+
+def test_ds_config_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"zero_optimization": {"stage": 1}}')
+    raw = tiny_config("deepspeed")
+    raw["engine"]["deepspeed_config"] = str(bad)
+    with pytest.raises(UserError, match="stage must be 2 or 3"):
+        load_ds_config(config_from_dict(raw), 1, torch.device("cpu"))
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="invalid JSON"):
+        load_ds_config(config_from_dict(raw), 1, torch.device("cpu"))
+    raw["engine"]["deepspeed_config"] = str(tmp_path / "missing.json")
+    with pytest.raises(UserError, match="missing.json"):
+        load_ds_config(config_from_dict(raw), 1, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("key", "value"), [("engine.loss_chunk_tokens", 0), ("train.adam_beta2", 1.0),
+                                            ("model.lora.dropout", 1.0), ("train.weight_decay", -0.1)])
+def test_engine_config_ranges(key: str, value: object) -> None:
+    section, name = key.rsplit(".", 1)
+    raw: dict = {}
+    node = raw
+    for part in section.split("."):
+        node = node.setdefault(part, {})
+    node[name] = value
+    with pytest.raises(UserError, match=key.replace(".", "\\.")):
+        config_from_dict(raw)
+
+
+def test_single_process_dist_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    info = init_distributed()
+    assert (info.rank, info.world_size, info.local_rank, info.backend) == (0, 1, 0, None)
+    assert all_reduce_flag(True) is True and all_reduce_flag(False, "min") is False
+    barrier()
+    with pytest.raises(ValueError):
+        all_reduce_flag(True, "sum")

@@ -1,0 +1,81 @@
+"""Model building: config dict or local safetensors dir, vocab checks against the manifest, LoRA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from attent_scale.config import config_from_dict
+from attent_scale.errors import UserError
+from attent_scale.models import build_model, hf_config, transformer_blocks
+
+GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 16}
+LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64,
+         "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 16}
+
+
+def _model_cfg(config: dict | None = None, **model: object):  # noqa: ANN202 - a ModelConfig
+    raw = {"config": dict(config if config is not None else GPT2), **model}
+    return config_from_dict({"model": raw}).model
+
+
+def test_vocab_taken_from_manifest_when_absent() -> None:
+    model = build_model(_model_cfg(), 500)
+    assert model.config.vocab_size == 500
+    assert model.get_input_embeddings().weight.shape == (500, 32)
+
+
+def test_vocab_mismatch_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="model.config.vocab_size.*1000.*500"):
+        hf_config(_model_cfg({**GPT2, "vocab_size": 1000}), 500)
+    assert hf_config(_model_cfg({**GPT2, "vocab_size": 500}), 500).vocab_size == 500
+
+
+def test_missing_or_unknown_model_type() -> None:
+    with pytest.raises(UserError, match="model_type"):
+        hf_config(_model_cfg({"n_layer": 2}), 100)
+    with pytest.raises(UserError, match="model_type"):
+        hf_config(_model_cfg({"model_type": "no-such-model"}), 100)
+
+
+def test_same_seed_same_weights() -> None:
+    a, b = build_model(_model_cfg(), 100, seed=3), build_model(_model_cfg(), 100, seed=3)
+    c = build_model(_model_cfg(), 100, seed=4)
+    wa, wb, wc = (m.transformer.h[0].attn.c_attn.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+def test_pretrained_local_dir_round_trip(tmp_path: Path) -> None:
+    model = build_model(_model_cfg(LLAMA), 200, seed=1)
+    model.save_pretrained(str(tmp_path / "m"), safe_serialization=True)
+    loaded = build_model(_model_cfg({}, pretrained=str(tmp_path / "m")), 200, seed=99)
+    ids = torch.randint(0, 200, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.raises(UserError, match="model.pretrained.*vocab_size 200 != .* 300"):
+        build_model(_model_cfg({}, pretrained=str(tmp_path / "m")), 300)
+
+
+def test_pretrained_dir_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not a directory"):
+        hf_config(_model_cfg({}, pretrained=str(tmp_path / "missing")), 100)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no \\*.safetensors"):
+        hf_config(_model_cfg({}, pretrained=str(tmp_path / "empty")), 100)
+
+
+def test_lora_llama_only_adapters_trainable() -> None:
+    lora = {"enabled": True, "r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}
+    model = build_model(_model_cfg(LLAMA, lora=lora), 100)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 2 * 2  # layers x targets x (A, B)
+    assert all("lora_" in n for n in trainable)
+    assert len(transformer_blocks(model)) == 2
+
+
+def test_lora_unknown_target_is_a_user_error() -> None:
+    lora = {"enabled": True, "target_modules": ["q_proj"]}
+    with pytest.raises(UserError, match="target_modules.*q_proj"):
+        build_model(_model_cfg(lora=lora), 100)
