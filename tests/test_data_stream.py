@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from attent_scale.data import Manifest, ShardStream, collate
 from attent_scale.data.builder import build_shards
@@ -146,6 +147,8 @@ def test_empty_selection_and_bad_selection(shards: Path) -> None:
     n = Manifest.load(shards).num_samples("train")
     s = ShardStream(shards, "train", world_size=2, selection=np.zeros(n, dtype=bool))
     assert len(s) == 0 and list(s) == [] and s.dropped == 0
+    as_tensor = torch.from_numpy(np.arange(n) % 2 == 0)
+    assert len(flat(run(ShardStream(shards, "train", selection=as_tensor)))) == (n + 1) // 2
     with pytest.raises(UserError, match="shape"):
         ShardStream(shards, "train", selection=np.ones(n + 1, dtype=bool))
     with pytest.raises(UserError, match="split 'nope'"):

@@ -53,6 +53,7 @@ def test_build_and_inspect_ok(built: tuple[Path, Path], capsys: pytest.CaptureFi
     assert main(["shards", "inspect", str(shards)]) == 0
     out = capsys.readouterr().out
     assert "train:" in out and "val:" in out and "doc tokens" in out and "window tokens" in out
+    assert "doc tokens histogram: " in out
     assert main(["shards", "inspect", str(shards), "--verify"]) == 0
     assert "0 problem(s)" in capsys.readouterr().out
 

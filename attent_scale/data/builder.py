@@ -126,6 +126,8 @@ class _SplitWriter:
             "documents": self.docs,
             "text_bytes": self.text_bytes,
             "doc_tokens": {
+                # histogram over powers of two: hist[i] = documents with 2**(i-1) < tokens <= 2**i
+                "hist_pow2": np.bincount(np.ceil(np.log2(np.maximum(lengths, 1))).astype(int)).tolist(),
                 "min": int(lengths.min()),
                 "p50": int(np.percentile(lengths, 50)),
                 "p90": int(np.percentile(lengths, 90)),

@@ -91,6 +91,10 @@ def _summary(m: Manifest) -> None:
         if dt:
             print(f"  documents: {info.get('documents')}, text {info.get('text_bytes')} bytes, "
                   f"doc tokens min {dt['min']} p50 {dt['p50']} p90 {dt['p90']} max {dt['max']}")
+            hist = dt.get("hist_pow2", [])
+            if hist:
+                cells = [f"<={2**i}: {c}" for i, c in enumerate(hist) if c]
+                print(f"  doc tokens histogram: {', '.join(cells)}")
 
 
 def verify(m: Manifest) -> list[str]:

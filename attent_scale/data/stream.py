@@ -72,12 +72,14 @@ def _selection_mask(selection: Any, manifest: Manifest, split: str) -> np.ndarra
     n = manifest.num_samples(split)
     if selection is None:
         return None
+    if isinstance(selection, torch.Tensor):
+        selection = selection.detach().cpu().numpy()
     if isinstance(selection, np.ndarray):
         if selection.shape != (n,):
             raise UserError(f"selection: array of shape {selection.shape}, expected ({n},) for {split!r}")
         return selection.astype(bool, copy=False)
     if not hasattr(selection, "mask"):
-        raise UserError(f"selection: expected None, a numpy bool array or an object with .mask(ids), "
+        raise UserError(f"selection: expected None, a bool array/tensor or an object with .mask(ids), "
                         f"got {type(selection).__name__}")
     mask = np.zeros(n, dtype=bool)
     for s in manifest.shards(split):
