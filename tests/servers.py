@@ -66,6 +66,7 @@ def _wait(pred: Callable[[], bool], timeout: float, what: str, log: Path | None 
 
 
 # ----------------------------------------------------------------------------- Slurm
+# cred_expire: a requeued job becomes eligible again only after the step credentials expire (default 120 s).
 @dataclass
 class Slurm:
     """A running single-node cluster; run client commands with ``env`` (it carries SLURM_CONF)."""
@@ -142,6 +143,7 @@ SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=10
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc

@@ -1,0 +1,158 @@
+"""Real servers: Prometheus scraping exporters and running the dashboard; Slurm running our launch scripts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from servers import Prometheus, Slurm, free_port, prometheus_server, slurm_cluster
+from test_ops import dashboard_exprs, fill
+
+from attent_scale.config import MetricsConfig
+from attent_scale.metrics import PHASES, Metrics
+
+pytestmark = pytest.mark.servers
+ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(sys.executable).parent.parent
+TRAINER = importlib.util.find_spec("attent_scale.train") is not None
+needs_trainer = pytest.mark.skipif(not TRAINER, reason="attent_scale.train not written yet")
+
+
+@pytest.fixture(scope="module")
+def prom() -> Iterator[Prometheus]:
+    with prometheus_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def slurm() -> Iterator[Slurm]:
+    with slurm_cluster() as cluster:
+        yield cluster
+
+
+def populated(m: Metrics, scale: float) -> None:
+    m.observe_step(0.05, train_loss=3.0 * scale, tokens_per_second=1e4 * scale)
+    m.observe_eval(3.1 * scale)
+    m.observe_checkpoint(0.5)
+    m.observe_selection({"score": 0.2 * scale}, selected_ratio=0.3, staleness_median=4)
+    m.update({"samples_trained": 64, "samples_scored": 128, "collective_bytes": 1024, "corrupt_samples": 1,
+              "nonfinite_skipped": 0, "wall_seconds": 10.0,
+              "selection_seconds_by_phase": dict.fromkeys(PHASES, 0.1 * scale)})
+
+
+def test_prometheus_scrapes_two_exporters_and_every_dashboard_query_returns_data(prom: Prometheus) -> None:
+    cfg = MetricsConfig(enabled=True, port=free_port(), port_fallback=True, job="dash")
+    ranks = [Metrics.create(cfg, rank=r, local_rank=r, node="n0") for r in range(2)]
+    try:
+        for r, m in enumerate(ranks):
+            populated(m, 1.0 + r)  # type: ignore[arg-type]
+        prom.add_targets("dash", [f"127.0.0.1:{m.port}" for m in ranks], {"job": "dash", "node": "n0"})
+        prom.wait_for('count_over_time(attent_samples_trained_total{job="dash"}[1m]) >= 3',
+                      lambda res: len(res) == 2)
+        for r, m in enumerate(ranks):  # advance so rate() windows see a change
+            m.observe_step(0.07)
+            m.update({"samples_trained": 96,
+                      "selection_seconds_by_phase": dict.fromkeys(PHASES, 0.3 * (1 + r))})
+        prom.wait_for('attent_samples_trained_total{job="dash"} == 96', lambda res: len(res) == 2)
+        got = prom.query('attent_selection_seconds_sum{job="dash"}')
+        assert {(s["metric"]["rank"], s["metric"]["phase"]) for s in got} == {
+            (str(r), p) for r in range(2) for p in PHASES}
+        for s in got:
+            assert float(s["value"][1]) == pytest.approx(0.3 * (1 + int(s["metric"]["rank"])))
+            assert s["metric"]["node"] == "n0" and s["metric"]["job"] == "dash"
+        for expr in dashboard_exprs():
+            result = prom.query(fill(expr, "dash"))
+            assert result, f"dashboard query returned no data: {fill(expr, 'dash')}"
+    finally:
+        for m in ranks:
+            m.close()
+
+
+def test_slurm_runs_a_trivial_job(slurm: Slurm, tmp_path: Path) -> None:
+    out = tmp_path / "trivial.out"
+    job = slurm.sbatch(f"--output={out}", "--wrap=echo hello from $SLURM_JOB_ID on $(hostname)")
+    assert slurm.wait_job(job, 60) == "COMPLETED", slurm.job(job)
+    assert out.read_text().startswith(f"hello from {job} on ")
+
+
+# ------------------------------------------------------------------ launch scripts under Slurm
+def sbatch_script(slurm: Slurm, script: str, config: Path, out: Path, *train_args: str,
+                  env: dict[str, str] | None = None) -> int:
+    """Submit a launch script sized for this machine: one node, 2 CPU processes, no GPUs."""
+    env = {"ATTENT_VENV": str(VENV), "ATTENT_NPROC_PER_NODE": "2", "ATTENT_RDZV_PORT": str(free_port()),
+           "ATTENT_MASTER_PORT": str(free_port()), "ATTENT_METRICS_PORT": str(free_port()),
+           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+    return slurm.sbatch(f"--partition={slurm.partition}", "--gpus-per-node=0",
+                        f"--cpus-per-task={os.cpu_count()}", "--time=10", f"--output={out}",
+                        str(ROOT / "launch" / script), str(config), *train_args, cwd=ROOT, env=env)
+
+
+def events(run_dir: Path, rank: int) -> list[dict]:
+    path = run_dir / f"events-rank{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_until(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stand_in_config(tmp_path: Path, steps: int) -> tuple[Path, Path]:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text(f"run_dir: {run_dir}\ntrain:\n  max_steps: {steps}\n")
+    return config, run_dir
+
+
+def test_torchrun_sbatch_preemption_requeue_resume_with_stand_in(slurm: Slurm, tmp_path: Path) -> None:
+    """Signal path alone: B:USR1 -> batch shell -> workers (torchrun survives) -> 75 -> requeue -> resume."""
+    config, run_dir = stand_in_config(tmp_path, 60)
+    out = tmp_path / "slurm.out"
+    env = {"ATTENT_MODULE": "fake_attent", "PYTHONPATH": str(ROOT / "tests")}
+    job = sbatch_script(slurm, "slurm_torchrun.sbatch", config, out, "--set", "train.max_steps=60", env=env)
+    wait_until(lambda: all(events(run_dir, r) for r in range(2)), 90, f"both ranks to start\n{out}")
+    time.sleep(1)
+    # what `#SBATCH --signal=B:USR1@120` does at the deadline: USR1 to the batch shell only
+    slurm.run("scancel", "--batch", "--signal=USR1", str(job))
+    state = slurm.wait_job(job, 300)
+    log = out.read_text()
+    assert state == "COMPLETED", log
+    assert slurm.job(job)["Restarts"] == "1", log
+    assert "requeueing job" in log, log
+    for r in range(2):
+        ev = events(run_dir, r)
+        kinds = [e["event"] for e in ev]
+        assert kinds == ["start", "preempted", "start", "done"], (r, ev, log)
+        assert ev[1]["signal"] == "SIGUSR1"
+        assert ev[2]["step"] == ev[1]["step"] > 0 and ev[2]["restart"] == "1"
+        assert ev[3]["step"] == 60 and ev[3]["starts"] == 2
+        assert ev[0]["world"] == 2 and ev[0]["sets"]["metrics.enabled"] == "true"
+        assert ev[0]["sets"]["train.max_steps"] == "60"  # user args come last and win
+
+
+def test_deepspeed_sbatch_runs_two_processes_with_stand_in(slurm: Slurm, tmp_path: Path) -> None:
+    config, run_dir = stand_in_config(tmp_path, 5)
+    out = tmp_path / "slurm.out"
+    targets = tmp_path / "targets"
+    env = {"ATTENT_MODULE": "fake_attent", "PYTHONPATH": str(ROOT / "tests"),
+           "ATTENT_TARGETS_DIR": str(targets)}
+    job = sbatch_script(slurm, "slurm_deepspeed.sbatch", config, out, env=env)
+    state = slurm.wait_job(job, 180)
+    log = out.read_text()
+    assert state == "COMPLETED", log
+    for r in range(2):
+        ev = events(run_dir, r)
+        assert [e["event"] for e in ev] == ["start", "done"], (r, ev, log)
+        assert ev[0]["world"] == 2 and ev[0]["sets"]["metrics.job"] == str(job)
+    assert not list(targets.glob("*.json"))  # the job removed its targets at the end
