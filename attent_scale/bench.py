@@ -1,0 +1,359 @@
+"""`attent-scale bench`: arms differing only in the teacher, run back to back; time-to-target against uniform."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from attent_scale.errors import UserError
+from attent_scale.runlog import read_jsonl, write_json
+
+BASELINE = "uniform"
+DEFAULT_ARM = "attent:teacher.mode=cycle"
+# keys that define the subset schedule; a random-subset control copies them and swaps the strategy
+SCHEDULE_KEYS = (
+    "mode",
+    "ratio_schedule",
+    "initial_ratio",
+    "final_ratio",
+    "total_cycles",
+    "interval_schedule",
+    "initial_interval",
+    "max_interval",
+    "warmup_epochs",
+    "full_epochs_per_cycle",
+    "online_ratio",
+)
+
+
+@dataclass
+class Arm:
+    name: str
+    overrides: dict[str, str] = field(default_factory=dict)
+    role: str = "attent"  # attent | baseline | control
+
+    def set_args(self) -> list[str]:
+        return [f"{k}={v}" for k, v in self.overrides.items()]
+
+
+def parse_arm(text: str) -> Arm:
+    """`name:key=value,key=value`; a key without a section means `teacher.<key>`."""
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    if not name or name in (BASELINE, "random-subset", "uniform-short") or "/" in name:
+        raise UserError(f"--arms {text!r}: arm name must be non-empty, without '/', and not a reserved name")
+    overrides: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"--arms {text!r}: {item!r} is not key=value")
+        overrides[key if "." in key else f"teacher.{key}"] = value
+    overrides.setdefault("teacher.mode", "cycle")
+    if overrides["teacher.mode"] == "none":
+        raise UserError(f"--arms {text!r}: teacher.mode=none is the '{BASELINE}' arm, added by itself")
+    return Arm(name, overrides)
+
+
+def random_control(arm: Arm) -> Arm:
+    schedule = {k: v for k, v in arm.overrides.items() if k.split(".", 1)[1] in SCHEDULE_KEYS}
+    schedule["teacher.strategy"] = "random"
+    return Arm(f"random-subset[{arm.name}]", schedule, role="control")
+
+
+def interpolate_target(
+    points: list[tuple[float, float, float]], target: float
+) -> tuple[float | None, float | None]:
+    """First (seconds, samples) where the val-loss curve reaches `target`, linear between evaluations."""
+    prev = None
+    for seconds, samples, loss in points:
+        if loss is not None and loss <= target:
+            if prev is None or prev[2] is None or prev[2] == loss:
+                return seconds, samples
+            frac = (prev[2] - target) / (prev[2] - loss)
+            return prev[0] + frac * (seconds - prev[0]), prev[1] + frac * (samples - prev[1])
+        prev = (seconds, samples, loss)
+    return None, None
+
+
+def run_arm(arm: Arm, seed: int, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """Run one arm for one seed as its own process; return what the run directory says."""
+    run_dir = out_dir / arm.name / f"seed-{seed}"
+    sets = [
+        f"run_dir={run_dir}",
+        f"seed={seed}",
+        f"data.dir={args.data}",
+        "checkpoint.resume=false",
+        *args.overrides,
+        *arm.set_args(),
+    ]
+    if args.budget_seconds:
+        sets.append(f"train.max_seconds={args.budget_seconds}")
+    if args.init_from:
+        sets.append(f"model.pretrained={Path(args.init_from) / 'export' / 'model'}")
+    launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
+    cmd = [*launcher, "-m", "attent_scale", "train", "--config", str(args.config)]
+    for s in sets:
+        cmd += ["--set", s]
+    print(f"[bench] {arm.name} seed {seed}: {' '.join(shlex.quote(c) for c in cmd[1:])}", file=sys.stderr)
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        cmd,
+        env={**os.environ, "ATTENT_PROGRESS": "0"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stdout.splitlines()[-15:])
+        raise UserError(
+            f"bench arm {arm.name} (seed {seed}) failed with exit code {proc.returncode}:\n{tail}"
+        )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    evals = read_jsonl(run_dir / "eval.jsonl")
+    steps = read_jsonl(run_dir / "metrics.jsonl")
+    return {
+        "seed": seed,
+        "summary": summary,
+        "process_seconds": time.perf_counter() - t0,
+        "curve": [(e["train_seconds"], e["samples_trained"], e["val_loss"]) for e in evals],
+        "ratio": [(m["step"], m.get("selected_ratio", 1.0)) for m in steps],
+    }
+
+
+def _mean_spread(values: list[float | None]) -> tuple[float | None, float | None]:
+    real = [v for v in values if v is not None]
+    if len(real) != len(values) or not real:
+        return None, None
+    return statistics.fmean(real), (statistics.stdev(real) if len(real) > 1 else 0.0)
+
+
+def score_arm(
+    name: str, role: str, runs: list[dict[str, Any]], baseline: dict[int, dict[str, Any]]
+) -> dict[str, Any]:
+    """Per-seed time-to-target against the same seed's baseline, then mean and spread over seeds."""
+    per_seed = []
+    for run in runs:
+        base = baseline[run["seed"]]
+        target = base["summary"]["final_val_loss"]
+        t_arm, s_arm = interpolate_target(run["curve"], target)
+        t_base, _ = interpolate_target(base["curve"], target)
+        s = run["summary"]
+        per_seed.append(
+            {
+                "seed": run["seed"],
+                "target_val_loss": target,
+                "final_val_loss": s["final_val_loss"],
+                "time_to_target_seconds": t_arm,
+                "samples_to_target": s_arm,
+                "speedup": (t_base / t_arm) if (t_arm and t_base) else None,
+                "selection_fraction": s["selection_seconds"] / s["train_seconds"]
+                if s["train_seconds"]
+                else 0.0,
+                "selection_seconds": s["selection_seconds"],
+                "train_seconds": s["train_seconds"],
+                "wall_seconds": s["wall_seconds"],
+                "samples_trained": s["samples_trained"],
+                "steps": s["steps"],
+            }
+        )
+    out: dict[str, Any] = {"name": name, "role": role, "seeds": per_seed}
+    for key in (
+        "final_val_loss",
+        "time_to_target_seconds",
+        "samples_to_target",
+        "speedup",
+        "selection_fraction",
+        "train_seconds",
+        "wall_seconds",
+        "samples_trained",
+        "steps",
+    ):
+        mean, spread = _mean_spread([p[key] for p in per_seed])
+        out[key] = mean
+        out[f"{key}_std"] = spread
+    out["val_loss_delta"] = (
+        out["final_val_loss"] - statistics.fmean(p["target_val_loss"] for p in per_seed)
+        if out["final_val_loss"] is not None
+        else None
+    )
+    out["reached_target"] = sum(p["time_to_target_seconds"] is not None for p in per_seed)
+    return out
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def format_table(arms: list[dict[str, Any]]) -> str:
+    head = (
+        f"{'arm':34} {'final val':>14} {'Δ val':>8} {'train s':>9} {'to target s':>12} {'speedup':>8} "
+        f"{'samples':>9} {'select %':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for a in arms:
+        val = f"{_fmt(a['final_val_loss'], '.4f')}±{_fmt(a['final_val_loss_std'], '.3f')}"
+        lines.append(
+            f"{a['name'][:34]:34} {val:>14} {_fmt(a['val_loss_delta'], '+.4f'):>8} "
+            f"{_fmt(a['train_seconds'], '.1f'):>9} {_fmt(a['time_to_target_seconds'], '.1f'):>12} "
+            f"{_fmt(a['speedup'], '.2f'):>8} {_fmt(a['samples_trained'], '.0f'):>9} "
+            f"{_fmt(100 * a['selection_fraction'] if a['selection_fraction'] is not None else None, '.1f'):>8}"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, list[dict[str, Any]]], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, runs in results.items():
+        run = runs[0]
+        xs_t = [p[0] for p in run["curve"]]
+        xs_s = [p[1] for p in run["curve"]]
+        ys = [p[2] for p in run["curve"]]
+        axes[0].plot(xs_t, ys, marker=".", label=name)
+        axes[1].plot(xs_s, ys, marker=".", label=name)
+    axes[0].set_xlabel("training seconds (selection included)")
+    axes[1].set_xlabel("samples trained")
+    for ax in axes:
+        ax.set_ylabel("val loss")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / "val_loss.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, runs in results.items():
+        pts = runs[0]["ratio"]
+        ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("selected ratio")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / "selected_ratio.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    attent_arms = [parse_arm(a) for a in (args.arms or [DEFAULT_ARM])]
+    names = [a.name for a in attent_arms]
+    if len(set(names)) != len(names):
+        raise UserError(f"--arms: duplicate arm names in {names}")
+    seeds = list(range(args.seed, args.seed + args.seeds))
+
+    plan: list[Arm] = [Arm(BASELINE, {"teacher.mode": "none"}, role="baseline")]
+    controls: dict[tuple, Arm] = {}
+    for arm in attent_arms:
+        plan.append(arm)
+        if arm.overrides.get("teacher.strategy") != "random" and arm.overrides["teacher.mode"] != "online":
+            ctl = random_control(arm)
+            controls.setdefault(tuple(sorted(ctl.overrides.items())), ctl)
+    plan += list(controls.values())
+
+    results: dict[str, list[dict[str, Any]]] = {}
+    roles: dict[str, str] = {}
+    for arm in plan:
+        results[arm.name] = [run_arm(arm, seed, args, out_dir) for seed in seeds]
+        roles[arm.name] = arm.role
+    # uniform-short: all data, as many steps as each AtteNT arm trained (mean over seeds), LR decayed over them
+    full_steps = statistics.fmean(r["summary"]["steps"] for r in results[BASELINE])
+    short_steps = sorted(
+        {round(statistics.fmean(r["summary"]["steps"] for r in results[a.name])) for a in attent_arms}
+    )
+    for steps in short_steps:
+        if steps >= full_steps:
+            continue
+        arm = Arm(
+            f"uniform-short[{steps}]",
+            {"teacher.mode": "none", "train.max_steps": str(steps), "train.max_epochs": "0"},
+            role="control",
+        )
+        results[arm.name] = [run_arm(arm, seed, args, out_dir) for seed in seeds]
+        roles[arm.name] = arm.role
+
+    baseline = {r["seed"]: r for r in results[BASELINE]}
+    arms = [score_arm(name, roles[name], runs, baseline) for name, runs in results.items()]
+    _judge(arms)
+    report = {
+        "target_val_loss": statistics.fmean(r["summary"]["final_val_loss"] for r in results[BASELINE]),
+        "seeds": seeds,
+        "config": str(args.config),
+        "data": str(args.data),
+        "arms": arms,
+    }
+    write_json(out_dir / "bench.json", report)
+    plots = plot(results, out_dir)
+    print(format_table(arms))
+    print(f"\nbench.json and {', '.join(p.name for p in plots)} in {out_dir}")
+    return report
+
+
+def _judge(arms: list[dict[str, Any]]) -> None:
+    """An AtteNT arm wins only where it reaches the target sooner than uniform AND beats both controls."""
+    by_name = {a["name"]: a for a in arms}
+    shorts = [a for a in arms if a["name"].startswith("uniform-short")]
+    for a in arms:
+        if a["role"] != "attent":
+            continue
+        ctl = by_name.get(f"random-subset[{a['name']}]")
+        short = min(shorts, key=lambda s: abs((s["steps"] or 0) - (a["steps"] or 0))) if shorts else None
+        beats = [c for c in (ctl, short) if c is not None]
+        a["wins"] = bool(
+            a["speedup"] is not None
+            and a["speedup"] > 1.0
+            and all(a["final_val_loss"] <= c["final_val_loss"] for c in beats)
+        )
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench", help="time-to-quality benchmark: AtteNT arms against uniform and controls"
+    )
+    p.add_argument("--data", required=True, help="manifest directory (shards build output)")
+    p.add_argument("--config", required=True, help="base run config; arms change only teacher keys")
+    p.add_argument(
+        "--arms",
+        action="append",
+        metavar="NAME:KEY=VALUE,...",
+        help=f"an AtteNT arm (repeatable); default {DEFAULT_ARM!r}",
+    )
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds per arm")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument(
+        "--budget-seconds", type=float, default=0.0, help="training-seconds budget per arm (0 = steps)"
+    )
+    p.add_argument(
+        "--init-from", default=None, help="run dir of a pretraining run whose export starts every arm"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override applied to every arm",
+    )
+    p.add_argument(
+        "--launcher", default=None, help="e.g. 'torchrun --nproc-per-node 2' (default: one process)"
+    )
+    p.add_argument("--out", default="runs/bench", help="output directory")
+    p.set_defaults(func=lambda a: (run_bench(a), 0)[1])
