@@ -52,17 +52,20 @@ def uniform_noise(ids: torch.Tensor | np.ndarray, *, seed: int, cycle: int) -> n
     so the same id gets the same number on any rank, in any worker, at any world size."""
     stream = _mix_scalar(_mix_scalar(int(seed) & 0xFFFFFFFFFFFFFFFF) ^ (int(cycle) & 0xFFFFFFFFFFFFFFFF))
     x = _as_numpy(ids, np.int64).view(np.uint64)
-    z = x ^ np.uint64(stream)
-    tmp = np.empty_like(z)
+    out = np.empty(x.shape[0], dtype=np.float64)
+    step = 1 << 18  # cache-sized chunks: no large temporaries
     with np.errstate(over="ignore"):
-        z += _GOLDEN
-        _finish(z, tmp)
-    np.right_shift(z, np.uint64(11), out=z)
-    u = tmp.view(np.float64)
-    np.copyto(u, z, casting="unsafe")  # exact: values < 2**53
-    u += 0.5
-    u *= 2.0**-53
-    return u
+        for i in range(0, x.shape[0], step):
+            z = x[i:i + step] ^ np.uint64(stream)
+            tmp = np.empty_like(z)
+            z += _GOLDEN
+            _finish(z, tmp)
+            np.right_shift(z, np.uint64(11), out=z)
+            u = out[i:i + step]
+            np.copyto(u, z, casting="unsafe")  # exact: values < 2**53
+            u += 0.5
+            u *= 2.0**-53
+    return out
 
 
 def gumbel_noise(ids: torch.Tensor | np.ndarray, *, seed: int, cycle: int) -> np.ndarray:

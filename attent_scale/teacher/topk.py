@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from attent_scale.teacher.strategies import splitmix64
 
 METHODS = ("gather", "threshold")
 RADIX_BITS = 12  # histogram bins per round = 2**RADIX_BITS (32 KiB of int64 counts)
@@ -25,12 +24,19 @@ class SelectionMismatchError(RuntimeError):
 
 def key_image(keys: np.ndarray) -> np.ndarray:
     """Order-preserving uint64 image of float64 keys: a < b  <=>  image(a) < image(b); -0.0 == +0.0;
-    every NaN maps to 0, below every other key (also below -inf)."""
-    k = np.ascontiguousarray(keys, dtype=np.float64).reshape(-1) + 0.0  # -0.0 -> +0.0
-    b = k.view(np.int64)
-    u = k.view(np.uint64) ^ ((b >> np.int64(63)).view(np.uint64) | _SIGN)
-    u[np.isnan(k)] = 0
-    return u
+    every NaN maps to 0, below every other key (also below -inf). Computed in cache-sized chunks."""
+    k = np.ascontiguousarray(keys, dtype=np.float64).reshape(-1)
+    out = np.empty(k.shape[0], dtype=np.uint64)
+    step = 1 << 18
+    for i in range(0, k.shape[0], step):
+        x = k[i:i + step] + 0.0  # -0.0 -> +0.0
+        xb = x.view(np.int64)
+        m = np.right_shift(xb, 63).view(np.uint64)  # all ones for negative keys
+        m |= _SIGN
+        u = out[i:i + step]
+        np.bitwise_xor(x.view(np.uint64), m, out=u)
+        u[np.isnan(x)] = 0
+    return out
 
 
 def _np(x: torch.Tensor | np.ndarray, dtype: Any) -> np.ndarray:
@@ -40,12 +46,15 @@ def _np(x: torch.Tensor | np.ndarray, dtype: Any) -> np.ndarray:
 
 
 def ids_hash(ids: np.ndarray) -> int:
-    """Order-independent 64-bit hash of a set of int64 ids (wrapping sum of mixed ids, mixed with count)."""
-    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    with np.errstate(over="ignore"):
-        s = int(splitmix64(ids.view(np.uint64) ^ np.uint64(0x5E1EC7)).sum(dtype=np.uint64))
-        tail = splitmix64(np.array([s ^ ids.size], dtype=np.uint64))
-    return int(tail[0])
+    """64-bit hash (blake2b) of a sorted int64 id array, as little-endian bytes."""
+    data = np.ascontiguousarray(ids, dtype="<i8").tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def bitset_hash(bits: np.ndarray) -> int:
+    """64-bit hash (blake2b) of a packed selection bitset."""
+    return int.from_bytes(hashlib.blake2b(np.ascontiguousarray(bits).tobytes(), digest_size=8).digest(),
+                          "little")
 
 
 def sorted_ids(chosen: np.ndarray) -> np.ndarray:
@@ -160,10 +169,11 @@ def kth_largest(u: np.ndarray, k: int, comm: _Comm | None, *, bits: int = 64, ph
 # ----------------------------------------------------------------------------- the public entry
 
 
-def check_agreement(ids: np.ndarray, comm: _Comm | None, phase: str = "share") -> int:
-    """All-gather a hash of the selected ids; raise SelectionMismatchError naming both hashes if any
-    rank differs. Returns the hash."""
-    h = ids_hash(ids)
+def check_agreement(ids: np.ndarray, comm: _Comm | None, phase: str = "share", *,
+                    digest: int | None = None) -> int:
+    """All-gather a hash of the selected ids (or the given `digest` of the same set); raise
+    SelectionMismatchError naming both hashes if any rank differs. Returns the hash."""
+    h = ids_hash(ids) if digest is None else int(digest)
     if comm is None:
         return h
     mine = torch.tensor([np.uint64(h).view(np.int64)], dtype=torch.int64)
@@ -215,6 +225,8 @@ def select_global(
     u = key_image(key_np)
     sel_s += time.perf_counter() - t0
     rounds = 0
+    share_s = 0.0
+    digest: int | None = None
     if comm is None:
         t0 = time.perf_counter()
         result = local_topk(u, id_np, k_eff)
@@ -276,9 +288,15 @@ def select_global(
         result = np.flatnonzero(
             np.unpackbits(bitset.numpy(), count=nbits, bitorder="little")
         ).astype(np.int64)
-        share_extra = time.perf_counter() - t1 - comm.seconds.get("share", 0.0)
-        comm.seconds["share"] = comm.seconds.get("share", 0.0) + share_extra
-    check_agreement(result, comm)
+        if result.shape[0] != k_eff:  # same bitset everywhere, so every rank raises together
+            raise SelectionMismatchError(
+                f"threshold selection has {result.shape[0]} ids, expected {k_eff}: ranks disagreed"
+            )
+        digest = bitset_hash(bitset.numpy())
+        share_s += time.perf_counter() - t1
+    t2 = time.perf_counter()
+    check_agreement(result, comm, digest=digest)
+    share_s += time.perf_counter() - t2
     if report is not None:
         by = dict(comm.bytes) if comm else {}
         secs = dict(comm.seconds) if comm else {}
@@ -294,7 +312,7 @@ def select_global(
             seconds={
                 "collective": secs.get("collective", 0.0) + secs.get("control", 0.0),
                 "select": sel_s,
-                "share": secs.get("share", 0.0),
+                "share": share_s,
                 "total": time.perf_counter() - t_start,
             },
         )
