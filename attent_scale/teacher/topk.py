@@ -149,11 +149,15 @@ def kth_largest(u: np.ndarray, k: int, comm: _Comm | None, *, bits: int = 64, ph
     need = int(k)
     shift = int(bits)
     eq = 0
+    chunk = 1 << 18
     while shift > 0:
         b = min(RADIX_BITS, shift)
         shift -= b
-        digit = ((cand >> np.uint64(shift)) & np.uint64((1 << b) - 1)).astype(np.intp)
-        hist = torch.from_numpy(np.bincount(digit, minlength=1 << b).astype(np.int64))
+        sh, mask = np.uint64(shift), np.uint64((1 << b) - 1)
+        h = np.zeros(1 << b, dtype=np.int64)
+        for i in range(0, cand.shape[0], chunk):  # chunked: no large temporaries
+            h += np.bincount(((cand[i:i + chunk] >> sh) & mask).astype(np.intp), minlength=1 << b)
+        hist = torch.from_numpy(h)
         if comm is not None:
             comm.all_reduce(hist, phase)
         h = hist.numpy()
@@ -162,7 +166,9 @@ def kth_largest(u: np.ndarray, k: int, comm: _Comm | None, *, bits: int = 64, ph
         need -= int(above[d])
         eq = int(h[d])
         prefix = (prefix << b) | d
-        cand = cand[digit == d]
+        dd = np.uint64(d)
+        cand = np.concatenate([c[((c >> sh) & mask) == dd] for c in
+                               (cand[i:i + chunk] for i in range(0, cand.shape[0], chunk))] or [cand[:0]])
     return prefix, int(k) - need, eq
 
 
