@@ -150,7 +150,10 @@ def run_scenario(name: str, out: Path) -> dict[str, Any]:
     rank = engine.rank
     probe = make_batch(8, seed=99)  # same on every rank
     batch = make_batch(8, seed=rank + 1)  # different per rank
+    from attent_scale.dist import all_reduce_flag
+
     res: dict[str, Any] = {"rank": rank, "world_size": engine.world_size}
+    res["flags"] = [all_reduce_flag(rank == 0, "max"), all_reduce_flag(rank == 0, "min")]
     res["initial_score"] = engine.score(probe).tolist()
     res["trainable"] = [n for n, p in engine.model.named_parameters() if p.requires_grad]
     res["losses"] = _steps(engine, batch, 6)

@@ -29,6 +29,7 @@ def local_probe_scores() -> list[float]:
 def _common_checks(res: list[dict[str, Any]], *, min_drop: float) -> None:
     r0, r1 = res
     assert (r0["world_size"], r1["world_size"]) == (2, 2)
+    assert r0["flags"] == r1["flags"] == [True, False]  # all_reduce_flag: any / all
     assert r0["initial_score"] == r1["initial_score"]  # every rank sees the same weights
     assert r0["initial_score"][1] == 0.0  # the row without targets
     for r in res:
