@@ -285,10 +285,15 @@ def select_global(
         sel_s += time.perf_counter() - t0
         t1 = time.perf_counter()
         nbits = max_id + 1 if max_id >= 0 else 0
-        mask = np.zeros(nbits, dtype=bool)
-        mask[chosen] = True
-        bitset = torch.from_numpy(np.packbits(mask, bitorder="little"))
-        del mask
+        bits = np.zeros((nbits + 7) // 8, dtype=np.uint8)
+        if chosen.shape[0]:  # pack only this rank's id range, byte-aligned
+            lo8 = int(chosen.min()) // 8 * 8
+            mask = np.zeros(int(chosen.max()) - lo8 + 1, dtype=bool)
+            mask[chosen - lo8] = True
+            packed = np.packbits(mask, bitorder="little")
+            bits[lo8 // 8: lo8 // 8 + packed.shape[0]] = packed
+            del mask, packed
+        bitset = torch.from_numpy(bits)
         if nbits:
             comm.all_reduce(bitset, "share", op=dist.ReduceOp.BOR)
         result = np.flatnonzero(
