@@ -100,6 +100,7 @@ class CheckpointConfig:
     every_steps: int = 0  # 0 = only on signal and at the end
     keep_last: int = 2
     resume: bool = True  # pick up the latest checkpoint in run_dir when present
+    export: bool = True  # at the end, write the model (or LoRA adapters) as safetensors to run_dir/export
 
 
 @dataclass

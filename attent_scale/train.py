@@ -434,6 +434,8 @@ def train(cfg: RunConfig) -> int:
             evaluate()
         if cfg.checkpoint.every_steps:
             save(None)
+        if cfg.checkpoint.export:
+            engine.export(run_dir / "export")  # collective: sharded engines gather the weights
         summary = _summary(cfg, totals(), progress, teacher, group, world)
         if is_main:
             write_json(run_dir / "summary.json", summary)

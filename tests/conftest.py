@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny real-text shard set built once per session."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from attent_scale.data.builder import build_shards
+
+STDLIB_SOURCES = ("textwrap.py", "argparse.py", "difflib.py", "heapq.py", "bisect.py", "shlex.py")
+
+
+def write_text_corpus(root: Path, chunk_chars: int = 1200) -> Path:
+    """Real text: a few stdlib modules cut into ~1 KB documents (many documents, so the split has val)."""
+    root.mkdir(parents=True, exist_ok=True)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    n = 0
+    for name in STDLIB_SOURCES:
+        text = (stdlib / name).read_text()
+        for start in range(0, min(len(text), 12_000), chunk_chars):
+            (root / f"doc{n:04d}.txt").write_text(text[start : start + chunk_chars])
+            n += 1
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~500 windows of 33 tokens (seq_len 32), vocab 512, several shards, a non-empty val split."""
+    tmp = tmp_path_factory.mktemp("tiny")
+    corpus = write_text_corpus(tmp / "corpus")
+    out = tmp / "shards"
+    build_shards([corpus], out, seq_len=32, vocab_size=512, val_fraction=0.15, samples_per_shard=100,
+                 progress=False)
+    return out

@@ -1,0 +1,97 @@
+"""End to end: `attent-scale train` on real shards, one process and 2 ranks (DeepSpeed ZeRO-3, FSDP2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from train_runner import check, read_lines, run_train, selection_hashes, step_losses, tiny_run_config
+
+pytestmark = pytest.mark.slow
+
+
+def _assert_run_dir(run_dir: Path, steps: int, world: int, mode: str) -> dict:
+    for name in ("config.yaml", "metrics.jsonl", "eval.jsonl", "summary.json"):
+        assert (run_dir / name).exists(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == steps and summary["world_size"] == world
+    assert summary["teacher_mode"] == mode
+    assert summary["final_val_loss"] is not None and summary["final_val_loss"] < 7.0
+    assert set(summary["selection_seconds_by_phase"]) == {"score", "collective", "select", "share", "rebalance"}
+    assert len(summary["per_rank"]) == world
+    metrics = read_lines(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    evals = read_lines(run_dir / "eval.jsonl")
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == steps
+    return summary
+
+
+def test_local_cycle_run_selects_and_logs(tmp_path, tiny_shards):
+    cfg = tiny_run_config(tmp_path / "local", tiny_shards)
+    check(run_train(cfg))
+    summary = _assert_run_dir(tmp_path / "local", 24, 1, "cycle")
+    records = read_lines(tmp_path / "local" / "selection.jsonl")
+    assert len(records) >= 2
+    assert records[0]["ratio"] == pytest.approx(0.1) and records[0]["n_scored"] > 0
+    assert summary["samples_scored"] > 0 and summary["selection_seconds"] > 0
+    # a subset epoch trains only its selection: 10% of ~940 ids at batch 16 is 6 steps, then 20%, 30%
+    assert summary["epochs_started"] >= 3 and len(records) >= 3
+
+
+def test_local_teacher_none_trains_all_data(tmp_path, tiny_shards):
+    cfg = tiny_run_config(tmp_path / "none", tiny_shards, teacher={"mode": "none"})
+    check(run_train(cfg))
+    summary = _assert_run_dir(tmp_path / "none", 24, 1, "none")
+    assert summary["samples_scored"] == 0 and summary["selection_seconds"] == 0
+    assert not (tmp_path / "none" / "selection.jsonl").exists() or not read_lines(tmp_path / "none" / "selection.jsonl")
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp"])
+@pytest.mark.parametrize("mode", ["cycle", "online"])
+def test_two_rank_engines_run_each_mode(tmp_path, tiny_shards, engine, mode):
+    cfg = tiny_run_config(tmp_path / "run", tiny_shards, engine, teacher={"mode": mode},
+                          train={"max_steps": 16})
+    check(run_train(cfg, nproc=2))
+    summary = _assert_run_dir(tmp_path / "run", 16, 2, mode)
+    records = read_lines(tmp_path / "run" / "selection.jsonl")
+    assert records and all(r["world_size"] == 2 for r in records)
+    per_rank = [r["samples_trained"] for r in summary["per_rank"]]
+    assert per_rank[0] == per_rank[1] and sum(per_rank) == summary["samples_trained"]  # lockstep, equal shares
+    if mode == "online":
+        assert summary["samples_trained"] == 16 * 2 * 8  # every rank trains exactly B every step
+    # both ranks paid for selection and rank 1's numbers made it into the summary
+    assert all(r["selection_seconds"] > 0 for r in summary["per_rank"])
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp"])
+def test_two_rank_lora_run_exports_adapters(tmp_path, tiny_shards, engine):
+    lora = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["c_attn"]}
+    cfg = tiny_run_config(tmp_path / "lora", tiny_shards, engine, model={"lora": lora},
+                          train={"max_steps": 8})
+    check(run_train(cfg, nproc=2))
+    _assert_run_dir(tmp_path / "lora", 8, 2, "cycle")
+    adapters = list((tmp_path / "lora" / "export").rglob("adapter_model.safetensors"))
+    assert adapters and adapters[0].stat().st_size > 1000
+
+
+RESUME_ENGINES = [("local", 1), ("deepspeed", 2), ("fsdp", 2)]
+
+
+@pytest.mark.parametrize("engine,nproc", RESUME_ENGINES)
+def test_resume_selects_and_trains_like_an_uninterrupted_run(tmp_path, tiny_shards, engine, nproc):
+    straight = tiny_run_config(tmp_path / "straight", tiny_shards, engine, train={"max_steps": 20})
+    check(run_train(straight, nproc=nproc))
+
+    broken = tiny_run_config(tmp_path / "broken", tiny_shards, engine, train={"max_steps": 20})
+    check(run_train(broken, nproc=nproc, env={"ATTENT_STOP_AFTER_STEP": "9"}), code=75)
+    assert (tmp_path / "broken" / "checkpoints" / "step-00000009" / "COMPLETE").exists()
+    assert max(step_losses(tmp_path / "broken")) == 9
+    check(run_train(broken, nproc=nproc))
+
+    assert selection_hashes(tmp_path / "broken") == selection_hashes(tmp_path / "straight")
+    assert len(selection_hashes(tmp_path / "straight")) >= 3
+    a, b = step_losses(tmp_path / "straight"), step_losses(tmp_path / "broken")
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step
