@@ -139,3 +139,20 @@ def test_export_full_model_without_lora(tmp_path: Path) -> None:
     with torch.no_grad():
         got = per_sample_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"])
     torch.testing.assert_close(got, engine.score(batch), rtol=1e-5, atol=1e-5)
+
+
+def test_build_engine_takes_vocab_from_the_manifest(tmp_path: Path) -> None:
+    import pytest
+
+    from attent_scale.data.manifest import Manifest
+    from attent_scale.errors import UserError
+
+    manifest = Manifest(dir=tmp_path, seq_len=32, vocab_size=600, eos_id=1, pad_id=0,
+                        tokenizer_path=tmp_path / "tokenizer.model", tokenizer_sha256="",
+                        token_dtype="uint16", splits={})
+    engine = build_engine(config_from_dict(tiny_config("local")), manifest)
+    assert engine.model.config.vocab_size == 600
+    raw = tiny_config("local")
+    raw["model"]["config"]["vocab_size"] = 1000
+    with pytest.raises(UserError, match="vocab_size 1000 != tokenizer vocab_size 600"):
+        build_engine(config_from_dict(raw), manifest)
