@@ -21,6 +21,7 @@ from attent_scale.config import RunConfig, dump_config, load_config
 from attent_scale.errors import UserError
 
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; the Slurm script requeues
+PREEMPTED_MARKER = "PREEMPTED"  # written to run_dir beside that checkpoint; removed when the run goes on
 LOG_FILES = ("metrics.jsonl", "eval.jsonl", "selection.jsonl")
 PHASES = ("score", "collective", "select", "share", "rebalance")
 
@@ -152,6 +153,9 @@ def train(cfg: RunConfig) -> int:
             f"data.dir {cfg.data.dir}: {n_train} training samples is too few for "
             f"{world} ranks x batch {batch_size}"
         )
+    if cfg.engine.name == "local" and world > 1:
+        raise UserError(f"engine.name 'local' is one process, but this job has {world} ranks; "
+                        "use engine.name=deepspeed or fsdp under torchrun")
     run_dir = Path(cfg.run_dir)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -185,6 +189,8 @@ def train(cfg: RunConfig) -> int:
     elif is_main:
         for name in LOG_FILES:
             (run_dir / name).unlink(missing_ok=True)
+    if is_main:
+        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
     # the teacher appends selection records itself; open our own files after truncation
     metrics_log = JsonLines(run_dir / "metrics.jsonl", is_main)
     eval_log = JsonLines(run_dir / "eval.jsonl", is_main)
@@ -404,6 +410,9 @@ def train(cfg: RunConfig) -> int:
                     save(stream)
                 if stop_now:
                     if is_main:
+                        # torchrun turns a worker's exit code into its own 1: the marker file is what a
+                        # launcher script checks to tell "preempted, requeue me" from a failure
+                        write_json(run_dir / PREEMPTED_MARKER, {"step": progress.step, "signal": stop.received})
                         print(
                             f"attent-scale: {stop.received or 'stop signal'}: checkpoint at step "
                             f"{progress.step} written, exiting with {PREEMPT_EXIT_CODE} for requeue",
