@@ -167,7 +167,7 @@ data: {{dir: {data}, num_workers: 0, shuffle_buffer: 64}}
 model:
   config: {{model_type: gpt2, n_layer: 1, n_embd: 32, n_head: 2, n_positions: 32,
             resid_pdrop: 0.0, embd_pdrop: 0.0, attn_pdrop: 0.0}}
-engine: {{name: local}}
+engine: {{name: fsdp}}                # several ranks: fsdp or deepspeed (local is one process)
 teacher: {{mode: cycle, strategy: soft, total_cycles: 4, warmup_epochs: 1, initial_interval: 1,
           max_interval: 2, full_epochs_per_cycle: 1}}
 train: {{max_steps: {steps}, micro_batch_size: 8, lr: 0.002, warmup_steps: 5, log_every: 1}}
