@@ -1,4 +1,4 @@
-"""`attent-scale bench`: arms differing only in the teacher, run back to back; time-to-target against uniform."""
+"""`attent-scale bench`: arms differing only in the teacher, run back to back; time-to-target vs uniform."""
 
 from __future__ import annotations
 
@@ -84,6 +84,18 @@ def interpolate_target(
     return None, None
 
 
+def budget_overrides(args: argparse.Namespace) -> list[str]:
+    """One budget for every arm: steps, epochs (the paper's unit; subset epochs are shorter) or seconds."""
+    sets = []
+    if getattr(args, "budget_steps", 0):
+        sets.append(f"train.max_steps={args.budget_steps}")
+    if getattr(args, "budget_epochs", 0):
+        sets += [f"train.max_epochs={args.budget_epochs}", "train.max_steps=1000000000"]
+    if args.budget_seconds:
+        sets += [f"train.max_seconds={args.budget_seconds}", "train.max_steps=1000000000"]
+    return sets
+
+
 def run_arm(arm: Arm, seed: int, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     """Run one arm for one seed as its own process; return what the run directory says."""
     run_dir = out_dir / arm.name / f"seed-{seed}"
@@ -93,10 +105,9 @@ def run_arm(arm: Arm, seed: int, args: argparse.Namespace, out_dir: Path) -> dic
         f"data.dir={args.data}",
         "checkpoint.resume=false",
         *args.overrides,
-        *arm.set_args(),
+        *budget_overrides(args),
+        *arm.set_args(),  # last: a control's own budget (uniform-short) wins
     ]
-    if args.budget_seconds:
-        sets.append(f"train.max_seconds={args.budget_seconds}")
     if args.init_from:
         sets.append(f"model.pretrained={Path(args.init_from) / 'export' / 'model'}")
     launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
@@ -193,6 +204,10 @@ def _fmt(value: Any, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def _pct(value: float | None) -> float | None:
+    return None if value is None else 100 * value
+
+
 def format_table(arms: list[dict[str, Any]]) -> str:
     head = (
         f"{'arm':34} {'final val':>14} {'Δ val':>8} {'train s':>9} {'to target s':>12} {'speedup':>8} "
@@ -205,7 +220,7 @@ def format_table(arms: list[dict[str, Any]]) -> str:
             f"{a['name'][:34]:34} {val:>14} {_fmt(a['val_loss_delta'], '+.4f'):>8} "
             f"{_fmt(a['train_seconds'], '.1f'):>9} {_fmt(a['time_to_target_seconds'], '.1f'):>12} "
             f"{_fmt(a['speedup'], '.2f'):>8} {_fmt(a['samples_trained'], '.0f'):>9} "
-            f"{_fmt(100 * a['selection_fraction'] if a['selection_fraction'] is not None else None, '.1f'):>8}"
+            f"{_fmt(_pct(a['selection_fraction']), '.1f'):>8}"
         )
     return "\n".join(lines)
 
@@ -274,7 +289,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     for arm in plan:
         results[arm.name] = [run_arm(arm, seed, args, out_dir) for seed in seeds]
         roles[arm.name] = arm.role
-    # uniform-short: all data, as many steps as each AtteNT arm trained (mean over seeds), LR decayed over them
+    # uniform-short: all data for as many steps as each AtteNT arm trained (seed mean), LR decayed over them
     full_steps = statistics.fmean(r["summary"]["steps"] for r in results[BASELINE])
     short_steps = sorted(
         {round(statistics.fmean(r["summary"]["steps"] for r in results[a.name])) for a in attent_arms}
@@ -284,7 +299,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             continue
         arm = Arm(
             f"uniform-short[{steps}]",
-            {"teacher.mode": "none", "train.max_steps": str(steps), "train.max_epochs": "0"},
+            {"teacher.mode": "none", "train.max_steps": str(steps), "train.max_epochs": "0",
+             "train.max_seconds": "0"},
             role="control",
         )
         results[arm.name] = [run_arm(arm, seed, args, out_dir) for seed in seeds]
@@ -338,9 +354,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seeds", type=int, default=1, help="number of seeds per arm")
     p.add_argument("--seed", type=int, default=0, help="first seed")
-    p.add_argument(
-        "--budget-seconds", type=float, default=0.0, help="training-seconds budget per arm (0 = steps)"
-    )
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--budget-steps", type=int, default=0, help="optimizer steps per arm")
+    budget.add_argument("--budget-epochs", type=int, default=0,
+                        help="epochs per arm; AtteNT's subset epochs are shorter, so it trains fewer steps")
+    budget.add_argument("--budget-seconds", type=float, default=0.0, help="training seconds per arm")
     p.add_argument(
         "--init-from", default=None, help="run dir of a pretraining run whose export starts every arm"
     )

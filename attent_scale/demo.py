@@ -60,9 +60,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"shards: {shards} ({m.num_samples('train')} train / {m.num_samples('val')} val samples of "
           f"{m.seq_len} tokens, vocab {m.vocab_size}) ready in {time.perf_counter() - t0:.1f}s", flush=True)
     # Same model, data, seed and epoch budget; each arm's LR decays over its own steps.
-    run = argparse.Namespace(data=shards, config=args.config, budget_seconds=0, init_from=None, launcher=None,
-                             overrides=[f"train.max_epochs={args.epochs}", "train.max_steps=1000000",
-                                        "checkpoint.export=false", *args.overrides])
+    run = argparse.Namespace(data=shards, config=args.config, budget_steps=0, budget_epochs=args.epochs,
+                             budget_seconds=0, init_from=None, launcher=None,
+                             overrides=["checkpoint.export=false", *args.overrides])
     arms = [Arm("uniform", {"teacher.mode": "none"}, role="baseline"), Arm("attent", {}, role="attent")]
     results = {}
     for arm in arms:
