@@ -114,20 +114,20 @@ def run_arm(arm: Arm, seed: int, args: argparse.Namespace, out_dir: Path) -> dic
     cmd = [*launcher, "-m", "attent_scale", "train", "--config", str(args.config)]
     for s in sets:
         cmd += ["--set", s]
-    print(f"[bench] {arm.name} seed {seed}: {' '.join(shlex.quote(c) for c in cmd[1:])}", file=sys.stderr)
+    stamp = run_dir / "bench-command.json"
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        cmd,
-        env={**os.environ, "ATTENT_PROGRESS": "0"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stdout.splitlines()[-15:])
-        raise UserError(
-            f"bench arm {arm.name} (seed {seed}) failed with exit code {proc.returncode}:\n{tail}"
-        )
+    # --reuse: a finished run of the very same command is read back instead of trained again
+    reusable = (args.reuse and (run_dir / "summary.json").exists() and stamp.exists()
+                and json.loads(stamp.read_text()) == cmd[1:])
+    print(f"[bench] {arm.name} seed {seed}{' (reused)' if reusable else ''}: "
+          f"{' '.join(shlex.quote(c) for c in cmd[1:])}", file=sys.stderr, flush=True)
+    if not reusable:
+        proc = subprocess.run(cmd, env={**os.environ, "ATTENT_PROGRESS": "0"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stdout.splitlines()[-15:])
+            raise UserError(f"bench arm {arm.name} (seed {seed}) exited with {proc.returncode}:\n{tail}")
+        stamp.write_text(json.dumps(cmd[1:]))
     summary = json.loads((run_dir / "summary.json").read_text())
     evals = read_jsonl(run_dir / "eval.jsonl")
     steps = read_jsonl(run_dir / "metrics.jsonl")
@@ -282,7 +282,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         if arm.overrides.get("teacher.strategy") != "random" and arm.overrides["teacher.mode"] != "online":
             ctl = random_control(arm)
             controls.setdefault(tuple(sorted(ctl.overrides.items())), ctl)
-    plan += list(controls.values())
+    given = {tuple(sorted(a.overrides.items())) for a in attent_arms}  # a random arm given already controls
+    plan += [ctl for key, ctl in controls.items() if key not in given]
 
     results: dict[str, list[dict[str, Any]]] = {}
     roles: dict[str, str] = {}
@@ -359,6 +360,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     budget.add_argument("--budget-epochs", type=int, default=0,
                         help="epochs per arm; AtteNT's subset epochs are shorter, so it trains fewer steps")
     budget.add_argument("--budget-seconds", type=float, default=0.0, help="training seconds per arm")
+    p.add_argument("--reuse", action="store_true",
+                   help="read back arms already run with the very same command instead of training again")
     p.add_argument(
         "--init-from", default=None, help="run dir of a pretraining run whose export starts every arm"
     )

@@ -1,4 +1,4 @@
-"""The training loop, top to bottom: teacher plans the epoch, stream feeds the engine, logs and checkpoints."""
+"""The training loop, top to bottom: the teacher plans each epoch, the stream feeds the engine."""
 
 from __future__ import annotations
 
@@ -394,7 +394,8 @@ def train(cfg: RunConfig) -> int:
                 if progress.nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
                     save(stream)
                     raise NonFiniteLossError(
-                        f"{progress.nonfinite_in_row} non-finite training losses in a row at step {progress.step}; "
+                        f"{progress.nonfinite_in_row} non-finite training losses in a row at step "
+                        f"{progress.step}; "
                         f"checkpoint written to {ckpt.checkpoint_root(run_dir)} (lower train.lr?)"
                     )
                 if cfg.eval.every_steps and progress.step % cfg.eval.every_steps == 0:
@@ -412,7 +413,8 @@ def train(cfg: RunConfig) -> int:
                     if is_main:
                         # torchrun turns a worker's exit code into its own 1: the marker file is what a
                         # launcher script checks to tell "preempted, requeue me" from a failure
-                        write_json(run_dir / PREEMPTED_MARKER, {"step": progress.step, "signal": stop.received})
+                        marker = {"step": progress.step, "signal": stop.received}
+                        write_json(run_dir / PREEMPTED_MARKER, marker)
                         print(
                             f"attent-scale: {stop.received or 'stop signal'}: checkpoint at step "
                             f"{progress.step} written, exiting with {PREEMPT_EXIT_CODE} for requeue",
@@ -536,7 +538,7 @@ def _summary(
         "per_rank": [
             {
                 "rank": r,
-                "selection_seconds_by_phase": dict(zip(PHASES, row[: len(PHASES)])),
+                "selection_seconds_by_phase": dict(zip(PHASES, row[: len(PHASES)], strict=True)),
                 "samples_trained": row[len(PHASES)],
                 "samples_scored": row[len(PHASES) + 1],
                 "selection_seconds": row[len(PHASES) + 2],

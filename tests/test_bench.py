@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -18,11 +17,18 @@ from attent_scale.errors import UserError
 def test_parse_arm_defaults_to_teacher_keys_and_cycle_mode():
     arm = parse_arm("soft-inc:strategy=soft,ratio_schedule=incremental,train.lr=0.01")
     assert arm.name == "soft-inc"
-    assert arm.overrides == {"teacher.strategy": "soft", "teacher.ratio_schedule": "incremental",
-                             "train.lr": "0.01", "teacher.mode": "cycle"}
+    assert arm.overrides == {
+        "teacher.strategy": "soft",
+        "teacher.ratio_schedule": "incremental",
+        "train.lr": "0.01",
+        "teacher.mode": "cycle",
+    }
     ctl = random_control(arm)
-    assert ctl.overrides == {"teacher.ratio_schedule": "incremental", "teacher.mode": "cycle",
-                             "teacher.strategy": "random"}
+    assert ctl.overrides == {
+        "teacher.ratio_schedule": "incremental",
+        "teacher.mode": "cycle",
+        "teacher.strategy": "random",
+    }
 
 
 @pytest.mark.parametrize("text", ["uniform:mode=cycle", ":strategy=hard", "a:strategy", "x:mode=none"])
@@ -46,10 +52,29 @@ def test_bench_runs_arms_with_controls_and_writes_report(tmp_path, tiny_shards):
     cfg_path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "bench"
     proc = subprocess.run(
-        [sys.executable, "-m", "attent_scale", "bench", "--data", str(tiny_shards), "--config", str(cfg_path),
-         "--arms", "hard:strategy=hard", "--budget-epochs", "3", "--out", str(out),
-         "--set", "checkpoint.export=false"],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "attent_scale",
+            "bench",
+            "--data",
+            str(tiny_shards),
+            "--config",
+            str(cfg_path),
+            "--arms",
+            "hard:strategy=hard",
+            "--budget-epochs",
+            "3",
+            "--out",
+            str(out),
+            "--set",
+            "checkpoint.export=false",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     names = [a["name"] for a in report["arms"]]
@@ -58,8 +83,14 @@ def test_bench_runs_arms_with_controls_and_writes_report(tmp_path, tiny_shards):
     by = {a["name"]: a for a in report["arms"]}
     assert report["target_val_loss"] == pytest.approx(by["uniform"]["final_val_loss"])
     for arm in report["arms"]:
-        for key in ("final_val_loss", "time_to_target_seconds", "samples_to_target", "speedup",
-                    "selection_fraction", "wall_seconds"):
+        for key in (
+            "final_val_loss",
+            "time_to_target_seconds",
+            "samples_to_target",
+            "speedup",
+            "selection_fraction",
+            "wall_seconds",
+        ):
             assert key in arm
     assert by["uniform"]["speedup"] == pytest.approx(1.0)
     # the epoch budget: subset epochs are shorter, so the AtteNT arm trains fewer steps than uniform,

@@ -18,7 +18,13 @@ def _assert_run_dir(run_dir: Path, steps: int, world: int, mode: str) -> dict:
     assert summary["steps"] == steps and summary["world_size"] == world
     assert summary["teacher_mode"] == mode
     assert summary["final_val_loss"] is not None and summary["final_val_loss"] < 7.0
-    assert set(summary["selection_seconds_by_phase"]) == {"score", "collective", "select", "share", "rebalance"}
+    assert set(summary["selection_seconds_by_phase"]) == {
+        "score",
+        "collective",
+        "select",
+        "share",
+        "rebalance",
+    }
     assert len(summary["per_rank"]) == world
     metrics = read_lines(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
@@ -44,20 +50,25 @@ def test_local_teacher_none_trains_all_data(tmp_path, tiny_shards):
     check(run_train(cfg))
     summary = _assert_run_dir(tmp_path / "none", 24, 1, "none")
     assert summary["samples_scored"] == 0 and summary["selection_seconds"] == 0
-    assert not (tmp_path / "none" / "selection.jsonl").exists() or not read_lines(tmp_path / "none" / "selection.jsonl")
+    assert not (tmp_path / "none" / "selection.jsonl").exists() or not read_lines(
+        tmp_path / "none" / "selection.jsonl"
+    )
 
 
 @pytest.mark.parametrize("engine", ["deepspeed", "fsdp"])
 @pytest.mark.parametrize("mode", ["cycle", "online"])
 def test_two_rank_engines_run_each_mode(tmp_path, tiny_shards, engine, mode):
-    cfg = tiny_run_config(tmp_path / "run", tiny_shards, engine, teacher={"mode": mode},
-                          train={"max_steps": 16})
+    cfg = tiny_run_config(
+        tmp_path / "run", tiny_shards, engine, teacher={"mode": mode}, train={"max_steps": 16}
+    )
     check(run_train(cfg, nproc=2))
     summary = _assert_run_dir(tmp_path / "run", 16, 2, mode)
     records = read_lines(tmp_path / "run" / "selection.jsonl")
     assert records and all(r["world_size"] == 2 for r in records)
     per_rank = [r["samples_trained"] for r in summary["per_rank"]]
-    assert per_rank[0] == per_rank[1] and sum(per_rank) == summary["samples_trained"]  # lockstep, equal shares
+    assert (
+        per_rank[0] == per_rank[1] and sum(per_rank) == summary["samples_trained"]
+    )  # lockstep, equal shares
     if mode == "online":
         assert summary["samples_trained"] == 16 * 2 * 8  # every rank trains exactly B every step
     # both ranks paid for selection and rank 1's numbers made it into the summary
@@ -67,8 +78,9 @@ def test_two_rank_engines_run_each_mode(tmp_path, tiny_shards, engine, mode):
 @pytest.mark.parametrize("engine", ["deepspeed", "fsdp"])
 def test_two_rank_lora_run_exports_adapters(tmp_path, tiny_shards, engine):
     lora = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["c_attn"]}
-    cfg = tiny_run_config(tmp_path / "lora", tiny_shards, engine, model={"lora": lora},
-                          train={"max_steps": 8})
+    cfg = tiny_run_config(
+        tmp_path / "lora", tiny_shards, engine, model={"lora": lora}, train={"max_steps": 8}
+    )
     check(run_train(cfg, nproc=2))
     _assert_run_dir(tmp_path / "lora", 8, 2, "cycle")
     adapters = list((tmp_path / "lora" / "export").rglob("adapter_model.safetensors"))

@@ -14,24 +14,45 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 TINY_MODEL = {
-    "model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 32,
-    "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+    "model_type": "gpt2",
+    "n_layer": 2,
+    "n_embd": 32,
+    "n_head": 2,
+    "n_positions": 32,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
 }
 
 
 def tiny_run_config(run_dir: Path, shards: Path, engine: str = "local", **sections: dict[str, Any]) -> dict:
-    """A run config small enough for 2 CPU ranks: tiny GPT-2, 16 samples per step, a selection every few steps."""
+    """A config small enough for 2 CPU ranks: tiny GPT-2, 16 samples per step, a selection every few steps."""
     cfg: dict[str, Any] = {
         "run_dir": str(run_dir),
         "seed": 0,
         "data": {"dir": str(shards), "shuffle_buffer": 64},
         "model": {"config": dict(TINY_MODEL)},
         "engine": {"name": engine},
-        "teacher": {"mode": "cycle", "strategy": "soft", "warmup_epochs": 0, "total_cycles": 3,
-                    "initial_ratio": 0.1, "final_ratio": 0.3, "interval_schedule": "fixed",
-                    "initial_interval": 1, "max_interval": 1, "full_epochs_per_cycle": 0},
+        "teacher": {
+            "mode": "cycle",
+            "strategy": "soft",
+            "warmup_epochs": 0,
+            "total_cycles": 3,
+            "initial_ratio": 0.1,
+            "final_ratio": 0.3,
+            "interval_schedule": "fixed",
+            "initial_interval": 1,
+            "max_interval": 1,
+            "full_epochs_per_cycle": 0,
+        },
         # 16 samples per step in all: 16 on one process, 8 per rank on two
-        "train": {"max_steps": 24, "micro_batch_size": 16 if engine == "local" else 8, "lr": 3e-3, "warmup_steps": 2, "log_every": 1},
+        "train": {
+            "max_steps": 24,
+            "micro_batch_size": 16 if engine == "local" else 8,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "log_every": 1,
+        },
         "eval": {"every_steps": 8, "max_batches": 2, "batch_size": 16},
         "checkpoint": {"every_steps": 0, "keep_last": 2},
     }
@@ -42,8 +63,14 @@ def tiny_run_config(run_dir: Path, shards: Path, engine: str = "local", **sectio
     return cfg
 
 
-def run_train(cfg: dict, *, nproc: int = 1, env: dict[str, str] | None = None, timeout: float = 240,
-              extra: list[str] | None = None) -> subprocess.CompletedProcess:
+def run_train(
+    cfg: dict,
+    *,
+    nproc: int = 1,
+    env: dict[str, str] | None = None,
+    timeout: float = 240,
+    extra: list[str] | None = None,
+) -> subprocess.CompletedProcess:
     """Write the config next to its run dir and run the trainer; returns the finished process."""
     run_dir = Path(cfg["run_dir"])
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -52,8 +79,18 @@ def run_train(cfg: dict, *, nproc: int = 1, env: dict[str, str] | None = None, t
     if nproc == 1:
         cmd = [sys.executable, "-m", "attent_scale", "train", "--config", str(cfg_path)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "attent_scale", "train", "--config", str(cfg_path)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "attent_scale",
+            "train",
+            "--config",
+            str(cfg_path),
+        ]
     cmd += extra or []
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
@@ -72,4 +109,6 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 
 
 def check(proc: subprocess.CompletedProcess, code: int = 0) -> None:
-    assert proc.returncode == code, f"exit {proc.returncode} (wanted {code})\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == code, (
+        f"exit {proc.returncode} (wanted {code})\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )

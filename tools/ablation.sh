@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The paper's ablation on our corpus (README "Benchmarks"): hard/soft/random x ratio schedule (cosine,
+# incremental) x interval schedule (fixed, incremental), plus ledger and online modes, against uniform
+# and the controls, 6-epoch budget, demo-size model, 3 seeds. Usage: tools/ablation.sh [SEEDS] [OUT]
+set -euo pipefail
+seeds=${1:-3}
+out=${2:-runs/ablation/bench}
+shards=runs/ablation/shards
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+if [ ! -f "$shards/manifest.json" ]; then
+  attent-scale shards build -o "$shards" --seq-len 128 --vocab-size 2000 --max-bytes 900000 --val-fraction 0.08
+fi
+arms=()
+for strategy in hard soft random; do
+  for ratio in cosine incremental; do
+    for interval in fixed incremental; do
+      arms+=(--arms "${strategy}-${ratio:0:3}-${interval:0:3}:strategy=${strategy},ratio_schedule=${ratio},interval_schedule=${interval}")
+    done
+  done
+done
+arms+=(--arms "ledger-soft:mode=ledger,strategy=soft,ratio_schedule=incremental")
+arms+=(--arms "online-hard:mode=online,strategy=hard,online_ratio=0.5")
+attent-scale bench --data "$shards" --config configs/ablation.yaml --budget-epochs 6 --seeds "$seeds" \
+  --reuse --out "$out" --set checkpoint.export=false "${arms[@]}"
