@@ -61,7 +61,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{m.seq_len} tokens, vocab {m.vocab_size}) ready in {time.perf_counter() - t0:.1f}s", flush=True)
     # Same model, data, seed and epoch budget; each arm's LR decays over its own steps.
     run = argparse.Namespace(data=shards, config=args.config, budget_steps=0, budget_epochs=args.epochs,
-                             budget_seconds=0, init_from=None, launcher=None, reuse=False,
+                             budget_seconds=0, init_from=None, launcher=None, reuse=False, clock="wall",
                              overrides=["checkpoint.export=false", *args.overrides])
     arms = [Arm("uniform", {"teacher.mode": "none"}, role="baseline"), Arm("attent", {}, role="attent")]
     results = {}

@@ -59,6 +59,7 @@ class Progress:
     nonfinite_in_row: int = 0
     online_dropped_batches: int = 0
     train_seconds: float = 0.0  # loop time excluding eval and checkpoints (selection included)
+    train_cpu_seconds: float = 0.0  # the same span in this process's CPU time: robust to a shared machine
     eval_seconds: float = 0.0
     checkpoint_seconds: float = 0.0
     wall_offset: float = 0.0  # wall seconds of earlier attempts (resume)
@@ -219,6 +220,7 @@ def train(cfg: RunConfig) -> int:
             "corrupt_samples": faults["corrupt"],
             "dropped_samples": faults["dropped"],
             "train_seconds": progress.train_seconds,
+            "train_cpu_seconds": progress.train_cpu_seconds,
             "eval_seconds": progress.eval_seconds,
             "checkpoint_seconds": progress.checkpoint_seconds,
             "wall_seconds": wall,
@@ -251,6 +253,7 @@ def train(cfg: RunConfig) -> int:
                 "perplexity": math.exp(loss) if loss < 50 else float("inf"),
                 "samples_trained": progress.samples_trained * world,
                 "train_seconds": progress.train_seconds,
+                "train_cpu_seconds": progress.train_cpu_seconds,
                 "wall_seconds": progress.wall_offset + time.perf_counter() - wall_start,
             }
         )
@@ -288,7 +291,7 @@ def train(cfg: RunConfig) -> int:
     empty_epochs = 0
     try:
         while progress.step < cfg.train.max_steps:
-            loop_t0 = time.perf_counter()
+            loop_t0 = _clock()
             epoch = progress.epoch
             if progress.stream_state is None:  # a fresh epoch: the teacher decides what it trains on
                 before = totals()["selection_seconds_by_phase"]
@@ -338,11 +341,11 @@ def train(cfg: RunConfig) -> int:
                 progress.stream_state = None
             else:
                 faults["dropped"] += stream.dropped
-            progress.train_seconds += time.perf_counter() - loop_t0
+            _charge(progress, loop_t0)
 
             trained_this_epoch = 0
             for batch in _timed(stream, progress):
-                step_t0 = time.perf_counter()
+                step_t0 = _clock()
                 progress.epoch_batches += 1
                 if teacher.mode == "online":
                     if len(batch["ids"]) < teacher.candidate_batch_size(batch_size):
@@ -363,8 +366,7 @@ def train(cfg: RunConfig) -> int:
                 else:
                     progress.nonfinite_in_row = 0
                     progress.last_train_loss = result.loss
-                step_seconds = time.perf_counter() - step_t0
-                progress.train_seconds += step_seconds
+                step_seconds = _charge(progress, step_t0)
                 tokens_per_s = int((batch["labels"] != -100).sum()) * world / max(step_seconds, 1e-9)
 
                 tot = totals()
@@ -462,16 +464,28 @@ def train(cfg: RunConfig) -> int:
             dist.barrier()
 
 
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _charge(progress: Progress, start: tuple[float, float]) -> float:
+    """Add the wall and CPU time since `start` to the training clocks; returns the wall seconds."""
+    wall, cpu = _clock()
+    progress.train_seconds += wall - start[0]
+    progress.train_cpu_seconds += cpu - start[1]
+    return wall - start[0]
+
+
 def _timed(stream: Any, progress: Progress) -> Any:
     """Iterate the stream, charging the time spent waiting for data to the training clock."""
     it = iter(stream)
     while True:
-        t0 = time.perf_counter()
+        t0 = _clock()
         try:
             batch = next(it)
         except StopIteration:
             return
-        progress.train_seconds += time.perf_counter() - t0
+        _charge(progress, t0)
         yield batch
 
 
@@ -528,6 +542,7 @@ def _summary(
         "final_val_loss": progress.last_val_loss,
         "wall_seconds": tot["wall_seconds"],
         "train_seconds": tot["train_seconds"],
+        "train_cpu_seconds": tot["train_cpu_seconds"],
         "eval_seconds": tot["eval_seconds"],
         "checkpoint_seconds": tot["checkpoint_seconds"],
         "selection_seconds": tot["selection_seconds"],

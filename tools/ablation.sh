@@ -6,7 +6,7 @@ set -euo pipefail
 seeds=${1:-3}
 out=${2:-runs/ablation/bench}
 shards=runs/ablation/shards
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export OMP_NUM_THREADS=1  # one thread per run: with --clock cpu the timing is fair on a shared machine
 if [ ! -f "$shards/manifest.json" ]; then
   attent-scale shards build -o "$shards" --seq-len 128 --vocab-size 2000 --max-bytes 900000 --val-fraction 0.08
 fi
@@ -20,5 +20,5 @@ for strategy in hard soft random; do
 done
 arms+=(--arms "ledger-soft:mode=ledger,strategy=soft,ratio_schedule=incremental")
 arms+=(--arms "online-hard:mode=online,strategy=hard,online_ratio=0.5")
-attent-scale bench --data "$shards" --config configs/ablation.yaml --budget-epochs 6 --seeds "$seeds" \
+attent-scale bench --data "$shards" --config configs/ablation.yaml --budget-epochs 6 --seeds "$seeds" --clock cpu \
   --reuse --out "$out" --set checkpoint.export=false "${arms[@]}"
