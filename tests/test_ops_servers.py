@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -21,8 +20,6 @@ from attent_scale.metrics import PHASES, Metrics
 pytestmark = pytest.mark.servers
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent
-TRAINER = importlib.util.find_spec("attent_scale.train") is not None
-needs_trainer = pytest.mark.skipif(not TRAINER, reason="attent_scale.train not written yet")
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +219,6 @@ def last_step(run_dir: Path) -> int:
         return 0
 
 
-@needs_trainer
 @pytest.mark.slow
 def test_e2e_prometheus_scrapes_a_two_rank_run_and_agrees_with_summary(
         prom: Prometheus, tiny_data: Path, tmp_path: Path) -> None:
@@ -281,7 +277,6 @@ def reference_run(slurm: Slurm, tiny_data: Path, tmp_path_factory: pytest.TempPa
 PREEMPT_STEPS = 800
 
 
-@needs_trainer
 @pytest.mark.slow
 def test_e2e_slurm_torchrun_and_deepspeed_scripts_train(slurm: Slurm, reference_run: Path, tiny_data: Path,
                                                         tmp_path: Path) -> None:
@@ -299,7 +294,6 @@ def test_e2e_slurm_torchrun_and_deepspeed_scripts_train(slurm: Slurm, reference_
         assert (run_dir / name).exists(), name
 
 
-@needs_trainer
 @pytest.mark.slow
 def test_e2e_slurm_preemption_checkpoints_requeues_and_selects_the_same(
         slurm: Slurm, reference_run: Path, tiny_data: Path, tmp_path: Path) -> None:
