@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The paper's ablation on our corpus (README "Benchmarks"): hard/soft/random x ratio schedule (cosine,
 # incremental) x interval schedule (fixed, incremental), plus ledger and online modes, against uniform
-# and the controls, 6-epoch budget, demo-size model, 3 seeds. Usage: tools/ablation.sh [SEEDS] [OUT]
+# and the controls, 6-epoch budget, demo-size model, 3 seeds. Usage: tools/ablation.sh [SEEDS] [OUT] [FIRST]
+# Seeds can run as separate invocations (FIRST=1, FIRST=2) in parallel; a last run with all seeds reuses them.
 set -euo pipefail
 seeds=${1:-3}
 out=${2:-runs/ablation/bench}
+first=${3:-0}
 shards=runs/ablation/shards
 export OMP_NUM_THREADS=1  # one thread per run: with --clock cpu the timing is fair on a shared machine
 if [ ! -f "$shards/manifest.json" ]; then
@@ -20,5 +22,5 @@ for strategy in hard soft random; do
 done
 arms+=(--arms "ledger-soft:mode=ledger,strategy=soft,ratio_schedule=incremental")
 arms+=(--arms "online-hard:mode=online,strategy=hard,online_ratio=0.5")
-attent-scale bench --data "$shards" --config configs/ablation.yaml --budget-epochs 6 --seeds "$seeds" --clock cpu \
+attent-scale bench --data "$shards" --config configs/ablation.yaml --budget-epochs 6 --seeds "$seeds" --seed "$first" --clock cpu \
   --reuse --out "$out" --set checkpoint.export=false "${arms[@]}"
