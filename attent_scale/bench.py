@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attent_scale.config import add_override_argument
 from attent_scale.errors import UserError
 from attent_scale.runlog import read_jsonl, write_json
 
@@ -370,16 +371,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--init-from", default=None, help="run dir of a pretraining run whose export starts every arm"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override applied to every arm",
-    )
+    add_override_argument(p, "override applied to every arm (repeatable)")
     p.add_argument(
         "--launcher", default=None, help="e.g. 'torchrun --nproc-per-node 2' (default: one process)"
     )
     p.add_argument("--out", default="runs/bench", help="output directory")
-    p.set_defaults(func=lambda a: (run_bench(a), 0)[1])
+    p.set_defaults(func=_run_cli)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    run_bench(args)
+    return 0

@@ -266,6 +266,12 @@ def _validate(cfg: RunConfig) -> None:
         raise UserError("config key 'engine.deepspeed_config': required when engine.name is 'deepspeed'")
 
 
+def add_override_argument(parser: Any, help_text: str = "override one config key (repeatable)") -> None:
+    """The `--set section.key=value` option shared by train, bench and demo (collected in `overrides`)."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help=help_text)
+
+
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply one `section.key=value` override (value parsed as YAML) to a raw config mapping."""
     if "=" not in assignment:

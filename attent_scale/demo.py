@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from attent_scale.config import add_override_argument
 from attent_scale.data.builder import build_shards
 from attent_scale.data.manifest import Manifest
 from attent_scale.errors import UserError
@@ -43,8 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/demo", help="demo directory (shards/ and one run dir per arm)")
     p.add_argument("--config", default=str(DEMO_CONFIG), help="run config for both arms")
     p.add_argument("--epochs", type=int, default=4, help="epoch budget of both arms")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override applied to both arms")
+    add_override_argument(p, "override applied to both arms (repeatable)")
     p.set_defaults(func=cmd_demo)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from attent_scale.config import RunConfig, dump_config, load_config
+from attent_scale.config import RunConfig, add_override_argument, dump_config, load_config
 from attent_scale.errors import UserError
 
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; the Slurm script requeues
@@ -74,14 +74,7 @@ class Progress:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train with (or without) the AtteNT teacher")
     parser.add_argument("--config", required=True, help="run config YAML (see configs/)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config key (repeatable)",
-    )
+    add_override_argument(parser)
     parser.add_argument(
         "--resume",
         action=argparse.BooleanOptionalAction,
@@ -287,6 +280,11 @@ def train(cfg: RunConfig) -> int:
     if resume_from is None and cfg.eval.every_steps:
         evaluate()  # the step-0 point of every val-loss curve
     bar = _progress_bar(cfg, progress.step) if is_main else None
+    def train_stream(epoch: int, batch: int, selection: Any = None) -> Any:
+        return ShardStream(manifest.dir, "train", rank=rank, world_size=world, seed=cfg.seed, epoch=epoch,
+                           batch_size=batch, selection=selection, shuffle_buffer=cfg.data.shuffle_buffer,
+                           num_workers=cfg.data.num_workers)
+
     exit_code = 0
     empty_epochs = 0
     try:
@@ -297,45 +295,21 @@ def train(cfg: RunConfig) -> int:
                 before = totals()["selection_seconds_by_phase"]
                 plan = teacher.plan_epoch(epoch)
                 if plan.score:
-                    scoring = ShardStream(
-                        manifest.dir,
-                        "train",
-                        rank=rank,
-                        world_size=world,
-                        seed=cfg.seed,
-                        epoch=epoch,
-                        batch_size=cfg.eval.batch_size,
-                        shuffle_buffer=cfg.data.shuffle_buffer,
-                        num_workers=cfg.data.num_workers,
-                    )
+                    scoring = train_stream(epoch, cfg.eval.batch_size)  # this rank's part only
                     teacher.score_pass(scoring, engine.score, progress.step)
                     faults["corrupt"] += scoring.faults
                 selection = teacher.select(epoch, progress.step) if plan.subset else None
                 progress.selection_bits = None if selection is None else selection.bits
-                progress.selected_ratio = (
-                    selection.count / n_train
-                    if selection is not None
-                    else cfg.teacher.online_ratio
-                    if teacher.mode == "online"
-                    else 1.0
-                )
+                if selection is not None:
+                    progress.selected_ratio = selection.count / n_train
+                else:
+                    progress.selected_ratio = cfg.teacher.online_ratio if teacher.mode == "online" else 1.0
                 after = totals()["selection_seconds_by_phase"]
                 if after != before:
                     metrics.observe_selection({p: after[p] - before[p] for p in PHASES})
             bits = progress.selection_bits
             selection = None if bits is None else Selection(bits, n_train)
-            stream = ShardStream(
-                manifest.dir,
-                "train",
-                rank=rank,
-                world_size=world,
-                seed=cfg.seed,
-                epoch=epoch,
-                batch_size=teacher.candidate_batch_size(batch_size),
-                selection=selection,
-                shuffle_buffer=cfg.data.shuffle_buffer,
-                num_workers=cfg.data.num_workers,
-            )
+            stream = train_stream(epoch, teacher.candidate_batch_size(batch_size), selection)
             if progress.stream_state is not None:
                 stream.load_state_dict(progress.stream_state)
                 progress.stream_state = None
