@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 import yaml
-from train_runner import REPO, tiny_run_config
+from train_runner import REPO, check, read_lines, run_train, tiny_run_config
 
 from attent_scale.bench import interpolate_target, parse_arm, random_control
+from attent_scale.data.builder import build_shards
 from attent_scale.errors import UserError
 
 
@@ -101,3 +104,37 @@ def test_bench_runs_arms_with_controls_and_writes_report(tmp_path, tiny_shards):
     assert by["hard"]["selection_fraction"] > 0 and by["uniform"]["selection_fraction"] == 0
     assert (out / "val_loss.png").stat().st_size > 0 and (out / "selected_ratio.png").stat().st_size > 0
     assert "uniform" in proc.stdout and "speedup" in proc.stdout
+
+
+@pytest.mark.slow
+def test_fine_tuning_regime_starts_every_arm_from_the_pretrained_export(tmp_path, tiny_shards):
+    """Pretrain on one corpus, then LoRA-fine-tune on another text set that reuses the tokenizer."""
+    pre = tiny_run_config(tmp_path / "pretrain", tiny_shards, teacher={"mode": "none"},
+                          train={"max_steps": 8})
+    check(run_train(pre))
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text = (stdlib / "json" / "decoder.py").read_text() + (stdlib / "statistics.py").read_text()
+    other = tmp_path / "other"
+    other.mkdir()
+    for i in range(0, 24_000, 1000):
+        (other / f"doc{i:06d}.txt").write_text(text[i : i + 1000])
+    fine = tmp_path / "fine"
+    build_shards([other], fine, seq_len=32, tokenizer=tiny_shards / "tokenizer.model", val_fraction=0.15,
+                 progress=False)
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "attent_scale", "bench", "--data", str(fine),
+         "--config", str(tmp_path / "pretrain.yaml"), "--init-from", str(tmp_path / "pretrain"),
+         "--arms", "ft:strategy=soft", "--budget-steps", "6", "--out", str(out),
+         "--set", "model.lora.enabled=true", "--set", "model.lora.target_modules=[c_attn]",
+         "--set", "checkpoint.export=false", "--set", "eval.every_steps=3"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    starts = []
+    for arm in ("uniform", "ft", "random-subset[ft]"):
+        run_cfg = yaml.safe_load((out / arm / "seed-0" / "config.yaml").read_text())
+        assert run_cfg["model"]["pretrained"] == str(tmp_path / "pretrain" / "export" / "model")
+        assert run_cfg["model"]["lora"]["enabled"] is True
+        starts.append(read_lines(out / arm / "seed-0" / "eval.jsonl")[0]["val_loss"])
+    assert starts[0] == pytest.approx(starts[1]) == pytest.approx(starts[2])  # same pretrained start
+    assert starts[0] < 6.2  # below ln(512): the pretrained weights, not a fresh init
