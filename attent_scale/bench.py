@@ -229,6 +229,21 @@ def format_table(arms: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(arms: list[dict[str, Any]], clock: str) -> str:
+    """The same numbers as a Markdown table (bench.md), for READMEs and notes."""
+    lines = [f"| arm | final val loss | Δ vs uniform | train s ({clock}) | to target s | speedup | reached | "
+             "samples | selection % | wins |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for a in arms:
+        wins = {True: "yes", False: "no"}.get(a.get("wins"), "")
+        lines.append(
+            f"| {a['name']} | {_fmt(a['final_val_loss'], '.4f')} ± {_fmt(a['final_val_loss_std'], '.4f')} | "
+            f"{_fmt(a['val_loss_delta'], '+.4f')} | {_fmt(a['train_seconds'], '.1f')} | "
+            f"{_fmt(a['time_to_target_seconds'], '.1f')} | {_fmt(a['speedup'], '.2f')} | "
+            f"{a['reached_target']}/{len(a['seeds'])} | {_fmt(a['samples_trained'], '.0f')} | "
+            f"{_fmt(_pct(a['selection_fraction']), '.1f')} | {wins} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(results: dict[str, list[dict[str, Any]]], out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -322,6 +337,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "arms": arms,
     }
     write_json(out_dir / "bench.json", report)
+    (out_dir / "bench.md").write_text(format_markdown(arms, args.clock))
     plots = plot(results, out_dir)
     print(format_table(arms))
     print(f"\nbench.json and {', '.join(p.name for p in plots)} in {out_dir}")

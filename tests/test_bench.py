@@ -102,6 +102,7 @@ def test_bench_runs_arms_with_controls_and_writes_report(tmp_path, tiny_shards):
     short = next(a for a in report["arms"] if a["name"].startswith("uniform-short["))
     assert short["steps"] == round(by["hard"]["steps"])
     assert by["hard"]["selection_fraction"] > 0 and by["uniform"]["selection_fraction"] == 0
+    assert "| uniform |" in (out / "bench.md").read_text()
     assert (out / "val_loss.png").stat().st_size > 0 and (out / "selected_ratio.png").stat().st_size > 0
     assert "uniform" in proc.stdout and "speedup" in proc.stdout
 
