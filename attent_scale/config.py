@@ -67,6 +67,9 @@ class TeacherConfig:
     full_epochs_per_cycle: int = 1
     online_ratio: float = 0.5  # online mode: fraction of each step's candidates trained on
     topk_method: Literal["gather", "threshold"] = "gather"
+    # cycle mode: "all" rescores every id at each cycle (the paper); "stale" skips the ids the subset epoch
+    # just before trained, whose training-forward losses are at most one epoch old
+    rescore: Literal["all", "stale"] = "all"
     online_record_every: int = 1  # online mode: write a selection record every this many steps
 
 

@@ -295,7 +295,10 @@ def train(cfg: RunConfig) -> int:
                 before = totals()["selection_seconds_by_phase"]
                 plan = teacher.plan_epoch(epoch)
                 if plan.score:
-                    scoring = train_stream(epoch, cfg.eval.batch_size)  # this rank's part only
+                    fresh = progress.selection_bits if cfg.teacher.rescore == "stale" else None
+                    # this rank's part only; with rescore=stale, without what the last subset epoch trained
+                    skip = None if fresh is None else NotIn(Selection(fresh, n_train))
+                    scoring = train_stream(epoch, cfg.eval.batch_size, skip)
                     teacher.score_pass(scoring, engine.score, progress.step)
                     faults["corrupt"] += scoring.faults
                 selection = teacher.select(epoch, progress.step) if plan.subset else None
@@ -436,6 +439,16 @@ def train(cfg: RunConfig) -> int:
         metrics.close()
         if exit_code == 0 and dist.is_available() and dist.is_initialized():
             dist.barrier()
+
+
+class NotIn:
+    """Stream filter: the ids a selection does not hold."""
+
+    def __init__(self, selection: Any) -> None:
+        self.selection = selection
+
+    def mask(self, ids: Any) -> Any:
+        return ~self.selection.mask(ids)
 
 
 def _clock() -> tuple[float, float]:

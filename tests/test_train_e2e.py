@@ -111,3 +111,18 @@ def test_resume_selects_and_trains_like_an_uninterrupted_run(tmp_path, tiny_shar
     assert sorted(a) == sorted(b) == list(range(1, 21))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step
+
+
+def test_rescore_stale_skips_what_the_last_subset_epoch_trained(tmp_path, tiny_shards):
+    from attent_scale.data import Manifest
+
+    cfg = tiny_run_config(tmp_path / "stale", tiny_shards, teacher={"rescore": "stale"})
+    check(run_train(cfg))
+    summary = _assert_run_dir(tmp_path / "stale", 24, 1, "cycle")
+    records = read_lines(tmp_path / "stale" / "selection.jsonl")
+    n = Manifest.load(tiny_shards).num_samples("train")
+    assert len(records) >= 3
+    # the first cycle scores every id; each later one only the ids the subset epoch before did not train
+    expected = n + sum(n - r["n_selected"] for r in records[:-1])
+    assert summary["samples_scored"] == expected
+    assert all(r["n_scored"] == n for r in records)  # the ledger still holds a loss for every id

@@ -22,5 +22,8 @@ for strategy in hard soft random; do
 done
 arms+=(--arms "ledger-soft:mode=ledger,strategy=soft,ratio_schedule=incremental")
 arms+=(--arms "online-hard:mode=online,strategy=hard,online_ratio=0.5")
+# beyond the paper: no scoring passes with hard keys, and cycles that rescore only stale ids
+arms+=(--arms "ledger-hard:mode=ledger,strategy=hard,ratio_schedule=incremental")
+arms+=(--arms "hard-cos-fix-stale:strategy=hard,ratio_schedule=cosine,interval_schedule=fixed,rescore=stale")
 attent-scale bench --data "$shards" --config configs/ablation.yaml --budget-epochs 6 --seeds "$seeds" --seed "$first" --clock cpu \
   --reuse --out "$out" --set checkpoint.export=false "${arms[@]}"
