@@ -34,7 +34,7 @@ fi
 metrics_port=${ATTENT_METRICS_PORT:-9400}
 job=${ATTENT_JOB:-local-$$}
 
-module=${ATTENT_MODULE:-attent_scale}   # python module run as the trainer (tests use a stand-in)
+module=${ATTENT_MODULE:-attent_scale}   # python module run as the trainer
 train_args=(train --config "$config")
 if [[ ${ATTENT_METRICS:-1} == 1 ]]; then
     train_args+=(--set metrics.enabled=true --set metrics.address=127.0.0.1
