@@ -244,7 +244,7 @@ def format_markdown(arms: list[dict[str, Any]], clock: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict[str, list[dict[str, Any]]], out_dir: Path) -> list[Path]:
+def plot(results: dict[str, list[dict[str, Any]]], out_dir: Path, clock: str = "wall") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,7 +259,7 @@ def plot(results: dict[str, list[dict[str, Any]]], out_dir: Path) -> list[Path]:
         ys = [p[2] for p in run["curve"]]
         axes[0].plot(xs_t, ys, marker=".", label=name)
         axes[1].plot(xs_s, ys, marker=".", label=name)
-    axes[0].set_xlabel("training seconds (selection included)")
+    axes[0].set_xlabel(f"training seconds, {clock} clock (selection included)")
     axes[1].set_xlabel("samples trained")
     for ax in axes:
         ax.set_ylabel("val loss")
@@ -338,7 +338,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     }
     write_json(out_dir / "bench.json", report)
     (out_dir / "bench.md").write_text(format_markdown(arms, args.clock))
-    plots = plot(results, out_dir)
+    plots = plot(results, out_dir, args.clock)
     print(format_table(arms))
     print(f"\nbench.json and {', '.join(p.name for p in plots)} in {out_dir}")
     return report
