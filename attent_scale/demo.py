@@ -43,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="train a small GPT on the embedded corpus with and without AtteNT")
     p.add_argument("--out", default="runs/demo", help="demo directory (shards/ and one run dir per arm)")
     p.add_argument("--config", default=str(DEMO_CONFIG), help="run config for both arms")
-    p.add_argument("--epochs", type=int, default=4, help="epoch budget of both arms")
+    p.add_argument("--epochs", type=int, default=6, help="epoch budget of both arms")
     add_override_argument(p, "override applied to both arms (repeatable)")
     p.set_defaults(func=cmd_demo)
 

@@ -328,7 +328,11 @@ def train(cfg: RunConfig) -> int:
                     if len(batch["ids"]) < teacher.candidate_batch_size(batch_size):
                         progress.online_dropped_batches += 1  # same on every rank: equal counts
                         continue
-                    batch = teacher.online_pick(batch, engine.score(batch), batch_size, progress.step)
+                    t_score = time.perf_counter()
+                    scores = engine.score(batch)
+                    # the candidates' scoring forward is selection cost: book it in the teacher's score phase
+                    teacher.stats["seconds_score"] += time.perf_counter() - t_score
+                    batch = teacher.online_pick(batch, scores, batch_size, progress.step)
                 result = engine.train_step(batch)
                 real = batch["ids"] >= 0
                 teacher.observe(batch["ids"][real], result.per_sample[real], progress.step)

@@ -71,6 +71,7 @@ def test_two_rank_engines_run_each_mode(tmp_path, tiny_shards, engine, mode):
     )  # lockstep, equal shares
     if mode == "online":
         assert summary["samples_trained"] == 16 * 2 * 8  # every rank trains exactly B every step
+        assert summary["selection_seconds_by_phase"]["score"] > 0  # candidates' scoring forwards count
     # both ranks paid for selection and rank 1's numbers made it into the summary
     assert all(r["selection_seconds"] > 0 for r in summary["per_rank"])
 
