@@ -58,6 +58,8 @@ class Progress:
     nonfinite_skipped: int = 0
     nonfinite_in_row: int = 0
     online_dropped_batches: int = 0
+    corrupt_samples: int = 0  # replaced by filler samples (stream faults)
+    dropped_samples: int = 0  # dropped by rank equalisation (< world size per epoch)
     train_seconds: float = 0.0  # loop time excluding eval and checkpoints (selection included)
     train_cpu_seconds: float = 0.0  # the same span in this process's CPU time: robust to a shared machine
     eval_seconds: float = 0.0
@@ -192,7 +194,6 @@ def train(cfg: RunConfig) -> int:
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     metrics = Metrics.create(cfg.metrics, rank=rank, local_rank=info.local_rank, node=node)
     stop = StopSignal()
-    faults = {"corrupt": 0, "dropped": 0}
 
     def totals() -> dict[str, Any]:
         stats = teacher.stats
@@ -210,8 +211,8 @@ def train(cfg: RunConfig) -> int:
             "collective_bytes": int(stats["bytes_sent"]),
             "nonfinite_losses": int(stats["nonfinite"]),
             "nonfinite_skipped": progress.nonfinite_skipped,
-            "corrupt_samples": faults["corrupt"],
-            "dropped_samples": faults["dropped"],
+            "corrupt_samples": progress.corrupt_samples,
+            "dropped_samples": progress.dropped_samples,
             "train_seconds": progress.train_seconds,
             "train_cpu_seconds": progress.train_cpu_seconds,
             "eval_seconds": progress.eval_seconds,
@@ -300,7 +301,7 @@ def train(cfg: RunConfig) -> int:
                     skip = None if fresh is None else NotIn(Selection(fresh, n_train))
                     scoring = train_stream(epoch, cfg.eval.batch_size, skip)
                     teacher.score_pass(scoring, engine.score, progress.step)
-                    faults["corrupt"] += scoring.faults
+                    progress.corrupt_samples += scoring.faults
                 selection = teacher.select(epoch, progress.step) if plan.subset else None
                 progress.selection_bits = None if selection is None else selection.bits
                 if selection is not None:
@@ -317,7 +318,7 @@ def train(cfg: RunConfig) -> int:
                 stream.load_state_dict(progress.stream_state)
                 progress.stream_state = None
             else:
-                faults["dropped"] += stream.dropped
+                progress.dropped_samples += stream.dropped
             _charge(progress, loop_t0)
 
             trained_this_epoch = 0
@@ -409,7 +410,7 @@ def train(cfg: RunConfig) -> int:
                     break
             else:
                 # the epoch ran out: next epoch
-                faults["corrupt"] += stream.faults
+                progress.corrupt_samples += stream.faults
                 progress.epoch += 1
                 progress.epoch_batches = 0
                 if cfg.train.max_epochs and progress.epoch >= cfg.train.max_epochs:
@@ -421,7 +422,7 @@ def train(cfg: RunConfig) -> int:
                         f"(selection too small for {world} ranks x batch {batch_size}?)"
                     )
                 continue
-            faults["corrupt"] += stream.faults
+            progress.corrupt_samples += stream.faults
             break
 
         if not cfg.eval.every_steps or progress.step % cfg.eval.every_steps != 0:
