@@ -65,9 +65,10 @@ def load_state(path_stem: Path) -> dict[str, Any]:
 
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "python": [py_version, list(py_internal), py_gauss],
         "numpy": {"keys": np_state[1], "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
                   "cached": float(np_state[4])},
     }

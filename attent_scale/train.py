@@ -52,12 +52,11 @@ class Progress:
 
     step: int = 0
     epoch: int = 0
-    epoch_batches: int = 0  # batches consumed in the current epoch
     samples_trained: int = 0  # this rank
     tokens_trained: int = 0  # this rank
     nonfinite_skipped: int = 0
     nonfinite_in_row: int = 0
-    online_dropped_batches: int = 0
+    online_dropped_batches: int = 0  # online mode: short last candidate batches skipped (equal on all ranks)
     corrupt_samples: int = 0  # replaced by filler samples (stream faults)
     dropped_samples: int = 0  # dropped by rank equalisation (< world size per epoch)
     train_seconds: float = 0.0  # loop time excluding eval and checkpoints (selection included)
@@ -112,14 +111,6 @@ def _all_reduce_max(value: float, group: Any) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return float(t.item())
-
-
-def _all_reduce_sum(values: list[float], group: Any) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t.tolist()
 
 
 def train(cfg: RunConfig) -> int:
@@ -272,8 +263,9 @@ def train(cfg: RunConfig) -> int:
             world_size=world,
             keep_last=cfg.checkpoint.keep_last,
         )
-        progress.checkpoint_seconds += time.perf_counter() - t0
-        metrics.observe_checkpoint(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        progress.checkpoint_seconds += seconds
+        metrics.observe_checkpoint(seconds)
 
     def ckpt_count(name: str) -> int:
         return count_lines(run_dir / name) if is_main else 0
@@ -281,6 +273,7 @@ def train(cfg: RunConfig) -> int:
     if resume_from is None and cfg.eval.every_steps:
         evaluate()  # the step-0 point of every val-loss curve
     bar = _progress_bar(cfg, progress.step) if is_main else None
+
     def train_stream(epoch: int, batch: int, selection: Any = None) -> Any:
         return ShardStream(manifest.dir, "train", rank=rank, world_size=world, seed=cfg.seed, epoch=epoch,
                            batch_size=batch, selection=selection, shuffle_buffer=cfg.data.shuffle_buffer,
@@ -324,7 +317,6 @@ def train(cfg: RunConfig) -> int:
             trained_this_epoch = 0
             for batch in _timed(stream, progress):
                 step_t0 = _clock()
-                progress.epoch_batches += 1
                 if teacher.mode == "online":
                     if len(batch["ids"]) < teacher.candidate_batch_size(batch_size):
                         progress.online_dropped_batches += 1  # same on every rank: equal counts
@@ -412,7 +404,6 @@ def train(cfg: RunConfig) -> int:
                 # the epoch ran out: next epoch
                 progress.corrupt_samples += stream.faults
                 progress.epoch += 1
-                progress.epoch_batches = 0
                 if cfg.train.max_epochs and progress.epoch >= cfg.train.max_epochs:
                     break
                 empty_epochs = 0 if trained_this_epoch else empty_epochs + 1
@@ -514,8 +505,12 @@ def _summary(
         dist.all_gather_object(gathered, per_rank, group=group)  # once, at the end: not a hot path
     else:
         gathered = [per_rank]
-    summed = _all_reduce_sum(
-        [tot["samples_trained"], tot["tokens_trained"], tot["samples_scored"], tot["corrupt_samples"]], group
+    from attent_scale.engines.base import all_reduce_sum
+
+    summed = all_reduce_sum(
+        [tot["samples_trained"], tot["tokens_trained"], tot["samples_scored"], tot["corrupt_samples"]],
+        torch.device("cpu"),  # `group` is gloo (the default group, or our own on NCCL jobs)
+        group,
     )
     return {
         "world_size": world,
@@ -530,6 +525,8 @@ def _summary(
         "corrupt_samples": int(summed[3]),
         "dropped_samples": tot["dropped_samples"],
         "nonfinite_skipped": progress.nonfinite_skipped,
+        "nonfinite_losses": tot["nonfinite_losses"],
+        "online_dropped_batches": progress.online_dropped_batches,
         "final_train_loss": progress.last_train_loss,
         "final_val_loss": progress.last_val_loss,
         "wall_seconds": tot["wall_seconds"],
