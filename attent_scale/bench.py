@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from attent_scale.errors import UserError
 from attent_scale.runlog import read_jsonl, write_json
 
 BASELINE = "uniform"
+BAR_DESC = "train"  # the trainer's tqdm description (train.py `_progress_bar`)
 CLOCK_KEYS = {"wall": "train_seconds", "cpu": "train_cpu_seconds"}
 DEFAULT_ARM = "attent:teacher.mode=cycle"
 # keys that define the subset schedule; a random-subset control copies them and swaps the strategy
@@ -98,6 +101,42 @@ def budget_overrides(args: argparse.Namespace) -> list[str]:
     return sets
 
 
+def run_with_bar(cmd: list[str], log_path: Path, label: str) -> int:
+    """Run one arm's trainer: its output goes to `log_path`, its progress bar to this terminal as `label`.
+
+    The trainer draws a tqdm bar on stderr (ATTENT_PROGRESS=1); its frames are relayed under the arm's
+    label, live when stderr is a terminal, else once at the end. Every other line goes to the log.
+    """
+    live = sys.stderr.isatty()
+    width = shutil.get_terminal_size().columns - 1
+    last = ""
+    with log_path.open("w") as log:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, env={**os.environ, "ATTENT_PROGRESS": "1"}, stdout=log,
+                                stderr=subprocess.PIPE)
+        assert proc.stderr is not None
+        pending = b""
+        for chunk in iter(lambda: proc.stderr.read1(65536), b""):
+            *pieces, pending = re.split(rb"[\r\n]", pending + chunk)
+            for piece in pieces:
+                text = piece.decode(errors="replace")
+                if text.startswith(f"{BAR_DESC}:"):
+                    last = label + text[len(BAR_DESC):]
+                    if live:
+                        sys.stderr.write("\r" + last[:width].ljust(width))
+                        sys.stderr.flush()
+                elif text:
+                    log.write(text + "\n")
+        if pending:
+            log.write(pending.decode(errors="replace") + "\n")
+        code = proc.wait()
+    if last:
+        sys.stderr.write(("\r" + last[:width].ljust(width) if live else last) + "\n")
+        sys.stderr.flush()
+    return code
+
+
 def run_arm(arm: Arm, seed: int, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     """Run one arm for one seed as its own process; return what the run directory says."""
     run_dir = out_dir / arm.name / f"seed-{seed}"
@@ -121,16 +160,22 @@ def run_arm(arm: Arm, seed: int, args: argparse.Namespace, out_dir: Path) -> dic
     # --reuse: a finished run of the very same command is read back instead of trained again
     reusable = (args.reuse and (run_dir / "summary.json").exists() and stamp.exists()
                 and json.loads(stamp.read_text()) == cmd[1:])
-    print(f"[bench] {arm.name} seed {seed}{' (reused)' if reusable else ''}: "
-          f"{' '.join(shlex.quote(c) for c in cmd[1:])}", file=sys.stderr, flush=True)
+    label = f"{arm.name} seed {seed}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "bench.log").open("a") as log:  # the commands go to the log, not the terminal
+        log.write(f"{label}{' (reused)' if reusable else ''}: {shlex.join(cmd)}\n")
     if not reusable:
-        proc = subprocess.run(cmd, env={**os.environ, "ATTENT_PROGRESS": "0"}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-        if proc.returncode != 0:
-            tail = "\n".join(proc.stdout.splitlines()[-15:])
-            raise UserError(f"bench arm {arm.name} (seed {seed}) exited with {proc.returncode}:\n{tail}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        code = run_with_bar(cmd, run_dir / "train.log", label)
+        if code != 0:
+            tail = "\n".join((run_dir / "train.log").read_text(errors="replace").splitlines()[-15:])
+            raise UserError(f"bench arm {arm.name} (seed {seed}) exited with {code} "
+                            f"(log: {run_dir / 'train.log'}):\n{tail}")
         stamp.write_text(json.dumps(cmd[1:]))
     summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"{label}: {summary['steps']} steps, {summary['samples_trained']} samples, "
+          f"{summary['train_seconds']:.1f} s training, final val loss {summary['final_val_loss']:.4f}"
+          f"{' (reused)' if reusable else ''}", file=sys.stderr, flush=True)
     evals = read_jsonl(run_dir / "eval.jsonl")
     steps = read_jsonl(run_dir / "metrics.jsonl")
     return {

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 
+from attent_scale import __version__
 from attent_scale.errors import UserError
 
 # subcommand -> module exposing `add_parser(subparsers)`; the parser it adds sets `func(args) -> int`.
@@ -19,6 +20,7 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attent-scale", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module_name in COMMANDS.values():
         try:
@@ -28,10 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue  # subcommand not built yet
         module.add_parser(sub)
+    train = sub.choices.get("train")
+    if train is not None:  # `train --help` ends with the config sections and their keys
+        from attent_scale.config import sections_help
+
+        train.epilog = sections_help()
+        train.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv) == ["--version"]:  # without importing torch
+        print(f"attent-scale {__version__}")
+        return 0
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -331,3 +332,26 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def sections_help() -> str:
+    """The config sections and their keys, from the dataclasses above (for `attent-scale train --help`)."""
+
+    def keys(cls: type, prefix: str = "") -> list[str]:
+        out = []
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            out += keys(tp, f"{prefix}{f.name}.") if dataclasses.is_dataclass(tp) else [prefix + f.name]
+        return out
+
+    lines = ["config sections (YAML; override any key with --set section.key=value; docs/training.md):"]
+    top = [f.name for f in dataclasses.fields(RunConfig)
+           if not dataclasses.is_dataclass(typing.get_type_hints(RunConfig)[f.name])]
+    rows = [("(top level)", top)] + [
+        (f.name, keys(typing.get_type_hints(RunConfig)[f.name])) for f in dataclasses.fields(RunConfig)
+        if dataclasses.is_dataclass(typing.get_type_hints(RunConfig)[f.name])
+    ]
+    for name, names in rows:
+        lines.append(textwrap.fill(", ".join(names), width=100, initial_indent=f"  {name:12}",
+                                   subsequent_indent=" " * 14, break_on_hyphens=False))
+    return "\n".join(lines)

@@ -49,7 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from attent_scale.bench import Arm, run_arm, score_arm
+    from attent_scale.bench import Arm, plot, run_arm, score_arm
 
     if args.epochs < 1:
         raise UserError(f"--epochs {args.epochs}: must be at least 1")
@@ -64,25 +64,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
                              budget_seconds=0, init_from=None, launcher=None, reuse=False, clock="wall",
                              overrides=["checkpoint.export=false", *args.overrides])
     arms = [Arm("uniform", {"teacher.mode": "none"}, role="baseline"), Arm("attent", {}, role="attent")]
+    what = {"uniform": "all data every epoch", "attent": "the teacher picks what each epoch trains on"}
+    print(f"arms' commands: {out / 'bench.log'}; their output: {out}/<arm>/seed-0/train.log", flush=True)
     results = {}
-    for arm in arms:
-        print(f"training arm '{arm.name}' ({args.epochs} epochs) ...", flush=True)
+    for i, arm in enumerate(arms, 1):
+        print(f"[{i}/{len(arms)}] {arm.name}: {args.epochs} epochs, {what[arm.name]}", flush=True)
         results[arm.name] = [run_arm(arm, 0, run, out)]
     baseline = {0: results["uniform"][0]}
     rows = [score_arm(arm.name, arm.role, results[arm.name], baseline) for arm in arms]
+    plots = plot(results, out)
     print()
-    print(f"{'':28} {'uniform':>12} {'attent':>12}")
-
-    def line(label: str, key: str, spec: str, scale: float = 1.0) -> None:
-        vals = [r[key] for r in rows]
-        cells = ["—" if v is None else format(v * scale, spec) for v in vals]
-        print(f"{label:28} {cells[0]:>12} {cells[1]:>12}")
-
-    line("training seconds", "train_seconds", ".1f")
-    line("steps", "steps", ".0f")
-    line("samples trained", "samples_trained", ".0f")
-    line("final val loss", "final_val_loss", ".4f")
-    line("selection overhead %", "selection_fraction", ".1f", 100.0)
-    line("seconds to uniform's loss", "time_to_target_seconds", ".1f")
-    print(f"\nrun dirs: {out / 'uniform'}, {out / 'attent'}; total {time.perf_counter() - t0:.0f}s")
+    print(format_demo_table(rows))
+    print(f"\nplot: {plots[0]} (val loss vs training seconds and vs samples); run dirs: "
+          f"{out / 'uniform' / 'seed-0'}, {out / 'attent' / 'seed-0'}; total {time.perf_counter() - t0:.0f}s")
+    print(verdict(rows[0], rows[1]))
     return 0
+
+
+def format_demo_table(rows: list[dict]) -> str:
+    """uniform and attent side by side."""
+    lines = [f"{'':28} {'uniform':>12} {'attent':>12}"]
+    for label, key, spec, scale in (
+        ("training seconds", "train_seconds", ".1f", 1.0),
+        ("steps", "steps", ".0f", 1.0),
+        ("samples trained", "samples_trained", ".0f", 1.0),
+        ("final val loss", "final_val_loss", ".4f", 1.0),
+        ("selection overhead %", "selection_fraction", ".1f", 100.0),
+        ("seconds to uniform's loss", "time_to_target_seconds", ".1f", 1.0),
+    ):
+        cells = ["—" if r[key] is None else format(r[key] * scale, spec) for r in rows]
+        lines.append(f"{label:28} {cells[0]:>12} {cells[1]:>12}")
+    return "\n".join(lines)
+
+
+def verdict(uniform: dict, attent: dict) -> str:
+    """One sentence: did AtteNT reach uniform's quality sooner?"""
+    ratio = attent["train_seconds"] / uniform["train_seconds"] if uniform["train_seconds"] else float("nan")
+    delta = attent["final_val_loss"] - uniform["final_val_loss"]
+    if attent["time_to_target_seconds"] is not None:
+        share = attent["time_to_target_seconds"] / uniform["time_to_target_seconds"]
+        return (f"AtteNT reached uniform's final val loss in {share:.2f}x uniform's time "
+                f"(lower is better; selection time included): it pays off on this run.")
+    return (f"AtteNT trained for {ratio:.2f}x uniform's time and ended {delta:+.3f} in val loss "
+            "(lower is better): it did not reach uniform's quality, so it does not pay off on this run.")
