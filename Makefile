@@ -1,22 +1,45 @@
 # Two entry points: `make demo` (main job on the embedded corpus) and `make test` (whole suite).
+# Both create .venv first; `make test` also installs the Debian packages the cluster tests run.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.attent-installed
+PIP := $(PY) -m pip install -q --progress-bar off
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup test demo lint clean
+# Debian packages behind the real Slurm / Prometheus / shellcheck / network-namespace tests,
+# and a command from each that the tests run.
+SYS_PACKAGES := slurm-wlm munge prometheus shellcheck iproute2
+SYS_COMMANDS := slurmctld slurmd sbatch munged prometheus shellcheck ip
+
+.PHONY: setup system-packages test demo lint clean
 
 setup: $(STAMP)
 
 # torch is pinned to the CPU build that installs from local disk; a bare `torch` would pull a CUDA build.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# Installs what is missing when it can (root with apt-get); otherwise says what to install and stops.
+system-packages:
+	@missing=""; for c in $(SYS_COMMANDS); do \
+	  command -v $$c >/dev/null 2>&1 || [ -x /usr/sbin/$$c ] || missing="$$missing $$c"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian packages for the cluster tests: $(SYS_PACKAGES)"; \
+	  log=$$(mktemp); \
+	  { DEBIAN_FRONTEND=noninteractive apt-get update \
+	    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(SYS_PACKAGES); \
+	  } >"$$log" 2>&1 || { tail -n 20 "$$log"; echo "apt-get failed (full log: $$log)"; exit 1; }; \
+	  rm -f "$$log"; \
+	else \
+	  echo "make test needs (missing:$$missing): as root, apt-get install $(SYS_PACKAGES)"; exit 1; \
+	fi
+
+test: system-packages $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
