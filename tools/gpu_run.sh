@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for the benchmark (README "Benchmarks"): GPT-2 small (124M) from config, bf16, seq 1024, on
+# GPU check for the benchmark (docs/benchmarks.md): GPT-2 small (124M) from config, bf16, seq 1024, on
 # real text shards of the embedded corpus; uniform vs the best AtteNT default, same step budget. Prints
 # tokens/s, the scoring forward's cost relative to a training step, selection fraction and val loss.
 # One prepared run, ~8 minutes on one H100: tools/gpu_run.sh [STEPS] [ARM]
