@@ -116,20 +116,24 @@ def run_with_bar(cmd: list[str], log_path: Path, label: str) -> int:
         proc = subprocess.Popen(cmd, env={**os.environ, "ATTENT_PROGRESS": "1"}, stdout=log,
                                 stderr=subprocess.PIPE)
         assert proc.stderr is not None
-        pending = b""
-        for chunk in iter(lambda: proc.stderr.read1(65536), b""):
-            *pieces, pending = re.split(rb"[\r\n]", pending + chunk)
-            for piece in pieces:
-                text = piece.decode(errors="replace")
-                if text.startswith(f"{BAR_DESC}:"):
-                    last = label + text[len(BAR_DESC):]
-                    if live:
-                        sys.stderr.write("\r" + last[:width].ljust(width))
-                        sys.stderr.flush()
-                elif text:
-                    log.write(text + "\n")
-        if pending:
-            log.write(pending.decode(errors="replace") + "\n")
+        try:
+            pending = b""
+            for chunk in iter(lambda: proc.stderr.read1(65536), b""):
+                *pieces, pending = re.split(rb"[\r\n]", pending + chunk)
+                for piece in pieces:
+                    text = piece.decode(errors="replace")
+                    if text.startswith(f"{BAR_DESC}:"):
+                        last = label + text[len(BAR_DESC):]
+                        if live:
+                            sys.stderr.write("\r" + last[:width].ljust(width))
+                            sys.stderr.flush()
+                    elif text:
+                        log.write(text + "\n")
+            if pending:
+                log.write(pending.decode(errors="replace") + "\n")
+        finally:  # interrupted or failed while relaying: do not leave the trainer running
+            if proc.poll() is None:
+                proc.terminate()
         code = proc.wait()
     if last:
         sys.stderr.write(("\r" + last[:width].ljust(width) if live else last) + "\n")
