@@ -3,7 +3,11 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.attent-installed
-PIP := $(PY) -m pip install -q --progress-bar off
+SHELL := /bin/bash
+# pip, quiet, minus one notice that pip configs listing local index directories cause for every package
+# those directories lack ("Location 'file:///...' is ignored: it is neither a file nor a directory").
+pip_install = set -o pipefail; $(PY) -m pip install -q --progress-bar off $(1) 2>&1 \
+	| { grep -v "is ignored: it is neither a file nor a directory" || true; }
 export DS_ACCELERATOR ?= cpu
 
 # Debian packages behind the real Slurm / Prometheus / shellcheck / network-namespace tests,
@@ -17,11 +21,12 @@ setup: $(STAMP)
 
 # torch is pinned to the CPU build that installs from local disk; a bare `torch` would pull a CUDA build.
 $(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) --upgrade pip
-	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev]'
-	touch $(STAMP)
+	@test -x $(PY) || { echo "creating $(VENV)"; python3 -m venv $(VENV); }
+	@echo "installing pip, torch 2.13.0 (CPU build), attent-scale and its dev tools into $(VENV) (quiet)"
+	@$(call pip_install,--upgrade pip)
+	@$(call pip_install,torch==2.13.0)
+	@$(call pip_install,-e '.[dev]')
+	@touch $(STAMP)
 
 # Installs what is missing when it can (root with apt-get); otherwise says what to install and stops.
 system-packages:
