@@ -58,13 +58,15 @@ def _workspace(tmp: Path) -> dict[str, str]:
 DOCS_WITH_BLOCKS = [p for p in DOCS if runnable_blocks(p)]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # about a minute each on two quiet cores; far more on a shared, loaded machine
 @pytest.mark.parametrize("doc", DOCS_WITH_BLOCKS, ids=[p.name for p in DOCS_WITH_BLOCKS])
 def test_runnable_blocks_run(doc: Path, tmp_path: Path) -> None:
     """A file's runnable blocks run in order in one scratch checkout, each under `bash -euo pipefail`."""
     env = _workspace(tmp_path)
     for line, body in runnable_blocks(doc):
         proc = subprocess.run(["bash", "-euo", "pipefail", "-c", body], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=1500)
         assert proc.returncode == 0, (
             f"{doc.name}:{line}: block exited with {proc.returncode}\n{body}\n--- stdout\n"
             f"{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
