@@ -1,0 +1,133 @@
+"""`attent-scale score` and excess loss: a reference trained on the ref split, scores equal on 1 and 2 ranks,
+no-op reruns, excess keys, and one-line exit-2 errors for a mismatched reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import write_text_corpus
+from train_runner import REPO, check, run_train, tiny_run_config
+
+from attent_scale.cli import main
+from attent_scale.config import TeacherConfig, config_from_dict
+from attent_scale.data import Manifest
+from attent_scale.data.builder import build_shards
+from attent_scale.errors import UserError
+from attent_scale.score import write_scores
+from attent_scale.teacher import Teacher
+from attent_scale.teacher.reference import Reference, read_metadata, scores_metadata
+
+
+def run_score(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    launch = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launch, "-m", "attent_scale", "score", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Shards with a held-out ref split, and a tiny reference model trained on that split only."""
+    tmp = tmp_path_factory.mktemp("reference")
+    shards = tmp / "shards"
+    build_shards([write_text_corpus(tmp / "corpus")], shards, seq_len=32, vocab_size=512, val_fraction=0.15,
+                 ref_fraction=0.25, samples_per_shard=100, progress=False, workers=1)
+    run_dir = tmp / "refrun"
+    cfg = tiny_run_config(run_dir, shards, data={"dir": str(shards), "train_split": "ref"},
+                          teacher={"mode": "none"}, train={"max_steps": 4, "log_every": 1},
+                          eval={"every_steps": 0, "max_batches": 1, "batch_size": 16})
+    check(run_train(cfg))
+    return shards, run_dir
+
+
+def test_reference_trains_on_ref_and_scores_match_on_1_and_2_ranks(reference: tuple[Path, Path],
+                                                                     tmp_path: Path) -> None:
+    shards, run_dir = reference
+    m = Manifest.load(shards)
+    assert 16 <= m.num_samples("ref") < m.num_samples("train")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["samples_trained"] == 64
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["train_split"] == "ref"
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    check(run_score("--model", str(run_dir / "export"), "--data", str(shards), "--out", str(one),
+                    "--batch-size", "7"))
+    check(run_score("--model", str(run_dir / "export"), "--data", str(shards), "--out", str(two),
+                    "--batch-size", "7", nproc=2))
+    assert one.read_bytes() == two.read_bytes()
+    meta = read_metadata(one)
+    assert meta["split"] == "train" and meta["num_samples"] == str(m.num_samples("train"))
+    loss = Reference(one, m, "train").losses(np.arange(m.num_samples("train")))
+    assert np.isfinite(loss).all() and 4.0 < float(loss.mean()) < 7.5
+    cost = json.loads(Path(f"{one}.cost.json").read_text())
+    assert cost["score_seconds"] > 0 and cost["run_dir"] == str(run_dir) and "train_cpu_seconds" in cost
+    # the same inputs again: nothing is recomputed, and it says so in one line
+    before = one.stat().st_mtime_ns
+    again = run_score("--model", str(run_dir / "export"), "--data", str(shards), "--out", str(one))
+    check(again)
+    assert again.stdout.strip().count("\n") == 0 and "up to date" in again.stdout
+    assert one.stat().st_mtime_ns == before
+
+
+def _scores(path: Path, m: Manifest, loss: np.ndarray, split: str = "train", **meta: str) -> Path:
+    write_scores(path, loss.astype(np.float32), {**scores_metadata(m, split, "0" * 64), **meta})
+    return path
+
+
+def test_excess_keys_rank_by_learner_minus_reference(reference: tuple[Path, Path], tmp_path: Path) -> None:
+    shards, _ = reference
+    m = Manifest.load(shards)
+    n = m.num_samples("train")
+    rng = np.random.default_rng(0)
+    learner = rng.uniform(2.0, 6.0, n).astype(np.float32)
+    ref_loss = (learner - rng.uniform(0.0, 1.0, n)).astype(np.float32)  # excess: a ranking unlike the loss
+    ref = Reference(_scores(tmp_path / "r.safetensors", m, ref_loss), m, "train")
+    cfg = TeacherConfig(mode="ledger", strategy="hard", warmup_epochs=0, ratio_schedule="constant",
+                        initial_ratio=0.25, final_ratio=0.25, score="excess", reference="r")
+    chosen = {}
+    for name, r in (("loss", None), ("excess", ref)):
+        t = Teacher(cfg, num_samples=n, seed=0, reference=r)
+        t.ledger.observe(np.arange(n), learner, 1)
+        chosen[name] = set(t.select(0, 1).ids().tolist())
+    k = int(np.floor(0.25 * n + 0.5))  # the teacher rounds half up
+    excess = learner - ref_loss
+    assert chosen["excess"] == set(np.argsort(-excess.astype(np.float64), kind="stable")[:k].tolist())
+    assert chosen["loss"] == set(np.argsort(-learner.astype(np.float64), kind="stable")[:k].tolist())
+    assert chosen["excess"] != chosen["loss"]
+    # a rank reads only the id range it asks for
+    part = Reference(tmp_path / "r.safetensors", m, "train")
+    np.testing.assert_array_equal(part.losses(np.arange(10, 20)), ref_loss[10:20])
+    assert part._block.shape == (10,)
+
+
+def test_mismatched_reference_is_a_one_line_exit_2(reference: tuple[Path, Path], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    shards, _ = reference
+    m = Manifest.load(shards)
+    n = m.num_samples("train")
+    ok = np.ones(n, dtype=np.float32)
+    cases = {
+        "other-split": (_scores(tmp_path / "a.safetensors", m, ok[: m.num_samples("ref")], "ref"), "split"),
+        "other-data": (_scores(tmp_path / "b.safetensors", m, ok, manifest_sha256="f" * 64), "shard set"),
+        "other-vocab": (_scores(tmp_path / "c.safetensors", m, ok, vocab_size="1000"), "vocabulary"),
+        "missing-ids": (_scores(tmp_path / "d.safetensors", m, ok[:-3]), "miss ids"),
+        "no-file": (tmp_path / "nope.safetensors", "not found"),
+    }
+    for name, (path, needle) in cases.items():
+        cfg = tiny_run_config(tmp_path / name, shards, teacher={"mode": "ledger", "score": "excess",
+                                                                "reference": str(path)})
+        cfg_path = tmp_path / f"{name}.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        capsys.readouterr()
+        assert main(["train", "--config", str(cfg_path)]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(path) in err[0] and needle in err[0], (name, err)
+    with pytest.raises(UserError, match="teacher.reference"):
+        config_from_dict({"teacher": {"score": "excess"}})
