@@ -131,3 +131,32 @@ def test_mismatched_reference_is_a_one_line_exit_2(reference: tuple[Path, Path],
         assert len(err) == 1 and str(path) in err[0] and needle in err[0], (name, err)
     with pytest.raises(UserError, match="teacher.reference"):
         config_from_dict({"teacher": {"score": "excess"}})
+
+
+def test_bench_shows_and_charges_the_reference_cost(tmp_path: Path) -> None:
+    from attent_scale.bench import format_markdown, format_table, reference_seconds, score_arm
+
+    ref = tmp_path / "ref.safetensors"
+    Path(f"{ref}.cost.json").write_text(json.dumps({"score_seconds": 3.0, "score_cpu_seconds": 2.0,
+                                                    "train_seconds": 40.0, "train_cpu_seconds": 30.0}))
+    arm_dir, base_dir = tmp_path / "arm", tmp_path / "base"
+    for d, teacher in ((arm_dir, {"score": "excess", "reference": str(ref)}), (base_dir, {"mode": "none"})):
+        d.mkdir()
+        (d / "config.yaml").write_text(yaml.safe_dump({"teacher": teacher}))
+    assert reference_seconds(arm_dir, "cpu") == 32.0 and reference_seconds(arm_dir, "wall") == 43.0
+    assert reference_seconds(base_dir, "cpu") == 0.0
+
+    def run(curve: list[tuple[float, float, float]], ref_s: float) -> dict:
+        summary = {"final_val_loss": curve[-1][2], "selection_seconds": 1.0, "train_seconds": curve[-1][0],
+                   "wall_seconds": curve[-1][0], "samples_trained": 10, "steps": 5}
+        return {"seed": 0, "summary": summary, "curve": curve, "clock_seconds": curve[-1][0],
+                "reference_seconds": ref_s}
+
+    base = run([(0.0, 0, 5.0), (100.0, 10, 4.0)], 0.0)
+    arm = score_arm("excess", "attent", [run([(0.0, 0, 5.0), (50.0, 5, 4.0), (60.0, 6, 3.9)],
+                                             reference_seconds(arm_dir, "cpu"))], {0: base})
+    assert arm["speedup"] == pytest.approx(2.0)  # amortized: the reference left out
+    assert arm["speedup_charged"] == pytest.approx(100.0 / (50.0 + 32.0))  # charged in full
+    assert arm["reference_seconds"] == 32.0
+    assert "ref s" in format_table([arm]) and "charged" in format_table([arm])
+    assert "| 32.0 | 1.22 |" in format_markdown([arm], "cpu")
