@@ -27,6 +27,7 @@ from attent_scale.errors import UserError
 from attent_scale.teacher.reference import LOSS_KEY, read_metadata, scores_metadata
 
 IGNORE_INDEX = -100
+SCORES_PREFIX = "scores-"  # default output: MODEL/scores-SPLIT.safetensors (+ .cost.json)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -56,10 +57,11 @@ def model_dir(path: str | Path) -> Path:
 
 
 def model_sha256(d: Path) -> str:
-    """sha256 over the names and contents of the model directory's config and weights."""
+    """sha256 over the names and contents of the model directory's config and weights (not the scores
+    files this command writes there by default)."""
     h = hashlib.sha256()
     for f in sorted(d.iterdir()):
-        if f.is_file() and (f.suffix in (".json", ".safetensors")):
+        if f.is_file() and f.suffix in (".json", ".safetensors") and not f.name.startswith(SCORES_PREFIX):
             h.update(f.name.encode() + b"\0")
             with open(f, "rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -158,7 +160,7 @@ def score_split(args: argparse.Namespace) -> int:
     mdir = model_dir(args.model)
     manifest = Manifest.load(args.data)
     n = manifest.num_samples(args.split)
-    out = Path(args.out) if args.out else mdir / f"scores-{args.split}.safetensors"
+    out = Path(args.out) if args.out else mdir / f"{SCORES_PREFIX}{args.split}.safetensors"
     meta = scores_metadata(manifest, args.split, model_sha256(mdir))
 
     info = init_distributed()

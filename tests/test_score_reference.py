@@ -56,9 +56,8 @@ def test_reference_trains_on_ref_and_scores_match_on_1_and_2_ranks(reference: tu
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["samples_trained"] == 64
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["train_split"] == "ref"
-    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    check(run_score("--model", str(run_dir / "export"), "--data", str(shards), "--out", str(one),
-                    "--batch-size", "7"))
+    one, two = run_dir / "export" / "model" / "scores-train.safetensors", tmp_path / "two.safetensors"
+    check(run_score("--model", str(run_dir / "export"), "--data", str(shards), "--batch-size", "7"))
     check(run_score("--model", str(run_dir / "export"), "--data", str(shards), "--out", str(two),
                     "--batch-size", "7", nproc=2))
     assert one.read_bytes() == two.read_bytes()
@@ -70,7 +69,7 @@ def test_reference_trains_on_ref_and_scores_match_on_1_and_2_ranks(reference: tu
     assert cost["score_seconds"] > 0 and cost["run_dir"] == str(run_dir) and "train_cpu_seconds" in cost
     # the same inputs again: nothing is recomputed, and it says so in one line
     before = one.stat().st_mtime_ns
-    again = run_score("--model", str(run_dir / "export"), "--data", str(shards), "--out", str(one))
+    again = run_score("--model", str(run_dir / "export" / "model"), "--data", str(shards))
     check(again)
     assert again.stdout.strip().count("\n") == 0 and "up to date" in again.stdout
     assert one.stat().st_mtime_ns == before
