@@ -208,15 +208,13 @@ class _SplitTokens:
         return int(self.segments[:, 2].sum()) if len(self.segments) else 0
 
 
-def tokenize_part(corpus: Corpus, out: Path, tokenizer: Path, dtype: str, *, val_fraction: float,
-                  ref_fraction: float, workers: int, progress: bool) -> dict[str, _SplitTokens]:
-    """Tokenize `corpus` into OUT/tokens/ with `workers` processes; the splits' token streams, in order."""
-    (out / "tokens").mkdir(parents=True, exist_ok=True)
+def tokenize_part(corpus: Corpus, out: Path, pool: _Pool, *, progress: bool) -> dict[str, _SplitTokens]:
+    """Tokenize `corpus` into OUT/tokens/ with the pool's processes (started by `tokenizer_pool`); the
+    splits' token streams, in order."""
     files: dict[str, list[str]] = {s: [] for s in SPLITS}
     segs: dict[str, list[tuple[int, int, int]]] = {s: [] for s in SPLITS}
     lengths: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     text_bytes = dict.fromkeys(SPLITS, 0)
-    pool = _Pool(workers, _init_tokenizer, (str(tokenizer), str(out), dtype, val_fraction, ref_fraction))
     bar = tqdm(desc="shards build", unit="doc", disable=None if progress else True)
     try:
         for result in pool.map(_tokenize_chunk, _chunks(corpus)):
@@ -227,15 +225,10 @@ def tokenize_part(corpus: Corpus, out: Path, tokenizer: Path, dtype: str, *, val
                 lengths[split].append(r["lengths"])
                 text_bytes[split] += r["text_bytes"]
                 bar.update(len(r["lengths"]))
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        raise
     finally:
         bar.close()
-        for _, f in _TOK.get("files", {}).values():  # the inline (workers=1) case
-            f.close()
-        _TOK.clear()
+        for _, f in _TOK.get("files", {}).values():  # the inline (workers=1) case; worker processes
+            f.flush()  # flush after every chunk and close their files when they exit
     return {
         s: _SplitTokens(
             files=[str(out / f) for f in files[s]],
@@ -294,21 +287,50 @@ def shard_layout(num_tokens: int, seq_len: int, itemsize: int, max_bytes: float,
     return shards
 
 
-_WRITE: dict[str, Any] = {}
+def tokenizer_pool(workers: int, tokenizer: Path, out: Path, dtype: str, val_fraction: float,
+                   ref_fraction: float) -> _Pool:
+    """The build's worker processes, each with the tokenizer loaded, writing token files under OUT."""
+    (out / "tokens").mkdir(parents=True, exist_ok=True)
+    return _Pool(workers, _init_tokenizer, (str(tokenizer), str(out), dtype, val_fraction, ref_fraction))
 
 
-def _init_writer(splits: dict[str, _SplitTokens], out: str, seq_len: int, dtype: str) -> None:
-    _WRITE.update(splits=splits, out=Path(out), seq_len=seq_len, dtype=np.dtype(dtype))
+@dataclass
+class _ShardTask:
+    """Everything one shard needs: its windows and only the token segments they cover."""
+
+    out: str
+    split: str
+    index: int
+    first: int
+    count: int
+    seq_len: int
+    dtype: str
+    tokens: _SplitTokens  # segments covering [start, stop) of the split's stream
+    base: int  # stream position of the first of those segments
+    start: int
+    stop: int
 
 
-def _write_shard(task: tuple[str, int, int, int]) -> dict[str, Any]:
+def _shard_task(st: _SplitTokens, ends: np.ndarray, out: Path, split: str, index: int, first: int,
+                count: int, seq_len: int, dtype: str) -> _ShardTask:
+    t = seq_len
+    start, stop = first * t, min((first + count - 1) * t + t + 1, int(ends[-1]))
+    k0 = int(np.searchsorted(ends, start, side="right"))
+    k1 = int(np.searchsorted(ends, stop, side="left")) + 1
+    seg = st.segments[k0:k1].copy()
+    base = int(ends[k0] - st.segments[k0, 2])
+    used = sorted(set(seg[:, 0].tolist()))
+    seg[:, 0] = np.searchsorted(used, seg[:, 0])
+    sub = _SplitTokens([st.files[i] for i in used], seg, np.zeros(0, np.int64), 0)
+    return _ShardTask(str(out), split, index, first, count, t, dtype, sub, base, start, stop)
+
+
+def _write_shard(task: _ShardTask) -> dict[str, Any]:
     """Write shard `index` of `split` holding windows [first, first + count); return its ShardInfo."""
-    split, index, first, count = task
-    st, t, dtype = _WRITE["splits"][split], _WRITE["seq_len"], _WRITE["dtype"]
-    total = st.tokens
-    start, stop = first * t, min((first + count - 1) * t + t + 1, total)
-    tokens = _read_tokens(st, dtype, start, stop)
-    path = _WRITE["out"] / f"{split}-{index:06d}.tar"
+    first, count, t, dtype = task.first, task.count, task.seq_len, np.dtype(task.dtype)
+    start = task.start
+    tokens = _read_tokens(task.tokens, dtype, start - task.base, task.stop - task.base)
+    path = Path(task.out) / f"{task.split}-{task.index:06d}.tar"
     field = token_field(dtype.name)
     n_tokens = 0
     # what webdataset's TarWriter writes (a "w|" stream, default format), without importing it: it
@@ -346,29 +368,26 @@ def _split_summary(st: _SplitTokens, shards: list[dict[str, Any]]) -> dict[str, 
 
 
 def write_shards(splits: dict[str, _SplitTokens], out: Path, settings: dict[str, Any], tok: Tokenizer,
-                 tok_path: Path, corpus_desc: str, workers: int) -> dict[str, Any]:
+                 tok_path: Path, corpus_desc: str, pool: _Pool) -> dict[str, Any]:
     """The write phase: every split's shards (in parallel) and manifest.json in OUT; the manifest dict."""
     seq_len, dtype = settings["seq_len"], settings["token_dtype"]
     max_count = settings["samples_per_shard"] or 1 << 62
     names = [s for s in SPLITS if s != "ref" or settings["ref_fraction"] > 0]
-    tasks = []
-    for s in names:
-        layout = shard_layout(splits[s].tokens, seq_len, np.dtype(dtype).itemsize,
-                              settings["shard_size_mb"] * 1e6, max_count)
-        tasks += [(s, k, first, count) for k, (first, count) in enumerate(layout)]
-    if not any(t[0] == "train" for t in tasks):
+    layouts = {s: shard_layout(splits[s].tokens, seq_len, np.dtype(dtype).itemsize,
+                               settings["shard_size_mb"] * 1e6, max_count) for s in names}
+    if not layouts["train"]:
         raise UserError(f"corpus too small: no training window of --seq-len {seq_len} ({corpus_desc})")
+
+    def tasks() -> Iterator[_ShardTask]:
+        for s in names:
+            ends = np.cumsum(splits[s].segments[:, 2])
+            for k, (first, count) in enumerate(layouts[s]):
+                yield _shard_task(splits[s], ends, out, s, k, first, count, seq_len, dtype)
+
     shards: dict[str, list[dict[str, Any]]] = {s: [] for s in names}
-    pool = _Pool(min(workers, max(1, len(tasks))), _init_writer, (splits, str(out), seq_len, dtype))
-    try:
-        for task, info in zip(tasks, pool.map(_write_shard, tasks), strict=True):
-            shards[task[0]].append(info)
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        raise
-    finally:
-        _WRITE.clear()
+    order = [s for s in names for _ in layouts[s]]
+    for split, info in zip(order, pool.map(_write_shard, tasks()), strict=True):
+        shards[split].append(info)
     build: dict[str, Any] = {
         "corpus": corpus_desc,
         "val_fraction": settings["val_fraction"],
@@ -476,8 +495,13 @@ def merge_parts(part_dirs: Sequence[str | Path], out_dir: str | Path, *, workers
 
     def fill(tmp: Path) -> None:
         shutil.copyfile(tok_path, tmp / TOKENIZER_NAME)
-        write_shards(splits, tmp, settings, Tokenizer(tmp / TOKENIZER_NAME), tmp / TOKENIZER_NAME, desc,
-                     workers or default_workers())
+        pool = _Pool(workers or default_workers())
+        try:
+            write_shards(splits, tmp, settings, Tokenizer(tmp / TOKENIZER_NAME), tmp / TOKENIZER_NAME, desc,
+                         pool)
+            pool.close()
+        finally:
+            pool.terminate()
 
     return Manifest.load(_atomic_dir(Path(out_dir), overwrite, fill))
 
@@ -587,13 +611,22 @@ def build_shards(
             "num_parts": part[1] if part else 1,
         }
         work = tmp if part is not None else tmp / ".part"
-        splits = tokenize_part(corpus, work, tok_path, dtype, val_fraction=val_fraction,
-                               ref_fraction=ref_fraction, workers=workers, progress=progress)
-        if part is not None:
-            _save_part(tmp, splits, settings, part, corpus)
-            return
-        write_shards(splits, tmp, settings, tk, tok_path, corpus.describe(), workers)
-        shutil.rmtree(work)
+        # one pool for both phases: worker start-up (a fresh interpreter each) is paid once
+        pool = tokenizer_pool(workers, tok_path, work, dtype, val_fraction, ref_fraction)
+        try:
+            splits = tokenize_part(corpus, work, pool, progress=progress)
+            if part is not None:
+                _save_part(tmp, splits, settings, part, corpus)
+            else:
+                write_shards(splits, tmp, settings, tk, tok_path, corpus.describe(), pool)
+            pool.close()
+        finally:
+            pool.terminate()
+            for _, f in _TOK.get("files", {}).values():
+                f.close()
+            _TOK.clear()
+        if part is None:
+            shutil.rmtree(work)
 
     _atomic_dir(out, overwrite, fill)
     return out if part is not None else Manifest.load(out)
