@@ -159,3 +159,16 @@ def test_bench_shows_and_charges_the_reference_cost(tmp_path: Path) -> None:
     assert arm["reference_seconds"] == 32.0
     assert "ref s" in format_table([arm]) and "charged" in format_table([arm])
     assert "| 32.0 | 1.22 |" in format_markdown([arm], "cpu")
+
+
+def test_train_with_excess_scores_selects(reference: tuple[Path, Path], tmp_path: Path) -> None:
+    shards, run_dir = reference
+    check(run_score("--model", str(run_dir / "export"), "--data", str(shards)))  # no-op after test 1
+    scores = run_dir / "export" / "model" / "scores-train.safetensors"
+    cfg = tiny_run_config(tmp_path / "excess", shards, teacher={"strategy": "hard", "score": "excess",
+                                                                "reference": str(scores)},
+                          train={"max_steps": 10, "log_every": 1})
+    check(run_train(cfg))
+    records = [json.loads(x) for x in (tmp_path / "excess" / "selection.jsonl").read_text().splitlines()]
+    assert records and records[0]["n_scored"] == Manifest.load(shards).num_samples("train")
+    assert records[0]["n_selected"] == records[0]["k"] > 0
