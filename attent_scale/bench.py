@@ -190,7 +190,27 @@ def run_arm(arm: Arm, seed: int, args: argparse.Namespace, out_dir: Path) -> dic
         "curve": [(e[CLOCK_KEYS[args.clock]], e["samples_trained"], e["val_loss"]) for e in evals],
         "clock_seconds": summary[CLOCK_KEYS[args.clock]],
         "ratio": [(m["step"], m.get("selected_ratio", 1.0)) for m in steps],
+        "reference_seconds": reference_seconds(run_dir, args.clock),
     }
+
+
+def reference_seconds(run_dir: Path, clock: str) -> float:
+    """One-time cost of the run's reference model (teacher.score=excess) on `clock`: its training plus
+    its scoring pass, from the `<reference>.cost.json` that `attent-scale score` writes; 0 without one."""
+    import yaml
+
+    cfg_path = run_dir / "config.yaml"
+    teacher = (yaml.safe_load(cfg_path.read_text()) or {}).get("teacher", {}) if cfg_path.exists() else {}
+    if teacher.get("score") != "excess" or not teacher.get("reference"):
+        return 0.0
+    cost_path = Path(f"{teacher['reference']}.cost.json")
+    if not cost_path.exists():
+        raise UserError(f"{cost_path}: missing; bench charges the reference's cost from it (rerun "
+                        "`attent-scale score`)")
+    cost = json.loads(cost_path.read_text())
+    if clock == "cpu":
+        return float(cost.get("train_cpu_seconds", 0.0)) + float(cost["score_cpu_seconds"])
+    return float(cost.get("train_seconds", 0.0)) + float(cost["score_seconds"])
 
 
 def _mean_spread(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -211,8 +231,13 @@ def score_arm(
         t_arm, s_arm = interpolate_target(run["curve"], target)
         t_base, _ = interpolate_target(base["curve"], target)
         s = run["summary"]
+        ref_s = run.get("reference_seconds", 0.0)
         per_seed.append(
             {
+                # the reference's one-time cost, and the speedup with it charged in full to this run
+                # (`speedup` leaves it out: amortized over the many runs one reference serves)
+                "reference_seconds": ref_s,
+                "speedup_charged": (t_base / (t_arm + ref_s)) if (t_arm and t_base) else None,
                 "seed": run["seed"],
                 "target_val_loss": target,
                 "final_val_loss": s["final_val_loss"],
@@ -235,6 +260,8 @@ def score_arm(
         "time_to_target_seconds",
         "samples_to_target",
         "speedup",
+        "speedup_charged",
+        "reference_seconds",
         "selection_fraction",
         "train_seconds",
         "wall_seconds",
@@ -264,7 +291,7 @@ def _pct(value: float | None) -> float | None:
 def format_table(arms: list[dict[str, Any]]) -> str:
     head = (
         f"{'arm':34} {'final val':>14} {'Δ val':>8} {'train s':>9} {'to target s':>12} {'speedup':>8} "
-        f"{'samples':>9} {'select %':>8}"
+        f"{'samples':>9} {'select %':>8} {'ref s':>7} {'charged':>8}"
     )
     lines = [head, "-" * len(head)]
     for a in arms:
@@ -274,6 +301,7 @@ def format_table(arms: list[dict[str, Any]]) -> str:
             f"{_fmt(a['train_seconds'], '.1f'):>9} {_fmt(a['time_to_target_seconds'], '.1f'):>12} "
             f"{_fmt(a['speedup'], '.2f'):>8} {_fmt(a['samples_trained'], '.0f'):>9} "
             f"{_fmt(_pct(a['selection_fraction']), '.1f'):>8}"
+            f" {_fmt(a.get('reference_seconds'), '.1f'):>7} {_fmt(a.get('speedup_charged'), '.2f'):>8}"
         )
     return "\n".join(lines)
 
@@ -281,7 +309,8 @@ def format_table(arms: list[dict[str, Any]]) -> str:
 def format_markdown(arms: list[dict[str, Any]], clock: str) -> str:
     """The same numbers as a Markdown table (bench.md), for READMEs and notes."""
     lines = [f"| arm | final val loss | Δ vs uniform | train s ({clock}) | to target s | speedup | reached | "
-             "samples | selection % | wins |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "samples | selection % | wins | reference s | speedup charged |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in arms:
         wins = {True: "yes", False: "no"}.get(a.get("wins"), "")
         lines.append(
@@ -289,7 +318,8 @@ def format_markdown(arms: list[dict[str, Any]], clock: str) -> str:
             f"{_fmt(a['val_loss_delta'], '+.4f')} | {_fmt(a['train_seconds'], '.1f')} | "
             f"{_fmt(a['time_to_target_seconds'], '.1f')} | {_fmt(a['speedup'], '.2f')} | "
             f"{a['reached_target']}/{len(a['seeds'])} | {_fmt(a['samples_trained'], '.0f')} | "
-            f"{_fmt(_pct(a['selection_fraction']), '.1f')} | {wins} |")
+            f"{_fmt(_pct(a['selection_fraction']), '.1f')} | {wins} | "
+            f"{_fmt(a.get('reference_seconds'), '.1f')} | {_fmt(a.get('speedup_charged'), '.2f')} |")
     return "\n".join(lines) + "\n"
 
 

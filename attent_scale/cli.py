@@ -15,6 +15,7 @@ COMMANDS = {
     "train": "attent_scale.train",
     "demo": "attent_scale.demo",
     "bench": "attent_scale.bench",
+    "score": "attent_scale.score",
 }
 
 

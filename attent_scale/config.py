@@ -22,6 +22,7 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 1000
     val_max_batches: int = 0  # 0 = the whole val split
+    train_split: str = "train"  # the split trained on; "ref" trains a reference model on held-out data
 
 
 @dataclass
@@ -72,6 +73,10 @@ class TeacherConfig:
     # just before trained, whose training-forward losses are at most one epoch old
     rescore: Literal["all", "stale"] = "all"
     online_record_every: int = 1  # online mode: write a selection record every this many steps
+    # what ranks samples: "loss" (the learner's), or "excess" = learner loss - a reference model's loss
+    # on the same sample (RHO-LOSS / JEST learnability), read from `reference` (`attent-scale score`)
+    score: Literal["loss", "excess"] = "loss"
+    reference: str | None = None
 
 
 @dataclass
@@ -266,6 +271,9 @@ def _validate(cfg: RunConfig) -> None:
             f"config key 'teacher.max_interval': {t.max_interval} is below teacher.initial_interval "
             f"{t.initial_interval}"
         )
+    if t.score == "excess" and not t.reference:
+        raise UserError("config key 'teacher.reference': required when teacher.score is 'excess' "
+                        "(a scores file from `attent-scale score`)")
     if cfg.engine.name == "deepspeed" and cfg.engine.deepspeed_config is None:
         raise UserError("config key 'engine.deepspeed_config': required when engine.name is 'deepspeed'")
 

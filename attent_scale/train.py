@@ -123,6 +123,7 @@ def train(cfg: RunConfig) -> int:
     from attent_scale.metrics import Metrics
     from attent_scale.runlog import JsonLines, count_lines, truncate_lines, write_json
     from attent_scale.teacher import Selection, Teacher
+    from attent_scale.teacher.reference import open_reference
 
     wall_start = time.perf_counter()
     info = init_distributed()
@@ -134,7 +135,8 @@ def train(cfg: RunConfig) -> int:
         )
     manifest = Manifest.load(cfg.data.dir)
     batch_size = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
-    n_train = manifest.num_samples("train")
+    train_split = cfg.data.train_split
+    n_train = manifest.num_samples(train_split)
     if n_train < world * batch_size:
         raise UserError(
             f"data.dir {cfg.data.dir}: {n_train} training samples is too few for "
@@ -156,6 +158,7 @@ def train(cfg: RunConfig) -> int:
         seed=cfg.seed,
         record_path=run_dir / "selection.jsonl" if is_main else None,
         group=group,
+        reference=open_reference(cfg.teacher, manifest, train_split),
     )
     if cfg.train.max_epochs:  # an epoch budget: the LR schedule decays over the steps those epochs take
         cfg.train.max_steps = min(
@@ -275,7 +278,7 @@ def train(cfg: RunConfig) -> int:
     bar = _progress_bar(cfg, progress.step) if is_main else None
 
     def train_stream(epoch: int, batch: int, selection: Any = None) -> Any:
-        return ShardStream(manifest.dir, "train", rank=rank, world_size=world, seed=cfg.seed, epoch=epoch,
+        return ShardStream(manifest.dir, train_split, rank=rank, world_size=world, seed=cfg.seed, epoch=epoch,
                            batch_size=batch, selection=selection, shuffle_buffer=cfg.data.shuffle_buffer,
                            num_workers=cfg.data.num_workers)
 

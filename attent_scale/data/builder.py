@@ -1,17 +1,31 @@
-"""Shard builder: tokenize a corpus, pack EOS-separated documents into windows, write tar shards."""
+"""Shard builder: tokenize a corpus (N processes, or one part of a multi-machine build), pack windows, write
+tar shards; merging parts gives the same bytes as a one-process build.
+
+A build has two phases. Tokenize: documents, in corpus order and in chunks, go to worker processes that
+encode them, pick each document's split by a hash of its text, and append the split's tokens to their own
+token file; the main process records, in order, where each chunk's tokens went (a "part"). Write: the
+split's token stream is the concatenation of those segments, so every window (seq_len + 1 tokens, stride
+seq_len) and every shard boundary is known up front, and shards are written by worker processes
+independently. `--part I/N` stops after the tokenize phase and leaves a part directory; `shards merge`
+runs the write phase over parts 0..N-1. A one-machine build is one part plus the write phase.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import multiprocessing as mp
 import os
 import shutil
-from collections.abc import Sequence
+import tarfile
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from tqdm import tqdm
 
 from attent_scale.data.corpus import Corpus
@@ -20,10 +34,17 @@ from attent_scale.data.tokenizer import Tokenizer, sha256_file, train_tokenizer
 from attent_scale.errors import UserError
 
 TOKENIZER_NAME = "tokenizer.model"
+PART_NAME = "part.json"
+PART_FORMAT = "attent-scale-part/1"
 KEY_WIDTH = 10  # sample keys are zero-padded global ids
 TAR_MTIME = 0  # constant tar metadata: re-runs give byte-identical shards
 TAR_USER = "attent"
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "ref")
+CHUNK_BYTES = 1 << 20  # text per tokenize task
+CHUNK_DOCS = 4096
+# part settings that must agree across the parts of one merge
+PART_SETTINGS = ("seq_len", "token_dtype", "val_fraction", "ref_fraction", "shard_size_mb",
+                 "samples_per_shard", "seed", "model_type", "tokenizer_sha256", "embedded", "num_parts")
 
 
 def sample_key(sample_id: int) -> str:
@@ -34,114 +55,486 @@ def token_field(dtype: str) -> str:
     return "tokens.u16" if dtype == "uint16" else "tokens.u32"
 
 
+def _text_hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+
+
 def val_split_of(text: str, val_fraction: float) -> bool:
     """Document-level split by a hash of the text: True means the document goes to val."""
-    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
-    return h < val_fraction * 2.0**64
+    return _text_hash(text) < val_fraction * 2.0**64
+
+
+def split_of(text: str, val_fraction: float, ref_fraction: float = 0.0) -> str:
+    """The split of a document, by a hash of its text: [0, v) val, [v, v + r) ref, the rest train.
+    Adding a ref split moves only train documents; val stays the same."""
+    h = _text_hash(text)
+    if h < val_fraction * 2.0**64:
+        return "val"
+    if h < (val_fraction + ref_fraction) * 2.0**64:
+        return "ref"
+    return "train"
 
 
 def _tar_cost(nbytes: int) -> int:
     return 512 + (nbytes + 511) // 512 * 512
 
 
-class _SplitWriter:
-    """Packs one split's token stream into windows of seq_len + 1 (stride seq_len) and writes shards."""
+def default_workers() -> int:
+    """All cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
-    def __init__(
-        self, tmp: Path, split: str, seq_len: int, dtype: str, max_bytes: float, max_count: int
-    ) -> None:
-        self.tmp, self.split, self.seq_len, self.dtype = tmp, split, seq_len, np.dtype(dtype)
-        self.field = token_field(dtype)
-        self.max_bytes, self.max_count = max_bytes, max_count
-        self.buf = np.zeros(0, dtype=self.dtype)
-        self.writer: wds.ShardWriter | None = None
-        self.next_id = 0
-        self.tokens = 0  # valid tokens written (all windows)
-        self.shard_first = 0
-        self.shard_tokens = 0
-        self.shard_est = 0
-        self.shards: list[ShardInfo] = []
-        self.docs = 0
-        self.doc_lengths: list[int] = []
-        self.text_bytes = 0
 
-    def _post(self, fname: str) -> None:
-        path = Path(fname)
-        count = self.next_id - self.shard_first
-        self.shards.append(
-            ShardInfo(
-                name=path.name,
-                first_id=self.shard_first,
-                count=count,
-                bytes=path.stat().st_size,
-                sha256=sha256_file(path),
-                tokens=self.tokens - self.shard_tokens,
-            )
-        )
-        self.shard_first = self.next_id
-        self.shard_tokens = self.tokens
-        self.shard_est = 0
+def parse_part(text: str) -> tuple[int, int]:
+    """`I/N` -> (I, N) with 0 <= I < N."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"--part {text!r}: expected I/N, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise UserError(f"--part {text!r}: need 0 <= I < N")
+    return i, n
 
-    def _write(self, window: np.ndarray) -> None:
-        data = window.astype(self.dtype, copy=False).tobytes()
-        cost = _tar_cost(len(data))
-        if self.writer is None:
-            pattern = str(self.tmp / f"{self.split}-").replace("%", "%%") + "%06d.tar"
-            self.writer = wds.ShardWriter(
-                pattern, maxcount=self.max_count, maxsize=float("inf"), post=self._post, verbose=0,
-                encoder=False, mtime=TAR_MTIME, user=TAR_USER, group=TAR_USER, mode=0o444,
-            )
-        elif self.shard_est > 0 and self.shard_est + cost > self.max_bytes:
-            self.writer.next_stream()
-        self.writer.write({"__key__": sample_key(self.next_id), self.field: data})
-        self.next_id += 1
-        self.tokens += len(window)
-        self.shard_est += cost
 
-    def add(self, ids: list[int], text_bytes: int) -> None:
-        self.docs += 1
-        self.doc_lengths.append(len(ids))
-        self.text_bytes += text_bytes
-        buf = np.concatenate([self.buf, np.asarray(ids, dtype=self.dtype)])
-        t = self.seq_len
-        start = 0
-        while len(buf) - start >= t + 1:
-            self._write(buf[start : start + t + 1])
-            start += t  # windows overlap by one token: every token after the first is a target once
-        self.buf = buf[start:]
+# ---------------------------------------------------------------------------------------- worker pool
+
+class _Pool:
+    """Ordered map over tasks with N worker processes (inline for N = 1) and a bounded queue, so the
+    main process never reads far ahead of the workers."""
+
+    def __init__(self, workers: int, initializer: Callable[..., None] | None = None,
+                 initargs: tuple = ()) -> None:
+        self.workers = workers
+        self.pool = None
+        if workers > 1:
+            # spawn: no fork of a process that may hold threads (torch, tqdm's monitor)
+            self.pool = mp.get_context("spawn").Pool(workers, initializer=initializer, initargs=initargs)
+        elif initializer is not None:
+            initializer(*initargs)
+
+    def map(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> Iterator[Any]:
+        if self.pool is None:
+            for t in tasks:
+                yield fn(t)
+            return
+        pending: deque = deque()
+        for t in tasks:
+            pending.append(self.pool.apply_async(fn, (t,)))
+            if len(pending) >= 2 * self.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
     def close(self) -> None:
-        if len(self.buf) >= 2:
-            self._write(self.buf)  # last partial window; its valid length is its stored length
-        self.buf = np.zeros(0, dtype=self.dtype)
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+            self.pool = None
 
-    def summary(self) -> dict[str, Any]:
-        lengths = np.asarray(self.doc_lengths or [0])
-        return {
-            "num_samples": self.next_id,
-            "tokens": self.tokens,
-            "documents": self.docs,
-            "text_bytes": self.text_bytes,
-            "doc_tokens": {
-                # histogram over powers of two: hist[i] = documents with 2**(i-1) < tokens <= 2**i
-                "hist_pow2": np.bincount(np.ceil(np.log2(np.maximum(lengths, 1))).astype(int)).tolist(),
-                "min": int(lengths.min()),
-                "p50": int(np.percentile(lengths, 50)),
-                "p90": int(np.percentile(lengths, 90)),
-                "max": int(lengths.max()),
-            },
-            "shards": [s.to_json() for s in self.shards],
-        }
+    def terminate(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
 
+
+# ---------------------------------------------------------------------------------------- tokenize phase
+
+_TOK: dict[str, Any] = {}
+
+
+def _init_tokenizer(path: str, out_dir: str, dtype: str, val_fraction: float, ref_fraction: float) -> None:
+    _TOK.update(tk=Tokenizer(path), out=Path(out_dir), dtype=np.dtype(dtype), val=val_fraction,
+                ref=ref_fraction, files={})
+
+
+def _token_file(split: str) -> tuple[str, Any]:
+    """This process's append-only token file for `split` (name relative to the part dir, open handle)."""
+    files = _TOK["files"]
+    if split not in files:
+        name = f"tokens/{split}-{os.getpid()}.bin"
+        files[split] = (name, open(_TOK["out"] / name, "ab"))  # noqa: SIM115 - closed at process exit
+    return files[split]
+
+
+def _tokenize_chunk(texts: list[str]) -> dict[str, Any]:
+    """Encode one chunk; append each split's tokens to this process's file; return where they went."""
+    tk, dtype = _TOK["tk"], _TOK["dtype"]
+    by_split: dict[str, list[np.ndarray]] = {}
+    nbytes: dict[str, int] = {}
+    for text in texts:
+        split = split_of(text, _TOK["val"], _TOK["ref"])
+        ids = tk.encode(text)
+        ids.append(tk.eos_id)
+        by_split.setdefault(split, []).append(np.asarray(ids, dtype=dtype))
+        nbytes[split] = nbytes.get(split, 0) + len(text.encode("utf-8"))
+    out = {}
+    for split, arrays in by_split.items():
+        name, f = _token_file(split)
+        offset = f.tell()
+        f.write(np.concatenate(arrays).tobytes())
+        f.flush()
+        out[split] = {"file": name, "offset": offset, "lengths": np.array([len(a) for a in arrays]),
+                      "text_bytes": nbytes[split]}
+    return out
+
+
+def _chunks(corpus: Iterable[Any]) -> Iterator[list[str]]:
+    texts: list[str] = []
+    size = 0
+    for doc in corpus:
+        texts.append(doc.text)
+        size += len(doc.text)
+        if size >= CHUNK_BYTES or len(texts) >= CHUNK_DOCS:
+            yield texts
+            texts, size = [], 0
+    if texts:
+        yield texts
+
+
+@dataclass
+class _SplitTokens:
+    """One split's token stream: ordered segments (file, byte offset, tokens) plus per-document stats."""
+
+    files: list[str]  # paths (absolute once loaded)
+    segments: np.ndarray  # int64 [n, 3]: file index, byte offset, token count
+    doc_lengths: np.ndarray  # int64, tokens per document (EOS included), in order
+    text_bytes: int
+
+    @property
+    def tokens(self) -> int:
+        return int(self.segments[:, 2].sum()) if len(self.segments) else 0
+
+
+def tokenize_part(corpus: Corpus, out: Path, pool: _Pool, *, progress: bool) -> dict[str, _SplitTokens]:
+    """Tokenize `corpus` into OUT/tokens/ with the pool's processes (started by `tokenizer_pool`); the
+    splits' token streams, in order."""
+    files: dict[str, list[str]] = {s: [] for s in SPLITS}
+    segs: dict[str, list[tuple[int, int, int]]] = {s: [] for s in SPLITS}
+    lengths: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    text_bytes = dict.fromkeys(SPLITS, 0)
+    bar = tqdm(desc="shards build", unit="doc", disable=None if progress else True)
+    try:
+        for result in pool.map(_tokenize_chunk, _chunks(corpus)):
+            for split, r in result.items():
+                if r["file"] not in files[split]:
+                    files[split].append(r["file"])
+                segs[split].append((files[split].index(r["file"]), r["offset"], int(r["lengths"].sum())))
+                lengths[split].append(r["lengths"])
+                text_bytes[split] += r["text_bytes"]
+                bar.update(len(r["lengths"]))
+    finally:
+        bar.close()
+        for _, f in _TOK.get("files", {}).values():  # the inline (workers=1) case; worker processes
+            f.flush()  # flush after every chunk and close their files when they exit
+    return {
+        s: _SplitTokens(
+            files=[str(out / f) for f in files[s]],
+            segments=np.array(segs[s], dtype=np.int64).reshape(-1, 3),
+            doc_lengths=np.concatenate(lengths[s]).astype(np.int64) if lengths[s] else np.zeros(0, np.int64),
+            text_bytes=text_bytes[s],
+        )
+        for s in SPLITS
+    }
+
+
+def _read_tokens(st: _SplitTokens, dtype: np.dtype, start: int, stop: int) -> np.ndarray:
+    """Tokens [start, stop) of a split's stream."""
+    counts = st.segments[:, 2]
+    ends = np.cumsum(counts)
+    begins = ends - counts
+    out = np.empty(stop - start, dtype=dtype)
+    k = int(np.searchsorted(ends, start, side="right"))
+    pos = start
+    while pos < stop:
+        fi, off, n = (int(x) for x in st.segments[k])
+        lo = pos - int(begins[k])
+        take = min(n - lo, stop - pos)
+        if take > 0:
+            out[pos - start : pos - start + take] = np.fromfile(
+                st.files[fi], dtype=dtype, count=take, offset=off + lo * dtype.itemsize)
+            pos += take
+        k += 1
+    return out
+
+
+# ---------------------------------------------------------------------------------------- write phase
+
+def shard_layout(num_tokens: int, seq_len: int, itemsize: int, max_bytes: float,
+                 max_count: int) -> list[tuple[int, int]]:
+    """(first window, windows) per shard of a split with `num_tokens` tokens. Windows are seq_len + 1
+    tokens at stride seq_len, the last one possibly shorter (kept when it has >= 2 tokens); a shard ends
+    at `max_count` windows or before its estimated tar size would pass `max_bytes`."""
+    t = seq_len
+    n_full = (num_tokens - 1) // t if num_tokens > 0 else 0
+    tail = num_tokens - n_full * t
+    cost = _tar_cost((t + 1) * itemsize)
+    per = max(1, int(max_bytes // cost))
+    while (per + 1) * cost <= max_bytes:
+        per += 1
+    while per > 1 and per * cost > max_bytes:
+        per -= 1
+    per = min(per, max_count)
+    shards = [(i, min(per, n_full - i)) for i in range(0, n_full, per)]
+    if tail >= 2:
+        c_tail = _tar_cost(tail * itemsize)
+        if shards and shards[-1][1] < max_count and shards[-1][1] * cost + c_tail <= max_bytes:
+            shards[-1] = (shards[-1][0], shards[-1][1] + 1)
+        else:
+            shards.append((n_full, 1))
+    return shards
+
+
+def tokenizer_pool(workers: int, tokenizer: Path, out: Path, dtype: str, val_fraction: float,
+                   ref_fraction: float) -> _Pool:
+    """The build's worker processes, each with the tokenizer loaded, writing token files under OUT."""
+    (out / "tokens").mkdir(parents=True, exist_ok=True)
+    return _Pool(workers, _init_tokenizer, (str(tokenizer), str(out), dtype, val_fraction, ref_fraction))
+
+
+@dataclass
+class _ShardTask:
+    """Everything one shard needs: its windows and only the token segments they cover."""
+
+    out: str
+    split: str
+    index: int
+    first: int
+    count: int
+    seq_len: int
+    dtype: str
+    tokens: _SplitTokens  # segments covering [start, stop) of the split's stream
+    base: int  # stream position of the first of those segments
+    start: int
+    stop: int
+
+
+def _shard_task(st: _SplitTokens, ends: np.ndarray, out: Path, split: str, index: int, first: int,
+                count: int, seq_len: int, dtype: str) -> _ShardTask:
+    t = seq_len
+    start, stop = first * t, min((first + count - 1) * t + t + 1, int(ends[-1]))
+    k0 = int(np.searchsorted(ends, start, side="right"))
+    k1 = int(np.searchsorted(ends, stop, side="left")) + 1
+    seg = st.segments[k0:k1].copy()
+    base = int(ends[k0] - st.segments[k0, 2])
+    used = sorted(set(seg[:, 0].tolist()))
+    seg[:, 0] = np.searchsorted(used, seg[:, 0])
+    sub = _SplitTokens([st.files[i] for i in used], seg, np.zeros(0, np.int64), 0)
+    return _ShardTask(str(out), split, index, first, count, t, dtype, sub, base, start, stop)
+
+
+def _write_shard(task: _ShardTask) -> dict[str, Any]:
+    """Write shard `index` of `split` holding windows [first, first + count); return its ShardInfo."""
+    first, count, t, dtype = task.first, task.count, task.seq_len, np.dtype(task.dtype)
+    start = task.start
+    tokens = _read_tokens(task.tokens, dtype, start - task.base, task.stop - task.base)
+    path = Path(task.out) / f"{task.split}-{task.index:06d}.tar"
+    field = token_field(dtype.name)
+    n_tokens = 0
+    # what webdataset's TarWriter writes (a "w|" stream, default format), without importing it: it
+    # imports torch, which would cost every worker process seconds
+    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w|") as tf:
+        for j in range(first, first + count):
+            a = j * t - start
+            data = tokens[a : min(a + t + 1, len(tokens))].tobytes()
+            n_tokens += len(data) // dtype.itemsize
+            info = tarfile.TarInfo(f"{sample_key(j)}.{field}")
+            info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
+            info.uname = info.gname = TAR_USER
+            tf.addfile(info, io.BytesIO(data))
+    return ShardInfo(name=path.name, first_id=first, count=count, bytes=path.stat().st_size,
+                     sha256=sha256_file(path), tokens=n_tokens).to_json()
+
+
+def _split_summary(st: _SplitTokens, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    lengths = st.doc_lengths if len(st.doc_lengths) else np.zeros(1, dtype=np.int64)
+    return {
+        "num_samples": sum(s["count"] for s in shards),
+        "tokens": sum(s["tokens"] for s in shards),
+        "documents": int(len(st.doc_lengths)),
+        "text_bytes": st.text_bytes,
+        "doc_tokens": {
+            # histogram over powers of two: hist[i] = documents with 2**(i-1) < tokens <= 2**i
+            "hist_pow2": np.bincount(np.ceil(np.log2(np.maximum(lengths, 1))).astype(int)).tolist(),
+            "min": int(lengths.min()),
+            "p50": int(np.percentile(lengths, 50)),
+            "p90": int(np.percentile(lengths, 90)),
+            "max": int(lengths.max()),
+        },
+        "shards": shards,
+    }
+
+
+def write_shards(splits: dict[str, _SplitTokens], out: Path, settings: dict[str, Any], tok: Tokenizer,
+                 tok_path: Path, corpus_desc: str, pool: _Pool) -> dict[str, Any]:
+    """The write phase: every split's shards (in parallel) and manifest.json in OUT; the manifest dict."""
+    seq_len, dtype = settings["seq_len"], settings["token_dtype"]
+    max_count = settings["samples_per_shard"] or 1 << 62
+    names = [s for s in SPLITS if s != "ref" or settings["ref_fraction"] > 0]
+    layouts = {s: shard_layout(splits[s].tokens, seq_len, np.dtype(dtype).itemsize,
+                               settings["shard_size_mb"] * 1e6, max_count) for s in names}
+    if not layouts["train"]:
+        raise UserError(f"corpus too small: no training window of --seq-len {seq_len} ({corpus_desc})")
+
+    def tasks() -> Iterator[_ShardTask]:
+        for s in names:
+            ends = np.cumsum(splits[s].segments[:, 2])
+            for k, (first, count) in enumerate(layouts[s]):
+                yield _shard_task(splits[s], ends, out, s, k, first, count, seq_len, dtype)
+
+    shards: dict[str, list[dict[str, Any]]] = {s: [] for s in names}
+    order = [s for s in names for _ in layouts[s]]
+    for split, info in zip(order, pool.map(_write_shard, tasks()), strict=True):
+        shards[split].append(info)
+    build: dict[str, Any] = {
+        "corpus": corpus_desc,
+        "val_fraction": settings["val_fraction"],
+        "model_type": settings["model_type"],
+        "seed": settings["seed"],
+    }
+    if settings["ref_fraction"] > 0:
+        build["ref_fraction"] = settings["ref_fraction"]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "seq_len": seq_len,
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "pad_id": tok.pad_id,
+        "token_dtype": dtype,
+        "token_field": token_field(dtype),
+        "key_width": KEY_WIDTH,
+        "window": "seq_len + 1 tokens, stride seq_len; the last window of a split may be shorter",
+        "newline_symbol": tok.newline_symbol,
+        "tokenizer": {"file": TOKENIZER_NAME, "sha256": sha256_file(tok_path)},
+        "build": build,
+        "splits": {s: _split_summary(splits[s], shards[s]) for s in names},
+    }
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------- parts
+
+def _save_part(out: Path, splits: dict[str, _SplitTokens], settings: dict[str, Any], part: tuple[int, int],
+               corpus: Corpus) -> None:
+    meta: dict[str, Any] = {"format": PART_FORMAT, "part": part[0], "settings": settings,
+                            "input_files": len(corpus.files), "splits": {}}
+    for s, st in splits.items():
+        np.save(out / "tokens" / f"{s}-segments.npy", st.segments)
+        np.save(out / "tokens" / f"{s}-doc-lengths.npy", st.doc_lengths)
+        meta["splits"][s] = {"files": [str(Path(f).relative_to(out)) for f in st.files],
+                             "tokens": st.tokens, "text_bytes": st.text_bytes,
+                             "documents": int(len(st.doc_lengths))}
+    (out / PART_NAME).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+
+
+def _load_part(d: Path) -> tuple[dict[str, Any], dict[str, _SplitTokens]]:
+    path = d / PART_NAME
+    try:
+        meta = json.loads(path.read_text())
+        if meta.get("format") != PART_FORMAT:
+            raise UserError(f"{path}: not a part manifest ({meta.get('format')!r} != {PART_FORMAT!r})")
+        splits = {}
+        for s in SPLITS:
+            info = meta["splits"][s]
+            seg = np.load(d / "tokens" / f"{s}-segments.npy")
+            files = [str(d / f) for f in info["files"]]
+            for f in files:
+                if not Path(f).is_file():
+                    raise UserError(f"{f}: token file listed in {path} is missing")
+            splits[s] = _SplitTokens(files, seg.reshape(-1, 3).astype(np.int64),
+                                     np.load(d / "tokens" / f"{s}-doc-lengths.npy"), int(info["text_bytes"]))
+    except FileNotFoundError as exc:
+        raise UserError(f"{exc.filename or path}: not found (not a `shards build --part` output?)") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: invalid part ({type(exc).__name__}: {exc})") from None
+    return meta, splits
+
+
+def _concat(parts: list[_SplitTokens]) -> _SplitTokens:
+    files: list[str] = []
+    segs = []
+    for p in parts:
+        seg = p.segments.copy()
+        seg[:, 0] += len(files)
+        files += p.files
+        segs.append(seg)
+    return _SplitTokens(files, np.concatenate(segs) if segs else np.zeros((0, 3), np.int64),
+                        np.concatenate([p.doc_lengths for p in parts]).astype(np.int64),
+                        sum(p.text_bytes for p in parts))
+
+
+def merge_parts(part_dirs: Sequence[str | Path], out_dir: str | Path, *, workers: int | None = None,
+                overwrite: bool = False) -> Manifest:
+    """Join the parts 0..N-1 of a `--part` build into one shard set with dense ids (same bytes as a
+    one-process build of the same inputs)."""
+    dirs = [Path(p) for p in part_dirs]
+    if not dirs:
+        raise UserError("shards merge: no part directories given")
+    loaded = [(d, *_load_part(d)) for d in dirs]
+    first_dir, first, _ = loaded[0]
+    n = first["settings"]["num_parts"]
+    for d, meta, _ in loaded:
+        for key in PART_SETTINGS:
+            if meta["settings"].get(key) != first["settings"].get(key):
+                raise UserError(f"{d / PART_NAME}: {key} {meta['settings'].get(key)!r} differs from "
+                                f"{first_dir / PART_NAME} ({first['settings'].get(key)!r})")
+    got = sorted(meta["part"] for _, meta, _ in loaded)
+    if got != list(range(n)):
+        raise UserError(f"shards merge: need parts 0..{n - 1} of {n} exactly once, got {got}")
+    loaded.sort(key=lambda x: x[1]["part"])
+    splits = {s: _concat([sp[s] for _, _, sp in loaded]) for s in SPLITS}
+    settings = dict(first["settings"])
+    desc = "embedded stdlib corpus" if settings["embedded"] else \
+        f"{sum(meta['input_files'] for _, meta, _ in loaded)} input file(s)"
+    tok_path = first_dir / TOKENIZER_NAME
+    if sha256_file(tok_path) != settings["tokenizer_sha256"]:
+        raise UserError(f"{tok_path}: sha256 differs from its {PART_NAME}")
+
+    def fill(tmp: Path) -> None:
+        shutil.copyfile(tok_path, tmp / TOKENIZER_NAME)
+        pool = _Pool(workers or default_workers())
+        try:
+            write_shards(splits, tmp, settings, Tokenizer(tmp / TOKENIZER_NAME), tmp / TOKENIZER_NAME, desc,
+                         pool)
+            pool.close()
+        finally:
+            pool.terminate()
+
+    return Manifest.load(_atomic_dir(Path(out_dir), overwrite, fill))
+
+
+# ---------------------------------------------------------------------------------------- build
 
 def _check_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: output exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out}: output directory is not empty (use --overwrite)")
+
+
+def _atomic_dir(out: Path, overwrite: bool, fill: Callable[[Path], None]) -> Path:
+    """Run fill(tmp) on a fresh temp dir beside OUT, then swap it into place; nothing left on failure."""
+    _check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def build_shards(
@@ -153,6 +546,7 @@ def build_shards(
     model_type: str = "bpe",
     tokenizer: str | Path | None = None,
     val_fraction: float = 0.01,
+    ref_fraction: float = 0.0,
     glob: str = "*",
     text_field: str | None = None,
     max_bytes: int | None = None,
@@ -162,13 +556,19 @@ def build_shards(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
-) -> Manifest:
-    """Build train/val shards plus manifest.json and tokenizer.model in `out_dir`; return the manifest."""
+    workers: int | None = None,
+    part: tuple[int, int] | None = None,
+) -> Manifest | Path:
+    """Build train/val(/ref) shards plus manifest.json and tokenizer.model in `out_dir`; return the
+    manifest. With `part=(I, N)`: tokenize only the I-th of N contiguous slices of the input files into a
+    part directory for `merge_parts`, and return its path."""
     out = Path(out_dir)
     if seq_len < 2:
         raise UserError(f"--seq-len {seq_len}: must be at least 2")
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    if not 0.0 <= ref_fraction < 1.0 or val_fraction + ref_fraction >= 1.0:
+        raise UserError(f"--ref-fraction {ref_fraction}: must be in [0, 1) with val + ref fractions < 1")
     if shard_size_mb <= 0:
         raise UserError(f"--shard-size-mb {shard_size_mb}: must be positive")
     if samples_per_shard is not None and samples_per_shard < 1:
@@ -176,18 +576,25 @@ def build_shards(
     for name, cap in (("--max-bytes", max_bytes), ("--max-docs", max_docs)):
         if cap is not None and cap < 1:
             raise UserError(f"{name} {cap}: must be at least 1")
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise UserError(f"--workers {workers}: must be at least 1")
+    if part is not None:
+        if tokenizer is None:
+            raise UserError("--part: needs --tokenizer (every part must encode with the same model)")
+        if max_bytes is not None or max_docs is not None:
+            raise UserError("--part: --max-bytes/--max-docs cap the whole corpus in order; not with parts")
     _check_output(out, overwrite)
     corpus = Corpus(inputs, glob=glob, text_field=text_field, max_bytes=max_bytes, max_docs=max_docs)
     if tokenizer is not None and not Path(tokenizer).is_file():
         raise UserError(f"{tokenizer}: tokenizer file not found")
+    if part is not None:
+        i, n = part
+        corpus.files = corpus.files[i * len(corpus.files) // n : (i + 1) * len(corpus.files) // n]
+    elif next(iter(corpus), None) is None:
+        raise UserError(f"empty corpus: {corpus.describe()} contain no non-blank text")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        if next(iter(corpus), None) is None:
-            raise UserError(f"empty corpus: {corpus.describe()} contain no non-blank text")
+    def fill(tmp: Path) -> None:
         tok_path = tmp / TOKENIZER_NAME
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tok_path)
@@ -195,50 +602,31 @@ def build_shards(
             train_tokenizer(corpus, tok_path, vocab_size=vocab_size, model_type=model_type, seed=seed)
         tk = Tokenizer(tok_path)
         dtype = "uint16" if tk.vocab_size < 65536 else "uint32"
-        max_count = samples_per_shard or 1 << 62
-        writers = {
-            s: _SplitWriter(tmp, s, seq_len, dtype, shard_size_mb * 1e6, max_count) for s in SPLITS
+        settings = {
+            "seq_len": seq_len, "token_dtype": dtype, "val_fraction": val_fraction,
+            "ref_fraction": ref_fraction, "shard_size_mb": shard_size_mb,
+            "samples_per_shard": samples_per_shard, "seed": seed,
+            "model_type": model_type if tokenizer is None else "given",
+            "tokenizer_sha256": sha256_file(tok_path), "embedded": corpus.embedded,
+            "num_parts": part[1] if part else 1,
         }
-        bar = tqdm(corpus, desc="shards build", unit="doc", disable=None if progress else True)
-        for doc in bar:
-            split = "val" if val_split_of(doc.text, val_fraction) else "train"
-            writers[split].add(tk.encode(doc.text) + [tk.eos_id], len(doc.text.encode("utf-8")))
-        bar.close()
-        for w in writers.values():
-            w.close()
-        if writers["train"].next_id == 0:
-            raise UserError(
-                f"corpus too small: no training window of --seq-len {seq_len} ({corpus.describe()})"
-            )
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "seq_len": seq_len,
-            "vocab_size": tk.vocab_size,
-            "eos_id": tk.eos_id,
-            "pad_id": tk.pad_id,
-            "token_dtype": dtype,
-            "token_field": token_field(dtype),
-            "key_width": KEY_WIDTH,
-            "window": "seq_len + 1 tokens, stride seq_len; the last window of a split may be shorter",
-            "newline_symbol": tk.newline_symbol,
-            "tokenizer": {"file": TOKENIZER_NAME, "sha256": sha256_file(tok_path)},
-            "build": {
-                "corpus": corpus.describe(),
-                "val_fraction": val_fraction,
-                "model_type": model_type if tokenizer is None else "given",
-                "seed": seed,
-            },
-            "splits": {s: w.summary() for s, w in writers.items()},
-        }
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Manifest.load(out)
+        work = tmp if part is not None else tmp / ".part"
+        # one pool for both phases: worker start-up (a fresh interpreter each) is paid once
+        pool = tokenizer_pool(workers, tok_path, work, dtype, val_fraction, ref_fraction)
+        try:
+            splits = tokenize_part(corpus, work, pool, progress=progress)
+            if part is not None:
+                _save_part(tmp, splits, settings, part, corpus)
+            else:
+                write_shards(splits, tmp, settings, tk, tok_path, corpus.describe(), pool)
+            pool.close()
+        finally:
+            pool.terminate()
+            for _, f in _TOK.get("files", {}).values():
+                f.close()
+            _TOK.clear()
+        if part is None:
+            shutil.rmtree(work)
+
+    _atomic_dir(out, overwrite, fill)
+    return out if part is not None else Manifest.load(out)

@@ -1,4 +1,4 @@
-"""`attent-scale shards build|inspect`: the command line of the data path."""
+"""`attent-scale shards build|merge|inspect`: the command line of the data path."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import numpy as np
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import tar_file_iterator
 
-from attent_scale.data.builder import build_shards, sample_key
+from attent_scale.data.builder import build_shards, default_workers, merge_parts, parse_part, sample_key
 from attent_scale.data.manifest import Manifest
 from attent_scale.data.tokenizer import sha256_file
+from attent_scale.errors import UserError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -30,18 +31,39 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="sentencepiece model")
     b.add_argument("--tokenizer", default=None, help="reuse this sentencepiece .model instead of training")
     b.add_argument("--val-fraction", type=float, default=0.01, help="documents to val, by hash of the text")
+    b.add_argument("--ref-fraction", type=float, default=0.0,
+                   help="documents to a held-out 'ref' split (for a reference model), by hash of the text")
     b.add_argument("--shard-size-mb", type=float, default=64.0, help="start a new shard at this size")
     b.add_argument("--samples-per-shard", type=int, default=None, help="or at this many samples")
     b.add_argument("--seed", type=int, default=0, help="tokenizer training seed")
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    b.add_argument("--workers", type=int, default=None,
+                   help=f"processes that tokenize and write (default: all cores, here {default_workers()})")
+    b.add_argument("--part", default=None, metavar="I/N",
+                   help="tokenize only the I-th of N slices of the input files into a part directory "
+                        "(needs --tokenizer); join the parts with `shards merge`")
     b.set_defaults(func=cmd_build)
+
+    g = sub.add_parser("merge", help="join the part directories of a `build --part I/N` into one shard set")
+    g.add_argument("parts", nargs="+", help="part directories 0..N-1 (any order)")
+    g.add_argument("-o", "--out", required=True, help="output directory")
+    g.add_argument("--workers", type=int, default=None, help="processes that write shards (default: all)")
+    g.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    g.set_defaults(func=cmd_merge)
 
     i = sub.add_parser("inspect", help="summarise a shard directory; --verify re-hashes and decodes all")
     i.add_argument("dir", help="shard directory (holds manifest.json)")
     i.add_argument("--verify", action="store_true",
                    help="re-hash every shard and decode every sample; exit 1 listing each problem")
     i.set_defaults(func=cmd_inspect)
+
+
+def _report(m: Manifest) -> None:
+    for split in m.splits:
+        print(f"{split}: {m.num_samples(split)} samples, {m.num_tokens(split)} tokens, "
+              f"{len(m.splits[split])} shards")
+    print(f"wrote {m.dir}")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -53,6 +75,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         model_type=args.model_type,
         tokenizer=args.tokenizer,
         val_fraction=args.val_fraction,
+        ref_fraction=args.ref_fraction,
         glob=args.glob,
         text_field=args.text_field,
         max_bytes=args.max_bytes,
@@ -62,11 +85,20 @@ def cmd_build(args: argparse.Namespace) -> int:
         seed=args.seed,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        workers=args.workers,
+        part=parse_part(args.part) if args.part else None,
     )
-    for split in m.splits:
-        print(f"{split}: {m.num_samples(split)} samples, {m.num_tokens(split)} tokens, "
-              f"{len(m.splits[split])} shards")
-    print(f"wrote {m.dir}")
+    if isinstance(m, Manifest):
+        _report(m)
+    else:
+        print(f"wrote part {args.part} to {m} (join the parts with `attent-scale shards merge`)")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers}: must be at least 1")
+    _report(merge_parts(args.parts, args.out, workers=args.workers, overwrite=args.overwrite))
     return 0
 
 

@@ -55,7 +55,7 @@ class Teacher:
     by all ranks in the same order."""
 
     def __init__(self, cfg: TeacherConfig, *, num_samples: int, seed: int, record_path: Path | None = None,
-                 group: Any = None) -> None:
+                 group: Any = None, reference: Any = None) -> None:
         if num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
         self.cfg = cfg
@@ -65,6 +65,7 @@ class Teacher:
         self.world_size = dist.get_world_size(self.group) if self.group is not None else 1
         self.rank = dist.get_rank(self.group) if self.group is not None else 0
         self.ledger = Ledger(self.num_samples)
+        self.reference = reference  # teacher.score=excess: a teacher.reference.Reference, else None
         self._writer = RecordWriter(record_path if self.rank == 0 else None)
         self._cache_cycle = -1
         self._cache: Selection | None = None
@@ -210,6 +211,7 @@ class Teacher:
             self.ledger.consolidate(comm=comm)
             t1 = time.perf_counter()
             ids, loss, steps, _ = self.ledger.entries()
+            loss = self._excess(ids, loss)
             keys_np = np.full(pool.shape[0], np.inf, dtype=np.float64)  # unseen ids rank first
             keys_np[ids - lo] = strategy_keys(cfg.strategy, loss, ids, seed=self.seed, cycle=epoch,
                                               temperature=cfg.temperature,
@@ -254,6 +256,12 @@ class Teacher:
             self._cache, self._cache_cycle = selection, plan.cycle
         return selection
 
+    def _excess(self, ids: np.ndarray, loss: np.ndarray) -> np.ndarray:
+        """teacher.score=excess: learner loss minus the reference model's loss of the same ids."""
+        if self.reference is None:
+            return loss
+        return (loss.astype(np.float32) - self.reference.losses(ids)).astype(np.float32)
+
     def _finish(self, record: dict[str, Any], seconds: dict[str, float], total_bytes: int) -> None:
         for phase in ("collective", "select", "share", "rebalance"):
             self.stats[f"seconds_{phase}"] += float(seconds.get(phase, 0.0))
@@ -289,7 +297,9 @@ class Teacher:
         offset = int(sum(sizes[: self.rank]))
         b = min(int(batch_size), math.ceil(min(sizes) * cfg.online_ratio - 1e-9))
         k = b * self.world_size
-        keys = strategy_keys(cfg.strategy, scores.detach().float().cpu().reshape(-1), ids.clamp(min=0),
+        scores = torch.from_numpy(self._excess(ids.clamp(min=0).numpy(),
+                                               scores.detach().float().cpu().reshape(-1).numpy()))
+        keys = strategy_keys(cfg.strategy, scores, ids.clamp(min=0),
                              seed=self.seed, cycle=step, temperature=cfg.temperature,
                              normalization=cfg.normalization)
         keys[ids < 0] = float("nan")  # filler samples go last

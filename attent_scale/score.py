@@ -1,0 +1,234 @@
+"""`attent-scale score`: per-sample losses of a given model over a split, sharded across ranks, written
+keyed by id as safetensors (the reference for `teacher.score: excess`).
+
+The split's ids are cut into global batches of `--batch-size` consecutive ids; rank r scores a contiguous
+run of those batches. A batch holds the same rows at any world size, so the file does not depend on the
+number of ranks. Ranks run equal numbers of forwards (a rank out of batches scores a filler), which
+sharded engines (FSDP, ZeRO-3) need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import struct
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from attent_scale.config import add_override_argument, load_config
+from attent_scale.errors import UserError
+from attent_scale.teacher.reference import LOSS_KEY, read_metadata, scores_metadata
+
+IGNORE_INDEX = -100
+SCORES_PREFIX = "scores-"  # default output: MODEL/scores-SPLIT.safetensors (+ .cost.json)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("score", help="per-sample losses of a model over a split (teacher.reference)")
+    p.add_argument("--model", required=True,
+                   help="model directory: a run's export/ (or export/model), config.json + safetensors")
+    p.add_argument("--data", required=True, help="manifest directory (shards build output)")
+    p.add_argument("--split", default="train", help="split to score (the one the learner trains on)")
+    p.add_argument("--out", default=None, help="scores file (default: MODEL/scores-SPLIT.safetensors)")
+    p.add_argument("--config", default=None, help="run config whose engine.* scores (default: local)")
+    p.add_argument("--batch-size", type=int, default=16, help="samples per forward")
+    add_override_argument(p)
+    p.set_defaults(func=_run_cli)
+
+
+def model_dir(path: str | Path) -> Path:
+    """The directory holding config.json + *.safetensors: PATH itself, or PATH/model (PATH/merged) of an
+    export; an export of LoRA adapters only is refused (export with model.lora.export_merged)."""
+    p = Path(path)
+    for d in (p, p / "model", p / "merged", p / "export" / "model", p / "export" / "merged"):
+        if (d / "config.json").is_file() and any(d.glob("*.safetensors")):
+            return d
+    if (p / "adapter").is_dir() or (p / "export" / "adapter").is_dir():
+        raise UserError(f"--model {p}: holds LoRA adapters only; score a full model "
+                        "(train with model.lora.export_merged: true)")
+    raise UserError(f"--model {p}: no config.json with *.safetensors weights (a run's export/ directory?)")
+
+
+def model_sha256(d: Path) -> str:
+    """sha256 over the names and contents of the model directory's config and weights (not the scores
+    files this command writes there by default)."""
+    h = hashlib.sha256()
+    for f in sorted(d.iterdir()):
+        if f.is_file() and f.suffix in (".json", ".safetensors") and not f.name.startswith(SCORES_PREFIX):
+            h.update(f.name.encode() + b"\0")
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def write_scores(path: Path, loss: np.ndarray, meta: dict[str, str]) -> None:
+    """A safetensors file with one float32 tensor and sorted header keys: the same inputs give the same
+    bytes (the safetensors library writes its metadata in hash-map order)."""
+    data = np.ascontiguousarray(loss, dtype="<f4").tobytes()
+    header = {"__metadata__": meta,
+              LOSS_KEY: {"dtype": "F32", "shape": [int(loss.shape[0])], "data_offsets": [0, len(data)]}}
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + data)
+    os.replace(tmp, path)
+
+
+def _run_dir_of(d: Path) -> Path | None:
+    for cand in (d.parent, d.parent.parent):
+        if (cand / "summary.json").is_file():
+            return cand
+    return None
+
+
+def _windows(manifest: Any, split: str, lo: int, hi: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(id, window) for ids [lo, hi) of `split`, in id order, reading only the shards that hold them."""
+    from webdataset.handlers import reraise_exception
+    from webdataset.tariterators import tar_file_iterator
+
+    dtype = np.dtype(manifest.token_dtype)
+    expect = lo
+    for s in manifest.shards(split):
+        if s.last_id <= lo or s.first_id >= hi:
+            continue
+        path = manifest.shard_path(s)
+        try:
+            with open(path, "rb") as f:
+                for member in tar_file_iterator(f, handler=reraise_exception):
+                    sid = int(member["fname"].split("/")[-1].split(".", 1)[0])
+                    if sid < expect or sid >= hi:
+                        continue
+                    if sid != expect:
+                        raise UserError(f"{path}: sample {expect} missing (run `shards inspect --verify`)")
+                    window = np.frombuffer(member["data"], dtype=dtype)
+                    if not 2 <= len(window) <= manifest.seq_len + 1:
+                        raise UserError(f"{path}: sample {sid} does not decode")
+                    yield sid, window
+                    expect += 1
+        except (OSError, ValueError, EOFError) as exc:
+            raise UserError(f"{path}: unreadable shard ({type(exc).__name__}: {exc})") from None
+    if expect != hi:
+        raise UserError(f"{manifest.dir}: split {split!r} sample {expect} missing "
+                        "(run `shards inspect --verify`)")
+
+
+def _batches(manifest: Any, split: str, lo: int, hi: int, batch_size: int) -> Iterator[dict[str, Any]]:
+    import torch
+
+    t = manifest.seq_len
+    rows: list[tuple[int, np.ndarray]] = []
+
+    def pack() -> dict[str, Any]:
+        ids = torch.tensor([i for i, _ in rows], dtype=torch.int64)
+        inputs = torch.full((len(rows), t), manifest.pad_id, dtype=torch.int64)
+        labels = torch.full((len(rows), t), IGNORE_INDEX, dtype=torch.int64)
+        for r, (_, w) in enumerate(rows):
+            k = len(w) - 1
+            inputs[r, :k] = torch.from_numpy(w[:-1].astype(np.int64))
+            labels[r, :k] = torch.from_numpy(w[1:].astype(np.int64))
+        return {"ids": ids, "input_ids": inputs, "labels": labels}
+
+    for sid, window in _windows(manifest, split, lo, hi):
+        rows.append((sid, window))
+        if len(rows) == batch_size:
+            yield pack()
+            rows = []
+    if rows:
+        yield pack()
+
+
+def score_split(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from attent_scale.data import Manifest
+    from attent_scale.dist import init_distributed
+    from attent_scale.engines import build_engine
+    from attent_scale.teacher.ledger import block_range
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    mdir = model_dir(args.model)
+    manifest = Manifest.load(args.data)
+    n = manifest.num_samples(args.split)
+    out = Path(args.out) if args.out else mdir / f"{SCORES_PREFIX}{args.split}.safetensors"
+    meta = scores_metadata(manifest, args.split, model_sha256(mdir))
+
+    info = init_distributed()
+    rank, world = info.rank, info.world_size
+    group = dist.new_group(backend="gloo") if info.backend == "nccl" else None
+    fresh = torch.tensor([1 if read_metadata(out) == meta else 0], dtype=torch.int64)
+    if world > 1:  # rank 0 decides: every rank skips or every rank scores
+        dist.broadcast(fresh, 0, group=group)
+    if int(fresh.item()):
+        if rank == 0:
+            print(f"score: {out} is up to date (same manifest, split and model); nothing to do")
+        return 0
+
+    cfg = load_config(args.config, args.overrides)
+    cfg.model.pretrained = str(mdir)
+    cfg.model.config = {}
+    cfg.model.lora.enabled = False
+    engine = build_engine(cfg, manifest)
+    t_wall, t_cpu = time.perf_counter(), time.process_time()
+    bs = args.batch_size
+    n_batches = -(-n // bs)
+    b0, b1 = block_range(rank, n_batches, world)
+    lo, hi = min(b0 * bs, n), min(b1 * bs, n)
+    most = -(-n_batches // world)  # every rank runs this many forwards
+    filler = {"ids": torch.full((1,), -1, dtype=torch.int64),
+              "input_ids": torch.full((1, manifest.seq_len), manifest.pad_id, dtype=torch.int64),
+              "labels": torch.full((1, manifest.seq_len), IGNORE_INDEX, dtype=torch.int64)}
+    losses = np.full(hi - lo, np.nan, dtype=np.float32)
+    it = _batches(manifest, args.split, lo, hi, bs)
+    for _ in range(most):
+        batch = next(it, None)
+        scores = engine.score(batch if batch is not None else filler)
+        if batch is not None:
+            losses[batch["ids"].numpy() - lo] = scores.numpy()
+    if next(it, None) is not None:
+        raise RuntimeError("score: more batches than planned")
+    # rank 0 assembles the file: one gather of each rank's block (sizes differ by at most one batch)
+    local = torch.from_numpy(losses)
+    if world > 1:
+        pad = torch.full((most * bs,), float("nan"), dtype=torch.float32)
+        pad[: local.shape[0]] = local
+        parts = [torch.empty_like(pad) for _ in range(world)]
+        dist.all_gather(parts, pad, group=group)
+        full = torch.cat([parts[r][: min(block_range(r, n_batches, world)[1] * bs, n)
+                                   - min(block_range(r, n_batches, world)[0] * bs, n)] for r in range(world)])
+    else:
+        full = local
+    if rank == 0:
+        if full.shape[0] != n or not torch.isfinite(full).all():
+            bad = int((~torch.isfinite(full)).sum())
+            print(f"score: warning: {bad} non-finite loss(es) in {out}", file=sys.stderr)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_scores(out, full.numpy(), meta)
+        cost = {"score_seconds": time.perf_counter() - t_wall,
+                "score_cpu_seconds": time.process_time() - t_cpu,
+                "world_size": world, "engine": cfg.engine.name, "model": str(mdir)}
+        run = _run_dir_of(mdir)
+        if run is not None:  # the reference model's own training is part of its one-time cost
+            s = json.loads((run / "summary.json").read_text())
+            cost.update(run_dir=str(run), train_seconds=s.get("train_seconds", 0.0),
+                        train_cpu_seconds=s.get("train_cpu_seconds", 0.0))
+        Path(f"{out}.cost.json").write_text(json.dumps(cost, indent=1) + "\n")
+        print(f"score: {n} samples of split {args.split!r} in {cost['score_seconds']:.1f}s on {world} "
+              f"rank(s); wrote {out}")
+    if world > 1:
+        dist.barrier(group=group)
+    return 0
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    return score_split(args)
