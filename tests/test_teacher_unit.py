@@ -423,3 +423,24 @@ def test_online_pick_single_process() -> None:
     )
     assert len(out["ids"]) == 2
     assert t.last_record["mode"] == "online" and t.stats["selections"] == 2
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from([0.0, -0.0, 1.0, 2.5, -3.0, np.inf, -np.inf, np.nan]), max_size=70),
+       st.integers(0, 75), st.sampled_from([8, 16, 64]), st.sampled_from([2, 1 << 24]))
+def test_select_block_bits_equals_reference(monkeypatch: pytest.MonkeyPatch, vals: list[float], k: int,
+                                            chunk: int, cap: int) -> None:
+    """Streaming block top-k (keys re-read per round in chunks, candidates kept only below the cap) picks
+    the reference set, as bits."""
+    from attent_scale.teacher import topk
+
+    monkeypatch.setattr(topk, "COLLECT_CAP", cap)
+    keys = np.array(vals, dtype=np.float64)
+    n = keys.shape[0]
+
+    def images():  # type: ignore[no-untyped-def]
+        for a in range(0, n, chunk):
+            yield key_image(keys[a:a + chunk])
+
+    bits = topk.select_block_bits(images, 0, n, n, k)
+    assert Selection(bits, n).ids().tolist() == reference_topk(keys, np.arange(n), k).tolist()

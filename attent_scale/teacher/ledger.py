@@ -18,6 +18,8 @@ MAX_STEP = (1 << 31) - 2  # step * 2 + kind + 1 must fit the top 32 bits of an e
 EXCHANGE_CHUNK = 1 << 20  # entries per all_to_all round when pending observations go to their owners
 _LOW32 = np.uint64(0xFFFFFFFF)
 _SIGN32 = np.uint32(0x80000000)
+POS_INF_IMAGE = np.uint32(0xFF800000)  # loss_image(+inf)
+NEG_INF_IMAGE = np.uint32(0x007FFFFF)  # loss_image(-inf)
 
 
 def block_len(num_ids: int, world_size: int) -> int:
@@ -164,12 +166,12 @@ class Ledger:
     def counts(self) -> tuple[int, int]:
         """(observed ids, ids with a finite loss) of this rank's block, counted in chunks."""
         n_obs = n_fin = 0
+        lo_fin, hi_fin = NEG_INF_IMAGE, POS_INF_IMAGE  # finite losses lie strictly between the infinities
         for a in range(0, self._val.shape[0], EXCHANGE_CHUNK):
             v = self._val[a:a + EXCHANGE_CHUNK]
-            seen = v != 0
-            n_obs += int(np.count_nonzero(seen))
+            n_obs += int(np.count_nonzero(v))
             low = (v & _LOW32).astype(np.uint32)
-            n_fin += int(np.count_nonzero(seen & np.isfinite(loss_from_image(low))))
+            n_fin += int(np.count_nonzero((low > lo_fin) & (low < hi_fin) & (v != 0)))
         return n_obs, n_fin
 
     def __len__(self) -> int:

@@ -15,15 +15,22 @@ import torch
 import torch.distributed as dist
 
 from attent_scale.config import TeacherConfig
-from attent_scale.teacher.ledger import SCORE, TRAIN, Ledger, unpack_entries
+from attent_scale.teacher.ledger import NEG_INF_IMAGE, POS_INF_IMAGE, SCORE, TRAIN, Ledger, unpack_entries
 from attent_scale.teacher.records import RecordWriter, make_record
 from attent_scale.teacher.schedules import interval_at, ratio_at
 from attent_scale.teacher.selection import Selection
 from attent_scale.teacher.strategies import strategy_keys
-from attent_scale.teacher.topk import _Comm, _resolve_group, kth_largest, select_block_bits, select_global
+from attent_scale.teacher.topk import (
+    _Comm,
+    _resolve_group,
+    key_image,
+    kth_largest,
+    select_block_bits,
+    select_global,
+)
 
 STATE_FORMAT = 2  # 2: dense ledger blocks, selection bits not copied
-KEY_CHUNK = 1 << 20  # ids per chunk when keys are computed from the ledger block
+KEY_CHUNK = 1 << 17  # ids per chunk when keys are computed from the ledger block
 EXCHANGE_EVERY = 64  # training steps (or scoring batches) between two ledger exchanges
 STAT_KEYS = (
     "seconds_score", "seconds_collective", "seconds_select", "seconds_share", "seconds_rebalance",
@@ -189,35 +196,41 @@ class Teacher:
             comm.all_reduce(t, "collective")
         return [int(v) for v in t.tolist()]
 
-    def _staleness(self, step: int, comm: _Comm | None) -> dict[str, int] | None:
-        """Global count, lower median and max of the age (step - observed step) of observed ids, from the
-        ledger blocks in chunks (no per-id array)."""
+    def _staleness(self, step: int, n_obs: int, comm: _Comm | None) -> dict[str, int] | None:
+        """Global count, lower median and max of the age (step - observed step, at least 0) of observed
+        ids, from the ledger blocks in chunks. Each entry maps to y = 2 * age + (1 - kind) (0 for unseen
+        ids, below every observed one), which orders like the age; y < 2 * step + 3, so up to 2**19 steps
+        one histogram pass is exact."""
+        if n_obs == 0:
+            return None
         led = self.ledger
-        now = np.int64(step)
+        top = np.int64(2 * int(step) + 2)
+        nbits = max(1, int(top).bit_length())
 
-        def ages() -> Any:
+        def ys() -> Any:
             for a in range(led.lo, led.hi, KEY_CHUNK):
                 v = led.block_entries(a, min(led.hi, a + KEY_CHUNK))
-                v = v[v != 0]
-                st = ((v >> np.uint64(32)).astype(np.int64) - 1) >> 1
-                yield (now - st).clip(min=0).view(np.uint64)
+                y = top - (v >> np.uint64(32)).view(np.int64)
+                y[v == 0] = 0
+                np.maximum(y, 0, out=y)
+                yield y.view(np.uint64)
 
-        n_local, top = 0, 0
-        for u in ages():
-            n_local += u.shape[0]
-            top = max(top, int(u.max())) if u.shape[0] else top
-        t = torch.tensor([n_local, top], dtype=torch.int64)
-        if comm is not None:
-            n_t = torch.tensor([n_local], dtype=torch.int64)
-            comm.all_reduce(n_t, "collective")
-            top_t = torch.tensor([top], dtype=torch.int64)
-            comm.all_reduce(top_t, "collective", op=dist.ReduceOp.MAX)
-            t = torch.cat([n_t, top_t])
-        n, top = int(t[0]), int(t[1])
-        if n == 0:
-            return None
-        median, _, _ = kth_largest(ages, n - (n - 1) // 2, comm, bits=max(1, top.bit_length()))  # lower
-        return {"n": n, "median": int(median), "max": top}
+        k_med = n_obs - (n_obs - 1) // 2  # the lower median of the ages is this k-th largest
+        if nbits <= 20:
+            h = np.zeros(1 << nbits, dtype=np.int64)
+            for y in ys():
+                h += np.bincount(y.view(np.int64), minlength=1 << nbits)
+            hist = torch.from_numpy(h)
+            if comm is not None:
+                comm.all_reduce(hist, "collective")
+            h = hist.numpy()
+            above = np.cumsum(h[::-1])  # above[j] = count of values >= (len - 1 - j)
+            median = len(h) - 1 - int(np.searchsorted(above, k_med))
+            oldest = int(np.flatnonzero(h)[-1])
+        else:
+            median, _, _ = kth_largest(ys, k_med, comm, bits=nbits)
+            oldest, _, _ = kth_largest(ys, 1, comm, bits=nbits)
+        return {"n": n_obs, "median": int(median) >> 1, "max": int(oldest) >> 1}
 
     def _key_chunks(self, epoch: int) -> Callable[[], Any]:
         """Re-iterable float64 keys of this rank's ledger block, KEY_CHUNK ids at a time: never-observed ids
@@ -239,6 +252,25 @@ class Teacher:
                 yield keys
 
         return chunks
+
+    def _image_chunks(self, key_chunks: Callable[[], Any]) -> tuple[Callable[[], Any], int]:
+        """Order-preserving uint64 images of the keys, and how many bits they use. hard: the key is the
+        float32 loss itself, so the ledger entry's 32-bit loss image is already in key order (non-finite
+        losses get 0 like a NaN key, unseen ids 2**32, above all): integer work only, 33 bits. Others:
+        key_image of the float64 keys."""
+        led = self.ledger
+        if self.cfg.strategy != "hard":
+            return (lambda: (key_image(c) for c in key_chunks())), 64
+
+        def chunks() -> Any:
+            for a in range(led.lo, led.hi, KEY_CHUNK):
+                v = led.block_entries(a, min(led.hi, a + KEY_CHUNK))
+                u = v & np.uint64(0xFFFFFFFF)
+                u[(u >= np.uint64(POS_INF_IMAGE)) | (u <= np.uint64(NEG_INF_IMAGE))] = 0
+                u[v == 0] = np.uint64(1 << 32)
+                yield u
+
+        return chunks, 33
 
     def exchange_due(self, step: int) -> None:
         """Collective, called by every rank after each training step (cycle and ledger modes): every
@@ -279,8 +311,9 @@ class Teacher:
         report: dict[str, Any] = {}
         chunks = self._key_chunks(epoch)
         if cfg.topk_method == "threshold":
-            selection = Selection(select_block_bits(chunks, lo, hi, self.num_samples, k, group=self.group,
-                                                    report=report), self.num_samples)
+            images, nbits = self._image_chunks(chunks)
+            selection = Selection(select_block_bits(images, lo, hi, self.num_samples, k, bits=nbits,
+                                                    group=self.group, report=report), self.num_samples)
         else:  # gather: every rank holds all N (key, id) pairs; exact, for up to ~10^7 samples
             parts = list(chunks())
             keys = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float64)
@@ -288,7 +321,7 @@ class Teacher:
                                    group=self.group, report=report)
             selection = Selection.from_ids(chosen, self.num_samples)
             del keys, chosen
-        staleness = self._staleness(step, comm) if cfg.strategy != "random" else None
+        staleness = self._staleness(step, n_obs, comm) if cfg.strategy != "random" else None
         seconds = {
             "score": self._score_seconds_pending,
             "collective": report["seconds"]["collective"] + (comm.seconds.get("consolidate", 0.0)

@@ -148,11 +148,11 @@ def _resolve_group(group: Any) -> Any:
 
 
 U64Source = Callable[[], Iterator[np.ndarray]]  # re-iterable chunks of uint64 values
-COLLECT_CAP = 1 << 22  # a descent keeps its candidates in memory once at most this many remain
+COLLECT_CAP = 1 << 24  # a descent keeps its candidates in memory once at most this many remain
 
 
 def _kth(u: np.ndarray | U64Source, k: int, comm: _Comm | None, *, bits: int = 64,
-         phase: str = "collective") -> tuple[int, int, int, int]:
+         phase: str = "collective", radix: int = RADIX_BITS) -> tuple[int, int, int, int]:
     """kth_largest plus this rank's count of values equal to the k-th. `u` is an array or a callable that
     yields the values again in chunks on every call; with a callable, each round re-reads the chunks,
     filtered by the prefix found so far, until few enough candidates remain to keep them."""
@@ -164,7 +164,7 @@ def _kth(u: np.ndarray | U64Source, k: int, comm: _Comm | None, *, bits: int = 6
     eq = local_eq = 0
     chunk = 1 << 18
     while shift > 0:
-        b = min(RADIX_BITS, shift)
+        b = min(radix, shift)
         shift -= b
         sh, mask = np.uint64(shift), np.uint64((1 << b) - 1)
         h = np.zeros(1 << b, dtype=np.int64)
@@ -176,7 +176,7 @@ def _kth(u: np.ndarray | U64Source, k: int, comm: _Comm | None, *, bits: int = 6
             top, want = np.uint64(shift + b), np.uint64(prefix)
             chunks = (c if done == 0 else c[(c >> top) == want] for c in u())  # type: ignore[operator]
         for c in chunks:  # chunked: no large temporaries
-            h += np.bincount(((c >> sh) & mask).astype(np.intp), minlength=1 << b)
+            h += np.bincount(((c >> sh) & mask).view(np.int64), minlength=1 << b)  # < 2**b: a view
             if keep is not None:
                 kept += c.shape[0]
                 if kept <= COLLECT_CAP:
@@ -372,25 +372,27 @@ def select_global(
     return torch.from_numpy(result)
 
 
-KeySource = Callable[[], Iterator[np.ndarray]]  # re-iterable float64 key chunks of consecutive ids
+BLOCK_RADIX = 16  # histogram bits per round in select_block_bits (65536 bins, 512 KiB all-reduced)
 
 
 def select_block_bits(
-    key_chunks: KeySource,
+    image_chunks: U64Source,
     lo: int,
     hi: int,
     num_ids: int,
     k: int,
     *,
+    bits: int = 64,
     group: Any = None,
     report: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """Exact global top-k for the layout the teacher uses: rank r holds the keys of the id block [lo, hi)
-    of ledger.block_range (8-aligned, ascending with the rank), produced on demand by `key_chunks()` as
-    float64 arrays for consecutive ids from lo (each chunk a multiple of 8 long but the last). Returns the
-    same packed bitset (ceil(num_ids / 8) bytes, little bit order) on every rank; the selected set equals
-    select_global(keys, ids, k, method="threshold"). Memory: a few chunks plus the bitset; keys are
-    recomputed per histogram round instead of being held."""
+    of ledger.block_range (8-aligned, ascending with the rank), produced on demand by `image_chunks()` as
+    order-preserving uint64 images (< 2**bits; e.g. key_image of float64 keys) for consecutive ids from lo
+    (each chunk a multiple of 8 long but the last). Returns the same packed bitset (ceil(num_ids / 8)
+    bytes, little bit order) on every rank: the k largest images, ties to the smaller id, as
+    select_global(keys, ids, k, method="threshold") chooses. Memory: a few chunks plus the bitset; images
+    are recomputed per histogram round instead of being held."""
     t_start = time.perf_counter()
     pg = _resolve_group(group)
     comm = _Comm(pg) if pg is not None else None
@@ -406,17 +408,14 @@ def select_block_bits(
     total = int(ctrl.item())
     k_eff = max(0, min(int(k), total))
 
-    def images() -> Iterator[np.ndarray]:
-        for c in key_chunks():
-            yield key_image(c)
-
+    images = image_chunks
     sel_s = 0.0
     rounds = 0
     t0 = time.perf_counter()
     coll0 = comm.seconds.get("collective", 0.0) if comm else 0.0
     if 0 < k_eff < total:
-        t_val, n_above, n_eq, my_eq = _kth(images, k_eff, comm)
-        rounds = (64 + RADIX_BITS - 1) // RADIX_BITS
+        t_val, n_above, n_eq, my_eq = _kth(images, k_eff, comm, bits=bits, radix=BLOCK_RADIX)
+        rounds = (bits + BLOCK_RADIX - 1) // BLOCK_RADIX
         need = k_eff - n_above
         if need >= n_eq:
             quota = my_eq
