@@ -57,14 +57,14 @@ def _rank(rank: int, world: int, port: int, a: argparse.Namespace, root: str, ou
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     n = a.samples
-    row: dict[str, Any] = {"rank": rank, "rss_start": peak_rss(), "seconds": {}, "rss": {}}
+    row: dict[str, Any] = {"rank": rank, "rss_start": peak_rss(), "seconds": {}, "cpu": {}, "rss": {}}
     cfg = TeacherConfig(mode="ledger", strategy=a.strategy, ratio_schedule="constant", initial_ratio=a.ratio,
                         warmup_epochs=1, topk_method="threshold")
     teacher = Teacher(cfg, num_samples=n, seed=1)
 
     # phase 1: one epoch of training-forward observations, in the order of this rank's epoch-0 stream
     dist.barrier()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     plan = ShardStream(root, "train", rank=rank, world_size=world, seed=1, epoch=0, batch_size=a.batch)._plan
     lo, hi = plan.rank_start, plan.rank_start + plan.per
     step = 0
@@ -87,25 +87,28 @@ def _rank(rank: int, world: int, port: int, a: argparse.Namespace, root: str, ou
         step += 1
         teacher.exchange_due(step)
     row["seconds"]["ledger"] = time.perf_counter() - t0
+    row["cpu"]["ledger"] = time.process_time() - c0
     row["rss"]["ledger"] = peak_rss()
     row["steps"] = step
 
     # phase 2: one threshold selection (exchange of the rest, counts, radix rounds, bits all_gather)
     dist.barrier()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     sel = teacher.select(1, step)
     row["seconds"]["select"] = time.perf_counter() - t0
+    row["cpu"]["select"] = time.process_time() - c0
     row["rss"]["select"] = peak_rss()
     row["record_seconds"] = teacher.last_record["seconds"]
     row["k"] = sel.count
 
     # phase 3: the next epoch's stream plan with that selection, and each worker's slice
     dist.barrier()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     stream = ShardStream(root, "train", rank=rank, world_size=world, seed=1, epoch=1, batch_size=a.batch,
                          selection=sel, num_workers=a.workers)
     workers = [stream._plan.restrict(w).selection_nbytes for w in range(max(1, a.workers))]
     row["seconds"]["stream"] = time.perf_counter() - t0
+    row["cpu"]["stream"] = time.process_time() - c0
     row["rss"]["stream"] = peak_rss()
     row["held"] = {"ledger_block": teacher.ledger.nbytes, "selection_bits": sel.nbytes,
                    "stream_slice": stream._plan.selection_nbytes, "worker_slices": workers,
@@ -116,10 +119,11 @@ def _rank(rank: int, world: int, port: int, a: argparse.Namespace, root: str, ou
         from attent_scale.checkpoint import save_state
 
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         stem = Path(a.checkpoint) / f"rank-{rank:05d}"
         save_state(stem, {"progress": {"selection_bits": sel.bits}, "teacher": teacher.state_dict()})
         row["seconds"]["checkpoint"] = time.perf_counter() - t0
+        row["cpu"]["checkpoint"] = time.process_time() - c0
         row["rss"]["checkpoint"] = peak_rss()
         row["checkpoint_bytes"] = sum(p.stat().st_size for p in stem.parent.glob(stem.name + ".*"))
     rows: list[Any] = [None] * world
@@ -163,11 +167,14 @@ def main(argv: list[str] | None = None) -> int:
           f"batch {a.batch}/step, {-(-n // a.shard_size)} shards, OMP/torch threads 1, "
           f"load {os.getloadavg()[0]:.1f}, wall {wall:.1f} s")
     phases = list(rows[0]["seconds"])
-    print("| phase | seconds (max over ranks) | peak RSS after phase, max over ranks (GiB) |")
-    print("|---|---:|---:|")
+    print("| phase | wall s (max over ranks) | CPU s (max over ranks) | CPU s (sum) / cores | "
+          "peak RSS after phase, max over ranks (GiB) |")
+    print("|---|---:|---:|---:|---:|")
+    cores = os.cpu_count() or 1
     for ph in phases:
         secs, rss = max(r["seconds"][ph] for r in rows), max(r["rss"][ph] for r in rows)
-        print(f"| {ph} | {secs:.1f} | {rss / gib:.2f} |")
+        cpu = [r["cpu"][ph] for r in rows]
+        print(f"| {ph} | {secs:.1f} | {max(cpu):.1f} | {sum(cpu) / cores:.1f} | {rss / gib:.2f} |")
     rec = rows[0]["record_seconds"]
     print("selection phases (rank 0, s): " + ", ".join(f"{k} {v:.1f}" for k, v in rec.items()))
     h = rows[0]["held"]
