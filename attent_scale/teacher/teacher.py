@@ -321,7 +321,11 @@ class Teacher:
                                    group=self.group, report=report)
             selection = Selection.from_ids(chosen, self.num_samples)
             del keys, chosen
+        t_st, coll_st = time.perf_counter(), comm.seconds.get("collective", 0.0) if comm else 0.0
         staleness = self._staleness(step, n_obs, comm) if cfg.strategy != "random" else None
+        # its passes over the ledger are selection work too (its all-reduce is counted as collective)
+        coll_st = (comm.seconds.get("collective", 0.0) - coll_st) if comm else 0.0
+        t_keys += time.perf_counter() - t_st - coll_st
         seconds = {
             "score": self._score_seconds_pending,
             "collective": report["seconds"]["collective"] + (comm.seconds.get("consolidate", 0.0)
