@@ -20,18 +20,30 @@ _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _SEP = "/"
 
 
-def _split(state: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """Move every tensor/ndarray of a nested state into `tensors`; return the JSON-able remainder."""
-    if isinstance(state, torch.Tensor):
-        tensors[prefix] = state.detach().cpu().contiguous()
-        return {"__tensor__": prefix}
-    if isinstance(state, np.ndarray):
-        tensors[prefix] = torch.from_numpy(np.ascontiguousarray(state))
-        return {"__ndarray__": prefix}
+def _split(state: Any, prefix: str, tensors: dict[str, torch.Tensor], seen: dict[Any, str] | None = None
+           ) -> Any:
+    """Move every tensor/ndarray of a nested state into `tensors`; return the JSON-able remainder. An array
+    object met twice (e.g. the epoch's selection bits held by the trainer and by the teacher) is stored
+    once and referenced."""
+    seen = {} if seen is None else seen
+    if isinstance(state, (torch.Tensor, np.ndarray)):
+        tag = "__tensor__" if isinstance(state, torch.Tensor) else "__ndarray__"
+        if isinstance(state, torch.Tensor):
+            key = (tag, state.data_ptr(), state.nbytes, str(state.dtype), tuple(state.shape))
+        else:
+            key = (tag, state.__array_interface__["data"][0], state.nbytes, state.dtype.str, state.shape)
+        if key in seen:  # the same memory (after a resume, two arrays over one loaded tensor)
+            return {tag: seen[key]}
+        seen[key] = prefix
+        if isinstance(state, torch.Tensor):
+            tensors[prefix] = state.detach().cpu().contiguous()
+        else:
+            tensors[prefix] = torch.from_numpy(np.ascontiguousarray(state))
+        return {tag: prefix}
     if isinstance(state, dict):
-        return {str(k): _split(v, f"{prefix}{_SEP}{k}", tensors) for k, v in state.items()}
+        return {str(k): _split(v, f"{prefix}{_SEP}{k}", tensors, seen) for k, v in state.items()}
     if isinstance(state, (list, tuple)):
-        return {"__list__": [_split(v, f"{prefix}{_SEP}{i}", tensors) for i, v in enumerate(state)]}
+        return {"__list__": [_split(v, f"{prefix}{_SEP}{i}", tensors, seen) for i, v in enumerate(state)]}
     if isinstance(state, (np.integer, np.floating)):
         return state.item()
     return state

@@ -68,7 +68,7 @@ class TeacherConfig:
     warmup_epochs: int = 1
     full_epochs_per_cycle: int = 1
     online_ratio: float = 0.5  # online mode: fraction of each step's candidates trained on
-    topk_method: Literal["gather", "threshold"] = "gather"
+    topk_method: Literal["gather", "threshold"] = "threshold"  # gather holds all N keys on every rank
     # cycle mode: "all" rescores every id at each cycle (the paper); "stale" skips the ids the subset epoch
     # just before trained, whose training-forward losses are at most one epoch old
     rescore: Literal["all", "stale"] = "all"

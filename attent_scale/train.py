@@ -67,7 +67,7 @@ class Progress:
     last_train_loss: float = float("nan")
     last_val_loss: float = float("nan")
     selected_ratio: float = 1.0  # fraction of the data the current epoch trains on
-    selection_bits: Any = None  # current epoch's selection as a bool array (None = full data)
+    selection_bits: Any = None  # current epoch's selection: packed bits, ceil(N/8) uint8 (None = full data)
     stream_state: dict[str, Any] | None = None
     log_lines: dict[str, int] = field(default_factory=dict)
 
@@ -294,7 +294,7 @@ def train(cfg: RunConfig) -> int:
                 if plan.score:
                     fresh = progress.selection_bits if cfg.teacher.rescore == "stale" else None
                     # this rank's part only; with rescore=stale, without what the last subset epoch trained
-                    skip = None if fresh is None else NotIn(Selection(fresh, n_train))
+                    skip = None if fresh is None else Selection(fresh, n_train).complement()
                     scoring = train_stream(epoch, cfg.eval.batch_size, skip)
                     teacher.score_pass(scoring, engine.score, progress.step)
                     progress.corrupt_samples += scoring.faults
@@ -333,6 +333,7 @@ def train(cfg: RunConfig) -> int:
                 real = batch["ids"] >= 0
                 teacher.observe(batch["ids"][real], result.per_sample[real], progress.step)
                 progress.step += 1
+                teacher.exchange_due(progress.step)  # collective every few steps: ledger entries to owners
                 trained_this_epoch += 1
                 n_samples = int(real.sum())
                 progress.samples_trained += n_samples
@@ -438,16 +439,6 @@ def train(cfg: RunConfig) -> int:
         metrics.close()
         if exit_code == 0 and dist.is_available() and dist.is_initialized():
             dist.barrier()
-
-
-class NotIn:
-    """Stream filter: the ids a selection does not hold."""
-
-    def __init__(self, selection: Any) -> None:
-        self.selection = selection
-
-    def mask(self, ids: Any) -> Any:
-        return ~self.selection.mask(ids)
 
 
 def _clock() -> tuple[float, float]:

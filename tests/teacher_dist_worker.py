@@ -114,6 +114,50 @@ def teacher_scenarios(rank: int, world: int, group: Any, tmp: Path) -> dict[str,
     return res
 
 
+N_CKPT = 100_003  # not a multiple of 8 or of the world size
+
+
+def checkpoint_scenario(rank: int, world: int, group: Any, tmp: Path) -> dict[str, Any]:
+    """Training-forward observations with the trainer's periodic exchange, a selection, then a checkpoint
+    of (selection bits, teacher state) per rank: its size, its tensors, and a teacher restored from it."""
+    from safetensors import safe_open
+
+    from attent_scale.checkpoint import load_state, save_state
+    from attent_scale.teacher import Selection
+    from attent_scale.teacher.teacher import EXCHANGE_EVERY
+
+    cfg = TeacherConfig(mode="cycle", strategy="hard", topk_method="threshold", warmup_epochs=1,
+                        initial_interval=2, max_interval=2, initial_ratio=0.3)
+    t = Teacher(cfg, num_samples=N_CKPT, seed=3, group=group)
+    ids = np.random.default_rng(1).permutation(N_CKPT)
+    mine = np.array_split(ids, world)[rank]
+    pending_max = 0
+    steps = 150
+    for step, part in enumerate(np.array_split(mine, steps), start=1):  # equal step counts on every rank
+        t.observe(torch.from_numpy(part), torch.from_numpy(losses_of(part).astype(np.float32)), step)
+        t.exchange_due(step)
+        pending_max = max(pending_max, t.ledger.pending)
+    sel = t.select(1, steps)
+    stem = tmp / f"ckpt-rank{rank}"
+    save_state(stem, {"progress": {"selection_bits": sel.bits}, "teacher": t.state_dict()})
+    with safe_open(str(stem.with_suffix(".safetensors")), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    back = load_state(stem)
+    t2 = Teacher(cfg, num_samples=N_CKPT, seed=3, group=group)
+    t2.load_state_dict(back["teacher"])
+    return {
+        "ckpt/pending_max": pending_max,
+        "ckpt/per_step": len(mine) / steps,
+        "ckpt/size": sum(stem.with_suffix(x).stat().st_size for x in (".safetensors", ".json")),
+        "ckpt/shapes": shapes,
+        "ckpt/sha": sel.sha256,
+        "ckpt/bits_back": Selection(back["progress"]["selection_bits"], N_CKPT).sha256,
+        "ckpt/cached_back": t2.select(2, steps + 5).sha256,  # the cycle's second subset epoch: the cache
+        "ckpt/ids": sel.ids(),
+        "ckpt/every": EXCHANGE_EVERY,
+    }
+
+
 def online_scenario(rank: int, world: int, group: Any) -> dict[str, Any]:
     res: dict[str, Any] = {}
     B = 5
@@ -184,6 +228,7 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
         res["mismatch"] = str(exc)
     res.update(online_scenario(rank, world, group))
     res.update(teacher_scenarios(rank, world, group, tmp))
+    res.update(checkpoint_scenario(rank, world, group, tmp))
     torch.save(res, tmp / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

@@ -41,3 +41,21 @@ def test_rng_state_round_trips(tmp_path):
     assert torch.equal(expected[0], got[0])
     assert np.array_equal(expected[1], got[1])
     assert expected[2] == got[2]
+
+
+def test_an_array_met_twice_is_stored_once_and_stays_shared(tmp_path):
+    """The epoch's selection bits are held by the trainer and by the teacher's cache: one copy on disk,
+    also after a resume (where both become views of one loaded tensor) and a second save."""
+    from safetensors import safe_open
+
+    bits = np.arange(1000, dtype=np.uint8)
+    save_state(tmp_path / "a", {"progress": {"selection_bits": bits}, "teacher": {"cache_bits": bits}})
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        assert len(list(f.keys())) == 1  # noqa: SIM118
+    back = load_state(tmp_path / "a")
+    a, b = back["progress"]["selection_bits"], back["teacher"]["cache_bits"]
+    assert a.tolist() == b.tolist() == bits.tolist()
+    save_state(tmp_path / "b", back)  # two arrays over one memory: still one tensor, no safetensors error
+    with safe_open(str(tmp_path / "b.safetensors"), "pt") as f:
+        assert len(list(f.keys())) == 1  # noqa: SIM118
+    assert (tmp_path / "b.safetensors").stat().st_size < 2 * bits.nbytes

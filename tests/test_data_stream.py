@@ -221,3 +221,39 @@ def test_missing_shard_fails_at_construction(tmp_path: Path, shards: Path) -> No
         ShardStream(gone, "train")
     with pytest.raises(UserError, match="manifest.json"):
         ShardStream(tmp_path, "train")
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_stream_and_workers_hold_only_their_shards_slice_of_the_selection(shards: Path, world: int) -> None:
+    from attent_scale.data.stream import _EpochDataset
+    from attent_scale.teacher import Selection
+
+    m = Manifest.load(shards)
+    n = m.num_samples("train")
+    sel = Selection.from_mask(np.random.default_rng(2).random(n) < 0.5)
+    firsts = {i: s.first_id for i, s in enumerate(m.shards("train"))}
+    for rank in range(world):
+        s = ShardStream(shards, "train", rank=rank, world_size=world, seed=4, epoch=1, batch_size=3,
+                        shuffle_buffer=5, selection=sel, num_workers=2)
+        plan = s._plan
+        read = {int(np.searchsorted([s.first_id for s in m.shards("train")], i, side="right")) - 1
+                for i in s.epoch_ids().tolist()}
+        assert set(plan.bits) == read  # exactly the shards this rank reads, nothing of size N
+        assert plan.selection_nbytes == sum((m.shards("train")[i].count + 7) // 8 for i in read)
+        for si, bits in plan.bits.items():  # each slice is the selection re-based to its shard
+            c = m.shards("train")[si].count
+            np.testing.assert_array_equal(bits, sel.slice_bits(firsts[si], firsts[si] + c))
+        whole = []
+        for w in range(2):
+            sub = plan.restrict(w)
+            assert set(sub.bits) <= set(plan.bits)
+            full_run = [b["packed"][:, 0].tolist() for b in _EpochDataset(plan, [0, 0], 0)._worker(w)]
+            own_run = [b["packed"][:, 0].tolist() for b in _EpochDataset(sub, [0, 0], 0)._worker(w)]
+            assert own_run == full_run  # a worker needs nothing but its own slice
+            whole += [i for b in own_run for i in b]
+            if world == 3:
+                assert sub.selection_nbytes < plan.selection_nbytes
+        assert sorted(whole) == s.epoch_ids().tolist()
+        assert set(s.epoch_ids().tolist()) <= set(sel.ids().tolist())
+        # real DataLoader workers (each restricts its plan) yield what one process yields
+        assert sorted(flat(run(s))) == s.epoch_ids().tolist()

@@ -44,6 +44,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, A
     tmp1 = tmp_path_factory.mktemp("w1")
     ref = w.teacher_scenarios(0, 1, None, tmp1)
     ref.update(w.online_scenario(0, 1, None))
+    ref.update(w.checkpoint_scenario(0, 1, None, tmp1))
     out[1] = [ref]
     for world in (2, 4):
         tmp = tmp_path_factory.mktemp(f"w{world}")
@@ -123,6 +124,9 @@ def test_teacher_selection_independent_of_world_size(
                     np.testing.assert_array_equal(runs[world][r][key]["ids1"], ref[key]["ids1"])
                     np.testing.assert_array_equal(runs[world][r][key]["ids2"], ref[key]["ids2"])
                     assert runs[world][r][key]["resumed_same"], key
+                other = runs[world][0][f"teacher/{mode}/{strategy}/gather"]  # both methods: one answer
+                np.testing.assert_array_equal(mine["ids1"], other["ids1"])
+                np.testing.assert_array_equal(mine["ids2"], other["ids2"])
                 rec = mine["record"]
                 assert tuple(rec) == RECORD_KEYS and rec["world_size"] == world
                 assert rec["sha256"] == mine["shas"][-1]
@@ -171,3 +175,23 @@ def test_online_rebalance_exactly_b_per_rank(runs: dict[int, list[dict[str, Any]
             # deterministic dealing: the sorted chosen slots are dealt to ranks in runs of B
             for r in range(world):
                 np.testing.assert_array_equal(per_rank[r]["ids"], cand_ids[chosen[r * B : (r + 1) * B]])
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_checkpoint_holds_selection_once_as_bits_and_is_bounded(
+    runs: dict[int, list[dict[str, Any]]], world: int
+) -> None:
+    n = w.N_CKPT
+    nbits = (n + 7) // 8
+    block = 8 * -(-nbits // world)  # ids per owner block (8-aligned)
+    for r, res in enumerate(runs[world]):
+        # the periodic exchange bounds what a rank holds of other ranks' observations
+        assert res["ckpt/pending_max"] <= res["ckpt/every"] * (res["ckpt/per_step"] + 1)
+        # the selection: one uint8 tensor of ceil(N/8) bytes (the trainer's and the teacher's cache are
+        # the same array), the ledger: one int64 entry per owned id
+        bit_tensors = [k for k, shape in res["ckpt/shapes"].items() if shape == (nbits,)]
+        assert len(bit_tensors) == 1, res["ckpt/shapes"]
+        assert res["ckpt/shapes"]["/teacher/ledger/block"] == (min(n, (r + 1) * block) - min(n, r * block),)
+        assert res["ckpt/size"] <= 8 * block + nbits + 16 * 1024  # O(N / world + N / 8)
+        assert res["ckpt/bits_back"] == res["ckpt/sha"] == res["ckpt/cached_back"]
+        np.testing.assert_array_equal(res["ckpt/ids"], runs[1][0]["ckpt/ids"])  # world-size independent

@@ -190,11 +190,32 @@ def test_selection_bitset() -> None:
     np.testing.assert_array_equal(sel.mask(np.array([0, 1, 9, -1, 10, 3])), [1, 0, 1, 0, 0, 1])
     import hashlib
 
-    assert sel.sha256 == hashlib.sha256(np.array([0, 3, 5, 9], dtype="<i8").tobytes()).hexdigest()
+    # the hash is of the packed bits (little bit order): ids 0, 3, 5 -> byte 0b00101001, id 9 -> 0b10
+    assert sel.sha256 == hashlib.sha256(bytes([0b00101001, 0b10])).hexdigest()
     assert sel.bits.nbytes == 2
-    assert Selection.full(10).count == 10
+    assert Selection.full(10).count == 10 and Selection.full(10).bits.tolist() == [255, 3]
+    np.testing.assert_array_equal(sel.complement().ids(), [1, 2, 4, 6, 7, 8])
+    assert Selection.from_mask(np.arange(10) % 3 == 0).ids().tolist() == [0, 3, 6, 9]
     with pytest.raises(ValueError):
         Selection.from_ids([10], 10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 300), st.data())
+def test_selection_slices_and_counts_match_ids(n: int, data: st.DataObject) -> None:
+    rng = np.random.default_rng(n)
+    ids = np.flatnonzero(rng.random(n) < data.draw(st.floats(0, 1)))
+    sel = Selection.from_ids(ids, n)
+    assert sel.count == ids.size and sel.ids().tolist() == ids.tolist()
+    lo = data.draw(st.integers(0, n))
+    hi = data.draw(st.integers(lo, n))
+    part = sel.slice_bits(lo, hi)
+    assert part.nbytes == (hi - lo + 7) // 8  # only the slice, re-based to lo
+    want = ids[(ids >= lo) & (ids < hi)] - lo
+    assert np.flatnonzero(np.unpackbits(part, count=hi - lo, bitorder="little")).tolist() == want.tolist()
+    assert sel.count_range(lo, hi) == want.size
+    assert np.unpackbits(part, bitorder="little")[hi - lo:].sum() == 0  # padding bits stay zero
+    assert sel.complement().count == n - ids.size
 
 
 def test_ledger_latest_observation_wins_and_round_trips(tmp_path: Path) -> None:
@@ -208,12 +229,37 @@ def test_ledger_latest_observation_wins_and_round_trips(tmp_path: Path) -> None:
     assert np.isnan(loss[0]) and loss[1:].tolist() == [7.0, 3.0]
     assert step.tolist() == [6, 5, 5] and kind.tolist() == [TRAIN, SCORE, TRAIN]
     assert led.staleness(10).tolist() == [4, 5, 5]
-    assert led.nbytes == 3 * (8 + 4 + 4 + 1)
+    assert led.nbytes == 100 * 8 and led.pending == 0  # one dense 8-byte entry per owned id
     led.save(tmp_path / "ledger.safetensors")
     back = Ledger.load(tmp_path / "ledger.safetensors")
     for a, b in zip(back.entries(), led.entries(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert back.num_ids == 100
+
+
+def test_ledger_blocks_pending_and_exchange_rule() -> None:
+    """Rank 1 of 3 owns one 8-aligned block; other ids wait as pending; merging is order independent."""
+    from attent_scale.teacher.ledger import block_range
+
+    assert [block_range(r, 100, 3) for r in range(3)] == [(0, 40), (40, 80), (80, 100)]
+    assert [block_range(r, 10, 4) for r in range(4)] == [(0, 8), (8, 10), (10, 10), (10, 10)]
+    led = Ledger(100, rank=1, world_size=3)
+    assert led.nbytes == 40 * 8
+    led.observe(np.array([3, 45, 90, 45]), np.array([1.0, 2.0, 3.0, 5.0]), step=2)
+    assert led.pending == 2 and led.entries()[0].tolist() == [45] and led.entries()[1].tolist() == [5.0]
+    a, b = Ledger(100), Ledger(100)
+    obs = [(np.array([7, 7, 8]), np.array([1.0, -0.0, np.nan]), 3, TRAIN),
+           (np.array([7, 9]), np.array([0.5, 2.0]), 3, SCORE), (np.array([8]), np.array([4.0]), 1, SCORE)]
+    for ids, loss, step, kind in obs:
+        a.observe(ids, loss, step, kind=kind)
+    for ids, loss, step, kind in reversed(obs):
+        b.observe(ids, loss, step, kind=kind)
+    for x, y in zip(a.entries(), b.entries(), strict=True):
+        np.testing.assert_array_equal(x, y)
+    ids, loss, step, kind = a.entries()
+    assert ids.tolist() == [7, 8, 9] and loss[0] == 0.5 and np.isnan(loss[1]) and step.tolist() == [3, 3, 3]
+    with pytest.raises(ValueError, match="step"):
+        a.observe(np.array([1]), np.array([1.0]), step=-1)
 
 
 # ------------------------------------------------------------------ Teacher
@@ -377,3 +423,24 @@ def test_online_pick_single_process() -> None:
     )
     assert len(out["ids"]) == 2
     assert t.last_record["mode"] == "online" and t.stats["selections"] == 2
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from([0.0, -0.0, 1.0, 2.5, -3.0, np.inf, -np.inf, np.nan]), max_size=70),
+       st.integers(0, 75), st.sampled_from([8, 16, 64]), st.sampled_from([2, 1 << 24]))
+def test_select_block_bits_equals_reference(monkeypatch: pytest.MonkeyPatch, vals: list[float], k: int,
+                                            chunk: int, cap: int) -> None:
+    """Streaming block top-k (keys re-read per round in chunks, candidates kept only below the cap) picks
+    the reference set, as bits."""
+    from attent_scale.teacher import topk
+
+    monkeypatch.setattr(topk, "COLLECT_CAP", cap)
+    keys = np.array(vals, dtype=np.float64)
+    n = keys.shape[0]
+
+    def images():  # type: ignore[no-untyped-def]
+        for a in range(0, n, chunk):
+            yield key_image(keys[a:a + chunk])
+
+    bits = topk.select_block_bits(images, 0, n, n, k)
+    assert Selection(bits, n).ids().tolist() == reference_topk(keys, np.arange(n), k).tolist()

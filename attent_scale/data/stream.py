@@ -14,6 +14,7 @@ exact, and a restored stream rotates the logical workers so the cycle continues 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import tarfile
 import warnings
@@ -68,28 +69,38 @@ def buffer_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def _selection_mask(selection: Any, manifest: Manifest, split: str) -> np.ndarray | None:
+def _selection_bits(selection: Any, manifest: Manifest, split: str) -> Any:
+    """The filter as a packed bitset over the split's ids (teacher.Selection), or None for all ids.
+    Accepts a Selection (used as is, no copy), a bool array/tensor over all ids, or any object with
+    .mask(ids) (asked one aligned block of ids at a time: no N-byte mask is built)."""
+    from attent_scale.teacher.selection import Selection
+
     n = manifest.num_samples(split)
     if selection is None:
         return None
+    if isinstance(selection, Selection):
+        if selection.num_ids != n:
+            raise UserError(f"selection: covers {selection.num_ids} ids, expected {n} for {split!r}")
+        return selection
     if isinstance(selection, torch.Tensor):
         selection = selection.detach().cpu().numpy()
     if isinstance(selection, np.ndarray):
         if selection.shape != (n,):
             raise UserError(f"selection: array of shape {selection.shape}, expected ({n},) for {split!r}")
-        return selection.astype(bool, copy=False)
+        return Selection.from_mask(selection)
     if not hasattr(selection, "mask"):
-        raise UserError(f"selection: expected None, a bool array/tensor or an object with .mask(ids), "
-                        f"got {type(selection).__name__}")
-    mask = np.zeros(n, dtype=bool)
-    for s in manifest.shards(split):
-        if s.count:
-            ids = np.arange(s.first_id, s.last_id, dtype=np.int64)
-            m = np.asarray(selection.mask(ids), dtype=bool)
-            if m.shape != ids.shape:
-                raise UserError(f"selection.mask returned shape {m.shape} for {len(ids)} ids")
-            mask[s.first_id : s.last_id] = m
-    return mask
+        raise UserError(f"selection: expected None, a Selection, a bool array/tensor or an object with "
+                        f".mask(ids), got {type(selection).__name__}")
+    bits = np.zeros((n + 7) // 8, dtype=np.uint8)
+    step = 1 << 20
+    for a in range(0, n, step):
+        ids = np.arange(a, min(n, a + step), dtype=np.int64)
+        m = np.asarray(selection.mask(ids), dtype=bool)
+        if m.shape != ids.shape:
+            raise UserError(f"selection.mask returned shape {m.shape} for {len(ids)} ids")
+        packed = np.packbits(m, bitorder="little")
+        bits[a // 8:a // 8 + packed.shape[0]] = packed
+    return Selection(bits, n)
 
 
 class _EpochPlan:
@@ -104,12 +115,12 @@ class _EpochPlan:
         self.names = [s.name for s in shards]
         self.firsts = np.array([s.first_id for s in shards], dtype=np.int64)
         self.counts = np.array([s.count for s in shards], dtype=np.int64)
-        self.mask = stream._mask
-        if self.mask is None:
+        sel = stream._selection
+        if sel is None:
             self.sel_counts = self.counts.copy()
         else:
-            pairs = zip(self.firsts, self.counts, strict=True)
-            self.sel_counts = np.array([int(self.mask[f : f + c].sum()) for f, c in pairs], dtype=np.int64)
+            pairs = zip(self.firsts.tolist(), self.counts.tolist(), strict=True)
+            self.sel_counts = np.array([sel.count_range(f, f + c) for f, c in pairs], dtype=np.int64)
         rng = np.random.default_rng([stream.seed, stream.epoch, 0x5EED])
         self.order = rng.permutation(len(shards)) if len(shards) else np.zeros(0, dtype=np.int64)
         self.seg_starts = np.concatenate([[0], np.cumsum(self.sel_counts[self.order])]).astype(np.int64)
@@ -123,6 +134,36 @@ class _EpochPlan:
         self.logical_workers = max(1, stream.num_workers)
         self.shuffle_buffer = stream.shuffle_buffer
         self.seed, self.epoch, self.rank = stream.seed, stream.epoch, stream.rank
+        # the selection's bits of only the shards this rank reads, each re-based to its shard's first id
+        self.bits: dict[int, np.ndarray] | None = None
+        if sel is not None:
+            self.bits = {si: sel.slice_bits(int(self.firsts[si]), int(self.firsts[si] + self.counts[si]))
+                         for si in self._shards_in(self.rank_start, self.rank_start + self.per)}
+
+    def _shards_in(self, a: int, b: int) -> list[int]:
+        """Indices of the shards holding positions [a, b) of the epoch sequence."""
+        if a >= b:
+            return []
+        k0 = int(np.searchsorted(self.seg_starts, a, side="right")) - 1
+        k1 = int(np.searchsorted(self.seg_starts, b, side="left"))
+        return [int(si) for k, si in enumerate(self.order[k0:k1], k0)
+                if self.seg_starts[k] < self.seg_starts[k + 1]]
+
+    def restrict(self, w: int) -> _EpochPlan:
+        """A copy that keeps the selection bits of only the shards logical worker w reads."""
+        if self.bits is None:
+            return self
+        b0, b1 = self.worker_batches(w)
+        a = self.rank_start + b0 * self.batch_size
+        b = self.rank_start + min(b1 * self.batch_size, self.per)
+        out = copy.copy(self)
+        out.bits = {si: self.bits[si] for si in self._shards_in(a, b)}
+        return out
+
+    @property
+    def selection_nbytes(self) -> int:
+        """Bytes of selection bits this plan holds."""
+        return sum(v.nbytes for v in self.bits.values()) if self.bits is not None else 0
 
     def worker_batches(self, w: int) -> tuple[int, int]:
         """Batch range [b0, b1) of the rank's batches that logical worker w produces."""
@@ -138,10 +179,11 @@ class _EpochPlan:
             if lo >= hi:
                 continue
             f, c = int(self.firsts[si]), int(self.counts[si])
-            if self.mask is None:
+            if self.bits is None:
                 ids = np.arange(f + lo - s0, f + hi - s0, dtype=np.int64)
             else:
-                ids = (np.flatnonzero(self.mask[f : f + c]) + f)[lo - s0 : hi - s0].astype(np.int64)
+                m = np.unpackbits(self.bits[int(si)], count=c, bitorder="little")
+                ids = (np.flatnonzero(m) + f)[lo - s0 : hi - s0].astype(np.int64)
             out.append((int(si), ids))
         return out
 
@@ -222,6 +264,8 @@ class _EpochDataset(IterableDataset):
         if info is None and self.plan.logical_workers > 1:
             raise RuntimeError("_EpochDataset with several logical workers runs inside a DataLoader")
         w = (physical + self.rotation) % self.plan.logical_workers
+        if info is not None:  # a DataLoader worker keeps only its own shards' selection bits
+            self.plan = self.plan.restrict(w)
         yield from self._worker(w)
 
     def _worker(self, w: int) -> Iterator[dict[str, Any]]:
@@ -306,10 +350,10 @@ class ShardStream:
         self.manifest.shards(split)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.batch_size, self.shuffle_buffer, self.num_workers = batch_size, shuffle_buffer, num_workers
-        self._mask = _selection_mask(selection, self.manifest, split)
-        self.selection_sha256 = (
-            "all" if self._mask is None else hashlib.sha256(np.packbits(self._mask).tobytes()).hexdigest()
-        )
+        # held for re-planning other epochs (the caller's object, not a copy); plans and workers get
+        # only their shards' slices of it
+        self._selection = _selection_bits(selection, self.manifest, split)
+        self.selection_sha256 = "all" if self._selection is None else self._selection.sha256
         self.epoch = epoch
         self._plan = _EpochPlan(self)
         self._reset_position()

@@ -1,4 +1,4 @@
-"""Per-rank sparse ledger of the last observed loss and step per sample id; consolidation to owners."""
+"""Per-rank ledger of the last observed loss and step per sample id: a dense block per owner rank."""
 
 from __future__ import annotations
 
@@ -7,54 +7,85 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from attent_scale.teacher.topk import _Comm, _resolve_group, key_image
+from attent_scale.teacher.topk import _Comm, _resolve_group
 
 TRAIN = 0  # observation kinds: a training forward ...
 SCORE = 1  # ... and a scoring pass (at the same step a scoring pass is the more recent one)
+MAX_STEP = (1 << 31) - 2  # step * 2 + kind + 1 must fit the top 32 bits of an entry
+EXCHANGE_CHUNK = 1 << 20  # entries per all_to_all round when pending observations go to their owners
+_LOW32 = np.uint64(0xFFFFFFFF)
+_SIGN32 = np.uint32(0x80000000)
+POS_INF_IMAGE = np.uint32(0xFF800000)  # loss_image(+inf)
+NEG_INF_IMAGE = np.uint32(0x007FFFFF)  # loss_image(-inf)
+
+
+def block_len(num_ids: int, world_size: int) -> int:
+    """Ids per owner block: a multiple of 8, so that every block is whole bytes of a selection bitset."""
+    return 8 * -(-((num_ids + 7) // 8) // max(1, world_size))
 
 
 def block_owner(ids: np.ndarray, num_ids: int, world_size: int) -> np.ndarray:
-    """Owner rank of each id: contiguous blocks, rank r owns [ceil(r*N/W), ceil((r+1)*N/W))."""
-    return (np.asarray(ids, dtype=np.int64) * world_size) // max(1, num_ids)
+    """Owner rank of each id: rank r owns the contiguous block [r * L, (r + 1) * L) (L = block_len)."""
+    return np.asarray(ids, dtype=np.int64) // max(1, block_len(num_ids, world_size))
 
 
 def block_range(rank: int, num_ids: int, world_size: int) -> tuple[int, int]:
-    """The [lo, hi) id range owned by `rank`."""
-    return -(-rank * num_ids // world_size), -(-(rank + 1) * num_ids // world_size)
+    """The [lo, hi) id range owned by `rank` (lo is a multiple of 8; a block may be empty)."""
+    n = block_len(num_ids, world_size)
+    return min(num_ids, rank * n), min(num_ids, (rank + 1) * n)
 
 
-def _latest(ids: np.ndarray, loss: np.ndarray, step: np.ndarray, kind: np.ndarray) -> np.ndarray:
-    """Index of the winning observation per id, sorted by id: the most recent (larger step, then a
-    scoring pass over a training forward); remaining ties go to the larger loss (NaN lowest), a rule that
-    does not depend on which rank or how many ranks made the observations."""
-    if ids.size == 0:
-        return np.empty(0, dtype=np.int64)
-    order = np.lexsort((key_image(loss.astype(np.float64)), kind, step, ids))
-    sid = ids[order]
-    last = np.ones(sid.shape[0], dtype=bool)
-    last[:-1] = sid[1:] != sid[:-1]
-    return order[last]
+def loss_image(loss: np.ndarray) -> np.ndarray:
+    """Order-preserving uint32 image of float32 losses (-0.0 == +0.0; NaN -> 0, below -inf)."""
+    x = np.asarray(loss, dtype=np.float32) + np.float32(0.0)
+    b = x.view(np.uint32)
+    u = b ^ ((b >> np.uint32(31)) * np.uint32(0x7FFFFFFF) | _SIGN32)
+    u[np.isnan(x)] = 0
+    return u
+
+
+def loss_from_image(u: np.ndarray) -> np.ndarray:
+    """Inverse of loss_image (0 -> NaN)."""
+    u = np.asarray(u, dtype=np.uint32)
+    b = np.where(u >= _SIGN32, u ^ _SIGN32, np.bitwise_not(u))
+    return b.view(np.float32)
+
+
+def pack_entries(loss: np.ndarray, step: int, kind: int) -> np.ndarray:
+    """uint64 entries whose order is the ledger's "most recent wins" rule: larger step, then a scoring
+    pass over a training forward, then the larger loss (NaN lowest). 0 means "never observed"."""
+    hi = np.uint64(int(step) * 2 + int(kind) + 1) << np.uint64(32)
+    return loss_image(loss).astype(np.uint64) | hi
+
+
+def unpack_entries(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(loss float32, step int32, kind int8) of observed entries."""
+    hi = (v >> np.uint64(32)).astype(np.int64) - 1
+    loss = loss_from_image((v & _LOW32).astype(np.uint32))
+    return loss, (hi >> 1).astype(np.int32), (hi & 1).astype(np.int8)
 
 
 class Ledger:
-    """What this rank knows: for each id it observed, the last loss (float32), the step (int32) and the
-    kind (train/score). Memory is proportional to the number of distinct ids held, not to N."""
+    """What this rank knows. It owns the id block [lo, hi) (see block_range) as one dense uint64 entry per
+    id (8 bytes per owned id, O(N / world)); observations of ids other ranks own wait in a pending list
+    until `exchange` sends them to their owners. Merging is a max over entries (pack_entries), so the result
+    does not depend on which rank observed what, in which order, or how often it exchanged."""
 
-    def __init__(self, num_ids: int) -> None:
+    def __init__(self, num_ids: int, rank: int = 0, world_size: int = 1) -> None:
         self.num_ids = int(num_ids)
-        self._chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-        self._ids = np.empty(0, dtype=np.int64)
-        self._loss = np.empty(0, dtype=np.float32)
-        self._step = np.empty(0, dtype=np.int32)
-        self._kind = np.empty(0, dtype=np.int8)
-        self._pending = 0
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.lo, self.hi = block_range(self.rank, self.num_ids, self.world_size)
+        self._val = np.zeros(self.hi - self.lo, dtype=np.uint64)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.pending = 0  # observations waiting for an exchange
 
     def observe(self, ids: torch.Tensor | np.ndarray, losses: torch.Tensor | np.ndarray, step: int,
                 *, kind: int = TRAIN) -> int:
-        """Record losses of `ids` at `step`; ids outside [0, N) (e.g. -1 fillers) are ignored.
-        Returns the number of non-finite losses among the recorded ones."""
+        """Record losses of `ids` at `step` (O(len(ids)), no collective, no sort); ids outside [0, N)
+        (e.g. -1 fillers) are ignored. Returns the number of non-finite losses among the recorded ones."""
         if isinstance(ids, torch.Tensor):
             ids = ids.detach().cpu().numpy()
         if isinstance(losses, torch.Tensor):
@@ -63,96 +94,123 @@ class Ledger:
         loss = np.asarray(losses, dtype=np.float32).reshape(-1)
         if ids.shape != loss.shape:
             raise ValueError(f"ids and losses differ in length: {ids.shape[0]} vs {loss.shape[0]}")
+        if not 0 <= int(step) <= MAX_STEP:
+            raise ValueError(f"step {step} outside [0, {MAX_STEP}]")
         ok = (ids >= 0) & (ids < self.num_ids)
         ids, loss = ids[ok], loss[ok]
-        n = ids.shape[0]
-        self._chunks.append((ids.copy(), loss.copy(), np.full(n, step, dtype=np.int32),
-                             np.full(n, kind, dtype=np.int8)))
-        self._pending += n
-        if self._pending > max(1 << 16, self._ids.shape[0]):
-            self.compact()
+        val = pack_entries(loss, step, kind)
+        mine = (ids >= self.lo) & (ids < self.hi)
+        if mine.all():
+            np.maximum.at(self._val, ids - self.lo, val)
+        else:
+            np.maximum.at(self._val, ids[mine] - self.lo, val[mine])
+            self._pending.append((ids[~mine], val[~mine]))
+            self.pending += int(ids.shape[0] - np.count_nonzero(mine))
         return int(np.count_nonzero(~np.isfinite(loss)))
 
-    def _merge(self, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> None:
-        ids = np.concatenate([p[0] for p in parts])
-        loss = np.concatenate([p[1] for p in parts])
-        step = np.concatenate([p[2] for p in parts])
-        kind = np.concatenate([p[3] for p in parts])
-        keep = _latest(ids, loss, step, kind)
-        self._ids, self._loss, self._step, self._kind = ids[keep], loss[keep], step[keep], kind[keep]
+    def merge(self, ids: np.ndarray, val: np.ndarray) -> None:
+        """Fold packed entries of owned ids in (the max rule)."""
+        np.maximum.at(self._val, np.asarray(ids, dtype=np.int64) - self.lo, val)
 
-    def compact(self) -> None:
-        """Fold pending observations in: one entry per id, sorted by id."""
-        if self._chunks:
-            self._merge([(self._ids, self._loss, self._step, self._kind), *self._chunks])
-            self._chunks = []
-            self._pending = 0
+    def _take_pending(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        ids, vals, got = [], [], 0
+        while self._pending and got < n:
+            i, v = self._pending.pop(0)
+            if got + i.shape[0] > n:
+                cut = n - got
+                self._pending.insert(0, (i[cut:], v[cut:]))
+                i, v = i[:cut], v[:cut]
+            ids.append(i)
+            vals.append(v)
+            got += i.shape[0]
+        self.pending -= got
+        if not ids:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
+        return np.concatenate(ids), np.concatenate(vals)
 
-    def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(ids, loss, step, kind) arrays, one entry per id, sorted by id."""
-        self.compact()
-        return self._ids, self._loss, self._step, self._kind
-
-    def __len__(self) -> int:
-        self.compact()
-        return int(self._ids.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the entries (after compaction)."""
-        self.compact()
-        return int(self._ids.nbytes + self._loss.nbytes + self._step.nbytes + self._kind.nbytes)
-
-    def consolidate(self, group: Any = None, comm: _Comm | None = None) -> None:
-        """Collective: send every entry to its owner rank (contiguous id blocks), keep the most recent
-        observation per id. Afterwards each rank holds exactly the observed ids of its own block, and
-        the union over ranks does not depend on which rank observed what."""
-        self.compact()
+    def exchange(self, group: Any = None, comm: _Comm | None = None) -> None:
+        """Collective: send every pending observation to its owner rank, in rounds of at most
+        EXCHANGE_CHUNK entries per rank (memory stays bounded). Afterwards each rank's block holds every
+        observation of its ids made anywhere."""
         if comm is None:
             pg = _resolve_group(group)
             comm = _Comm(pg) if pg is not None else None
         if comm is None:
             return
-        owner = block_owner(self._ids, self.num_ids, comm.world)
-        order = np.argsort(owner, kind="stable")
-        counts = np.bincount(owner, minlength=comm.world).tolist()
-        packed = np.empty((self._ids.shape[0], 3), dtype=np.int64)
-        packed[:, 0] = self._ids
-        packed[:, 1] = self._loss.view(np.int32).astype(np.int64)
-        packed[:, 2] = self._step.astype(np.int64) * 2 + self._kind
-        got = comm.all_to_all(torch.from_numpy(packed[order]), counts, "consolidate").numpy()
-        loss = got[:, 1].astype(np.int32).view(np.float32)
-        self._ids = np.empty(0, dtype=np.int64)
-        self._loss = np.empty(0, dtype=np.float32)
-        self._step = np.empty(0, dtype=np.int32)
-        self._kind = np.empty(0, dtype=np.int8)
-        self._merge([(got[:, 0].copy(), loss, (got[:, 2] // 2).astype(np.int32),
-                      (got[:, 2] % 2).astype(np.int8))])
+        n = torch.tensor([self.pending], dtype=torch.int64)
+        comm.all_reduce(n, "consolidate", op=dist.ReduceOp.MAX)
+        for _ in range(-(-int(n.item()) // EXCHANGE_CHUNK)):
+            ids, val = self._take_pending(EXCHANGE_CHUNK)
+            owner = block_owner(ids, self.num_ids, comm.world)
+            order = np.argsort(owner, kind="stable")
+            counts = np.bincount(owner, minlength=comm.world).tolist()
+            packed = np.empty((ids.shape[0], 2), dtype=np.int64)
+            packed[:, 0] = ids[order]
+            packed[:, 1] = val[order].view(np.int64)
+            got = comm.all_to_all(torch.from_numpy(packed), counts, "consolidate").numpy()
+            self.merge(got[:, 0], got[:, 1].copy().view(np.uint64))
+
+    consolidate = exchange  # the name the Teacher used before the dense ledger
+
+    def block_entries(self, a: int, b: int) -> np.ndarray:
+        """The packed entries (uint64, 0 = never observed) of owned ids [a, b) (a view)."""
+        return self._val[a - self.lo:b - self.lo]
+
+    def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, loss, step, kind) of the observed ids of this rank's block, sorted by id (materialised:
+        for tests and small ledgers; call exchange() first to include other ranks' observations)."""
+        seen = np.flatnonzero(self._val)
+        loss, step, kind = unpack_entries(self._val[seen])
+        return seen.astype(np.int64) + self.lo, loss, step, kind
+
+    def counts(self) -> tuple[int, int]:
+        """(observed ids, ids with a finite loss) of this rank's block, counted in chunks."""
+        n_obs = n_fin = 0
+        lo_fin, hi_fin = NEG_INF_IMAGE, POS_INF_IMAGE  # finite losses lie strictly between the infinities
+        for a in range(0, self._val.shape[0], EXCHANGE_CHUNK):
+            v = self._val[a:a + EXCHANGE_CHUNK]
+            n_obs += int(np.count_nonzero(v))
+            low = (v & _LOW32).astype(np.uint32)
+            n_fin += int(np.count_nonzero((low > lo_fin) & (low < hi_fin) & (v != 0)))
+        return n_obs, n_fin
+
+    def __len__(self) -> int:
+        return int(np.count_nonzero(self._val))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the dense block plus pending observations."""
+        return int(self._val.nbytes + sum(i.nbytes + v.nbytes for i, v in self._pending))
 
     def staleness(self, now: int) -> np.ndarray:
-        """Age in steps (now - step, int64) of every entry."""
-        self.compact()
-        return np.int64(now) - self._step.astype(np.int64)
+        """Age in steps (now - step, int64) of every observed id of this rank's block, by id."""
+        return np.int64(now) - self.entries()[2].astype(np.int64)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """safetensors-ready tensors of the compacted ledger."""
-        ids, loss, step, kind = self.entries()
+        """safetensors-ready tensors: the dense block (as int64) and the pending observations."""
+        ids = [i for i, _ in self._pending]
+        vals = [v for _, v in self._pending]
         return {
-            "ids": torch.from_numpy(ids.copy()),
-            "loss": torch.from_numpy(loss.copy()),
-            "step": torch.from_numpy(step.copy()),
-            "kind": torch.from_numpy(kind.copy()),
-            "num_ids": torch.tensor([self.num_ids], dtype=torch.int64),
+            "block": torch.from_numpy(self._val.view(np.int64)),
+            "pending_ids": torch.from_numpy(np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)),
+            "pending_val": torch.from_numpy(
+                (np.concatenate(vals) if vals else np.zeros(0, dtype=np.uint64)).view(np.int64)),
+            "shape": torch.tensor([self.num_ids, self.rank, self.world_size], dtype=torch.int64),
         }
 
     @classmethod
     def from_state_tensors(cls, state: dict[str, torch.Tensor]) -> Ledger:
         """Inverse of state_tensors."""
-        led = cls(int(state["num_ids"].reshape(-1)[0]))
-        led._ids = state["ids"].numpy().astype(np.int64)
-        led._loss = state["loss"].numpy().astype(np.float32)
-        led._step = state["step"].numpy().astype(np.int32)
-        led._kind = state["kind"].numpy().astype(np.int8)
+        num_ids, rank, world = (int(x) for x in state["shape"].reshape(-1).tolist())
+        led = cls(num_ids, rank, world)
+        block = state["block"].numpy().view(np.uint64)
+        if block.shape != led._val.shape:
+            raise ValueError(f"ledger block of {block.shape[0]} entries, expected {led._val.shape[0]}")
+        np.copyto(led._val, block)  # a copy: the state may be a live ledger's view (state_tensors)
+        ids = state["pending_ids"].numpy().astype(np.int64)
+        if ids.size:
+            led._pending = [(ids.copy(), state["pending_val"].numpy().view(np.uint64).copy())]
+            led.pending = int(ids.shape[0])
         return led
 
     def save(self, path: str | Path) -> None:

@@ -15,14 +15,23 @@ import torch
 import torch.distributed as dist
 
 from attent_scale.config import TeacherConfig
-from attent_scale.teacher.ledger import SCORE, TRAIN, Ledger, block_range
+from attent_scale.teacher.ledger import NEG_INF_IMAGE, POS_INF_IMAGE, SCORE, TRAIN, Ledger, unpack_entries
 from attent_scale.teacher.records import RecordWriter, make_record
 from attent_scale.teacher.schedules import interval_at, ratio_at
 from attent_scale.teacher.selection import Selection
 from attent_scale.teacher.strategies import strategy_keys
-from attent_scale.teacher.topk import _Comm, _resolve_group, kth_largest, select_global
+from attent_scale.teacher.topk import (
+    _Comm,
+    _resolve_group,
+    key_image,
+    kth_largest,
+    select_block_bits,
+    select_global,
+)
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: dense ledger blocks, selection bits not copied
+KEY_CHUNK = 1 << 17  # ids per chunk when keys are computed from the ledger block
+EXCHANGE_EVERY = 64  # training steps (or scoring batches) between two ledger exchanges
 STAT_KEYS = (
     "seconds_score", "seconds_collective", "seconds_select", "seconds_share", "seconds_rebalance",
     "samples_scored", "bytes_sent", "nonfinite", "selections", "last_ratio", "last_k",
@@ -64,7 +73,7 @@ class Teacher:
         self.group = _resolve_group(group)
         self.world_size = dist.get_world_size(self.group) if self.group is not None else 1
         self.rank = dist.get_rank(self.group) if self.group is not None else 0
-        self.ledger = Ledger(self.num_samples)
+        self.ledger = Ledger(self.num_samples, self.rank, self.world_size)
         self.reference = reference  # teacher.score=excess: a teacher.reference.Reference, else None
         self._writer = RecordWriter(record_path if self.rank == 0 else None)
         self._cache_cycle = -1
@@ -143,20 +152,34 @@ class Teacher:
 
     def score_pass(self, stream: Iterable[dict[str, torch.Tensor]],
                    score_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], step: int) -> int:
-        """Score every batch of this rank's stream (no grad) into the ledger; returns samples scored here."""
+        """Collective: score every batch of this rank's stream (no grad) into the ledger; returns samples
+        scored here. Every EXCHANGE_EVERY batches (and at the end) the ranks exchange pending observations,
+        in rounds every rank joins until all are done, so ranks may hold different numbers of batches."""
         t0 = time.perf_counter()
         n = 0
+        comm = self._comm()
         with torch.no_grad():
-            for batch in stream:
+            for i, batch in enumerate(stream):
                 scores = score_fn(batch)
                 self.stats["nonfinite"] += self.ledger.observe(batch["ids"], scores, step, kind=SCORE)
                 n += int(batch["ids"].shape[0])
+                if comm is not None and (i + 1) % EXCHANGE_EVERY == 0:
+                    self._exchange_round(comm, done=False)
+        while comm is not None and not self._exchange_round(comm, done=True):
+            pass
         dt = time.perf_counter() - t0
         self.stats["seconds_score"] += dt
         self.stats["samples_scored"] += n
         self._score_seconds_pending += dt
         self._scored_pending += n
         return n
+
+    def _exchange_round(self, comm: _Comm, *, done: bool) -> bool:
+        """One lockstep exchange; True once every rank has said it is done."""
+        busy = torch.tensor([0 if done else 1], dtype=torch.int64)
+        comm.all_reduce(busy, "consolidate")
+        self.ledger.exchange(comm=comm)
+        return int(busy.item()) == 0
 
     def observe(self, ids: torch.Tensor, losses: torch.Tensor, step: int) -> None:
         """Record training-forward losses (free scores). A no-op in online and none modes."""
@@ -174,14 +197,92 @@ class Teacher:
             comm.all_reduce(t, "collective")
         return [int(v) for v in t.tolist()]
 
-    def _staleness(self, ages: np.ndarray, comm: _Comm | None) -> dict[str, int] | None:
-        (n,) = self._all_sum([int(ages.shape[0])], comm)
-        if n == 0:
+    def _staleness(self, step: int, n_obs: int, comm: _Comm | None) -> dict[str, int] | None:
+        """Global count, lower median and max of the age (step - observed step, at least 0) of observed
+        ids, from the ledger blocks in chunks. Each entry maps to y = 2 * age + (1 - kind) (0 for unseen
+        ids, below every observed one), which orders like the age; y < 2 * step + 3, so up to 2**19 steps
+        one histogram pass is exact."""
+        if n_obs == 0:
             return None
-        u = ages.astype(np.int64).clip(min=0).view(np.uint64)
-        top, _, _ = kth_largest(u, 1, comm, bits=32)
-        median, _, _ = kth_largest(u, n - (n - 1) // 2, comm, bits=32)  # lower median
-        return {"n": n, "median": int(median), "max": int(top)}
+        led = self.ledger
+        top = np.int64(2 * int(step) + 2)
+        nbits = max(1, int(top).bit_length())
+
+        def ys() -> Any:
+            for a in range(led.lo, led.hi, KEY_CHUNK):
+                v = led.block_entries(a, min(led.hi, a + KEY_CHUNK))
+                y = top - (v >> np.uint64(32)).view(np.int64)
+                y[v == 0] = 0
+                np.maximum(y, 0, out=y)
+                yield y.view(np.uint64)
+
+        k_med = n_obs - (n_obs - 1) // 2  # the lower median of the ages is this k-th largest
+        if nbits <= 20:
+            h = np.zeros(1 << nbits, dtype=np.int64)
+            for y in ys():
+                h += np.bincount(y.view(np.int64), minlength=1 << nbits)
+            hist = torch.from_numpy(h)
+            if comm is not None:
+                comm.all_reduce(hist, "collective")
+            h = hist.numpy()
+            above = np.cumsum(h[::-1])  # above[j] = count of values >= (len - 1 - j)
+            median = len(h) - 1 - int(np.searchsorted(above, k_med))
+            oldest = int(np.flatnonzero(h)[-1])
+        else:
+            median, _, _ = kth_largest(ys, k_med, comm, bits=nbits)
+            oldest, _, _ = kth_largest(ys, 1, comm, bits=nbits)
+        return {"n": n_obs, "median": int(median) >> 1, "max": int(oldest) >> 1}
+
+    def _key_chunks(self, epoch: int) -> Callable[[], Any]:
+        """Re-iterable float64 keys of this rank's ledger block, KEY_CHUNK ids at a time: never-observed ids
+        get +inf (always kept), non-finite losses NaN (never chosen by hard/soft)."""
+        cfg, led = self.cfg, self.ledger
+
+        def chunks() -> Any:
+            for a in range(led.lo, led.hi, KEY_CHUNK):
+                b = min(led.hi, a + KEY_CHUNK)
+                ids = np.arange(a, b, dtype=np.int64)
+                if cfg.strategy == "random":
+                    yield strategy_keys("random", np.zeros(0), ids, seed=self.seed, cycle=epoch).numpy()
+                    continue
+                v = led.block_entries(a, b)
+                loss, _, _ = unpack_entries(v)
+                loss = self._excess(ids, loss)
+                keys = strategy_keys(cfg.strategy, loss, ids, seed=self.seed, cycle=epoch,
+                                     temperature=cfg.temperature, normalization=cfg.normalization).numpy()
+                keys[v == 0] = np.inf
+                yield keys
+
+        return chunks
+
+    def _image_chunks(self, key_chunks: Callable[[], Any]) -> tuple[Callable[[], Any], int]:
+        """Order-preserving uint64 images of the keys, and how many bits they use. hard: the key is the
+        float32 loss itself, so the ledger entry's 32-bit loss image is already in key order (non-finite
+        losses get 0 like a NaN key, unseen ids 2**32, above all): integer work only, 33 bits. Others:
+        key_image of the float64 keys."""
+        led = self.ledger
+        if self.cfg.strategy != "hard" or self.reference is not None:  # excess keys are not stored losses
+            return (lambda: (key_image(c) for c in key_chunks())), 64
+
+        def chunks() -> Any:
+            for a in range(led.lo, led.hi, KEY_CHUNK):
+                v = led.block_entries(a, min(led.hi, a + KEY_CHUNK))
+                u = v & np.uint64(0xFFFFFFFF)
+                u[(u >= np.uint64(POS_INF_IMAGE)) | (u <= np.uint64(NEG_INF_IMAGE))] = 0
+                u[v == 0] = np.uint64(1 << 32)
+                yield u
+
+        return chunks, 33
+
+    def exchange_due(self, step: int) -> None:
+        """Collective, called by every rank after each training step (cycle and ledger modes): every
+        EXCHANGE_EVERY steps, pending ledger observations go to their owner ranks, so a rank never holds
+        more than a few steps of other ranks' observations. A no-op in other modes."""
+        if self.cfg.mode in ("cycle", "ledger") and step % EXCHANGE_EVERY == 0 and self.group is not None:
+            comm = self._comm()
+            self.ledger.exchange(comm=comm)
+            self.stats["seconds_collective"] += comm.seconds.get("consolidate", 0.0)
+            self.stats["bytes_sent"] += comm.bytes.get("consolidate", 0)
 
     def select(self, epoch: int, step: int) -> Selection:
         """Collective (cycle and ledger modes): the selection for a subset epoch, identical on every rank.
@@ -199,35 +300,34 @@ class Teacher:
         comm = self._comm()
         t0 = time.perf_counter()
         ratio = float(plan.ratio if plan.ratio is not None else 1.0)
-        lo, hi = block_range(self.rank, self.num_samples, self.world_size)
-        pool = np.arange(lo, hi, dtype=np.int64)
-        ages = np.empty(0, dtype=np.int64)
+        lo, hi = self.ledger.lo, self.ledger.hi
         if cfg.strategy == "random":
-            keys = strategy_keys("random", np.zeros(0), pool, seed=self.seed, cycle=epoch)
-            t_keys = time.perf_counter() - t0
             n_obs, n_fin, n_nonfinite = self.num_samples, self.num_samples, 0
             k = _round_half_up(ratio * self.num_samples)
         else:
-            self.ledger.consolidate(comm=comm)
-            t1 = time.perf_counter()
-            ids, loss, steps, _ = self.ledger.entries()
-            loss = self._excess(ids, loss)
-            keys_np = np.full(pool.shape[0], np.inf, dtype=np.float64)  # unseen ids rank first
-            keys_np[ids - lo] = strategy_keys(cfg.strategy, loss, ids, seed=self.seed, cycle=epoch,
-                                              temperature=cfg.temperature,
-                                              normalization=cfg.normalization).numpy()
-            keys = torch.from_numpy(keys_np)
-            ages = np.int64(step) - steps.astype(np.int64)
-            local_fin = int(np.count_nonzero(np.isfinite(loss)))
-            t_keys = time.perf_counter() - t1
-            n_obs, n_fin = self._all_sum([int(ids.shape[0]), local_fin], comm)
+            self.ledger.exchange(comm=comm)
+            n_obs, n_fin = self._all_sum(list(self.ledger.counts()), comm)
             n_nonfinite = n_obs - n_fin
             k = self.num_samples - n_obs + _round_half_up(ratio * n_fin)
+        t_keys = time.perf_counter() - t0
         report: dict[str, Any] = {}
-        chosen = select_global(keys, torch.from_numpy(pool), k, method=cfg.topk_method, group=self.group,
-                               report=report)
-        selection = Selection.from_ids(chosen, self.num_samples)
-        staleness = self._staleness(ages, comm) if cfg.strategy != "random" else None
+        chunks = self._key_chunks(epoch)
+        if cfg.topk_method == "threshold":
+            images, nbits = self._image_chunks(chunks)
+            selection = Selection(select_block_bits(images, lo, hi, self.num_samples, k, bits=nbits,
+                                                    group=self.group, report=report), self.num_samples)
+        else:  # gather: every rank holds all N (key, id) pairs; exact, for up to ~10^7 samples
+            parts = list(chunks())
+            keys = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float64)
+            chosen = select_global(keys, np.arange(lo, hi, dtype=np.int64), k, method="gather",
+                                   group=self.group, report=report)
+            selection = Selection.from_ids(chosen, self.num_samples)
+            del keys, chosen
+        t_st, coll_st = time.perf_counter(), comm.seconds.get("collective", 0.0) if comm else 0.0
+        staleness = self._staleness(step, n_obs, comm) if cfg.strategy != "random" else None
+        # its passes over the ledger are selection work too (its all-reduce is counted as collective)
+        coll_st = (comm.seconds.get("collective", 0.0) - coll_st) if comm else 0.0
+        t_keys += time.perf_counter() - t_st - coll_st
         seconds = {
             "score": self._score_seconds_pending,
             "collective": report["seconds"]["collective"] + (comm.seconds.get("consolidate", 0.0)
@@ -371,7 +471,8 @@ class Teacher:
             "rank": self.rank,
             "ledger": self.ledger.state_tensors(),
             "cache_cycle": self._cache_cycle,
-            "cache_bits": torch.from_numpy(self._cache.bits.copy()) if self._cache is not None else None,
+            # the same array the trainer saves as the epoch's selection: checkpoint.save_state stores it once
+            "cache_bits": self._cache.bits if self._cache is not None else None,
             "score_seconds_pending": self._score_seconds_pending,
             "scored_pending": self._scored_pending,
             "stats": dict(self.stats),
@@ -389,7 +490,7 @@ class Teacher:
         self.ledger = Ledger.from_state_tensors(state["ledger"])
         self._cache_cycle = int(state["cache_cycle"])
         bits = state["cache_bits"]
-        self._cache = Selection(bits.numpy(), self.num_samples) if bits is not None else None
+        self._cache = Selection(bits, self.num_samples) if bits is not None else None
         self._score_seconds_pending = float(state["score_seconds_pending"])
         self._scored_pending = int(state["scored_pending"])
         self.stats = dict(state["stats"])

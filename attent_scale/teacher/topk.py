@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,13 @@ class _Comm:
         self._add(phase, (self.world - 1) * t.numel() * t.element_size(), t0)
         return out
 
+    def all_gather_into(self, out: torch.Tensor, t: torch.Tensor, phase: str) -> torch.Tensor:
+        """all_gather of equal-sized 1-d tensors straight into `out` (world * t.numel() elements)."""
+        t0 = time.perf_counter()
+        dist.all_gather(list(out.view(self.world, -1).unbind(0)), t, group=self.group)
+        self._add(phase, (self.world - 1) * t.numel() * t.element_size(), t0)
+        return out
+
     def all_reduce(self, t: torch.Tensor, phase: str, op: Any = None) -> torch.Tensor:
         t0 = time.perf_counter()
         dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op, group=self.group)
@@ -139,24 +147,43 @@ def _resolve_group(group: Any) -> Any:
     return group if dist.get_world_size(group) > 1 else None
 
 
-def kth_largest(u: np.ndarray, k: int, comm: _Comm | None, *, bits: int = 64, phase: str = "collective"
-                ) -> tuple[int, int, int]:
-    """Exact k-th largest (1 <= k <= global count) of uint64 values < 2**bits spread over ranks, by
-    histogram all-reduce rounds of RADIX_BITS bits from the top. Returns (value, count strictly above,
-    count equal), all global and identical on every rank."""
-    cand = u
+U64Source = Callable[[], Iterator[np.ndarray]]  # re-iterable chunks of uint64 values
+COLLECT_CAP = 1 << 24  # a descent keeps its candidates in memory once at most this many remain
+
+
+def _kth(u: np.ndarray | U64Source, k: int, comm: _Comm | None, *, bits: int = 64,
+         phase: str = "collective", radix: int = RADIX_BITS) -> tuple[int, int, int, int]:
+    """kth_largest plus this rank's count of values equal to the k-th. `u` is an array or a callable that
+    yields the values again in chunks on every call; with a callable, each round re-reads the chunks,
+    filtered by the prefix found so far, until few enough candidates remain to keep them."""
+    cand = u if isinstance(u, np.ndarray) else None
     prefix = 0
     need = int(k)
     shift = int(bits)
-    eq = 0
+    done = 0
+    eq = local_eq = 0
     chunk = 1 << 18
     while shift > 0:
-        b = min(RADIX_BITS, shift)
+        b = min(radix, shift)
         shift -= b
         sh, mask = np.uint64(shift), np.uint64((1 << b) - 1)
         h = np.zeros(1 << b, dtype=np.int64)
-        for i in range(0, cand.shape[0], chunk):  # chunked: no large temporaries
-            h += np.bincount(((cand[i:i + chunk] >> sh) & mask).astype(np.intp), minlength=1 << b)
+        keep: list[np.ndarray] | None = None
+        if cand is not None:
+            chunks: Any = (cand[i:i + chunk] for i in range(0, cand.shape[0], chunk))
+        else:
+            keep, kept = [], 0
+            top, want = np.uint64(shift + b), np.uint64(prefix)
+            chunks = (c if done == 0 else c[(c >> top) == want] for c in u())  # type: ignore[operator]
+        for c in chunks:  # chunked: no large temporaries
+            h += np.bincount(((c >> sh) & mask).view(np.int64), minlength=1 << b)  # < 2**b: a view
+            if keep is not None:
+                kept += c.shape[0]
+                if kept <= COLLECT_CAP:
+                    keep.append(c.copy())
+                else:
+                    keep = None
+        local = h.copy()
         hist = torch.from_numpy(h)
         if comm is not None:
             comm.all_reduce(hist, phase)
@@ -164,12 +191,27 @@ def kth_largest(u: np.ndarray, k: int, comm: _Comm | None, *, bits: int = 64, ph
         above = np.cumsum(h[::-1])[::-1] - h  # count in strictly higher bins
         d = int(np.flatnonzero((above < need) & (above + h >= need))[0])
         need -= int(above[d])
-        eq = int(h[d])
+        eq, local_eq = int(h[d]), int(local[d])
         prefix = (prefix << b) | d
+        done += b
         dd = np.uint64(d)
-        cand = np.concatenate([c[((c >> sh) & mask) == dd] for c in
-                               (cand[i:i + chunk] for i in range(0, cand.shape[0], chunk))] or [cand[:0]])
-    return prefix, int(k) - need, eq
+        if keep is not None:
+            cand = np.concatenate(keep) if keep else np.zeros(0, dtype=np.uint64)
+        if cand is not None:
+            cand = np.concatenate([c[((c >> sh) & mask) == dd] for c in
+                                   (cand[i:i + chunk] for i in range(0, cand.shape[0], chunk))]
+                                  or [cand[:0]])
+    return prefix, int(k) - need, eq, local_eq
+
+
+def kth_largest(u: np.ndarray | U64Source, k: int, comm: _Comm | None, *, bits: int = 64,
+                phase: str = "collective") -> tuple[int, int, int]:
+    """Exact k-th largest (1 <= k <= global count) of uint64 values < 2**bits spread over ranks, by
+    histogram all-reduce rounds of RADIX_BITS bits from the top. `u`: an array, or a callable yielding the
+    values in chunks (re-read every round while many candidates remain). Returns (value, count strictly
+    above, count equal), all global and identical on every rank."""
+    value, n_above, n_eq, _ = _kth(u, k, comm, bits=bits, phase=phase)
+    return value, n_above, n_eq
 
 
 # ----------------------------------------------------------------------------- the public entry
@@ -328,3 +370,101 @@ def select_global(
             },
         )
     return torch.from_numpy(result)
+
+
+BLOCK_RADIX = 16  # histogram bits per round in select_block_bits (65536 bins, 512 KiB all-reduced)
+
+
+def select_block_bits(
+    image_chunks: U64Source,
+    lo: int,
+    hi: int,
+    num_ids: int,
+    k: int,
+    *,
+    bits: int = 64,
+    group: Any = None,
+    report: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """Exact global top-k for the layout the teacher uses: rank r holds the keys of the id block [lo, hi)
+    of ledger.block_range (8-aligned, ascending with the rank), produced on demand by `image_chunks()` as
+    order-preserving uint64 images (< 2**bits; e.g. key_image of float64 keys) for consecutive ids from lo
+    (each chunk a multiple of 8 long but the last). Returns the same packed bitset (ceil(num_ids / 8)
+    bytes, little bit order) on every rank: the k largest images, ties to the smaller id, as
+    select_global(keys, ids, k, method="threshold") chooses. Memory: a few chunks plus the bitset; images
+    are recomputed per histogram round instead of being held."""
+    t_start = time.perf_counter()
+    pg = _resolve_group(group)
+    comm = _Comm(pg) if pg is not None else None
+    world = comm.world if comm else 1
+    n_local = hi - lo
+    nbytes = (num_ids + 7) // 8
+    per = -(-nbytes // world)  # every rank's bitset slice has the same size: one all_gather
+    if lo % 8 or (comm is not None and lo != 8 * per * comm.rank and n_local > 0):
+        raise ValueError(f"select_block_bits: block [{lo}, {hi}) is not this rank's 8-aligned block")
+    ctrl = torch.tensor([n_local], dtype=torch.int64)
+    if comm is not None:
+        comm.all_reduce(ctrl, "control")
+    total = int(ctrl.item())
+    k_eff = max(0, min(int(k), total))
+
+    images = image_chunks
+    sel_s = 0.0
+    rounds = 0
+    t0 = time.perf_counter()
+    coll0 = comm.seconds.get("collective", 0.0) if comm else 0.0
+    if 0 < k_eff < total:
+        t_val, n_above, n_eq, my_eq = _kth(images, k_eff, comm, bits=bits, radix=BLOCK_RADIX)
+        rounds = (bits + BLOCK_RADIX - 1) // BLOCK_RADIX
+        need = k_eff - n_above
+        if need >= n_eq:
+            quota = my_eq
+        else:  # ties go to the smaller ids: an exclusive scan of tie counts in rank (= id) order
+            counts = torch.tensor([my_eq], dtype=torch.int64)
+            if comm is not None:
+                counts = torch.cat(comm.all_gather(counts, "collective"))
+            offset = int(counts[: comm.rank if comm else 0].sum())
+            quota = max(0, min(my_eq, need - offset))
+    else:
+        t_val, quota = (0, n_local) if k_eff == total else (1 << 64, 0)
+    out = torch.zeros(world * per, dtype=torch.uint8)
+    mine = out[(comm.rank if comm else 0) * per:][:per].numpy()
+    pos = 0
+    t_img = np.uint64(min(t_val, (1 << 64) - 1))
+    for u in images():
+        if k_eff == 0:
+            break
+        chosen = u > t_img if t_val < (1 << 64) else np.zeros(u.shape[0], dtype=bool)
+        if quota:
+            ties = np.flatnonzero(u == t_img)[:quota]
+            chosen[ties] = True
+            quota -= ties.shape[0]
+        packed = np.packbits(chosen, bitorder="little")
+        mine[pos // 8:pos // 8 + packed.shape[0]] = packed
+        pos += u.shape[0]
+    if pos not in (0, n_local) and k_eff:
+        raise ValueError(f"select_block_bits: key chunks covered {pos} of {n_local} ids")
+    sel_s += time.perf_counter() - t0 - ((comm.seconds.get("collective", 0.0) - coll0) if comm else 0.0)
+    t1 = time.perf_counter()
+    if comm is not None:
+        send = torch.from_numpy(mine.copy())
+        comm.all_gather_into(out, send, "share")
+        del send
+    bits = out.numpy()[:nbytes]
+    got = sum(int(np.bitwise_count(bits[i:i + (1 << 22)]).sum(dtype=np.int64))
+              for i in range(0, nbytes, 1 << 22))
+    if got != k_eff:  # same bitset everywhere, so every rank raises together
+        raise SelectionMismatchError(f"threshold selection has {got} ids, expected {k_eff}: ranks disagreed")
+    check_agreement(np.zeros(0, dtype=np.int64), comm, digest=bitset_hash(bits))
+    share_s = time.perf_counter() - t1
+    if report is not None:
+        by = dict(comm.bytes) if comm else {}
+        secs = dict(comm.seconds) if comm else {}
+        report.clear()
+        report.update(
+            method="threshold" if comm else "local", world_size=world, n=total, k=got, rounds=rounds,
+            bytes_sent=by, bytes_total=int(sum(by.values())),
+            seconds={"collective": secs.get("collective", 0.0) + secs.get("control", 0.0), "select": sel_s,
+                     "share": share_s, "total": time.perf_counter() - t_start},
+        )
+    return bits
