@@ -64,6 +64,20 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, backend, device)
 
 
+def init_one_rank_group(device: torch.device) -> None:
+    """A one-rank process group for a single process (sharded engines need one: people debug that way)."""
+    if dist.is_initialized():
+        return
+    import socket
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+
+
 def is_distributed() -> bool:
     """True when a process group with more than one rank is up."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
