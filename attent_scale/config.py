@@ -138,7 +138,7 @@ class CheckpointConfig:
 @dataclass
 class MetricsConfig:
     enabled: bool = False
-    port: int = 9400  # rank r listens on port + local_rank
+    port: int = 19400  # rank r listens on port + local_rank (off 9100/9400/9464: node, dcgm, otel exporters)
     address: str = "127.0.0.1"
     port_fallback: bool = False  # take the next free port instead of failing when the port is taken
     job: str = "attent"

@@ -83,6 +83,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="resume from the latest checkpoint in run_dir (default: checkpoint.resume)",
     )
+    # the deepspeed launcher appends --local_rank=N to every worker's argv; LOCAL_RANK says the same
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.set_defaults(func=_run_cli)
 
 
@@ -176,6 +178,7 @@ def train(cfg: RunConfig) -> int:
         ckpt.set_rng_state(state["rng"])
         progress = Progress(**state["progress"])
         if is_main:
+            print(_resume_line(resume_from, progress, n_train, world), file=sys.stderr)
             for name in LOG_FILES:
                 truncate_lines(run_dir / name, progress.log_lines.get(name, 0))
     elif is_main:
@@ -466,6 +469,23 @@ def train(cfg: RunConfig) -> int:
             if exit_code == 0:
                 dist.barrier()
             dist.destroy_process_group()
+
+
+def _resume_line(path: Path, progress: Progress, n_train: int, world: int) -> str:
+    """One line saying what a resumed run continues from."""
+    from attent_scale.teacher import Selection
+
+    if progress.selection_bits is None:
+        selection = f"full data (ratio {progress.selected_ratio:.3g})"
+    else:
+        sel = Selection(progress.selection_bits, n_train)
+        selection = f"selection sha256 {sel.sha256} ({sel.count} ids, ratio {progress.selected_ratio:.3g})"
+    where = "at its start"
+    if progress.stream_state is not None:
+        where = f"after {progress.stream_state['batches_consumed']} of its batches"
+    samples = progress.samples_trained * world  # equal shares on every rank
+    return (f"attent-scale: resumed from {path} (step {progress.step}, {samples} samples trained, "
+            f"epoch {progress.epoch} {where}, {selection})")
 
 
 def _all_union(ids: list[int], group: Any, world: int) -> set[int]:

@@ -196,3 +196,14 @@ def test_corrupt_sample_is_excluded_from_selection_and_counted(tmp_path, tiny_sh
     assert summary["corrupt_samples"] == len(records)
     assert summary["corrupt_ids"] == 1
     assert f"excluded from selection (ids {shard.first_id}); 1 distinct so far" in proc.stderr
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_sharded_engines_run_on_one_plain_process(tmp_path, tiny_shards, engine):
+    # people debug that way: no torchrun, no WORLD_SIZE; the engine makes a one-rank group itself
+    cfg = tiny_run_config(
+        tmp_path / "one", tiny_shards, engine, train={"max_steps": 3}, eval={"every_steps": 0}
+    )
+    check(run_train(cfg))
+    summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["world_size"] == 1 and summary["engine"] == engine
