@@ -149,6 +149,10 @@ def init_one_rank_group(device: torch.device) -> None:
         return
     import socket
 
+    # what a launcher would set: DeepSpeed's zero.Init reads LOCAL_RANK from the environment
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
+        if not os.environ.get(name):
+            os.environ[name] = value
     if not os.environ.get("MASTER_ADDR"):
         os.environ["MASTER_ADDR"] = "127.0.0.1"
     if not os.environ.get("MASTER_PORT"):
