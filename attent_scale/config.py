@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import textwrap
 import types
 import typing
@@ -14,6 +15,34 @@ from typing import Any, Literal
 import yaml
 
 from attent_scale.errors import UserError
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads every float spelling users write (YAML 1.1 takes `3e-4` for a string)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)[eE][-+]?[0-9]+
+        |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML like `yaml.safe_load`, with floats as users write them (`3e-4`, `1E-3`, `.5`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -115,7 +144,7 @@ class CheckpointConfig:
 @dataclass
 class MetricsConfig:
     enabled: bool = False
-    port: int = 9400  # rank r listens on port + local_rank
+    port: int = 19400  # rank r listens on port + local_rank (off 9100/9400/9464: node, dcgm, otel exporters)
     address: str = "127.0.0.1"
     port_fallback: bool = False  # take the next free port instead of failing when the port is taken
     job: str = "attent"
@@ -138,6 +167,7 @@ class RunConfig:
 
 # (key, predicate, message) range checks applied after loading
 _RANGES: list[tuple[str, Any, str]] = [
+    ("seed", lambda v: 0 <= v < 2**63, "must be >= 0 (and below 2**63)"),
     ("train.max_steps", lambda v: v >= 1, "must be >= 1"),
     ("train.max_epochs", lambda v: v >= 0, "must be >= 0 (0 = no epoch limit)"),
     ("train.max_seconds", lambda v: v >= 0, "must be >= 0 (0 = no time limit)"),
@@ -219,6 +249,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise UserError(f"config key '{key}': expected true/false, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # a quoted number ("3e-4") is still meant as one
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise UserError(f"config key '{key}': expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)
@@ -293,7 +328,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     if not all(parts):
         raise UserError(f"--set {assignment!r}: empty key")
     try:
-        value = yaml.safe_load(text) if text != "" else ""
+        value = load_yaml(text) if text != "" else ""
     except yaml.YAMLError as exc:
         raise UserError(f"--set {dotted}: value {text!r} is not valid YAML ({exc.problem})") from None
     node = raw
@@ -321,7 +356,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         except OSError as exc:
             raise UserError(f"config file {path}: {exc.strerror}") from None
         try:
-            loaded = yaml.safe_load(text)
+            loaded = load_yaml(text)
         except yaml.YAMLError as exc:
             raise UserError(f"config file {path}: invalid YAML: {exc}".replace("\n", " ")) from None
         if loaded is None:

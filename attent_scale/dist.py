@@ -31,6 +31,84 @@ def ensure_accelerator_env() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def _ipv4_ifaces() -> dict[str, str]:
+    """{interface: IPv4 address} of this host's interfaces that have one (SIOCGIFADDR)."""
+    import fcntl
+    import socket
+    import struct
+
+    out = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
+            except OSError:
+                continue
+            out[name] = socket.inet_ntoa(raw[20:24])
+    return out
+
+
+def _iface_with_ip(ip: str) -> str | None:
+    return next((name for name, addr in _ipv4_ifaces().items() if addr == ip), None)
+
+
+def _default_route_iface() -> str | None:
+    """The default route's interface, else the first interface with a non-loopback IPv4 address."""
+    from pathlib import Path
+
+    try:
+        lines = Path("/proc/net/route").read_text().splitlines()[1:]
+    except OSError:
+        lines = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 1 and fields[1] == "00000000":
+            return fields[0]
+    return next((name for name, addr in _ipv4_ifaces().items() if not addr.startswith("127.")), None)
+
+
+def route_iface(master_addr: str) -> str | None:
+    """The interface this host reaches `master_addr` through (never loopback), or None if unknown.
+
+    When the master's name resolves to a loopback address here (a Debian hosts file maps the own
+    hostname to 127.0.1.1), other hosts cannot use it: take the default route's interface instead.
+    """
+    import socket
+
+    try:
+        ip = socket.gethostbyname(master_addr)
+        if not ip.startswith("127."):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((ip, 9))  # UDP connect sends nothing: it only picks the route and source address
+                name = _iface_with_ip(s.getsockname()[0])
+            if name and name != "lo":
+                return name
+    except OSError:
+        pass
+    return _default_route_iface()
+
+
+def set_socket_ifname() -> str | None:
+    """Choose the network interface gloo (and NCCL's bootstrap) use on a multi-host job; returns gloo's.
+
+    ATTENT_SOCKET_IFNAME sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME; values already in the environment
+    win. Otherwise, on a job spanning hosts, GLOO_SOCKET_IFNAME is the interface of the route to
+    MASTER_ADDR: gloo would otherwise advertise the address of its hostname, 127.0.1.1 on Debian-style
+    hosts files, which other hosts cannot reach. NCCL finds a usable interface itself.
+    """
+    knob = os.environ.get("ATTENT_SOCKET_IFNAME")
+    if knob:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", knob)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", knob)
+    world = _env_int("WORLD_SIZE", 1)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world)
+    if "GLOO_SOCKET_IFNAME" not in os.environ and world > local_world:
+        name = route_iface(os.environ.get("MASTER_ADDR", "127.0.0.1"))
+        if name:
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+    return os.environ.get("GLOO_SOCKET_IFNAME")
+
+
 def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     """Join the process group described by RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT.
 
@@ -57,11 +135,31 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set (launch with torchrun or deepspeed)")
+    set_socket_ifname()
     kwargs: dict = {"timeout": datetime.timedelta(seconds=timeout_s)}
     if cuda:
         kwargs["device_id"] = device
     dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
     return DistInfo(rank, world_size, local_rank, backend, device)
+
+
+def init_one_rank_group(device: torch.device) -> None:
+    """A one-rank process group for a single process (sharded engines need one: people debug that way)."""
+    if dist.is_initialized():
+        return
+    import socket
+
+    # what a launcher would set: DeepSpeed's zero.Init reads LOCAL_RANK from the environment
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
+        if not os.environ.get(name):
+            os.environ[name] = value
+    if not os.environ.get("MASTER_ADDR"):
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+    if not os.environ.get("MASTER_PORT"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
 def is_distributed() -> bool:

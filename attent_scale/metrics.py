@@ -19,7 +19,8 @@ methods when ``cfg.enabled`` is false)::
     m.close()                                         # waits metrics.linger_seconds first
 
 ``update(totals)`` reads these keys (all optional, missing ones are left alone; unknown keys ignored):
-``samples_trained``, ``samples_scored``, ``corrupt_samples``, ``nonfinite_skipped``, ``collective_bytes``
+``samples_trained``, ``samples_scored``, ``corrupt_samples``, ``corrupt_ids`` (distinct per rank: their
+sum over ranks can exceed summary.json's global distinct count), ``nonfinite_skipped``, ``collective_bytes``
 (cumulative counts: each counter advances by the delta since the last call, so after a final ``update``
 with the numbers written to summary.json a scrape agrees with summary.json by construction, also after
 a resume, where the first call carries the restored totals), ``selection_seconds_by_phase``
@@ -56,6 +57,7 @@ COUNTER_KEYS: dict[str, str] = {
     "samples_trained": "samples_trained",
     "samples_scored": "samples_scored",
     "corrupt_samples": "corrupt_samples",
+    "corrupt_ids": "corrupt_ids",
     "nonfinite_skipped": "nonfinite_skipped",
     "collective_bytes": "collective_bytes",
 }
@@ -149,6 +151,8 @@ class Metrics(NullMetrics):
         self.samples_trained = counter("attent_samples_trained", "Samples trained on")
         self.corrupt_samples = counter("attent_corrupt_samples_skipped",
                                        "Corrupt samples replaced by filler and skipped")
+        self.corrupt_ids = counter("attent_corrupt_sample_ids",
+                                   "Distinct corrupt sample ids this rank met (excluded from selection)")
         self.nonfinite_skipped = counter("attent_nonfinite_losses_skipped",
                                          "Steps or scores skipped because of a non-finite loss")
         self.collective_bytes = counter("attent_collective_sent_bytes",

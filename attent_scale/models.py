@@ -47,8 +47,10 @@ def hf_config(mcfg: ModelConfig, vocab_size: int | None) -> Any:
         raw.setdefault("eos_token_id", None)
         try:
             config = AutoConfig.for_model(model_type, **raw)
-        except ValueError as exc:
-            raise UserError(f"config key 'model.config.model_type': {exc}".replace("\n", " ")) from None
+        except _config_errors() as exc:
+            # transformers validates some configs itself (llama: hidden size vs heads); keep one line
+            cause = getattr(exc, "__cause__", None) or exc
+            raise UserError(f"config key 'model.config': {cause}".replace("\n", " ")) from None
         key = "model.config.vocab_size"
     if vocab_size is not None and config.vocab_size != vocab_size:
         raise UserError(
@@ -56,6 +58,35 @@ def hf_config(mcfg: ModelConfig, vocab_size: int | None) -> Any:
             "in the data manifest"
         )
     return config
+
+
+def _config_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older huggingface_hub: configs are not strict dataclasses
+        return (ValueError, TypeError)
+    return (ValueError, TypeError, StrictDataclassError)
+
+
+def check_model_fits(mcfg: ModelConfig, vocab_size: int | None, seq_len: int) -> None:
+    """Fail in one line, before any engine starts, when the model cannot train on `seq_len` windows."""
+    config = hf_config(mcfg, vocab_size)
+    raw = mcfg.config if not mcfg.pretrained else {}
+
+    def key(*names: str) -> str:
+        given = next((n for n in names if n in raw), names[0])
+        return f"model.pretrained ({given})" if mcfg.pretrained else f"model.config.{given}"
+
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions < seq_len:
+        name = key("n_positions", "max_position_embeddings")
+        raise UserError(f"config key '{name}': {positions} positions is fewer than the data manifest's "
+                        f"seq_len {seq_len}")
+    hidden = getattr(config, "hidden_size", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads:
+        raise UserError(f"config key '{key('n_embd', 'hidden_size')}': {hidden} is not divisible by "
+                        f"{key('n_head', 'num_attention_heads')} {heads}")
 
 
 def build_model(mcfg: ModelConfig, vocab_size: int | None, *, seed: int = 0) -> nn.Module:

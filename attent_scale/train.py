@@ -57,7 +57,8 @@ class Progress:
     nonfinite_skipped: int = 0
     nonfinite_in_row: int = 0
     online_dropped_batches: int = 0  # online mode: short last candidate batches skipped (equal on all ranks)
-    corrupt_samples: int = 0  # replaced by filler samples (stream faults)
+    corrupt_samples: int = 0  # replaced by filler samples (stream faults): encounters
+    corrupt_ids: list[int] = field(default_factory=list)  # distinct ids of those samples this rank met
     dropped_samples: int = 0  # dropped by rank equalisation (< world size per epoch)
     train_seconds: float = 0.0  # loop time excluding eval and checkpoints (selection included)
     train_cpu_seconds: float = 0.0  # the same span in this process's CPU time: robust to a shared machine
@@ -82,6 +83,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="resume from the latest checkpoint in run_dir (default: checkpoint.resume)",
     )
+    # the deepspeed launcher appends --local_rank=N to every worker's argv; LOCAL_RANK says the same
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.set_defaults(func=_run_cli)
 
 
@@ -121,6 +124,8 @@ def train(cfg: RunConfig) -> int:
     from attent_scale.dist import init_distributed
     from attent_scale.engines import build_engine
     from attent_scale.metrics import Metrics
+    from attent_scale.models import check_model_fits
+    from attent_scale.runlock import lock_run_dir
     from attent_scale.runlog import JsonLines, count_lines, truncate_lines, write_json
     from attent_scale.teacher import Selection, Teacher
     from attent_scale.teacher.reference import open_reference
@@ -146,6 +151,7 @@ def train(cfg: RunConfig) -> int:
         raise UserError(f"engine.name 'local' is one process, but this job has {world} ranks; "
                         "use engine.name=deepspeed or fsdp under torchrun")
     run_dir = Path(cfg.run_dir)
+    lock_run_dir(run_dir, rank)  # one job per run_dir; released at exit
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
@@ -164,6 +170,7 @@ def train(cfg: RunConfig) -> int:
         cfg.train.max_steps = min(
             cfg.train.max_steps, planned_steps(teacher, n_train, world, batch_size, cfg.train.max_epochs)
         )
+    check_model_fits(cfg.model, int(manifest.vocab_size), manifest.seq_len)
     engine = build_engine(cfg, manifest)
     progress = Progress()
 
@@ -174,6 +181,7 @@ def train(cfg: RunConfig) -> int:
         ckpt.set_rng_state(state["rng"])
         progress = Progress(**state["progress"])
         if is_main:
+            print(_resume_line(resume_from, progress, n_train, world), file=sys.stderr)
             for name in LOG_FILES:
                 truncate_lines(run_dir / name, progress.log_lines.get(name, 0))
     elif is_main:
@@ -206,6 +214,7 @@ def train(cfg: RunConfig) -> int:
             "nonfinite_losses": int(stats["nonfinite"]),
             "nonfinite_skipped": progress.nonfinite_skipped,
             "corrupt_samples": progress.corrupt_samples,
+            "corrupt_ids": len(progress.corrupt_ids),
             "dropped_samples": progress.dropped_samples,
             "train_seconds": progress.train_seconds,
             "train_cpu_seconds": progress.train_cpu_seconds,
@@ -250,10 +259,12 @@ def train(cfg: RunConfig) -> int:
 
     def save(stream: Any) -> None:
         t0 = time.perf_counter()
-        progress.stream_state = stream.state_dict() if stream is not None else None
         progress.log_lines = {name: ckpt_count(name) for name in LOG_FILES}
+        # the stream position goes into the checkpoint only: left in `progress`, it would make the next
+        # epoch replay this one's stream instead of asking the teacher
         state = {
-            "progress": _progress_state(progress, wall_start),
+            "progress": {**_progress_state(progress, wall_start),
+                         "stream_state": stream.state_dict() if stream is not None else None},
             "teacher": teacher.state_dict(),
             "rng": ckpt.rng_state(),
         }
@@ -270,6 +281,19 @@ def train(cfg: RunConfig) -> int:
         progress.checkpoint_seconds += seconds
         metrics.observe_checkpoint(seconds)
 
+    def note_corrupt(stream: Any) -> None:
+        """Keep corrupt samples out of every later selection and count the distinct ones."""
+        bad = stream.take_bad_ids()
+        if not bad:
+            return
+        teacher.exclude(bad, progress.step)
+        new = sorted(set(bad).difference(progress.corrupt_ids))
+        if new:
+            progress.corrupt_ids = sorted(set(progress.corrupt_ids).union(new))
+            print(f"attent-scale: rank {rank}: {len(new)} corrupt sample(s) excluded from selection "
+                  f"(ids {', '.join(map(str, new[:8]))}{' ...' if len(new) > 8 else ''}); "
+                  f"{len(progress.corrupt_ids)} distinct so far", file=sys.stderr)
+
     def ckpt_count(name: str) -> int:
         return count_lines(run_dir / name) if is_main else 0
 
@@ -284,6 +308,7 @@ def train(cfg: RunConfig) -> int:
 
     exit_code = 0
     empty_epochs = 0
+    failed = False
     try:
         while progress.step < cfg.train.max_steps:
             loop_t0 = _clock()
@@ -297,6 +322,7 @@ def train(cfg: RunConfig) -> int:
                     skip = None if fresh is None else Selection(fresh, n_train).complement()
                     scoring = train_stream(epoch, cfg.eval.batch_size, skip)
                     teacher.score_pass(scoring, engine.score, progress.step)
+                    note_corrupt(scoring)
                     progress.corrupt_samples += scoring.faults
                 selection = teacher.select(epoch, progress.step) if plan.subset else None
                 progress.selection_bits = None if selection is None else selection.bits
@@ -332,6 +358,7 @@ def train(cfg: RunConfig) -> int:
                 result = engine.train_step(batch)
                 real = batch["ids"] >= 0
                 teacher.observe(batch["ids"][real], result.per_sample[real], progress.step)
+                note_corrupt(stream)
                 progress.step += 1
                 teacher.exchange_due(progress.step)  # collective every few steps: ledger entries to owners
                 trained_this_epoch += 1
@@ -431,14 +458,47 @@ def train(cfg: RunConfig) -> int:
             write_json(run_dir / "summary.json", summary)
         metrics.update(totals())
         return exit_code
+    except BaseException:
+        # a rank that raised must not enter a collective: its peers wait in another one and the job
+        # would hang silently; exiting lets torchrun see the failure and stop the others
+        failed = True
+        raise
     finally:
         if bar is not None:
             bar.close()
         metrics_log.close()
         eval_log.close()
         metrics.close()
-        if exit_code == 0 and dist.is_available() and dist.is_initialized():
-            dist.barrier()
+        if not failed and dist.is_available() and dist.is_initialized():
+            if exit_code == 0:
+                dist.barrier()
+            dist.destroy_process_group()
+
+
+def _resume_line(path: Path, progress: Progress, n_train: int, world: int) -> str:
+    """One line saying what a resumed run continues from."""
+    from attent_scale.teacher import Selection
+
+    if progress.selection_bits is None:
+        selection = f"full data (ratio {progress.selected_ratio:.3g})"
+    else:
+        sel = Selection(progress.selection_bits, n_train)
+        selection = f"selection sha256 {sel.sha256} ({sel.count} ids, ratio {progress.selected_ratio:.3g})"
+    where = "at its start"
+    if progress.stream_state is not None:
+        where = f"after {progress.stream_state['batches_consumed']} of its batches"
+    samples = progress.samples_trained * world  # equal shares on every rank
+    return (f"attent-scale: resumed from {path} (step {progress.step}, {samples} samples trained, "
+            f"epoch {progress.epoch} {where}, {selection})")
+
+
+def _all_union(ids: list[int], group: Any, world: int) -> set[int]:
+    """The union of every rank's id list (once, at the end of a run)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return set(ids)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, ids, group=group)
+    return set().union(*gathered)
 
 
 def _clock() -> tuple[float, float]:
@@ -499,6 +559,7 @@ def _summary(
         dist.all_gather_object(gathered, per_rank, group=group)  # once, at the end: not a hot path
     else:
         gathered = [per_rank]
+    corrupt_ids = _all_union(progress.corrupt_ids, group, world)
     from attent_scale.engines.base import all_reduce_sum
 
     summed = all_reduce_sum(
@@ -517,6 +578,7 @@ def _summary(
         "tokens_trained": int(summed[1]),
         "samples_scored": int(summed[2]),
         "corrupt_samples": int(summed[3]),
+        "corrupt_ids": len(corrupt_ids),  # distinct over all ranks
         "dropped_samples": tot["dropped_samples"],
         "nonfinite_skipped": progress.nonfinite_skipped,
         "nonfinite_losses": tot["nonfinite_losses"],

@@ -5,7 +5,7 @@
 #
 # EDIT: ATTENT_NPROC (processes), ATTENT_VENV (venv to activate; default: the one on PATH),
 #   ATTENT_RDZV_PORT (29500), ATTENT_METRICS (1: exporters on 127.0.0.1:ATTENT_METRICS_PORT+local_rank),
-#   ATTENT_METRICS_PORT (9400), ATTENT_TARGETS_DIR (file_sd directory for a local Prometheus; unset = none).
+#   ATTENT_METRICS_PORT (19400), ATTENT_TARGETS_DIR (file_sd directory for a local Prometheus; unset = none).
 #   ATTENT_JOB (job label, default local-PID), ATTENT_MODULE (python module run as the trainer: attent_scale).
 # Stopping: USR1, TERM or INT to this script asks the trainers to checkpoint and exit (code 75, passed on);
 #   running the same command again resumes from the checkpoint.
@@ -31,7 +31,7 @@ elif command -v nvidia-smi > /dev/null && nvidia-smi -L > /dev/null 2>&1; then
 else
     nproc=1
 fi
-metrics_port=${ATTENT_METRICS_PORT:-9400}
+metrics_port=${ATTENT_METRICS_PORT:-19400}
 job=${ATTENT_JOB:-local-$$}
 
 module=${ATTENT_MODULE:-attent_scale}   # python module run as the trainer

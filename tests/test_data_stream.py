@@ -257,3 +257,20 @@ def test_stream_and_workers_hold_only_their_shards_slice_of_the_selection(shards
         assert set(s.epoch_ids().tolist()) <= set(sel.ids().tolist())
         # real DataLoader workers (each restricts its plan) yield what one process yields
         assert sorted(flat(run(s))) == s.epoch_ids().tolist()
+
+
+def test_corrupt_sample_ids_are_reported_once_each(tmp_path: Path, shards: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    shard = Manifest.load(bad).splits["train"][1]
+    data = bytearray((bad / shard.name).read_bytes())
+    data[512:514] = b"\xff\xff"  # token 65535 >= vocab: the shard's first sample does not decode
+    (bad / shard.name).write_bytes(bytes(data))
+    for workers in (0, 2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            s = ShardStream(bad, "train", batch_size=4, num_workers=workers)
+            taken = []
+            for _ in s:
+                taken += s.take_bad_ids()
+        assert taken == [shard.first_id] and s.faults == 1 and s.take_bad_ids() == []

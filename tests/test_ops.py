@@ -49,9 +49,16 @@ def test_write_targets_cli(tmp_path: Path) -> None:
         {"targets": ["gpu1:9500", "gpu1:9501"], "labels": {"job": "77", "node": "gpu1"}},
         {"targets": ["gpu2:9500", "gpu2:9501"], "labels": {"job": "77", "node": "gpu2"}}]
     assert [p.name for p in out.parent.iterdir()] == ["job.json"]  # no temp file left behind
-    bad = subprocess.run([sys.executable, str(ROOT / "tools/prometheus/write_targets.py"), "--out", str(out),
-                          "--nodelist", "x[1-", "--ranks-per-node", "1"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "unbalanced" in bad.stderr
+    # a configured Slurm's scontrol prints "x]" for "x[1-" with exit 0: the list is checked before asking it
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "x]"\n')
+    fake.chmod(0o755)
+    for path in ("/nonexistent", str(fake.parent)):
+        bad = subprocess.run([sys.executable, str(ROOT / "tools/prometheus/write_targets.py"), "--out",
+                              str(out), "--nodelist", "x[1-", "--ranks-per-node", "1"], capture_output=True,
+                             text=True, env={"PATH": path})
+        assert bad.returncode == 2 and "unbalanced" in bad.stderr, path
 
 
 def test_launch_scripts_are_shellcheck_clean() -> None:

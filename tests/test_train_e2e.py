@@ -103,8 +103,16 @@ def test_resume_selects_and_trains_like_an_uninterrupted_run(tmp_path, tiny_shar
     assert json.loads((tmp_path / "broken" / "PREEMPTED").read_text())["step"] == 9
     assert (tmp_path / "broken" / "checkpoints" / "step-00000009" / "COMPLETE").exists()
     assert max(step_losses(tmp_path / "broken")) == 9
-    check(run_train(broken, nproc=nproc))
+    resumed = run_train(broken, nproc=nproc)
+    check(resumed)
     assert not (tmp_path / "broken" / "PREEMPTED").exists()
+    # one line says what it resumed from: checkpoint, step, samples, epoch, the selection it trains on
+    line = next(x for x in resumed.stderr.splitlines() if "attent-scale: resumed from" in x)
+    logged = read_lines(tmp_path / "broken" / "metrics.jsonl")
+    samples = next(r["samples_trained"] for r in logged if r["step"] == 9)
+    assert f"step-00000009 (step 9, {samples} samples trained, epoch " in line, line
+    last_sha = [sha for step, sha in selection_hashes(tmp_path / "broken") if step <= 9][-1]
+    assert f"selection sha256 {last_sha} (" in line, line
 
     assert selection_hashes(tmp_path / "broken") == selection_hashes(tmp_path / "straight")
     assert len(selection_hashes(tmp_path / "straight")) >= 3

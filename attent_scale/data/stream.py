@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import signal
 import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -294,7 +295,7 @@ class _EpochDataset(IterableDataset):
             packed = np.empty((len(rows), 1 + 2 * t), dtype=np.int64)
             packed[:, 1 : t + 1] = p.pad_id
             packed[:, t + 1 :] = IGNORE_INDEX
-            faults = 0
+            bad: list[int] = []  # ids of the samples replaced by filler
             for row, pos in enumerate(rows):
                 pos = int(pos)
                 while pos not in pending:
@@ -302,14 +303,14 @@ class _EpochDataset(IterableDataset):
                     pending[q] = window
                 window = pending.pop(pos)
                 if window is None:
-                    faults += 1
+                    bad.append(int(ids[pos]))
                     packed[row, 0] = FILLER_ID
                     continue
                 k = len(window) - 1
                 packed[row, 0] = ids[pos]
                 packed[row, 1 : 1 + k] = window[:-1]
                 packed[row, t + 1 : t + 1 + k] = window[1:]
-            yield {"packed": torch.from_numpy(packed), "_worker": w, "_faults": faults}
+            yield {"packed": torch.from_numpy(packed), "_worker": w, "_bad": np.array(bad, dtype=np.int64)}
 
 
 def _unpack(packed: torch.Tensor, seq_len: int) -> dict[str, torch.Tensor]:
@@ -318,6 +319,14 @@ def _unpack(packed: torch.Tensor, seq_len: int) -> dict[str, torch.Tensor]:
         "input_ids": packed[:, 1 : seq_len + 1].contiguous(),
         "labels": packed[:, seq_len + 1 :].contiguous(),
     }
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers ignore stop signals: torchrun and Slurm signal the rank's whole process group,
+    and a worker that died of it would fail the rank before it can write its checkpoint. The rank
+    decides; its workers exit when it closes the loader (or when it dies: they watch their parent)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class ShardStream:
@@ -365,6 +374,7 @@ class ShardStream:
         self.batches_consumed = 0
         self.samples_consumed = 0
         self.faults = 0
+        self._bad_ids: list[int] = []
         self._finished = False
 
     def set_epoch(self, epoch: int) -> None:
@@ -404,12 +414,15 @@ class ShardStream:
         if nw == 0:
             batches: Any = dataset._worker(0)
         else:
-            batches = DataLoader(dataset, batch_size=None, num_workers=nw, persistent_workers=False)
+            batches = DataLoader(dataset, batch_size=None, num_workers=nw, persistent_workers=False,
+                                 worker_init_fn=_ignore_stop_signals)
         lw = self._plan.logical_workers
         t = self.manifest.seq_len
         for item in batches:
             w = int(item["_worker"])
-            self.faults += int(item["_faults"])
+            bad = np.asarray(item["_bad"]).tolist()
+            self.faults += len(bad)
+            self._bad_ids += bad
             batch = _unpack(item["packed"], t)
             self.worker_batches[w] += 1
             self.next_worker = (w + 1) % lw
@@ -417,6 +430,11 @@ class ShardStream:
             self.samples_consumed += len(batch["ids"])
             yield batch
         self._finished = True
+
+    def take_bad_ids(self) -> list[int]:
+        """Ids of the samples replaced by filler since the last call (corrupt or missing in their shard)."""
+        bad, self._bad_ids = self._bad_ids, []
+        return bad
 
     # ---- resume -----------------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from attent_scale.config import RunConfig
-from attent_scale.dist import DistInfo, ensure_accelerator_env
+from attent_scale.dist import DistInfo, ensure_accelerator_env, init_one_rank_group
 from attent_scale.engines.base import BaseEngine, make_adamw, make_scheduler
 from attent_scale.errors import UserError
 from attent_scale.models import build_model, export_state_dict
@@ -56,12 +54,6 @@ def load_ds_config(cfg: RunConfig, world_size: int, device: torch.device) -> dic
     return ds
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class DeepSpeedEngine(BaseEngine):
     """A DeepSpeedEngine around the HF model; torch AdamW + our LambdaLR as client optimizer/scheduler."""
 
@@ -71,10 +63,7 @@ class DeepSpeedEngine(BaseEngine):
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
-        if not dist.is_initialized():  # a single process still needs a (one-rank) group
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            dist.init_process_group("nccl" if info.device.type == "cuda" else "gloo", rank=0, world_size=1)
+        init_one_rank_group(info.device)  # a single process still needs a (one-rank) group
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
         self.rank, self.world_size, self.local_rank = dist.get_rank(), dist.get_world_size(), info.local_rank
         self.device = info.device

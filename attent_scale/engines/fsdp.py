@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from attent_scale.config import RunConfig
-from attent_scale.dist import DistInfo, all_reduce_flag
+from attent_scale.dist import DistInfo, all_reduce_flag, init_one_rank_group
 from attent_scale.engines.local import LocalEngine
 from attent_scale.models import transformer_blocks
 
@@ -28,8 +28,7 @@ class FSDPEngine(LocalEngine):
     """Parameters, grads and optimizer state sharded over all ranks; bf16 compute on GPU."""
 
     def __init__(self, cfg: RunConfig, vocab_size: int | None, info: DistInfo) -> None:
-        if not dist.is_initialized():
-            raise RuntimeError("the fsdp engine needs torch.distributed initialised (init_distributed)")
+        init_one_rank_group(info.device)  # a no-op under torchrun
         self.rank, self.world_size, self.local_rank = info.rank, info.world_size, info.local_rank
         self.mesh = init_device_mesh(info.device.type, (info.world_size,))
         self.group = self.mesh.get_group()

@@ -186,6 +186,13 @@ class Teacher:
         if self.cfg.mode in ("cycle", "ledger"):
             self.stats["nonfinite"] += self.ledger.observe(ids, losses, step, kind=TRAIN)
 
+    def exclude(self, ids: list[int], step: int) -> None:
+        """Corrupt samples: recorded as a non-finite loss, which hard/soft never select (unseen ids would
+        be kept in every selection). A later readable observation of the id overrides it."""
+        if self.cfg.mode in ("cycle", "ledger") and ids:
+            self.ledger.observe(np.asarray(ids, dtype=np.int64), np.full(len(ids), np.nan, np.float32), step,
+                                kind=SCORE)
+
     # ------------------------------------------------------------------ selecting
 
     def _comm(self) -> _Comm | None:

@@ -60,7 +60,11 @@ def _expand_range(body: str, text: str) -> list[str]:
 
 
 def hostnames(nodelist: str) -> list[str]:
-    """Hosts of a Slurm node list: ``scontrol show hostnames`` when available, else the pure parser."""
+    """Hosts of a Slurm node list: ``scontrol show hostnames`` when available, else the pure parser.
+
+    The list is validated first: scontrol prints something for a malformed list too (``x[1-`` -> ``x]``).
+    """
+    parsed = expand_hostlist(nodelist)  # raises ValueError on a malformed list
     if shutil.which("scontrol"):
         try:
             out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
@@ -69,7 +73,7 @@ def hostnames(nodelist: str) -> list[str]:
                 return out
         except (subprocess.SubprocessError, OSError):
             pass
-    return expand_hostlist(nodelist)
+    return parsed
 
 
 def targets(hosts: list[str], ranks_per_node: int, base_port: int, job: str) -> list[dict]:
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodelist", default=os.environ.get("SLURM_JOB_NODELIST", ""),
                    help="compact Slurm node list (default: $SLURM_JOB_NODELIST)")
     p.add_argument("--ranks-per-node", type=int, required=True)
-    p.add_argument("--base-port", type=int, default=9400)
+    p.add_argument("--base-port", type=int, default=19400)
     p.add_argument("--job", default=os.environ.get("SLURM_JOB_ID", "attent"),
                    help="job label (default: $SLURM_JOB_ID)")
     args = p.parse_args(argv)
