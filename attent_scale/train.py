@@ -263,6 +263,7 @@ def train(cfg: RunConfig) -> int:
             world_size=world,
             keep_last=cfg.checkpoint.keep_last,
         )
+        progress.stream_state = None  # only a resume continues mid-epoch; this run plans its next epoch
         seconds = time.perf_counter() - t0
         progress.checkpoint_seconds += seconds
         metrics.observe_checkpoint(seconds)
@@ -281,6 +282,7 @@ def train(cfg: RunConfig) -> int:
 
     exit_code = 0
     empty_epochs = 0
+    failed = False
     try:
         while progress.step < cfg.train.max_steps:
             loop_t0 = _clock()
@@ -427,13 +429,16 @@ def train(cfg: RunConfig) -> int:
             write_json(run_dir / "summary.json", summary)
         metrics.update(totals())
         return exit_code
+    except BaseException:
+        failed = True  # peers may sit in another collective: a barrier here would hang the job
+        raise
     finally:
         if bar is not None:
             bar.close()
         metrics_log.close()
         eval_log.close()
         metrics.close()
-        if exit_code == 0 and dist.is_available() and dist.is_initialized():
+        if exit_code == 0 and not failed and dist.is_available() and dist.is_initialized():
             dist.barrier()
 
 
