@@ -175,6 +175,7 @@ def multihost_cluster(n_hosts: int = 2, partition: str = "mh") -> Iterator[Clust
             h.hosts_file.write_text(_hosts_file(h, hosts, login))
             outer = f"{tag}v{i + 1}"
             _ip("link", "add", outer, "type", "veth", "peer", "name", f"{tag}p{i + 1}")
+            undo.callback(_ip, "link", "del", outer, check=False)  # a netns can outlive `ip netns del`
             _ip("link", "set", f"{tag}p{i + 1}", "netns", h.netns)
             for args in (("link", "set", f"{tag}p{i + 1}", "name", IFNAME),
                          ("addr", "add", f"{h.addr}/24", "dev", IFNAME),
