@@ -137,7 +137,7 @@ def _start_munge(procs: list[subprocess.Popen], log: Path) -> None:
 
 SLURM_CONF = """\
 ClusterName=attenttest
-SlurmctldHost={node}
+SlurmctldHost={ctld_host}
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
@@ -157,13 +157,13 @@ ReturnToService=2
 KillWait=30
 MinJobAge=600
 StateSaveLocation={dir}/state
-SlurmdSpoolDir={dir}/spool
+SlurmdSpoolDir={dir}/spool-%n
 SlurmctldPidFile={dir}/slurmctld.pid
-SlurmdPidFile={dir}/slurmd.pid
+SlurmdPidFile={dir}/slurmd-%n.pid
 SlurmctldLogFile={dir}/slurmctld.log
-SlurmdLogFile={dir}/slurmd.log
-NodeName={node} CPUs={cpus} State=UNKNOWN
-PartitionName={partition} Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+SlurmdLogFile={dir}/slurmd-%n.log
+{nodes}
+PartitionName={partition} Nodes={node_names} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """
 
 
@@ -175,10 +175,11 @@ def slurm_cluster(partition: str = "debug") -> Iterator[Slurm]:
         pytest.fail("the Slurm test cluster needs root (slurmd runs jobs as their user)", pytrace=False)
     tmp = Path(tempfile.mkdtemp(prefix="attent-slurm-"))
     node = socket.gethostname()
-    for d in ("state", "spool"):
+    for d in ("state", f"spool-{node}"):
         (tmp / d).mkdir()
     conf = tmp / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(node=node, cpus=os.cpu_count() or 1, dir=tmp, partition=partition,
+    conf.write_text(SLURM_CONF.format(ctld_host=node, nodes=f"NodeName={node} CPUs={os.cpu_count() or 1} "
+                                      "State=UNKNOWN", node_names=node, dir=tmp, partition=partition,
                                       ctld_port=free_port(), slurmd_port=free_port()))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     procs: list[subprocess.Popen] = []
@@ -198,7 +199,7 @@ def slurm_cluster(partition: str = "debug") -> Iterator[Slurm]:
             out = cluster.run("sinfo", "-h", "-N", "-o", "%t", check=False).stdout.split()
             return bool(out) and all(s.rstrip("*") in ("idle", "mix", "alloc") for s in out)
 
-        _wait(idle, 60, "the node to be idle in sinfo", tmp / "slurmd.log")
+        _wait(idle, 60, "the node to be idle in sinfo", tmp / f"slurmd-{node}.log")
         yield cluster
     finally:
         subprocess.run(["scancel", "--full", "--quiet", f"--partition={partition}"], env=env,
