@@ -87,6 +87,11 @@ def main(spec: dict[str, Any]) -> None:
         train_sampling_strategy=spec.get("sampling", "random"),
         deepspeed=DS_ZERO3 if spec.get("deepspeed") else None,
     )
+    _ = args.device  # joins the process group before the model is built
+    if spec.get("deepspeed"):
+        from attent_scale.integrations.hf import init_deepspeed_comm
+
+        init_deepspeed_comm()  # zero.Init reads the world size from deepspeed.comm
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0)
@@ -103,6 +108,13 @@ def main(spec: dict[str, Any]) -> None:
                 control.should_training_stop = True
             return control
 
+        def on_train_end(self, *_: Any, **__: Any) -> None:
+            if spec.get("metrics_port"):  # scrape our own exporter while it is still up
+                import urllib.request
+
+                url = f"http://127.0.0.1:{spec['metrics_port']}/metrics"
+                (out / "metrics.prom").write_text(urllib.request.urlopen(url, timeout=10).read().decode())
+
     rank = int(os.environ.get("RANK", "0"))
     kwargs: dict[str, Any] = {"model": model, "args": args, "train_dataset": data, "data_collator": collate,
                               "callbacks": [Stop()]}
@@ -118,7 +130,12 @@ def main(spec: dict[str, Any]) -> None:
                 losses_file.flush()
 
         teacher = default_teacher_config() if spec.get("teacher") is None else TeacherConfig(**spec["teacher"])
-        trainer = Recording(**kwargs, teacher_config=teacher)
+        metrics = None
+        if spec.get("metrics_port"):
+            from attent_scale.config import MetricsConfig
+
+            metrics = MetricsConfig(enabled=True, port=spec["metrics_port"])
+        trainer = Recording(**kwargs, teacher_config=teacher, metrics_config=metrics)
     trainer.train(resume_from_checkpoint=spec.get("resume") or None)
     if rank == 0:
         (out / "log_history.json").write_text(json.dumps(trainer.state.log_history))

@@ -56,6 +56,15 @@ def causal_lm_per_sample(outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:
     return per_sample_loss(logits.detach()[:, :-1], labels[:, 1:])
 
 
+def init_deepspeed_comm() -> None:
+    """Point deepspeed.comm at the torch process group already joined (accelerate does not on CPU runs),
+    so that `zero.Init` in `from_config` sees the real world size. Call after `training_args.device`."""
+    import deepspeed
+
+    if dist.is_available() and dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
+
+
 @dataclass
 class AttentProgress:
     """Where the teacher stands in the Trainer's run; saved per rank in every checkpoint."""
