@@ -129,7 +129,9 @@ def main(spec: dict[str, Any]) -> None:
                 losses_file.write(json.dumps(rec) + "\n")
                 losses_file.flush()
 
-        teacher = default_teacher_config() if spec.get("teacher") is None else TeacherConfig(**spec["teacher"])
+        teacher = default_teacher_config()
+        if spec.get("teacher") is not None:
+            teacher = TeacherConfig(**spec["teacher"])
         metrics = None
         if spec.get("metrics_port"):
             from attent_scale.config import MetricsConfig

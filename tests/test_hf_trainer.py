@@ -1,4 +1,4 @@
-"""AttentTrainer (Hugging Face Trainer + AtteNT teacher) as real processes: torchrun, DeepSpeed ZeRO-3, LoRA."""
+"""AttentTrainer (HF Trainer + AtteNT teacher) as real processes: torchrun, DeepSpeed ZeRO-3, LoRA."""
 
 from __future__ import annotations
 

@@ -46,10 +46,7 @@ def read_rows(path: Path, max_samples: int) -> list[dict[str, str]]:
                 raise UserError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object")
-            if "text" in row and "prompt" not in row:
-                keys = ("text",)
-            else:
-                keys = ("prompt", "response")
+            keys = ("text",) if "text" in row and "prompt" not in row else ("prompt", "response")
             for key in keys:
                 if not isinstance(row.get(key), str):
                     raise UserError(f"{path}:{lineno}: key '{key}' must be a string "
@@ -202,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer.save_model(str(args.out / "final"))
     trainer.save_state()
     if trainer.is_world_process_zero():
-        summary = {"eval_loss": final["eval_loss"], "train_seconds": seconds, "steps": trainer.state.global_step,
+        summary = {"eval_loss": final["eval_loss"], "train_seconds": seconds,
+                   "steps": trainer.state.global_step,
                    "attent": not args.no_attent, "world_size": targs.world_size,
                    "train_samples": len(train), "eval_samples": len(evals)}
         (args.out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""Integrations of the AtteNT teacher into other trainers (Hugging Face `Trainer`: pip install attent-scale[hf])."""
+"""The AtteNT teacher inside other trainers: Hugging Face `Trainer` (pip install "attent-scale[hf]")."""
 
 from attent_scale.integrations.sampler import ID_KEY, AttentBatchSampler, IdCollator, IndexedDataset
 

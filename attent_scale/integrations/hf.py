@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import socket
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -277,8 +276,9 @@ class AttentTrainer(Trainer):
         p.epoch_batches = len(self._sampler)
         p.dropped_samples += self._sampler.dropped
         if p.epoch_batches == 0:
-            raise UserError(f"AttentTrainer: epoch {epoch} selects {selection.count if selection else n} of {n} "
-                            f"samples, too few for {self._world} ranks x batch {self._sampler.batch_size}")
+            chosen = selection.count if selection is not None else n
+            raise UserError(f"AttentTrainer: epoch {epoch} selects {chosen} of {n} samples, too few for "
+                            f"{self._world} ranks x batch {self._sampler.batch_size}")
         after = self._phase_totals()
         delta = {ph: after[ph] - before[ph] for ph in PHASES}
         ratio = (selection.count / n) if selection is not None else 1.0
@@ -365,7 +365,8 @@ class AttentTrainer(Trainer):
         finally:
             model.train(was_training)
 
-    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+    def training_step(self, model: Any, inputs: dict[str, Any],
+                      num_items_in_batch: Any = None) -> torch.Tensor:
         self._ids = inputs.pop(ID_KEY, None) if self.attent_enabled else None
         try:
             return super().training_step(model, inputs, num_items_in_batch)
@@ -403,8 +404,8 @@ class AttentTrainer(Trainer):
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         if self.attent_enabled:
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            self._save_attent_state(folder)
+            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            self._save_attent_state(Path(self._get_output_dir(trial=trial)) / folder)
         super()._save_checkpoint(model, trial)
 
     def _save_attent_state(self, folder: Path) -> None:
@@ -425,7 +426,8 @@ class AttentTrainer(Trainer):
                             "Trainer, or by a run with a different number of ranks?)")
         state = load_state(stem)
         if state["world_size"] != self._world:
-            raise UserError(f"{stem}.json: written by {state['world_size']} ranks, this run has {self._world}")
+            raise UserError(f"{stem}.json: written by {state['world_size']} ranks, "
+                            f"this run has {self._world}")
         self.teacher.load_state_dict(state["teacher"])
         self.attent = AttentProgress(**state["progress"])
         if self._rank == 0:

@@ -67,7 +67,10 @@ class AttentBatchSampler:
         self.selection = selection
 
     def _batches(self) -> tuple[list[np.ndarray], int]:
-        ids = self.selection.ids() if self.selection is not None else np.arange(self.num_samples, dtype=np.int64)
+        if self.selection is not None:
+            ids = self.selection.ids()
+        else:
+            ids = np.arange(self.num_samples, dtype=np.int64)
         return deal(epoch_order(ids, self.seed, self.epoch), self.batch_size, self.rank, self.world_size,
                     self.drop_last)
 
