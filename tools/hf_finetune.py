@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -115,8 +116,8 @@ def build_tokenizer(rows: list[dict[str, str]], out: Path, vocab_size: int) -> A
     path = out / "tokenizer.model"
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
-        texts = [" ".join(r.values()) for r in rows]
-        train_tokenizer(texts, path, vocab_size=vocab_size)
+        docs = [SimpleNamespace(text="\n".join(r.values())) for r in rows]  # what train_tokenizer reads
+        train_tokenizer(docs, path, vocab_size=vocab_size)
     if dist.is_initialized():
         dist.barrier()
     return Tokenizer(path)
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     targs = TrainingArguments(
         output_dir=str(args.out), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_ratio=0.05, weight_decay=0.0,
+        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0,
         logging_steps=5, eval_strategy="steps" if args.eval_steps else "epoch",
         eval_steps=args.eval_steps or None, save_strategy="no" if args.no_save else "epoch",
         save_total_limit=2, seed=args.seed, data_seed=args.seed, report_to=[], deepspeed=args.deepspeed,
