@@ -50,24 +50,31 @@ def _shas(out: Path) -> list[str]:
 
 
 def _replay(out: Path, world: int) -> list[str]:
-    """Feed every per-sample loss the run's ranks recorded into one fresh single-process Teacher (the one
-    `attent-scale train` uses) and select at the same (epoch, step) points."""
+    """Feed the per-sample losses the run's ranks recorded into one fresh single-process Teacher (the one
+    `attent-scale train` uses) and select at the run's (epoch, step) points: a selection at step s sees the
+    training losses of steps < s and the scoring pass of step s."""
+    import torch
+
     from attent_scale.integrations.hf import default_teacher_config
 
     events = []
     for r in range(world):
         events += [json.loads(line) for line in (out / f"losses.rank{r}.jsonl").read_text().splitlines()]
+    events.sort(key=lambda e: (e["step"], e["kind"] != "score"))
     teacher = Teacher(default_teacher_config(), num_samples=N, seed=0)
-    for e in events:
-        ids, losses = np.asarray(e["ids"], dtype=np.int64), np.asarray(e["losses"], dtype=np.float32)
-        if e["kind"] == "train":
-            teacher.observe(ids, losses, e["step"])
-        else:
-            import torch
-
-            teacher.score_pass([{"ids": torch.from_numpy(ids)}], lambda _b, x=losses: torch.from_numpy(x),
-                               e["step"])
-    return [teacher.select(r["epoch"], r["step"]).sha256 for r in read_records(out / "selection.jsonl")]
+    shas, i = [], 0
+    for rec in read_records(out / "selection.jsonl"):
+        while i < len(events) and (events[i]["step"], events[i]["kind"] != "score") <= (rec["step"], False):
+            e = events[i]
+            ids, losses = np.asarray(e["ids"], dtype=np.int64), np.asarray(e["losses"], dtype=np.float32)
+            if e["kind"] == "train":
+                teacher.observe(ids, losses, e["step"])
+            else:
+                teacher.score_pass([{"ids": torch.from_numpy(ids)}],
+                                   lambda _b, x=losses: torch.from_numpy(x), e["step"])
+            i += 1
+        shas.append(teacher.select(rec["epoch"], rec["step"]).sha256)
+    return shas
 
 
 # ---------------------------------------------------------------- in-process unit checks
