@@ -1,0 +1,434 @@
+"""AttentTrainer: a `transformers.Trainer` whose epochs train on the AtteNT teacher's global selection."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
+
+from attent_scale.checkpoint import load_state, save_state
+from attent_scale.config import MetricsConfig, TeacherConfig
+from attent_scale.engines.base import per_sample_loss
+from attent_scale.errors import UserError
+from attent_scale.integrations.sampler import ID_KEY, AttentBatchSampler, IdCollator, IndexedDataset
+from attent_scale.metrics import Metrics, NullMetrics
+from attent_scale.runlog import count_lines, truncate_lines
+from attent_scale.teacher import PHASES, Selection, Teacher
+
+STATE_DIR = "attent"  # inside each checkpoint-N folder: rank{r}.safetensors + rank{r}.json
+RECORDS = "selection.jsonl"  # in output_dir, written by rank 0: the same records as `attent-scale train`
+LossFn = Callable[[Any, dict[str, Any]], torch.Tensor]
+
+
+def default_teacher_config() -> TeacherConfig:
+    """The project default picked by the ablation (configs/demo.yaml's teacher section): after one full
+    epoch, every epoch rescores the ids it did not just train on and trains on the top-loss subset, the
+    ratio rising 0.2 -> 0.8 on a cosine over 5 cycles."""
+    return TeacherConfig(mode="cycle", strategy="hard", ratio_schedule="cosine", initial_ratio=0.2,
+                         final_ratio=0.8, total_cycles=5, interval_schedule="fixed", initial_interval=1,
+                         max_interval=3, warmup_epochs=1, full_epochs_per_cycle=0, rescore="stale")
+
+
+def causal_lm_per_sample(outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    """Per-sequence loss of a causal LM: mean fp32 token CE over the shifted targets != -100 (padding and
+    prompt tokens labelled -100 are excluded); `shift_labels` is used as is when the collator gives it."""
+    logits = outputs["logits"]
+    if inputs.get("shift_labels") is not None:
+        return per_sample_loss(logits.detach(), inputs["shift_labels"])
+    labels = inputs.get("labels")
+    if labels is None or logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        got = None if labels is None else tuple(labels.shape)
+        raise UserError(f"AttentTrainer: per-sample loss needs causal-LM logits [B, T, V] and labels [B, T] "
+                        f"(got logits {tuple(logits.shape)}, labels {got}); pass per_sample_loss_fn=")
+    return per_sample_loss(logits.detach()[:, :-1], labels[:, 1:])
+
+
+def init_deepspeed_comm() -> None:
+    """Point deepspeed.comm at the torch process group already joined (accelerate does not on CPU runs),
+    so that `zero.Init` in `from_config` sees the real world size. Call after `training_args.device`."""
+    import deepspeed
+
+    if dist.is_available() and dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
+
+
+@dataclass
+class AttentProgress:
+    """Where the teacher stands in the Trainer's run; saved per rank in every checkpoint."""
+
+    epoch: int = -1  # the epoch whose selection the sampler holds (-1: none planned yet)
+    epoch_start_step: int = 0  # global step at which that epoch began
+    epoch_batches: int = 0  # batches per rank in that epoch
+    selection_bits: Any = None  # that epoch's selection (np.uint8 bitset) or None = all samples
+    samples_trained: int = 0  # this rank
+    dropped_samples: int = 0  # dropped by rank equalisation (< world size per epoch)
+    record_lines: int = 0  # lines of selection.jsonl at the checkpoint (rank 0)
+
+
+class AttentTrainer(Trainer):
+    """`Trainer` with AtteNT example selection. Use it exactly like `Trainer`; extra keyword arguments:
+
+    - `teacher_config`: `attent_scale.config.TeacherConfig` (default: `default_teacher_config()`);
+      modes `cycle` and `ledger` select, `none` trains like `Trainer` (its own sampler); `online` is refused.
+    - `metrics_config`: `MetricsConfig` for our Prometheus exporter (off by default).
+    - `per_sample_loss_fn(outputs, inputs) -> [B]`: per-sample loss for non-causal-LM models.
+
+    Sample ids are the indices of `train_dataset` (any map-style dataset). Each epoch every rank gets the
+    same number of equally sized batches of the selected indices; the selection is the same on every rank
+    and for any world size; selection metrics go to `log()` and `output_dir/selection.jsonl`, and each
+    checkpoint holds every rank's teacher state under `checkpoint-N/attent/`.
+    """
+
+    def __init__(self, *args: Any, teacher_config: TeacherConfig | None = None,
+                 metrics_config: MetricsConfig | None = None, per_sample_loss_fn: LossFn | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.teacher_config = teacher_config if teacher_config is not None else default_teacher_config()
+        mode = self.teacher_config.mode
+        if mode == "online":
+            raise UserError("AttentTrainer: teacher mode 'online' needs per-step rebalancing that Trainer "
+                            "cannot do; use mode 'cycle' or 'ledger'")
+        self.attent_enabled = mode in ("cycle", "ledger")
+        self.per_sample_loss_fn = per_sample_loss_fn or causal_lm_per_sample
+        self.attent = AttentProgress()
+        self.teacher: Teacher | None = None
+        self._ids: torch.Tensor | None = None
+        self._sampler: AttentBatchSampler | None = None
+        self._score_data: tuple[Any, Callable[[list[Any]], Any]] | None = None
+        self._metrics: NullMetrics = NullMetrics()
+        self._metrics_config = metrics_config
+        self._phase_seconds = dict.fromkeys(PHASES, 0.0)
+        if self.attent_enabled:
+            if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
+                raise UserError("AttentTrainer: train_dataset must be a map-style dataset with __len__ "
+                                "(sample ids are its indices)")
+            self._group = None
+            if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+                self._group = dist.new_group(backend="gloo")  # the teacher talks over CPU tensors
+            self._new_teacher()
+
+    # ------------------------------------------------------------------ setup
+
+    @property
+    def _rank(self) -> int:
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    @property
+    def _world(self) -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def _seed(self) -> int:
+        return self.args.data_seed if self.args.data_seed is not None else self.args.seed
+
+    def _new_teacher(self) -> None:
+        n = len(self.train_dataset)
+        records = Path(self.args.output_dir) / RECORDS if self._rank == 0 else None
+        self.teacher = Teacher(self.teacher_config, num_samples=n, seed=self._seed, record_path=records,
+                               group=self._group)
+        self.attent = AttentProgress()
+        self._sampler = AttentBatchSampler(n, self._train_batch_size, rank=self._rank, world_size=self._world,
+                                           seed=self._seed, drop_last=self.args.dataloader_drop_last)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        if self.attent_enabled:
+            self._new_teacher()
+            if not resume_from_checkpoint and self._rank == 0:
+                (Path(self.args.output_dir) / RECORDS).unlink(missing_ok=True)
+        if self._metrics_config is not None and isinstance(self._metrics, NullMetrics):
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            self._metrics = Metrics.create(self._metrics_config, rank=self._rank, local_rank=local_rank,
+                                           node=os.environ.get("SLURMD_NODENAME") or socket.gethostname())
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self._metrics.update(self.attent_totals())
+            self._metrics.close()
+            self._metrics = NullMetrics()
+
+    def get_train_dataloader(self) -> DataLoader:
+        """Trainer's loader, but batches come from this rank's AttentBatchSampler and carry the indices."""
+        if not self.attent_enabled:
+            return super().get_train_dataloader()
+        dataset = self.train_dataset
+        try:
+            import datasets
+
+            is_hf = isinstance(dataset, datasets.Dataset)
+        except ImportError:
+            is_hf = False
+        if is_hf:
+            dataset = self._remove_unused_columns(dataset, description="training")
+            collate = self.data_collator
+        else:
+            collate = self._get_collator_with_removed_columns(self.data_collator, description="training")
+        self._score_data = (dataset, collate)
+        self._sampler.batch_size = self._train_batch_size
+        args = self.args
+        params: dict[str, Any] = {
+            "batch_sampler": self._sampler,
+            "collate_fn": IdCollator(collate),
+            "num_workers": args.dataloader_num_workers,
+            "pin_memory": args.dataloader_pin_memory,
+            "persistent_workers": args.dataloader_persistent_workers,
+            "worker_init_fn": partial(seed_worker, num_workers=args.dataloader_num_workers,
+                                      rank=args.process_index),
+        }
+        if args.dataloader_num_workers > 0:
+            params["prefetch_factor"] = args.dataloader_prefetch_factor
+            params["multiprocessing_context"] = args.dataloader_multiprocessing_context
+        loader = self.accelerator.prepare(DataLoader(IndexedDataset(dataset), **params))
+        # The sampler is rank-aware already: make accelerate's BatchSamplerShard a passthrough (as Trainer
+        # does for its BatchRebalanceSampler); batch_size=None keeps it from padding a short last batch.
+        shard = getattr(loader, "batch_sampler", None)
+        if shard is not None and getattr(shard, "batch_sampler", None) is self._sampler:
+            shard.num_processes, shard.process_index, shard.batch_size = 1, 0, None
+        return loader
+
+    # ------------------------------------------------------------------ epochs and steps
+
+    def _planned_updates(self, epoch: int) -> int:
+        """Optimizer steps per rank of `epoch` under the teacher's plan (subset size from its ratio)."""
+        plan = self.teacher.plan_epoch(epoch)
+        n = len(self.train_dataset)
+        if plan.subset and plan.ratio is not None:
+            n = int(math.floor(plan.ratio * n + 0.5))
+        return math.ceil(self._sampler.batches_for(n) / self.args.gradient_accumulation_steps)
+
+    def set_initial_training_values(self, args: Any, dataloader: DataLoader) -> tuple:
+        """Trainer's values, with max_steps (the LR schedule's length) and the epoch count taken from the
+        teacher's plan: subset epochs are shorter, and each arm's LR must decay over its own budget."""
+        values = list(super().set_initial_training_values(args, dataloader))
+        if not self.attent_enabled:
+            return tuple(values)
+        epochs, max_steps = values[0], values[6]
+        if args.max_steps > 0:
+            epochs, total = 0, 0
+            while total < max_steps and epochs < 1_000_000:
+                total += max(1, self._planned_updates(epochs))
+                epochs += 1
+        else:
+            whole = int(math.floor(args.num_train_epochs))
+            max_steps = sum(self._planned_updates(e) for e in range(whole))
+            frac = args.num_train_epochs - whole
+            if frac > 0:
+                max_steps += math.ceil(frac * self._planned_updates(whole))
+            epochs = math.ceil(args.num_train_epochs)
+        values[0], values[6] = epochs, max(1, max_steps)
+        return tuple(values)
+
+    def _init_training_state(self, max_steps: int, num_update_steps_per_epoch: int, num_train_epochs: int,
+                             resume_from_checkpoint: str | None, trial: Any) -> tuple[int, int]:
+        epochs_trained, steps_in_epoch = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial)
+        if not self.attent_enabled or resume_from_checkpoint is None:
+            return epochs_trained, steps_in_epoch
+        self._load_attent_state(resume_from_checkpoint)
+        # Epochs have different lengths: where the run stands comes from our state, not global_step alone.
+        p, ga = self.attent, self.args.gradient_accumulation_steps
+        done = self.state.global_step - p.epoch_start_step
+        if p.epoch < 0 or done >= math.ceil(p.epoch_batches / ga):
+            return p.epoch + 1, 0
+        return p.epoch, 0 if self.args.ignore_data_skip else done * ga
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.attent_enabled:
+            return super()._run_epoch(*args, **kwargs)
+        if args or "epoch" not in kwargs:
+            raise RuntimeError("AttentTrainer: this transformers version calls _run_epoch differently; "
+                               "install the versions of the attent-scale[hf] extra")
+        self._begin_epoch(kwargs["epoch"], kwargs["model"])
+        batches = len(self._sampler)
+        kwargs["steps_in_epoch"] = batches
+        kwargs["num_update_steps_per_epoch"] = math.ceil(batches / self.args.gradient_accumulation_steps)
+        return super()._run_epoch(*args, **kwargs)
+
+    def _begin_epoch(self, epoch: int, model: Any) -> None:
+        """Collective: plan the epoch, score and select when the plan says so, hand the sampler its subset."""
+        p, teacher, n = self.attent, self.teacher, len(self.train_dataset)
+        self._sampler.set_epoch(epoch)
+        if p.epoch == epoch:  # resumed inside this epoch: keep the selection it started with
+            self._sampler.set_selection(self._selection(p.selection_bits))
+            return
+        before = self._phase_totals()
+        plan = teacher.plan_epoch(epoch)
+        step = self.state.global_step
+        if plan.score:
+            # rescore=stale: the ids the previous subset epoch just trained keep their training losses
+            skip = self._selection(p.selection_bits) if self.teacher_config.rescore == "stale" else None
+            self._score_pass(model, skip, step)
+        selection = teacher.select(epoch, step) if plan.subset else None
+        self._sampler.set_selection(selection)
+        p.epoch, p.epoch_start_step = epoch, step
+        p.selection_bits = None if selection is None else selection.bits
+        p.epoch_batches = len(self._sampler)
+        p.dropped_samples += self._sampler.dropped
+        if p.epoch_batches == 0:
+            chosen = selection.count if selection is not None else n
+            raise UserError(f"AttentTrainer: epoch {epoch} selects {chosen} of {n} samples, too few for "
+                            f"{self._world} ranks x batch {self._sampler.batch_size}")
+        after = self._phase_totals()
+        delta = {ph: after[ph] - before[ph] for ph in PHASES}
+        ratio = (selection.count / n) if selection is not None else 1.0
+        record = teacher.last_record if selection is not None else None
+        staleness = (record.get("staleness") or {}).get("median") if record else None
+        self._metrics.observe_selection(delta, selected_ratio=ratio, staleness_median=staleness)
+        self._metrics.update(self.attent_totals())
+        logs = {
+            "attent/epoch": epoch,
+            "attent/selected_ratio": ratio,
+            "attent/selected": selection.count if selection is not None else n,
+            "attent/selection_seconds": sum(delta.values()),
+            "attent/samples_scored": int(teacher.stats["samples_scored"]),
+            "attent/dropped_samples": p.dropped_samples,
+        }
+        if staleness is not None:
+            logs["attent/staleness_median"] = staleness
+        self.log(logs)
+
+    def _selection(self, bits: Any) -> Selection | None:
+        return None if bits is None else Selection(np.asarray(bits, dtype=np.uint8), len(self.train_dataset))
+
+    def _phase_totals(self) -> dict[str, float]:
+        return {ph: float(self.teacher.stats[f"seconds_{ph}"]) for ph in PHASES}
+
+    def attent_totals(self) -> dict[str, Any]:
+        """This rank's cumulative teacher numbers (the keys our Prometheus exporter reads)."""
+        if self.teacher is None:
+            return {}
+        stats = self.teacher.stats
+        n = len(self.train_dataset)
+        bits = self.attent.selection_bits
+        return {
+            "samples_trained": self.attent.samples_trained,
+            "samples_scored": int(stats["samples_scored"]),
+            "collective_bytes": int(stats["bytes_sent"]),
+            "selection_seconds_by_phase": self._phase_totals(),
+            "selected_ratio": 1.0 if bits is None else Selection(bits, n).count / n,
+            "staleness_median": stats["last_staleness_median"],
+        }
+
+    # ------------------------------------------------------------------ losses
+
+    def attent_losses_hook(self, ids: torch.Tensor, losses: torch.Tensor, step: int, kind: str) -> None:
+        """Called with every per-sample loss the teacher records (kind "train" or "score"); a no-op, for
+        subclasses that want to inspect or log them."""
+
+    def _score_pass(self, model: Any, skip: Selection | None, step: int) -> None:
+        """Collective: every rank scores its share of the ids (not in `skip`) with no grad; shares are
+        padded with ignored fillers (id -1) so every rank runs the same number of forwards (ZeRO-3)."""
+        dataset, collate = self._score_data
+        n, rank, world = len(self.train_dataset), self._rank, self._world
+        pool = np.arange(n, dtype=np.int64)
+        if skip is not None:
+            pool = pool[~skip.mask(pool)]
+        per_rank = -(-pool.shape[0] // world)
+        mine = np.full(per_rank, -1, dtype=np.int64)
+        share = pool[rank::world]
+        mine[: share.shape[0]] = share
+        filler = int(pool[0]) if pool.shape[0] else 0
+        bs = max(1, self.args.per_device_eval_batch_size)
+
+        def batches() -> Iterator[dict[str, Any]]:
+            for start in range(0, per_rank, bs):
+                ids = mine[start:start + bs]
+                batch = collate([dataset[int(i) if i >= 0 else filler] for i in ids])
+                yield {"ids": torch.from_numpy(ids.copy()), "inputs": batch}
+
+        def score(batch: dict[str, Any]) -> torch.Tensor:
+            inputs = self._prepare_inputs(dict(batch["inputs"]))
+            view = dict(inputs)
+            for key in ("labels", "shift_labels", ID_KEY):
+                inputs.pop(key, None)
+            outputs = model(**inputs)
+            losses = self.per_sample_loss_fn(outputs, view).float().cpu()
+            real = batch["ids"] >= 0
+            self.attent_losses_hook(batch["ids"][real], losses[real], step, "score")
+            return losses
+
+        was_training = model.training
+        model.eval()
+        try:
+            self.teacher.score_pass(batches(), score, step)
+        finally:
+            model.train(was_training)
+
+    def training_step(self, model: Any, inputs: dict[str, Any],
+                      num_items_in_batch: Any = None) -> torch.Tensor:
+        self._ids = inputs.pop(ID_KEY, None) if self.attent_enabled else None
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._ids = None
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """Trainer's own loss (so the logged loss and gradients are Trainer's, `num_items_in_batch`
+        included); in training the per-sample losses of the same forward go to the teacher."""
+        ids = self._ids
+        if ids is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        view = dict(inputs)  # Trainer may pop the labels
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        with torch.no_grad():
+            losses = self.per_sample_loss_fn(outputs, view).float().cpu()
+        ids = ids.cpu()
+        step = self.state.global_step
+        self.teacher.observe(ids, losses, step)
+        self.attent.samples_trained += int(ids.shape[0])
+        self.attent_losses_hook(ids, losses, step, "train")
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:
+            self._metrics.update({"train_loss": logs["loss"], **self.attent_totals()})
+        if "eval_loss" in logs:
+            self._metrics.observe_eval(logs["eval_loss"])
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        if self.attent_enabled:
+            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            self._save_attent_state(Path(self._get_output_dir(trial=trial)) / folder)
+        super()._save_checkpoint(model, trial)
+
+    def _save_attent_state(self, folder: Path) -> None:
+        """This rank's teacher state and progress beside the Trainer checkpoint (before it, so a checkpoint
+        with trainer_state.json always has it)."""
+        out = folder / STATE_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        if self._rank == 0:
+            self.attent.record_lines = count_lines(Path(self.args.output_dir) / RECORDS)
+        progress = asdict(self.attent)
+        state = {"teacher": self.teacher.state_dict(), "progress": progress, "world_size": self._world}
+        save_state(out / f"rank{self._rank}", state)
+
+    def _load_attent_state(self, checkpoint: str) -> None:
+        stem = Path(checkpoint) / STATE_DIR / f"rank{self._rank}"
+        if not stem.with_suffix(".json").exists():
+            raise UserError(f"{stem}.json: no AtteNT teacher state in this checkpoint (written by plain "
+                            "Trainer, or by a run with a different number of ranks?)")
+        state = load_state(stem)
+        if state["world_size"] != self._world:
+            raise UserError(f"{stem}.json: written by {state['world_size']} ranks, "
+                            f"this run has {self._world}")
+        self.teacher.load_state_dict(state["teacher"])
+        self.attent = AttentProgress(**state["progress"])
+        if self._rank == 0:
+            truncate_lines(Path(self.args.output_dir) / RECORDS, self.attent.record_lines)
