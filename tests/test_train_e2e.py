@@ -93,11 +93,13 @@ RESUME_ENGINES = [("local", 1), ("deepspeed", 2), ("fsdp", 2)]
 
 @pytest.mark.parametrize("engine,nproc", RESUME_ENGINES)
 def test_resume_selects_and_trains_like_an_uninterrupted_run(tmp_path, tiny_shards, engine, nproc):
-    straight = tiny_run_config(tmp_path / "straight", tiny_shards, engine, train={"max_steps": 20})
+    train = {"max_steps": 20, "stop_check_every": 3}
+    straight = tiny_run_config(tmp_path / "straight", tiny_shards, engine, train=train)
     check(run_train(straight, nproc=nproc))
 
-    broken = tiny_run_config(tmp_path / "broken", tiny_shards, engine, train={"max_steps": 20})
-    stopped = run_train(broken, nproc=nproc, env={"ATTENT_STOP_AFTER_STEP": "9"})
+    broken = tiny_run_config(tmp_path / "broken", tiny_shards, engine, train=train)
+    # a signal during step 8 is acted on at the next stop check (step 9), by every rank at once
+    stopped = run_train(broken, nproc=nproc, env={"ATTENT_STOP_AFTER_STEP": "8"})
     # a plain process exits 75 itself; torchrun reports any worker failure as 1, hence the marker file
     assert stopped.returncode == (75 if nproc == 1 else 1), stopped.stderr[-3000:]
     assert json.loads((tmp_path / "broken" / "PREEMPTED").read_text())["step"] == 9
