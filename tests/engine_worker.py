@@ -56,7 +56,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(scenario: str, out: Path, world_size: int = 2, timeout: float = 120.0) -> list[dict[str, Any]]:
+HANG_S = float(os.environ.get("ATTENT_TEST_HANG_S", "100"))  # raise on a heavily shared machine
+
+
+def launch(scenario: str, out: Path, world_size: int = 2, timeout: float = HANG_S + 20) -> list[dict]:
     """Run `scenario` on `world_size` ranks as separate processes; return each rank's JSON result."""
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -242,7 +245,7 @@ def run_scenario(name: str, out: Path) -> dict[str, Any]:
 def main() -> None:
     import faulthandler
 
-    faulthandler.dump_traceback_later(100, exit=True)  # a hung collective shows where, then exits
+    faulthandler.dump_traceback_later(HANG_S, exit=True)  # a hung collective shows where, then exits
     name, out = sys.argv[1], Path(sys.argv[2])
     res = run_scenario(name, out)
     (out / f"rank{res['rank']}.json").write_text(json.dumps(res))

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from engine_worker import VOCAB, launch, make_batch, tiny_config
+from engine_worker import HANG_S, VOCAB, launch, make_batch, tiny_config
 from safetensors.torch import load_file
 
 from attent_scale.config import config_from_dict
@@ -16,7 +16,7 @@ from attent_scale.engines import build_engine
 from attent_scale.engines.base import per_sample_loss
 from attent_scale.models import build_model, load_adapter
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(HANG_S + 20)
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,18 @@ def test_two_rank_engines_run_each_mode(tmp_path, tiny_shards, engine, mode):
 
 
 @pytest.mark.parametrize("engine", ["deepspeed", "fsdp"])
+def test_one_process_sharded_engines_run_end_to_end(tmp_path, tiny_shards, engine):
+    """deepspeed and fsdp on a single plain process (a one-rank group): train, stop checks, eval, export."""
+    train = {"max_steps": 6, "stop_check_every": 2}
+    cfg = tiny_run_config(tmp_path / "one", tiny_shards, engine, train=train,
+                          eval={"every_steps": 3, "max_batches": 2, "batch_size": 16})
+    check(run_train(cfg))
+    summary = _assert_run_dir(tmp_path / "one", 6, 1, "cycle")
+    assert summary["samples_trained"] == 6 * 8
+    assert list((tmp_path / "one" / "export").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp"])
 def test_two_rank_lora_run_exports_adapters(tmp_path, tiny_shards, engine):
     lora = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["c_attn"]}
     cfg = tiny_run_config(

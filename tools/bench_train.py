@@ -84,39 +84,41 @@ def _peak_tflops(name: str) -> float | None:
 
 
 class SyncCounter:
-    """Host syncs inside a block: CUDA's sync debug mode on a GPU, else the engine's own counter."""
+    """Host syncs inside a block: `count` from CUDA's sync debug mode on a GPU (every implicit sync, the
+    libraries' included), `own` from the engine's counter of its explicit device-to-host copies (None for
+    code without one); on CPU `count` is `own`."""
 
     def __init__(self, engine: object) -> None:
         import torch
 
         self.engine, self.cuda = engine, torch.cuda.is_available()
-        self.count: int | None = 0
+        self.count: int | None = None
+        self.own: int | None = None
 
     def __enter__(self) -> SyncCounter:
         import warnings
 
         import torch
 
+        self._start = getattr(self.engine, "host_syncs", None)
         if self.cuda:
             self._catch = warnings.catch_warnings(record=True)
             self._records = self._catch.__enter__()
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
-        else:
-            self._start = getattr(self.engine, "host_syncs", None)
         return self
 
     def __exit__(self, *exc: object) -> None:
         import torch
 
+        if self._start is not None:
+            self.own = self.engine.host_syncs - self._start
         if self.cuda:
             torch.cuda.set_sync_debug_mode("default")
             self._catch.__exit__(*exc)
-            self.count = sum("synchronizing" in str(w.message) for w in self._records)
-        elif self._start is None:
-            self.count = None
+            self.count = sum("synchroniz" in str(w.message) for w in self._records)
         else:
-            self.count = self.engine.host_syncs - self._start
+            self.count = self.own
 
 
 def _spread(xs: list[float]) -> str:
@@ -159,7 +161,7 @@ def step_bench(args: argparse.Namespace) -> list[dict]:
 
         engine.train_step(batch)  # warm-up: allocations, lazy init, kernel selection
         engine.score(batch)
-        cpu, wall, syncs = [], [], []
+        cpu, wall, syncs, own = [], [], [], []
         for _ in range(args.repeats):
             sync()
             c0, w0 = time.process_time(), time.perf_counter()
@@ -170,6 +172,7 @@ def step_bench(args: argparse.Namespace) -> list[dict]:
             cpu.append((time.process_time() - c0) / args.steps)
             wall.append((time.perf_counter() - w0) / args.steps)
             syncs.append(None if counter.count is None else counter.count / args.steps)
+            own.append(None if counter.own is None else counter.own / args.steps)
         score_wall = []
         for _ in range(args.repeats):
             sync()
@@ -187,12 +190,14 @@ def step_bench(args: argparse.Namespace) -> list[dict]:
             "engine": name, "device": torch.cuda.get_device_name() if cuda else "cpu", "model": args.model,
             "params": n_params, "seq": args.seq, "micro": args.micro, "grad_accum": args.grad_accum,
             "dtype": str(getattr(engine, "dtype", "n/a")), "cpu_s_per_step": cpu, "wall_s_per_step": wall,
-            "host_syncs_per_step": syncs[-1], "tokens_per_s": tps,
+            "host_syncs_per_step": syncs[-1], "engine_host_copies_per_step": own[-1], "tokens_per_s": tps,
             "score_to_train_per_sample": statistics.mean(score_wall) / statistics.mean(wall),
             "mfu": tps * flops_per_token / (peak * 1e12) if peak else None,
         }
         results.append(res)
         n_syncs = "n/a" if syncs[-1] is None else f"{syncs[-1]:g}"
+        if cuda:
+            n_syncs += f" (engine's own copies {'n/a' if own[-1] is None else f'{own[-1]:g}'})"
         mfu = "n/a" if res["mfu"] is None else f"{100 * res['mfu']:.1f}%"
         ratio = res["score_to_train_per_sample"]
         print(f"{name:10} cpu s/step {_spread(cpu)}  wall s/step {_spread(wall)}  "

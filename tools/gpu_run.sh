@@ -107,13 +107,15 @@ for engine in ("fsdp", "deepspeed"):
     mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
     print(f"  {engine:10} {r['dtype']:15} step {wall:.3f}s [{min(r['wall_s_per_step']):.3f}-"
           f"{max(r['wall_s_per_step']):.3f}]  tokens/s {r['tokens_per_s']:8.0f}  MFU {mfu}  "
-          f"host syncs/step {r['host_syncs_per_step']}  score/train per sample {r['score_to_train_per_sample']:.2f}")
+          f"host syncs/step {r['host_syncs_per_step']} (engine's own copies {r['engine_host_copies_per_step']})  "
+          f"score/train per sample {r['score_to_train_per_sample']:.2f}")
 
-cfg = AutoConfig.for_model("gpt2", n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=8000)
+cfg = AutoConfig.for_model("gpt2", n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=8000,
+                          bos_token_id=None, eos_token_id=None)
 with torch.device("meta"):
     n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
 flops_per_token = 6 * n_params + 12 * 12 * 768 * 1024
-peak = _peak_tflops(torch.cuda.get_device_name())
+peak = _peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
 print(f"training runs ({n_params / 1e6:.0f}M parameters, vocab 8000; tokens/s over training seconds, "
       "selection included):")
 for summary in sorted(out.glob("train/*/summary.json")):

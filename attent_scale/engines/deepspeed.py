@@ -81,6 +81,7 @@ class DeepSpeedEngine(BaseEngine):
         self.vocab_size = vocab_size
         self.ds_config = load_ds_config(cfg, self.world_size, self.device)
         self.stage = int(self.ds_config["zero_optimization"]["stage"])
+        self.dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
         log_rank0(self.rank, f"deepspeed ZeRO-{self.stage}: bf16 {self.ds_config['bf16']['enabled']}, "
                   f"grad accumulation {self.ds_config['data_types']['grad_accum_dtype']}, "
                   f"communication {self.ds_config['communication_data_type']}")
