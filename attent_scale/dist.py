@@ -64,6 +64,11 @@ def init_single_process_group(device: torch.device) -> None:
         return
     import socket
 
+    # the env a launcher would set: DeepSpeed (ZeRO-3) reads LOCAL_RANK itself
+    for key in ("RANK", "LOCAL_RANK"):
+        os.environ.setdefault(key, "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         with socket.socket() as s:
