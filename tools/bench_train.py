@@ -2,7 +2,8 @@
 
 Usage: python tools/bench_train.py [--engines local,deepspeed,fsdp] [--modes none,cycle,ledger,online]
                                    [--epochs 2] [--out runs/bench_train]
-       python tools/bench_train.py --step-bench [--engines local|deepspeed|fsdp] [--grad-accum 4] [--steps 8] [--repeats 3]
+       python tools/bench_train.py --step-bench [--engines local|deepspeed|fsdp] [--grad-accum 4]
+                                   [--steps 8] [--repeats 3]
                                    [--model demo|gpt2-small] [--seq 128] [--micro 4] [--json FILE]
 Each run: the demo model on the demo shards, warm-up epoch then cycles (cycle/ledger), 16 samples per
 step in all (16 on one process; 8 per rank on two). Numbers come from each run's summary.json:
@@ -236,7 +237,7 @@ def main() -> None:
     sys.path.append(str(REPO))  # after PYTHONPATH: --step-bench can time another checkout
     if args.step_bench:
         if len({"deepspeed", "fsdp"} & set(args.engines.split(","))) > 1:
-            parser.error("--step-bench: run deepspeed and fsdp in separate processes (one process group each)")
+            parser.error("--step-bench: run deepspeed and fsdp in separate processes (a group each)")
         step_bench(args)
         return
     from attent_scale.demo import ensure_demo_shards
