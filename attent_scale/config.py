@@ -124,6 +124,9 @@ class TrainConfig:
     adam_beta2: float = 0.95
     max_nonfinite_in_row: int = 3
     log_every: int = 10
+    # ranks agree on a stop (signal, max_seconds) only at steps that are a multiple of this: one small
+    # collective every N steps instead of every step; a signal waits at most N steps to be acted on
+    stop_check_every: int = 10
 
 
 @dataclass
@@ -179,6 +182,7 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("train.grad_clip", lambda v: v >= 0, "must be >= 0 (0 disables clipping)"),
     ("train.max_nonfinite_in_row", lambda v: v >= 1, "must be >= 1"),
     ("train.log_every", lambda v: v >= 1, "must be >= 1"),
+    ("train.stop_check_every", lambda v: v >= 1, "must be >= 1"),
     ("teacher.temperature", lambda v: v > 0, "must be > 0"),
     ("teacher.initial_ratio", lambda v: 0 < v <= 1, "must be in (0, 1]"),
     ("teacher.final_ratio", lambda v: 0 < v <= 1, "must be in (0, 1]"),

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from attent_scale.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -109,6 +111,31 @@ def set_socket_ifname() -> str | None:
     return os.environ.get("GLOO_SOCKET_IFNAME")
 
 
+def choose_cuda_device(local_rank: int, local_world_size: int, device_count: int) -> int:
+    """Index of this rank's CUDA device among the visible ones (one device per local rank).
+
+    `device_count` is what CUDA enumerates for this process, so CUDA_VISIBLE_DEVICES and MIG instances
+    (each MIG instance is one device) are already respected. More local ranks than devices is an error,
+    never a silent modulo that would put two ranks on one device.
+    """
+    if device_count < 1:
+        raise UserError("no CUDA device visible to this process (check CUDA_VISIBLE_DEVICES)")
+    if local_world_size > device_count or not 0 <= local_rank < device_count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+        raise UserError(
+            f"LOCAL_RANK {local_rank} of LOCAL_WORLD_SIZE {local_world_size}: only {device_count} CUDA "
+            f"device(s) visible (CUDA_VISIBLE_DEVICES={visible}); launch at most one rank per device"
+        )
+    return local_rank
+
+
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where a tensor for a collective on `group` must live: the current CUDA device on NCCL, else CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     """Join the process group described by RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT.
 
@@ -121,9 +148,10 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", max(1, min(world_size, local_rank + 1)))
     cuda = torch.cuda.is_available()
     if cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(choose_cuda_device(local_rank, local_world, torch.cuda.device_count()))
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
@@ -159,7 +187,8 @@ def init_one_rank_group(device: torch.device) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    kwargs: dict = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1, **kwargs)
 
 
 def is_distributed() -> bool:
@@ -182,9 +211,7 @@ def all_reduce_flag(flag: bool, op: str = "max", group: dist.ProcessGroup | None
         raise ValueError(f"all_reduce_flag: op must be 'max' or 'min', got {op!r}")
     if not is_distributed():
         return bool(flag)
-    backend = dist.get_backend(group)
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=collective_device(group))
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN, group=group)
     return bool(t.item())
 

@@ -109,9 +109,12 @@ def planned_steps(teacher: Any, n_train: int, world: int, batch_size: int, epoch
 
 
 def _all_reduce_max(value: float, group: Any) -> float:
-    if not (dist.is_available() and dist.is_initialized()):
+    """Max over the ranks of `group`; any backend (a CUDA tensor on NCCL), any world size (1 included)."""
+    from attent_scale.dist import collective_device
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) <= 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device(group))
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return float(t.item())
 
@@ -227,20 +230,11 @@ def train(cfg: RunConfig) -> int:
             "val_loss": progress.last_val_loss,
         }
 
+    val_cache: list[Any] = []
+
     def evaluate() -> float:
         t0 = time.perf_counter()
-        val = ShardStream(
-            manifest.dir,
-            "val",
-            rank=rank,
-            world_size=world,
-            seed=cfg.seed,
-            epoch=0,
-            batch_size=cfg.eval.batch_size,
-            num_workers=0,
-        )
-        batches = itertools.islice(val, cfg.eval.max_batches) if cfg.eval.max_batches else val
-        loss = engine.evaluate(batches)
+        loss = engine.evaluate(_val_batches(manifest.dir, cfg, rank, world, val_cache))
         progress.eval_seconds += time.perf_counter() - t0
         progress.last_val_loss = loss
         eval_log.write(
@@ -410,8 +404,12 @@ def train(cfg: RunConfig) -> int:
                 if progress.step == stop.stop_after_step:
                     stop.received = "ATTENT_STOP_AFTER_STEP"
                 out_of_time = bool(cfg.train.max_seconds) and progress.train_seconds >= cfg.train.max_seconds
-                # one collective per step: any rank's signal or clock stops every rank at this same boundary
-                stop_code = _all_reduce_max(2.0 if stop.received else (1.0 if out_of_time else 0.0), group)
+                # one collective every stop_check_every steps: any rank's signal or clock stops every rank
+                # at the same boundary
+                stop_code = 0.0
+                if progress.step % cfg.train.stop_check_every == 0:
+                    mine = 2.0 if stop.received else (1.0 if out_of_time else 0.0)
+                    stop_code = _all_reduce_max(mine, group)
                 stop_now = stop_code >= 2
                 due = cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0
                 if stop_now or (due and progress.step < cfg.train.max_steps):
@@ -473,6 +471,21 @@ def train(cfg: RunConfig) -> int:
             if exit_code == 0:
                 dist.barrier()
             dist.destroy_process_group()
+
+
+def _val_batches(data_dir: Any, cfg: RunConfig, rank: int, world: int, cache: list[Any]) -> Any:
+    """This rank's val batches, read by a DataLoader worker (not on the training thread); a bounded
+    val set (eval.max_batches) is read once and kept in memory for every later evaluation."""
+    from attent_scale.data import ShardStream
+
+    if cache:
+        return cache
+    val = ShardStream(data_dir, "val", rank=rank, world_size=world, seed=cfg.seed, epoch=0,
+                      batch_size=cfg.eval.batch_size, num_workers=1)
+    if not cfg.eval.max_batches:
+        return val
+    cache.extend(itertools.islice(val, cfg.eval.max_batches))
+    return cache
 
 
 def _resume_line(path: Path, progress: Progress, n_train: int, world: int) -> str:
@@ -554,7 +567,7 @@ def _summary(
         tot["samples_scored"],
         tot["selection_seconds"],
     ]
-    if dist.is_available() and dist.is_initialized():
+    if world > 1:
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, per_rank, group=group)  # once, at the end: not a hot path
     else:

@@ -26,8 +26,8 @@ fi
 
 if [[ -n ${ATTENT_NPROC:-} ]]; then
     nproc=$ATTENT_NPROC
-elif command -v nvidia-smi > /dev/null && nvidia-smi -L > /dev/null 2>&1; then
-    nproc=$(nvidia-smi -L | wc -l)
+elif gpus=$(python -c "import torch; print(torch.cuda.device_count())" 2> /dev/null) && ((gpus > 0)); then
+    nproc=$gpus  # what CUDA enumerates: respects CUDA_VISIBLE_DEVICES, one per MIG instance (not nvidia-smi -L)
 else
     nproc=1
 fi

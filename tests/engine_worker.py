@@ -56,7 +56,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(scenario: str, out: Path, world_size: int = 2, timeout: float = 120.0) -> list[dict[str, Any]]:
+HANG_S = float(os.environ.get("ATTENT_TEST_HANG_S", "100"))  # raise on a heavily shared machine
+
+
+def launch(scenario: str, out: Path, world_size: int = 2, timeout: float = HANG_S + 20) -> list[dict]:
     """Run `scenario` on `world_size` ranks as separate processes; return each rank's JSON result."""
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -135,11 +138,82 @@ def skip_scenario(engine: Any) -> dict[str, Any]:
             "score_after": score_after, "next_skipped": after.skipped, "steps_done": engine.steps_done}
 
 
+def accum_scenario(rank_seed: int) -> dict[str, Any]:
+    """FSDP2: 1 x 8 rows and 2 x 4 rows per step must give the same training; count gradient reductions."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as pg
+
+    from attent_scale.config import config_from_dict
+    from attent_scale.engines import build_engine
+
+    reduces = [0]
+    original = pg.foreach_reduce
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        reduces[0] += 1
+        return original(*args, **kwargs)
+
+    pg.foreach_reduce = counting
+    engines = [build_engine(config_from_dict(tiny_config("fsdp", micro_batch_size=mb, grad_accum_steps=ga)),
+                            vocab_size=VOCAB) for mb, ga in ((8, 1), (4, 2))]
+    batch = make_batch(8, seed=rank_seed)
+    res: dict[str, Any] = {"rank": engines[0].rank}
+    for i, engine in enumerate(engines):
+        steps = []
+        for _ in range(3):
+            before_r, before_s = reduces[0], engine.host_syncs
+            r = engine.train_step(batch)
+            steps.append({"loss": r.loss, "grad_norm": r.grad_norm, "per_sample": r.per_sample.tolist(),
+                          "reduces": reduces[0] - before_r, "host_syncs": engine.host_syncs - before_s})
+        res[f"ga{i + 1}"] = steps
+        res[f"score{i + 1}"] = engine.score(make_batch(8, seed=99)).tolist()
+    res["fsdp_units"] = sum(1 for m in engines[0].model.modules() if hasattr(m, "set_requires_gradient_sync"))
+    return res
+
+
+def bf16_export_scenario(engine: Any, out: Path) -> dict[str, Any]:
+    """ZeRO-3 under bf16: the export holds the fp32 master weights, not the bf16 module parameters."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    batch = make_batch(8, seed=engine.rank + 1)
+    for _ in range(3):
+        engine.train_step(batch)
+    masters = {}
+    for name, param in engine.model.named_parameters():
+        fp32 = safe_get_full_fp32_param(param)  # collective: every rank, same order
+        masters[name] = fp32.float().cpu()
+    module_dtype = str(next(engine.model.parameters()).dtype)
+    engine.export(out / "export")
+    res: dict[str, Any] = {"rank": engine.rank, "module_dtype": module_dtype}
+    if engine.rank == 0:
+        from safetensors.torch import load_file
+
+        exported = load_file(str(out / "export" / "model" / "model.safetensors"))
+        res["compared"] = sorted(k for k in masters if k in exported)
+        res["equal"] = all(torch.equal(exported[k], masters[k]) for k in res["compared"])
+        # the fp32 masters moved off the bf16 grid: an export of bf16 parameters could not hold them
+        res["off_bf16_grid"] = sum(
+            int((exported[k] != exported[k].bfloat16().float()).sum()) for k in res["compared"]
+        )
+        res["exported_dtypes"] = sorted({str(t.dtype) for t in exported.values()})
+    return res
+
+
 def run_scenario(name: str, out: Path) -> dict[str, Any]:
     from attent_scale.config import config_from_dict
     from attent_scale.engines import build_engine
 
     engine_name, _, variant = name.partition("_")
+    if variant == "accum":
+        import torch.distributed as dist
+
+        from attent_scale.dist import init_distributed
+
+        init_distributed()
+        return accum_scenario(dist.get_rank() + 1)
+    if variant == "bf16":
+        raw = tiny_config(engine_name, tied=False)
+        raw["engine"]["mixed_precision"] = "bf16"
+        return bf16_export_scenario(build_engine(config_from_dict(raw), vocab_size=VOCAB), out)
     if variant == "skip":
         cfg = config_from_dict(tiny_config(engine_name, tied=False, grad_accum_steps=2, warmup_steps=5))
         return skip_scenario(build_engine(cfg, vocab_size=VOCAB))
@@ -171,7 +245,7 @@ def run_scenario(name: str, out: Path) -> dict[str, Any]:
 def main() -> None:
     import faulthandler
 
-    faulthandler.dump_traceback_later(100, exit=True)  # a hung collective shows where, then exits
+    faulthandler.dump_traceback_later(HANG_S, exit=True)  # a hung collective shows where, then exits
     name, out = sys.argv[1], Path(sys.argv[2])
     res = run_scenario(name, out)
     (out / f"rank{res['rank']}.json").write_text(json.dumps(res))

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from engine_worker import VOCAB, launch, make_batch, tiny_config
+from engine_worker import HANG_S, VOCAB, launch, make_batch, tiny_config
 from safetensors.torch import load_file
 
 from attent_scale.config import config_from_dict
@@ -16,7 +16,7 @@ from attent_scale.engines import build_engine
 from attent_scale.engines.base import per_sample_loss
 from attent_scale.models import build_model, load_adapter
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(HANG_S + 20)
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +120,23 @@ def test_nonfinite_on_one_rank_skips_on_all(tmp_path: Path, engine: str) -> None
         assert r["score_after"] == r["score_before"]  # no update applied
         assert r["lr_after"] == r["lr_before"]  # the LR schedule does not advance
         assert not r["next_skipped"] and r["steps_done"] == 2
+
+
+def test_fsdp_accumulation_reduces_once_per_step(tmp_path: Path) -> None:
+    """No reduce-scatter on non-final micro batches, and the training is that of one 8-row micro batch."""
+    for r in launch("fsdp_accum", tmp_path):
+        units = r["fsdp_units"]  # each FSDP module reduces its gradients once per synced backward
+        for one, two in zip(r["ga1"], r["ga2"], strict=True):
+            assert one["reduces"] == two["reduces"] == units
+            assert one["host_syncs"] == two["host_syncs"] == 1  # one device-to-host copy per step
+            assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+            assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+            assert two["per_sample"] == pytest.approx(one["per_sample"], rel=1e-5, abs=1e-6)
+        assert r["score2"] == pytest.approx(r["score1"], rel=1e-4, abs=1e-5)
+
+
+def test_deepspeed_bf16_export_writes_fp32_master_weights(tmp_path: Path) -> None:
+    r0, r1 = launch("deepspeed_bf16", tmp_path)
+    assert r0["module_dtype"] == r1["module_dtype"] == "torch.bfloat16"  # bf16 runs on this CPU
+    assert len(r0["compared"]) == 29 and r0["equal"]  # every weight (lm_head untied) is its fp32 master copy
+    assert r0["exported_dtypes"] == ["torch.float32"] and r0["off_bf16_grid"] > 0

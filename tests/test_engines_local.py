@@ -47,6 +47,7 @@ def test_grad_accum_matches_full_batch() -> None:
         assert math.isclose(r1.loss, r2.loss, rel_tol=1e-5)
         assert math.isclose(r1.grad_norm, r2.grad_norm, rel_tol=1e-4)
         torch.testing.assert_close(r1.per_sample, r2.per_sample, rtol=1e-5, atol=1e-5)
+    assert one.host_syncs == two.host_syncs == 3  # one device-to-host copy per step, not per micro batch
     for (n, p1), (_, p2) in zip(one.model.named_parameters(), two.model.named_parameters(), strict=True):
         torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-5, msg=n)
 

@@ -77,6 +77,18 @@ def test_two_rank_engines_run_each_mode(tmp_path, tiny_shards, engine, mode):
 
 
 @pytest.mark.parametrize("engine", ["deepspeed", "fsdp"])
+def test_one_process_sharded_engines_run_end_to_end(tmp_path, tiny_shards, engine):
+    """deepspeed and fsdp on a single plain process (a one-rank group): train, stop checks, eval, export."""
+    train = {"max_steps": 6, "stop_check_every": 2}
+    cfg = tiny_run_config(tmp_path / "one", tiny_shards, engine, train=train,
+                          eval={"every_steps": 3, "max_batches": 2, "batch_size": 16})
+    check(run_train(cfg))
+    summary = _assert_run_dir(tmp_path / "one", 6, 1, "cycle")
+    assert summary["samples_trained"] == 6 * 8
+    assert list((tmp_path / "one" / "export").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp"])
 def test_two_rank_lora_run_exports_adapters(tmp_path, tiny_shards, engine):
     lora = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["c_attn"]}
     cfg = tiny_run_config(
@@ -93,11 +105,13 @@ RESUME_ENGINES = [("local", 1), ("deepspeed", 2), ("fsdp", 2)]
 
 @pytest.mark.parametrize("engine,nproc", RESUME_ENGINES)
 def test_resume_selects_and_trains_like_an_uninterrupted_run(tmp_path, tiny_shards, engine, nproc):
-    straight = tiny_run_config(tmp_path / "straight", tiny_shards, engine, train={"max_steps": 20})
+    train = {"max_steps": 20, "stop_check_every": 3}
+    straight = tiny_run_config(tmp_path / "straight", tiny_shards, engine, train=train)
     check(run_train(straight, nproc=nproc))
 
-    broken = tiny_run_config(tmp_path / "broken", tiny_shards, engine, train={"max_steps": 20})
-    stopped = run_train(broken, nproc=nproc, env={"ATTENT_STOP_AFTER_STEP": "9"})
+    broken = tiny_run_config(tmp_path / "broken", tiny_shards, engine, train=train)
+    # a signal during step 8 is acted on at the next stop check (step 9), by every rank at once
+    stopped = run_train(broken, nproc=nproc, env={"ATTENT_STOP_AFTER_STEP": "8"})
     # a plain process exits 75 itself; torchrun reports any worker failure as 1, hence the marker file
     assert stopped.returncode == (75 if nproc == 1 else 1), stopped.stderr[-3000:]
     assert json.loads((tmp_path / "broken" / "PREEMPTED").read_text())["step"] == 9

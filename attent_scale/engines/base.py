@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from attent_scale.config import RunConfig
+from attent_scale.dist import collective_device
 
 IGNORE_INDEX = -100
 Batch = dict[str, torch.Tensor]
+StepOutcome = tuple[float, torch.Tensor, float, bool]  # loss, per_sample (CPU), grad_norm, applied
 
 
 @dataclass
@@ -144,9 +147,38 @@ def all_reduce_sum(values: list[float], device: torch.device, group: Any = None)
     return t.tolist()
 
 
+def resolve_dtype(
+    mode: str, device: torch.device, bf16_supported: bool | None = None
+) -> tuple[torch.dtype, str]:
+    """Compute dtype for `engine.mixed_precision` and why: 'auto' is bf16 only on a CUDA device that
+    supports it (`torch.cuda.is_bf16_supported()`), fp32 everywhere else."""
+    if mode == "bf16":
+        return torch.bfloat16, "mixed_precision bf16"
+    if mode == "fp32":
+        return torch.float32, "mixed_precision fp32"
+    if device.type != "cuda":
+        return torch.float32, f"mixed_precision auto: fp32 on {device.type}"
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    if bf16_supported:
+        return torch.bfloat16, "mixed_precision auto: bf16 (supported by this CUDA device)"
+    return torch.float32, "mixed_precision auto: fp32 (this CUDA device has no bf16 support)"
+
+
+def log_rank0(rank: int, message: str) -> None:
+    """One line on stderr from rank 0."""
+    if rank == 0:
+        print(f"attent-scale: {message}", file=sys.stderr, flush=True)
+
+
 class BaseEngine:
     """The step logic every engine shares; subclasses supply forward, backward, the optimizer step,
-    train/eval mode and state I/O."""
+    train/eval mode and state I/O.
+
+    Host syncs: a training step copies its per-sample losses, loss and the skip decision to the host
+    once (`_to_host`), after the last backward; nothing is read back per micro batch. `host_syncs`
+    counts those copies (tools/bench_train.py reports it per step).
+    """
 
     rank: int = 0
     world_size: int = 1
@@ -159,16 +191,19 @@ class BaseEngine:
         self.grad_accum = cfg.train.grad_accum_steps
         self.chunk_tokens = cfg.engine.loss_chunk_tokens
         self.steps_done = 0  # optimizer steps applied
+        self.host_syncs = 0  # device-to-host copies this engine waited for
 
     # --- hooks -------------------------------------------------------------------------------
     def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _backward(self, loss: torch.Tensor, nonfinite: bool) -> None:
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Backward of one micro batch's loss; `last` is the final micro batch of the step."""
         raise NotImplementedError
 
-    def _optimizer_step(self, nonfinite: bool) -> tuple[float, bool]:
-        """Finish the step after the last micro batch: returns (grad_norm, applied)."""
+    def _optimizer_step(self, loss: torch.Tensor, per_sample: torch.Tensor) -> StepOutcome:
+        """Finish the step after the last micro batch, given the step's loss and per-sample losses on
+        the device: returns (loss, per_sample on CPU, grad_norm, applied), with one host sync."""
         raise NotImplementedError
 
     def _set_train(self, mode: bool) -> None:
@@ -177,18 +212,48 @@ class BaseEngine:
     def current_lr(self) -> float:
         raise NotImplementedError
 
+    # --- host <-> device ---------------------------------------------------------------------------
+    def _to_device(self, batch: Batch) -> Batch:
+        """The batch's tensors on the engine's device (ids stay on the host); pinned, non-blocking on CUDA."""
+        if self.device.type != "cuda":
+            return dict(batch)
+        out: Batch = {}
+        for key, value in batch.items():
+            if key == "ids" or not isinstance(value, torch.Tensor) or value.device.type == "cuda":
+                out[key] = value
+                continue
+            if not value.is_pinned():
+                value = value.pin_memory()
+            out[key] = value.to(self.device, non_blocking=True)
+        return out
+
+    def _to_host(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """fp32 CPU copies of a few device tensors with one sync: packed into one buffer and, on CUDA,
+        copied non-blocking into pinned memory; returns flat views in the order given."""
+        flat = [t.detach().reshape(-1).float() for t in tensors]
+        packed = torch.cat(flat)
+        if packed.device.type == "cuda":
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            torch.cuda.current_stream(packed.device).synchronize()
+        else:
+            host = packed.cpu()
+        self.host_syncs += 1
+        return list(host.split([f.numel() for f in flat]))
+
     # --- shared API ----------------------------------------------------------------------------
     def per_sample_loss(self, batch: Batch) -> torch.Tensor:
         """[B] fp32 mean token CE per sequence (forward under the current grad mode and module mode)."""
+        batch = self._to_device(batch)
         logits = self._logits(batch["input_ids"].to(self.device))
         return per_sample_loss(logits, batch["labels"].to(self.device), self.chunk_tokens)
 
     def score(self, batch: Batch) -> torch.Tensor:
-        """Per-sample loss without grad and without dropout; [B] fp32 on CPU."""
+        """Per-sample loss without grad and without dropout; [B] fp32 on CPU (one host sync)."""
         self._set_train(False)
         try:
             with torch.no_grad():
-                return self.per_sample_loss(batch).float().cpu()
+                return self._to_host(self.per_sample_loss(batch))[0]
         finally:
             self._set_train(True)
 
@@ -196,46 +261,45 @@ class BaseEngine:
         """One optimizer step over the rank's batch, split into `grad_accum` micro batches.
 
         The objective is the token mean over the rank's whole batch (each micro batch contributes its
-        CE sum divided by the batch's token count), so 1 x B and k x B/k give the same update.
+        CE sum divided by the batch's token count), so 1 x B and k x B/k give the same update. Losses
+        stay on the device until the one host copy in `_optimizer_step`.
         """
         self._set_train(True)
         lr = self.current_lr()
-        labels = batch["labels"]
-        total_tokens = max(1, int(token_counts(labels).sum()))
+        total_tokens = max(1, int(token_counts(batch["labels"]).sum()))  # host labels: no device sync
+        micros = split_micro(self._to_device(batch), self.grad_accum)
         per_sample: list[torch.Tensor] = []
-        loss_sum = 0.0
-        nonfinite = False
-        for micro in split_micro(batch, self.grad_accum):
+        loss_sum: torch.Tensor | None = None
+        for i, micro in enumerate(micros):
             ps = self.per_sample_loss(micro)
             tok = token_counts(micro["labels"]).to(ps.device, ps.dtype)
             loss = (ps * tok).sum() / total_tokens
-            value = float(loss.detach())
-            nonfinite = nonfinite or not math.isfinite(value)
-            self._backward(loss, nonfinite)
-            per_sample.append(ps.detach().float().cpu())
-            loss_sum += value
-        grad_norm, applied = self._optimizer_step(nonfinite)
+            self._backward(loss, last=i == len(micros) - 1)
+            per_sample.append(ps.detach())
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        assert loss_sum is not None
+        loss_value, ps_host, grad_norm, applied = self._optimizer_step(loss_sum, torch.cat(per_sample))
         if applied:
             self.steps_done += 1
-        return StepResult(loss_sum, torch.cat(per_sample), lr, grad_norm, not applied)
+        return StepResult(loss_value, ps_host, lr, grad_norm, not applied)
 
     def evaluate(self, batches: Iterable[Batch]) -> float:
-        """Token-mean loss over all batches of all ranks (every rank must pass the same count)."""
+        """Token-mean loss over all batches of all ranks (every rank must pass the same count);
+        sums stay on the device until the one all-reduce at the end."""
         self._set_train(False)
-        ce_sum, n_tok = 0.0, 0.0
+        acc = torch.zeros(2, dtype=torch.float64, device=self.device)
         try:
             with torch.no_grad():
                 for batch in batches:
                     ps = self.per_sample_loss(batch)
-                    tok = token_counts(batch["labels"]).to(ps.device, ps.dtype)
-                    ce_sum += float((ps * tok).sum())
-                    n_tok += float(tok.sum())
+                    tok = token_counts(batch["labels"]).to(ps.device, torch.float64)
+                    acc += torch.stack([(ps.double() * tok).sum(), tok.sum()])
         finally:
             self._set_train(True)
-        ce_sum, n_tok = all_reduce_sum([ce_sum, n_tok], self._collective_device(), self.group)
+        group = self.group
+        acc = acc.to(collective_device(group))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(acc, group=group)
+        ce_sum, n_tok = acc.tolist()
+        self.host_syncs += 1
         return ce_sum / n_tok if n_tok > 0 else float("nan")
-
-    def _collective_device(self) -> torch.device:
-        if dist.is_available() and dist.is_initialized() and dist.get_backend(self.group) == "nccl":
-            return self.device
-        return torch.device("cpu")

@@ -13,13 +13,24 @@ import torch.distributed as dist
 
 from attent_scale.config import RunConfig
 from attent_scale.dist import DistInfo, ensure_accelerator_env, init_one_rank_group
-from attent_scale.engines.base import BaseEngine, make_adamw, make_scheduler
+from attent_scale.engines.base import (
+    BaseEngine,
+    StepOutcome,
+    log_rank0,
+    make_adamw,
+    make_scheduler,
+    resolve_dtype,
+)
 from attent_scale.errors import UserError
 from attent_scale.models import build_model, export_state_dict
 
 
-def load_ds_config(cfg: RunConfig, world_size: int, device: torch.device) -> dict[str, Any]:
-    """Read `engine.deepspeed_config` and fill in what we own: batch sizes, clipping, bf16 'auto'."""
+def load_ds_config(
+    cfg: RunConfig, world_size: int, device: torch.device, bf16_supported: bool | None = None
+) -> dict[str, Any]:
+    """Read `engine.deepspeed_config` and fill in what we own: batch sizes, clipping, bf16 'auto', and
+    fp32 gradient accumulation and reduction unless the JSON sets `data_types.grad_accum_dtype` /
+    `communication_data_type` itself (DeepSpeed's defaults follow the bf16 model dtype)."""
     path = cfg.engine.deepspeed_config
     if not path:
         raise UserError("config key 'engine.deepspeed_config': required when engine.name is 'deepspeed'")
@@ -45,12 +56,12 @@ def load_ds_config(cfg: RunConfig, world_size: int, device: torch.device) -> dic
     ds["zero_allow_untested_optimizer"] = True  # our client optimizer is torch AdamW
     mp = cfg.engine.mixed_precision
     bf16 = ds.setdefault("bf16", {})
-    if mp != "auto":
-        bf16["enabled"] = mp == "bf16"
-    elif bf16.get("enabled", "auto") == "auto":
-        bf16["enabled"] = device.type == "cuda"
+    if mp != "auto" or bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = resolve_dtype(mp, device, bf16_supported)[0] == torch.bfloat16
     if ds.get("fp16", {}).get("enabled") == "auto":
         ds["fp16"]["enabled"] = False
+    ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+    ds.setdefault("communication_data_type", "fp32")
     return ds
 
 
@@ -70,6 +81,10 @@ class DeepSpeedEngine(BaseEngine):
         self.vocab_size = vocab_size
         self.ds_config = load_ds_config(cfg, self.world_size, self.device)
         self.stage = int(self.ds_config["zero_optimization"]["stage"])
+        self.dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
+        log_rank0(self.rank, f"deepspeed ZeRO-{self.stage}: bf16 {self.ds_config['bf16']['enabled']}, "
+                  f"grad accumulation {self.ds_config['data_types']['grad_accum_dtype']}, "
+                  f"communication {self.ds_config['communication_data_type']}")
         # Must stay referenced while the model is built (transformers keeps only a weakref): under
         # ZeRO-3 from_config then creates partitioned weights and still runs HF's _init_weights.
         self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
@@ -96,20 +111,25 @@ class DeepSpeedEngine(BaseEngine):
     def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.ds(input_ids=input_ids, use_cache=False).logits
 
-    def _backward(self, loss: torch.Tensor, nonfinite: bool) -> None:
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
         # Our micro loss is already weighted by the batch's token count: no extra 1/GAS here.
-        # A non-finite loss is turned into NaN gradients so DeepSpeed's global grad-norm check skips
-        # the step on every rank at once (the norm is all-reduced), keeping ranks in lockstep.
-        if nonfinite:
-            loss = loss * float("nan")
+        # A non-finite loss is turned into NaN gradients (decided on the device, no host sync) so
+        # DeepSpeed's global grad-norm check skips the step on every rank at once (the norm is
+        # all-reduced), keeping ranks in lockstep.
+        loss = loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
         self.ds.backward(loss, scale_wrt_gas=False)
         self.ds.step()  # a no-op until the gradient-accumulation boundary
 
-    def _optimizer_step(self, nonfinite: bool) -> tuple[float, bool]:
+    def _optimizer_step(self, loss: torch.Tensor, per_sample: torch.Tensor) -> StepOutcome:
         norm = self.ds.get_global_grad_norm()
-        norm = float(norm) if norm is not None else float("nan")
-        applied = bool(self.ds.was_step_applied()) and not nonfinite and math.isfinite(norm)
-        return norm, applied
+        tensors = [loss, per_sample]
+        if isinstance(norm, torch.Tensor):
+            tensors.append(norm.to(loss.device))
+        host = self._to_host(*tensors)
+        loss_value, host_ps = float(host[0][0]), host[1]
+        norm = float(host[2][0]) if len(host) > 2 else (float(norm) if norm is not None else float("nan"))
+        applied = bool(self.ds.was_step_applied()) and math.isfinite(loss_value) and math.isfinite(norm)
+        return loss_value, host_ps, norm, applied
 
     def _set_train(self, mode: bool) -> None:
         self.ds.train(mode)
@@ -134,16 +154,26 @@ class DeepSpeedEngine(BaseEngine):
         self.steps_done = int((client or {}).get("steps_done", 0))
 
     def full_state_dict(self) -> dict[str, Any] | None:
-        """All weights gathered on every rank, copied to CPU on rank 0 (collective under ZeRO-3)."""
+        """All weights on CPU on rank 0 (None elsewhere); collective. Trainable parameters come from the
+        optimizer's fp32 master copy, not the (possibly bf16) module parameter."""
         import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
 
+        masters: dict[int, torch.Tensor] = {}
+        for param in self.model.parameters():  # same order on every rank: each call is a collective
+            if param.requires_grad:
+                fp32 = safe_get_full_fp32_param(param)
+                if fp32 is not None and self.rank == 0:
+                    masters[id(param)] = fp32.detach().to("cpu", torch.float32).clone()
         params = list(self.model.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.stage == 3):
             if self.rank != 0:
                 return None
-            return {
-                k: v.detach().to("cpu", torch.float32).clone() for k, v in self.model.state_dict().items()
-            }
+            sd = {k: v.detach().to("cpu", torch.float32).clone() for k, v in self.model.state_dict().items()}
+        for name, param in self.model.named_parameters(remove_duplicate=False):  # tied names share one
+            if id(param) in masters and name in sd:
+                sd[name] = masters[id(param)].view(sd[name].shape)
+        return sd
 
     def export(self, out_dir: str | Path) -> None:
         """Adapters (LoRA), merged weights on request, or the full model as safetensors, by rank 0."""

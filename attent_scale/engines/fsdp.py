@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from attent_scale.config import RunConfig
-from attent_scale.dist import DistInfo, all_reduce_flag, init_one_rank_group
+from attent_scale.dist import DistInfo, init_one_rank_group
 from attent_scale.engines.local import LocalEngine
 from attent_scale.models import transformer_blocks
 
@@ -46,11 +46,16 @@ class FSDPEngine(LocalEngine):
         fully_shard(self.model, **kwargs)
         self.dtype = torch.float32  # FSDP casts parameters itself; no autocast on top
 
-    def _backward(self, loss: torch.Tensor, nonfinite: bool) -> None:
-        loss.backward()  # always: backward holds collectives every rank must join
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        # Gradients are reduce-scattered only after the last micro batch; the earlier ones accumulate
+        # unsharded (in the fp32 reduce dtype). Backward always runs: it holds collectives.
+        self.model.set_requires_gradient_sync(last)
+        loss.backward()
 
-    def _any_rank(self, flag: bool) -> bool:
-        return all_reduce_flag(flag, "max", self.group)
+    def _any_rank(self, flag: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return flag
 
     def save(self, ckpt_dir: str | Path, tag: str) -> None:
         """Sharded model + optimizer via DCP into `ckpt_dir/tag/`; scheduler state by rank 0 as JSON."""

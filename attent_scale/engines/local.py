@@ -9,16 +9,15 @@ from typing import Any
 import torch
 
 from attent_scale.config import RunConfig
-from attent_scale.engines.base import BaseEngine, make_adamw, make_scheduler
+from attent_scale.engines.base import (
+    BaseEngine,
+    StepOutcome,
+    log_rank0,
+    make_adamw,
+    make_scheduler,
+    resolve_dtype,
+)
 from attent_scale.models import build_model, export_state_dict
-
-
-def resolve_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
-    """Compute dtype for `engine.mixed_precision` (auto: bf16 on CUDA, fp32 on CPU)."""
-    mp = cfg.engine.mixed_precision
-    if mp == "bf16" or (mp == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return torch.float32
 
 
 class LocalEngine(BaseEngine):
@@ -28,7 +27,8 @@ class LocalEngine(BaseEngine):
         super().__init__(cfg)
         self.vocab_size = vocab_size
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = resolve_dtype(cfg, self.device)
+        self.dtype, why = resolve_dtype(cfg.engine.mixed_precision, self.device)
+        log_rank0(self.rank, f"{why}; compute dtype {str(self.dtype).removeprefix('torch.')}")
         self.model = build_model(cfg.model, vocab_size, seed=cfg.seed).to(self.device)
         self._wrap()
         self.optimizer = make_adamw(self.model.parameters(), cfg)
@@ -44,34 +44,35 @@ class LocalEngine(BaseEngine):
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
             return self.model(input_ids=input_ids, use_cache=False).logits
 
-    def _backward(self, loss: torch.Tensor, nonfinite: bool) -> None:
-        if not nonfinite:
-            loss.backward()
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()  # a non-finite loss gives non-finite grads: the step is skipped after the fact
 
-    def _any_rank(self, flag: bool) -> bool:
+    def _any_rank(self, flag: torch.Tensor) -> torch.Tensor:
+        """Max of a device flag over the ranks (identity on one process); no host sync."""
         return flag
 
-    def _clip(self) -> float:
+    def _clip(self) -> torch.Tensor:
+        """Global grad norm before clipping, as a device tensor; clips in place."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        return float(norm)
+        return norm
 
-    def _optimizer_step(self, nonfinite: bool) -> tuple[float, bool]:
-        # The decision is all-reduced so every rank skips together (no rank runs ahead).
-        if self._any_rank(nonfinite):
+    def _optimizer_step(self, loss: torch.Tensor, per_sample: torch.Tensor) -> StepOutcome:
+        norm = self._clip()
+        # skip on every rank together when any rank's loss or the global norm is non-finite
+        bad_loss = self._any_rank((~torch.isfinite(loss)).float().reshape(1))
+        host_bad, host_norm, host_loss, host_ps = self._to_host(bad_loss, norm, loss, per_sample)
+        loss_value, grad_norm = float(host_loss[0]), float(host_norm[0])
+        if host_bad[0] > 0 or not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            return float("nan"), False
-        grad_norm = self._clip()
-        if not math.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            return grad_norm, False
+            return loss_value, host_ps, float("nan") if host_bad[0] > 0 else grad_norm, False
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm, True
+        return loss_value, host_ps, grad_norm, True
 
     def _set_train(self, mode: bool) -> None:
         self.model.train(mode)
