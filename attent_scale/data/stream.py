@@ -307,6 +307,8 @@ class ShardStream:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.batch_size, self.shuffle_buffer, self.num_workers = batch_size, shuffle_buffer, num_workers
         self._mask = _selection_mask(selection, self.manifest, split)
+        # a weighted selection (unbiased pruning) puts per-sample loss weights into every batch
+        self._weigh = selection.sample_weights if getattr(selection, "weighted", False) else None
         self.selection_sha256 = (
             "all" if self._mask is None else hashlib.sha256(np.packbits(self._mask).tobytes()).hexdigest()
         )
@@ -367,6 +369,8 @@ class ShardStream:
             w = int(item["_worker"])
             self.faults += int(item["_faults"])
             batch = _unpack(item["packed"], t)
+            if self._weigh is not None:
+                batch["weights"] = self._weigh(batch["ids"])
             self.worker_batches[w] += 1
             self.next_worker = (w + 1) % lw
             self.batches_consumed += 1
