@@ -52,25 +52,26 @@ class EngineConfig:
 
 @dataclass
 class TeacherConfig:
+    # defaults = configs/demo.yaml's teacher (docs/benchmarks.md says why); mode none = plain training
     mode: Literal["none", "cycle", "ledger", "online"] = "none"
     # prune: InfoBatch-style unbiased pruning from the ledger's training-forward losses (no scoring pass)
-    strategy: Literal["hard", "soft", "random", "prune"] = "soft"
+    strategy: Literal["hard", "soft", "random", "prune"] = "hard"
     temperature: float = 1.0
     normalization: Literal["softmax", "sigmoid"] = "softmax"
-    ratio_schedule: Literal["constant", "incremental", "cosine", "step"] = "incremental"
+    ratio_schedule: Literal["constant", "incremental", "cosine", "step"] = "cosine"
     initial_ratio: float = 0.2
     final_ratio: float = 0.8
-    total_cycles: int = 10
-    interval_schedule: Literal["fixed", "incremental"] = "incremental"
+    total_cycles: int = 5
+    interval_schedule: Literal["fixed", "incremental"] = "fixed"
     initial_interval: int = 1
-    max_interval: int = 4
+    max_interval: int = 3
     warmup_epochs: int = 1
-    full_epochs_per_cycle: int = 1
+    full_epochs_per_cycle: int = 0
     online_ratio: float = 0.5  # online mode: fraction of each step's candidates trained on
     topk_method: Literal["gather", "threshold"] = "gather"
     # cycle mode: "all" rescores every id at each cycle (the paper); "stale" skips the ids the subset epoch
     # just before trained, whose training-forward losses are at most one epoch old
-    rescore: Literal["all", "stale"] = "all"
+    rescore: Literal["all", "stale"] = "stale"
     online_record_every: int = 1  # online mode: write a selection record every this many steps
     # prune: of the ids whose loss is below the `prune_quantile` quantile of the finite losses (0 = below
     # the mean), drop a fraction `prune_ratio` at random each subset epoch
