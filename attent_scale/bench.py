@@ -37,7 +37,11 @@ SCHEDULE_KEYS = (
     "warmup_epochs",
     "full_epochs_per_cycle",
     "online_ratio",
+    "anneal_fraction",
 )
+# --clock cpu: every arm runs on one thread (set here, not left to the caller's environment)
+CPU_CLOCK_THREADS = 1
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ATTENT_NUM_THREADS")
 
 
 @dataclass
@@ -68,9 +72,21 @@ def parse_arm(text: str) -> Arm:
     return Arm(name, overrides)
 
 
-def random_control(arm: Arm) -> Arm:
+def random_control(arm: Arm, base: Any = None) -> Arm:
+    """Random subset of the same size and schedule. For `prune` (weighted): a constant ratio equal to the
+    kept fraction, every kept id weighted by N / k (1 / P(kept), the arm's rule) unless reweight=false.
+    `base`: the bench's TeacherConfig, for prune keys the arm does not set."""
     schedule = {k: v for k, v in arm.overrides.items() if k.split(".", 1)[1] in SCHEDULE_KEYS}
     schedule["teacher.strategy"] = "random"
+    if arm.overrides.get("teacher.strategy") == "prune":
+        def get(key: str) -> float:
+            return float(arm.overrides.get(f"teacher.{key}", getattr(base, key) if base is not None else 0.5))
+        kept = 1.0 - get("prune_ratio") * (get("prune_quantile") or 0.5)
+        schedule.update({"teacher.ratio_schedule": "constant", "teacher.initial_ratio": f"{kept:g}",
+                         "teacher.final_ratio": f"{kept:g}"})
+        reweight = arm.overrides.get("teacher.reweight", str(getattr(base, "reweight", True)).lower())
+        schedule.pop("teacher.reweight", None)
+        schedule["teacher.random_reweight"] = reweight
     return Arm(f"random-subset[{arm.name}]", schedule, role="control")
 
 
@@ -101,7 +117,7 @@ def budget_overrides(args: argparse.Namespace) -> list[str]:
     return sets
 
 
-def run_with_bar(cmd: list[str], log_path: Path, label: str) -> int:
+def run_with_bar(cmd: list[str], log_path: Path, label: str, env: dict[str, str] | None = None) -> int:
     """Run one arm's trainer: its output goes to `log_path`, its progress bar to this terminal as `label`.
 
     The trainer draws a tqdm bar on stderr (ATTENT_PROGRESS=1); its frames are relayed under the arm's
@@ -113,7 +129,7 @@ def run_with_bar(cmd: list[str], log_path: Path, label: str) -> int:
     with log_path.open("w") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, env={**os.environ, "ATTENT_PROGRESS": "1"}, stdout=log,
+        proc = subprocess.Popen(cmd, env={**(env or os.environ), "ATTENT_PROGRESS": "1"}, stdout=log,
                                 stderr=subprocess.PIPE)
         assert proc.stderr is not None
         try:
@@ -170,7 +186,10 @@ def run_arm(arm: Arm, seed: int, args: argparse.Namespace, out_dir: Path) -> dic
         log.write(f"{label}{' (reused)' if reusable else ''}: {shlex.join(cmd)}\n")
     if not reusable:
         run_dir.mkdir(parents=True, exist_ok=True)
-        code = run_with_bar(cmd, run_dir / "train.log", label)
+        env = dict(os.environ)
+        if args.clock == "cpu":  # multi-threaded phases would count their CPU time once per thread
+            env.update({name: str(CPU_CLOCK_THREADS) for name in THREAD_ENV})
+        code = run_with_bar(cmd, run_dir / "train.log", label, env)
         if code != 0:
             tail = "\n".join((run_dir / "train.log").read_text(errors="replace").splitlines()[-15:])
             raise UserError(f"bench arm {arm.name} (seed {seed}) exited with {code} "
@@ -189,6 +208,7 @@ def run_arm(arm: Arm, seed: int, args: argparse.Namespace, out_dir: Path) -> dic
         # time axis: wall seconds, or process CPU seconds (--clock cpu) on a machine shared with other work
         "curve": [(e[CLOCK_KEYS[args.clock]], e["samples_trained"], e["val_loss"]) for e in evals],
         "clock_seconds": summary[CLOCK_KEYS[args.clock]],
+        "threads": summary.get("torch_threads"),
         "ratio": [(m["step"], m.get("selected_ratio", 1.0)) for m in steps],
         "reference_seconds": reference_seconds(run_dir, args.clock),
     }
@@ -252,6 +272,7 @@ def score_arm(
                 "wall_seconds": s["wall_seconds"],
                 "samples_trained": s["samples_trained"],
                 "steps": s["steps"],
+                "threads": run.get("threads"),
             }
         )
     out: dict[str, Any] = {"name": name, "role": role, "seeds": per_seed}
@@ -368,6 +389,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     attent_arms = [parse_arm(a) for a in (args.arms or [DEFAULT_ARM])]
+    from attent_scale.config import load_config
+
+    base_teacher = load_config(args.config, args.overrides).teacher
     names = [a.name for a in attent_arms]
     if len(set(names)) != len(names):
         raise UserError(f"--arms: duplicate arm names in {names}")
@@ -378,7 +402,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     for arm in attent_arms:
         plan.append(arm)
         if arm.overrides.get("teacher.strategy") != "random" and arm.overrides["teacher.mode"] != "online":
-            ctl = random_control(arm)
+            ctl = random_control(arm, base_teacher)
             controls.setdefault(tuple(sorted(ctl.overrides.items())), ctl)
     given = {tuple(sorted(a.overrides.items())) for a in attent_arms}  # a random arm given already controls
     plan += [ctl for key, ctl in controls.items() if key not in given]
@@ -412,6 +436,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "target_val_loss": statistics.fmean(r["summary"]["final_val_loss"] for r in results[BASELINE]),
         "seeds": seeds,
         "config": str(args.config), "clock": args.clock,
+        # threads each arm's training ran on (torch intra-op), pinned to 1 under --clock cpu
+        "threads": sorted({p["threads"] for a in arms for p in a["seeds"] if p.get("threads") is not None}),
         "data": str(args.data),
         "arms": arms,
     }

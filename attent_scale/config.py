@@ -83,29 +83,41 @@ class EngineConfig:
 
 @dataclass
 class TeacherConfig:
+    # defaults = configs/demo.yaml's teacher (docs/benchmarks.md says why); mode none = plain training
     mode: Literal["none", "cycle", "ledger", "online"] = "none"
-    strategy: Literal["hard", "soft", "random"] = "soft"
+    # prune: InfoBatch-style unbiased pruning from the ledger's training-forward losses (no scoring pass)
+    strategy: Literal["hard", "soft", "random", "prune"] = "hard"
     temperature: float = 1.0
     normalization: Literal["softmax", "sigmoid"] = "softmax"
-    ratio_schedule: Literal["constant", "incremental", "cosine", "step"] = "incremental"
+    ratio_schedule: Literal["constant", "incremental", "cosine", "step"] = "cosine"
     initial_ratio: float = 0.2
     final_ratio: float = 0.8
-    total_cycles: int = 10
-    interval_schedule: Literal["fixed", "incremental"] = "incremental"
+    total_cycles: int = 5
+    interval_schedule: Literal["fixed", "incremental"] = "fixed"
     initial_interval: int = 1
-    max_interval: int = 4
+    max_interval: int = 3
     warmup_epochs: int = 1
-    full_epochs_per_cycle: int = 1
+    full_epochs_per_cycle: int = 0
     online_ratio: float = 0.5  # online mode: fraction of each step's candidates trained on
     topk_method: Literal["gather", "threshold"] = "threshold"  # gather holds all N keys on every rank
     # cycle mode: "all" rescores every id at each cycle (the paper); "stale" skips the ids the subset epoch
     # just before trained, whose training-forward losses are at most one epoch old
-    rescore: Literal["all", "stale"] = "all"
+    rescore: Literal["all", "stale"] = "stale"
     online_record_every: int = 1  # online mode: write a selection record every this many steps
     # what ranks samples: "loss" (the learner's), or "excess" = learner loss - a reference model's loss
     # on the same sample (RHO-LOSS / JEST learnability), read from `reference` (`attent-scale score`)
     score: Literal["loss", "excess"] = "loss"
     reference: str | None = None
+    # prune: of the ids whose loss is below the `prune_quantile` quantile of the finite losses (0 = below
+    # the mean), drop a fraction `prune_ratio` at random each subset epoch
+    prune_ratio: float = 0.5
+    prune_quantile: float = 0.5
+    # prune: the kept low-loss ids carry loss weight 1 / P(kept) = n_low / (n_low - n_dropped)
+    reweight: bool = True
+    # random: every kept id carries loss weight N / k (the random control of a reweighting prune arm)
+    random_reweight: bool = False
+    # the last fraction of the budget (epochs, steps or seconds) trains on all data with weight 1
+    anneal_fraction: float = 0.0
 
 
 @dataclass
@@ -193,6 +205,9 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("teacher.warmup_epochs", lambda v: v >= 0, "must be >= 0"),
     ("teacher.full_epochs_per_cycle", lambda v: v >= 0, "must be >= 0"),
     ("teacher.online_record_every", lambda v: v >= 1, "must be >= 1"),
+    ("teacher.prune_ratio", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("teacher.prune_quantile", lambda v: 0 <= v < 1, "must be in [0, 1) (0 = below the mean)"),
+    ("teacher.anneal_fraction", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("eval.every_steps", lambda v: v >= 0, "must be >= 0 (0 = only at the end)"),
     ("eval.max_batches", lambda v: v >= 0, "must be >= 0"),
     ("eval.batch_size", lambda v: v >= 1, "must be >= 1"),
@@ -313,6 +328,9 @@ def _validate(cfg: RunConfig) -> None:
     if t.score == "excess" and not t.reference:
         raise UserError("config key 'teacher.reference': required when teacher.score is 'excess' "
                         "(a scores file from `attent-scale score`)")
+    if t.strategy == "prune" and t.mode not in ("cycle", "ledger", "none"):
+        raise UserError(f"config key 'teacher.strategy': 'prune' needs teacher.mode cycle or ledger, not "
+                        f"{t.mode!r}")
     if cfg.engine.name == "deepspeed" and cfg.engine.deepspeed_config is None:
         raise UserError("config key 'engine.deepspeed_config': required when engine.name is 'deepspeed'")
 

@@ -69,6 +69,8 @@ class Progress:
     last_val_loss: float = float("nan")
     selected_ratio: float = 1.0  # fraction of the data the current epoch trains on
     selection_bits: Any = None  # current epoch's selection: packed bits, ceil(N/8) uint8 (None = full data)
+    weight_bits: Any = None  # packed ids of the selection that carry loss weight `weight` (pruning)
+    weight: float = 1.0
     stream_state: dict[str, Any] | None = None
     log_lines: dict[str, int] = field(default_factory=dict)
 
@@ -100,8 +102,7 @@ def planned_steps(teacher: Any, n_train: int, world: int, batch_size: int, epoch
     candidates = teacher.candidate_batch_size(batch_size)
     total = 0
     for epoch in range(epochs):
-        plan = teacher.plan_epoch(epoch)
-        n = round(plan.ratio * n_train) if plan.subset and plan.ratio is not None else n_train
+        n = teacher.planned_count(teacher.plan_epoch(epoch), n_train)
         per_rank = n // world
         # online mode drops a last partial candidate batch; other modes train it
         total += per_rank // candidates if teacher.mode == "online" else math.ceil(per_rank / candidates)
@@ -134,6 +135,8 @@ def train(cfg: RunConfig) -> int:
     from attent_scale.teacher.reference import open_reference
 
     wall_start = time.perf_counter()
+    if os.environ.get("ATTENT_NUM_THREADS"):  # bench --clock cpu pins each arm to this many threads
+        torch.set_num_threads(int(os.environ["ATTENT_NUM_THREADS"]))
     info = init_distributed()
     rank, world = info.rank, info.world_size
     is_main = rank == 0
@@ -169,6 +172,9 @@ def train(cfg: RunConfig) -> int:
         group=group,
         reference=open_reference(cfg.teacher, manifest, train_split),
     )
+    anneal = teacher.anneal_epoch(cfg.train.max_epochs)
+    if anneal is not None:  # the budget's last epochs train all data: the plan (and the LR) knows it
+        teacher.start_anneal(anneal)
     if cfg.train.max_epochs:  # an epoch budget: the LR schedule decays over the steps those epochs take
         cfg.train.max_steps = min(
             cfg.train.max_steps, planned_steps(teacher, n_train, world, batch_size, cfg.train.max_epochs)
@@ -320,6 +326,8 @@ def train(cfg: RunConfig) -> int:
                     progress.corrupt_samples += scoring.faults
                 selection = teacher.select(epoch, progress.step) if plan.subset else None
                 progress.selection_bits = None if selection is None else selection.bits
+                progress.weight_bits = None if selection is None else selection.upweight
+                progress.weight = 1.0 if selection is None else selection.weight
                 if selection is not None:
                     progress.selected_ratio = selection.count / n_train
                 else:
@@ -328,7 +336,8 @@ def train(cfg: RunConfig) -> int:
                 if after != before:
                     metrics.observe_selection({p: after[p] - before[p] for p in PHASES})
             bits = progress.selection_bits
-            selection = None if bits is None else Selection(bits, n_train)
+            selection = None if bits is None else Selection(bits, n_train, upweight=progress.weight_bits,
+                                                            weight=progress.weight)
             stream = train_stream(epoch, teacher.candidate_batch_size(batch_size), selection)
             if progress.stream_state is not None:
                 stream.load_state_dict(progress.stream_state)
@@ -338,6 +347,7 @@ def train(cfg: RunConfig) -> int:
             _charge(progress, loop_t0)
 
             trained_this_epoch = 0
+            cut = False  # a steps/seconds budget's anneal point ends a subset epoch early
             for batch in _timed(stream, progress):
                 step_t0 = _clock()
                 if teacher.mode == "online":
@@ -399,6 +409,9 @@ def train(cfg: RunConfig) -> int:
                         f"{progress.step}; "
                         f"checkpoint written to {ckpt.checkpoint_root(run_dir)} (lower train.lr?)"
                     )
+                if teacher.anneal_from is None and _anneal_due(cfg, progress, group):
+                    teacher.start_anneal(epoch + 1)
+                    cut = progress.selection_bits is not None
                 if cfg.eval.every_steps and progress.step % cfg.eval.every_steps == 0:
                     evaluate()
                 if progress.step == stop.stop_after_step:
@@ -413,7 +426,12 @@ def train(cfg: RunConfig) -> int:
                 stop_now = stop_code >= 2
                 due = cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0
                 if stop_now or (due and progress.step < cfg.train.max_steps):
-                    save(stream)
+                    if cut:  # saved as the end of this epoch, so a resume starts the anneal like we do
+                        progress.epoch += 1
+                        save(None)
+                        progress.epoch -= 1
+                    else:
+                        save(stream)
                 if stop_now:
                     if is_main:
                         # torchrun turns a worker's exit code into its own 1: the marker file is what a
@@ -428,6 +446,9 @@ def train(cfg: RunConfig) -> int:
                     exit_code = PREEMPT_EXIT_CODE
                     return exit_code
                 if progress.step >= cfg.train.max_steps or stop_code >= 1:
+                    cut = False
+                    break
+                if cut:
                     break
             else:
                 # the epoch ran out: next epoch
@@ -443,6 +464,9 @@ def train(cfg: RunConfig) -> int:
                     )
                 continue
             progress.corrupt_samples += stream.faults
+            if cut:
+                progress.epoch += 1
+                continue
             break
 
         if not cfg.eval.every_steps or progress.step % cfg.eval.every_steps != 0:
@@ -471,6 +495,17 @@ def train(cfg: RunConfig) -> int:
             if exit_code == 0:
                 dist.barrier()
             dist.destroy_process_group()
+
+
+def _anneal_due(cfg: RunConfig, progress: Progress, group: Any) -> bool:
+    """Steps or seconds budgets: has the last `teacher.anneal_fraction` of the budget begun? (Epoch budgets
+    anneal by plan.) The seconds clock differs per rank, so ranks agree on it with one all-reduce."""
+    a = cfg.teacher.anneal_fraction
+    if not a or cfg.train.max_epochs or cfg.teacher.mode not in ("cycle", "ledger"):
+        return False
+    if cfg.train.max_seconds:
+        return _all_reduce_max(float(progress.train_seconds >= (1 - a) * cfg.train.max_seconds), group) >= 1
+    return progress.step >= (1 - a) * cfg.train.max_steps
 
 
 def _val_batches(data_dir: Any, cfg: RunConfig, rank: int, world: int, cache: list[Any]) -> Any:
@@ -582,6 +617,7 @@ def _summary(
     )
     return {
         "world_size": world,
+        "torch_threads": torch.get_num_threads(),
         "engine": cfg.engine.name,
         "teacher_mode": cfg.teacher.mode,
         "strategy": cfg.teacher.strategy,

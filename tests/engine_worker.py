@@ -198,6 +198,24 @@ def bf16_export_scenario(engine: Any, out: Path) -> dict[str, Any]:
     return res
 
 
+def weighted_batches(world: int = 2, rows: int = 8) -> list[dict[str, torch.Tensor]]:
+    """One batch per rank with per-sample loss weights (no padding: equal token counts on every rank)."""
+    out = []
+    for rank in range(world):
+        b = make_batch(rows, seed=rank + 1, pad_rows=False)
+        b["weights"] = torch.tensor([0.0, 1.0, 2.5, 1.0, 1.5, 1.0, 0.5, 1.0][:rows]) + rank
+        out.append(b)
+    return out
+
+
+def weighted_scenario(engine: Any) -> dict[str, Any]:
+    """Three weighted steps with 2 micro batches per rank; the probe scores afterwards."""
+    batch = weighted_batches(engine.world_size)[engine.rank]
+    losses = [engine.train_step(batch).loss for _ in range(3)]
+    probe = engine.score(make_batch(8, seed=99)).tolist()
+    return {"rank": engine.rank, "losses": losses, "final_score": probe}
+
+
 def run_scenario(name: str, out: Path) -> dict[str, Any]:
     from attent_scale.config import config_from_dict
     from attent_scale.engines import build_engine
@@ -214,6 +232,10 @@ def run_scenario(name: str, out: Path) -> dict[str, Any]:
         raw = tiny_config(engine_name, tied=False)
         raw["engine"]["mixed_precision"] = "bf16"
         return bf16_export_scenario(build_engine(config_from_dict(raw), vocab_size=VOCAB), out)
+    if variant == "weighted" or name == "deepspeed_zero2_weighted":
+        stage = 2 if name.startswith("deepspeed") else 3
+        cfg = config_from_dict(tiny_config(engine_name, stage=stage, grad_accum_steps=2, micro_batch_size=4))
+        return weighted_scenario(build_engine(cfg, vocab_size=VOCAB))
     if variant == "skip":
         cfg = config_from_dict(tiny_config(engine_name, tied=False, grad_accum_steps=2, warmup_steps=5))
         return skip_scenario(build_engine(cfg, vocab_size=VOCAB))

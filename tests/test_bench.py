@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -32,6 +33,21 @@ def test_parse_arm_defaults_to_teacher_keys_and_cycle_mode():
         "teacher.mode": "cycle",
         "teacher.strategy": "random",
     }
+
+
+def test_random_control_of_a_prune_arm_keeps_as_many_with_the_same_weights_rule():
+    from attent_scale.config import TeacherConfig
+
+    arm = parse_arm("p:mode=ledger,strategy=prune,prune_ratio=0.6,prune_quantile=0.7,anneal_fraction=0.125")
+    ctl = random_control(arm, TeacherConfig())
+    assert ctl.overrides == {
+        "teacher.mode": "ledger", "teacher.strategy": "random", "teacher.anneal_fraction": "0.125",
+        "teacher.ratio_schedule": "constant", "teacher.initial_ratio": "0.58", "teacher.final_ratio": "0.58",
+        "teacher.random_reweight": "true",
+    }
+    plain = random_control(parse_arm("q:strategy=prune,reweight=false"), TeacherConfig())
+    assert plain.overrides["teacher.random_reweight"] == "false"
+    assert plain.overrides["teacher.initial_ratio"] == "0.75"  # the defaults: 1 - 0.5 * 0.5
 
 
 @pytest.mark.parametrize("text", ["uniform:mode=cycle", ":strategy=hard", "a:strategy", "x:mode=none"])
@@ -72,14 +88,19 @@ def test_bench_runs_arms_with_controls_and_writes_report(tmp_path, tiny_shards):
             str(out),
             "--set",
             "checkpoint.export=false",
+            "--clock",
+            "cpu",
         ],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},  # --clock cpu must pin the arms to one thread itself
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
+    assert report["clock"] == "cpu" and report["threads"] == [1]
+    assert all(seed["threads"] == 1 for arm in report["arms"] for seed in arm["seeds"])
     names = [a["name"] for a in report["arms"]]
     assert names[0] == "uniform" and "hard" in names and "random-subset[hard]" in names
     assert any(n.startswith("uniform-short[") for n in names)

@@ -359,6 +359,8 @@ def test_teacher_state_round_trip_selects_the_same(strategy: str) -> None:
         mode="cycle",
         strategy=strategy,
         warmup_epochs=1,
+        ratio_schedule="incremental",
+        interval_schedule="incremental",
         initial_interval=2,
         max_interval=3,
         total_cycles=3,

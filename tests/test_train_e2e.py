@@ -101,23 +101,39 @@ def test_two_rank_lora_run_exports_adapters(tmp_path, tiny_shards, engine):
 
 
 RESUME_ENGINES = [("local", 1), ("deepspeed", 2), ("fsdp", 2)]
+# unbiased pruning from training losses: one full epoch of 8 steps, weighted subset epochs of 6, and the
+# anneal (the last quarter of the 20-step budget) cutting a subset epoch at step 15; the stop at step 9
+# falls inside a weighted subset epoch
+PRUNE = {"mode": "ledger", "strategy": "prune", "warmup_epochs": 1, "prune_ratio": 0.5, "prune_quantile": 0.5,
+         "anneal_fraction": 0.25}
 
 
+def _resume_config(run_dir, shards, engine, nproc, variant):
+    if variant == "default":
+        return tiny_run_config(run_dir, shards, engine, train={"max_steps": 20})
+    return tiny_run_config(run_dir, shards, engine, train={"max_steps": 20, "micro_batch_size": 128 // nproc},
+                           teacher=PRUNE)
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("variant", ["default", "prune"])
 @pytest.mark.parametrize("engine,nproc", RESUME_ENGINES)
-def test_resume_selects_and_trains_like_an_uninterrupted_run(tmp_path, tiny_shards, engine, nproc):
-    train = {"max_steps": 20, "stop_check_every": 3}
-    straight = tiny_run_config(tmp_path / "straight", tiny_shards, engine, train=train)
-    check(run_train(straight, nproc=nproc))
+def test_resume_selects_and_trains_like_an_uninterrupted_run(tmp_path, tiny_shards, engine, nproc, variant):
+    straight = _resume_config(tmp_path / "straight", tiny_shards, engine, nproc, variant)
+    straight["train"]["stop_check_every"] = 3
+    timeout = 240 if variant == "default" else 600  # prune: batch 128, and the suite shares 2 cores
+    check(run_train(straight, nproc=nproc, timeout=timeout))
 
-    broken = tiny_run_config(tmp_path / "broken", tiny_shards, engine, train=train)
+    broken = _resume_config(tmp_path / "broken", tiny_shards, engine, nproc, variant)
+    broken["train"]["stop_check_every"] = 3
     # a signal during step 8 is acted on at the next stop check (step 9), by every rank at once
-    stopped = run_train(broken, nproc=nproc, env={"ATTENT_STOP_AFTER_STEP": "8"})
+    stopped = run_train(broken, nproc=nproc, env={"ATTENT_STOP_AFTER_STEP": "8"}, timeout=timeout)
     # a plain process exits 75 itself; torchrun reports any worker failure as 1, hence the marker file
     assert stopped.returncode == (75 if nproc == 1 else 1), stopped.stderr[-3000:]
     assert json.loads((tmp_path / "broken" / "PREEMPTED").read_text())["step"] == 9
     assert (tmp_path / "broken" / "checkpoints" / "step-00000009" / "COMPLETE").exists()
     assert max(step_losses(tmp_path / "broken")) == 9
-    resumed = run_train(broken, nproc=nproc)
+    resumed = run_train(broken, nproc=nproc, timeout=timeout)
     check(resumed)
     assert not (tmp_path / "broken" / "PREEMPTED").exists()
     # one line says what it resumed from: checkpoint, step, samples, epoch, the selection it trains on
@@ -129,11 +145,18 @@ def test_resume_selects_and_trains_like_an_uninterrupted_run(tmp_path, tiny_shar
     assert f"selection sha256 {last_sha} (" in line, line
 
     assert selection_hashes(tmp_path / "broken") == selection_hashes(tmp_path / "straight")
-    assert len(selection_hashes(tmp_path / "straight")) >= 3
+    assert len(selection_hashes(tmp_path / "straight")) >= (3 if variant == "default" else 2)
     a, b = step_losses(tmp_path / "straight"), step_losses(tmp_path / "broken")
     assert sorted(a) == sorted(b) == list(range(1, 21))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step
+    if variant == "prune":
+        records = read_lines(tmp_path / "straight" / "selection.jsonl")
+        assert all(r["strategy"] == "prune" and r["n_selected"] < r["n_scored"] for r in records)
+        ratio = {m["step"]: m["selected_ratio"] for m in read_lines(tmp_path / "straight" / "metrics.jsonl")}
+        assert ratio[8] == 1.0 and ratio[9] < 1.0 and ratio[15] < 1.0 and ratio[16] == ratio[20] == 1.0
+        summary = json.loads((tmp_path / "straight" / "summary.json").read_text())
+        assert summary["epochs_started"] == 4  # full, subset, subset cut by the anneal, full
 
 
 def test_rescore_stale_skips_what_the_last_subset_epoch_trained(tmp_path, tiny_shards):

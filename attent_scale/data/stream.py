@@ -363,6 +363,8 @@ class ShardStream:
         # only their shards' slices of it
         self._selection = _selection_bits(selection, self.manifest, split)
         self.selection_sha256 = "all" if self._selection is None else self._selection.sha256
+        # a weighted selection (unbiased pruning) puts per-sample loss weights into every batch
+        self._weigh = selection.sample_weights if getattr(selection, "weighted", False) else None
         self.epoch = epoch
         self._plan = _EpochPlan(self)
         self._reset_position()
@@ -424,6 +426,8 @@ class ShardStream:
             self.faults += len(bad)
             self._bad_ids += bad
             batch = _unpack(item["packed"], t)
+            if self._weigh is not None:
+                batch["weights"] = self._weigh(batch["ids"])
             self.worker_batches[w] += 1
             self.next_worker = (w + 1) % lw
             self.batches_consumed += 1

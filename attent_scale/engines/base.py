@@ -94,6 +94,19 @@ def token_counts(labels: torch.Tensor) -> torch.Tensor:
     return (labels != IGNORE_INDEX).sum(dim=1)
 
 
+def weighted_token_loss(per_sample: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor | None,
+                        total_tokens: int) -> torch.Tensor:
+    """sum_i w_i * CE_sum_i / total_tokens (w = 1 without weights): the token mean with per-sample weights.
+
+    The divisor is the batch's unweighted token count, not sum_i w_i * tokens_i: a self-normalised mean
+    would cancel the weights of a batch of one, and inverse-probability weights only make the pruned
+    epoch's summed gradient an unbiased estimate of the full epoch's if they are not normalised away."""
+    contrib = per_sample * tokens
+    if weights is not None:
+        contrib = contrib * weights.to(per_sample.device, per_sample.dtype)
+    return contrib.sum() / total_tokens
+
+
 def lr_lambda(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
     """LR multiplier: linear warmup to 1 over `warmup_steps`, then cosine down to `min_lr_ratio`."""
     if warmup_steps > 0 and step < warmup_steps:
@@ -261,8 +274,10 @@ class BaseEngine:
         """One optimizer step over the rank's batch, split into `grad_accum` micro batches.
 
         The objective is the token mean over the rank's whole batch (each micro batch contributes its
-        CE sum divided by the batch's token count), so 1 x B and k x B/k give the same update. Losses
-        stay on the device until the one host copy in `_optimizer_step`.
+        CE sum divided by the batch's token count), so 1 x B and k x B/k give the same update. With
+        `batch["weights"]` (per-sample loss weights) each sample's CE sum is scaled by its weight; the
+        divisor stays the batch's token count (see weighted_token_loss). Losses stay on the device until
+        the one host copy in `_optimizer_step`.
         """
         self._set_train(True)
         lr = self.current_lr()
@@ -273,7 +288,7 @@ class BaseEngine:
         for i, micro in enumerate(micros):
             ps = self.per_sample_loss(micro)
             tok = token_counts(micro["labels"]).to(ps.device, ps.dtype)
-            loss = (ps * tok).sum() / total_tokens
+            loss = weighted_token_loss(ps, tok, micro.get("weights"), total_tokens)
             self._backward(loss, last=i == len(micros) - 1)
             per_sample.append(ps.detach())
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()

@@ -1,4 +1,4 @@
-"""The selection: a bitset over the N sample ids, identical on every rank, usable as a stream filter."""
+"""The selection: a bitset over the N sample ids (plus optional loss weights), identical on every rank."""
 
 from __future__ import annotations
 
@@ -21,9 +21,13 @@ def _last_byte_mask(num_ids: int) -> int:
 class Selection:
     """Set of selected sample ids in [0, num_ids) stored as one packed bitset (ceil(num_ids / 8) bytes,
     little bit order: id i is bit i % 8 of byte i // 8; padding bits are zero). Nothing else of size N is
-    kept or built: counts, hashes, slices and complements work on the bytes in chunks."""
+    kept or built: counts, hashes, slices and complements work on the bytes in chunks.
 
-    def __init__(self, bits: np.ndarray, num_ids: int) -> None:
+    A weighted selection (unbiased pruning) also holds a second bitset `upweight` and a scalar `weight`:
+    ids in `upweight` carry loss weight `weight`, every other id weight 1."""
+
+    def __init__(self, bits: np.ndarray, num_ids: int, *, upweight: np.ndarray | None = None,
+                 weight: float = 1.0) -> None:
         if isinstance(bits, torch.Tensor):
             bits = bits.detach().cpu().numpy()
         bits = np.ascontiguousarray(bits, dtype=np.uint8).reshape(-1)
@@ -31,6 +35,25 @@ class Selection:
             raise ValueError(f"bitset of {bits.shape[0]} bytes does not cover {num_ids} ids")
         self.bits = bits
         self.num_ids = int(num_ids)
+        if upweight is not None:
+            upweight = np.ascontiguousarray(upweight, dtype=np.uint8).reshape(-1)
+            if upweight.shape != bits.shape:
+                raise ValueError(f"upweight bitset of {upweight.shape[0]} bytes does not cover {num_ids} ids")
+        self.upweight = upweight
+        self.weight = float(weight)
+
+    @property
+    def weighted(self) -> bool:
+        """True when some ids carry a loss weight other than 1."""
+        return self.upweight is not None and self.weight != 1.0
+
+    def sample_weights(self, ids: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """[B] float32 loss weights of `ids` (`weight` for upweighted ids, else 1; fillers get 1)."""
+        if self.upweight is None:
+            n = ids.shape[0] if hasattr(ids, "shape") else len(ids)
+            return torch.ones(n, dtype=torch.float32)
+        up = Selection(self.upweight, self.num_ids).mask(ids)
+        return torch.from_numpy(np.where(up, self.weight, 1.0).astype(np.float32))
 
     @classmethod
     def from_ids(cls, ids: torch.Tensor | np.ndarray, num_ids: int) -> Selection:

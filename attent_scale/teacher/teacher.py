@@ -19,7 +19,7 @@ from attent_scale.teacher.ledger import NEG_INF_IMAGE, POS_INF_IMAGE, SCORE, TRA
 from attent_scale.teacher.records import RecordWriter, make_record
 from attent_scale.teacher.schedules import interval_at, ratio_at
 from attent_scale.teacher.selection import Selection
-from attent_scale.teacher.strategies import strategy_keys
+from attent_scale.teacher.strategies import strategy_keys, uniform_noise
 from attent_scale.teacher.topk import (
     _Comm,
     _resolve_group,
@@ -78,6 +78,7 @@ class Teacher:
         self._writer = RecordWriter(record_path if self.rank == 0 else None)
         self._cache_cycle = -1
         self._cache: Selection | None = None
+        self.anneal_from: int | None = None  # first epoch of the final all-data phase (set by start_anneal)
         self._score_seconds_pending = 0.0
         self._scored_pending = 0
         self.last_record: dict[str, Any] | None = None
@@ -97,6 +98,8 @@ class Teacher:
 
     def _ratio(self, cycle: int) -> float:
         c = self.cfg
+        if c.strategy == "prune":  # expected kept fraction; the mean threshold is planned as the median
+            return 1.0 - c.prune_ratio * (c.prune_quantile or 0.5)
         return ratio_at(c.ratio_schedule, cycle, initial=c.initial_ratio, final=c.final_ratio,
                         total_cycles=c.total_cycles)
 
@@ -119,7 +122,7 @@ class Teacher:
             return EpochPlan(epoch, "full", False, False)
         if c.mode == "online":
             return EpochPlan(epoch, "online", False, False)
-        if epoch < c.warmup_epochs:
+        if epoch < c.warmup_epochs or (self.anneal_from is not None and epoch >= self.anneal_from):
             return EpochPlan(epoch, "full", False, False)
         e = epoch - c.warmup_epochs
         if c.mode == "ledger":
@@ -137,10 +140,31 @@ class Teacher:
             e -= length
             cycle += 1
         if e < n_sub:
-            return EpochPlan(epoch, "subset", e == 0 and c.strategy != "random", True, cycle=cycle, index=e,
-                             ratio=self._ratio(cycle), interval=n_sub)
+            return EpochPlan(epoch, "subset", e == 0 and c.strategy not in ("random", "prune"), True,
+                             cycle=cycle, index=e, ratio=self._ratio(cycle), interval=n_sub)
         return EpochPlan(epoch, "full", False, False, cycle=cycle, index=e - n_sub, ratio=None,
                          interval=n_sub)
+
+    def anneal_epoch(self, max_epochs: int) -> int | None:
+        """First epoch of the all-data anneal under an epoch budget (None without annealing)."""
+        a = self.cfg.anneal_fraction
+        if not a or not max_epochs or self.cfg.mode not in ("cycle", "ledger"):
+            return None
+        return _round_half_up((1.0 - a) * max_epochs)
+
+    def start_anneal(self, epoch: int) -> None:
+        """From `epoch` on every epoch trains all data with weight 1 (an earlier start is kept)."""
+        if self.cfg.mode in ("cycle", "ledger"):
+            self.anneal_from = epoch if self.anneal_from is None else min(self.anneal_from, epoch)
+
+    def planned_count(self, plan: EpochPlan, num: int) -> int:
+        """Samples an epoch of `plan` trains out of `num` (every id observed with a finite loss)."""
+        if not plan.subset or plan.ratio is None:
+            return num
+        if self.cfg.strategy == "prune":
+            n_low = _round_half_up((self.cfg.prune_quantile or 0.5) * num)
+            return num - _round_half_up(self.cfg.prune_ratio * n_low)
+        return _round_half_up(plan.ratio * num)
 
     def candidate_batch_size(self, batch_size: int) -> int:
         """Per-rank batch size to draw from the stream: ceil(B / online_ratio) in online mode, else B."""
@@ -301,14 +325,23 @@ class Teacher:
         if not plan.subset:
             raise ValueError(f"epoch {epoch} is not a subset epoch ({plan.phase})")
         cfg = self.cfg
-        if (cfg.mode == "cycle" and cfg.strategy != "soft" and plan.index > 0
+        if (cfg.mode == "cycle" and cfg.strategy in ("hard", "random") and plan.index > 0
                 and self._cache is not None and self._cache_cycle == plan.cycle):
             return self._cache
         comm = self._comm()
         t0 = time.perf_counter()
         ratio = float(plan.ratio if plan.ratio is not None else 1.0)
         lo, hi = self.ledger.lo, self.ledger.hi
-        if cfg.strategy == "random":
+        upweight: np.ndarray | None = None
+        weight = 1.0
+        prune_keys: np.ndarray | None = None
+        if cfg.strategy == "prune":
+            self.ledger.exchange(comm=comm)
+            ids, loss, _, _ = self.ledger.entries()  # O(N / world): this rank's block
+            prune_keys, k, low, n_low, n_obs, n_fin = self._prune_keys(
+                ids, loss, np.arange(lo, hi, dtype=np.int64), epoch, comm)
+            n_nonfinite = n_obs - n_fin
+        elif cfg.strategy == "random":
             n_obs, n_fin, n_nonfinite = self.num_samples, self.num_samples, 0
             k = _round_half_up(ratio * self.num_samples)
         else:
@@ -318,7 +351,7 @@ class Teacher:
             k = self.num_samples - n_obs + _round_half_up(ratio * n_fin)
         t_keys = time.perf_counter() - t0
         report: dict[str, Any] = {}
-        chunks = self._key_chunks(epoch)
+        chunks = self._key_chunks(epoch) if prune_keys is None else (lambda: iter([prune_keys]))
         if cfg.topk_method == "threshold":
             images, nbits = self._image_chunks(chunks)
             selection = Selection(select_block_bits(images, lo, hi, self.num_samples, k, bits=nbits,
@@ -330,6 +363,14 @@ class Teacher:
                                    group=self.group, report=report)
             selection = Selection.from_ids(chosen, self.num_samples)
             del keys, chosen
+        if cfg.reweight and cfg.strategy == "prune" and n_low > selection.num_ids - selection.count:
+            # kept low-loss ids carry 1 / P(kept) = n_low / (n_low - n_drop); the rest weight 1
+            upweight = self._share_bits(low, comm) & selection.bits
+            weight = n_low / (n_low - (self.num_samples - selection.count))
+        elif cfg.random_reweight and cfg.strategy == "random" and 0 < selection.count < self.num_samples:
+            upweight, weight = selection.bits.copy(), self.num_samples / selection.count
+        if upweight is not None:
+            selection = Selection(selection.bits, self.num_samples, upweight=upweight, weight=weight)
         t_st, coll_st = time.perf_counter(), comm.seconds.get("collective", 0.0) if comm else 0.0
         staleness = self._staleness(step, n_obs, comm) if cfg.strategy != "random" else None
         # its passes over the ledger are selection work too (its all-reduce is counted as collective)
@@ -359,7 +400,7 @@ class Teacher:
             sha256=selection.sha256 if self.rank == 0 else None, staleness=staleness,
         )
         self._finish(record, seconds, total_bytes)
-        if cfg.mode == "cycle" and cfg.strategy != "soft":
+        if cfg.mode == "cycle" and cfg.strategy in ("hard", "random"):
             self._cache, self._cache_cycle = selection, plan.cycle
         return selection
 
@@ -368,6 +409,43 @@ class Teacher:
         if self.reference is None:
             return loss
         return (loss.astype(np.float32) - self.reference.losses(ids)).astype(np.float32)
+
+    def _prune_keys(self, ids: np.ndarray, loss: np.ndarray, pool: np.ndarray, epoch: int,
+                    comm: _Comm | None) -> tuple[np.ndarray, int, np.ndarray, int, int, int]:
+        """Collective. Keys for unbiased pruning over this rank's block `pool`: the low-loss ids (below the
+        `prune_quantile` quantile of the finite losses, or below their mean) get uniform noise keyed by
+        (seed, epoch, id), every other id (high, non-finite, never observed) +inf; keeping the top
+        k = N - round(prune_ratio * n_low) drops exactly that many low ids, each with the same
+        probability, whatever the number of ranks. Returns (keys, k, low ids here, n_low, n_obs, n_fin)."""
+        cfg = self.cfg
+        fin = np.isfinite(loss)
+        fin_ids, fin_loss = ids[fin], loss[fin].astype(np.float64)
+        if cfg.prune_quantile > 0:
+            n_obs, n_fin = self._all_sum([int(ids.shape[0]), int(fin_ids.shape[0])], comm)
+            n_low = _round_half_up(cfg.prune_quantile * n_fin)
+            # the n_low smallest losses (ties to the smaller id), the same set on every rank
+            low_all = select_global(-fin_loss, fin_ids, n_low, method=cfg.topk_method,
+                                    group=self.group).numpy()
+            low = low_all[(low_all >= pool[0]) & (low_all <= pool[-1])] if pool.size else low_all[:0]
+        else:
+            # the mean from an exact fixed-point sum: the same bits whatever the number of ranks
+            fixed = np.round(np.minimum(fin_loss, 1e4) * 2.0**20).astype(np.int64)
+            n_obs, n_fin, total = self._all_sum([int(ids.shape[0]), int(fin_ids.shape[0]),
+                                                 int(fixed.sum())], comm)
+            low = fin_ids[fixed < (total / n_fin if n_fin else 0.0)]
+            (n_low,) = self._all_sum([int(low.shape[0])], comm)
+        keys = np.full(pool.shape[0], np.inf, dtype=np.float64)
+        if low.size:
+            keys[low - pool[0]] = uniform_noise(low, seed=self.seed, cycle=epoch)
+        k = self.num_samples - _round_half_up(cfg.prune_ratio * n_low)
+        return keys, k, low, n_low, n_obs, n_fin
+
+    def _share_bits(self, ids: np.ndarray, comm: _Comm | None) -> np.ndarray:
+        """Collective: the bitset over all N ids of the union of every rank's `ids`."""
+        bits = torch.from_numpy(Selection.from_ids(ids, self.num_samples).bits.copy())
+        if comm is not None:
+            comm.all_reduce(bits, "share", op=dist.ReduceOp.BOR)
+        return bits.numpy()
 
     def _finish(self, record: dict[str, Any], seconds: dict[str, float], total_bytes: int) -> None:
         for phase in ("collective", "select", "share", "rebalance"):
@@ -480,6 +558,9 @@ class Teacher:
             "cache_cycle": self._cache_cycle,
             # the same array the trainer saves as the epoch's selection: checkpoint.save_state stores it once
             "cache_bits": self._cache.bits if self._cache is not None else None,
+            "cache_upweight": (self._cache.upweight if self._cache is not None else None),
+            "cache_weight": self._cache.weight if self._cache is not None else 1.0,
+            "anneal_from": self.anneal_from,
             "score_seconds_pending": self._score_seconds_pending,
             "scored_pending": self._scored_pending,
             "stats": dict(self.stats),
@@ -497,7 +578,11 @@ class Teacher:
         self.ledger = Ledger.from_state_tensors(state["ledger"])
         self._cache_cycle = int(state["cache_cycle"])
         bits = state["cache_bits"]
-        self._cache = Selection(bits, self.num_samples) if bits is not None else None
+        up = state.get("cache_upweight")
+        self._cache = (Selection(bits, self.num_samples, upweight=None if up is None else up,
+                                 weight=float(state.get("cache_weight", 1.0)))
+                       if bits is not None else None)
+        self.anneal_from = state.get("anneal_from")
         self._score_seconds_pending = float(state["score_seconds_pending"])
         self._scored_pending = int(state["scored_pending"])
         self.stats = dict(state["stats"])
