@@ -49,8 +49,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, A
     for world in (2, 4):
         tmp = tmp_path_factory.mktemp(f"w{world}")
         res, secs = _spawn(world, tmp)
-        print(f"{world}-rank spawn: {secs:.1f} s")
-        assert secs < 30, f"{world}-rank run took {secs:.1f} s"
+        print(f"{world}-rank spawn: {secs:.1f} s")  # a number to read, not a timed assertion
         for r in res:
             r["_dir"] = tmp
         out[world] = res
