@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	@echo "installing pip, torch 2.13.0 (CPU build), attent-scale and its dev tools into $(VENV) (quiet)"
 	@$(call pip_install,--upgrade pip)
 	@$(call pip_install,torch==2.13.0)
-	@$(call pip_install,-e '.[dev]')
+	@$(call pip_install,-e '.[dev,hf]')
 	@touch $(STAMP)
 
 # Installs what is missing when it can (root with apt-get); otherwise says what to install and stops.
