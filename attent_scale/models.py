@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +46,12 @@ def hf_config(mcfg: ModelConfig, vocab_size: int | None) -> Any:
         # HF defaults (e.g. gpt2's 50256) point outside a small vocabulary; training never generates.
         raw.setdefault("bos_token_id", None)
         raw.setdefault("eos_token_id", None)
+        from transformers import CONFIG_MAPPING
+
+        if model_type not in CONFIG_MAPPING:
+            close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else " (e.g. gpt2, llama)"
+            raise UserError(f"config key 'model.config.model_type': unknown model type {model_type!r}{hint}")
         try:
             config = AutoConfig.for_model(model_type, **raw)
         except _config_errors() as exc:
