@@ -14,7 +14,10 @@ from attent_scale.cli import build_parser
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "ATTENT_SOCKET_IFNAME", "WORLD_SIZE",
                  "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
-        monkeypatch.delenv(name, raising=False)
+        # setenv first so that undo also removes what the code under test sets (a bare delenv of an
+        # absent name records nothing, and GLOO_SOCKET_IFNAME would leak into every later gloo test)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     return monkeypatch
 
 
