@@ -1,4 +1,4 @@
-"""The training loop, top to bottom: the teacher plans each epoch, the stream feeds the engine."""
+"""The trainer: `Trainer` builds the parts, then runs plan → score → select → stream → step → observe."""
 
 from __future__ import annotations
 
@@ -24,6 +24,10 @@ PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1;
 PREEMPTED_MARKER = "PREEMPTED"  # written to run_dir beside that checkpoint; removed when the run goes on
 LOG_FILES = ("metrics.jsonl", "eval.jsonl", "selection.jsonl")
 PHASES = ("score", "collective", "select", "share", "rebalance")
+# What `Trainer.check_stop` decides after a step (None: go on).
+PREEMPT = "preempt"  # a stop signal on some rank: checkpoint written, exit for requeue
+STOP = "stop"  # a steps or seconds budget is spent: finish the run
+END_EPOCH = "end_epoch"  # the anneal point ends this subset epoch early: the next one trains all data
 
 
 class NonFiniteLossError(UserError):
@@ -122,95 +126,452 @@ def _all_reduce_max(value: float, group: Any) -> float:
 
 def train(cfg: RunConfig) -> int:
     """Run one training job (any engine, any teacher mode); returns the process exit code."""
-    # Heavy imports here so `attent-scale --help` stays fast.
-    from attent_scale import checkpoint as ckpt
-    from attent_scale.data import Manifest, ShardStream
-    from attent_scale.dist import init_distributed
-    from attent_scale.engines import build_engine
-    from attent_scale.metrics import Metrics
-    from attent_scale.models import check_model_fits
-    from attent_scale.runlock import lock_run_dir
-    from attent_scale.runlog import JsonLines, count_lines, truncate_lines, write_json
-    from attent_scale.teacher import Selection, Teacher
-    from attent_scale.teacher.reference import open_reference
+    trainer = Trainer(cfg)
+    exit_code, failed = 0, False
+    try:
+        exit_code = trainer.train()
+        return exit_code
+    except BaseException:
+        # a rank that raised must not enter a collective: its peers wait in another one and the job
+        # would hang silently; exiting lets torchrun see the failure and stop the others
+        failed = True
+        raise
+    finally:
+        trainer.close(failed, exit_code)
 
-    wall_start = time.perf_counter()
-    if os.environ.get("ATTENT_NUM_THREADS"):  # bench --clock cpu pins each arm to this many threads
-        torch.set_num_threads(int(os.environ["ATTENT_NUM_THREADS"]))
-    info = init_distributed()
-    rank, world = info.rank, info.world_size
-    is_main = rank == 0
-    if not cfg.data.dir:
-        raise UserError(
-            "config key 'data.dir': required (a directory written by `attent-scale shards build`)"
-        )
-    manifest = Manifest.load(cfg.data.dir)
-    batch_size = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
-    train_split = cfg.data.train_split
-    n_train = manifest.num_samples(train_split)
-    if n_train < world * batch_size:
-        raise UserError(
-            f"data.dir {cfg.data.dir}: {n_train} training samples is too few for "
-            f"{world} ranks x batch {batch_size}"
-        )
-    if cfg.engine.name == "local" and world > 1:
-        raise UserError(f"engine.name 'local' is one process, but this job has {world} ranks; "
-                        "use engine.name=deepspeed or fsdp under torchrun")
-    run_dir = Path(cfg.run_dir)
-    lock_run_dir(run_dir, rank)  # one job per run_dir; released at exit
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
 
-    # Teacher and loop bookkeeping talk over CPU tensors: on NCCL jobs they get a gloo group of their own.
-    group = dist.new_group(backend="gloo") if info.backend == "nccl" else None
-    teacher = Teacher(
-        cfg.teacher,
-        num_samples=n_train,
-        seed=cfg.seed,
-        record_path=run_dir / "selection.jsonl" if is_main else None,
-        group=group,
-        reference=open_reference(cfg.teacher, manifest, train_split),
-    )
-    anneal = teacher.anneal_epoch(cfg.train.max_epochs)
-    if anneal is not None:  # the budget's last epochs train all data: the plan (and the LR) knows it
-        teacher.start_anneal(anneal)
-    if cfg.train.max_epochs:  # an epoch budget: the LR schedule decays over the steps those epochs take
-        cfg.train.max_steps = min(
-            cfg.train.max_steps, planned_steps(teacher, n_train, world, batch_size, cfg.train.max_epochs)
-        )
-    check_model_fits(cfg.model, int(manifest.vocab_size), manifest.seq_len)
-    engine = build_engine(cfg, manifest)
-    progress = Progress()
 
-    resume_from = ckpt.latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, engine, rank=rank, world_size=world)
-        teacher.load_state_dict(state["teacher"])
-        ckpt.set_rng_state(state["rng"])
-        progress = Progress(**state["progress"])
-        if is_main:
-            print(_resume_line(resume_from, progress, n_train, world), file=sys.stderr)
+class Trainer:
+    """One training job: `__init__` builds the parts in order, `train()` is the loop over the phases
+    (epoch_stream → train_step → check_stop, then finish); counters live in `self.progress`."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        # Heavy imports here so `attent-scale --help` stays fast.
+        from attent_scale.data import Manifest
+        from attent_scale.dist import init_distributed
+        from attent_scale.engines import build_engine
+        from attent_scale.metrics import Metrics
+        from attent_scale.models import check_model_fits
+        from attent_scale.runlock import lock_run_dir
+        from attent_scale.runlog import JsonLines
+
+        self.cfg = cfg
+        self.wall_start = time.perf_counter()
+        if os.environ.get("ATTENT_NUM_THREADS"):  # bench --clock cpu pins each arm to this many threads
+            torch.set_num_threads(int(os.environ["ATTENT_NUM_THREADS"]))
+        # distributed init
+        self.info = init_distributed()
+        self.rank, self.world = self.info.rank, self.info.world_size
+        self.is_main = self.rank == 0
+        # the data and the job must fit each other
+        if not cfg.data.dir:
+            raise UserError(
+                "config key 'data.dir': required (a directory written by `attent-scale shards build`)"
+            )
+        self.manifest = Manifest.load(cfg.data.dir)
+        self.batch_size = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+        self.n_train = self.manifest.num_samples(cfg.data.train_split)
+        if self.n_train < self.world * self.batch_size:
+            raise UserError(
+                f"data.dir {cfg.data.dir}: {self.n_train} training samples is too few for "
+                f"{self.world} ranks x batch {self.batch_size}"
+            )
+        if cfg.engine.name == "local" and self.world > 1:
+            raise UserError(f"engine.name 'local' is one process, but this job has {self.world} ranks; "
+                            "use engine.name=deepspeed or fsdp under torchrun")
+        # the run directory: one job per run_dir (the lock is released at exit)
+        self.run_dir = Path(cfg.run_dir)
+        lock_run_dir(self.run_dir, self.rank)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+        # Teacher and loop bookkeeping talk over CPU tensors: on NCCL jobs they get a gloo group of their own.
+        self.group = dist.new_group(backend="gloo") if self.info.backend == "nccl" else None
+        self.teacher = self._build_teacher()
+        check_model_fits(cfg.model, int(self.manifest.vocab_size), self.manifest.seq_len)
+        self.engine = build_engine(cfg, self.manifest)
+        self.progress = Progress()
+        self.resumed_from = self._resume()
+        # the teacher appends selection records itself; open our own files after truncation
+        self.metrics_log = JsonLines(self.run_dir / "metrics.jsonl", self.is_main)
+        self.eval_log = JsonLines(self.run_dir / "eval.jsonl", self.is_main)
+        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        self.metrics = Metrics.create(cfg.metrics, rank=self.rank, local_rank=self.info.local_rank, node=node)
+        self.stop = StopSignal()
+        self.val_cache: list[Any] = []
+        self.empty_epochs = 0  # epochs in a row whose stream ran out without a training batch
+        if self.resumed_from is None and cfg.eval.every_steps:
+            self.evaluate()  # the step-0 point of every val-loss curve
+        self.bar = _progress_bar(cfg, self.progress.step) if self.is_main else None
+
+    def _build_teacher(self) -> Any:
+        """The teacher; an epoch budget also caps train.max_steps at the steps the teacher's plan takes."""
+        from attent_scale.teacher import Teacher
+        from attent_scale.teacher.reference import open_reference
+
+        cfg = self.cfg
+        teacher = Teacher(
+            cfg.teacher,
+            num_samples=self.n_train,
+            seed=cfg.seed,
+            record_path=self.run_dir / "selection.jsonl" if self.is_main else None,
+            group=self.group,
+            reference=open_reference(cfg.teacher, self.manifest, cfg.data.train_split),
+        )
+        anneal = teacher.anneal_epoch(cfg.train.max_epochs)
+        if anneal is not None:  # the budget's last epochs train all data: the plan (and the LR) knows it
+            teacher.start_anneal(anneal)
+        if cfg.train.max_epochs:  # an epoch budget: the LR schedule decays over the steps those epochs take
+            cfg.train.max_steps = min(
+                cfg.train.max_steps,
+                planned_steps(teacher, self.n_train, self.world, self.batch_size, cfg.train.max_epochs),
+            )
+        return teacher
+
+    def _resume(self) -> Path | None:
+        """With checkpoint.resume, load the latest checkpoint (engine, teacher, RNG, progress) and cut the
+        run's logs back to it; a fresh run starts them empty. Returns the checkpoint resumed from."""
+        from attent_scale import checkpoint as ckpt
+        from attent_scale.runlog import truncate_lines
+
+        run_dir = self.run_dir
+        resume_from = ckpt.latest_checkpoint(run_dir) if self.cfg.checkpoint.resume else None
+        if resume_from is not None:
+            state = ckpt.load_checkpoint(resume_from, self.engine, rank=self.rank, world_size=self.world)
+            self.teacher.load_state_dict(state["teacher"])
+            ckpt.set_rng_state(state["rng"])
+            self.progress = Progress(**state["progress"])
+            if self.is_main:
+                print(_resume_line(resume_from, self.progress, self.n_train, self.world), file=sys.stderr)
+                for name in LOG_FILES:
+                    truncate_lines(run_dir / name, self.progress.log_lines.get(name, 0))
+        elif self.is_main:
             for name in LOG_FILES:
-                truncate_lines(run_dir / name, progress.log_lines.get(name, 0))
-    elif is_main:
-        for name in LOG_FILES:
-            (run_dir / name).unlink(missing_ok=True)
-    if is_main:
-        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
-    # the teacher appends selection records itself; open our own files after truncation
-    metrics_log = JsonLines(run_dir / "metrics.jsonl", is_main)
-    eval_log = JsonLines(run_dir / "eval.jsonl", is_main)
+                (run_dir / name).unlink(missing_ok=True)
+        if self.is_main:
+            (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        return resume_from
 
-    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-    metrics = Metrics.create(cfg.metrics, rank=rank, local_rank=info.local_rank, node=node)
-    stop = StopSignal()
+    # ---- the loop ---------------------------------------------------------------------------------
 
-    def totals() -> dict[str, Any]:
-        stats = teacher.stats
+    def train(self) -> int:
+        """Epoch after epoch (plan, stream, steps) until a budget, the data or a stop signal ends the run;
+        returns the exit code."""
+        cfg, progress = self.cfg, self.progress
+        while progress.step < cfg.train.max_steps:
+            stream = self.epoch_stream()
+            trained, decision = 0, None
+            for batch in _timed(stream, progress):
+                if not self.train_step(batch, stream):
+                    continue  # online mode skipped a short last candidate batch
+                trained += 1
+                cut = self.anneal_cut()
+                if cfg.eval.every_steps and progress.step % cfg.eval.every_steps == 0:
+                    self.evaluate()
+                decision = self.check_stop(stream, cut)
+                if decision is not None:
+                    break
+            if decision == PREEMPT:
+                return self.preempt()
+            progress.corrupt_samples += stream.faults
+            if decision == STOP:
+                break
+            progress.epoch += 1  # the stream ran out, or the anneal point ended this epoch early
+            if decision is None and self.epoch_budget_spent(trained):
+                break
+        self.finish()
+        return 0
+
+    # ---- plan → score → select, once per fresh epoch ----------------------------------------------
+
+    def plan_epoch(self) -> None:
+        """The teacher plans the epoch (full, subset or online), scores this rank's part of the data when
+        the plan says so, and selects; the selection lands in `progress`."""
+        before = self.totals()["selection_seconds_by_phase"]
+        plan = self.teacher.plan_epoch(self.progress.epoch)
+        if plan.score:
+            self.score_pass()
+        self.select(plan.subset)
+        after = self.totals()["selection_seconds_by_phase"]
+        if after != before:
+            self.metrics.observe_selection({p: after[p] - before[p] for p in PHASES})
+
+    def score_pass(self) -> None:
+        """A sharded forward over this rank's part of the data; the losses go into the teacher's ledger."""
+        from attent_scale.teacher import Selection
+
+        progress = self.progress
+        fresh = progress.selection_bits if self.cfg.teacher.rescore == "stale" else None
+        # this rank's part only; with rescore=stale, without what the last subset epoch trained
+        skip = None if fresh is None else Selection(fresh, self.n_train).complement()
+        scoring = self._shard_stream(progress.epoch, self.cfg.eval.batch_size, skip)
+        self.teacher.score_pass(scoring, self.engine.score, progress.step)
+        self.note_corrupt(scoring)
+        progress.corrupt_samples += scoring.faults
+
+    def select(self, subset: bool) -> None:
+        """The epoch's selection (one collective) when the plan trains a subset; full data otherwise."""
+        progress = self.progress
+        selection = self.teacher.select(progress.epoch, progress.step) if subset else None
+        progress.selection_bits = None if selection is None else selection.bits
+        progress.weight_bits = None if selection is None else selection.upweight
+        progress.weight = 1.0 if selection is None else selection.weight
+        if selection is not None:
+            progress.selected_ratio = selection.count / self.n_train
+        else:
+            progress.selected_ratio = self.cfg.teacher.online_ratio if self.teacher.mode == "online" else 1.0
+
+    def epoch_stream(self) -> Any:
+        """This epoch's `ShardStream` over its selection: a fresh epoch asks the teacher first (plan_epoch),
+        a resumed one continues from the checkpointed stream position."""
+        from attent_scale.teacher import Selection
+
+        loop_t0 = _clock()
+        progress = self.progress
+        if progress.stream_state is None:
+            self.plan_epoch()
+        bits = progress.selection_bits
+        selection = None if bits is None else Selection(bits, self.n_train, upweight=progress.weight_bits,
+                                                        weight=progress.weight)
+        stream = self._shard_stream(progress.epoch, self.teacher.candidate_batch_size(self.batch_size),
+                                    selection)
+        if progress.stream_state is not None:
+            stream.load_state_dict(progress.stream_state)
+            progress.stream_state = None
+        else:
+            progress.dropped_samples += stream.dropped
+        _charge(progress, loop_t0)
+        return stream
+
+    def _shard_stream(self, epoch: int, batch: int, selection: Any = None) -> Any:
+        from attent_scale.data import ShardStream
+
+        cfg = self.cfg
+        return ShardStream(self.manifest.dir, cfg.data.train_split, rank=self.rank, world_size=self.world,
+                           seed=cfg.seed, epoch=epoch, batch_size=batch, selection=selection,
+                           shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers)
+
+    # ---- one step ---------------------------------------------------------------------------------
+
+    def train_step(self, batch: dict[str, Any], stream: Any) -> bool:
+        """Online pick, engine step, observe, bookkeeping, logs and metrics; False when online mode skips
+        a short last candidate batch (no step taken)."""
+        step_t0 = _clock()
+        progress, teacher = self.progress, self.teacher
+        if teacher.mode == "online":
+            if len(batch["ids"]) < teacher.candidate_batch_size(self.batch_size):
+                progress.online_dropped_batches += 1  # same on every rank: equal counts
+                return False
+            batch = self.online_pick(batch)
+        result = self.engine.train_step(batch)
+        real = batch["ids"] >= 0
+        teacher.observe(batch["ids"][real], result.per_sample[real], progress.step)
+        self.note_corrupt(stream)
+        progress.step += 1
+        teacher.exchange_due(progress.step)  # collective every few steps: ledger entries to owners
+        progress.samples_trained += int(real.sum())
+        progress.tokens_trained += int((batch["labels"] != -100).sum())
+        if result.skipped:
+            progress.nonfinite_skipped += 1
+            progress.nonfinite_in_row += 1
+        else:
+            progress.nonfinite_in_row = 0
+            progress.last_train_loss = result.loss
+        step_seconds = _charge(progress, step_t0)
+        self.log_step(batch, result, step_seconds)
+        self.check_nonfinite(stream)
+        return True
+
+    def online_pick(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Online mode: score the candidates and let the teacher pick this step's batch across ranks."""
+        t_score = time.perf_counter()
+        scores = self.engine.score(batch)
+        # the candidates' scoring forward is selection cost: book it in the teacher's score phase
+        self.teacher.stats["seconds_score"] += time.perf_counter() - t_score
+        return self.teacher.online_pick(batch, scores, self.batch_size, self.progress.step)
+
+    def log_step(self, batch: dict[str, Any], result: Any, step_seconds: float) -> None:
+        """metrics.jsonl every log_every steps, Prometheus and the progress bar every step."""
+        progress, world = self.progress, self.world
+        tokens_per_s = int((batch["labels"] != -100).sum()) * world / max(step_seconds, 1e-9)
+        tot = self.totals()
+        if progress.step % self.cfg.train.log_every == 0 or progress.step == self.cfg.train.max_steps:
+            self.metrics_log.write(
+                {
+                    "step": progress.step,
+                    "epoch": progress.epoch,
+                    "loss": result.loss,
+                    "lr": result.lr,
+                    "grad_norm": result.grad_norm,
+                    "tokens_per_second": tokens_per_s,
+                    "samples_trained": progress.samples_trained * world,
+                    "samples_scored": tot["samples_scored"],
+                    "selection_seconds": tot["selection_seconds"],
+                    "selected_ratio": tot["selected_ratio"],
+                    "train_seconds": progress.train_seconds,
+                    "wall_seconds": tot["wall_seconds"],
+                }
+            )
+        self.metrics.observe_step(step_seconds, result.loss, tokens_per_s)
+        self.metrics.update(tot)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{result.loss:.3f}", epoch=progress.epoch)
+
+    def check_nonfinite(self, stream: Any) -> None:
+        """Too many non-finite losses in a row: checkpoint, then stop with a one-line error."""
+        from attent_scale import checkpoint as ckpt
+
+        progress = self.progress
+        if progress.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
+            self.save(stream)
+            raise NonFiniteLossError(
+                f"{progress.nonfinite_in_row} non-finite training losses in a row at step "
+                f"{progress.step}; "
+                f"checkpoint written to {ckpt.checkpoint_root(self.run_dir)} (lower train.lr?)"
+            )
+
+    def note_corrupt(self, stream: Any) -> None:
+        """Keep corrupt samples out of every later selection and count the distinct ones."""
+        progress = self.progress
+        bad = stream.take_bad_ids()
+        if not bad:
+            return
+        self.teacher.exclude(bad, progress.step)
+        new = sorted(set(bad).difference(progress.corrupt_ids))
+        if new:
+            progress.corrupt_ids = sorted(set(progress.corrupt_ids).union(new))
+            print(f"attent-scale: rank {self.rank}: {len(new)} corrupt sample(s) excluded from selection "
+                  f"(ids {', '.join(map(str, new[:8]))}{' ...' if len(new) > 8 else ''}); "
+                  f"{len(progress.corrupt_ids)} distinct so far", file=sys.stderr)
+
+    # ---- after a step: anneal, stop, checkpoint ----------------------------------------------------
+
+    def anneal_cut(self) -> bool:
+        """Steps or seconds budgets: start the anneal once its point is reached; True when that ends the
+        current subset epoch early (the next epoch trains all data)."""
+        if self.teacher.anneal_from is None and _anneal_due(self.cfg, self.progress, self.group):
+            self.teacher.start_anneal(self.progress.epoch + 1)
+            return self.progress.selection_bits is not None
+        return False
+
+    def check_stop(self, stream: Any, cut: bool) -> str | None:
+        """Does the run stop after this step, and is a checkpoint due? Every rank decides the same: one
+        collective every stop_check_every steps carries any rank's signal or clock. Returns PREEMPT, STOP,
+        END_EPOCH (`cut`) or None (go on)."""
+        cfg, progress, stop = self.cfg, self.progress, self.stop
+        if progress.step == stop.stop_after_step:
+            stop.received = "ATTENT_STOP_AFTER_STEP"
+        out_of_time = bool(cfg.train.max_seconds) and progress.train_seconds >= cfg.train.max_seconds
+        stop_code = 0.0
+        if progress.step % cfg.train.stop_check_every == 0:
+            mine = 2.0 if stop.received else (1.0 if out_of_time else 0.0)
+            stop_code = _all_reduce_max(mine, self.group)
+        stop_now = stop_code >= 2
+        due = cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0
+        if stop_now or (due and progress.step < cfg.train.max_steps):
+            if cut:  # saved as the end of this epoch, so a resume starts the anneal like we do
+                progress.epoch += 1
+                self.save(None)
+                progress.epoch -= 1
+            else:
+                self.save(stream)
+        if stop_now:
+            return PREEMPT
+        if progress.step >= cfg.train.max_steps or stop_code >= 1:
+            return STOP
+        return END_EPOCH if cut else None
+
+    def preempt(self) -> int:
+        """After a stop signal's checkpoint: leave the marker a launcher script checks, and the exit code."""
+        from attent_scale.runlog import write_json
+
+        if self.is_main:
+            # torchrun turns a worker's exit code into its own 1: the marker file is what a
+            # launcher script checks to tell "preempted, requeue me" from a failure
+            marker = {"step": self.progress.step, "signal": self.stop.received}
+            write_json(self.run_dir / PREEMPTED_MARKER, marker)
+            print(
+                f"attent-scale: {self.stop.received or 'stop signal'}: checkpoint at step "
+                f"{self.progress.step} written, exiting with {PREEMPT_EXIT_CODE} for requeue",
+                file=sys.stderr,
+            )
+        return PREEMPT_EXIT_CODE
+
+    def epoch_budget_spent(self, trained: int) -> bool:
+        """After an epoch whose stream ran out (`trained` steps): is the epoch budget spent? Three epochs
+        in a row without a training batch are an error."""
+        cfg = self.cfg
+        if cfg.train.max_epochs and self.progress.epoch >= cfg.train.max_epochs:
+            return True
+        self.empty_epochs = 0 if trained else self.empty_epochs + 1
+        if self.empty_epochs >= 3:
+            raise UserError(
+                f"data.dir {cfg.data.dir}: three epochs in a row yielded no training batch "
+                f"(selection too small for {self.world} ranks x batch {self.batch_size}?)"
+            )
+        return False
+
+    # ---- eval, checkpoints, totals, the end --------------------------------------------------------
+
+    def evaluate(self) -> float:
+        """Val loss on this rank's val batches; eval.jsonl and the metrics get the point."""
+        progress = self.progress
+        t0 = time.perf_counter()
+        loss = self.engine.evaluate(_val_batches(self.manifest.dir, self.cfg, self.rank, self.world,
+                                                 self.val_cache))
+        progress.eval_seconds += time.perf_counter() - t0
+        progress.last_val_loss = loss
+        self.eval_log.write(
+            {
+                "step": progress.step,
+                "val_loss": loss,
+                "perplexity": math.exp(loss) if loss < 50 else float("inf"),
+                "samples_trained": progress.samples_trained * self.world,
+                "train_seconds": progress.train_seconds,
+                "train_cpu_seconds": progress.train_cpu_seconds,
+                "wall_seconds": progress.wall_offset + time.perf_counter() - self.wall_start,
+            }
+        )
+        self.metrics.observe_eval(loss)
+        return loss
+
+    def save(self, stream: Any) -> None:
+        """A checkpoint: the engine's state plus progress (with `stream`'s position), teacher and RNG."""
+        from attent_scale import checkpoint as ckpt
+        from attent_scale.runlog import count_lines
+
+        progress = self.progress
+        t0 = time.perf_counter()
+        progress.log_lines = {name: count_lines(self.run_dir / name) if self.is_main else 0
+                              for name in LOG_FILES}
+        # the stream position goes into the checkpoint only: left in `progress`, it would make the next
+        # epoch replay this one's stream instead of asking the teacher
+        state = {
+            "progress": {**_progress_state(progress, self.wall_start),
+                         "stream_state": stream.state_dict() if stream is not None else None},
+            "teacher": self.teacher.state_dict(),
+            "rng": ckpt.rng_state(),
+        }
+        ckpt.save_checkpoint(
+            self.run_dir,
+            progress.step,
+            self.engine,
+            state,
+            rank=self.rank,
+            world_size=self.world,
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
+        seconds = time.perf_counter() - t0
+        progress.checkpoint_seconds += seconds
+        self.metrics.observe_checkpoint(seconds)
+
+    def totals(self) -> dict[str, Any]:
+        """This rank's running totals: what metrics, logs and the summary report."""
+        progress, stats = self.progress, self.teacher.stats
         by_phase = {p: float(stats[f"seconds_{p}"]) for p in PHASES}
         selection_seconds = sum(by_phase.values())
-        wall = progress.wall_offset + time.perf_counter() - wall_start
+        wall = progress.wall_offset + time.perf_counter() - self.wall_start
         return {
             "steps": progress.step,
             "samples_trained": progress.samples_trained,
@@ -236,261 +597,30 @@ def train(cfg: RunConfig) -> int:
             "val_loss": progress.last_val_loss,
         }
 
-    val_cache: list[Any] = []
+    def finish(self) -> None:
+        """The end of a run: final eval (unless this step had one), last checkpoint, export, summary.json."""
+        from attent_scale.runlog import write_json
 
-    def evaluate() -> float:
-        t0 = time.perf_counter()
-        loss = engine.evaluate(_val_batches(manifest.dir, cfg, rank, world, val_cache))
-        progress.eval_seconds += time.perf_counter() - t0
-        progress.last_val_loss = loss
-        eval_log.write(
-            {
-                "step": progress.step,
-                "val_loss": loss,
-                "perplexity": math.exp(loss) if loss < 50 else float("inf"),
-                "samples_trained": progress.samples_trained * world,
-                "train_seconds": progress.train_seconds,
-                "train_cpu_seconds": progress.train_cpu_seconds,
-                "wall_seconds": progress.wall_offset + time.perf_counter() - wall_start,
-            }
-        )
-        metrics.observe_eval(loss)
-        return loss
-
-    def save(stream: Any) -> None:
-        t0 = time.perf_counter()
-        progress.log_lines = {name: ckpt_count(name) for name in LOG_FILES}
-        # the stream position goes into the checkpoint only: left in `progress`, it would make the next
-        # epoch replay this one's stream instead of asking the teacher
-        state = {
-            "progress": {**_progress_state(progress, wall_start),
-                         "stream_state": stream.state_dict() if stream is not None else None},
-            "teacher": teacher.state_dict(),
-            "rng": ckpt.rng_state(),
-        }
-        ckpt.save_checkpoint(
-            run_dir,
-            progress.step,
-            engine,
-            state,
-            rank=rank,
-            world_size=world,
-            keep_last=cfg.checkpoint.keep_last,
-        )
-        seconds = time.perf_counter() - t0
-        progress.checkpoint_seconds += seconds
-        metrics.observe_checkpoint(seconds)
-
-    def note_corrupt(stream: Any) -> None:
-        """Keep corrupt samples out of every later selection and count the distinct ones."""
-        bad = stream.take_bad_ids()
-        if not bad:
-            return
-        teacher.exclude(bad, progress.step)
-        new = sorted(set(bad).difference(progress.corrupt_ids))
-        if new:
-            progress.corrupt_ids = sorted(set(progress.corrupt_ids).union(new))
-            print(f"attent-scale: rank {rank}: {len(new)} corrupt sample(s) excluded from selection "
-                  f"(ids {', '.join(map(str, new[:8]))}{' ...' if len(new) > 8 else ''}); "
-                  f"{len(progress.corrupt_ids)} distinct so far", file=sys.stderr)
-
-    def ckpt_count(name: str) -> int:
-        return count_lines(run_dir / name) if is_main else 0
-
-    if resume_from is None and cfg.eval.every_steps:
-        evaluate()  # the step-0 point of every val-loss curve
-    bar = _progress_bar(cfg, progress.step) if is_main else None
-
-    def train_stream(epoch: int, batch: int, selection: Any = None) -> Any:
-        return ShardStream(manifest.dir, train_split, rank=rank, world_size=world, seed=cfg.seed, epoch=epoch,
-                           batch_size=batch, selection=selection, shuffle_buffer=cfg.data.shuffle_buffer,
-                           num_workers=cfg.data.num_workers)
-
-    exit_code = 0
-    empty_epochs = 0
-    failed = False
-    try:
-        while progress.step < cfg.train.max_steps:
-            loop_t0 = _clock()
-            epoch = progress.epoch
-            if progress.stream_state is None:  # a fresh epoch: the teacher decides what it trains on
-                before = totals()["selection_seconds_by_phase"]
-                plan = teacher.plan_epoch(epoch)
-                if plan.score:
-                    fresh = progress.selection_bits if cfg.teacher.rescore == "stale" else None
-                    # this rank's part only; with rescore=stale, without what the last subset epoch trained
-                    skip = None if fresh is None else Selection(fresh, n_train).complement()
-                    scoring = train_stream(epoch, cfg.eval.batch_size, skip)
-                    teacher.score_pass(scoring, engine.score, progress.step)
-                    note_corrupt(scoring)
-                    progress.corrupt_samples += scoring.faults
-                selection = teacher.select(epoch, progress.step) if plan.subset else None
-                progress.selection_bits = None if selection is None else selection.bits
-                progress.weight_bits = None if selection is None else selection.upweight
-                progress.weight = 1.0 if selection is None else selection.weight
-                if selection is not None:
-                    progress.selected_ratio = selection.count / n_train
-                else:
-                    progress.selected_ratio = cfg.teacher.online_ratio if teacher.mode == "online" else 1.0
-                after = totals()["selection_seconds_by_phase"]
-                if after != before:
-                    metrics.observe_selection({p: after[p] - before[p] for p in PHASES})
-            bits = progress.selection_bits
-            selection = None if bits is None else Selection(bits, n_train, upweight=progress.weight_bits,
-                                                            weight=progress.weight)
-            stream = train_stream(epoch, teacher.candidate_batch_size(batch_size), selection)
-            if progress.stream_state is not None:
-                stream.load_state_dict(progress.stream_state)
-                progress.stream_state = None
-            else:
-                progress.dropped_samples += stream.dropped
-            _charge(progress, loop_t0)
-
-            trained_this_epoch = 0
-            cut = False  # a steps/seconds budget's anneal point ends a subset epoch early
-            for batch in _timed(stream, progress):
-                step_t0 = _clock()
-                if teacher.mode == "online":
-                    if len(batch["ids"]) < teacher.candidate_batch_size(batch_size):
-                        progress.online_dropped_batches += 1  # same on every rank: equal counts
-                        continue
-                    t_score = time.perf_counter()
-                    scores = engine.score(batch)
-                    # the candidates' scoring forward is selection cost: book it in the teacher's score phase
-                    teacher.stats["seconds_score"] += time.perf_counter() - t_score
-                    batch = teacher.online_pick(batch, scores, batch_size, progress.step)
-                result = engine.train_step(batch)
-                real = batch["ids"] >= 0
-                teacher.observe(batch["ids"][real], result.per_sample[real], progress.step)
-                note_corrupt(stream)
-                progress.step += 1
-                teacher.exchange_due(progress.step)  # collective every few steps: ledger entries to owners
-                trained_this_epoch += 1
-                n_samples = int(real.sum())
-                progress.samples_trained += n_samples
-                progress.tokens_trained += int((batch["labels"] != -100).sum())
-                if result.skipped:
-                    progress.nonfinite_skipped += 1
-                    progress.nonfinite_in_row += 1
-                else:
-                    progress.nonfinite_in_row = 0
-                    progress.last_train_loss = result.loss
-                step_seconds = _charge(progress, step_t0)
-                tokens_per_s = int((batch["labels"] != -100).sum()) * world / max(step_seconds, 1e-9)
-
-                tot = totals()
-                if progress.step % cfg.train.log_every == 0 or progress.step == cfg.train.max_steps:
-                    metrics_log.write(
-                        {
-                            "step": progress.step,
-                            "epoch": epoch,
-                            "loss": result.loss,
-                            "lr": result.lr,
-                            "grad_norm": result.grad_norm,
-                            "tokens_per_second": tokens_per_s,
-                            "samples_trained": progress.samples_trained * world,
-                            "samples_scored": tot["samples_scored"],
-                            "selection_seconds": tot["selection_seconds"],
-                            "selected_ratio": tot["selected_ratio"],
-                            "train_seconds": progress.train_seconds,
-                            "wall_seconds": tot["wall_seconds"],
-                        }
-                    )
-                metrics.observe_step(step_seconds, result.loss, tokens_per_s)
-                metrics.update(tot)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{result.loss:.3f}", epoch=epoch)
-
-                if progress.nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
-                    save(stream)
-                    raise NonFiniteLossError(
-                        f"{progress.nonfinite_in_row} non-finite training losses in a row at step "
-                        f"{progress.step}; "
-                        f"checkpoint written to {ckpt.checkpoint_root(run_dir)} (lower train.lr?)"
-                    )
-                if teacher.anneal_from is None and _anneal_due(cfg, progress, group):
-                    teacher.start_anneal(epoch + 1)
-                    cut = progress.selection_bits is not None
-                if cfg.eval.every_steps and progress.step % cfg.eval.every_steps == 0:
-                    evaluate()
-                if progress.step == stop.stop_after_step:
-                    stop.received = "ATTENT_STOP_AFTER_STEP"
-                out_of_time = bool(cfg.train.max_seconds) and progress.train_seconds >= cfg.train.max_seconds
-                # one collective every stop_check_every steps: any rank's signal or clock stops every rank
-                # at the same boundary
-                stop_code = 0.0
-                if progress.step % cfg.train.stop_check_every == 0:
-                    mine = 2.0 if stop.received else (1.0 if out_of_time else 0.0)
-                    stop_code = _all_reduce_max(mine, group)
-                stop_now = stop_code >= 2
-                due = cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0
-                if stop_now or (due and progress.step < cfg.train.max_steps):
-                    if cut:  # saved as the end of this epoch, so a resume starts the anneal like we do
-                        progress.epoch += 1
-                        save(None)
-                        progress.epoch -= 1
-                    else:
-                        save(stream)
-                if stop_now:
-                    if is_main:
-                        # torchrun turns a worker's exit code into its own 1: the marker file is what a
-                        # launcher script checks to tell "preempted, requeue me" from a failure
-                        marker = {"step": progress.step, "signal": stop.received}
-                        write_json(run_dir / PREEMPTED_MARKER, marker)
-                        print(
-                            f"attent-scale: {stop.received or 'stop signal'}: checkpoint at step "
-                            f"{progress.step} written, exiting with {PREEMPT_EXIT_CODE} for requeue",
-                            file=sys.stderr,
-                        )
-                    exit_code = PREEMPT_EXIT_CODE
-                    return exit_code
-                if progress.step >= cfg.train.max_steps or stop_code >= 1:
-                    cut = False
-                    break
-                if cut:
-                    break
-            else:
-                # the epoch ran out: next epoch
-                progress.corrupt_samples += stream.faults
-                progress.epoch += 1
-                if cfg.train.max_epochs and progress.epoch >= cfg.train.max_epochs:
-                    break
-                empty_epochs = 0 if trained_this_epoch else empty_epochs + 1
-                if empty_epochs >= 3:
-                    raise UserError(
-                        f"data.dir {cfg.data.dir}: three epochs in a row yielded no training batch "
-                        f"(selection too small for {world} ranks x batch {batch_size}?)"
-                    )
-                continue
-            progress.corrupt_samples += stream.faults
-            if cut:
-                progress.epoch += 1
-                continue
-            break
-
-        if not cfg.eval.every_steps or progress.step % cfg.eval.every_steps != 0:
-            evaluate()
+        cfg = self.cfg
+        if not cfg.eval.every_steps or self.progress.step % cfg.eval.every_steps != 0:
+            self.evaluate()
         if cfg.checkpoint.every_steps:
-            save(None)
+            self.save(None)
         if cfg.checkpoint.export:
-            engine.export(run_dir / "export")  # collective: sharded engines gather the weights
-        summary = _summary(cfg, totals(), progress, teacher, group, world)
-        if is_main:
-            write_json(run_dir / "summary.json", summary)
-        metrics.update(totals())
-        return exit_code
-    except BaseException:
-        # a rank that raised must not enter a collective: its peers wait in another one and the job
-        # would hang silently; exiting lets torchrun see the failure and stop the others
-        failed = True
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        metrics_log.close()
-        eval_log.close()
-        metrics.close()
+            self.engine.export(self.run_dir / "export")  # collective: sharded engines gather the weights
+        summary = _summary(cfg, self.totals(), self.progress, self.teacher, self.group, self.world)
+        if self.is_main:
+            write_json(self.run_dir / "summary.json", summary)
+        self.metrics.update(self.totals())
+
+    def close(self, failed: bool, exit_code: int) -> None:
+        """Close bar, logs and metrics; after a clean run, wait for every rank, then leave the process group
+        (never after a failure: see `train`)."""
+        if self.bar is not None:
+            self.bar.close()
+        self.metrics_log.close()
+        self.eval_log.close()
+        self.metrics.close()
         if not failed and dist.is_available() and dist.is_initialized():
             if exit_code == 0:
                 dist.barrier()
