@@ -3,6 +3,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.attent-installed
+# a variable: a literal comma inside $(call ...) would split the argument
+EXTRAS := .[dev,hf]
 SHELL := /bin/bash
 # pip, quiet, minus one notice that pip configs listing local index directories cause for every package
 # those directories lack ("Location 'file:///...' is ignored: it is neither a file nor a directory").
@@ -25,7 +27,7 @@ $(STAMP): pyproject.toml
 	@echo "installing pip, torch 2.13.0 (CPU build), attent-scale and its dev tools into $(VENV) (quiet)"
 	@$(call pip_install,--upgrade pip)
 	@$(call pip_install,torch==2.13.0)
-	@$(call pip_install,-e '.[dev,hf]')
+	@$(call pip_install,-e '$(EXTRAS)')
 	@touch $(STAMP)
 
 # Installs what is missing when it can (root with apt-get); otherwise says what to install and stops.
