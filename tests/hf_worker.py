@@ -41,20 +41,6 @@ class ToyPairs(torch.utils.data.Dataset):
         return self.rows[i]
 
 
-def collate(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-    """Right-pad with 0; padded positions get label -100 and attention 0."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.int64)
-    labels = torch.full((len(rows), width), -100, dtype=torch.int64)
-    mask = torch.zeros(len(rows), width, dtype=torch.int64)
-    for j, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[j, :n] = torch.tensor(r["input_ids"])
-        labels[j, :n] = torch.tensor(r["labels"])
-        mask[j, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
 DS_ZERO3 = {
     "zero_optimization": {"stage": 3, "overlap_comm": False, "stage3_param_persistence_threshold": 0,
                           "stage3_gather_16bit_weights_on_model_save": True},
@@ -74,6 +60,7 @@ def main(spec: dict[str, Any]) -> None:
 
     from attent_scale.config import TeacherConfig
     from attent_scale.integrations.hf import AttentTrainer, default_teacher_config
+    from attent_scale.integrations.sampler import PadCollator
 
     out = Path(spec["out"])
     args = TrainingArguments(
@@ -116,8 +103,8 @@ def main(spec: dict[str, Any]) -> None:
                 (out / "metrics.prom").write_text(urllib.request.urlopen(url, timeout=10).read().decode())
 
     rank = int(os.environ.get("RANK", "0"))
-    kwargs: dict[str, Any] = {"model": model, "args": args, "train_dataset": data, "data_collator": collate,
-                              "callbacks": [Stop()]}
+    kwargs: dict[str, Any] = {"model": model, "args": args, "train_dataset": data,
+                              "data_collator": PadCollator(0), "callbacks": [Stop()]}
     if spec.get("plain"):
         trainer: Any = Trainer(**kwargs)
     else:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from attent_scale.errors import UserError
+from attent_scale.integrations.sampler import PadCollator
 
 IGNORE = -100
 
@@ -86,25 +87,6 @@ class Rows(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, list[int]]:
         return self.items[i]
-
-
-class PadCollator:
-    """Right-pads a batch; padding gets label -100 and attention 0, so no loss counts it."""
-
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
-
-    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.int64)
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.int64)
-        mask = torch.zeros((len(rows), width), dtype=torch.int64)
-        for j, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[j, :n] = torch.tensor(r["input_ids"])
-            labels[j, :n] = torch.tensor(r["labels"])
-            mask[j, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def build_tokenizer(rows: list[dict[str, str]], out: Path, vocab_size: int) -> Any:

@@ -1,9 +1,15 @@
 """The AtteNT teacher inside other trainers: Hugging Face `Trainer` (pip install "attent-scale[hf]")."""
 
-from attent_scale.integrations.sampler import ID_KEY, AttentBatchSampler, IdCollator, IndexedDataset
+from attent_scale.integrations.sampler import (
+    ID_KEY,
+    AttentBatchSampler,
+    IdCollator,
+    IndexedDataset,
+    PadCollator,
+)
 
 __all__ = ["ID_KEY", "AttentBatchSampler", "AttentTrainer", "IdCollator", "IndexedDataset",
-           "default_teacher_config"]
+           "PadCollator", "default_teacher_config"]
 
 
 def __getattr__(name: str):  # transformers is imported only when the Trainer integration is used

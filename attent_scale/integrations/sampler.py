@@ -116,3 +116,22 @@ class IdCollator:
         batch = self.collate([item for _, item in pairs])
         batch[ID_KEY] = torch.tensor([index for index, _ in pairs], dtype=torch.int64)
         return batch
+
+
+class PadCollator:
+    """Right-pads rows of token lists; padding gets label -100 and attention 0, so no loss counts it."""
+
+    def __init__(self, pad_id: int = 0) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.int64)
+        labels = torch.full((len(rows), width), -100, dtype=torch.int64)
+        mask = torch.zeros((len(rows), width), dtype=torch.int64)
+        for j, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[j, :n] = torch.tensor(r["input_ids"])
+            labels[j, :n] = torch.tensor(r["labels"])
+            mask[j, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
