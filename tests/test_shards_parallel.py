@@ -16,6 +16,7 @@ from attent_scale.data import Manifest
 from attent_scale.data.builder import build_shards, shard_layout, split_of
 from attent_scale.data.corpus import Corpus
 from attent_scale.data.tokenizer import Tokenizer
+from attent_scale.errors import UserError
 
 WORDS = ["alpha", "beta", "gamma", "delta", "def", "return", "class", "omega", "sigma", "import", "while",
          "lambda", "yield", "tau", "phi"]
@@ -130,3 +131,60 @@ def test_shard_layout_matches_limits() -> None:
     assert shard_layout(16 * 4 + 5, 16, 2, 2048, 100) == [(0, 2), (2, 2), (4, 1)]
     assert shard_layout(16 * 4 + 1, 16, 2, 1e9, 100) == [(0, 4)]  # a 1-token tail is no window
     assert shard_layout(1, 16, 2, 1e9, 100) == []
+
+
+def jsonl_corpus(path: Path, n: int = 400, bad_line: int | None = None) -> Path:
+    """One JSONL file of n rows (CRLF endings on some, U+2028 inside a string, blank lines between)."""
+    rng = random.Random(11)
+    lines = []
+    for i in range(n):
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12)))
+        if i % 17 == 3:
+            text += "\u2028" + rng.choice(WORDS)  # JSON allows it raw; it is not a line end in JSONL
+        line = json.dumps({"text": text, "n": i}, ensure_ascii=False)
+        lines.append("{not json" if bad_line == len(lines) + 1 else line)
+        if i % 23 == 5:
+            lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = "".join(line + ("\r\n" if k % 5 == 0 else "\n") for k, line in enumerate(lines))
+    path.write_bytes(body.encode())
+    return path
+
+
+def test_large_jsonl_splits_into_byte_ranges_read_by_workers(tmp_path: Path, monkeypatch) -> None:
+    src = jsonl_corpus(tmp_path / "src" / "rows.jsonl")
+    c = Corpus([src], text_field="text")
+    whole = [d.text for d in c.docs_in(src)]
+    tasks = list(c.tasks(997, 4096))
+    assert len(tasks) > 10 and all(len(t) == 1 and t[0][2] is not None for t in tasks)
+    assert [d.text for t in tasks for d in c.docs_of_task(t)] == whole  # every line once, in order
+    assert len(whole) == 400 and sum("\u2028" in t for t in whole) == 24
+
+    # the in-order path (a cap that cuts nothing) against ranges of ~1 kB read by 2 workers
+    opts = dict(seq_len=16, vocab_size=300, val_fraction=0.15, samples_per_shard=7, text_field="text",
+                progress=False)
+    build_shards([src], tmp_path / "ordered", max_bytes=10**12, workers=1, **opts)
+    tok = tmp_path / "ordered" / "tokenizer.model"
+    build_shards([src], tmp_path / "ordered2", tokenizer=tok, max_bytes=10**12, workers=1, **opts)
+    import attent_scale.data.builder as builder
+
+    monkeypatch.setattr(builder, "CHUNK_BYTES", 997)
+    build_shards([src], tmp_path / "ranges", tokenizer=tok, workers=2, **opts)
+    assert digest(tmp_path / "ordered2") == digest(tmp_path / "ranges")
+
+
+def test_bad_line_in_a_byte_range_names_its_line(tmp_path: Path, monkeypatch) -> None:
+    src = jsonl_corpus(tmp_path / "rows.jsonl", bad_line=301)
+    import attent_scale.data.builder as builder
+
+    monkeypatch.setattr(builder, "CHUNK_BYTES", 997)
+    tok = build_shards([corpus(tmp_path / "tok")], tmp_path / "tok-out", seq_len=16, vocab_size=300,
+                       progress=False, workers=1)
+    with pytest.raises(UserError, match=r"rows\.jsonl:301: invalid JSON"):
+        build_shards([src], tmp_path / "o", tokenizer=tok.tokenizer_path, seq_len=16, text_field="text",
+                     progress=False, workers=2)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"bad\.jsonl: not UTF-8 text \(byte 28\)"):
+        build_shards([bad], tmp_path / "o2", tokenizer=tok.tokenizer_path, seq_len=16, text_field="text",
+                     progress=False, workers=2)

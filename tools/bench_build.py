@@ -1,6 +1,6 @@
 """Shard build throughput with N worker processes: MB of text per second, speedup over one worker.
 
-    PYTHONPATH=. python tools/bench_build.py --workers 1 2 [--max-bytes 0] [--repeats 1]
+    PYTHONPATH=. python tools/bench_build.py --workers 1 2 [--max-bytes 0] [--repeats 1] [INPUTS --glob PAT]
 
 Trains one tokenizer first (not timed: tokenizer training is one pass of its own), then builds the
 embedded stdlib corpus (or INPUTS) with `--tokenizer` for every worker count, back to back, checks that
@@ -29,6 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="*", help="corpus files/directories (default: embedded stdlib corpus)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--glob", default="*", help="file pattern inside input directories")
     ap.add_argument("--max-bytes", type=int, default=0, help="cap the corpus (0 = all of it)")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--vocab-size", type=int, default=8000)
@@ -40,7 +41,8 @@ def main() -> None:
     tok_dir = tmp / "tok"
     if not (tok_dir / "tokenizer.model").exists():
         t0 = time.perf_counter()
-        build_shards(args.inputs, tok_dir, max_bytes=min(cap or 4_000_000, 4_000_000), seq_len=args.seq_len,
+        build_shards(args.inputs, tok_dir, glob=args.glob, max_bytes=min(cap or 4_000_000, 4_000_000),
+                     seq_len=args.seq_len,
                      vocab_size=args.vocab_size, progress=False, workers=1, overwrite=True)
         print(f"tokenizer: trained on <= 4 MB in {time.perf_counter() - t0:.1f}s (not timed below)")
     first: dict[str, str] | None = None
@@ -54,7 +56,8 @@ def main() -> None:
             load0 = os.getloadavg()
             c0 = os.times()
             t0 = time.perf_counter()
-            m = build_shards(args.inputs, out, tokenizer=tok_dir / "tokenizer.model", max_bytes=cap,
+            m = build_shards(args.inputs, out, glob=args.glob, tokenizer=tok_dir / "tokenizer.model",
+                             max_bytes=cap,
                              seq_len=args.seq_len, progress=False, workers=w, overwrite=True)
             wall = time.perf_counter() - t0
             c1 = os.times()

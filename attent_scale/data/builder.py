@@ -1,13 +1,14 @@
 """Shard builder: tokenize a corpus (N processes, or one part of a multi-machine build), pack windows, write
 tar shards; merging parts gives the same bytes as a one-process build.
 
-A build has two phases. Tokenize: documents, in corpus order and in chunks, go to worker processes that
-encode them, pick each document's split by a hash of its text, and append the split's tokens to their own
-token file; the main process records, in order, where each chunk's tokens went (a "part"). Write: the
-split's token stream is the concatenation of those segments, so every window (seq_len + 1 tokens, stride
-seq_len) and every shard boundary is known up front, and shards are written by worker processes
-independently. `--part I/N` stops after the tokenize phase and leaves a part directory; `shards merge`
-runs the write phase over parts 0..N-1. A one-machine build is one part plus the write phase.
+A build has two phases. Tokenize: the input files, in corpus order and in tasks of about 1 MB (runs of
+whole files, or byte ranges of a large JSONL file), go to worker processes that read and encode them,
+pick each document's split by a hash of its text, and append the split's tokens to their own token file;
+the main process hands out file names and records, in order, where each task's tokens went (a "part").
+Write: the split's token stream is the concatenation of those segments, so every window (seq_len + 1
+tokens, stride seq_len) and every shard boundary is known up front, and shards are written by worker
+processes independently. `--part I/N` stops after the tokenize phase and leaves a part directory;
+`shards merge` runs the write phase over parts 0..N-1. A one-machine build is one part plus the write phase.
 """
 
 from __future__ import annotations
@@ -145,9 +146,10 @@ class _Pool:
 _TOK: dict[str, Any] = {}
 
 
-def _init_tokenizer(path: str, out_dir: str, dtype: str, val_fraction: float, ref_fraction: float) -> None:
+def _init_tokenizer(path: str, out_dir: str, dtype: str, val_fraction: float, ref_fraction: float,
+                    corpus: Corpus | None = None) -> None:
     _TOK.update(tk=Tokenizer(path), out=Path(out_dir), dtype=np.dtype(dtype), val=val_fraction,
-                ref=ref_fraction, files={})
+                ref=ref_fraction, files={}, corpus=corpus)
 
 
 def _token_file(split: str) -> tuple[str, Any]:
@@ -179,6 +181,12 @@ def _tokenize_chunk(texts: list[str]) -> dict[str, Any]:
         out[split] = {"file": name, "offset": offset, "lengths": np.array([len(a) for a in arrays]),
                       "text_bytes": nbytes[split]}
     return out
+
+
+def _tokenize_files(task: list[tuple[str, int, int | None]]) -> dict[str, Any]:
+    """Read one task of `Corpus.tasks` (whole files or a JSONL byte range) here, then encode it: the
+    main process only hands out file names, so it never limits how fast N workers read."""
+    return _tokenize_chunk([doc.text for doc in _TOK["corpus"].docs_of_task(task)])
 
 
 def _chunks(corpus: Iterable[Any]) -> Iterator[list[str]]:
@@ -216,8 +224,12 @@ def tokenize_part(corpus: Corpus, out: Path, pool: _Pool, *, progress: bool) -> 
     lengths: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     text_bytes = dict.fromkeys(SPLITS, 0)
     bar = tqdm(desc="shards build", unit="doc", disable=None if progress else True)
+    if corpus.max_bytes is None and corpus.max_docs is None:
+        results = pool.map(_tokenize_files, corpus.tasks(CHUNK_BYTES, CHUNK_DOCS))
+    else:  # a cap needs the in-order prefix: this process reads, the workers encode
+        results = pool.map(_tokenize_chunk, _chunks(corpus))
     try:
-        for result in pool.map(_tokenize_chunk, _chunks(corpus)):
+        for result in results:
             for split, r in result.items():
                 if r["file"] not in files[split]:
                     files[split].append(r["file"])
@@ -288,10 +300,11 @@ def shard_layout(num_tokens: int, seq_len: int, itemsize: int, max_bytes: float,
 
 
 def tokenizer_pool(workers: int, tokenizer: Path, out: Path, dtype: str, val_fraction: float,
-                   ref_fraction: float) -> _Pool:
+                   ref_fraction: float, corpus: Corpus | None = None) -> _Pool:
     """The build's worker processes, each with the tokenizer loaded, writing token files under OUT."""
     (out / "tokens").mkdir(parents=True, exist_ok=True)
-    return _Pool(workers, _init_tokenizer, (str(tokenizer), str(out), dtype, val_fraction, ref_fraction))
+    init = (str(tokenizer), str(out), dtype, val_fraction, ref_fraction, corpus)
+    return _Pool(workers, _init_tokenizer, init)
 
 
 @dataclass
@@ -612,7 +625,7 @@ def build_shards(
         }
         work = tmp if part is not None else tmp / ".part"
         # one pool for both phases: worker start-up (a fresh interpreter each) is paid once
-        pool = tokenizer_pool(workers, tok_path, work, dtype, val_fraction, ref_fraction)
+        pool = tokenizer_pool(workers, tok_path, work, dtype, val_fraction, ref_fraction, corpus)
         try:
             splits = tokenize_part(corpus, work, pool, progress=progress)
             if part is not None:

@@ -81,44 +81,120 @@ class Corpus:
     def describe(self) -> str:
         return "embedded stdlib corpus" if self.embedded else f"{len(self.files)} input file(s)"
 
-    def _read(self, path: Path) -> str:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise UserError(f"{path}: cannot read input file ({exc.strerror or exc})") from None
+    def _decode(self, path: Path, data: bytes, offset: int = 0) -> str:
         if self.embedded:
             return data.decode("utf-8", errors="replace")
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+            raise UserError(f"{path}: not UTF-8 text (byte {offset + exc.start})") from None
 
-    def _docs_of(self, path: Path) -> Iterator[Document]:
-        text = self._read(path)
+    def _read(self, path: Path, start: int = 0, stop: int | None = None) -> bytes:
+        try:
+            with path.open("rb") as f:
+                if stop is None:
+                    f.seek(start)
+                    return f.read()
+                # the lines that start in [start, stop): skip the line running into start, finish the
+                # line running over stop
+                first = self._range_start(path, start)
+                f.seek(first)
+                data = f.read(max(0, stop - first))
+                if data and not data.endswith(b"\n"):
+                    data += f.readline()
+                return data
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read input file ({exc.strerror or exc})") from None
+
+    def _line_number(self, path: Path, offset: int) -> int:
+        """1-based number of the line starting at byte `offset` (read only for an error message)."""
+        with path.open("rb") as f:
+            return f.read(offset).count(b"\n") + 1
+
+    def docs_in(self, path: Path, start: int = 0, stop: int | None = None) -> Iterator[Document]:
+        """The non-blank documents of one input file; with `stop` (JSONL only), of the lines that start
+        in bytes [start, stop), so that a large JSONL file splits into independent ranges."""
         if self.text_field is None:  # with --text-field every input file is JSONL, one document a line
-            yield Document(str(path), text)
+            text = self._decode(path, self._read(path))
+            if text.strip():
+                yield Document(str(path), text)
             return
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
+        data = self._read(path, start, stop)
+        # a range knows its first line's byte offset, not its number: that is counted only for an error
+        offset = 0 if stop is None else self._range_start(path, start)
+        lineno = 1
+        for raw in data.split(b"\n"):
+            line = self._decode(path, raw, offset)
+            if line.strip():
+                try:
+                    value = self._jsonl_text(line)
+                except UserError as exc:
+                    where = lineno if stop is None else self._line_number(path, offset)
+                    raise UserError(f"{path}:{where}: {exc}") from None
+                yield Document(f"{path}:{lineno}" if stop is None else f"{path}@{offset}", value)
+            offset += len(raw) + 1
+            lineno += 1
+
+    def _range_start(self, path: Path, start: int) -> int:
+        """Byte offset of the first line that starts at or after `start`."""
+        if start == 0:
+            return 0
+        with path.open("rb") as f:
+            f.seek(start - 1)
+            if f.read(1) != b"\n":
+                f.readline()
+            return f.tell()
+
+    def _jsonl_text(self, line: str) -> str:
+        try:
+            rec = json.loads(line)
+        except ValueError as exc:
+            raise UserError(f"invalid JSON ({exc})") from None
+        if not isinstance(rec, dict) or self.text_field not in rec:
+            raise UserError(f"no field {self.text_field!r} (set --text-field)")
+        value = rec[self.text_field]
+        if not isinstance(value, str):
+            raise UserError(f"field {self.text_field!r} is not a string")
+        return value
+
+    def tasks(self, chunk_bytes: int, chunk_files: int) -> Iterator[list[tuple[str, int, int | None]]]:
+        """The corpus as independent reading tasks, in order: runs of whole files of about `chunk_bytes`
+        (at most `chunk_files`), and byte ranges of `chunk_bytes` of a large JSONL file; a worker reads
+        its task with `docs_of_task`. Only for an uncapped corpus (the caps need the in-order prefix)."""
+        if self.max_bytes is not None or self.max_docs is not None:
+            raise ValueError("a capped corpus is read in order by one process")
+        group: list[tuple[str, int, int | None]] = []
+        size = 0
+        for path in self.files:
             try:
-                rec = json.loads(line)
-            except ValueError as exc:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({exc})") from None
-            if not isinstance(rec, dict) or self.text_field not in rec:
-                raise UserError(f"{path}:{lineno}: no field {self.text_field!r} (set --text-field)")
-            value = rec[self.text_field]
-            if not isinstance(value, str):
-                raise UserError(f"{path}:{lineno}: field {self.text_field!r} is not a string")
-            yield Document(f"{path}:{lineno}", value)
+                n = path.stat().st_size
+            except OSError as exc:
+                raise UserError(f"{path}: cannot read input file ({exc.strerror or exc})") from None
+            if self.text_field is not None and n > 2 * chunk_bytes:
+                if group:
+                    yield group
+                    group, size = [], 0
+                for a in range(0, n, chunk_bytes):
+                    yield [(str(path), a, min(a + chunk_bytes, n))]
+                continue
+            group.append((str(path), 0, None))
+            size += n
+            if size >= chunk_bytes or len(group) >= chunk_files:
+                yield group
+                group, size = [], 0
+        if group:
+            yield group
+
+    def docs_of_task(self, task: list[tuple[str, int, int | None]]) -> Iterator[Document]:
+        """The documents of one task of `tasks`, in order."""
+        for path, start, stop in task:
+            yield from self.docs_in(Path(path), start, stop)
 
     def __iter__(self) -> Iterator[Document]:
         total = 0
         count = 0
         for path in self.files:
-            for doc in self._docs_of(path):
-                if not doc.text.strip():
-                    continue
+            for doc in self.docs_in(path):
                 if self.max_docs is not None and count >= self.max_docs:
                     return
                 size = len(doc.text.encode())
