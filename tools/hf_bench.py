@@ -201,6 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher", dest="teacher", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to the AtteNT arm as --teacher-set KEY=VALUE (repeatable), e.g. mode=ledger")
     p.add_argument("--reuse", action="store_true", help="skip runs whose eval.json exists")
+    p.add_argument("--base", type=Path, default=None,
+                   help="use this base model run (OUT/base of an earlier hf_bench) instead of training one")
     return p.parse_args(argv)
 
 
@@ -219,10 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     n_a = sum(1 for _ in data_a.open())
     n_b = sum(1 for _ in data_b.open())
     common = ["--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--lr", str(args.lr)]
-    base_args = ["--data", str(data_a), "--no-lora", "--no-attent", "--epochs", str(args.base_epochs),
-                 "--eval-rows", str(args.eval_rows), "--vocab-size", str(args.vocab_size), "--seed", "0"]
-    base = run(out / "base", [*base_args, *common], args.reuse, out / "base.log")
-    init = ["--init-from", str(out / "base" / "final"), "--tokenizer", str(out / "base" / "tokenizer.model")]
+    base_dir = args.base or out / "base"
+    if args.base is not None:
+        if not (base_dir / "eval.json").is_file() or not (base_dir / "final").is_dir():
+            raise SystemExit(f"hf_bench: --base {base_dir}: no eval.json and final/ (the base of another "
+                             "hf_bench OUT, e.g. OUT/base)")
+        base = json.loads((base_dir / "eval.json").read_text())
+    else:
+        base_args = ["--data", str(data_a), "--no-lora", "--no-attent", "--epochs", str(args.base_epochs),
+                     "--eval-rows", str(args.eval_rows), "--vocab-size", str(args.vocab_size), "--seed", "0"]
+        base = run(base_dir, [*base_args, *common], args.reuse, out / "base.log")
+    init = ["--init-from", str(base_dir / "final"), "--tokenizer", str(base_dir / "tokenizer.model")]
     seeds = []
     for seed in range(args.seeds):
         results: dict[str, Any] = {}
@@ -234,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
                                          "--epochs", str(args.epochs), "--eval-rows", str(args.eval_rows),
                                          "--eval-steps", str(args.eval_steps), *common, *extra],
                                args.reuse, run_dir.with_suffix(".log"))
-        if set(arms) == set(ARMS):
+        for arm in set(ARMS) - set(arms):  # the other arm from an earlier invocation, if there is one
+            done = out / f"seed{seed}" / arm / "eval.json"
+            if done.is_file():
+                results[arm] = json.loads(done.read_text())
+        if set(results) == set(ARMS):
             curves = {arm: read_curve(out / f"seed{seed}" / arm / "eval_curve.jsonl") for arm in ARMS}
             seeds.append({"seed": seed, **compare(results["plain"], results["attent"], curves["plain"],
                                                   curves["attent"])})

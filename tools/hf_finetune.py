@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = {"eval_loss": final["eval_loss"], "train_seconds": seconds, "cpu_seconds": cpu_seconds,
                    "steps": trainer.state.global_step, "samples_seen": clock.samples * targs.world_size,
                    "attent": not args.no_attent, "world_size": targs.world_size,
-                   "train_samples": len(train), "eval_samples": len(evals)}
+                   "train_samples": len(train), "eval_samples": len(evals),
+                   "torch_threads": torch.get_num_threads()}
         if not args.no_attent:
             totals = trainer.attent_totals()
             summary["selection_seconds_by_phase"] = totals.get("selection_seconds_by_phase", {})
