@@ -294,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         if model.config.vocab_size < tok.vocab_size:
             raise UserError(f"--init-from {args.init_from}: vocab_size {model.config.vocab_size} is below "
                             f"the tokenizer's {tok.vocab_size} (another tokenizer? pass --tokenizer)")
+        positions = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
+        if args.seq_len > positions:
+            raise UserError(f"--seq-len {args.seq_len}: the --init-from model has {positions} positions")
     else:
         config = GPT2Config(vocab_size=tok.vocab_size, n_positions=args.seq_len, n_embd=128, n_layer=2,
                             n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
