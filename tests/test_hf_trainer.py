@@ -167,3 +167,52 @@ def test_deepspeed_zero3_selection_world_size_independent(tmp_path: Path) -> Non
     shas = _shas(one)
     assert len(shas) == 2 and shas == _shas(two)
     assert _replay(two, 2) == shas
+
+
+def test_datasets_dataset_ids_are_indices(tmp_path: Path) -> None:
+    """A `datasets.Dataset` with a column the model does not take ("source", dropped by Trainer's
+    remove_unused_columns): the teacher's ids are the dataset's indices, every batch's rows are the rows
+    at its ids, epoch 0 trains on every index once and the subset epoch on exactly the selected count."""
+    import datasets
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2Config, TrainingArguments
+
+    from attent_scale.integrations.hf import AttentTrainer
+    from attent_scale.integrations.sampler import ID_KEY, PadCollator
+
+    n, vocab = 40, 64
+    rows = [[1 + i % 7] + [2 + (i * 5 + k * (1 + i % 3)) % (vocab - 2) for k in range(6 + i % 9)]
+            for i in range(n)]
+    source = [f"row {i}" for i in range(n)]
+    ds = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows, "source": source})
+    seen: list[tuple[int, int]] = []  # (epoch, id)
+
+    class Checking(AttentTrainer):
+        def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            ids = inputs[ID_KEY].tolist()
+            assert "source" not in inputs
+            for j, i in enumerate(ids):
+                width = int(inputs["attention_mask"][j].sum())
+                assert inputs["input_ids"][j, :width].tolist() == ds[i]["input_ids"], (i, j)
+                seen.append((int(self.attent.epoch), i))
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    args = TrainingArguments(output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=4,
+                             learning_rate=3e-3, logging_steps=1, save_strategy="no", seed=0, report_to=[],
+                             disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=1, n_head=2)
+    lora = LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM")
+    model = get_peft_model(AutoModelForCausalLM.from_config(config), lora)
+    trainer = Checking(model=model, args=args, train_dataset=ds, data_collator=PadCollator(0))
+    trainer.train()
+    epoch0 = sorted(i for e, i in seen if e == 0)
+    epoch1 = [i for e, i in seen if e == 1]
+    assert epoch0 == list(range(n))
+    selected = [h["attent/selected"] for h in trainer.state.log_history if "attent/selected" in h]
+    assert selected[0] == n and 0 < selected[1] < n
+    assert len(epoch1) == len(set(epoch1)) == selected[1]
+    records = read_records(tmp_path / "selection.jsonl")
+    assert records[-1]["epoch"] == 1  # the ids trained are the ones the teacher selected and recorded
+    assert Selection.from_ids(np.array(epoch1), n).sha256 == records[-1]["sha256"]
