@@ -148,6 +148,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         # Heavy imports here so `attent-scale --help` stays fast.
         from attent_scale.data import Manifest
+        from attent_scale.data.workers import StreamWorkers
         from attent_scale.dist import init_distributed
         from attent_scale.engines import build_engine
         from attent_scale.metrics import Metrics
@@ -199,6 +200,8 @@ class Trainer:
         self.metrics = Metrics.create(cfg.metrics, rank=self.rank, local_rank=self.info.local_rank, node=node)
         self.stop = StopSignal()
         self.val_cache: list[Any] = []
+        # one set of DataLoader workers for every epoch and scoring pass (started on first use)
+        self.stream_workers = StreamWorkers(cfg.data.num_workers) if cfg.data.num_workers > 0 else None
         self.empty_epochs = 0  # epochs in a row whose stream ran out without a training batch
         if self.resumed_from is None and cfg.eval.every_steps:
             self.evaluate()  # the step-0 point of every val-loss curve
@@ -349,7 +352,8 @@ class Trainer:
         cfg = self.cfg
         return ShardStream(self.manifest.dir, cfg.data.train_split, rank=self.rank, world_size=self.world,
                            seed=cfg.seed, epoch=epoch, batch_size=batch, selection=selection,
-                           shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers)
+                           shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers,
+                           workers=self.stream_workers)
 
     # ---- one step ---------------------------------------------------------------------------------
 
@@ -615,7 +619,9 @@ class Trainer:
 
     def close(self, failed: bool, exit_code: int) -> None:
         """Close bar, logs and metrics; after a clean run, wait for every rank, then leave the process group
-        (never after a failure: see `train`)."""
+        (never after a failure: see `train`); the data workers stop either way."""
+        if self.stream_workers is not None:
+            self.stream_workers.close()
         if self.bar is not None:
             self.bar.close()
         self.metrics_log.close()

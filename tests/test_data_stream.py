@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import random
 import shutil
 import warnings
@@ -13,6 +15,7 @@ import torch
 
 from attent_scale.data import Manifest, ShardStream, collate
 from attent_scale.data.builder import build_shards
+from attent_scale.data.workers import StreamWorkers
 from attent_scale.errors import UserError
 
 WORDS = ["alpha", "beta", "gamma", "delta", "def", "return", "class", "omega", "sigma", "import", "while",
@@ -266,11 +269,102 @@ def test_corrupt_sample_ids_are_reported_once_each(tmp_path: Path, shards: Path)
     data = bytearray((bad / shard.name).read_bytes())
     data[512:514] = b"\xff\xff"  # token 65535 >= vocab: the shard's first sample does not decode
     (bad / shard.name).write_bytes(bytes(data))
-    for workers in (0, 2):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            s = ShardStream(bad, "train", batch_size=4, num_workers=workers)
-            taken = []
-            for _ in s:
-                taken += s.take_bad_ids()
-        assert taken == [shard.first_id] and s.faults == 1 and s.take_bad_ids() == []
+    with StreamWorkers(2) as pool:
+        for workers, shared in ((0, None), (2, None), (2, pool)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                s = ShardStream(bad, "train", batch_size=4, num_workers=workers, workers=shared)
+                taken = []
+                for _ in s:
+                    taken += s.take_bad_ids()
+            assert taken == [shard.first_id] and s.faults == 1 and s.take_bad_ids() == []
+
+
+def _batches(stream: ShardStream, limit: int | None = None) -> list[tuple[list[int], list[list[int]]]]:
+    """(ids, input_ids) of every batch consumed, to compare streams exactly."""
+    out = []
+    for batch in stream:
+        out.append((batch["ids"].tolist(), batch["input_ids"].tolist()))
+        if len(out) == limit:
+            break
+    return out
+
+
+@pytest.fixture
+def pid_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A file each shared worker appends its pid to whenever it starts an iteration (the patched dataset
+    reaches the workers through fork)."""
+    from attent_scale.data import workers as workers_mod
+
+    log = tmp_path / "pids"
+    real = workers_mod._PublishedPlan.__iter__
+
+    def logged(self):  # type: ignore[no-untyped-def]
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        yield from real(self)
+
+    monkeypatch.setattr(workers_mod._PublishedPlan, "__iter__", logged)
+    return log
+
+
+def test_shared_workers_serve_epochs_and_scoring_passes_exactly_with_the_same_processes(
+    shards: Path, pid_log: Path
+) -> None:
+    from attent_scale.teacher import Selection
+
+    n = Manifest.load(shards).num_samples("train")
+    sel = Selection.from_mask(np.random.default_rng(5).random(n) < 0.6)
+    kw = dict(rank=1, world_size=2, seed=6, shuffle_buffer=5, num_workers=2)
+    # a run's sequence: train epochs over a selection (batch 4), a scoring pass over all data (batch 7)
+    passes = [dict(epoch=0, batch_size=4, selection=sel), dict(epoch=1, batch_size=7),
+              dict(epoch=1, batch_size=4, selection=sel), dict(epoch=2, batch_size=7),
+              dict(epoch=2, batch_size=4)]
+    with StreamWorkers(2) as pool:
+        for i, p in enumerate(passes):
+            s = ShardStream(shards, "train", **kw, **p, workers=pool)
+            got = _batches(s)
+            assert got == _batches(ShardStream(shards, "train", **kw, **p)), p
+            assert len(got) == len(s) and s.batches_consumed == len(s)
+            if i == 0:
+                pids = pool.pids()
+                assert len(set(pids)) == 2
+                for physical in range(2):  # a worker's plan file holds only its own shards' bits
+                    with open(os.path.join(pool._dir, f"worker{physical}.pkl"), "rb") as f:
+                        plan, _, w = pickle.load(f)
+                    assert set(plan.bits) == set(s._plan.restrict(w).bits)
+                    assert plan.selection_nbytes < s._plan.selection_nbytes
+            assert pool.pids() == pids
+        directory = pool._dir
+    logged = [int(x) for x in pid_log.read_text().split()]
+    # every pass ran in the same two processes: restarted workers would bring new pids
+    assert set(logged) == set(pids) and len(logged) >= 2 * len(passes)
+    assert not os.path.exists(directory)
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}"), "a worker outlived close()"
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_shared_workers_drop_an_abandoned_iteration(shards: Path, k: int) -> None:
+    kw = dict(rank=0, world_size=2, seed=2, batch_size=3, shuffle_buffer=7, num_workers=2)
+    full0 = _batches(ShardStream(shards, "train", **kw, epoch=0))
+    full1 = _batches(ShardStream(shards, "train", **kw, epoch=1))
+    with StreamWorkers(2) as pool:
+        a = ShardStream(shards, "train", **kw, epoch=0, workers=pool)
+        it = iter(a)
+        head = [(b["ids"].tolist(), b["input_ids"].tolist()) for _, b in zip(range(k), it, strict=False)]
+        assert head == full0[:k]
+        state = a.state_dict()
+        # the next epoch (an anneal cut), then the stopped one continued from its checkpointed position
+        assert _batches(ShardStream(shards, "train", **kw, epoch=1, workers=pool)) == full1
+        with pytest.raises(RuntimeError, match="ended by a later one"):
+            next(it)  # the abandoned iterator yields nothing of another iteration
+        b = ShardStream(shards, "train", **kw, epoch=1, workers=pool)
+        b.load_state_dict(state)
+        assert head + _batches(b) == full0
+        # the same object, iterated again after a stop, continues where it stopped
+        c = ShardStream(shards, "train", **kw, epoch=0, workers=pool)
+        first = _batches(c, limit=k)
+        assert first + _batches(c) == full0
+    with pytest.raises(UserError, match="num_workers"):
+        ShardStream(shards, "train", **dict(kw, num_workers=3), workers=pool)

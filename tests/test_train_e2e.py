@@ -110,7 +110,10 @@ PRUNE = {"mode": "ledger", "strategy": "prune", "warmup_epochs": 1, "prune_ratio
 
 def _resume_config(run_dir, shards, engine, nproc, variant):
     if variant == "default":
-        return tiny_run_config(run_dir, shards, engine, train={"max_steps": 20})
+        # the one-process run reads through 2 run-long DataLoader workers (StreamWorkers): its scoring
+        # passes, its epochs and the epoch cut by the stop all share them; the others read in-process
+        data = {"num_workers": 2} if engine == "local" else {}
+        return tiny_run_config(run_dir, shards, engine, train={"max_steps": 20}, data=data)
     return tiny_run_config(run_dir, shards, engine, train={"max_steps": 20, "micro_batch_size": 128 // nproc},
                            teacher=PRUNE)
 

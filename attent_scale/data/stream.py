@@ -9,7 +9,9 @@ only the shards its run touches, and emits its samples in the order of a seeded 
 computed over positions (not contents), so a worker can resume at any batch by reading at most one buffer
 of samples. The DataLoader returns batches round-robin from its workers; the main process tags every
 batch with its logical worker, so the position (batches consumed per worker, next worker in the cycle) is
-exact, and a restored stream rotates the logical workers so the cycle continues where it stopped.
+exact, and a restored stream rotates the logical workers so the cycle continues where it stopped. Given a
+`StreamWorkers` (data/workers.py), a stream iterates through those long-lived worker processes instead of
+starting a DataLoader of its own.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +33,9 @@ from webdataset.tariterators import tar_file_iterator
 
 from attent_scale.data.manifest import Manifest
 from attent_scale.errors import UserError
+
+if TYPE_CHECKING:
+    from attent_scale.data.workers import StreamWorkers
 
 STATE_VERSION = 1
 IGNORE_INDEX = -100
@@ -345,6 +350,7 @@ class ShardStream:
         selection: Any = None,
         shuffle_buffer: int = 1000,
         num_workers: int = 0,
+        workers: StreamWorkers | None = None,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise UserError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
@@ -354,11 +360,14 @@ class ShardStream:
             raise UserError("shuffle_buffer and num_workers must be >= 0")
         if epoch < 0:
             raise UserError(f"epoch {epoch}: must be >= 0")
+        if workers is not None and workers.num_workers != num_workers:
+            raise UserError(f"workers: {workers.num_workers} processes, but num_workers is {num_workers}")
         self.manifest = Manifest.load(manifest_dir)
         self.split = split
         self.manifest.shards(split)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.batch_size, self.shuffle_buffer, self.num_workers = batch_size, shuffle_buffer, num_workers
+        self._workers = workers  # shared, run-long worker processes; None: a DataLoader per iteration
         # held for re-planning other epochs (the caller's object, not a copy); plans and workers get
         # only their shards' slices of it
         self._selection = _selection_bits(selection, self.manifest, split)
@@ -412,12 +421,16 @@ class ShardStream:
         if self._finished:
             self._reset_position()  # an epoch this object ran to its end iterates again from its start
         nw = self.num_workers
-        dataset = _EpochDataset(self._plan, self.worker_batches, self.next_worker)
-        if nw == 0:
-            batches: Any = dataset._worker(0)
+        batches: Any
+        if self._workers is not None:
+            batches = self._workers.iterate(self._plan, self.worker_batches, self.next_worker)
         else:
-            batches = DataLoader(dataset, batch_size=None, num_workers=nw, persistent_workers=False,
-                                 worker_init_fn=_ignore_stop_signals)
+            dataset = _EpochDataset(self._plan, self.worker_batches, self.next_worker)
+            if nw == 0:
+                batches = dataset._worker(0)
+            else:
+                batches = DataLoader(dataset, batch_size=None, num_workers=nw, persistent_workers=False,
+                                     worker_init_fn=_ignore_stop_signals)
         lw = self._plan.logical_workers
         t = self.manifest.seq_len
         for item in batches:
