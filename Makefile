@@ -47,7 +47,7 @@ system-packages:
 	fi
 
 test: system-packages $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 demo: $(STAMP)
 	$(VENV)/bin/attent-scale demo
