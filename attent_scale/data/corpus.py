@@ -21,6 +21,10 @@ class Document:
     text: str
 
 
+def _unreadable(path: Path, exc: OSError) -> UserError:
+    return UserError(f"{path}: cannot read input file ({exc.strerror or exc})")
+
+
 def _skip_stdlib_dir(name: str) -> bool:
     return name in SKIP_DIRS or name.endswith("_test") or name.endswith("_tests")
 
@@ -89,22 +93,28 @@ class Corpus:
         except UnicodeDecodeError as exc:
             raise UserError(f"{path}: not UTF-8 text (byte {offset + exc.start})") from None
 
-    def _read(self, path: Path, start: int = 0, stop: int | None = None) -> bytes:
+    def _read(self, path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise _unreadable(path, exc) from None
+
+    def _read_lines(self, path: Path, start: int, stop: int) -> tuple[int, bytes]:
+        """(byte offset of the first, bytes of) the lines that start in [start, stop): the line running
+        into `start` is skipped, the line running over `stop` is finished."""
         try:
             with path.open("rb") as f:
-                if stop is None:
-                    f.seek(start)
-                    return f.read()
-                # the lines that start in [start, stop): skip the line running into start, finish the
-                # line running over stop
-                first = self._range_start(path, start)
-                f.seek(first)
+                if start > 0:
+                    f.seek(start - 1)
+                    if f.read(1) != b"\n":
+                        f.readline()
+                first = f.tell()
                 data = f.read(max(0, stop - first))
                 if data and not data.endswith(b"\n"):
                     data += f.readline()
-                return data
+                return first, data
         except OSError as exc:
-            raise UserError(f"{path}: cannot read input file ({exc.strerror or exc})") from None
+            raise _unreadable(path, exc) from None
 
     def _line_number(self, path: Path, offset: int) -> int:
         """1-based number of the line starting at byte `offset` (read only for an error message)."""
@@ -119,9 +129,8 @@ class Corpus:
             if text.strip():
                 yield Document(str(path), text)
             return
-        data = self._read(path, start, stop)
         # a range knows its first line's byte offset, not its number: that is counted only for an error
-        offset = 0 if stop is None else self._range_start(path, start)
+        offset, data = (0, self._read(path)) if stop is None else self._read_lines(path, start, stop)
         lineno = 1
         for raw in data.split(b"\n"):
             line = self._decode(path, raw, offset)
@@ -134,16 +143,6 @@ class Corpus:
                 yield Document(f"{path}:{lineno}" if stop is None else f"{path}@{offset}", value)
             offset += len(raw) + 1
             lineno += 1
-
-    def _range_start(self, path: Path, start: int) -> int:
-        """Byte offset of the first line that starts at or after `start`."""
-        if start == 0:
-            return 0
-        with path.open("rb") as f:
-            f.seek(start - 1)
-            if f.read(1) != b"\n":
-                f.readline()
-            return f.tell()
 
     def _jsonl_text(self, line: str) -> str:
         try:
@@ -169,7 +168,7 @@ class Corpus:
             try:
                 n = path.stat().st_size
             except OSError as exc:
-                raise UserError(f"{path}: cannot read input file ({exc.strerror or exc})") from None
+                raise _unreadable(path, exc) from None
             if self.text_field is not None and n > 2 * chunk_bytes:
                 if group:
                     yield group
