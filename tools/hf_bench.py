@@ -88,17 +88,12 @@ def write_rows(path: Path, rows: list[str], limit: int, seed: int = 0) -> int:
 
 
 def time_to_target(curve: list[dict[str, float]], target: float, key: str = "cpu_seconds") -> float | None:
-    """First `key` at which the eval loss reaches `target`, interpolated linearly between the two eval points
-    around the crossing (the first point itself if it is already at or below; None if never)."""
-    prev = None
-    for point in curve:
-        if point["eval_loss"] <= target:
-            if prev is None or prev["eval_loss"] == point["eval_loss"]:
-                return float(point[key])
-            frac = (prev["eval_loss"] - target) / (prev["eval_loss"] - point["eval_loss"])
-            return float(prev[key] + frac * (point[key] - prev[key]))
-        prev = point
-    return None
+    """First `key` at which the eval loss reaches `target` (`attent_scale.bench.interpolate_target`: linear
+    between the two eval points around the crossing; None if never)."""
+    from attent_scale.bench import interpolate_target
+
+    seconds, _ = interpolate_target([(p[key], 0.0, p["eval_loss"]) for p in curve], target)  # samples unused
+    return None if seconds is None else float(seconds)
 
 
 def read_curve(path: Path) -> list[dict[str, float]]:
