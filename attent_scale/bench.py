@@ -399,12 +399,15 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     plan: list[Arm] = [Arm(BASELINE, {"teacher.mode": "none"}, role="baseline")]
     controls: dict[tuple, Arm] = {}
+    # a random arm given already controls its schedule
+    given = {tuple(sorted(a.overrides.items())): a for a in attent_arms}
+    control_of: dict[str, str] = {}  # arm -> its random control's name (arms with one schedule share it)
     for arm in attent_arms:
         plan.append(arm)
         if arm.overrides.get("teacher.strategy") != "random" and arm.overrides["teacher.mode"] != "online":
             ctl = random_control(arm, base_teacher)
-            controls.setdefault(tuple(sorted(ctl.overrides.items())), ctl)
-    given = {tuple(sorted(a.overrides.items())) for a in attent_arms}  # a random arm given already controls
+            key = tuple(sorted(ctl.overrides.items()))
+            control_of[arm.name] = given[key].name if key in given else controls.setdefault(key, ctl).name
     plan += [ctl for key, ctl in controls.items() if key not in given]
 
     results: dict[str, list[dict[str, Any]]] = {}
@@ -431,7 +434,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     baseline = {r["seed"]: r for r in results[BASELINE]}
     arms = [score_arm(name, roles[name], runs, baseline) for name, runs in results.items()]
-    _judge(arms)
+    _judge(arms, control_of)
     report = {
         "target_val_loss": statistics.fmean(r["summary"]["final_val_loss"] for r in results[BASELINE]),
         "seeds": seeds,
@@ -449,15 +452,17 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _judge(arms: list[dict[str, Any]]) -> None:
-    """An AtteNT arm wins only where it reaches the target sooner than uniform AND beats both controls."""
+def _judge(arms: list[dict[str, Any]], control_of: dict[str, str]) -> None:
+    """An AtteNT arm wins only where it reaches the target sooner than uniform AND beats both controls:
+    its random subset (`control_of`, shared by arms with the same schedule) and the nearest uniform-short."""
     by_name = {a["name"]: a for a in arms}
     shorts = [a for a in arms if a["name"].startswith("uniform-short")]
     for a in arms:
         if a["role"] != "attent":
             continue
-        ctl = by_name.get(f"random-subset[{a['name']}]")
+        ctl = by_name.get(control_of.get(a["name"], ""))
         short = min(shorts, key=lambda s: abs((s["steps"] or 0) - (a["steps"] or 0))) if shorts else None
+        a["random_control"] = ctl["name"] if ctl is not None else None
         beats = [c for c in (ctl, short) if c is not None]
         a["wins"] = bool(
             a["speedup"] is not None

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from train_runner import REPO, check, read_lines, run_train, tiny_run_config
 
-from attent_scale.bench import interpolate_target, parse_arm, random_control
+from attent_scale.bench import _judge, interpolate_target, parse_arm, random_control
 from attent_scale.data.builder import build_shards
 from attent_scale.errors import UserError
 
@@ -33,6 +33,25 @@ def test_parse_arm_defaults_to_teacher_keys_and_cycle_mode():
         "teacher.mode": "cycle",
         "teacher.strategy": "random",
     }
+
+
+def test_an_arm_whose_random_control_is_shared_is_judged_against_it():
+    # excess and loss arms with one schedule get one random control, named after the first arm
+    loss = parse_arm("hard:strategy=hard")
+    excess = parse_arm("hard-excess:strategy=hard,score=excess,reference=R")
+    assert random_control(loss).overrides == random_control(excess).overrides
+
+    def arm(name: str, role: str, val: float, speedup: float | None = 1.5) -> dict:
+        return {"name": name, "role": role, "final_val_loss": val, "steps": 100, "speedup": speedup}
+
+    arms = [arm("uniform", "baseline", 5.0, 1.0), arm("hard", "attent", 4.9),
+            arm("hard-excess", "attent", 4.95), arm("random-subset[hard]", "control", 4.92, None),
+            arm("uniform-short[100]", "control", 5.1, None)]
+    _judge(arms, {"hard": "random-subset[hard]", "hard-excess": "random-subset[hard]"})
+    by = {a["name"]: a for a in arms}
+    assert by["hard"]["wins"] and by["hard"]["random_control"] == "random-subset[hard]"
+    # 4.95 is above the shared random control's 4.92: no win, though it beats uniform-short
+    assert not by["hard-excess"]["wins"] and by["hard-excess"]["random_control"] == "random-subset[hard]"
 
 
 def test_random_control_of_a_prune_arm_keeps_as_many_with_the_same_weights_rule():

@@ -1,0 +1,68 @@
+"""Per-seed markdown table of a `bench.json`: each arm's final val loss, time and time to target per seed,
+and, paired by seed, whether it ends below its random control and the nearest uniform-short.
+
+    python tools/bench_seeds.py runs/selection-ablation/stdlib/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+def _per_seed(values: list[Any], spec: str) -> str:
+    return " / ".join("not reached" if v is None else format(v, spec) for v in values)
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return None if num is None or not den else num / den
+
+
+def table(report: dict[str, Any]) -> str:
+    arms = report["arms"]
+    by = {a["name"]: a for a in arms}
+    uni = {s["seed"]: s for s in by["uniform"]["seeds"]}
+    shorts = [a for a in arms if a["name"].startswith("uniform-short")]
+    head = ("| arm | final val (mean ± sd) | per seed | Δ vs uniform | train CPU s | time / uniform | "
+            "to uniform's final val / uniform's | charged (+ reference) | steps | selection % | "
+            "below random control | below uniform-short |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for a in arms:
+        seeds = a["seeds"]
+        vals = [s["final_val_loss"] for s in seeds]
+        times = [_ratio(s["train_seconds"], uni[s["seed"]]["train_seconds"]) for s in seeds]
+        to_target = [_ratio(s["time_to_target_seconds"], uni[s["seed"]]["time_to_target_seconds"])
+                     for s in seeds]
+        charged = [None if not s.get("speedup_charged") else 1 / s["speedup_charged"] for s in seeds]
+        ctl, beat_ctl, beat_short = by.get(a.get("random_control") or ""), "", ""
+        if a["role"] == "attent":
+            if ctl is not None:
+                c = {s["seed"]: s["final_val_loss"] for s in ctl["seeds"]}
+                beat_ctl = f"{sum(s['final_val_loss'] < c[s['seed']] for s in seeds)}/{len(seeds)}"
+            if shorts:
+                sh = min(shorts, key=lambda x: abs(x["steps"] - a["steps"]))
+                c = {s["seed"]: s["final_val_loss"] for s in sh["seeds"]}
+                wins = sum(s["final_val_loss"] < c[s["seed"]] for s in seeds)
+                beat_short = f"{wins}/{len(seeds)} ({sh['name']})"
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        rows.append(
+            f"| {a['name']} | {statistics.fmean(vals):.4f} ± {sd:.4f} | {_per_seed(vals, '.4f')} | "
+            f"{a['val_loss_delta']:+.4f} | {a['train_seconds']:.1f} | {_per_seed(times, '.2f')} | "
+            f"{_per_seed(to_target, '.2f')} | "
+            f"{_per_seed(charged, '.2f') if a.get('reference_seconds') else ''} | "
+            f"{a['steps']:.0f} | {100 * a['selection_fraction']:.1f} | {beat_ctl} | {beat_short} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("bench_json", type=Path)
+    print(table(json.loads(p.parse_args().bench_json.read_text())))
+
+
+if __name__ == "__main__":
+    main()
