@@ -6,6 +6,7 @@ rank writes OUT/losses.rank{r}.jsonl (the per-sample losses the teacher recorded
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -116,7 +117,8 @@ def main(spec: dict[str, Any]) -> None:
                 losses_file.write(json.dumps(rec) + "\n")
                 losses_file.flush()
 
-        teacher = default_teacher_config()
+        # the default in cycle mode, so that the runs exercise the collective scoring pass too
+        teacher = dataclasses.replace(default_teacher_config(), mode="cycle")
         if spec.get("teacher") is not None:
             teacher = TeacherConfig(**spec["teacher"])
         metrics = None

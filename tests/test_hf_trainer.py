@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -61,7 +62,7 @@ def _replay(out: Path, world: int) -> list[str]:
     for r in range(world):
         events += [json.loads(line) for line in (out / f"losses.rank{r}.jsonl").read_text().splitlines()]
     events.sort(key=lambda e: (e["step"], e["kind"] != "score"))
-    teacher = Teacher(default_teacher_config(), num_samples=N, seed=0)
+    teacher = Teacher(dataclasses.replace(default_teacher_config(), mode="cycle"), num_samples=N, seed=0)
     shas, i = [], 0
     for rec in read_records(out / "selection.jsonl"):
         while i < len(events) and (events[i]["step"], events[i]["kind"] != "score") <= (rec["step"], False):

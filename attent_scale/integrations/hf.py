@@ -34,9 +34,9 @@ LossFn = Callable[[Any, dict[str, Any]], torch.Tensor]
 
 def default_teacher_config() -> TeacherConfig:
     """The project default picked by the ablation (configs/demo.yaml's teacher section): after one full
-    epoch, every epoch rescores the ids it did not just train on and trains on the top-loss subset, the
-    ratio rising 0.2 -> 0.8 on a cosine over 5 cycles."""
-    return TeacherConfig(mode="cycle", strategy="hard", ratio_schedule="cosine", initial_ratio=0.2,
+    epoch, every epoch trains on the ids with the highest loss their last training forward recorded (no
+    scoring pass), the ratio rising 0.2 -> 0.8 on a cosine over 5 cycles."""
+    return TeacherConfig(mode="ledger", strategy="hard", ratio_schedule="cosine", initial_ratio=0.2,
                          final_ratio=0.8, total_cycles=5, interval_schedule="fixed", initial_interval=1,
                          max_interval=3, warmup_epochs=1, full_epochs_per_cycle=0, rescore="stale")
 
