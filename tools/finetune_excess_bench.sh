@@ -3,8 +3,9 @@
 # fine-tuning for 3 epochs on text of another kind whose shards hold a held-out `ref` split (20% of the
 # documents). The reference is the base LoRA-fine-tuned on that split (3 epochs, uniform, one thread, merged
 # export), which then scores the train split; bench charges its training + scoring CPU seconds to the excess
-# arms. Arms: the official AtteNT LLM recipe and our cycle default, each by raw loss and by excess loss
-# (learner - reference), plus the automatic controls. CPU clock, one thread per arm.
+# arms. Arms: the official AtteNT LLM recipe and the cycle-mode schedule, each by raw loss and by excess
+# loss (learner - reference), the project default (ledger-hard), plus the automatic controls. CPU clock,
+# one thread per arm.
 # Usage: tools/finetune_excess_bench.sh [SEEDS] [BASE_CORPUS] [FT_CORPUS] [OUT] [bench options...]
 set -euo pipefail
 seeds=${1:-3}
@@ -41,6 +42,7 @@ cycle=strategy=hard,ratio_schedule=cosine,interval_schedule=fixed,rescore=stale
 arms=(
   --arms "official-ledger-hard-0.7:$official"
   --arms "official-excess:$official,score=excess,reference=$ref"
+  --arms "ledger-hard:mode=ledger,$cycle"
   --arms "cycle-hard:$cycle"
   --arms "cycle-hard-excess:$cycle,score=excess,reference=$ref"
 )
