@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -24,11 +25,40 @@ SLURM_BINARIES = ("munged", "munge", "unmunge", "slurmctld", "slurmd", "sbatch",
                   "squeue", "srun")
 
 
-def free_port() -> int:
-    """A TCP port that was free on loopback a moment ago."""
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """First port of the kernel's range for outgoing connections (Linux default 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _can_bind(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(span: int = 4) -> int:
+    """A TCP port, with the `span - 1` after it (exporters listen on port + LOCAL_RANK), free on every
+    address a moment ago. Drawn below the kernel's ephemeral range: a port the kernel hands out (bind to
+    port 0) can be taken meanwhile by any outgoing connection — gloo opens many — and a job then fails
+    with "port already in use"."""
+    low = _ephemeral_low()
+    low = low if 10000 + 100 < low <= 32768 else 32768
+    for _ in range(500):
+        port = random.randrange(10000, low - span)
+        if not _HANDED_OUT.intersection(range(port, port + span)) and all(
+                _can_bind(p) for p in range(port, port + span)):
+            _HANDED_OUT.update(range(port, port + span))
+            return port
+    raise RuntimeError(f"no {span} free consecutive TCP ports in 10000-{low}")
 
 
 def require(binaries: tuple[str, ...], package: str) -> None:
