@@ -463,6 +463,7 @@ def _judge(arms: list[dict[str, Any]], control_of: dict[str, str]) -> None:
         ctl = by_name.get(control_of.get(a["name"], ""))
         short = min(shorts, key=lambda s: abs((s["steps"] or 0) - (a["steps"] or 0))) if shorts else None
         a["random_control"] = ctl["name"] if ctl is not None else None
+        a["uniform_short"] = short["name"] if short is not None else None
         beats = [c for c in (ctl, short) if c is not None]
         a["wins"] = bool(
             a["speedup"] is not None

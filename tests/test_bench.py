@@ -50,6 +50,7 @@ def test_an_arm_whose_random_control_is_shared_is_judged_against_it():
     _judge(arms, {"hard": "random-subset[hard]", "hard-excess": "random-subset[hard]"})
     by = {a["name"]: a for a in arms}
     assert by["hard"]["wins"] and by["hard"]["random_control"] == "random-subset[hard]"
+    assert by["hard"]["uniform_short"] == "uniform-short[100]"
     # 4.95 is above the shared random control's 4.92: no win, though it beats uniform-short
     assert not by["hard-excess"]["wins"] and by["hard-excess"]["random_control"] == "random-subset[hard]"
 

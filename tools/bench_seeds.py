@@ -21,11 +21,18 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return None if num is None or not den else num / den
 
 
+def _below(seeds: list[dict[str, Any]], control: dict[str, Any] | None) -> str:
+    """In how many seeds the arm ends below `control` (paired by seed); empty without a control."""
+    if control is None:
+        return ""
+    c = {s["seed"]: s["final_val_loss"] for s in control["seeds"]}
+    return f"{sum(s['final_val_loss'] < c[s['seed']] for s in seeds)}/{len(seeds)}"
+
+
 def table(report: dict[str, Any]) -> str:
     arms = report["arms"]
     by = {a["name"]: a for a in arms}
     uni = {s["seed"]: s for s in by["uniform"]["seeds"]}
-    shorts = [a for a in arms if a["name"].startswith("uniform-short")]
     head = ("| arm | final val (mean ± sd) | per seed | Δ vs uniform | train CPU s | time / uniform | "
             "to uniform's final val / uniform's | charged (+ reference) | steps | selection % | "
             "below random control | below uniform-short |")
@@ -37,16 +44,10 @@ def table(report: dict[str, Any]) -> str:
         to_target = [_ratio(s["time_to_target_seconds"], uni[s["seed"]]["time_to_target_seconds"])
                      for s in seeds]
         charged = [None if not s.get("speedup_charged") else 1 / s["speedup_charged"] for s in seeds]
-        ctl, beat_ctl, beat_short = by.get(a.get("random_control") or ""), "", ""
-        if a["role"] == "attent":
-            if ctl is not None:
-                c = {s["seed"]: s["final_val_loss"] for s in ctl["seeds"]}
-                beat_ctl = f"{sum(s['final_val_loss'] < c[s['seed']] for s in seeds)}/{len(seeds)}"
-            if shorts:
-                sh = min(shorts, key=lambda x: abs(x["steps"] - a["steps"]))
-                c = {s["seed"]: s["final_val_loss"] for s in sh["seeds"]}
-                wins = sum(s["final_val_loss"] < c[s["seed"]] for s in seeds)
-                beat_short = f"{wins}/{len(seeds)} ({sh['name']})"
+        # the controls bench judged the arm against (bench.json names them)
+        short = by.get(a.get("uniform_short") or "")
+        beat_ctl = _below(seeds, by.get(a.get("random_control") or ""))
+        beat_short = f"{_below(seeds, short)} ({short['name']})" if short is not None else ""
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
         rows.append(
             f"| {a['name']} | {statistics.fmean(vals):.4f} ± {sd:.4f} | {_per_seed(vals, '.4f')} | "
