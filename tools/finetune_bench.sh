@@ -13,7 +13,8 @@ base_corpus=${2:-stdlib}
 ft_corpus=${3:-prose}
 out=${4:-runs/finetune-bench/$base_corpus-to-$ft_corpus}
 root=runs/finetune-bench
-model=(--set model.config.n_embd=64 --set model.config.n_head=2 --set model.config.n_positions=64)
+# shellcheck source=tools/bench_common.sh
+source "$(dirname "$0")/bench_common.sh"
 src() {  # the corpus' inputs for `shards build` (CORPUS CAP)
   if [ "$1" = stdlib ]; then echo "--max-bytes $2"; else echo "/usr/share/doc --glob copyright --max-bytes $2"; fi
 }
@@ -27,7 +28,7 @@ base=$root/base-$base_corpus
 if [ ! -f "$base/export/model/config.json" ]; then
   attent-scale train --config configs/ablation.yaml --set run_dir="$base" --set data.dir="$base_shards" \
     --set teacher.mode=none --set train.max_steps=1000000 --set train.max_epochs=4 --set eval.every_steps=200 \
-    --set checkpoint.export=true --no-resume "${model[@]}"
+    --set checkpoint.export=true --no-resume "${quarter_model[@]}"
 fi
 ft_shards=$root/shards-$ft_corpus-by-$base_corpus
 if [ ! -f "$ft_shards/manifest.json" ]; then
@@ -43,4 +44,4 @@ arms=(
 )
 attent-scale bench --data "$ft_shards" --config configs/ablation.yaml --init-from "$base" --budget-epochs 3 \
   --seeds "$seeds" --clock cpu --reuse --out "$out" --set model.lora.enabled=true --set checkpoint.export=false \
-  --set eval.every_steps=25 --set eval.max_batches=0 "${model[@]}" "${arms[@]}" "${@:5}"
+  --set eval.every_steps=25 --set eval.max_batches=0 "${quarter_model[@]}" "${arms[@]}" "${@:5}"

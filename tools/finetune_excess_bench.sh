@@ -13,18 +13,14 @@ base_corpus=${2:-stdlib}
 ft_corpus=${3:-prose}
 out=${4:-runs/finetune-bench/$base_corpus-to-$ft_corpus-excess}
 root=runs/finetune-bench
-model=(--set model.config.n_embd=64 --set model.config.n_head=2 --set model.config.n_positions=64)
-tools/finetune_bench.sh 0 "$base_corpus" "$ft_corpus"  # the base model and its tokenizer
+# shellcheck source=tools/bench_common.sh
+source "$(dirname "$0")/bench_common.sh"
+"$(dirname "$0")/finetune_bench.sh" 0 "$base_corpus" "$ft_corpus"  # the base model and its tokenizer
 base=$root/base-$base_corpus
 ft_shards=$root/shards-$ft_corpus-by-$base_corpus-ref
 if [ ! -f "$ft_shards/manifest.json" ]; then
-  # fractions as tools/selection_ablation.sh (the splits go by document hash, so they are lumpy)
-  if [ "$ft_corpus" = stdlib ]; then
-    src=(--max-bytes 500000 --val-fraction 0.25 --ref-fraction 0.25)
-  else
-    src=(/usr/share/doc --glob copyright --max-bytes 360000 --val-fraction 0.3 --ref-fraction 0.2)
-  fi
-  attent-scale shards build -o "$ft_shards" "${src[@]}" --seq-len 64 \
+  ref_split_src "$ft_corpus"
+  attent-scale shards build -o "$ft_shards" "${split_src[@]}" --seq-len 64 \
     --tokenizer "$root/shards-$base_corpus/tokenizer.model" --no-progress
 fi
 ref_run=$root/reference-$ft_corpus-by-$base_corpus
@@ -34,7 +30,7 @@ if [ ! -f "$ref" ]; then
   attent-scale train --config configs/ablation.yaml --set run_dir="$ref_run" --set data.dir="$ft_shards" \
     --set data.train_split=ref --set model.pretrained="$base/export/model" --set model.lora.enabled=true \
     --set model.lora.export_merged=true --set teacher.mode=none --set train.max_steps=1000000 \
-    --set train.max_epochs=3 --set eval.every_steps=0 --set checkpoint.export=true --no-resume "${model[@]}"
+    --set train.max_epochs=3 --set eval.every_steps=0 --set checkpoint.export=true --no-resume "${quarter_model[@]}"
   attent-scale score --model "$ref_run/export" --data "$ft_shards" --split train
 fi
 official=mode=ledger,strategy=hard,ratio_schedule=constant,initial_ratio=0.7,final_ratio=0.7,warmup_epochs=1
@@ -48,4 +44,4 @@ arms=(
 )
 attent-scale bench --data "$ft_shards" --config configs/ablation.yaml --init-from "$base" --budget-epochs 3 \
   --seeds "$seeds" --clock cpu --reuse --out "$out" --set model.lora.enabled=true --set checkpoint.export=false \
-  --set eval.every_steps=25 --set eval.max_batches=0 "${model[@]}" "${arms[@]}" "${@:5}"
+  --set eval.every_steps=25 --set eval.max_batches=0 "${quarter_model[@]}" "${arms[@]}" "${@:5}"

@@ -14,23 +14,18 @@ out=${3:-runs/selection-ablation/$corpus}
 root=runs/selection-ablation
 shards=$root/shards-$corpus
 ref_run=$root/reference-$corpus
-model=(--set model.config.n_embd=64 --set model.config.n_head=2 --set model.config.n_positions=64)
+# shellcheck source=tools/bench_common.sh
+source "$(dirname "$0")/bench_common.sh"
 if [ ! -f "$shards/manifest.json" ]; then
-  # splits go by document hash and both corpora have a few very large documents, so the fractions are lumpy:
-  # stdlib 1314 train / 1557 val / 182 ref windows; prose 1248 / 475 / 738
-  if [ "$corpus" = stdlib ]; then
-    src=(--max-bytes 500000 --val-fraction 0.25 --ref-fraction 0.25)
-  else
-    src=(/usr/share/doc --glob copyright --max-bytes 360000 --val-fraction 0.3 --ref-fraction 0.2)
-  fi
-  attent-scale shards build -o "$shards" "${src[@]}" --seq-len 64 --vocab-size 1000 --no-progress
+  ref_split_src "$corpus"
+  attent-scale shards build -o "$shards" "${split_src[@]}" --seq-len 64 --vocab-size 1000 --no-progress
 fi
 ref=$ref_run/export/model/scores-train.safetensors
 if [ ! -f "$ref" ]; then
   export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 ATTENT_NUM_THREADS=1  # its CPU seconds are charged like an arm's
   attent-scale train --config configs/ablation.yaml --set data.dir="$shards" --set data.train_split=ref \
     --set run_dir="$ref_run" --set teacher.mode=none --set train.max_epochs=4 --set checkpoint.export=true \
-    --set eval.every_steps=0 "${model[@]}"
+    --set eval.every_steps=0 "${quarter_model[@]}"
   attent-scale score --model "$ref_run/export" --data "$shards" --split train
 fi
 sched=strategy=hard,ratio_schedule=cosine,interval_schedule=fixed
@@ -46,4 +41,4 @@ arms=(
 )
 attent-scale bench --data "$shards" --config configs/ablation.yaml --budget-epochs 6 --seeds "$seeds" --clock cpu \
   --reuse --out "$out" --set checkpoint.export=false --set eval.every_steps=50 --set eval.max_batches=0 \
-  "${model[@]}" "${arms[@]}" "${@:4}"
+  "${quarter_model[@]}" "${arms[@]}" "${@:4}"
