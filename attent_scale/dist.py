@@ -90,6 +90,28 @@ def route_iface(master_addr: str) -> str | None:
     return _default_route_iface()
 
 
+def local_world_size(default: int) -> int:
+    """Processes on this host: torchrun's LOCAL_WORLD_SIZE, else the deepspeed launcher's LOCAL_SIZE."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(name):
+            return _env_int(name, default)
+    return default
+
+
+def spans_hosts() -> bool:
+    """True when this job runs on more than one host.
+
+    Either the launcher says so (WORLD_SIZE above this host's LOCAL_WORLD_SIZE / LOCAL_SIZE) or Slurm
+    does (SLURM_JOB_NUM_NODES / SLURM_NNODES above 1), so a launcher that sets neither local size still
+    counts as multi-host inside a multi-node allocation.
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    if world > local_world_size(world):
+        return True
+    nodes = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or "1"
+    return world > 1 and nodes.isdigit() and int(nodes) > 1
+
+
 def set_socket_ifname() -> str | None:
     """Choose the network interface gloo (and NCCL's bootstrap) use on a multi-host job; returns gloo's.
 
@@ -102,9 +124,7 @@ def set_socket_ifname() -> str | None:
     if knob:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", knob)
         os.environ.setdefault("NCCL_SOCKET_IFNAME", knob)
-    world = _env_int("WORLD_SIZE", 1)
-    local_world = _env_int("LOCAL_WORLD_SIZE", world)
-    if "GLOO_SOCKET_IFNAME" not in os.environ and world > local_world:
+    if "GLOO_SOCKET_IFNAME" not in os.environ and spans_hosts():
         name = route_iface(os.environ.get("MASTER_ADDR", "127.0.0.1"))
         if name:
             os.environ["GLOO_SOCKET_IFNAME"] = name
@@ -148,7 +168,7 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
-    local_world = _env_int("LOCAL_WORLD_SIZE", max(1, min(world_size, local_rank + 1)))
+    local_world = local_world_size(max(1, min(world_size, local_rank + 1)))
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(choose_cuda_device(local_rank, local_world, torch.cuda.device_count()))

@@ -58,12 +58,17 @@ def one_host_run(cfg: dict) -> Path:
 
 
 def submit(cluster: Cluster, script: str, config: Path, out: Path, *train_args: str,
-           env: dict[str, str] | None = None) -> int:
-    """sbatch a launch script on both hosts, NPROC CPU processes each."""
+           env: dict[str, str] | None = None, name_ifname: bool = True) -> int:
+    """sbatch a launch script on both hosts, NPROC CPU processes each.
+
+    name_ifname=False leaves GLOO_SOCKET_IFNAME unset: the trainer must find the interface itself.
+    """
     env = {"ATTENT_VENV": str(VENV), "ATTENT_NPROC_PER_NODE": str(NPROC),
            "ATTENT_RDZV_PORT": str(free_port()), "ATTENT_MASTER_PORT": str(free_port()),
            "ATTENT_METRICS_PORT": str(free_port()), "ATTENT_HOSTFILE": str(out.with_suffix(".hostfile")),
-           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **GLOO_ENV, **(env or {})}
+           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           **(GLOO_ENV if name_ifname else {}), **(env or {})}
+    assert name_ifname or not any(k in cluster.env for k in GLOO_ENV), "GLOO_SOCKET_IFNAME inherited"
     return cluster.sbatch(f"--partition={cluster.partition}", f"--nodes={len(cluster.hosts)}",
                           "--ntasks-per-node=1", "--gpus-per-node=0", f"--cpus-per-task={NPROC}", "--time=10",
                           f"--output={out}", str(ROOT / "launch" / script), str(config), *train_args,
@@ -159,7 +164,9 @@ def test_two_host_zero3_sbatch_selects_like_one_host(cluster: Cluster, tiny_shar
                                                      tmp_path: Path) -> None:
     cfg, config = mh_config(tmp_path, tiny_shards, "deepspeed", "run")
     out = tmp_path / "slurm.out"
-    job = submit(cluster, "slurm_deepspeed.sbatch", config, out)
+    # no GLOO_SOCKET_IFNAME: the deepspeed launcher's LOCAL_SIZE must reveal the second host to dist.py,
+    # or gloo advertises 127.0.1.1 and the ranks never connect
+    job = submit(cluster, "slurm_deepspeed.sbatch", config, out, name_ifname=False)
     state = cluster.wait_job(job, 300)
     assert state == "COMPLETED", out.read_text()
     assert job_nodes(cluster, job) == {h.name for h in cluster.hosts}
