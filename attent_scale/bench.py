@@ -23,7 +23,7 @@ from attent_scale.runlog import read_jsonl, write_json
 BASELINE = "uniform"
 BAR_DESC = "train"  # the trainer's tqdm description (train.py `_progress_bar`)
 CLOCK_KEYS = {"wall": "train_seconds", "cpu": "train_cpu_seconds"}
-DEFAULT_ARM = "attent:teacher.mode=cycle"
+DEFAULT_ARM = "attent"  # without --arms: one arm, the config's own teacher as it is
 # keys that define the subset schedule; a random-subset control copies them and swaps the strategy
 SCHEDULE_KEYS = (
     "mode",
@@ -70,6 +70,15 @@ def parse_arm(text: str) -> Arm:
     if overrides["teacher.mode"] == "none":
         raise UserError(f"--arms {text!r}: teacher.mode=none is the '{BASELINE}' arm, added by itself")
     return Arm(name, overrides)
+
+
+def default_arm(teacher: Any) -> Arm:
+    """The arm run without --arms: the config's teacher unchanged (its mode and strategy made explicit so
+    that the controls follow them); a config without a teacher has nothing to compare."""
+    if teacher.mode == "none":
+        raise UserError("bench: the config's teacher.mode is none (plain training, the "
+                        f"'{BASELINE}' arm): set teacher.mode in the config or give --arms")
+    return Arm(DEFAULT_ARM, {"teacher.mode": str(teacher.mode), "teacher.strategy": str(teacher.strategy)})
 
 
 def random_control(arm: Arm, base: Any = None) -> Arm:
@@ -388,10 +397,10 @@ def plot(results: dict[str, list[dict[str, Any]]], out_dir: Path, clock: str = "
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    attent_arms = [parse_arm(a) for a in (args.arms or [DEFAULT_ARM])]
     from attent_scale.config import load_config
 
     base_teacher = load_config(args.config, args.overrides).teacher
+    attent_arms = [parse_arm(a) for a in args.arms] if args.arms else [default_arm(base_teacher)]
     names = [a.name for a in attent_arms]
     if len(set(names)) != len(names):
         raise UserError(f"--arms: duplicate arm names in {names}")
@@ -453,7 +462,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _judge(arms: list[dict[str, Any]], control_of: dict[str, str]) -> None:
-    """An AtteNT arm wins only where it reaches the target sooner than uniform AND beats both controls:
+    """An AtteNT arm wins only where it reaches the target sooner than uniform, its reference model's cost
+    charged (`speedup_charged` > 1), AND beats both controls:
     its random subset (`control_of`, shared by arms with the same schedule) and the nearest uniform-short."""
     by_name = {a["name"]: a for a in arms}
     shorts = [a for a in arms if a["name"].startswith("uniform-short")]
@@ -465,9 +475,10 @@ def _judge(arms: list[dict[str, Any]], control_of: dict[str, str]) -> None:
         a["random_control"] = ctl["name"] if ctl is not None else None
         a["uniform_short"] = short["name"] if short is not None else None
         beats = [c for c in (ctl, short) if c is not None]
+        # charged: an excess arm pays for its reference model here (equal to `speedup` without one)
         a["wins"] = bool(
-            a["speedup"] is not None
-            and a["speedup"] > 1.0
+            a["speedup_charged"] is not None
+            and a["speedup_charged"] > 1.0
             and all(a["final_val_loss"] <= c["final_val_loss"] for c in beats)
         )
 
@@ -482,7 +493,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--arms",
         action="append",
         metavar="NAME:KEY=VALUE,...",
-        help=f"an AtteNT arm (repeatable); default {DEFAULT_ARM!r}",
+        help=f"an AtteNT arm (repeatable); default: one arm {DEFAULT_ARM!r}, the config's teacher as it is",
     )
     p.add_argument("--seeds", type=int, default=1, help="number of seeds per arm")
     p.add_argument("--seed", type=int, default=0, help="first seed")

@@ -42,7 +42,8 @@ def test_an_arm_whose_random_control_is_shared_is_judged_against_it():
     assert random_control(loss).overrides == random_control(excess).overrides
 
     def arm(name: str, role: str, val: float, speedup: float | None = 1.5) -> dict:
-        return {"name": name, "role": role, "final_val_loss": val, "steps": 100, "speedup": speedup}
+        return {"name": name, "role": role, "final_val_loss": val, "steps": 100, "speedup": speedup,
+                "speedup_charged": speedup}
 
     arms = [arm("uniform", "baseline", 5.0, 1.0), arm("hard", "attent", 4.9),
             arm("hard-excess", "attent", 4.95), arm("random-subset[hard]", "control", 4.92, None),
@@ -68,6 +69,49 @@ def test_random_control_of_a_prune_arm_keeps_as_many_with_the_same_weights_rule(
     plain = random_control(parse_arm("q:strategy=prune,reweight=false"), TeacherConfig())
     assert plain.overrides["teacher.random_reweight"] == "false"
     assert plain.overrides["teacher.initial_ratio"] == "0.75"  # the defaults: 1 - 0.5 * 0.5
+
+
+def test_an_excess_arm_whose_reference_cost_outweighs_its_speedup_does_not_win():
+    arms = [{"name": "uniform", "role": "baseline", "final_val_loss": 5.0, "steps": 100, "speedup": 1.0,
+             "speedup_charged": 1.0},
+            # 1.5x faster on its own time, but 0.8x with the reference model's training and scoring charged
+            {"name": "excess", "role": "attent", "final_val_loss": 4.9, "steps": 100, "speedup": 1.5,
+             "speedup_charged": 0.8},
+            {"name": "loss", "role": "attent", "final_val_loss": 4.9, "steps": 100, "speedup": 1.2,
+             "speedup_charged": 1.2}]
+    _judge(arms, {})
+    assert not arms[1]["wins"] and arms[2]["wins"]
+
+
+def test_bench_without_arms_runs_the_configs_own_teacher(tmp_path, monkeypatch):
+    from attent_scale import bench
+    from attent_scale.cli import build_parser
+
+    planned = []
+
+    def fake_run_arm(arm, seed, args, out_dir):  # record the plan; stop before anything trains
+        planned.append(arm)
+        if arm.role == "attent":
+            raise KeyboardInterrupt
+        return {}
+
+    monkeypatch.setattr(bench, "run_arm", fake_run_arm)
+    cfg = REPO / "configs" / "demo.yaml"
+    for extra, mode, strategy in (([], "ledger", "hard"),
+                                  (["--set", "teacher.mode=cycle", "--set", "teacher.strategy=soft"],
+                                   "cycle", "soft")):
+        planned.clear()
+        args = build_parser().parse_args(["bench", "--data", str(tmp_path), "--config", str(cfg),
+                                          "--out", str(tmp_path / "out"), *extra])
+        with pytest.raises(KeyboardInterrupt):
+            bench.run_bench(args)
+        assert [a.role for a in planned] == ["baseline", "attent"]
+        assert planned[1].name == "attent"
+        assert planned[1].overrides == {"teacher.mode": mode, "teacher.strategy": strategy}
+    args = build_parser().parse_args(["bench", "--data", str(tmp_path), "--config", str(cfg),
+                                      "--out", str(tmp_path / "out"), "--set", "teacher.mode=none"])
+    with pytest.raises(UserError, match="teacher.mode is none"):
+        bench.run_bench(args)
 
 
 @pytest.mark.parametrize("text", ["uniform:mode=cycle", ":strategy=hard", "a:strategy", "x:mode=none"])
