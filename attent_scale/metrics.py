@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -51,6 +52,7 @@ from attent_scale.errors import UserError
 PHASES: tuple[str, ...] = ("score", "collective", "select", "share", "rebalance")
 CONST_LABELS: tuple[str, ...] = ("job", "rank", "node")
 FALLBACK_TRIES = 100  # ports tried after the configured one when port_fallback is on
+ALL_INTERFACES = ("0.0.0.0", "::")  # metrics.address values that listen on every interface
 
 # summary.json key -> counter attribute (counters advance by the delta of these cumulative numbers)
 COUNTER_KEYS: dict[str, str] = {
@@ -60,6 +62,7 @@ COUNTER_KEYS: dict[str, str] = {
     "corrupt_ids": "corrupt_ids",
     "nonfinite_skipped": "nonfinite_skipped",
     "collective_bytes": "collective_bytes",
+    "tokens_trained": "tokens_trained",  # this rank's own tokens: sum(rate(...)) over ranks is the job's
 }
 # summary.json key -> gauge attribute
 GAUGE_KEYS: dict[str, str] = {
@@ -74,6 +77,15 @@ _SELECTION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5
 _STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _CKPT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _EPS = 1e-9
+
+
+def check_address(address: str) -> None:
+    """`metrics.address` must resolve on this host: else one line naming the key and the value."""
+    try:
+        socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError, ValueError) as exc:  # an over-long label is a UnicodeError (idna)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UserError(f"config key 'metrics.address': cannot resolve {address!r} ({reason})") from None
 
 
 class NullMetrics:
@@ -146,7 +158,10 @@ class Metrics(NullMetrics):
                                "Median age in steps of the scores the last selection used")
         self.train_loss = gauge("attent_train_loss", "Train loss of the last step")
         self.val_loss = gauge("attent_val_loss", "Held-out validation loss of the last evaluation")
-        self.tokens_per_second = gauge("attent_tokens_per_second", "Trained tokens per second (last step)")
+        self.tokens_per_second = gauge("attent_tokens_per_second",
+                                       "The job's trained tokens per second at the last step, estimated "
+                                       "by each rank as its tokens x world / step seconds: do not sum")
+        self.tokens_trained = counter("attent_tokens_trained", "Target tokens this rank trained on")
         self.samples_scored = counter("attent_samples_scored", "Samples scored by the teacher")
         self.samples_trained = counter("attent_samples_trained", "Samples trained on")
         self.corrupt_samples = counter("attent_corrupt_samples_skipped",
@@ -168,6 +183,11 @@ class Metrics(NullMetrics):
         """Start this rank's exporter on ``cfg.port + local_rank`` (a NullMetrics when disabled)."""
         if not cfg.enabled:
             return NullMetrics()
+        check_address(cfg.address)
+        if cfg.address in ALL_INTERFACES and rank == 0:
+            print(f"attent-scale: warning: metrics.address={cfg.address}: the exporters are unauthenticated "
+                  "and listen on every interface; bind the cluster interface instead", file=sys.stderr,
+                  flush=True)
         metrics = cls(rank=rank, node=node or socket.gethostname(), job=job or cfg.job)
         metrics.linger_seconds = cfg.linger_seconds
         metrics._serve(cfg.address, cfg.port + local_rank if cfg.port else 0, cfg.port_fallback)
@@ -182,7 +202,7 @@ class Metrics(NullMetrics):
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE:
                     raise UserError(f"metrics exporter: cannot listen on {address}:{candidate} "
-                                    f"({exc.strerror})") from None
+                                    f"(metrics.address / metrics.port: {exc.strerror or exc})") from None
                 if not fallback:
                     raise UserError(f"metrics exporter: port {candidate} on {address} is already in use "
                                     "(set metrics.port to a free port or metrics.port_fallback: true)"

@@ -17,7 +17,7 @@ CONTRACT = {
     "attent_samples_scored_total", "attent_samples_trained_total", "attent_train_loss", "attent_val_loss",
     "attent_tokens_per_second", "attent_score_staleness_steps", "attent_collective_sent_bytes_total",
     "attent_corrupt_samples_skipped_total", "attent_nonfinite_losses_skipped_total",
-    "attent_checkpoint_seconds", "attent_step_seconds",
+    "attent_checkpoint_seconds", "attent_step_seconds", "attent_tokens_trained_total",
 }
 
 
@@ -53,8 +53,9 @@ def test_names_labels_and_totals_agree_with_summary() -> None:
                   {"score": 0.5, "collective": 0.1}})
         m.observe_eval(2.7)
         m.observe_checkpoint(1.5)
-        summary = {"samples_trained": 40, "samples_scored": 70, "corrupt_samples": 2, "nonfinite_skipped": 1,
-                   "collective_bytes": 4096, "wall_seconds": 10.0, "selected_ratio": 0.6,
+        summary = {"samples_trained": 40, "tokens_trained": 1280, "samples_scored": 70, "corrupt_samples": 2,
+                   "nonfinite_skipped": 1, "collective_bytes": 4096, "wall_seconds": 10.0,
+                   "selected_ratio": 0.6,
                    "selection_seconds_by_phase": {"score": 1.25, "collective": 0.25, "select": 0.5,
                                                   "share": 0.0, "rebalance": 0.0}}
         m.update(summary)
@@ -67,6 +68,7 @@ def test_names_labels_and_totals_agree_with_summary() -> None:
                 assert {"job": "j1", "rank": "3", "node": "n7"}.items() <= dict(lab).items(), (name, lab)
         assert value(s, "attent_samples_trained_total") == 40
         assert value(s, "attent_samples_scored_total") == 70
+        assert value(s, "attent_tokens_trained_total") == 1280
         assert value(s, "attent_corrupt_samples_skipped_total") == 2
         assert value(s, "attent_nonfinite_losses_skipped_total") == 1
         assert value(s, "attent_collective_sent_bytes_total") == 4096
@@ -93,6 +95,42 @@ def test_resume_first_update_carries_restored_totals() -> None:
         s = scrape(m.port)  # type: ignore[arg-type]
         assert value(s, "attent_samples_trained_total") == 100
         assert value(s, "attent_selection_seconds_sum", phase="score") == 2.0
+
+
+def test_tokens_trained_counts_each_ranks_own_tokens_so_the_sum_is_the_jobs() -> None:
+    # each rank's gauge already estimates the job's rate (its tokens x world): a sum over ranks would be
+    # world x the real rate; the counter holds the rank's own tokens, so sums and rates of it add up
+    ranks = [Metrics.create(cfg(port=0), rank=r, local_rank=r, node="n") for r in range(2)]
+    try:
+        for m, mine in zip(ranks, (300, 340), strict=True):
+            m.observe_step(1.0, tokens_per_second=640.0)
+            m.update({"tokens_trained": mine})
+        scrapes = [scrape(m.port) for m in ranks]  # type: ignore[arg-type]
+        assert sum(value(s, "attent_tokens_trained_total") for s in scrapes) == 640
+        ranks[0].update({"tokens_trained": 600})  # cumulative: the counter advances by the delta
+        assert value(scrape(ranks[0].port), "attent_tokens_trained_total") == 600  # type: ignore[arg-type]
+    finally:
+        for m in ranks:
+            m.close()
+
+
+@pytest.mark.parametrize("address", ["no-such-host.invalid", "a" * 300, "x..y", ""])
+def test_unresolvable_address_is_one_line_naming_the_key(address: str) -> None:
+    with pytest.raises(UserError, match=r"^config key 'metrics.address': cannot resolve ") as err:
+        Metrics.create(cfg(address=address), rank=0, local_rank=0, node="n")
+    assert "\n" not in str(err.value) and repr(address) in str(err.value)
+
+
+def test_every_interface_address_warns_once(capsys: pytest.CaptureFixture[str]) -> None:
+    for rank in range(2):
+        with Metrics.create(cfg(address="0.0.0.0"), rank=rank, local_rank=rank, node="n") as m:
+            assert scrape(m.port)  # type: ignore[arg-type]
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["attent-scale: warning: metrics.address=0.0.0.0: the exporters are unauthenticated "
+                     "and listen on every interface; bind the cluster interface instead"]
+    with Metrics.create(cfg(address="127.0.0.1"), rank=0, local_rank=0, node="n"):
+        pass
+    assert capsys.readouterr().err == ""
 
 
 def test_disabled_is_a_noop_with_the_same_methods() -> None:

@@ -106,3 +106,14 @@ def test_dashboard_structure_and_metrics_exist_in_a_live_scrape() -> None:
     for expr in dashboard_exprs():
         for sel in re.findall(r"attent_[a-z_]+(\{[^}]*\})?", expr):
             assert 'job=~"$job"' in sel and 'rank=~"$rank"' in sel, expr
+
+
+def test_throughput_panel_rates_the_per_rank_token_counter_not_a_sum_of_job_wide_gauges() -> None:
+    # attent_tokens_per_second is each rank's estimate of the whole job's rate: summed over ranks it
+    # would read world x the real rate; the counter holds each rank's own tokens, so its rates add up
+    dash = json.loads(DASHBOARD.read_text())
+    panel = next(p for p in dash["panels"] if p["title"] == "Throughput")
+    exprs = [t["expr"] for t in panel["targets"]]
+    assert any(e.startswith("sum by (job) (rate(attent_tokens_trained_total{") for e in exprs), exprs
+    for expr in dashboard_exprs():
+        assert not re.search(r"\bsum\b[^(]*\([^()]*attent_tokens_per_second", expr), expr

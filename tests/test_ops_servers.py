@@ -39,7 +39,8 @@ def populated(m: Metrics, scale: float) -> None:
     m.observe_eval(3.1 * scale)
     m.observe_checkpoint(0.5)
     m.observe_selection({"score": 0.2 * scale}, selected_ratio=0.3, staleness_median=4)
-    m.update({"samples_trained": 64, "samples_scored": 128, "collective_bytes": 1024, "corrupt_samples": 1,
+    m.update({"samples_trained": 64, "tokens_trained": 2048, "samples_scored": 128,
+              "collective_bytes": 1024, "corrupt_samples": 1,
               "nonfinite_skipped": 0, "wall_seconds": 10.0,
               "selection_seconds_by_phase": dict.fromkeys(PHASES, 0.1 * scale)})
 
@@ -55,7 +56,7 @@ def test_prometheus_scrapes_two_exporters_and_every_dashboard_query_returns_data
                       lambda res: len(res) == 2)
         for r, m in enumerate(ranks):  # advance so rate() windows see a change
             m.observe_step(0.07)
-            m.update({"samples_trained": 96,
+            m.update({"samples_trained": 96, "tokens_trained": 3072,
                       "selection_seconds_by_phase": dict.fromkeys(PHASES, 0.3 * (1 + r))})
         prom.wait_for('attent_samples_trained_total{job="dash"} == 96', lambda res: len(res) == 2)
         got = prom.query('attent_selection_seconds_sum{job="dash"}')
@@ -200,7 +201,8 @@ def test_e2e_prometheus_scrapes_a_two_rank_run_and_agrees_with_summary(
                                                               rel=1e-6, abs=1e-9), (row["rank"], phase)
     assert summary["selection_seconds_by_phase"]["score"] > 0
     for metric, key in (("attent_samples_trained_total", "samples_trained"),
-                        ("attent_samples_scored_total", "samples_scored")):
+                        ("attent_samples_scored_total", "samples_scored"),
+                        ("attent_tokens_trained_total", "tokens_trained")):
         got = prom.query(f"sum(last_over_time({metric}{{{sel}}}[10m]))")
         assert float(got[0]["value"][1]) == summary[key], metric
     ranks = prom.query(f"count by (rank) (last_over_time(attent_train_loss{{{sel}}}[10m]))")
