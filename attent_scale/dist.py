@@ -131,6 +131,18 @@ def set_socket_ifname() -> str | None:
     return os.environ.get("GLOO_SOCKET_IFNAME")
 
 
+def cluster_address() -> str | None:
+    """This host's IPv4 address on the interface the job's sockets use, or None if there is none.
+
+    The interface is GLOO_SOCKET_IFNAME's first entry (chosen by `set_socket_ifname` on a multi-host job,
+    or by the user), else ATTENT_SOCKET_IFNAME, else the interface of the route to MASTER_ADDR: the
+    network the other hosts, and a Prometheus scraping node names, reach this host on.
+    """
+    named = os.environ.get("GLOO_SOCKET_IFNAME") or os.environ.get("ATTENT_SOCKET_IFNAME") or ""
+    name = named.split(",")[0].strip() or route_iface(os.environ.get("MASTER_ADDR") or "127.0.0.1")
+    return _ipv4_ifaces().get(name) if name else None
+
+
 def choose_cuda_device(local_rank: int, local_world_size: int, device_count: int) -> int:
     """Index of this rank's CUDA device among the visible ones (one device per local rank).
 

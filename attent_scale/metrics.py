@@ -1,6 +1,7 @@
 """Prometheus exporter per rank: the metric names, labels and the API the trainer feeds them through.
 
-One exporter per process, listening on ``cfg.address:cfg.port + local_rank`` with its own private
+One exporter per process, listening on ``cfg.address:cfg.port + local_rank`` (``auto``: this host's address
+on the cluster interface, see ``dist.cluster_address``) with its own private
 ``CollectorRegistry`` (so several exporters can live in one process, e.g. in tests). Every series carries
 the labels ``job``, ``rank`` and ``node`` (set once at start; Prometheus must scrape with
 ``honor_labels: true`` so these win over the target labels, see tools/prometheus/prometheus.yml).
@@ -53,6 +54,7 @@ PHASES: tuple[str, ...] = ("score", "collective", "select", "share", "rebalance"
 CONST_LABELS: tuple[str, ...] = ("job", "rank", "node")
 FALLBACK_TRIES = 100  # ports tried after the configured one when port_fallback is on
 ALL_INTERFACES = ("0.0.0.0", "::")  # metrics.address values that listen on every interface
+AUTO = "auto"  # metrics.address: the cluster interface the job's sockets use (the sbatch scripts' default)
 
 # summary.json key -> counter attribute (counters advance by the delta of these cumulative numbers)
 COUNTER_KEYS: dict[str, str] = {
@@ -77,6 +79,22 @@ _SELECTION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5
 _STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _CKPT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _EPS = 1e-9
+
+
+def bind_address(address: str, rank: int = 0) -> str:
+    """The address to listen on: `address` itself, or for `auto` this host's address on the cluster
+    interface (dist.cluster_address), loopback with one warning where the host has none."""
+    if address != AUTO:
+        return address
+    from attent_scale.dist import cluster_address
+
+    found = cluster_address()
+    if found is None:
+        if rank == 0:
+            print("attent-scale: warning: metrics.address=auto: no non-loopback IPv4 interface here; "
+                  "the exporters listen on 127.0.0.1", file=sys.stderr, flush=True)
+        return "127.0.0.1"
+    return found
 
 
 def check_address(address: str) -> None:
@@ -183,14 +201,15 @@ class Metrics(NullMetrics):
         """Start this rank's exporter on ``cfg.port + local_rank`` (a NullMetrics when disabled)."""
         if not cfg.enabled:
             return NullMetrics()
-        check_address(cfg.address)
-        if cfg.address in ALL_INTERFACES and rank == 0:
-            print(f"attent-scale: warning: metrics.address={cfg.address}: the exporters are unauthenticated "
-                  "and listen on every interface; bind the cluster interface instead", file=sys.stderr,
-                  flush=True)
+        address = bind_address(cfg.address, rank)
+        check_address(address)
+        if address in ALL_INTERFACES and rank == 0:
+            print(f"attent-scale: warning: metrics.address={address}: the exporters are unauthenticated "
+                  "and listen on every interface; bind the cluster interface instead (metrics.address: "
+                  "auto)", file=sys.stderr, flush=True)
         metrics = cls(rank=rank, node=node or socket.gethostname(), job=job or cfg.job)
         metrics.linger_seconds = cfg.linger_seconds
-        metrics._serve(cfg.address, cfg.port + local_rank if cfg.port else 0, cfg.port_fallback)
+        metrics._serve(address, cfg.port + local_rank if cfg.port else 0, cfg.port_fallback)
         return metrics
 
     def _serve(self, address: str, port: int, fallback: bool) -> None:

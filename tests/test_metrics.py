@@ -127,10 +127,29 @@ def test_every_interface_address_warns_once(capsys: pytest.CaptureFixture[str]) 
             assert scrape(m.port)  # type: ignore[arg-type]
     lines = capsys.readouterr().err.splitlines()
     assert lines == ["attent-scale: warning: metrics.address=0.0.0.0: the exporters are unauthenticated "
-                     "and listen on every interface; bind the cluster interface instead"]
+                     "and listen on every interface; bind the cluster interface instead "
+                     "(metrics.address: auto)"]
     with Metrics.create(cfg(address="127.0.0.1"), rank=0, local_rank=0, node="n"):
         pass
     assert capsys.readouterr().err == ""
+
+
+def test_auto_address_binds_the_cluster_interface(monkeypatch: pytest.MonkeyPatch) -> None:
+    from attent_scale import dist as adist
+
+    ifaces = adist._ipv4_ifaces()
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.delenv("ATTENT_SOCKET_IFNAME", raising=False)
+    monkeypatch.setattr(adist, "_ipv4_ifaces", lambda: {**ifaces, "clu0": "127.0.0.9"})
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "clu0,eth1")  # what set_socket_ifname picked for gloo
+    with Metrics.create(cfg(address="auto"), rank=0, local_rank=0, node="n") as m:
+        assert m._server.server_address[0] == "127.0.0.9"  # type: ignore[attr-defined]
+        with urllib.request.urlopen(f"http://127.0.0.9:{m.port}/metrics", timeout=10) as resp:
+            assert b"attent_train_loss" in resp.read()
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME")
+    monkeypatch.setattr(adist, "route_iface", lambda master: "clu0")  # one host: the route to the master
+    with Metrics.create(cfg(address="auto"), rank=0, local_rank=0, node="n") as m:
+        assert m._server.server_address[0] == "127.0.0.9"  # type: ignore[attr-defined]
 
 
 def test_disabled_is_a_noop_with_the_same_methods() -> None:

@@ -70,7 +70,7 @@ def submit(cluster: Cluster, script: str, config: Path, out: Path, *train_args: 
            **(GLOO_ENV if name_ifname else {}), **(env or {})}
     assert name_ifname or not any(k in cluster.env for k in GLOO_ENV), "GLOO_SOCKET_IFNAME inherited"
     return cluster.sbatch(f"--partition={cluster.partition}", f"--nodes={len(cluster.hosts)}",
-                          "--ntasks-per-node=1", "--gpus-per-node=0", f"--cpus-per-task={NPROC}", "--time=10",
+                          "--ntasks-per-node=1", "--gpus-per-node=0", f"--cpus-per-task={NPROC}", "--time=30",
                           f"--output={out}", str(ROOT / "launch" / script), str(config), *train_args,
                           cwd=ROOT, env=env)
 
@@ -186,7 +186,7 @@ def test_two_host_usr1_preemption_checkpoints_every_rank_requeues_and_selects_th
     run_dir, out = tmp_path / "run", tmp_path / "slurm.out"
     job = submit(cluster, "slurm_torchrun.sbatch", config, out)
     wait_until(lambda: last_step(run_dir) >= 2, 240, f"step 2 in {run_dir}/metrics.jsonl")
-    cluster.run("scancel", "--batch", "--signal=USR1", str(job))  # what --signal=B:USR1@120 sends
+    cluster.run("scancel", "--batch", "--signal=USR1", str(job))  # what --signal=B:USR1@N sends
     state = cluster.wait_job(job, 300)
     log = out.read_text()
     assert state == "COMPLETED" and cluster.job(job)["Restarts"] == "1", log

@@ -88,7 +88,7 @@ def sbatch_script(slurm: Slurm, script: str, config: Path, out: Path, *train_arg
            "ATTENT_MASTER_PORT": str(free_port()), "ATTENT_METRICS_PORT": str(free_port()),
            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
     return slurm.sbatch(f"--partition={slurm.partition}", "--gpus-per-node=0",
-                        f"--cpus-per-task={os.cpu_count()}", "--time=10", f"--output={out}",
+                        f"--cpus-per-task={os.cpu_count()}", "--time=30", f"--output={out}",
                         str(ROOT / "launch" / script), str(config), *train_args, cwd=ROOT, env=env)
 
 
@@ -250,7 +250,7 @@ def test_e2e_slurm_preemption_checkpoints_requeues_and_selects_the_same(
     out = tmp_path / "slurm.out"
     job = sbatch_script(slurm, "slurm_torchrun.sbatch", config, out)
     wait_until(lambda: last_step(run_dir) >= 60, 180, f"step 60 in {run_dir}/metrics.jsonl")
-    slurm.run("scancel", "--batch", "--signal=USR1", str(job))  # what --signal=B:USR1@120 sends
+    slurm.run("scancel", "--batch", "--signal=USR1", str(job))  # what --signal=B:USR1@N sends
     state = slurm.wait_job(job, 300)
     log = out.read_text()
     assert state == "COMPLETED", log
