@@ -21,7 +21,8 @@ methods when ``cfg.enabled`` is false)::
 
 ``update(totals)`` reads these keys (all optional, missing ones are left alone; unknown keys ignored):
 ``samples_trained``, ``samples_scored``, ``corrupt_samples``, ``corrupt_ids`` (distinct per rank: their
-sum over ranks can exceed summary.json's global distinct count), ``nonfinite_skipped``, ``collective_bytes``
+sum over ranks can exceed summary.json's global distinct count), ``nonfinite_skipped``, ``collective_bytes``,
+``tokens_trained`` (this rank's own target tokens)
 (cumulative counts: each counter advances by the delta since the last call, so after a final ``update``
 with the numbers written to summary.json a scrape agrees with summary.json by construction, also after
 a resume, where the first call carries the restored totals), ``selection_seconds_by_phase``
