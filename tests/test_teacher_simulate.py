@@ -158,3 +158,25 @@ def test_a_failing_rank_releases_the_others() -> None:
 
     with pytest.raises(SimulationError, match="different collectives"):
         run_ranks(3, diverge)
+
+
+def test_prune_keeps_its_block_not_the_global_low_id_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each rank finds the low-loss ids of its own block (one N-bit set); before, select_global handed
+    every rank all n_low low ids (8 bytes each, plus an N-byte unpack)."""
+    from attent_scale.teacher import teacher as teacher_module
+
+    sizes: list[int] = []
+    real = teacher_module.select_global
+
+    def spy(*args: object, **kw: object) -> object:
+        out = real(*args, **kw)
+        sizes.append(int(out.numel()))
+        return out
+
+    monkeypatch.setattr(teacher_module, "select_global", spy)
+    loss = make_losses(4_000, 0, 0.05, 0.02)
+    out = simulate_selection(4_000, 8, strategy="prune", method="threshold", prune_quantile=0.5, losses=loss,
+                             seed=SEED)
+    assert sizes == []
+    assert Selection(out["bits"], 4_000).ids().tolist() == expected(loss, "prune", 0.5).tolist()
+    assert all(s.weighted for s in out["selections"])

@@ -92,6 +92,7 @@ class Teacher:
         self._score_seconds_pending = 0.0
         self._scored_pending = 0
         self.last_record: dict[str, Any] | None = None
+        self.kept_counts: dict[int, int] = {}  # prune: epoch -> ids its selection kept (planned_count)
         self.stats: dict[str, Any] = {key: 0 for key in STAT_KEYS}
         for key in ("last_ratio", "last_staleness_median", "last_staleness_max"):
             self.stats[key] = None
@@ -168,10 +169,17 @@ class Teacher:
             self.anneal_from = epoch if self.anneal_from is None else min(self.anneal_from, epoch)
 
     def planned_count(self, plan: EpochPlan, num: int) -> int:
-        """Samples an epoch of `plan` trains out of `num` (every id observed with a finite loss)."""
+        """Samples an epoch of `plan` trains out of `num` (every id observed with a finite loss). prune:
+        what the epoch's selection kept once it was made; before that, with prune_quantile 0 (below the
+        mean, a count only the losses decide) what the latest selection kept, else the median's count."""
         if not plan.subset or plan.ratio is None:
             return num
         if self.cfg.strategy == "prune":
+            if num == self.num_samples and self.kept_counts:
+                if plan.epoch in self.kept_counts:
+                    return self.kept_counts[plan.epoch]
+                if not self.cfg.prune_quantile:
+                    return self.kept_counts[max(self.kept_counts)]
             n_low = _round_half_up((self.cfg.prune_quantile or 0.5) * num)
             return num - _round_half_up(self.cfg.prune_ratio * n_low)
         return _round_half_up(plan.ratio * num)
@@ -380,6 +388,8 @@ class Teacher:
             upweight, weight = selection.bits.copy(), self.num_samples / selection.count
         if upweight is not None:
             selection = Selection(selection.bits, self.num_samples, upweight=upweight, weight=weight)
+        if low_bits is not None:
+            self.kept_counts[int(epoch)] = selection.count
         t_st, coll_st = time.perf_counter(), comm.seconds.get("collective", 0.0) if comm else 0.0
         staleness = self._staleness(step, n_obs, comm) if cfg.strategy != "random" else None
         # its passes over the ledger are selection work too (its all-reduce is counted as collective)
@@ -607,6 +617,7 @@ class Teacher:
             "scored_pending": self._scored_pending,
             "stats": dict(self.stats),
             "last_record": self.last_record,
+            "kept_counts": dict(self.kept_counts),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -629,3 +640,4 @@ class Teacher:
         self._scored_pending = int(state["scored_pending"])
         self.stats = dict(state["stats"])
         self.last_record = state["last_record"]
+        self.kept_counts = {int(e): int(c) for e, c in (state.get("kept_counts") or {}).items()}
