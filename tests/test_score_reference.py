@@ -80,7 +80,10 @@ def _scores(path: Path, m: Manifest, loss: np.ndarray, split: str = "train", **m
     return path
 
 
-def test_excess_keys_rank_by_learner_minus_reference(reference: tuple[Path, Path], tmp_path: Path) -> None:
+def test_excess_keys_rank_by_learner_minus_reference(reference: tuple[Path, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from attent_scale.teacher import reference as reference_module
+
     shards, _ = reference
     m = Manifest.load(shards)
     n = m.num_samples("train")
@@ -100,10 +103,18 @@ def test_excess_keys_rank_by_learner_minus_reference(reference: tuple[Path, Path
     assert chosen["excess"] == set(np.argsort(-excess.astype(np.float64), kind="stable")[:k].tolist())
     assert chosen["loss"] == set(np.argsort(-learner.astype(np.float64), kind="stable")[:k].tolist())
     assert chosen["excess"] != chosen["loss"]
-    # a rank reads only the id range it asks for
+    # a rank reads only the ids it asks for: a block in chunks reads each slice once (it re-read a growing
+    # prefix per chunk), scattered online ids only around themselves (it loaded their whole span)
     part = Reference(tmp_path / "r.safetensors", m, "train")
     np.testing.assert_array_equal(part.losses(np.arange(10, 20)), ref_loss[10:20])
-    assert part._block.shape == (10,)
+    for a in range(20, n, 16):
+        np.testing.assert_array_equal(part.losses(np.arange(a, min(n, a + 16))), ref_loss[a:a + 16])
+    assert part.bytes_read == 4 * (n - 10)
+    monkeypatch.setattr(reference_module, "READ_GAP", 2)  # this file is small: ids 3 apart count as far
+    online = Reference(tmp_path / "r.safetensors", m, "train")
+    scattered = np.array([n - 1, 3, n - 1, 0, 4], dtype=np.int64)
+    np.testing.assert_array_equal(online.losses(scattered), ref_loss[scattered])
+    assert online.bytes_read == 4 * (1 + 2 + 1)  # [0], [3, 4], [n - 1]
 
 
 def test_mismatched_reference_is_a_one_line_exit_2(reference: tuple[Path, Path], tmp_path: Path,
