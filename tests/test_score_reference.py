@@ -75,6 +75,35 @@ def test_reference_trains_on_ref_and_scores_match_on_1_and_2_ranks(reference: tu
     assert one.stat().st_mtime_ns == before
 
 
+def test_truncated_model_is_a_one_line_error(reference: tuple[Path, Path], tmp_path: Path) -> None:
+    shards, run_dir = reference
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in (run_dir / "export" / "model").iterdir():
+        if f.suffix in (".json", ".safetensors") and not f.name.startswith("scores-"):
+            data = f.read_bytes()
+            (model / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
+    proc = run_score("--model", str(model), "--data", str(shards))
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
+    assert "model.safetensors" in err[0] and "unreadable safetensors weights" in err[0], err
+
+
+def test_scores_written_in_slices_equal_one_write(tmp_path: Path) -> None:
+    from attent_scale.score import write_scores_parts
+
+    loss = np.arange(11, dtype=np.float32)
+    loss[4] = np.nan
+    write_scores(tmp_path / "one.safetensors", loss, {"format": "x"})
+    parts = [loss[:3], loss[3:3], loss[3:]]
+    bad = write_scores_parts(tmp_path / "parts.safetensors", 11, parts, {"format": "x"})
+    assert bad == 1
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "parts.safetensors").read_bytes()
+    with pytest.raises(RuntimeError, match="wrote 3 of 11"):
+        write_scores_parts(tmp_path / "short.safetensors", 11, [loss[:3]], {"format": "x"})
+    assert not list(tmp_path.glob("*short*")) and not list(tmp_path.glob(".*tmp*"))
+
+
 def _scores(path: Path, m: Manifest, loss: np.ndarray, split: str = "train", **meta: str) -> Path:
     write_scores(path, loss.astype(np.float32), {**scores_metadata(m, split, "0" * 64), **meta})
     return path
