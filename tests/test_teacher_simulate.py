@@ -180,3 +180,20 @@ def test_prune_keeps_its_block_not_the_global_low_id_set(monkeypatch: pytest.Mon
     assert sizes == []
     assert Selection(out["bits"], 4_000).ids().tolist() == expected(loss, "prune", 0.5).tolist()
     assert all(s.weighted for s in out["selections"])
+
+
+def test_simulate_command_prints_time_and_bytes_per_rank(capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    from attent_scale.cli import main
+
+    assert main(["simulate", "--samples", "20001", "--ranks", "64", "--strategy", "prune"]) == 0
+    out = capsys.readouterr().out
+    assert "N=20001 W=64 strategy=prune method=threshold" in out and "selection wall time" in out
+    assert "bytes sent per rank (ring model): max" in out and "share: max" in out
+    for bad in (["--ranks", "0"], ["--ratio", "2"], ["--samples", "-1"]):
+        args = {"--samples": "10", "--ranks": "2", **dict(zip(bad[::2], bad[1::2], strict=True))}
+        assert main(["simulate", *[x for kv in args.items() for x in kv]]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and bad[0] in err[0], err
+    assert "attent_scale.teacher.simulate" in sys.modules  # imported when run, not by the parser
