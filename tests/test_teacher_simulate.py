@@ -197,3 +197,19 @@ def test_simulate_command_prints_time_and_bytes_per_rank(capsys: pytest.CaptureF
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and bad[0] in err[0], err
     assert "attent_scale.teacher.simulate" in sys.modules  # imported when run, not by the parser
+
+
+@pytest.mark.parametrize("quantile", [0.0, 0.5])
+def test_prune_ranks_by_excess_loss(quantile: float) -> None:
+    """teacher.score=excess with prune: the low ids are those of low learner - reference loss (it used the
+    raw loss)."""
+    loss = make_losses(400, 2, 0.05, 0.02)
+    ref = np.random.default_rng(7).uniform(0.0, 3.0, 400).astype(np.float32)
+    got = {}
+    for name, r in (("excess", ArrayReference(ref)), ("loss", None)):
+        out = simulate_selection(400, 3, strategy="prune", prune_quantile=quantile, losses=loss, reference=r,
+                                 seed=SEED)
+        got[name] = Selection(out["bits"], 400).ids().tolist()
+    assert got["excess"] == expected(loss, "prune", 0.5, ref=ref, quantile=quantile).tolist()
+    assert got["loss"] == expected(loss, "prune", 0.5, quantile=quantile).tolist()
+    assert got["excess"] != got["loss"]
