@@ -24,11 +24,30 @@ from attent_scale.score import write_scores
 from attent_scale.teacher import Teacher
 from attent_scale.teacher.reference import Reference, read_metadata, scores_metadata
 
+NO_LOSS_GATHER = """import torch
+import torch.distributed as dist
 
-def run_score(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+_all_gather = dist.all_gather
+
+
+def _guard(out, t, *args, **kw):  # the scores go to one writer: no rank may receive every rank's losses
+    if t.dtype == torch.float32:
+        raise RuntimeError("attent-scale score all-gathered the losses to every rank")
+    return _all_gather(out, t, *args, **kw)
+
+
+dist.all_gather = _guard
+"""
+
+
+def run_score(*args: str, nproc: int = 1, guard: Path | None = None) -> subprocess.CompletedProcess:
+    """`attent-scale score` in a subprocess; `guard`: a directory whose sitecustomize.py every process of
+    the run imports first."""
     launch = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    if guard is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(guard), env.get("PYTHONPATH", str(REPO))])
     return subprocess.run([*launch, "-m", "attent_scale", "score", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -58,8 +77,11 @@ def test_reference_trains_on_ref_and_scores_match_on_1_and_2_ranks(reference: tu
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["train_split"] == "ref"
     one, two = run_dir / "export" / "model" / "scores-train.safetensors", tmp_path / "two.safetensors"
     check(run_score("--model", str(run_dir / "export"), "--data", str(shards), "--batch-size", "7"))
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(NO_LOSS_GATHER)
     check(run_score("--model", str(run_dir / "export"), "--data", str(shards), "--out", str(two),
-                    "--batch-size", "7", nproc=2))
+                    "--batch-size", "7", nproc=2, guard=guard))
     assert one.read_bytes() == two.read_bytes()
     meta = read_metadata(one)
     assert meta["split"] == "train" and meta["num_samples"] == str(m.num_samples("train"))
