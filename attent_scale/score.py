@@ -180,6 +180,15 @@ def _batches(manifest: Any, split: str, lo: int, hi: int, batch_size: int) -> It
         yield pack()
 
 
+def score_spans(n: int, batch_size: int, world: int) -> tuple[list[tuple[int, int]], int]:
+    """The id range [lo, hi) each rank scores (a contiguous, even share of the batches of `batch_size`
+    consecutive ids, in rank order) and the forwards every rank runs (the largest share)."""
+    n_batches = -(-n // batch_size)
+    cuts = [r * n_batches // world for r in range(world + 1)]
+    spans = [(min(cuts[r] * batch_size, n), min(cuts[r + 1] * batch_size, n)) for r in range(world)]
+    return spans, -(-n_batches // world)
+
+
 def score_split(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
@@ -187,7 +196,6 @@ def score_split(args: argparse.Namespace) -> int:
     from attent_scale.data import Manifest
     from attent_scale.dist import init_distributed
     from attent_scale.engines import build_engine
-    from attent_scale.teacher.ledger import block_range
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
@@ -216,10 +224,8 @@ def score_split(args: argparse.Namespace) -> int:
     engine = build_engine(cfg, manifest)
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     bs = args.batch_size
-    n_batches = -(-n // bs)
-    b0, b1 = block_range(rank, n_batches, world)
-    lo, hi = min(b0 * bs, n), min(b1 * bs, n)
-    most = -(-n_batches // world)  # every rank runs this many forwards
+    spans, most = score_spans(n, bs, world)
+    lo, hi = spans[rank]
     filler = {"ids": torch.full((1,), -1, dtype=torch.int64),
               "input_ids": torch.full((1, manifest.seq_len), manifest.pad_id, dtype=torch.int64),
               "labels": torch.full((1, manifest.seq_len), IGNORE_INDEX, dtype=torch.int64)}
@@ -233,7 +239,6 @@ def score_split(args: argparse.Namespace) -> int:
     if next(it, None) is not None:
         raise RuntimeError("score: more batches than planned")
     # rank 0 writes the file, receiving one rank's block at a time (nobody holds all N losses)
-    spans = [tuple(min(b * bs, n) for b in block_range(r, n_batches, world)) for r in range(world)]
 
     def blocks() -> Iterator[np.ndarray]:
         yield losses

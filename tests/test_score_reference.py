@@ -111,6 +111,19 @@ def test_truncated_model_is_a_one_line_error(reference: tuple[Path, Path], tmp_p
     assert "model.safetensors" in err[0] and "unreadable safetensors weights" in err[0], err
 
 
+@pytest.mark.parametrize("n,batch_size,world", [(100, 16, 4), (300, 7, 2), (5, 1, 8), (0, 4, 3), (17, 3, 5)])
+def test_score_spans_cover_the_split_within_the_planned_forwards(n: int, batch_size: int, world: int) -> None:
+    """Every id once, in rank order, no rank with more batches than the forwards all ranks run (8-aligned
+    ledger blocks of batches gave rank 0 seven batches of 100 ids on 4 ranks, planned two)."""
+    from attent_scale.score import score_spans
+
+    spans, most = score_spans(n, batch_size, world)
+    assert spans[0][0] == 0 and spans[-1][1] == n
+    assert all(spans[r][1] == spans[r + 1][0] for r in range(world - 1))
+    assert all(-(-(hi - lo) // batch_size) <= most for lo, hi in spans)
+    assert all(lo % batch_size == 0 for lo, _ in spans)
+
+
 def test_scores_written_in_slices_equal_one_write(tmp_path: Path) -> None:
     from attent_scale.score import write_scores_parts
 
