@@ -16,6 +16,7 @@ COMMANDS = {
     "demo": "attent_scale.demo",
     "bench": "attent_scale.bench",
     "score": "attent_scale.score",
+    "simulate": "attent_scale.simulate",
 }
 
 

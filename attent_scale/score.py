@@ -16,7 +16,7 @@ import os
 import struct
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,15 +72,49 @@ def model_sha256(d: Path) -> str:
 def write_scores(path: Path, loss: np.ndarray, meta: dict[str, str]) -> None:
     """A safetensors file with one float32 tensor and sorted header keys: the same inputs give the same
     bytes (the safetensors library writes its metadata in hash-map order)."""
-    data = np.ascontiguousarray(loss, dtype="<f4").tobytes()
+    write_scores_parts(path, int(np.asarray(loss).shape[0]), [loss], meta)
+
+
+def write_scores_parts(path: Path, n: int, parts: Iterable[np.ndarray], meta: dict[str, str]) -> int:
+    """write_scores from consecutive slices of the N losses, each written as it comes (the writer holds one
+    slice at a time); returns the count of non-finite losses. The file appears complete or not at all."""
+    nbytes = 4 * int(n)
     header = {"__metadata__": meta,
-              LOSS_KEY: {"dtype": "F32", "shape": [int(loss.shape[0])], "data_offsets": [0, len(data)]}}
+              LOSS_KEY: {"dtype": "F32", "shape": [int(n)], "data_offsets": [0, nbytes]}}
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw + data)
-    os.replace(tmp, path)
+    written = bad = 0
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for part in parts:
+                part = np.ascontiguousarray(part, dtype="<f4")
+                bad += int(np.count_nonzero(~np.isfinite(part)))
+                f.write(part.tobytes())
+                written += part.nbytes
+        if written != nbytes:
+            raise RuntimeError(f"score: wrote {written // 4} of {n} losses")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return bad
+
+
+def check_weights(d: Path) -> None:
+    """One line naming the file when a weights file of the model directory is truncated or not
+    safetensors (the loader would raise a traceback deep inside transformers)."""
+    from safetensors import safe_open
+
+    for f in sorted(d.glob("*.safetensors")):
+        if f.name.startswith(SCORES_PREFIX):
+            continue
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                fh.keys()
+        except Exception as exc:  # safetensors' own error type, OSError, ...
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"--model {f}: unreadable safetensors weights ({first})") from None
 
 
 def _run_dir_of(d: Path) -> Path | None:
@@ -146,6 +180,15 @@ def _batches(manifest: Any, split: str, lo: int, hi: int, batch_size: int) -> It
         yield pack()
 
 
+def score_spans(n: int, batch_size: int, world: int) -> tuple[list[tuple[int, int]], int]:
+    """The id range [lo, hi) each rank scores (a contiguous, even share of the batches of `batch_size`
+    consecutive ids, in rank order) and the forwards every rank runs (the largest share)."""
+    n_batches = -(-n // batch_size)
+    cuts = [r * n_batches // world for r in range(world + 1)]
+    spans = [(min(cuts[r] * batch_size, n), min(cuts[r + 1] * batch_size, n)) for r in range(world)]
+    return spans, -(-n_batches // world)
+
+
 def score_split(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
@@ -153,11 +196,11 @@ def score_split(args: argparse.Namespace) -> int:
     from attent_scale.data import Manifest
     from attent_scale.dist import init_distributed
     from attent_scale.engines import build_engine
-    from attent_scale.teacher.ledger import block_range
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     mdir = model_dir(args.model)
+    check_weights(mdir)
     manifest = Manifest.load(args.data)
     n = manifest.num_samples(args.split)
     out = Path(args.out) if args.out else mdir / f"{SCORES_PREFIX}{args.split}.safetensors"
@@ -181,10 +224,8 @@ def score_split(args: argparse.Namespace) -> int:
     engine = build_engine(cfg, manifest)
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     bs = args.batch_size
-    n_batches = -(-n // bs)
-    b0, b1 = block_range(rank, n_batches, world)
-    lo, hi = min(b0 * bs, n), min(b1 * bs, n)
-    most = -(-n_batches // world)  # every rank runs this many forwards
+    spans, most = score_spans(n, bs, world)
+    lo, hi = spans[rank]
     filler = {"ids": torch.full((1,), -1, dtype=torch.int64),
               "input_ids": torch.full((1, manifest.seq_len), manifest.pad_id, dtype=torch.int64),
               "labels": torch.full((1, manifest.seq_len), IGNORE_INDEX, dtype=torch.int64)}
@@ -197,23 +238,21 @@ def score_split(args: argparse.Namespace) -> int:
             losses[batch["ids"].numpy() - lo] = scores.numpy()
     if next(it, None) is not None:
         raise RuntimeError("score: more batches than planned")
-    # rank 0 assembles the file: one gather of each rank's block (sizes differ by at most one batch)
-    local = torch.from_numpy(losses)
-    if world > 1:
-        pad = torch.full((most * bs,), float("nan"), dtype=torch.float32)
-        pad[: local.shape[0]] = local
-        parts = [torch.empty_like(pad) for _ in range(world)]
-        dist.all_gather(parts, pad, group=group)
-        full = torch.cat([parts[r][: min(block_range(r, n_batches, world)[1] * bs, n)
-                                   - min(block_range(r, n_batches, world)[0] * bs, n)] for r in range(world)])
-    else:
-        full = local
+    # rank 0 writes the file, receiving one rank's block at a time (nobody holds all N losses)
+
+    def blocks() -> Iterator[np.ndarray]:
+        yield losses
+        for r in range(1, world):
+            got = torch.empty(spans[r][1] - spans[r][0], dtype=torch.float32)
+            if got.numel():
+                dist.recv(got, src=r, group=group)
+            yield got.numpy()
+
     if rank == 0:
-        if full.shape[0] != n or not torch.isfinite(full).all():
-            bad = int((~torch.isfinite(full)).sum())
-            print(f"score: warning: {bad} non-finite loss(es) in {out}", file=sys.stderr)
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_scores(out, full.numpy(), meta)
+        bad = write_scores_parts(out, n, blocks(), meta)
+        if bad:
+            print(f"score: warning: {bad} non-finite loss(es) in {out}", file=sys.stderr)
         cost = {"score_seconds": time.perf_counter() - t_wall,
                 "score_cpu_seconds": time.process_time() - t_cpu,
                 "world_size": world, "engine": cfg.engine.name, "model": str(mdir)}
@@ -225,6 +264,8 @@ def score_split(args: argparse.Namespace) -> int:
         Path(f"{out}.cost.json").write_text(json.dumps(cost, indent=1) + "\n")
         print(f"score: {n} samples of split {args.split!r} in {cost['score_seconds']:.1f}s on {world} "
               f"rank(s); wrote {out}")
+    elif losses.shape[0]:
+        dist.send(torch.from_numpy(losses), dst=0, group=group)
     if world > 1:
         dist.barrier(group=group)
     return 0

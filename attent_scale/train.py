@@ -224,12 +224,20 @@ class Trainer:
         anneal = teacher.anneal_epoch(cfg.train.max_epochs)
         if anneal is not None:  # the budget's last epochs train all data: the plan (and the LR) knows it
             teacher.start_anneal(anneal)
-        if cfg.train.max_epochs:  # an epoch budget: the LR schedule decays over the steps those epochs take
-            cfg.train.max_steps = min(
-                cfg.train.max_steps,
-                planned_steps(teacher, self.n_train, self.world, self.batch_size, cfg.train.max_epochs),
-            )
+        self.max_steps_cap = cfg.train.max_steps
+        self.teacher = teacher
+        self.plan_steps()
         return teacher
+
+    def plan_steps(self) -> None:
+        """An epoch budget: the LR schedule decays over the steps those epochs take (re-planned once a
+        prune selection says how many ids it really kept: below the mean is a count only the data gives)."""
+        cfg = self.cfg
+        if cfg.train.max_epochs:
+            cfg.train.max_steps = min(
+                self.max_steps_cap,
+                planned_steps(self.teacher, self.n_train, self.world, self.batch_size, cfg.train.max_epochs),
+            )
 
     def _resume(self) -> Path | None:
         """With checkpoint.resume, load the latest checkpoint (engine, teacher, RNG, progress) and cut the
@@ -242,6 +250,7 @@ class Trainer:
         if resume_from is not None:
             state = ckpt.load_checkpoint(resume_from, self.engine, rank=self.rank, world_size=self.world)
             self.teacher.load_state_dict(state["teacher"])
+            self.plan_steps()
             ckpt.set_rng_state(state["rng"])
             self.progress = Progress(**state["progress"])
             if self.is_main:
@@ -316,6 +325,8 @@ class Trainer:
         """The epoch's selection (one collective) when the plan trains a subset; full data otherwise."""
         progress = self.progress
         selection = self.teacher.select(progress.epoch, progress.step) if subset else None
+        if selection is not None and self.cfg.teacher.strategy == "prune":
+            self.plan_steps()
         progress.selection_bits = None if selection is None else selection.bits
         progress.weight_bits = None if selection is None else selection.upweight
         progress.weight = 1.0 if selection is None else selection.weight

@@ -184,6 +184,22 @@ def online_scenario(rank: int, world: int, group: Any) -> dict[str, Any]:
     return res
 
 
+def small_scenarios(rank: int, world: int, group: Any) -> dict[str, Any]:
+    """N not a multiple of 8 and N < world: trailing ranks own an empty block [N, N) (it raised)."""
+    res: dict[str, Any] = {}
+    for n in (9, 3):
+        ids = np.arange(n, dtype=np.int64)
+        mine = ids[ids % world == rank]
+        for strategy in (*STRATEGIES, "prune"):
+            for method in METHODS:
+                cfg = TeacherConfig(mode="ledger", strategy=strategy, topk_method=method, warmup_epochs=0,
+                                    ratio_schedule="constant", initial_ratio=0.5, final_ratio=0.5)
+                t = Teacher(cfg, num_samples=n, seed=2, group=group)
+                t.observe(torch.from_numpy(mine), torch.from_numpy(losses_of(mine + 2)), step=1)
+                res[f"small/{n}/{strategy}/{method}"] = t.select(0, 2).ids()
+    return res
+
+
 def run(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -227,6 +243,7 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
     except SelectionMismatchError as exc:
         res["mismatch"] = str(exc)
     res.update(online_scenario(rank, world, group))
+    res.update(small_scenarios(rank, world, group))
     res.update(teacher_scenarios(rank, world, group, tmp))
     res.update(checkpoint_scenario(rank, world, group, tmp))
     torch.save(res, tmp / f"rank{rank}.pt")

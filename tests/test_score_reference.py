@@ -24,11 +24,30 @@ from attent_scale.score import write_scores
 from attent_scale.teacher import Teacher
 from attent_scale.teacher.reference import Reference, read_metadata, scores_metadata
 
+NO_LOSS_GATHER = """import torch
+import torch.distributed as dist
 
-def run_score(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+_all_gather = dist.all_gather
+
+
+def _guard(out, t, *args, **kw):  # the scores go to one writer: no rank may receive every rank's losses
+    if t.dtype == torch.float32:
+        raise RuntimeError("attent-scale score all-gathered the losses to every rank")
+    return _all_gather(out, t, *args, **kw)
+
+
+dist.all_gather = _guard
+"""
+
+
+def run_score(*args: str, nproc: int = 1, guard: Path | None = None) -> subprocess.CompletedProcess:
+    """`attent-scale score` in a subprocess; `guard`: a directory whose sitecustomize.py every process of
+    the run imports first."""
     launch = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    if guard is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(guard), env.get("PYTHONPATH", str(REPO))])
     return subprocess.run([*launch, "-m", "attent_scale", "score", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -58,8 +77,11 @@ def test_reference_trains_on_ref_and_scores_match_on_1_and_2_ranks(reference: tu
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["train_split"] == "ref"
     one, two = run_dir / "export" / "model" / "scores-train.safetensors", tmp_path / "two.safetensors"
     check(run_score("--model", str(run_dir / "export"), "--data", str(shards), "--batch-size", "7"))
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(NO_LOSS_GATHER)
     check(run_score("--model", str(run_dir / "export"), "--data", str(shards), "--out", str(two),
-                    "--batch-size", "7", nproc=2))
+                    "--batch-size", "7", nproc=2, guard=guard))
     assert one.read_bytes() == two.read_bytes()
     meta = read_metadata(one)
     assert meta["split"] == "train" and meta["num_samples"] == str(m.num_samples("train"))
@@ -75,12 +97,57 @@ def test_reference_trains_on_ref_and_scores_match_on_1_and_2_ranks(reference: tu
     assert one.stat().st_mtime_ns == before
 
 
+def test_truncated_model_is_a_one_line_error(reference: tuple[Path, Path], tmp_path: Path) -> None:
+    shards, run_dir = reference
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in (run_dir / "export" / "model").iterdir():
+        if f.suffix in (".json", ".safetensors") and not f.name.startswith("scores-"):
+            data = f.read_bytes()
+            (model / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
+    proc = run_score("--model", str(model), "--data", str(shards))
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
+    assert "model.safetensors" in err[0] and "unreadable safetensors weights" in err[0], err
+
+
+@pytest.mark.parametrize("n,batch_size,world", [(100, 16, 4), (300, 7, 2), (5, 1, 8), (0, 4, 3), (17, 3, 5)])
+def test_score_spans_cover_the_split_within_the_planned_forwards(n: int, batch_size: int, world: int) -> None:
+    """Every id once, in rank order, no rank with more batches than the forwards all ranks run (8-aligned
+    ledger blocks of batches gave rank 0 seven batches of 100 ids on 4 ranks, planned two)."""
+    from attent_scale.score import score_spans
+
+    spans, most = score_spans(n, batch_size, world)
+    assert spans[0][0] == 0 and spans[-1][1] == n
+    assert all(spans[r][1] == spans[r + 1][0] for r in range(world - 1))
+    assert all(-(-(hi - lo) // batch_size) <= most for lo, hi in spans)
+    assert all(lo % batch_size == 0 for lo, _ in spans)
+
+
+def test_scores_written_in_slices_equal_one_write(tmp_path: Path) -> None:
+    from attent_scale.score import write_scores_parts
+
+    loss = np.arange(11, dtype=np.float32)
+    loss[4] = np.nan
+    write_scores(tmp_path / "one.safetensors", loss, {"format": "x"})
+    parts = [loss[:3], loss[3:3], loss[3:]]
+    bad = write_scores_parts(tmp_path / "parts.safetensors", 11, parts, {"format": "x"})
+    assert bad == 1
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "parts.safetensors").read_bytes()
+    with pytest.raises(RuntimeError, match="wrote 3 of 11"):
+        write_scores_parts(tmp_path / "short.safetensors", 11, [loss[:3]], {"format": "x"})
+    assert not list(tmp_path.glob("*short*")) and not list(tmp_path.glob(".*tmp*"))
+
+
 def _scores(path: Path, m: Manifest, loss: np.ndarray, split: str = "train", **meta: str) -> Path:
     write_scores(path, loss.astype(np.float32), {**scores_metadata(m, split, "0" * 64), **meta})
     return path
 
 
-def test_excess_keys_rank_by_learner_minus_reference(reference: tuple[Path, Path], tmp_path: Path) -> None:
+def test_excess_keys_rank_by_learner_minus_reference(reference: tuple[Path, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from attent_scale.teacher import reference as reference_module
+
     shards, _ = reference
     m = Manifest.load(shards)
     n = m.num_samples("train")
@@ -100,10 +167,18 @@ def test_excess_keys_rank_by_learner_minus_reference(reference: tuple[Path, Path
     assert chosen["excess"] == set(np.argsort(-excess.astype(np.float64), kind="stable")[:k].tolist())
     assert chosen["loss"] == set(np.argsort(-learner.astype(np.float64), kind="stable")[:k].tolist())
     assert chosen["excess"] != chosen["loss"]
-    # a rank reads only the id range it asks for
+    # a rank reads only the ids it asks for: a block in chunks reads each slice once (it re-read a growing
+    # prefix per chunk), scattered online ids only around themselves (it loaded their whole span)
     part = Reference(tmp_path / "r.safetensors", m, "train")
     np.testing.assert_array_equal(part.losses(np.arange(10, 20)), ref_loss[10:20])
-    assert part._block.shape == (10,)
+    for a in range(20, n, 16):
+        np.testing.assert_array_equal(part.losses(np.arange(a, min(n, a + 16))), ref_loss[a:a + 16])
+    assert part.bytes_read == 4 * (n - 10)
+    monkeypatch.setattr(reference_module, "READ_GAP", 2)  # this file is small: ids 3 apart count as far
+    online = Reference(tmp_path / "r.safetensors", m, "train")
+    scattered = np.array([n - 1, 3, n - 1, 0, 4], dtype=np.int64)
+    np.testing.assert_array_equal(online.losses(scattered), ref_loss[scattered])
+    assert online.bytes_read == 4 * (1 + 2 + 1)  # [0], [3, 4], [n - 1]
 
 
 def test_mismatched_reference_is_a_one_line_exit_2(reference: tuple[Path, Path], tmp_path: Path,

@@ -44,6 +44,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, A
     tmp1 = tmp_path_factory.mktemp("w1")
     ref = w.teacher_scenarios(0, 1, None, tmp1)
     ref.update(w.online_scenario(0, 1, None))
+    ref.update(w.small_scenarios(0, 1, None))
     ref.update(w.checkpoint_scenario(0, 1, None, tmp1))
     out[1] = [ref]
     for world in (2, 4):
@@ -194,3 +195,14 @@ def test_checkpoint_holds_selection_once_as_bits_and_is_bounded(
         assert res["ckpt/size"] <= 8 * block + nbits + 16 * 1024  # O(N / world + N / 8)
         assert res["ckpt/bits_back"] == res["ckpt/sha"] == res["ckpt/cached_back"]
         np.testing.assert_array_equal(res["ckpt/ids"], runs[1][0]["ckpt/ids"])  # world-size independent
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_empty_owner_blocks_select_like_one_rank(runs: dict[int, list[dict[str, Any]]], world: int) -> None:
+    """N = 9 and 3 on 4 ranks: ranks 2-3 own an empty, unaligned block [N, N); the selection is as on one."""
+    keys = [key for key in runs[1][0] if key.startswith("small/")]
+    assert len(keys) == 16
+    for key in keys:
+        for r in runs[world]:
+            assert r[key].tolist() == runs[1][0][key].tolist(), key
+

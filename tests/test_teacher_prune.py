@@ -148,3 +148,29 @@ def test_epoch_budget_plans_the_steps_pruning_and_anneal_really_take() -> None:
     # epoch 0 full (63 steps of 16), epochs 1-4 keep 1000 - 420 = 580 ids (37 steps), epoch 5 full again
     assert planned_steps(t, 1000, 1, 16, 6) == 63 + 4 * 37 + 63
     assert planned_steps(t, 1000, 2, 8, 6) == 63 + 4 * 37 + 63  # 500 / 290 ids per rank, batch 8
+
+
+def test_below_the_mean_is_planned_as_what_it_keeps(tmp_path: Path, tiny_shards: Path) -> None:
+    """prune_quantile 0 drops a data-given count: once a selection is made the plan (and the LR schedule)
+    uses what it kept, so an epoch budget ends at min_lr on its last step (it planned the median's count)."""
+    import json
+
+    from train_runner import check, run_train, tiny_run_config
+
+    teacher = {"mode": "ledger", "strategy": "prune", "warmup_epochs": 1, "prune_ratio": 0.9,
+               "prune_quantile": 0.0}
+    cfg = tiny_run_config(tmp_path / "run", tiny_shards, teacher=teacher,
+                          train={"max_steps": 1000, "max_epochs": 3, "warmup_steps": 0, "min_lr_ratio": 0.1},
+                          eval={"every_steps": 0, "max_batches": 1, "batch_size": 16})
+    check(run_train(cfg))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "lr" in r]
+    records = [json.loads(x) for x in (tmp_path / "run" / "selection.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["n_selected"] < r["n_scored"] for r in records)
+    last = steps[-1]
+    assert last["epoch"] == 2
+    # the LR of the last step is the schedule's last one before min_lr: the plan ends where the run ends
+    from attent_scale.engines.base import lr_lambda
+
+    want = 3e-3 * lr_lambda(last["step"] - 1, warmup_steps=0, max_steps=last["step"], min_lr_ratio=0.1)
+    assert last["lr"] == pytest.approx(want, rel=1e-6), [(r["step"], r["lr"]) for r in steps[-4:]]

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=float, required=True, help="N simulated samples (1e9 allowed)")
     p.add_argument("--ranks", type=int, default=4)
-    p.add_argument("--strategy", default="hard", choices=["hard", "soft", "random"])
+    p.add_argument("--strategy", default="hard", choices=["hard", "soft", "random", "prune"])
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--batch", type=int, default=4096, help="ids per simulated training step and rank")
     p.add_argument("--shard-size", type=int, default=100_000, help="ids per synthetic shard")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ from attent_scale.errors import UserError
 
 SCORES_FORMAT = "attent-scale-scores/1"
 LOSS_KEY = "loss"  # float32 [N]: the loss of sample id i at index i
+READ_GAP = 1024  # Reference.losses reads ids closer than this many as one run (4 KiB of losses)
 
 
 def manifest_sha256(manifest: Any) -> str:
@@ -46,8 +49,9 @@ def read_metadata(path: str | Path) -> dict[str, str] | None:
 
 
 class Reference:
-    """A reference scores file checked against the data a run trains on. Reads only the id range a rank
-    asks for (the ledger block it owns), not the whole file."""
+    """A reference scores file checked against the data a run trains on. Reads only the losses asked for
+    (a chunk of the ledger block a rank owns, an online batch's ids), each time from the file: nothing of
+    size N is held."""
 
     def __init__(self, path: str | Path, manifest: Any, split: str) -> None:
         self.path = Path(path)
@@ -70,33 +74,61 @@ class Reference:
         if meta.get("split") != split:
             raise UserError(f"{self.path}: reference scores are of split {meta.get('split')!r}, "
                             f"the run trains on {split!r}")
-        from safetensors import safe_open
-
-        with safe_open(str(self.path), framework="np") as f:
-            shape = f.get_slice(LOSS_KEY).get_shape() if LOSS_KEY in set(f.keys()) else None
+        offset, shape = _loss_layout(self.path)
         if shape != [n]:
             raise UserError(f"{self.path}: reference scores miss ids: {shape} for split {split!r} of "
                             f"{n} samples")
+        if self.path.stat().st_size < offset + 4 * n:
+            raise UserError(f"{self.path}: reference scores file is truncated")
         self.num_samples = n
-        self._lo, self._hi = 0, 0
-        self._block = np.zeros(0, dtype=np.float32)
+        self._offset = offset  # file position of loss[0]
+        self.bytes_read = 0  # what losses() read from the file, in all
 
-    def _load(self, lo: int, hi: int) -> None:
-        from safetensors import safe_open
-
-        with safe_open(str(self.path), framework="np") as f:
-            self._block = np.asarray(f.get_slice(LOSS_KEY)[lo:hi], dtype=np.float32)
-        self._lo, self._hi = lo, hi
+    def _read(self, fd: int, lo: int, hi: int) -> np.ndarray:
+        data = os.pread(fd, 4 * (hi - lo), self._offset + 4 * lo)
+        if len(data) != 4 * (hi - lo):
+            raise UserError(f"{self.path}: reference scores file is truncated")
+        self.bytes_read += len(data)
+        return np.frombuffer(data, dtype="<f4").astype(np.float32)
 
     def losses(self, ids: np.ndarray) -> np.ndarray:
-        """Reference losses (float32) of `ids` (all in [0, N)); loads the id range they span once."""
-        ids = np.asarray(ids, dtype=np.int64)
+        """Reference losses (float32) of `ids` (all in [0, N)). Reads the ids' runs straight from the
+        file (runs closer than READ_GAP ids are read as one), nothing else: a ledger block read in chunks
+        reads each slice once, an online batch of scattered ids reads only around those ids."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             return np.zeros(0, dtype=np.float32)
-        lo, hi = int(ids.min()), int(ids.max()) + 1
-        if lo < self._lo or hi > self._hi:
-            self._load(min(lo, self._lo) if self._hi > self._lo else lo, max(hi, self._hi))
-        return self._block[ids - self._lo]
+        if int(ids.min()) < 0 or int(ids.max()) >= self.num_samples:
+            raise ValueError(f"reference ids must lie in [0, {self.num_samples})")
+        uniq = np.unique(ids)
+        cuts = np.flatnonzero(np.diff(uniq) > READ_GAP) + 1
+        starts, ends = np.r_[0, cuts], np.r_[cuts, uniq.shape[0]]
+        vals = np.empty(uniq.shape[0], dtype=np.float32)
+        with open(self.path, "rb") as f:
+            for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+                lo, hi = int(uniq[a]), int(uniq[b - 1]) + 1
+                vals[a:b] = self._read(f.fileno(), lo, hi)[uniq[a:b] - lo]
+        return vals[np.searchsorted(uniq, ids)]
+
+
+def _loss_layout(path: Path) -> tuple[int, list[int] | None]:
+    """(file offset of the loss tensor's data, its shape) from the safetensors header; shape None when
+    the file holds no float32 loss tensor."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            header = json.loads(f.read(size)) if 0 < size < (1 << 26) else {}
+        except ValueError:
+            header = {}
+    entry = header.get(LOSS_KEY) if isinstance(header, dict) else None
+    if not isinstance(entry, dict) or entry.get("dtype") != "F32":
+        return 0, None
+    start, end = entry.get("data_offsets", [0, 0])
+    shape = list(entry.get("shape", []))
+    if len(shape) != 1 or end - start != 4 * shape[0]:
+        return 0, None
+    return 8 + size + int(start), shape
 
 
 def open_reference(tcfg: Any, manifest: Any, split: str) -> Reference | None:

@@ -15,7 +15,15 @@ import torch
 import torch.distributed as dist
 
 from attent_scale.config import TeacherConfig
-from attent_scale.teacher.ledger import NEG_INF_IMAGE, POS_INF_IMAGE, SCORE, TRAIN, Ledger, unpack_entries
+from attent_scale.teacher.ledger import (
+    NEG_INF_IMAGE,
+    POS_INF_IMAGE,
+    SCORE,
+    TRAIN,
+    Ledger,
+    loss_image,
+    unpack_entries,
+)
 from attent_scale.teacher.records import RecordWriter, make_record
 from attent_scale.teacher.schedules import interval_at, ratio_at
 from attent_scale.teacher.selection import Selection
@@ -23,6 +31,7 @@ from attent_scale.teacher.strategies import strategy_keys, uniform_noise
 from attent_scale.teacher.topk import (
     _Comm,
     _resolve_group,
+    collective_ops,
     key_image,
     kth_largest,
     select_block_bits,
@@ -71,8 +80,9 @@ class Teacher:
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.group = _resolve_group(group)
-        self.world_size = dist.get_world_size(self.group) if self.group is not None else 1
-        self.rank = dist.get_rank(self.group) if self.group is not None else 0
+        ops = collective_ops(self.group)
+        self.world_size = ops.get_world_size(self.group) if self.group is not None else 1
+        self.rank = ops.get_rank(self.group) if self.group is not None else 0
         self.ledger = Ledger(self.num_samples, self.rank, self.world_size)
         self.reference = reference  # teacher.score=excess: a teacher.reference.Reference, else None
         self._writer = RecordWriter(record_path if self.rank == 0 else None)
@@ -82,6 +92,7 @@ class Teacher:
         self._score_seconds_pending = 0.0
         self._scored_pending = 0
         self.last_record: dict[str, Any] | None = None
+        self.kept_counts: dict[int, int] = {}  # prune: epoch -> ids its selection kept (planned_count)
         self.stats: dict[str, Any] = {key: 0 for key in STAT_KEYS}
         for key in ("last_ratio", "last_staleness_median", "last_staleness_max"):
             self.stats[key] = None
@@ -158,10 +169,17 @@ class Teacher:
             self.anneal_from = epoch if self.anneal_from is None else min(self.anneal_from, epoch)
 
     def planned_count(self, plan: EpochPlan, num: int) -> int:
-        """Samples an epoch of `plan` trains out of `num` (every id observed with a finite loss)."""
+        """Samples an epoch of `plan` trains out of `num` (every id observed with a finite loss). prune:
+        what the epoch's selection kept once it was made; before that, with prune_quantile 0 (below the
+        mean, a count only the losses decide) what the latest selection kept, else the median's count."""
         if not plan.subset or plan.ratio is None:
             return num
         if self.cfg.strategy == "prune":
+            if num == self.num_samples and self.kept_counts:
+                if plan.epoch in self.kept_counts:
+                    return self.kept_counts[plan.epoch]
+                if not self.cfg.prune_quantile:
+                    return self.kept_counts[max(self.kept_counts)]
             n_low = _round_half_up((self.cfg.prune_quantile or 0.5) * num)
             return num - _round_half_up(self.cfg.prune_ratio * n_low)
         return _round_half_up(plan.ratio * num)
@@ -334,12 +352,11 @@ class Teacher:
         lo, hi = self.ledger.lo, self.ledger.hi
         upweight: np.ndarray | None = None
         weight = 1.0
-        prune_keys: np.ndarray | None = None
+        low_bits: np.ndarray | None = None
         if cfg.strategy == "prune":
             self.ledger.exchange(comm=comm)
-            ids, loss, _, _ = self.ledger.entries()  # O(N / world): this rank's block
-            prune_keys, k, low, n_low, n_obs, n_fin = self._prune_keys(
-                ids, loss, np.arange(lo, hi, dtype=np.int64), epoch, comm)
+            low_bits, n_low, n_obs, n_fin = self._prune_low(comm)
+            k = self.num_samples - _round_half_up(cfg.prune_ratio * n_low)
             n_nonfinite = n_obs - n_fin
         elif cfg.strategy == "random":
             n_obs, n_fin, n_nonfinite = self.num_samples, self.num_samples, 0
@@ -351,7 +368,7 @@ class Teacher:
             k = self.num_samples - n_obs + _round_half_up(ratio * n_fin)
         t_keys = time.perf_counter() - t0
         report: dict[str, Any] = {}
-        chunks = self._key_chunks(epoch) if prune_keys is None else (lambda: iter([prune_keys]))
+        chunks = self._key_chunks(epoch) if low_bits is None else self._prune_key_chunks(low_bits, epoch)
         if cfg.topk_method == "threshold":
             images, nbits = self._image_chunks(chunks)
             selection = Selection(select_block_bits(images, lo, hi, self.num_samples, k, bits=nbits,
@@ -363,14 +380,16 @@ class Teacher:
                                    group=self.group, report=report)
             selection = Selection.from_ids(chosen, self.num_samples)
             del keys, chosen
-        if cfg.reweight and cfg.strategy == "prune" and n_low > selection.num_ids - selection.count:
+        if low_bits is not None and cfg.reweight and n_low > selection.num_ids - selection.count:
             # kept low-loss ids carry 1 / P(kept) = n_low / (n_low - n_drop); the rest weight 1
-            upweight = self._share_bits(low, comm) & selection.bits
+            upweight = low_bits & selection.bits
             weight = n_low / (n_low - (self.num_samples - selection.count))
         elif cfg.random_reweight and cfg.strategy == "random" and 0 < selection.count < self.num_samples:
             upweight, weight = selection.bits.copy(), self.num_samples / selection.count
         if upweight is not None:
             selection = Selection(selection.bits, self.num_samples, upweight=upweight, weight=weight)
+        if low_bits is not None:
+            self.kept_counts[int(epoch)] = selection.count
         t_st, coll_st = time.perf_counter(), comm.seconds.get("collective", 0.0) if comm else 0.0
         staleness = self._staleness(step, n_obs, comm) if cfg.strategy != "random" else None
         # its passes over the ledger are selection work too (its all-reduce is counted as collective)
@@ -390,7 +409,7 @@ class Teacher:
         total_bytes = int(sum(bytes_rank.values()))
         bmax = torch.tensor([total_bytes], dtype=torch.int64)
         if comm is not None:
-            dist.all_reduce(bmax, op=dist.ReduceOp.MAX, group=self.group)
+            comm.ops.all_reduce(bmax, dist.ReduceOp.MAX, self.group)
         record = make_record(
             step=int(step), epoch=int(epoch), cycle=plan.cycle, mode=cfg.mode, strategy=cfg.strategy,
             method=report["method"], ratio=ratio, k=int(k), n_scored=int(n_obs), n_selected=selection.count,
@@ -410,42 +429,75 @@ class Teacher:
             return loss
         return (loss.astype(np.float32) - self.reference.losses(ids)).astype(np.float32)
 
-    def _prune_keys(self, ids: np.ndarray, loss: np.ndarray, pool: np.ndarray, epoch: int,
-                    comm: _Comm | None) -> tuple[np.ndarray, int, np.ndarray, int, int, int]:
-        """Collective. Keys for unbiased pruning over this rank's block `pool`: the low-loss ids (below the
-        `prune_quantile` quantile of the finite losses, or below their mean) get uniform noise keyed by
-        (seed, epoch, id), every other id (high, non-finite, never observed) +inf; keeping the top
-        k = N - round(prune_ratio * n_low) drops exactly that many low ids, each with the same
-        probability, whatever the number of ranks. Returns (keys, k, low ids here, n_low, n_obs, n_fin)."""
-        cfg = self.cfg
-        fin = np.isfinite(loss)
-        fin_ids, fin_loss = ids[fin], loss[fin].astype(np.float64)
-        if cfg.prune_quantile > 0:
-            n_obs, n_fin = self._all_sum([int(ids.shape[0]), int(fin_ids.shape[0])], comm)
-            n_low = _round_half_up(cfg.prune_quantile * n_fin)
-            # the n_low smallest losses (ties to the smaller id), the same set on every rank
-            low_all = select_global(-fin_loss, fin_ids, n_low, method=cfg.topk_method,
-                                    group=self.group).numpy()
-            low = low_all[(low_all >= pool[0]) & (low_all <= pool[-1])] if pool.size else low_all[:0]
-        else:
-            # the mean from an exact fixed-point sum: the same bits whatever the number of ranks
-            fixed = np.round(np.minimum(fin_loss, 1e4) * 2.0**20).astype(np.int64)
-            n_obs, n_fin, total = self._all_sum([int(ids.shape[0]), int(fin_ids.shape[0]),
-                                                 int(fixed.sum())], comm)
-            low = fin_ids[fixed < (total / n_fin if n_fin else 0.0)]
-            (n_low,) = self._all_sum([int(low.shape[0])], comm)
-        keys = np.full(pool.shape[0], np.inf, dtype=np.float64)
-        if low.size:
-            keys[low - pool[0]] = uniform_noise(low, seed=self.seed, cycle=epoch)
-        k = self.num_samples - _round_half_up(cfg.prune_ratio * n_low)
-        return keys, k, low, n_low, n_obs, n_fin
+    def _block_scores(self) -> Any:
+        """(ids, entries, scores) of this rank's ledger block, KEY_CHUNK ids at a time: scores are the
+        float32 losses, or excess losses with a reference (NaN for never observed ids)."""
+        led = self.ledger
+        for a in range(led.lo, led.hi, KEY_CHUNK):
+            b = min(led.hi, a + KEY_CHUNK)
+            ids = np.arange(a, b, dtype=np.int64)
+            v = led.block_entries(a, b)
+            loss = self._excess(ids, unpack_entries(v)[0])
+            loss[v == 0] = np.nan
+            yield ids, v, loss
 
-    def _share_bits(self, ids: np.ndarray, comm: _Comm | None) -> np.ndarray:
-        """Collective: the bitset over all N ids of the union of every rank's `ids`."""
-        bits = torch.from_numpy(Selection.from_ids(ids, self.num_samples).bits.copy())
-        if comm is not None:
-            comm.all_reduce(bits, "share", op=dist.ReduceOp.BOR)
-        return bits.numpy()
+    def _prune_low(self, comm: _Comm | None) -> tuple[np.ndarray, int, int, int]:
+        """Collective. The low-score ids of unbiased pruning, as a bitset over all N ids: the
+        round(prune_quantile * n_fin) smallest finite scores (ties to the smaller id), or with
+        prune_quantile 0 those below the mean. Works over this rank's block in chunks (O(N / world) and
+        the one bitset). Returns (bits, n_low, n_obs, n_fin)."""
+        cfg = self.cfg
+        lo, hi = self.ledger.lo, self.ledger.hi
+        n_obs = n_fin = total = 0
+        for _, v, score in self._block_scores():
+            fin = np.isfinite(score)
+            n_obs += int(np.count_nonzero(v))
+            n_fin += int(np.count_nonzero(fin))
+            # the mean from an exact fixed-point sum: the same bits whatever the number of ranks
+            fixed = np.round(np.minimum(score[fin].astype(np.float64), 1e4) * 2.0**20).astype(np.int64)
+            total += int(fixed.sum())
+        n_obs, n_fin, total = self._all_sum([n_obs, n_fin, total], comm)
+        if cfg.prune_quantile > 0:
+            n_low = _round_half_up(cfg.prune_quantile * n_fin)
+
+            def images() -> Any:  # smaller finite score = larger image; non-finite and unseen 0
+                for _, _, score in self._block_scores():
+                    u = np.uint32(0xFFFFFFFF) - loss_image(score)
+                    u[~np.isfinite(score)] = 0
+                    yield u.astype(np.uint64)
+
+            bits = select_block_bits(images, lo, hi, self.num_samples, n_low, bits=32, group=self.group)
+        else:
+            mean = total / n_fin if n_fin else 0.0
+
+            def below() -> Any:
+                for _, _, score in self._block_scores():
+                    fin = np.isfinite(score)
+                    fixed = np.round(np.minimum(np.where(fin, score, 0.0).astype(np.float64), 1e4) * 2.0**20)
+                    yield (fin & (fixed < mean)).astype(np.uint64)
+
+            (n_low,) = self._all_sum([sum(int(np.count_nonzero(u)) for u in below())], comm)
+            bits = select_block_bits(below, lo, hi, self.num_samples, n_low, bits=1, group=self.group)
+        return bits, n_low, n_obs, n_fin
+
+    def _prune_key_chunks(self, low_bits: np.ndarray, epoch: int) -> Callable[[], Any]:
+        """Re-iterable keys of this rank's block for pruning: low ids get uniform noise keyed by (seed,
+        epoch, id), every other id (high, non-finite, never observed) +inf; keeping the top
+        k = N - round(prune_ratio * n_low) drops exactly that many low ids, each with the same
+        probability, whatever the number of ranks."""
+        led = self.ledger
+
+        def chunks() -> Any:
+            for a in range(led.lo, led.hi, KEY_CHUNK):  # a is a multiple of 8: whole bytes of the bitset
+                b = min(led.hi, a + KEY_CHUNK)
+                byte = low_bits[a // 8:(b + 7) // 8]
+                low = np.unpackbits(byte, count=b - a, bitorder="little").astype(bool)
+                keys = np.full(b - a, np.inf, dtype=np.float64)
+                ids = np.arange(a, b, dtype=np.int64)[low]
+                keys[low] = uniform_noise(ids, seed=self.seed, cycle=epoch)
+                yield keys
+
+        return chunks
 
     def _finish(self, record: dict[str, Any], seconds: dict[str, float], total_bytes: int) -> None:
         for phase in ("collective", "select", "share", "rebalance"):
@@ -565,6 +617,7 @@ class Teacher:
             "scored_pending": self._scored_pending,
             "stats": dict(self.stats),
             "last_record": self.last_record,
+            "kept_counts": dict(self.kept_counts),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -587,3 +640,4 @@ class Teacher:
         self._scored_pending = int(state["scored_pending"])
         self.stats = dict(state["stats"])
         self.last_record = state["last_record"]
+        self.kept_counts = {int(e): int(c) for e, c in (state.get("kept_counts") or {}).items()}

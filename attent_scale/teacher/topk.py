@@ -87,13 +87,50 @@ def local_topk(u: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
     return sorted_ids(np.concatenate([ids[above], tie_ids]))
 
 
+class _TorchOps:
+    """The collectives of torch.distributed, in the signatures _Comm uses (a simulated group, see
+    teacher/simulate.py, offers the same methods, so both run the same selection code)."""
+
+    ReduceOp = dist.ReduceOp
+
+    @staticmethod
+    def get_world_size(group: Any) -> int:
+        return dist.get_world_size(group)
+
+    @staticmethod
+    def get_rank(group: Any) -> int:
+        return dist.get_rank(group)
+
+    @staticmethod
+    def all_gather(out: list[torch.Tensor], t: torch.Tensor, group: Any) -> None:
+        dist.all_gather(out, t, group=group)
+
+    @staticmethod
+    def all_reduce(t: torch.Tensor, op: Any, group: Any) -> None:
+        dist.all_reduce(t, op=op, group=group)
+
+    @staticmethod
+    def all_to_all_single(out: torch.Tensor, t: torch.Tensor, out_splits: list[int] | None,
+                          in_splits: list[int] | None, group: Any) -> None:
+        if out_splits is None:
+            dist.all_to_all_single(out, t, group=group)
+        else:
+            dist.all_to_all_single(out, t, out_splits, in_splits, group=group)
+
+
+def collective_ops(group: Any) -> Any:
+    """The collectives for `group`: a simulated group's own methods, else torch.distributed's."""
+    return group if getattr(group, "simulated", False) else _TorchOps
+
+
 class _Comm:
     """Thin wrapper over the collectives that counts bytes sent by this rank (ring model) and time."""
 
     def __init__(self, group: Any) -> None:
         self.group = group
-        self.world = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
+        self.ops = collective_ops(group)
+        self.world = self.ops.get_world_size(group)
+        self.rank = self.ops.get_rank(group)
         self.bytes: dict[str, int] = {}
         self.seconds: dict[str, float] = {}
 
@@ -103,21 +140,21 @@ class _Comm:
 
     def all_gather(self, t: torch.Tensor, phase: str) -> list[torch.Tensor]:
         t0 = time.perf_counter()
-        out = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(out, t, group=self.group)
+        out = list(torch.empty((self.world, *t.shape), dtype=t.dtype).unbind(0))  # views of one buffer
+        self.ops.all_gather(out, t, self.group)
         self._add(phase, (self.world - 1) * t.numel() * t.element_size(), t0)
         return out
 
     def all_gather_into(self, out: torch.Tensor, t: torch.Tensor, phase: str) -> torch.Tensor:
         """all_gather of equal-sized 1-d tensors straight into `out` (world * t.numel() elements)."""
         t0 = time.perf_counter()
-        dist.all_gather(list(out.view(self.world, -1).unbind(0)), t, group=self.group)
+        self.ops.all_gather(list(out.view(self.world, -1).unbind(0)), t, self.group)
         self._add(phase, (self.world - 1) * t.numel() * t.element_size(), t0)
         return out
 
     def all_reduce(self, t: torch.Tensor, phase: str, op: Any = None) -> torch.Tensor:
         t0 = time.perf_counter()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op, group=self.group)
+        self.ops.all_reduce(t, dist.ReduceOp.SUM if op is None else op, self.group)
         self._add(phase, 2 * (self.world - 1) / self.world * t.numel() * t.element_size(), t0)
         return t
 
@@ -126,12 +163,10 @@ class _Comm:
         t0 = time.perf_counter()
         cnt = torch.tensor(send_counts, dtype=torch.int64)
         recv_cnt = torch.empty_like(cnt)
-        dist.all_to_all_single(recv_cnt, cnt, group=self.group)
+        self.ops.all_to_all_single(recv_cnt, cnt, None, None, self.group)
         rest = tuple(t.shape[1:])
         out = torch.empty((int(recv_cnt.sum()), *rest), dtype=t.dtype)
-        dist.all_to_all_single(
-            out, t, recv_cnt.tolist(), list(send_counts), group=self.group
-        )
+        self.ops.all_to_all_single(out, t, recv_cnt.tolist(), list(send_counts), self.group)
         row = t.element_size() * (int(np.prod(rest)) if rest else 1)
         sent = (sum(send_counts) - send_counts[self.rank]) * row + (self.world - 1) * 8
         self._add(phase, sent, t0)
@@ -139,12 +174,12 @@ class _Comm:
 
 
 def _resolve_group(group: Any) -> Any:
-    """The process group to use, or None for the single-process path."""
+    """The process group to use (a simulated one included), or None for the single-process path."""
     if group is None:
         if not (dist.is_available() and dist.is_initialized()):
             return None
         group = dist.group.WORLD
-    return group if dist.get_world_size(group) > 1 else None
+    return group if collective_ops(group).get_world_size(group) > 1 else None
 
 
 U64Source = Callable[[], Iterator[np.ndarray]]  # re-iterable chunks of uint64 values
@@ -225,13 +260,14 @@ def check_agreement(ids: np.ndarray, comm: _Comm | None, phase: str = "share", *
     if comm is None:
         return h
     mine = torch.tensor([np.uint64(h).view(np.int64)], dtype=torch.int64)
-    hs = [int(np.int64(x.item()).view(np.uint64)) for x in comm.all_gather(mine, phase)]
-    for r, other in enumerate(hs):
-        if other != hs[0]:
-            raise SelectionMismatchError(
-                f"selection differs across ranks: rank 0 hash {hs[0]:016x} != rank {r} hash {other:016x} "
-                f"(this is rank {comm.rank})"
-            )
+    hs = torch.cat(comm.all_gather(mine, phase)).numpy().view(np.uint64)
+    bad = np.flatnonzero(hs != hs[0])
+    if bad.size:
+        r = int(bad[0])
+        raise SelectionMismatchError(
+            f"selection differs across ranks: rank 0 hash {int(hs[0]):016x} != rank {r} hash "
+            f"{int(hs[r]):016x} (this is rank {comm.rank})"
+        )
     return h
 
 
@@ -400,7 +436,7 @@ def select_block_bits(
     n_local = hi - lo
     nbytes = (num_ids + 7) // 8
     per = -(-nbytes // world)  # every rank's bitset slice has the same size: one all_gather
-    if lo % 8 or (comm is not None and lo != 8 * per * comm.rank and n_local > 0):
+    if n_local < 0 or (n_local > 0 and (lo % 8 or (comm is not None and lo != 8 * per * comm.rank))):
         raise ValueError(f"select_block_bits: block [{lo}, {hi}) is not this rank's 8-aligned block")
     ctrl = torch.tensor([n_local], dtype=torch.int64)
     if comm is not None:
