@@ -48,7 +48,8 @@ class Board(NullBoard):
         try:
             self.writer: Any = SummaryWriter(str(log_dir), purge_step=purge_step, flush_secs=FLUSH_SECONDS)
         except OSError as exc:
-            raise UserError(f"config key '{KEY}': cannot write to {log_dir} ({exc.strerror or exc})") from None
+            reason = exc.strerror or exc
+            raise UserError(f"config key '{KEY}': cannot write to {log_dir} ({reason})") from None
 
     def log_step(self, step: int, *, loss: float, lr: float, tokens_per_second: float,
                  selected_ratio: float, selection_seconds_by_phase: Mapping[str, float]) -> None:
