@@ -799,3 +799,15 @@ def _summary(
             for r, row in enumerate(gathered)
         ],
     }
+
+
+class _CallableModule(type(sys)):  # types.ModuleType
+    """This module, exported as the Python API's `attent_scale.train`, is also callable: `train(cfg)`.
+    (A package attribute named like a submodule is replaced by the submodule on its first import, so the
+    function alone could not be `attent_scale.train`.)"""
+
+    def __call__(self, cfg: RunConfig) -> int:
+        return train(cfg)
+
+
+sys.modules[__name__].__class__ = _CallableModule
