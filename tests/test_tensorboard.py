@@ -23,6 +23,11 @@ def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+def scalar_steps(log_dir: Path) -> dict[str, list[int]]:
+    """The steps of each scalar tag in `log_dir`'s event files, as TensorBoard reads them."""
+    return {tag: [s for s, _ in points] for tag, points in _scalars(log_dir).items()}
+
+
 def _run(tmp_path: Path, shards: Path, **sections: dict) -> dict:
     sections = {
         "train": {"max_steps": 6, "log_every": 2, **sections.pop("train", {})},
