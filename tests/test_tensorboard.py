@@ -39,21 +39,20 @@ def _run(tmp_path: Path, shards: Path, **sections: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_scalars_at_the_logged_steps_and_every_eval(tmp_path: Path, tiny_shards: Path) -> None:
-    cfg = _run(tmp_path, tiny_shards)
+def test_scalars_at_the_logged_steps_and_every_eval_once_after_a_resume(tmp_path: Path,
+                                                                        tiny_shards: Path) -> None:
+    cfg = _run(tmp_path, tiny_shards, checkpoint={"every_steps": 4, "resume": True})
     check(run_train(cfg))
     run_dir = tmp_path / "run"
-    events = list((run_dir / "tb").glob("events.out.tfevents.*"))
-    assert len(events) == 1, events
+    assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1
     scalars = _scalars(run_dir / "tb")
     assert set(scalars) == {*STEP_TAGS, "val/loss"}
-    logged = [r["step"] for r in read_lines(run_dir / "metrics.jsonl")]
-    assert logged == [2, 4, 6]
+    jsonl = {r["step"]: r for r in read_lines(run_dir / "metrics.jsonl")}
+    assert list(jsonl) == [2, 4, 6]  # log_every 2
     for tag in STEP_TAGS:
-        assert [s for s, _ in scalars[tag]] == logged, tag
+        assert [s for s, _ in scalars[tag]] == [2, 4, 6], tag
     assert [s for s, _ in scalars["val/loss"]] == [0, 3, 6]
     # the same numbers the JSON logs carry
-    jsonl = {r["step"]: r for r in read_lines(run_dir / "metrics.jsonl")}
     for step, loss in scalars["train/loss"]:
         assert loss == pytest.approx(jsonl[step]["loss"], rel=1e-6)
     for step, ratio in scalars["selection/ratio"]:
@@ -64,31 +63,22 @@ def test_scalars_at_the_logged_steps_and_every_eval(tmp_path: Path, tiny_shards:
     score = [v for _, v in scalars["selection/seconds/score"]]
     assert score[0] > 0 and score == sorted(score)
 
-
-@pytest.mark.slow
-def test_resume_drops_what_the_failed_attempt_wrote_after_its_checkpoint(tmp_path: Path,
-                                                                         tiny_shards: Path) -> None:
-    cfg = _run(tmp_path, tiny_shards, train={"log_every": 1}, checkpoint={"every_steps": 4, "resume": True})
-    check(run_train(cfg))
-    run_dir = tmp_path / "run"
     # as if the run had died after step 6 with its last checkpoint at step 4: steps 5 and 6 run again
     last = latest_checkpoint(run_dir)
     assert last is not None and last.name.endswith("6")
     shutil.rmtree(last)
-    first = {tag: dict(points) for tag, points in _scalars(run_dir / "tb").items()}
+    first = dict(scalars["train/loss"])
     check(run_train(cfg))
     assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 2
-    scalars = _scalars(run_dir / "tb")
-    assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4, 5, 6]
-    assert [s for s, _ in scalars["val/loss"]] == [0, 3, 6]
-    # steps up to the checkpoint come from the first attempt, the rest from the resumed one
-    for step, loss in scalars["train/loss"][:4]:
-        assert loss == first["train/loss"][step]
+    steps = scalar_steps(run_dir / "tb")
+    assert steps["train/loss"] == [2, 4, 6] and steps["val/loss"] == [0, 3, 6]  # each step once
+    resumed = dict(_scalars(run_dir / "tb")["train/loss"])
+    assert resumed[2] == first[2] and resumed[4] == first[4]  # up to the checkpoint: the first attempt's
+
     # a fresh run in the same run_dir starts its curves over
     check(run_train({**cfg, "checkpoint": {**cfg["checkpoint"], "resume": False},
                      "train": {**cfg["train"], "max_steps": 2}}))
-    scalars = _scalars(run_dir / "tb")
-    assert [s for s, _ in scalars["train/loss"]] == [1, 2]
+    assert scalar_steps(run_dir / "tb")["train/loss"] == [2]
 
 
 def test_relative_dir_is_under_run_dir_and_empty_is_off(tmp_path: Path) -> None:
