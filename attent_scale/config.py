@@ -164,6 +164,7 @@ class MetricsConfig:
     port_fallback: bool = False  # take the next free port instead of failing when the port is taken
     job: str = "attent"
     linger_seconds: float = 0.0  # keep the exporter up this long at close so the last values get scraped
+    tensorboard_dir: str = ""  # TensorBoard event files (rank 0); relative: under run_dir; "" = off
 
 
 @dataclass

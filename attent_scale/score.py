@@ -148,6 +148,8 @@ def _windows(manifest: Any, split: str, lo: int, hi: int) -> Iterator[tuple[int,
                         raise UserError(f"{path}: sample {sid} does not decode")
                     yield sid, window
                     expect += 1
+        except UserError:  # a ValueError too: not an unreadable shard
+            raise
         except (OSError, ValueError, EOFError) as exc:
             raise UserError(f"{path}: unreadable shard ({type(exc).__name__}: {exc})") from None
     if expect != hi:

@@ -155,6 +155,7 @@ class Trainer:
         from attent_scale.models import check_model_fits
         from attent_scale.runlock import lock_run_dir
         from attent_scale.runlog import JsonLines
+        from attent_scale.tensorboard import open_board
 
         self.cfg = cfg
         self.wall_start = time.perf_counter()
@@ -198,6 +199,8 @@ class Trainer:
         self.eval_log = JsonLines(self.run_dir / "eval.jsonl", self.is_main)
         node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
         self.metrics = Metrics.create(cfg.metrics, rank=self.rank, local_rank=self.info.local_rank, node=node)
+        self.board = open_board(cfg.metrics.tensorboard_dir, self.run_dir, is_main=self.is_main,
+                                resumed_step=None if self.resumed_from is None else self.progress.step)
         self.stop = StopSignal()
         self.val_cache: list[Any] = []
         # one set of DataLoader workers for every epoch and scoring pass (started on first use)
@@ -427,6 +430,9 @@ class Trainer:
                     "wall_seconds": tot["wall_seconds"],
                 }
             )
+            self.board.log_step(progress.step, loss=result.loss, lr=result.lr, tokens_per_second=tokens_per_s,
+                                selected_ratio=tot["selected_ratio"],
+                                selection_seconds_by_phase=tot["selection_seconds_by_phase"])
         self.metrics.observe_step(step_seconds, result.loss, tokens_per_s)
         self.metrics.update(tot)
         if self.bar is not None:
@@ -549,6 +555,7 @@ class Trainer:
             }
         )
         self.metrics.observe_eval(loss)
+        self.board.log_eval(progress.step, loss)
         return loss
 
     def save(self, stream: Any) -> None:
@@ -637,6 +644,7 @@ class Trainer:
             self.bar.close()
         self.metrics_log.close()
         self.eval_log.close()
+        self.board.close()
         self.metrics.close()
         if not failed and dist.is_available() and dist.is_initialized():
             if exit_code == 0:
@@ -802,3 +810,15 @@ def _summary(
             for r, row in enumerate(gathered)
         ],
     }
+
+
+class _CallableModule(type(sys)):  # types.ModuleType
+    """This module, exported as the Python API's `attent_scale.train`, is also callable: `train(cfg)`.
+    (A package attribute named like a submodule is replaced by the submodule on its first import, so the
+    function alone could not be `attent_scale.train`.)"""
+
+    def __call__(self, cfg: RunConfig) -> int:
+        return train(cfg)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -14,22 +14,29 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 MARK = "<!-- runnable -->"
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+PY_END = "END_OF_PYTHON_BLOCK"  # the heredoc delimiter a ```python block runs inside
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 
 def runnable_blocks(path: Path) -> list[tuple[int, str]]:
-    """(line number, body) of each ```bash block right after a MARK line; a stray MARK is an error."""
+    """(line number, bash command) of each ```bash block right after a MARK line; a ```python block's
+    command writes its body to a script and runs it with `python`; a stray MARK is an error."""
     lines = path.read_text().splitlines()
     blocks = []
     for i, line in enumerate(lines):
         if line.strip() != MARK:
             continue
-        if i + 1 >= len(lines) or lines[i + 1].strip() not in ("```bash", "```sh"):
-            raise AssertionError(f"{path.name}:{i + 1}: {MARK} must be followed by a ```bash block")
+        if i + 1 >= len(lines) or lines[i + 1].strip() not in ("```bash", "```sh", "```python"):
+            raise AssertionError(f"{path.name}:{i + 1}: {MARK} must be followed by a ```bash or ```python "
+                                 "block")
         end = next((j for j in range(i + 2, len(lines)) if lines[j].startswith("```")), None)
         if end is None:
             raise AssertionError(f"{path.name}:{i + 2}: unterminated code block")
-        blocks.append((i + 2, "\n".join(lines[i + 2 : end])))
+        body = "\n".join(lines[i + 2 : end])
+        if lines[i + 1].strip() == "```python":
+            script = f"{path.stem}_block_{i + 2}.py"  # a file, as a user runs it (spawn re-imports it)
+            body = f"cat > {script} <<'{PY_END}'\n{body}\n{PY_END}\npython {script}"
+        blocks.append((i + 2, body))
     return blocks
 
 
@@ -97,3 +104,10 @@ def test_marker_must_precede_a_bash_block(tmp_path: Path) -> None:
     good = tmp_path / "good.md"
     good.write_text(f"text\n{MARK}\n```bash\necho hi\necho there\n```\n```bash\nnot run\n```\n")
     assert runnable_blocks(good) == [(3, "echo hi\necho there")]
+    py = tmp_path / "py.md"
+    py.write_text(f"{MARK}\n```python\nprint('hi')\n```\n")
+    [(line, command)] = runnable_blocks(py)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert line == 2 and proc.returncode == 0 and proc.stdout == "hi\n"

@@ -59,10 +59,17 @@ def test_local_teacher_none_trains_all_data(tmp_path, tiny_shards):
 @pytest.mark.parametrize("mode", ["cycle", "online"])
 def test_two_rank_engines_run_each_mode(tmp_path, tiny_shards, engine, mode):
     cfg = tiny_run_config(
-        tmp_path / "run", tiny_shards, engine, teacher={"mode": mode}, train={"max_steps": 16}
+        tmp_path / "run", tiny_shards, engine, teacher={"mode": mode}, train={"max_steps": 16},
+        metrics={"tensorboard_dir": "tb"},
     )
     check(run_train(cfg, nproc=2))
     summary = _assert_run_dir(tmp_path / "run", 16, 2, mode)
+    # TensorBoard: rank 0 alone writes, one point per metrics.jsonl line and per evaluation
+    from test_tensorboard import scalar_steps
+
+    assert len(list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))) == 1
+    steps = scalar_steps(tmp_path / "run" / "tb")
+    assert steps["train/loss"] == list(range(1, 17)) and steps["val/loss"] == [0, 8, 16]
     records = read_lines(tmp_path / "run" / "selection.jsonl")
     assert records and all(r["world_size"] == 2 for r in records)
     per_rank = [r["samples_trained"] for r in summary["per_rank"]]

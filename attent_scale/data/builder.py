@@ -459,6 +459,8 @@ def _load_part(d: Path) -> tuple[dict[str, Any], dict[str, _SplitTokens]]:
                     raise UserError(f"{f}: token file listed in {path} is missing")
             splits[s] = _SplitTokens(files, seg.reshape(-1, 3).astype(np.int64),
                                      np.load(d / "tokens" / f"{s}-doc-lengths.npy"), int(info["text_bytes"]))
+    except UserError:  # a ValueError too: keep its own message
+        raise
     except FileNotFoundError as exc:
         raise UserError(f"{exc.filename or path}: not found (not a `shards build --part` output?)") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
