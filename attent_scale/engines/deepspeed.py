@@ -107,6 +107,10 @@ class DeepSpeedEngine(BaseEngine):
             dist_init_required=False,
         )
         self.model = self.ds.module
+        if self.stage == 3:  # what this rank holds of the weights (its partition, small params in full)
+            params = [p for p in self.model.parameters() if hasattr(p, "ds_tensor")]
+            held, total = sum(p.ds_tensor.numel() for p in params), sum(p.ds_numel for p in params)
+            log_rank0(self.rank, f"ZeRO-3: rank 0 holds {held} of {total} parameter elements")
         self.group = None
         self.ds.train()
 
