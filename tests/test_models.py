@@ -108,3 +108,22 @@ def test_lora_targets_follow_the_architecture(tmp_path: Path) -> None:
     override = build_model(_model_cfg(LLAMA, lora={**on, "target_modules": ["v_proj"]}), 100)
     assert _lora_targets(override) == {"v_proj"}
     assert default_lora_targets("opt", from_config=False) == "all-linear"
+
+
+def test_train_cli_data_vocab_larger_than_the_model_is_one_line(tmp_path: Path, tiny_shards: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+    from train_runner import REPO, tiny_run_config
+
+    build_model(_model_cfg(LLAMA), 200).save_pretrained(str(tmp_path / "m"), safe_serialization=True)
+    cfg = tiny_run_config(tmp_path / "run", tiny_shards)
+    cfg["model"] = {"init_from": str(tmp_path / "m")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "attent_scale", "train", "--config", str(tmp_path / "c.yaml")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("attent-scale: error: config key 'model.init_from'"), lines
+    assert "vocab_size 512" in lines[0] and "vocab_size 200" in lines[0]
