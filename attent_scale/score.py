@@ -220,7 +220,7 @@ def score_split(args: argparse.Namespace) -> int:
         return 0
 
     cfg = load_config(args.config, args.overrides)
-    cfg.model.pretrained = str(mdir)
+    cfg.model.init_from, cfg.model.pretrained = str(mdir), None
     cfg.model.config = {}
     cfg.model.lora.enabled = False
     engine = build_engine(cfg, manifest)

@@ -22,7 +22,7 @@ from attent_scale.engines.base import (
     resolve_dtype,
 )
 from attent_scale.errors import UserError
-from attent_scale.models import build_model, export_state_dict
+from attent_scale.models import build_model, export_state_dict, prepare_init_from
 
 
 def load_ds_config(
@@ -88,7 +88,10 @@ class DeepSpeedEngine(BaseEngine):
         # Must stay referenced while the model is built (transformers keeps only a weakref): under
         # ZeRO-3 from_config then creates partitioned weights and still runs HF's _init_weights.
         self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
-        model = build_model(cfg.model, vocab_size, seed=cfg.seed)
+        # A .gguf start is dequantized by rank 0 into run_dir/init_model first: a GGUF-loaded model is
+        # flagged quantized, which skips zero.Init; from the safetensors only rank 0 reads the values.
+        self.model_cfg = prepare_init_from(cfg.model, cfg.run_dir, rank=self.rank, barrier=dist.barrier)
+        model = build_model(self.model_cfg, vocab_size, seed=cfg.seed)
         optimizer = None if "optimizer" in self.ds_config else make_adamw(model.parameters(), cfg)
         scheduler = None
         if optimizer is not None and "scheduler" not in self.ds_config:
@@ -104,6 +107,10 @@ class DeepSpeedEngine(BaseEngine):
             dist_init_required=False,
         )
         self.model = self.ds.module
+        if self.stage == 3:  # what this rank holds of the weights (its partition, small params in full)
+            params = [p for p in self.model.parameters() if hasattr(p, "ds_tensor")]
+            held, total = sum(p.ds_tensor.numel() for p in params), sum(p.ds_numel for p in params)
+            log_rank0(self.rank, f"ZeRO-3: rank 0 holds {held} of {total} parameter elements")
         self.group = None
         self.ds.train()
 
@@ -179,5 +186,6 @@ class DeepSpeedEngine(BaseEngine):
         """Adapters (LoRA), merged weights on request, or the full model as safetensors, by rank 0."""
         sd = self.full_state_dict()
         if self.rank == 0 and sd is not None:
-            export_state_dict(sd, self.cfg.model, self.vocab_size, out_dir)
+            export_state_dict(sd, self.model_cfg, self.vocab_size, out_dir,
+                              dtype=self.cfg.checkpoint.export_dtype)
         dist.barrier()

@@ -46,6 +46,9 @@ class FSDPEngine(LocalEngine):
         fully_shard(self.model, **kwargs)
         self.dtype = torch.float32  # FSDP casts parameters itself; no autocast on top
 
+    def _barrier(self) -> None:
+        dist.barrier(group=self.group)
+
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         # Gradients are reduce-scattered only after the last micro batch; the earlier ones accumulate
         # unsharded (in the fp32 reduce dtype). Backward always runs: it holds collectives.

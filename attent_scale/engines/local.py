@@ -17,7 +17,7 @@ from attent_scale.engines.base import (
     make_scheduler,
     resolve_dtype,
 )
-from attent_scale.models import build_model, export_state_dict
+from attent_scale.models import build_model, export_state_dict, prepare_init_from
 
 
 class LocalEngine(BaseEngine):
@@ -29,7 +29,9 @@ class LocalEngine(BaseEngine):
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype, why = resolve_dtype(cfg.engine.mixed_precision, self.device)
         log_rank0(self.rank, f"{why}; compute dtype {str(self.dtype).removeprefix('torch.')}")
-        self.model = build_model(cfg.model, vocab_size, seed=cfg.seed).to(self.device)
+        # a .gguf start becomes a safetensors directory in run_dir first (rank 0 writes, all wait)
+        self.model_cfg = prepare_init_from(cfg.model, cfg.run_dir, rank=self.rank, barrier=self._barrier)
+        self.model = build_model(self.model_cfg, vocab_size, seed=cfg.seed).to(self.device)
         self._wrap()
         self.optimizer = make_adamw(self.model.parameters(), cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg)
@@ -37,6 +39,9 @@ class LocalEngine(BaseEngine):
 
     def _wrap(self) -> None:
         """Hook for sharding wrappers (FSDP); nothing to do on one process."""
+
+    def _barrier(self) -> None:
+        """Wait for every rank (a no-op on one process)."""
 
     # --- hooks ---------------------------------------------------------------------------------
     def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -109,4 +114,5 @@ class LocalEngine(BaseEngine):
         """Write adapters (LoRA), merged weights on request, or the full model as safetensors (rank 0)."""
         sd = self.full_state_dict()
         if self.rank == 0 and sd is not None:
-            export_state_dict(sd, self.cfg.model, self.vocab_size, out_dir)
+            export_state_dict(sd, self.model_cfg, self.vocab_size, out_dir,
+                              dtype=self.cfg.checkpoint.export_dtype)

