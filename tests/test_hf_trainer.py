@@ -217,3 +217,66 @@ def test_datasets_dataset_ids_are_indices(tmp_path: Path) -> None:
     records = read_records(tmp_path / "selection.jsonl")
     assert records[-1]["epoch"] == 1  # the ids trained are the ones the teacher selected and recorded
     assert Selection.from_ids(np.array(epoch1), n).sha256 == records[-1]["sha256"]
+
+
+def _tiny_lm(seed: int = 0) -> Any:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True,
+                      task_type="CAUSAL_LM")
+    return get_peft_model(AutoModelForCausalLM.from_config(config), lora)
+
+
+def test_accumulation_with_short_last_batch_one_ce_pass_one_flush_per_step(tmp_path: Path) -> None:
+    """Batch 3 x accumulation 4 over 64 rows: 22 batches per epoch (the last has 1 row), so the epoch's
+    last step has 2 micro batches (3 + 1 rows). The losses equal plain Trainer's over the same order (its
+    gradient is the exact token mean of the step's rows); the model is never handed the labels (one CE
+    pass, ours); the per-sample losses reach the teacher once per optimizer step, for every row once."""
+    import torch
+    from hf_worker import ToyPairs
+    from transformers import Trainer, TrainingArguments
+
+    from attent_scale.integrations.hf import AttentTrainer
+    from attent_scale.integrations.sampler import PadCollator
+
+    def args(out: Path, **kw: Any) -> TrainingArguments:
+        return TrainingArguments(output_dir=str(out), per_device_train_batch_size=3,
+                                 gradient_accumulation_steps=4, learning_rate=3e-3, lr_scheduler_type="linear",
+                                 warmup_steps=2, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
+                                 save_strategy="no", seed=0, report_to=[], disable_tqdm=True, use_cpu=True,
+                                 dataloader_num_workers=0, **kw)
+
+    flushes: list[tuple[int, list[int]]] = []
+    labelled_forwards = []
+
+    class Recording(AttentTrainer):
+        def attent_losses_hook(self, ids: Any, losses: Any, step: int, kind: str) -> None:
+            if kind == "train":
+                assert losses.device.type == "cpu" and torch.isfinite(losses).all()
+                flushes.append((step, ids.tolist()))
+
+    model = _tiny_lm()
+    model.register_forward_pre_hook(lambda _m, _a, kw: labelled_forwards.append("labels" in kw) and None,
+                                    with_kwargs=True)
+    data = ToyPairs()
+    attent = Recording(model=model, args=args(tmp_path / "a", num_train_epochs=2), train_dataset=data,
+                       data_collator=PadCollator(0))
+    attent.train()
+    la = [h["loss"] for h in attent.state.log_history if "loss" in h]
+    assert labelled_forwards and not any(labelled_forwards)
+    assert [s for s, _ in flushes] == list(range(len(la)))  # one flush per optimizer step
+    epoch0 = [ids for s, ids in flushes[:6]]
+    assert [len(ids) for ids in epoch0] == [12] * 5 + [4]
+    assert sorted(i for ids in epoch0 for i in ids) == list(range(N))
+
+    order = epoch_order(np.arange(N), seed=0, epoch=0).tolist()
+    plain = Trainer(model=_tiny_lm(), args=args(tmp_path / "p", max_steps=len(la), train_sampling_strategy="sequential"),
+                    train_dataset=torch.utils.data.Subset(data, order), data_collator=PadCollator(0))
+    plain.train()
+    lp = [h["loss"] for h in plain.state.log_history if "loss" in h]
+    assert la[:6] == pytest.approx(lp[:6], rel=1e-5, abs=1e-6)

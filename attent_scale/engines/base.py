@@ -64,8 +64,8 @@ def _chunk_ce_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ce.view(rows, t).sum(dim=1)
 
 
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:
-    """Mean token cross-entropy per sequence over labels != -100, in fp32; rows with no target give 0.
+def token_ce_sums(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:
+    """Sum of fp32 token cross-entropy per sequence over labels != -100 ([B] fp32, differentiable).
 
     `labels` are the targets already aligned with `logits` (no shift here). Rows are processed in
     chunks of about `chunk_tokens` tokens, upcasting only the chunk, so no [B, T, V] fp32 copy of the
@@ -84,7 +84,13 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: in
             sums.append(checkpoint(_chunk_ce_sums, lg, lb, use_reentrant=False))
         else:
             sums.append(_chunk_ce_sums(lg, lb))
-    total = torch.cat(sums) if sums else logits.new_zeros(0, dtype=torch.float32)
+    return torch.cat(sums) if sums else logits.new_zeros(0, dtype=torch.float32)
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:
+    """Mean token cross-entropy per sequence over labels != -100, in fp32; rows with no target give 0
+    (`token_ce_sums` divided by each row's target count)."""
+    total = token_ce_sums(logits, labels, chunk_tokens)
     counts = (labels != IGNORE_INDEX).sum(dim=1)
     return total / counts.clamp(min=1).to(total.dtype)
 
