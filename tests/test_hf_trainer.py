@@ -246,8 +246,9 @@ def test_accumulation_with_short_last_batch_one_ce_pass_one_flush_per_step(tmp_p
 
     def args(out: Path, **kw: Any) -> TrainingArguments:
         return TrainingArguments(output_dir=str(out), per_device_train_batch_size=3,
-                                 gradient_accumulation_steps=4, learning_rate=3e-3, lr_scheduler_type="linear",
-                                 warmup_steps=2, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
+                                 gradient_accumulation_steps=4, learning_rate=3e-3,
+                                 lr_scheduler_type="linear", warmup_steps=2, weight_decay=0.0,
+                                 max_grad_norm=1.0, logging_steps=1,
                                  save_strategy="no", seed=0, report_to=[], disable_tqdm=True, use_cpu=True,
                                  dataloader_num_workers=0, **kw)
 
@@ -275,8 +276,9 @@ def test_accumulation_with_short_last_batch_one_ce_pass_one_flush_per_step(tmp_p
     assert sorted(i for ids in epoch0 for i in ids) == list(range(N))
 
     order = epoch_order(np.arange(N), seed=0, epoch=0).tolist()
-    plain = Trainer(model=_tiny_lm(), args=args(tmp_path / "p", max_steps=len(la), train_sampling_strategy="sequential"),
-                    train_dataset=torch.utils.data.Subset(data, order), data_collator=PadCollator(0))
+    plain_args = args(tmp_path / "p", max_steps=len(la), train_sampling_strategy="sequential")
+    plain = Trainer(model=_tiny_lm(), args=plain_args, train_dataset=torch.utils.data.Subset(data, order),
+                    data_collator=PadCollator(0))
     plain.train()
     lp = [h["loss"] for h in plain.state.log_history if "loss" in h]
     assert la[:6] == pytest.approx(lp[:6], rel=1e-5, abs=1e-6)
