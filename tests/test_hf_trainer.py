@@ -115,8 +115,9 @@ def test_sampler_follows_selection() -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The reference run: 2 processes, batch 4 each, 3 epochs, a checkpoint at step 9 (inside epoch 1)."""
-    return _run(tmp_path_factory.mktemp("hf"), "w2", 2, batch=4, ga=1, save_steps=9)
+    """The reference run: 2 processes, batch 4 each, 3 epochs, a checkpoint at step 9 (inside epoch 1), the
+    ledger exchanging pending observations every 2 steps."""
+    return _run(tmp_path_factory.mktemp("hf"), "w2", 2, batch=4, ga=1, save_steps=9, exchange_every=2)
 
 
 def test_selection_world_size_independent_and_equals_teacher(tmp_path: Path, two_ranks: Path) -> None:
@@ -154,12 +155,23 @@ def test_loss_parity_with_plain_trainer(tmp_path: Path, two_ranks: Path) -> None
 def test_resume_matches_uninterrupted(tmp_path: Path, two_ranks: Path) -> None:
     """2 ranks: stop after step 10 (inside the first subset epoch), resume from checkpoint-9: the
     selection records and every step's loss equal the uninterrupted run's."""
-    cut = _run(tmp_path, "cut", 2, batch=4, ga=1, save_steps=9, stop_after_step=10)
+    cut = _run(tmp_path, "cut", 2, batch=4, ga=1, save_steps=9, exchange_every=2, stop_after_step=10)
     assert (cut / "checkpoint-9" / "attent" / "rank1.json").exists()
     assert len(_losses(cut)) == 10
-    _run(tmp_path, "cut", 2, batch=4, ga=1, save_steps=9, resume=True)
+    _run(tmp_path, "cut", 2, batch=4, ga=1, save_steps=9, exchange_every=2, resume=True)
     assert _shas(cut) == _shas(two_ranks)
     assert _losses(cut) == pytest.approx(_losses(two_ranks), rel=1e-6, abs=1e-7)
+
+
+def test_ledger_exchanges_pending_observations_during_an_epoch(two_ranks: Path) -> None:
+    """Each rank's observations of ids another rank owns go to their owner every EXCHANGE_EVERY (here 2)
+    optimizer steps, as in `attent-scale train`, instead of piling up until the next selection."""
+    for rank in (0, 1):
+        lines = (two_ranks / f"pending.rank{rank}.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in lines]
+        assert len(rows) > 10
+        assert all(r["pending"] == 0 for r in rows if r["step"] % 2 == 0), rows  # just exchanged
+        assert max(r["pending"] for r in rows) <= 4, rows  # at most the one step's batch of 4 waits
 
 
 def test_deepspeed_zero3_selection_world_size_independent(tmp_path: Path) -> None:
