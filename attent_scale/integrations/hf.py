@@ -136,7 +136,7 @@ class AttentTrainer(Trainer):
         self._metrics: NullMetrics = NullMetrics()
         self._metrics_config = metrics_config
         self._phase_seconds = dict.fromkeys(PHASES, 0.0)
-        # this step's (ids, per-sample losses on the device, step) per micro batch, flushed once per step
+        # this step's (ids, per-sample losses, step) per micro batch, on the device until the step's flush
         self._step_losses: list[tuple[torch.Tensor, torch.Tensor, int]] = []
         if self.attent_enabled:
             self.add_callback(_FlushEachStep(self))
@@ -422,7 +422,7 @@ class AttentTrainer(Trainer):
                                                  num_items_in_batch=num_items_in_batch)
             with torch.no_grad():
                 losses = self.per_sample_loss_fn(outputs, view).detach().float()
-        self._step_losses.append((ids.cpu(), losses, self.state.global_step))
+        self._step_losses.append((ids, losses, self.state.global_step))  # ids may be on the device too
         self.attent.samples_trained += int(ids.shape[0])
         return (loss, outputs) if return_outputs else loss
 
@@ -459,11 +459,11 @@ class AttentTrainer(Trainer):
         return loss, outputs, losses
 
     def _flush_losses(self) -> None:
-        """The buffered per-sample losses of the step to the host (one copy) and into the teacher."""
+        """The step's buffered ids and per-sample losses to the host (one copy each) and into the teacher."""
         if not self._step_losses:
             return
         pending, self._step_losses = self._step_losses, []
-        ids = torch.cat([i for i, _, _ in pending])
+        ids = torch.cat([i.reshape(-1).to(torch.int64) for i, _, _ in pending]).cpu()
         losses = torch.cat([v.reshape(-1) for _, v, _ in pending]).float().cpu()
         start = 0
         for step, run in itertools.groupby(pending, key=lambda entry: entry[2]):  # one step in practice
