@@ -1,7 +1,8 @@
 """One AttentTrainer / Trainer run on a tiny LoRA GPT-2 and synthetic data, for the HF integration tests.
 
 Usage: python tests/hf_worker.py SPEC.json (or under torchrun). Rank 0 writes OUT/log_history.json; every
-rank writes OUT/losses.rank{r}.jsonl (the per-sample losses the teacher recorded) when the teacher is on.
+rank writes OUT/losses.rank{r}.jsonl (the per-sample losses the teacher recorded) and
+OUT/pending.rank{r}.jsonl (the ledger's pending observations at each step's start) when the teacher is on.
 """
 
 from __future__ import annotations
@@ -104,8 +105,23 @@ def main(spec: dict[str, Any]) -> None:
                 (out / "metrics.prom").write_text(urllib.request.urlopen(url, timeout=10).read().decode())
 
     rank = int(os.environ.get("RANK", "0"))
+    if spec.get("exchange_every"):  # ledger exchanges every few optimizer steps instead of 64
+        import attent_scale.teacher.teacher as teacher_module
+
+        teacher_module.EXCHANGE_EVERY = spec["exchange_every"]
+
+    class Pending(TrainerCallback):
+        """OUT/pending.rank{r}.jsonl: the ledger's pending observations at the start of every step."""
+
+        def on_step_begin(self, _args: Any, state: Any, control: Any, **_: Any) -> Any:
+            teacher = getattr(trainer, "teacher", None)
+            if teacher is not None:
+                with (out / f"pending.rank{rank}.jsonl").open("a") as f:
+                    f.write(json.dumps({"step": state.global_step, "pending": teacher.ledger.pending}) + "\n")
+            return control
+
     kwargs: dict[str, Any] = {"model": model, "args": args, "train_dataset": data,
-                              "data_collator": PadCollator(0), "callbacks": [Stop()]}
+                              "data_collator": PadCollator(0), "callbacks": [Stop(), Pending()]}
     if spec.get("plain"):
         trainer: Any = Trainer(**kwargs)
     else:

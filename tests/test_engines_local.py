@@ -52,6 +52,63 @@ def test_grad_accum_matches_full_batch() -> None:
         torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-5, msg=n)
 
 
+def _capture_grads(engine: LocalEngine) -> list[dict[str, torch.Tensor]]:
+    """Record the gradients each step applies (before clipping), in order."""
+    seen: list[dict[str, torch.Tensor]] = []
+    clip = engine._clip
+
+    def recording() -> torch.Tensor:
+        seen.append({n: p.grad.detach().clone() for n, p in engine.model.named_parameters()})
+        return clip()
+
+    engine._clip = recording  # type: ignore[method-assign]
+    return seen
+
+
+def test_short_batch_with_accumulation_is_the_exact_mean_over_its_rows() -> None:
+    """A rank's short last batch (5 rows, accumulation 16 at micro batch 1, weights as a pruned epoch
+    gives them): the step's gradient is the gradient of the weighted token mean over those 5 rows, equal
+    to one micro batch of the same 5 rows; per-sample losses come back for the 5 real rows only."""
+    batch = make_batch(5, seed=5)
+    batch["weights"] = torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0])
+    acc = _engine(grad_accum_steps=16, micro_batch_size=1)
+    one = _engine(grad_accum_steps=1, micro_batch_size=16)
+    ref = build_model(acc.cfg.model, VOCAB, seed=0)
+    ref.load_state_dict(acc.model.state_dict())
+    g_acc, g_one = _capture_grads(acc), _capture_grads(one)
+    r_acc, r_one = acc.train_step(batch), one.train_step(batch)
+    # the objective by hand: sum_i w_i * CE_sum_i / tokens, over the 5 rows
+    logits = ref(input_ids=batch["input_ids"]).logits
+    ps = per_sample_loss(logits, batch["labels"])
+    tok = (batch["labels"] != -100).sum(1).float()
+    objective = (ps * tok * batch["weights"]).sum() / tok.sum()
+    objective.backward()
+    assert r_acc.per_sample.shape == (5,) and not r_acc.skipped
+    torch.testing.assert_close(r_acc.per_sample, ps.detach(), rtol=1e-5, atol=1e-6)
+    assert math.isclose(r_acc.loss, objective.item(), rel_tol=1e-5)
+    assert math.isclose(r_acc.loss, r_one.loss, rel_tol=1e-5)
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(g_acc[0][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+        torch.testing.assert_close(g_acc[0][n], g_one[0][n], rtol=1e-4, atol=1e-6, msg=n)
+    assert acc.host_syncs == 1  # still one device-to-host copy for the step
+    for (n, p1), (_, p2) in zip(acc.model.named_parameters(), one.model.named_parameters(), strict=True):
+        torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_micro_batches_of_b_equal_one_batch_of_b_times_a() -> None:
+    """1 x B*A and A micro batches of B give the same updates, for a full and a short batch alike."""
+    full, short = make_batch(12, seed=6), make_batch(7, seed=7)
+    one = _engine(grad_accum_steps=1, micro_batch_size=12)
+    many = _engine(grad_accum_steps=4, micro_batch_size=3)
+    for batch in (full, short, full):
+        r1, r2 = one.train_step(batch), many.train_step(batch)
+        assert math.isclose(r1.loss, r2.loss, rel_tol=1e-5)
+        assert math.isclose(r1.grad_norm, r2.grad_norm, rel_tol=1e-4)
+        torch.testing.assert_close(r1.per_sample, r2.per_sample, rtol=1e-5, atol=1e-5)
+    for (n, p1), (_, p2) in zip(one.model.named_parameters(), many.model.named_parameters(), strict=True):
+        torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-5, msg=n)
+
+
 def test_nonfinite_loss_skips_the_step() -> None:
     engine = _engine(warmup_steps=2)
     batch = make_batch(8, seed=3)

@@ -74,10 +74,41 @@ def test_lr_warmup_then_cosine_to_min_ratio() -> None:
     assert lr_lambda(0, warmup_steps=0, max_steps=10, min_lr_ratio=0.0) == 1.0
 
 
+def _rows(b: int, weights: bool = False) -> dict[str, torch.Tensor]:
+    batch = {"ids": torch.arange(b), "input_ids": torch.arange(b * 3).view(b, 3),
+             "labels": torch.ones(b, 3, dtype=torch.int64)}
+    if weights:
+        batch["weights"] = torch.full((b,), 2.0)
+    return batch
+
+
 def test_split_micro_exact_count() -> None:
-    batch = {"ids": torch.arange(5), "input_ids": torch.zeros(5, 3, dtype=torch.int64),
-             "labels": torch.zeros(5, 3, dtype=torch.int64)}
-    parts = split_micro(batch, 2)
-    assert [p["ids"].tolist() for p in parts] == [[0, 1, 2], [3, 4]]
+    parts, real = split_micro(_rows(5), 2)
+    assert [p["ids"].tolist() for p in parts] == [[0, 1, 2], [3, 4]] and real == 2
+
+
+def test_split_micro_short_batch_gets_filler_micro_batches() -> None:
+    """5 rows, accumulation 16: 5 real micro batches of one row, then 11 filler rows that carry no target,
+    id -1 and weight 0 (every rank still runs 16 forwards/backwards)."""
+    parts, real = split_micro(_rows(5, weights=True), 16)
+    assert len(parts) == 16 and real == 5
+    assert [p["ids"].tolist() for p in parts[:5]] == [[i] for i in range(5)]
+    for p in parts[5:]:
+        assert p["ids"].tolist() == [-1] and p["weights"].tolist() == [0.0]
+        assert (p["labels"] == -100).all() and p["input_ids"].shape == (1, 3)
     with pytest.raises(ValueError):
-        split_micro(batch, 6)
+        split_micro(_rows(0), 2)
+
+
+@pytest.mark.parametrize("micro,accum", [(1, 16), (2, 16), (3, 4), (8, 1), (5, 3)])
+def test_split_micro_sizes_never_exceed_micro_batch_size(micro: int, accum: int) -> None:
+    """Any batch of at most micro * accum rows: exactly `accum` micro batches, none above micro_batch_size,
+    every row once and in order; a full batch gives `accum` micro batches of exactly `micro` rows."""
+    for b in range(1, micro * accum + 1):
+        parts, real = split_micro(_rows(b), accum)
+        sizes = [p["ids"].shape[0] for p in parts]
+        assert len(parts) == accum and max(sizes) <= micro, (b, sizes)
+        assert torch.cat([p["ids"] for p in parts[:real]]).tolist() == list(range(b))
+        assert all(p["ids"].tolist() == [-1] for p in parts[real:])
+        if b == micro * accum:
+            assert sizes == [micro] * accum and real == accum

@@ -115,8 +115,9 @@ def test_sampler_follows_selection() -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The reference run: 2 processes, batch 4 each, 3 epochs, a checkpoint at step 9 (inside epoch 1)."""
-    return _run(tmp_path_factory.mktemp("hf"), "w2", 2, batch=4, ga=1, save_steps=9)
+    """The reference run: 2 processes, batch 4 each, 3 epochs, a checkpoint at step 9 (inside epoch 1), the
+    ledger exchanging pending observations every 2 steps."""
+    return _run(tmp_path_factory.mktemp("hf"), "w2", 2, batch=4, ga=1, save_steps=9, exchange_every=2)
 
 
 def test_selection_world_size_independent_and_equals_teacher(tmp_path: Path, two_ranks: Path) -> None:
@@ -154,12 +155,23 @@ def test_loss_parity_with_plain_trainer(tmp_path: Path, two_ranks: Path) -> None
 def test_resume_matches_uninterrupted(tmp_path: Path, two_ranks: Path) -> None:
     """2 ranks: stop after step 10 (inside the first subset epoch), resume from checkpoint-9: the
     selection records and every step's loss equal the uninterrupted run's."""
-    cut = _run(tmp_path, "cut", 2, batch=4, ga=1, save_steps=9, stop_after_step=10)
+    cut = _run(tmp_path, "cut", 2, batch=4, ga=1, save_steps=9, exchange_every=2, stop_after_step=10)
     assert (cut / "checkpoint-9" / "attent" / "rank1.json").exists()
     assert len(_losses(cut)) == 10
-    _run(tmp_path, "cut", 2, batch=4, ga=1, save_steps=9, resume=True)
+    _run(tmp_path, "cut", 2, batch=4, ga=1, save_steps=9, exchange_every=2, resume=True)
     assert _shas(cut) == _shas(two_ranks)
     assert _losses(cut) == pytest.approx(_losses(two_ranks), rel=1e-6, abs=1e-7)
+
+
+def test_ledger_exchanges_pending_observations_during_an_epoch(two_ranks: Path) -> None:
+    """Each rank's observations of ids another rank owns go to their owner every EXCHANGE_EVERY (here 2)
+    optimizer steps, as in `attent-scale train`, instead of piling up until the next selection."""
+    for rank in (0, 1):
+        lines = (two_ranks / f"pending.rank{rank}.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in lines]
+        assert len(rows) > 10
+        assert all(r["pending"] == 0 for r in rows if r["step"] % 2 == 0), rows  # just exchanged
+        assert max(r["pending"] for r in rows) <= 4, rows  # at most the one step's batch of 4 waits
 
 
 def test_deepspeed_zero3_selection_world_size_independent(tmp_path: Path) -> None:
@@ -217,3 +229,68 @@ def test_datasets_dataset_ids_are_indices(tmp_path: Path) -> None:
     records = read_records(tmp_path / "selection.jsonl")
     assert records[-1]["epoch"] == 1  # the ids trained are the ones the teacher selected and recorded
     assert Selection.from_ids(np.array(epoch1), n).sha256 == records[-1]["sha256"]
+
+
+def _tiny_lm(seed: int = 0) -> Any:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True,
+                      task_type="CAUSAL_LM")
+    return get_peft_model(AutoModelForCausalLM.from_config(config), lora)
+
+
+def test_accumulation_with_short_last_batch_one_ce_pass_one_flush_per_step(tmp_path: Path) -> None:
+    """Batch 3 x accumulation 4 over 64 rows: 22 batches per epoch (the last has 1 row), so the epoch's
+    last step has 2 micro batches (3 + 1 rows). The losses equal plain Trainer's over the same order (its
+    gradient is the exact token mean of the step's rows); the model is never handed the labels (one CE
+    pass, ours); the per-sample losses reach the teacher once per optimizer step, for every row once."""
+    import torch
+    from hf_worker import ToyPairs
+    from transformers import Trainer, TrainingArguments
+
+    from attent_scale.integrations.hf import AttentTrainer
+    from attent_scale.integrations.sampler import PadCollator
+
+    def args(out: Path, **kw: Any) -> TrainingArguments:
+        return TrainingArguments(output_dir=str(out), per_device_train_batch_size=3,
+                                 gradient_accumulation_steps=4, learning_rate=3e-3,
+                                 lr_scheduler_type="linear", warmup_steps=2, weight_decay=0.0,
+                                 max_grad_norm=1.0, logging_steps=1,
+                                 save_strategy="no", seed=0, report_to=[], disable_tqdm=True, use_cpu=True,
+                                 dataloader_num_workers=0, **kw)
+
+    flushes: list[tuple[int, list[int]]] = []
+    labelled_forwards = []
+
+    class Recording(AttentTrainer):
+        def attent_losses_hook(self, ids: Any, losses: Any, step: int, kind: str) -> None:
+            if kind == "train":
+                assert losses.device.type == "cpu" and torch.isfinite(losses).all()
+                flushes.append((step, ids.tolist()))
+
+    model = _tiny_lm()
+    model.register_forward_pre_hook(lambda _m, _a, kw: labelled_forwards.append("labels" in kw) and None,
+                                    with_kwargs=True)
+    data = ToyPairs()
+    attent = Recording(model=model, args=args(tmp_path / "a", num_train_epochs=2), train_dataset=data,
+                       data_collator=PadCollator(0))
+    attent.train()
+    la = [h["loss"] for h in attent.state.log_history if "loss" in h]
+    assert labelled_forwards and not any(labelled_forwards)
+    assert [s for s, _ in flushes] == list(range(len(la)))  # one flush per optimizer step
+    epoch0 = [ids for s, ids in flushes[:6]]
+    assert [len(ids) for ids in epoch0] == [12] * 5 + [4]
+    assert sorted(i for ids in epoch0 for i in ids) == list(range(N))
+
+    order = epoch_order(np.arange(N), seed=0, epoch=0).tolist()
+    plain_args = args(tmp_path / "p", max_steps=len(la), train_sampling_strategy="sequential")
+    plain = Trainer(model=_tiny_lm(), args=plain_args, train_dataset=torch.utils.data.Subset(data, order),
+                    data_collator=PadCollator(0))
+    plain.train()
+    lp = [h["loss"] for h in plain.state.log_history if "loss" in h]
+    assert la[:6] == pytest.approx(lp[:6], rel=1e-5, abs=1e-6)

@@ -115,7 +115,17 @@ PRUNE = {"mode": "ledger", "strategy": "prune", "warmup_epochs": 1, "prune_ratio
          "anneal_fraction": 0.25}
 
 
+# gradient accumulation with a short last batch: micro batch 1, accumulation 8 on one process and 3 per rank
+# on two. The first (subset) epoch selects 94 of 941 ids: 94 % 8 = 6 rows on one process and 47 % 3 = 2 per
+# rank on two, fewer than the accumulation steps, so its last step (12, 16) runs filler micro batches; the
+# stop at step 9 lies before it
+ACCUM = {1: 8, 2: 3}
+
+
 def _resume_config(run_dir, shards, engine, nproc, variant):
+    if variant == "accum":
+        train = {"max_steps": 20, "micro_batch_size": 1, "grad_accum_steps": ACCUM[nproc]}
+        return tiny_run_config(run_dir, shards, engine, train=train)
     if variant == "default":
         # the one-process run reads through 2 run-long DataLoader workers (StreamWorkers): its scoring
         # passes, its epochs and the epoch cut by the stop all share them; the others read in-process
@@ -126,7 +136,7 @@ def _resume_config(run_dir, shards, engine, nproc, variant):
 
 
 @pytest.mark.timeout(1800)
-@pytest.mark.parametrize("variant", ["default", "prune"])
+@pytest.mark.parametrize("variant", ["default", "prune", "accum"])
 @pytest.mark.parametrize("engine,nproc", RESUME_ENGINES)
 def test_resume_selects_and_trains_like_an_uninterrupted_run(tmp_path, tiny_shards, engine, nproc, variant):
     straight = _resume_config(tmp_path / "straight", tiny_shards, engine, nproc, variant)
@@ -160,6 +170,15 @@ def test_resume_selects_and_trains_like_an_uninterrupted_run(tmp_path, tiny_shar
     assert sorted(a) == sorted(b) == list(range(1, 21))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step
+    if variant == "accum":
+        # rows trained per rank each step: full steps of ACCUM[nproc], and short last steps of an epoch with
+        # fewer rows than accumulation steps (filler micro batches), whose losses still match
+        logged = read_lines(tmp_path / "straight" / "metrics.jsonl")
+        totals = [0] + [r["samples_trained"] for r in logged]
+        rows = [(b - a) // nproc for a, b in zip(totals, totals[1:], strict=False)]
+        accum = ACCUM[nproc]
+        assert set(rows) - {accum} and all(0 < r < accum for r in rows if r != accum), rows
+        assert rows.index(min(rows)) + 1 > 9  # the short step comes after the resume point
     if variant == "prune":
         records = read_lines(tmp_path / "straight" / "selection.jsonl")
         assert all(r["strategy"] == "prune" and r["n_selected"] < r["n_scored"] for r in records)

@@ -64,8 +64,8 @@ def _chunk_ce_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ce.view(rows, t).sum(dim=1)
 
 
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:
-    """Mean token cross-entropy per sequence over labels != -100, in fp32; rows with no target give 0.
+def token_ce_sums(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:
+    """Sum of fp32 token cross-entropy per sequence over labels != -100 ([B] fp32, differentiable).
 
     `labels` are the targets already aligned with `logits` (no shift here). Rows are processed in
     chunks of about `chunk_tokens` tokens, upcasting only the chunk, so no [B, T, V] fp32 copy of the
@@ -84,7 +84,13 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: in
             sums.append(checkpoint(_chunk_ce_sums, lg, lb, use_reentrant=False))
         else:
             sums.append(_chunk_ce_sums(lg, lb))
-    total = torch.cat(sums) if sums else logits.new_zeros(0, dtype=torch.float32)
+    return torch.cat(sums) if sums else logits.new_zeros(0, dtype=torch.float32)
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:
+    """Mean token cross-entropy per sequence over labels != -100, in fp32; rows with no target give 0
+    (`token_ce_sums` divided by each row's target count)."""
+    total = token_ce_sums(logits, labels, chunk_tokens)
     counts = (labels != IGNORE_INDEX).sum(dim=1)
     return total / counts.clamp(min=1).to(total.dtype)
 
@@ -143,13 +149,35 @@ def _ndim(p: torch.Tensor) -> int:
     return len(ds_shape) if ds_shape is not None else p.dim()
 
 
-def split_micro(batch: Batch, n: int) -> list[Batch]:
-    """Split a batch into exactly `n` micro batches along the rows (sizes differ by at most 1)."""
+def split_micro(batch: Batch, n: int) -> tuple[list[Batch], int]:
+    """Split a batch into exactly `n` micro batches along the rows (sizes differ by at most 1), and say how
+    many hold real rows. A batch of b < n rows (an epoch's short last batch) gives b micro batches of one
+    row followed by n - b filler micro batches: one row each with id -1, no target token (labels -100)
+    and weight 0, so they add nothing to the loss or the gradient but every rank still runs the same `n`
+    forwards and backwards (DeepSpeed counts `gradient_accumulation_steps` backwards per step; ZeRO-3 and
+    FSDP ranks must run in lockstep). A full batch of micro * n rows gives n micro batches of `micro`."""
     b = batch["input_ids"].shape[0]
+    if b == 0:
+        raise ValueError("split_micro: empty batch (0 rows)")
+    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    parts = {k: torch.tensor_split(v, min(n, b)) for k, v in tensors.items()}
+    micros = [{k: parts[k][i] for k in parts} for i in range(min(n, b))]
     if b < n:
-        raise ValueError(f"batch of {b} rows cannot be split into {n} gradient-accumulation micro batches")
-    parts = {k: torch.tensor_split(v, n) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    return [{k: parts[k][i] for k in parts} for i in range(n)]
+        filler = _filler_row(tensors)
+        micros += [filler] * (n - b)
+    return micros, min(n, b)
+
+
+def _filler_row(batch: Batch) -> Batch:
+    """One row shaped like the batch's that contributes nothing: the first row's inputs (any valid
+    tokens), no target token, id -1 (never observed by the teacher), weight 0."""
+    row = {k: v[:1].clone() for k, v in batch.items()}
+    row["labels"].fill_(IGNORE_INDEX)
+    if "ids" in row:
+        row["ids"].fill_(-1)
+    if "weights" in row:
+        row["weights"].zero_()
+    return row
 
 
 def all_reduce_sum(values: list[float], device: torch.device, group: Any = None) -> list[float]:
@@ -274,7 +302,9 @@ class BaseEngine:
         """One optimizer step over the rank's batch, split into `grad_accum` micro batches.
 
         The objective is the token mean over the rank's whole batch (each micro batch contributes its
-        CE sum divided by the batch's token count), so 1 x B and k x B/k give the same update. With
+        CE sum divided by the batch's token count), so 1 x B and k x B/k give the same update; a batch
+        shorter than `grad_accum` is topped up with filler micro batches that contribute nothing (see
+        split_micro), so the update is the exact token mean over the rows it has. With
         `batch["weights"]` (per-sample loss weights) each sample's CE sum is scaled by its weight; the
         divisor stays the batch's token count (see weighted_token_loss). Losses stay on the device until
         the one host copy in `_optimizer_step`.
@@ -282,7 +312,7 @@ class BaseEngine:
         self._set_train(True)
         lr = self.current_lr()
         total_tokens = max(1, int(token_counts(batch["labels"]).sum()))  # host labels: no device sync
-        micros = split_micro(self._to_device(batch), self.grad_accum)
+        micros, real = split_micro(self._to_device(batch), self.grad_accum)
         per_sample: list[torch.Tensor] = []
         loss_sum: torch.Tensor | None = None
         for i, micro in enumerate(micros):
@@ -290,7 +320,8 @@ class BaseEngine:
             tok = token_counts(micro["labels"]).to(ps.device, ps.dtype)
             loss = weighted_token_loss(ps, tok, micro.get("weights"), total_tokens)
             self._backward(loss, last=i == len(micros) - 1)
-            per_sample.append(ps.detach())
+            if i < real:  # filler micro batches (a short batch) return no per-sample loss
+                per_sample.append(ps.detach())
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         assert loss_sum is not None
         loss_value, ps_host, grad_norm, applied = self._optimizer_step(loss_sum, torch.cat(per_sample))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import socket
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -14,13 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
 
 from attent_scale.checkpoint import load_state, save_state
 from attent_scale.config import MetricsConfig, TeacherConfig
-from attent_scale.engines.base import per_sample_loss
+from attent_scale.engines.base import IGNORE_INDEX, per_sample_loss, token_ce_sums, token_counts
 from attent_scale.errors import UserError
 from attent_scale.integrations.sampler import ID_KEY, AttentBatchSampler, IdCollator, IndexedDataset
 from attent_scale.metrics import Metrics, NullMetrics
@@ -45,14 +48,37 @@ def causal_lm_per_sample(outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:
     """Per-sequence loss of a causal LM: mean fp32 token CE over the shifted targets != -100 (padding and
     prompt tokens labelled -100 are excluded); `shift_labels` is used as is when the collator gives it."""
     logits = outputs["logits"]
+    targets = causal_lm_targets(logits, inputs)
+    return per_sample_loss(logits.detach(), targets)
+
+
+def causal_lm_targets(logits: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+    """The causal LM's targets aligned with `logits` [B, T, V]: `shift_labels` as given, else `labels`
+    shifted left by one with -100 in the last position (as transformers' ForCausalLMLoss does: no slice,
+    so no copy, of the logits)."""
     if inputs.get("shift_labels") is not None:
-        return per_sample_loss(logits.detach(), inputs["shift_labels"])
+        return inputs["shift_labels"]
     labels = inputs.get("labels")
     if labels is None or logits.dim() != 3 or labels.shape != logits.shape[:2]:
         got = None if labels is None else tuple(labels.shape)
         raise UserError(f"AttentTrainer: per-sample loss needs causal-LM logits [B, T, V] and labels [B, T] "
                         f"(got logits {tuple(logits.shape)}, labels {got}); pass per_sample_loss_fn=")
-    return per_sample_loss(logits.detach()[:, :-1], labels[:, 1:])
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+class _FlushEachStep(TrainerCallback):
+    """After every optimizer step: the step's per-sample losses go to the teacher (one host copy), then
+    the every-few-steps ledger exchange (a collective every rank reaches at the same step)."""
+
+    def __init__(self, trainer: AttentTrainer) -> None:
+        self._trainer = weakref.ref(trainer)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        trainer = self._trainer()
+        if trainer is not None and trainer.attent_enabled and trainer.teacher is not None:
+            trainer._flush_losses()
+            trainer.teacher.exchange_due(state.global_step)
+        return control
 
 
 def init_deepspeed_comm() -> None:
@@ -110,7 +136,10 @@ class AttentTrainer(Trainer):
         self._metrics: NullMetrics = NullMetrics()
         self._metrics_config = metrics_config
         self._phase_seconds = dict.fromkeys(PHASES, 0.0)
+        # this step's (ids, per-sample losses, step) per micro batch, on the device until the step's flush
+        self._step_losses: list[tuple[torch.Tensor, torch.Tensor, int]] = []
         if self.attent_enabled:
+            self.add_callback(_FlushEachStep(self))
             if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
                 raise UserError("AttentTrainer: train_dataset must be a map-style dataset with __len__ "
                                 "(sample ids are its indices)")
@@ -258,6 +287,7 @@ class AttentTrainer(Trainer):
     def _begin_epoch(self, epoch: int, model: Any) -> None:
         """Collective: plan the epoch, score and select when the plan says so, hand the sampler its subset."""
         p, teacher, n = self.attent, self.teacher, len(self.train_dataset)
+        self._flush_losses()  # a no-op: the last step of the epoch before flushed them already
         self._sampler.set_epoch(epoch)
         if p.epoch == epoch:  # resumed inside this epoch: keep the selection it started with
             self._sampler.set_selection(self._selection(p.selection_bits))
@@ -375,23 +405,72 @@ class AttentTrainer(Trainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        """Trainer's own loss (so the logged loss and gradients are Trainer's, `num_items_in_batch`
-        included); in training the per-sample losses of the same forward go to the teacher."""
+        """In training, one token cross-entropy per micro batch gives both Trainer's loss (the token sum
+        over `num_items_in_batch`, as transformers' causal-LM loss) and the per-sample losses for the
+        teacher, which stay on the device until the step's one flush. With a custom `per_sample_loss_fn`,
+        a label smoother or `compute_loss_func`, Trainer computes its own loss and the per-sample losses
+        are taken from the same forward's outputs."""
         ids = self._ids
         if ids is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         view = dict(inputs)  # Trainer may pop the labels
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                             num_items_in_batch=num_items_in_batch)
-        with torch.no_grad():
-            losses = self.per_sample_loss_fn(outputs, view).float().cpu()
-        ids = ids.cpu()
-        step = self.state.global_step
-        self.teacher.observe(ids, losses, step)
+        if self._one_ce_pass(inputs):
+            loss, outputs, losses = self._causal_lm_loss(model, inputs, num_items_in_batch)
+        else:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+            with torch.no_grad():
+                losses = self.per_sample_loss_fn(outputs, view).detach().float()
+        self._step_losses.append((ids, losses, self.state.global_step))  # ids may be on the device too
         self.attent.samples_trained += int(ids.shape[0])
-        self.attent_losses_hook(ids, losses, step, "train")
         return (loss, outputs) if return_outputs else loss
+
+    def _one_ce_pass(self, inputs: dict[str, Any]) -> bool:
+        """Our causal-LM loss applies: default per-sample loss, Trainer's plain loss, targets present."""
+        pc = getattr(self.accelerator, "parallelism_config", None)
+        sequence_parallel = pc is not None and getattr(pc, "sp_enabled", False)
+        return (self.per_sample_loss_fn is causal_lm_per_sample and self.label_smoother is None
+                and self.compute_loss_func is None and not sequence_parallel
+                and (inputs.get("labels") is not None or inputs.get("shift_labels") is not None))
+
+    def _causal_lm_loss(self, model: Any, inputs: dict[str, Any],
+                        num_items_in_batch: Any) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """(Trainer's loss, outputs, per-sample losses) from one forward without labels and one fp32
+        chunked token CE over its logits. The loss is transformers' ForCausalLMLoss: the token sum over
+        `num_items_in_batch` when Trainer counted it (so the accumulated step is the exact token mean
+        over all its micro batches, a short one included), else the micro batch's token mean."""
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+        outputs = model(**model_inputs)
+        logits = outputs["logits"]
+        targets = causal_lm_targets(logits, inputs).to(logits.device)
+        sums = token_ce_sums(logits, targets)
+        counts = token_counts(targets)
+        if num_items_in_batch is not None:
+            loss = sums.sum() / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
+                # as Trainer.compute_loss: num_items_in_batch is summed over the ranks, gradients averaged
+                tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+                n_gpu = self.args.n_gpu
+                loss = loss * (self.accelerator.num_processes // tp if n_gpu <= 1 else n_gpu)
+        else:
+            loss = sums.sum() / counts.sum().clamp(min=1)
+        losses = sums.detach() / counts.clamp(min=1).to(sums.dtype)
+        return loss, outputs, losses
+
+    def _flush_losses(self) -> None:
+        """The step's buffered ids and per-sample losses to the host (one copy each) and into the teacher."""
+        if not self._step_losses:
+            return
+        pending, self._step_losses = self._step_losses, []
+        ids = torch.cat([i.reshape(-1).to(torch.int64) for i, _, _ in pending]).cpu()
+        losses = torch.cat([v.reshape(-1) for _, v, _ in pending]).float().cpu()
+        start = 0
+        for step, run in itertools.groupby(pending, key=lambda entry: entry[2]):  # one step in practice
+            n = sum(int(i.shape[0]) for i, _, _ in run)
+            self.teacher.observe(ids[start:start + n], losses[start:start + n], step)
+            self.attent_losses_hook(ids[start:start + n], losses[start:start + n], step, "train")
+            start += n
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:

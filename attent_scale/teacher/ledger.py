@@ -113,16 +113,22 @@ class Ledger:
         np.maximum.at(self._val, np.asarray(ids, dtype=np.int64) - self.lo, val)
 
     def _take_pending(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        ids, vals, got = [], [], 0
-        while self._pending and got < n:
-            i, v = self._pending.pop(0)
+        """The oldest pending observations, at most `n` entries; O(entries taken + chunks), not quadratic
+        in the number of pending chunks (one observe call each): the taken prefix is cut off once."""
+        ids, vals, got, k = [], [], 0, 0
+        pending = self._pending
+        while k < len(pending) and got < n:
+            i, v = pending[k]
             if got + i.shape[0] > n:
                 cut = n - got
-                self._pending.insert(0, (i[cut:], v[cut:]))
+                pending[k] = (i[cut:], v[cut:])
                 i, v = i[:cut], v[:cut]
+            else:
+                k += 1
             ids.append(i)
             vals.append(v)
             got += i.shape[0]
+        del pending[:k]
         self.pending -= got
         if not ids:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
