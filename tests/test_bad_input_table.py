@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,3 +338,50 @@ def test_bad_input(case: Case, tmp_path: Path, tiny_shards: Path, monkeypatch: p
         assert len(lines) == 1, lines
     if case.after is not None:
         case.after(ctx)
+
+
+# ---- faults that are not one-shot inputs ----------------------------------------------------------------
+
+def test_sigterm_during_build_removes_its_temp_dir(tmp_path: Path) -> None:
+    """21: SIGTERM (as a scheduler sends it) mid-build cleans up like SIGINT: one line, exit 143."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "attent_scale", "shards", "build", "-o", str(out),
+                          "--seq-len", "64", "--vocab-size", "2000", "--max-bytes", "20000000", "--no-progress",
+                          "--workers", "2"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".out.tmp-*")) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(tmp_path.glob(".out.tmp-*")), "the build never made its temp directory"
+        time.sleep(0.5)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 143, err
+    assert err.strip().splitlines()[-1] == f"{ERR}SIGTERM: stopped, nothing written", err
+    assert "Traceback" not in err
+    assert sorted(q.name for q in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_corruption_budget_stops_both_ranks_together(tmp_path: Path, tiny_shards: Path) -> None:
+    """16 on 2 ranks (FSDP, gloo): every sample corrupt; the in-loop check (an all-reduce every
+    stop_check_every steps) stops both ranks at the same step with the one line; nothing exported."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from train_runner import run_train, tiny_run_config
+
+    ctx = Ctx(tmp_path, tiny_shards, pytest.MonkeyPatch())
+    shards = ctx.shards(vocab_100)
+    cfg = tiny_run_config(tmp_path / "run", shards, "fsdp", teacher={"mode": "none"},
+                          train={"max_steps": 8, "stop_check_every": 2},
+                          eval={"every_steps": 0, "max_batches": 1},
+                          checkpoint={"export": True})
+    p = run_train(cfg, nproc=2, timeout=240)
+    errors = [line for line in p.stderr.splitlines() if line.startswith(ERR)]
+    assert p.returncode != 0 and errors, p.stderr[-3000:]
+    assert all(re.match(E + CORRUPT, line) and "at step 2," in line for line in errors), errors
+    # torchrun prints its own ChildFailedError traceback for any failed rank; the ranks print none
+    assert not re.search(r'File ".*attent_scale/', p.stderr), p.stderr[-3000:]
+    # (both ranks decide at the same all-reduce; torchrun may stop the second before it prints)
+    no_export(ctx)
