@@ -347,8 +347,9 @@ def test_sigterm_during_build_removes_its_temp_dir(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "out"
     p = subprocess.Popen([sys.executable, "-m", "attent_scale", "shards", "build", "-o", str(out),
-                          "--seq-len", "64", "--vocab-size", "2000", "--max-bytes", "20000000", "--no-progress",
-                          "--workers", "2"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+                          "--seq-len", "64", "--vocab-size", "2000", "--max-bytes", "20000000",
+                          "--no-progress", "--workers", "2"],
+                         cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob(".out.tmp-*")) and p.poll() is None and time.monotonic() < deadline:
