@@ -275,7 +275,7 @@ CASES = [
     Case("inspect directory shard", inspect(special_shard("dir")), 2,
          E + r".*train-000002\.tar: shard listed in .* is a directory, not a regular file"),
     Case("verify FIFO shard", inspect(special_shard("fifo"), "--verify"), 1,
-         r"BAD train/train-000002\.tar: is a FIFO, not a regular file"),
+         r"BAD train/train-000002\.tar: a FIFO, not a regular file"),
     # 17: train checks what the manifest promises
     Case("train shard same size other content", train(rewrite("train-000003.tar", flip_byte)), 2,
          E + r".*train-000003\.tar: sha256 differs from manifest\.json"),

@@ -134,7 +134,7 @@ def verify(m: Manifest) -> list[str]:
     bad: list[str] = list(m.count_problems())
     why = file_problem(m.tokenizer_path)
     if why:
-        bad.append(f"{m.tokenizer_path.name}: {why}")
+        bad.append(f"{m.tokenizer_path.name}: {why.removeprefix('is ')}")
     else:
         try:
             if sha256_file(m.tokenizer_path) != m.tokenizer_sha256:
@@ -145,7 +145,7 @@ def verify(m: Manifest) -> list[str]:
         for s in shards:
             why = file_problem(m.shard_path(s))
             if why:
-                bad.append(f"{split}/{s.name}: {why}")
+                bad.append(f"{split}/{s.name}: {why.removeprefix('is ')}")
                 continue
             try:
                 bad += _verify_shard(m, split, s)
