@@ -260,6 +260,8 @@ CASES = [
     Case("--tokenizer a directory", txt("--tokenizer", "TMP"), 2, E + r".*: tokenizer is not a regular file"),
     Case("input not found", lambda c: c.build("no.txt"), 2, E + r".*no\.txt: input file not found"),
     Case("output is a file", output_is_a_file, 2, E + r".*out: output exists and is not a directory"),
+    Case("input is a FIFO", lambda c: (os.mkfifo(c.tmp / "f"), c.build(str(c.tmp / "f")))[1], 2,
+         E + r".*f: input is not a regular file or directory"),
     # 23 (build half): a full disk is one line and leaves no partial temp directory
     Case("disk full during build", disk_full, 2,
          E + r".*out: cannot write: No space left on device; nothing written", after=no_tmp_left),
@@ -276,6 +278,16 @@ CASES = [
          E + r".*train-000002\.tar: shard listed in .* is a directory, not a regular file"),
     Case("verify FIFO shard", inspect(special_shard("fifo"), "--verify"), 1,
          r"BAD train/train-000002\.tar: a FIFO, not a regular file"),
+    Case("manifest field of the wrong type", inspect(edited(lambda m: m["splits"]["train"]["shards"][0]
+                                                        .update(count="abc"))), 2,
+         E + r".*manifest\.json: split 'train' shard 'train-000000\.tar': a field has the wrong type"),
+    Case("manifest splits not a mapping", inspect(edited(lambda m: m.update(splits="x"))), 2,
+         E + r".*manifest\.json: invalid manifest \(AttributeError"),
+    Case("manifest shard name escapes", inspect(edited(lambda m: m["splits"]["train"]["shards"][0]
+                                                   .update(name="../x.tar"))), 2,
+         E + r".*manifest\.json: split 'train' shard name '\.\./x\.tar' is not a file name"),
+    Case("manifest seq_len 0", inspect(edited(lambda m: m.update(seq_len=0))), 2,
+         E + r".*manifest\.json: seq_len 0 / vocab_size \d+: need >= 2 / >= 1"),
     # 17: train checks what the manifest promises
     Case("train shard same size other content", train(rewrite("train-000003.tar", flip_byte)), 2,
          E + r".*train-000003\.tar: sha256 differs from manifest\.json"),

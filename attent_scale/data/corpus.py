@@ -50,8 +50,10 @@ def _expand(inputs: Sequence[str | Path], glob: str) -> list[Path]:
         if p.is_dir():
             found = sorted((q for q in p.rglob(glob) if q.is_file()), key=lambda q: q.as_posix())
             files.extend(found)
-        elif p.exists():
+        elif p.is_file():
             files.append(p)
+        elif p.exists():  # a FIFO or device would block the build or never end
+            raise UserError(f"{p}: input is not a regular file or directory")
         else:
             raise UserError(f"{p}: input file not found")
     return files

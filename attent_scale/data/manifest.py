@@ -106,8 +106,18 @@ class Manifest:
             )
         except UserError:
             raise
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise UserError(f"{path}: invalid manifest ({type(exc).__name__}: {exc})") from None
+        if m.seq_len < 2 or m.vocab_size < 1:
+            raise UserError(f"{path}: seq_len {m.seq_len} / vocab_size {m.vocab_size}: need >= 2 / >= 1")
+        for name, shards in m.splits.items():
+            for s in shards:
+                ints = (s.first_id, s.count, s.bytes, s.tokens)
+                if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints) or \
+                        not isinstance(s.sha256, str):
+                    raise UserError(f"{path}: split {name!r} shard {s.name!r}: a field has the wrong type")
+                if not isinstance(s.name, str) or Path(s.name).name != s.name or s.name in ("", ".", ".."):
+                    raise UserError(f"{path}: split {name!r} shard name {s.name!r} is not a file name in {d}")
         if m.token_dtype not in ("uint16", "uint32"):
             raise UserError(f"{path}: token_dtype {m.token_dtype!r} not supported")
         for name, shards in m.splits.items():
