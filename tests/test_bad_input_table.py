@@ -398,3 +398,21 @@ def test_corruption_budget_stops_both_ranks_together(tmp_path: Path, tiny_shards
     assert not re.search(r'File ".*attent_scale/', p.stderr), p.stderr[-3000:]
     # (both ranks decide at the same all-reduce; torchrun may stop the second before it prints)
     no_export(ctx)
+
+
+def test_damaged_shard_stops_both_ranks_at_start(tmp_path: Path, tiny_shards: Path) -> None:
+    """17 on 2 ranks: the ranks hash disjoint shards; the one that finds the damage names it, the other
+    learns of it in the same all-reduce; both exit 2 before training, none hangs."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from train_runner import run_train, tiny_run_config
+
+    ctx = Ctx(tmp_path, tiny_shards, pytest.MonkeyPatch())
+    shards = rewrite("train-000003.tar", flip_byte)(ctx)
+    cfg = tiny_run_config(tmp_path / "run", shards, "fsdp", teacher={"mode": "none"})
+    p = run_train(cfg, nproc=2, timeout=240)
+    errors = [line for line in p.stderr.splitlines() if line.startswith(ERR)]
+    assert p.returncode != 0 and errors, p.stderr[-3000:]
+    named = E + r".*train-000003\.tar: (sha256 differs|content is not what)"
+    assert all(re.match(named, e) for e in errors), errors
+    assert not re.search(r'File ".*attent_scale/', p.stderr), p.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
