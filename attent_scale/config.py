@@ -52,6 +52,8 @@ class DataConfig:
     shuffle_buffer: int = 1000
     val_max_batches: int = 0  # 0 = the whole val split
     train_split: str = "train"  # the split trained on; "ref" trains a reference model on held-out data
+    # the job stops once more than this fraction of the training samples proved corrupt (1.0 disables)
+    max_corrupt_fraction: float = 0.01
 
 
 @dataclass
@@ -221,6 +223,7 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("eval.batch_size", lambda v: v >= 1, "must be >= 1"),
     ("data.num_workers", lambda v: v >= 0, "must be >= 0"),
     ("data.shuffle_buffer", lambda v: v >= 1, "must be >= 1"),
+    ("data.max_corrupt_fraction", lambda v: 0 <= v <= 1, "must be in [0, 1] (1.0 disables the budget)"),
     ("checkpoint.every_steps", lambda v: v >= 0, "must be >= 0"),
     ("checkpoint.keep_last", lambda v: v >= 1, "must be >= 1"),
     ("metrics.port", lambda v: 0 <= v <= 65535, "must be a TCP port (0-65535)"),

@@ -148,6 +148,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         # Heavy imports here so `attent-scale --help` stays fast.
         from attent_scale.data import Manifest
+        from attent_scale.data.integrity import check_shards
         from attent_scale.data.workers import StreamWorkers
         from attent_scale.dist import init_distributed
         from attent_scale.engines import build_engine
@@ -189,6 +190,7 @@ class Trainer:
             dump_config(cfg, self.run_dir / "config.yaml")
         # Teacher and loop bookkeeping talk over CPU tensors: on NCCL jobs they get a gloo group of their own.
         self.group = dist.new_group(backend="gloo") if self.info.backend == "nccl" else None
+        check_shards(self.manifest, self.run_dir, rank=self.rank, world=self.world, group=self.group)
         self.teacher = self._build_teacher()
         check_model_fits(cfg.model, int(self.manifest.vocab_size), self.manifest.seq_len)
         self.engine = build_engine(cfg, self.manifest)
@@ -275,11 +277,13 @@ class Trainer:
         cfg, progress = self.cfg, self.progress
         while progress.step < cfg.train.max_steps:
             stream = self.epoch_stream()
+            self.check_corrupt_budget(now=True)  # the epoch's scoring pass may have met corrupt samples
             trained, decision = 0, None
             for batch in _timed(stream, progress):
                 if not self.train_step(batch, stream):
                     continue  # online mode skipped a short last candidate batch
                 trained += 1
+                self.check_corrupt_budget()
                 cut = self.anneal_cut()
                 if cfg.eval.every_steps and progress.step % cfg.eval.every_steps == 0:
                     self.evaluate()
@@ -294,6 +298,7 @@ class Trainer:
             progress.epoch += 1  # the stream ran out, or the anneal point ended this epoch early
             if decision is None and self.epoch_budget_spent(trained):
                 break
+        self.check_corrupt_budget(final=True)  # before the export: a run that trained nothing exports nothing
         self.finish()
         return 0
 
@@ -465,6 +470,33 @@ class Trainer:
             print(f"attent-scale: rank {self.rank}: {len(new)} corrupt sample(s) excluded from selection "
                   f"(ids {', '.join(map(str, new[:8]))}{' ...' if len(new) > 8 else ''}); "
                   f"{len(progress.corrupt_ids)} distinct so far", file=sys.stderr)
+
+    def check_corrupt_budget(self, now: bool = False, final: bool = False) -> None:
+        """Stop every rank together (one collective every stop_check_every steps, and at the end) once the
+        distinct corrupt samples pass data.max_corrupt_fraction of the training set; at the end, also when
+        no real sample was trained at all."""
+        cfg, progress = self.cfg, self.progress
+        if not (now or final) and progress.step % cfg.train.stop_check_every != 0:
+            return
+        from attent_scale.engines.base import all_reduce_sum
+
+        seen, trained = all_reduce_sum([len(progress.corrupt_ids), progress.samples_trained],
+                                       torch.device("cpu"), self.group)
+        budget = cfg.data.max_corrupt_fraction * self.n_train
+        corrupt = int(seen)
+        if seen > budget and self.world > 1:  # a sum over ranks counts an id two ranks met twice
+            corrupt = len(_all_union(progress.corrupt_ids, self.group, self.world))
+        if corrupt > budget and cfg.data.max_corrupt_fraction < 1.0:
+            raise UserError(
+                f"data.dir {cfg.data.dir}: {corrupt} of {self.n_train} training samples are corrupt "
+                f"({corrupt / self.n_train:.1%}) at step {progress.step}, over data.max_corrupt_fraction "
+                f"{cfg.data.max_corrupt_fraction} (1.0 disables; the warnings above name the shards)"
+            )
+        if final and trained == 0:
+            raise UserError(
+                f"data.dir {cfg.data.dir}: no sample trained in {progress.step} steps ({corrupt} corrupt "
+                f"samples met); nothing exported"
+            )
 
     # ---- after a step: anneal, stop, checkpoint ----------------------------------------------------
 

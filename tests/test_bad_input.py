@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from attent_scale.config import ModelConfig, load_config
 from attent_scale.errors import UserError
@@ -88,21 +85,3 @@ def test_llama_heads_mismatch_is_one_line() -> None:
     }
     with pytest.raises(UserError, match=r"config key 'model.config"):
         check_model_fits(ModelConfig(config=bad), 512, 32)
-
-
-def test_train_cli_exits_2_with_one_line(tmp_path: Path, tiny_shards: Path) -> None:
-    override, key = "model.config.n_positions=16", "model.config.n_positions"
-    from train_runner import tiny_run_config
-
-    cfg_path = tmp_path / "c.yaml"
-    cfg_path.write_text(yaml.safe_dump(tiny_run_config(tmp_path / "run", tiny_shards)))
-    proc = subprocess.run(
-        [sys.executable, "-m", "attent_scale", "train", "--config", str(cfg_path), "--set", override],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("attent-scale: error:") and key in lines[0], proc.stderr

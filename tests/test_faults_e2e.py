@@ -4,6 +4,7 @@ training, one rank's error, preemption with DataLoader workers, a second run in 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -181,11 +182,16 @@ def test_corrupt_sample_is_excluded_from_selection_and_counted(tmp_path, tiny_sh
     from attent_scale.data import Manifest
 
     bad = tmp_path / "shards"
-    shutil.copytree(tiny_shards, bad)
+    shutil.copytree(tiny_shards, bad, ignore=shutil.ignore_patterns(".attent-verified*"))
     shard = Manifest.load(bad).splits["train"][1]
     data = bytearray((bad / shard.name).read_bytes())
     data[512:514] = b"\xff\xff"  # a token >= vocab: the shard's first sample does not decode
     (bad / shard.name).write_bytes(bytes(data))
+    # ... and the manifest records the damaged bytes (a build that wrote it so): past the start-up
+    # integrity check, the stream meets the sample
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][1]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    (bad / "manifest.json").write_text(json.dumps(manifest))
     cfg = tiny_run_config(tmp_path / "run", bad, train={"max_steps": 20})
     proc = run_train(cfg)
     check(proc)

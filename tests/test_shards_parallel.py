@@ -185,6 +185,6 @@ def test_bad_line_in_a_byte_range_names_its_line(tmp_path: Path, monkeypatch) ->
                      progress=False, workers=2)
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
-    with pytest.raises(UserError, match=r"bad\.jsonl: not UTF-8 text \(byte 28\)"):
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: not UTF-8 text \(byte 28\)"):
         build_shards([bad], tmp_path / "o2", tokenizer=tok.tokenizer_path, seq_len=16, text_field="text",
                      progress=False, workers=2)

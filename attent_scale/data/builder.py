@@ -13,13 +13,16 @@ processes independently. `--part I/N` stops after the tokenize phase and leaves 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import tarfile
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -530,25 +533,62 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise UserError(f"{out}: output directory is not empty (use --overwrite)")
 
 
-def _atomic_dir(out: Path, overwrite: bool, fill: Callable[[Path], None]) -> Path:
-    """Run fill(tmp) on a fresh temp dir beside OUT, then swap it into place; nothing left on failure."""
-    _check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+class _Stopped(BaseException):
+    """A stop signal during a build: unwinds like KeyboardInterrupt, so the temp directory goes too."""
+
+
+class BuildStopped(UserError):
+    """The build stopped on a signal; the exit code is the shell's 128 + signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"{signal.Signals(signum).name}: stopped, nothing written")
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM (a scheduler, `kill`) unwinds the build as SIGINT does; its default would skip the cleanup."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise _Stopped(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        fill(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _atomic_dir(out: Path, overwrite: bool, fill: Callable[[Path], None]) -> Path:
+    """Run fill(tmp) on a fresh temp dir beside OUT, then swap it into place; nothing left on failure
+    (an error, SIGINT, SIGTERM, a full disk)."""
+    _check_output(out, overwrite)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        with _stop_on_sigterm():
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                fill(tmp)
+                if out.exists():
+                    old = out.parent / f".{out.name}.old-{os.getpid()}"
+                    out.rename(old)
+                    tmp.rename(out)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    tmp.rename(out)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except _Stopped as exc:
+        raise BuildStopped(exc.args[0]) from None
+    except OSError as exc:  # the output side: inputs and the tokenizer raise UserError themselves
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise UserError(f"{out}: cannot write: {exc.strerror or exc}{where}; nothing written") from None
     return out
 
 
@@ -601,8 +641,12 @@ def build_shards(
             raise UserError("--part: --max-bytes/--max-docs cap the whole corpus in order; not with parts")
     _check_output(out, overwrite)
     corpus = Corpus(inputs, glob=glob, text_field=text_field, max_bytes=max_bytes, max_docs=max_docs)
-    if tokenizer is not None and not Path(tokenizer).is_file():
-        raise UserError(f"{tokenizer}: tokenizer file not found")
+    if tokenizer is not None:
+        if not Path(tokenizer).exists():
+            raise UserError(f"{tokenizer}: tokenizer file not found")
+        if not Path(tokenizer).is_file():
+            raise UserError(f"{tokenizer}: tokenizer is not a regular file")
+        Tokenizer(tokenizer)  # a bad model is reported under the user's name, not the temp copy's
     if part is not None:
         i, n = part
         corpus.files = corpus.files[i * len(corpus.files) // n : (i + 1) * len(corpus.files) // n]

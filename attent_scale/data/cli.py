@@ -9,7 +9,7 @@ from webdataset.handlers import reraise_exception
 from webdataset.tariterators import tar_file_iterator
 
 from attent_scale.data.builder import build_shards, default_workers, merge_parts, parse_part, sample_key
-from attent_scale.data.manifest import Manifest
+from attent_scale.data.manifest import Manifest, ShardInfo, file_problem
 from attent_scale.data.tokenizer import sha256_file
 from attent_scale.errors import UserError
 
@@ -131,42 +131,59 @@ def _summary(m: Manifest) -> None:
 
 def verify(m: Manifest) -> list[str]:
     """Re-hash every shard and decode every sample; one line per problem found."""
-    bad: list[str] = []
-    if not m.tokenizer_path.is_file():
-        bad.append(f"{m.tokenizer_path.name}: missing")
-    elif sha256_file(m.tokenizer_path) != m.tokenizer_sha256:
-        bad.append(f"{m.tokenizer_path.name}: sha256 mismatch")
-    dtype = np.dtype(m.token_dtype)
+    bad: list[str] = list(m.count_problems())
+    why = file_problem(m.tokenizer_path)
+    if why:
+        bad.append(f"{m.tokenizer_path.name}: {why.removeprefix('is ')}")
+    else:
+        try:
+            if sha256_file(m.tokenizer_path) != m.tokenizer_sha256:
+                bad.append(f"{m.tokenizer_path.name}: sha256 mismatch")
+        except OSError as exc:
+            bad.append(f"{m.tokenizer_path.name}: unreadable ({exc.strerror or exc})")
     for split, shards in m.splits.items():
         for s in shards:
-            path = m.shard_path(s)
-            if not path.is_file():
-                bad.append(f"{split}/{s.name}: missing")
+            why = file_problem(m.shard_path(s))
+            if why:
+                bad.append(f"{split}/{s.name}: {why.removeprefix('is ')}")
                 continue
-            if path.stat().st_size != s.bytes:
-                bad.append(f"{split}/{s.name}: size {path.stat().st_size} != manifest {s.bytes}")
-            if sha256_file(path) != s.sha256:
-                bad.append(f"{split}/{s.name}: sha256 mismatch")
-            expected = {sample_key(i) for i in range(s.first_id, s.last_id)}
-            seen: set[str] = set()
             try:
-                with open(path, "rb") as f:
-                    for member in tar_file_iterator(f, handler=reraise_exception):
-                        key = member["fname"].split(".", 1)[0]
-                        data = member["data"]
-                        if key not in expected:
-                            bad.append(f"{split}/{s.name}: unexpected member {member['fname']!r}")
-                            continue
-                        seen.add(key)
-                        ok = len(data) % dtype.itemsize == 0
-                        w = np.frombuffer(data, dtype=dtype) if ok else None
-                        if w is None or not 2 <= len(w) <= m.seq_len + 1 or int(w.max()) >= m.vocab_size:
-                            bad.append(f"{split}/{s.name}: sample {key} does not decode")
-            except Exception as exc:  # a truncated/corrupt tar: report, keep checking the rest
-                bad.append(f"{split}/{s.name}: unreadable ({type(exc).__name__}: {exc})")
-            missing = len(expected - seen)
-            if missing:
-                bad.append(f"{split}/{s.name}: {missing} sample(s) missing")
+                bad += _verify_shard(m, split, s)
+            except OSError as exc:
+                bad.append(f"{split}/{s.name}: unreadable ({exc.strerror or exc})")
+    return bad
+
+
+def _verify_shard(m: Manifest, split: str, s: ShardInfo) -> list[str]:
+    bad = []
+    path = m.shard_path(s)
+    dtype = np.dtype(m.token_dtype)
+    if path.stat().st_size != s.bytes:
+        bad.append(f"{split}/{s.name}: size {path.stat().st_size} != manifest {s.bytes}")
+    if s.sha256 and sha256_file(path) != s.sha256:
+        bad.append(f"{split}/{s.name}: sha256 mismatch")
+    expected = {sample_key(i) for i in range(s.first_id, s.last_id)}
+    seen: set[str] = set()
+    try:
+        with open(path, "rb") as f:
+            for member in tar_file_iterator(f, handler=reraise_exception):
+                key = member["fname"].split(".", 1)[0]
+                data = member["data"]
+                if key not in expected:
+                    bad.append(f"{split}/{s.name}: unexpected member {member['fname']!r}")
+                    continue
+                seen.add(key)
+                ok = len(data) % dtype.itemsize == 0
+                w = np.frombuffer(data, dtype=dtype) if ok else None
+                if w is None or not 2 <= len(w) <= m.seq_len + 1 or int(w.max()) >= m.vocab_size:
+                    bad.append(f"{split}/{s.name}: sample {key} does not decode")
+    except OSError:
+        raise
+    except Exception as exc:  # a truncated/corrupt tar: report, keep checking the rest
+        bad.append(f"{split}/{s.name}: unreadable ({type(exc).__name__}: {exc})")
+    missing = len(expected - seen)
+    if missing:
+        bad.append(f"{split}/{s.name}: {missing} sample(s) missing")
     return bad
 
 

@@ -50,8 +50,10 @@ def _expand(inputs: Sequence[str | Path], glob: str) -> list[Path]:
         if p.is_dir():
             found = sorted((q for q in p.rglob(glob) if q.is_file()), key=lambda q: q.as_posix())
             files.extend(found)
-        elif p.exists():
+        elif p.is_file():
             files.append(p)
+        elif p.exists():  # a FIFO or device would block the build or never end
+            raise UserError(f"{p}: input is not a regular file or directory")
         else:
             raise UserError(f"{p}: input file not found")
     return files
@@ -133,13 +135,13 @@ class Corpus:
         offset, data = (0, self._read(path)) if stop is None else self._read_lines(path, start, stop)
         lineno = 1
         for raw in data.split(b"\n"):
-            line = self._decode(path, raw, offset)
-            if line.strip():
-                try:
-                    value = self._jsonl_text(line)
-                except UserError as exc:
-                    where = lineno if stop is None else self._line_number(path, offset)
-                    raise UserError(f"{path}:{where}: {exc}") from None
+            try:
+                line = self._decode(path, raw, offset)
+                value = self._jsonl_text(line) if line.strip() else None
+            except UserError as exc:
+                where = lineno if stop is None else self._line_number(path, offset)
+                raise UserError(f"{path}:{where}: {str(exc).removeprefix(f'{path}: ')}") from None
+            if value is not None:
                 yield Document(f"{path}:{lineno}" if stop is None else f"{path}@{offset}", value)
             offset += len(raw) + 1
             lineno += 1
@@ -149,7 +151,10 @@ class Corpus:
             rec = json.loads(line)
         except ValueError as exc:
             raise UserError(f"invalid JSON ({exc})") from None
-        if not isinstance(rec, dict) or self.text_field not in rec:
+        if not isinstance(rec, dict):
+            kind = type(rec).__name__
+            raise UserError(f"not a JSON object (a {kind}); each line must hold {{{self.text_field!r}: ...}}")
+        if self.text_field not in rec:
             raise UserError(f"no field {self.text_field!r} (set --text-field)")
         value = rec[self.text_field]
         if not isinstance(value, str):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,22 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 
+def file_problem(path: Path) -> str | None:
+    """Why `path` cannot be read as a data file (missing, a directory, a FIFO, ...), or None."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+        "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
+        "not a file"
+    return f"is {kind}, not a regular file"
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     """One tar shard of a split: holds the dense ids [first_id, first_id + count)."""
@@ -21,7 +39,7 @@ class ShardInfo:
     first_id: int
     count: int
     bytes: int
-    sha256: str
+    sha256: str = ""  # "" in a manifest that records no hash: that check is skipped
     tokens: int = 0
 
     @property
@@ -88,8 +106,18 @@ class Manifest:
             )
         except UserError:
             raise
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise UserError(f"{path}: invalid manifest ({type(exc).__name__}: {exc})") from None
+        if m.seq_len < 2 or m.vocab_size < 1:
+            raise UserError(f"{path}: seq_len {m.seq_len} / vocab_size {m.vocab_size}: need >= 2 / >= 1")
+        for name, shards in m.splits.items():
+            for s in shards:
+                ints = (s.first_id, s.count, s.bytes, s.tokens)
+                if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints) or \
+                        not isinstance(s.sha256, str):
+                    raise UserError(f"{path}: split {name!r} shard {s.name!r}: a field has the wrong type")
+                if not isinstance(s.name, str) or Path(s.name).name != s.name or s.name in ("", ".", ".."):
+                    raise UserError(f"{path}: split {name!r} shard name {s.name!r} is not a file name in {d}")
         if m.token_dtype not in ("uint16", "uint32"):
             raise UserError(f"{path}: token_dtype {m.token_dtype!r} not supported")
         for name, shards in m.splits.items():
@@ -99,13 +127,30 @@ class Manifest:
                     raise UserError(f"{path}: split {name!r} shard {s.name} ids are not dense")
                 expect = s.last_id
         if check_files:
-            if not m.tokenizer_path.is_file():
-                raise UserError(f"{m.tokenizer_path}: tokenizer listed in {path} is missing")
+            counts = m.count_problems()
+            if counts:
+                raise UserError(f"{path}: {counts[0]}")
+            why = file_problem(m.tokenizer_path)
+            if why:
+                raise UserError(f"{m.tokenizer_path}: tokenizer listed in {path} {why}")
             for shards in m.splits.values():
                 for s in shards:
-                    if not (d / s.name).is_file():
-                        raise UserError(f"{d / s.name}: shard listed in {path} is missing")
+                    why = file_problem(d / s.name)
+                    if why:
+                        raise UserError(f"{d / s.name}: shard listed in {path} {why}")
         return m
+
+    def count_problems(self) -> list[str]:
+        """Where a split's recorded totals (num_samples, tokens) disagree with its shard list."""
+        out = []
+        for name, info in (self.raw or {}).get("splits", {}).items():
+            shards = self.splits.get(name, [])
+            for key, have in (("num_samples", shards[-1].last_id if shards else 0),
+                              ("tokens", sum(s.tokens for s in shards))):
+                said = info.get(key) if isinstance(info, dict) else None
+                if said is not None and said != have:
+                    out.append(f"split {name!r} {key} {said} != {have} in its shard list")
+        return out
 
     def shards(self, split: str) -> list[ShardInfo]:
         """The ordered shard list of `split`; UserError when the split does not exist."""

@@ -62,6 +62,22 @@ def _lines(docs: Iterable[object]) -> Iterator[str]:
                 yield line
 
 
+class _Reader:
+    """The sentence iterator handed to sentencepiece: it keeps the exception the corpus raised (a reader
+    error, a stop signal), which sentencepiece would otherwise cut down to the last line of a traceback."""
+
+    def __init__(self, docs: Iterable[object]) -> None:
+        self.docs = docs
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            yield from _lines(self.docs)
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+
 def train_tokenizer(
     docs: Iterable[object],
     out_path: Path,
@@ -78,9 +94,10 @@ def train_tokenizer(
         raise UserError(f"--vocab-size {vocab_size}: must be at least 16")
     buf = io.BytesIO()  # model_writer keeps the output path out of the model: byte-identical re-runs
     spm.set_random_generator_seed(seed)
+    reader = _Reader(docs)
     try:
         spm.SentencePieceTrainer.Train(
-            sentence_iterator=_lines(docs),
+            sentence_iterator=iter(reader),
             model_writer=buf,
             vocab_size=vocab_size,
             model_type=model_type,
@@ -100,7 +117,11 @@ def train_tokenizer(
             shuffle_input_sentence=True,
             minloglevel=2,
         )
-    except RuntimeError as exc:
+    except BaseException as exc:
+        if reader.error is not None:  # the corpus's own error (FILE:LINE: ...), not sentencepiece's
+            raise reader.error from None
+        if not isinstance(exc, RuntimeError):
+            raise
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", msg)
         if small:  # byte_fallback alone needs 256 pieces, plus the corpus's characters
