@@ -482,6 +482,25 @@ class ShardStream:
             "faults": self.faults,
         }
 
+    def remaining_ids(self) -> np.ndarray:
+        """Ids of this rank's epoch block not yielded yet (after `load_state_dict`: what the saved stream
+        still owes), in no particular order; O(samples per rank), without reading shards. A resume on
+        another world size gathers these over the old ranks (attent_scale/elastic.py)."""
+        p = self._plan
+        out = []
+        for w in range(p.logical_workers):
+            b0, b1 = p.worker_batches(w)
+            a, b = b0 * p.batch_size, min(b1 * p.batch_size, p.per)
+            skip = self.worker_batches[w] * p.batch_size
+            if b - a <= 0 or skip >= b - a:
+                continue
+            # the emission order of _EpochDataset._worker: the same generator, the same buffer
+            rng = np.random.default_rng([p.seed, p.epoch, p.rank, w, 0xB0F])
+            order = buffer_order(b - a, p.shuffle_buffer, rng)
+            segs = p.segments(p.rank_start + a, p.rank_start + b)
+            out.append(np.concatenate([s[1] for s in segs])[order[skip:]])
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where the saved stream was (its epoch included)."""
         if state.get("version") != STATE_VERSION:

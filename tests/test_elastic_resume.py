@@ -1,0 +1,108 @@
+"""Elastic resume with real processes (torchrun, gloo, CPU): a checkpoint written on W ranks resumes on
+W' != W; the resumed epoch trains each id it still owes once, and the selection stays that of the run
+that never stopped (the ledger is re-blocked; the selection does not depend on the world size)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from train_runner import REPO, check, read_lines, tiny_run_config
+
+from attent_scale.data import Manifest
+
+pytestmark = pytest.mark.slow
+
+TEACHER = {"mode": "ledger", "strategy": "hard", "warmup_epochs": 1, "total_cycles": 2,
+           "initial_ratio": 0.5, "final_ratio": 0.5}
+
+
+def _run(cfg: dict, nproc: int, ids_dir: Path, env: dict[str, str] | None = None,
+         timeout: float = 420) -> subprocess.CompletedProcess:
+    """torchrun `nproc` ranks of tests/ids_trainer.py (the trainer, recording each step's ids)."""
+    run_dir = Path(cfg["run_dir"])
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    ids_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir.parent / f"{run_dir.name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(Path(__file__).with_name("ids_trainer.py")), "train", "--config", str(cfg_path)]
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                "ATTENT_IDS_DIR": str(ids_dir), **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def _trained(ids_dir: Path) -> list[dict]:
+    return [row for f in sorted(ids_dir.glob("ids-*.jsonl")) for row in read_lines(f)]
+
+
+def _config(run_dir: Path, shards: Path) -> dict:
+    # 4 ranks x 8 rows = 32 per step, as 2 x 16: the job's batch stays the same when W changes
+    cfg = tiny_run_config(run_dir, shards, "fsdp", teacher=TEACHER,
+                          train={"max_steps": 200, "max_epochs": 3, "stop_check_every": 1, "log_every": 1},
+                          eval={"every_steps": 0, "max_batches": 1})
+    return cfg
+
+
+def _set_batch(cfg: dict, world: int) -> dict:
+    cfg["train"]["micro_batch_size"] = 32 // world
+    return cfg
+
+
+def _epoch_ids(rows: list[dict], epoch: int) -> list[int]:
+    return [i for r in rows if r["epoch"] == epoch for i in r["ids"]]
+
+
+def _resume_line(proc: subprocess.CompletedProcess) -> str:
+    return next(x for x in proc.stderr.splitlines() if "attent-scale: resumed from" in x)
+
+
+@pytest.mark.timeout(1500)
+def test_fsdp_resumes_on_another_world_size(tmp_path, tiny_shards):
+    """4 ranks stop at the end of epoch 0 -> 2 ranks make the selection the 4-rank run makes, stop inside
+    epoch 1 -> 4 ranks train what epoch 1 still owes, stop inside epoch 2 -> 2 ranks finish it."""
+    straight = _config(tmp_path / "straight", tiny_shards)
+    check(_run(_set_batch(straight, 4), 4, tmp_path / "ids-straight"))
+    want = {r["epoch"]: r["sha256"] for r in read_lines(tmp_path / "straight" / "selection.jsonl")}
+    steps_epoch0 = max(r["step"] for r in _trained(tmp_path / "ids-straight") if r["epoch"] == 0)
+
+    cfg = _config(tmp_path / "broken", tiny_shards)
+    ids = tmp_path / "ids"
+    legs = [(4, steps_epoch0), (2, steps_epoch0 + 5), (4, steps_epoch0 + 20), (2, None)]
+    procs = []
+    for world, stop in legs:
+        env = {"ATTENT_STOP_AFTER_STEP": str(stop)} if stop is not None else {}
+        proc = _run(_set_batch(cfg, world), world, ids, env=env)
+        procs.append(proc)
+        if stop is None:
+            check(proc)
+        else:
+            marker = json.loads((tmp_path / "broken" / "PREEMPTED").read_text())
+            assert marker["step"] == stop, proc.stderr[-3000:]
+    # the selection the 2 ranks make from the 4 ranks' re-blocked ledger is the 4-rank run's
+    got = {r["epoch"]: r["sha256"] for r in read_lines(tmp_path / "broken" / "selection.jsonl")}
+    assert got[1] == want[1]
+    assert "written on 4 ranks, continued on 2" in _resume_line(procs[1])
+    assert "written on 2 ranks, continued on 4" in _resume_line(procs[2])
+    # every id an interrupted epoch still owed is trained once: nothing twice, nothing lost but the
+    # equalisation remainders (< world size per epoch and per resume), which summary.json counts
+    rows = _trained(ids)
+    summary = json.loads((tmp_path / "broken" / "summary.json").read_text())
+    selected = {r["epoch"]: r["n_selected"] for r in read_lines(tmp_path / "broken" / "selection.jsonl")}
+    n = summary["samples_trained"]
+    for epoch in (1, 2):
+        trained = _epoch_ids(rows, epoch)
+        assert len(trained) == len(set(trained)), epoch
+        assert selected[epoch] - len(trained) < 2 + 4, epoch  # the epoch's (W=2 or 4) and the resume's
+    epoch0 = _epoch_ids(rows, 0)
+    assert len(epoch0) == len(set(epoch0))
+    assert n == sum(len(r["ids"]) for r in rows)
+    n_train = Manifest.load(tiny_shards).num_samples("train")
+    assert summary["dropped_samples"] == n_train + selected[1] + selected[2] - n
+    assert summary["steps"] == max(r["step"] for r in rows)
