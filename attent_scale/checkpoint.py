@@ -181,7 +181,12 @@ def _barrier() -> None:
 
 
 def _write_error(exc: BaseException) -> str:
-    """A one-line reason for a failed write (disk full named as such)."""
+    """A one-line reason for a failed write (disk full named as such, also under torch.save's wrapper)."""
+    inner: BaseException | None = exc
+    while inner is not None and not isinstance(inner, OSError):
+        inner = inner.__cause__ or inner.__context__
+    if inner is not None:
+        exc = inner
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return f"disk full ({exc.strerror})"
     return " ".join(str(exc).split())[:300] or type(exc).__name__

@@ -93,7 +93,8 @@ class LocalEngine(BaseEngine):
             "scheduler": self.scheduler.state_dict(),
             "steps_done": self.steps_done,
         }
-        torch.save(state, path / "engine.pt")
+        with (path / "engine.pt").open("wb") as f:  # a failed write keeps its OSError (disk full)
+            torch.save(state, f)
 
     def load(self, ckpt_dir: str | Path, tag: str) -> None:
         """Restore what `save` wrote."""
