@@ -55,7 +55,8 @@ def _owed_bits(peers: dict[int, dict[str, Any]], fold: list[int], progress: dict
         st = peers[r]["progress"]["stream_state"]
         old = ShardStream(data_dir, split, rank=r, world_size=old_world, seed=int(st["seed"]), epoch=epoch,
                           batch_size=int(st["batch_size"]), selection=selection,
-                          shuffle_buffer=int(st["shuffle_buffer"]), num_workers=int(st["num_workers"]))
+                          shuffle_buffer=int(st["shuffle_buffer"]), num_workers=int(st["num_workers"]),
+                          pad=bool(st.get("pad", False)))
         old.load_state_dict(st)
         ids = old.remaining_ids()
         np.bitwise_or.at(owed, ids >> 3, np.left_shift(1, ids & 7).astype(np.uint8))
@@ -70,8 +71,8 @@ def load_elastic(path: Path, *, engine: Any, teacher: Any, rank: int, world: int
     """Collective: restore a checkpoint written on another number of ranks. The engine reshards (or
     refuses in one line), the teacher re-blocks its ledger, per-rank counters keep their totals, and the
     interrupted epoch's position becomes the set of ids it still owes (progress `remainder_bits` for
-    `remainder_epoch`), to be trained once over this job's ranks. Returns this rank's state
-    ({"progress", "rng"})."""
+    `remainder_epoch`), each trained once over this job's ranks (a padded stream: none dropped). Returns
+    this rank's state ({"progress", "rng", "old_world"})."""
     old_world = ckpt.saved_world(path)
     if not getattr(engine, "can_reshard", False):
         raise UserError(

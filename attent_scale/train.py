@@ -394,7 +394,7 @@ class Trainer:
         selection = None if bits is None else Selection(bits, self.n_train, upweight=progress.weight_bits,
                                                         weight=progress.weight)
         stream = self._shard_stream(progress.epoch, self.teacher.candidate_batch_size(self.batch_size),
-                                    selection)
+                                    selection, pad=remainder)
         if progress.stream_state is not None:
             stream.load_state_dict(progress.stream_state)
             progress.stream_state = None
@@ -403,14 +403,14 @@ class Trainer:
         _charge(progress, loop_t0)
         return stream
 
-    def _shard_stream(self, epoch: int, batch: int, selection: Any = None) -> Any:
+    def _shard_stream(self, epoch: int, batch: int, selection: Any = None, pad: bool = False) -> Any:
         from attent_scale.data import ShardStream
 
         cfg = self.cfg
         return ShardStream(self.manifest.dir, cfg.data.train_split, rank=self.rank, world_size=self.world,
                            seed=cfg.seed, epoch=epoch, batch_size=batch, selection=selection,
                            shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers,
-                           workers=self.stream_workers)
+                           workers=self.stream_workers, pad=pad)
 
     # ---- one step ---------------------------------------------------------------------------------
 
