@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from train_runner import REPO, check, read_lines, tiny_run_config
+from train_runner import REPO, check, read_lines, run_train, tiny_run_config
 
 from attent_scale.data import Manifest
 
@@ -138,3 +138,18 @@ def test_fsdp_resumes_on_another_world_size(tmp_path, tiny_shards):
     n_train = Manifest.load(tiny_shards).num_samples("train")
     assert summary["dropped_samples"] == n_train + selected[1] + selected[2] - n
     assert summary["steps"] == max(r["step"] for r in rows)
+
+
+@pytest.mark.timeout(600)
+def test_zero3_checkpoint_on_another_world_size_is_one_line_naming_the_conversion(tmp_path, tiny_shards):
+    cfg = tiny_run_config(tmp_path / "run", tiny_shards, "deepspeed", train={"max_steps": 2},
+                          eval={"every_steps": 0, "max_batches": 1}, checkpoint={"every_steps": 2})
+    check(run_train(cfg, nproc=1))
+    cfg["train"]["max_steps"] = 4
+    proc = run_train(cfg, nproc=2)
+    assert proc.returncode != 0
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("attent-scale: error:")]
+    assert errors and all(x == errors[0] for x in errors), proc.stderr[-3000:]
+    assert "written by 1 ranks, this job has 2" in errors[0] and "ds_to_universal" in errors[0], errors[0]
+    # torchrun prints its own ChildFailedError traceback; no frame of ours may appear
+    assert "attent_scale/" not in "".join(x for x in proc.stderr.splitlines() if 'File "' in x), proc.stderr
