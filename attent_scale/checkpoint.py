@@ -1,18 +1,23 @@
-"""Checkpoints beside the engine's: per-rank trainer, teacher, stream and RNG state; atomic; keep last K."""
+"""Checkpoints beside the engine's: per-rank trainer, teacher, stream and RNG state; atomic; keep last K;
+the newest undamaged one is found on resume."""
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
 from attent_scale.errors import UserError
 
@@ -49,15 +54,54 @@ def _split(state: Any, prefix: str, tensors: dict[str, torch.Tensor], seen: dict
     return state
 
 
-def _join(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def _join(node: Any, tensors: Any) -> Any:
+    """Inverse of _split: `tensors` maps keys to tensors (or, for a lazy read, to LazyTensor handles)."""
     if isinstance(node, dict):
         if "__tensor__" in node:
             return tensors[node["__tensor__"]]
         if "__ndarray__" in node:
-            return tensors[node["__ndarray__"]].numpy()
+            t = tensors[node["__ndarray__"]]
+            if isinstance(t, LazyTensor):
+                t.as_numpy = True
+                return t
+            return t.numpy()
         if "__list__" in node:
             return [_join(v, tensors) for v in node["__list__"]]
         return {k: _join(v, tensors) for k, v in node.items()}
+    return node
+
+
+class LazyTensor:
+    """One tensor of a state file, read only when sliced (`x[a:b]`) or loaded (`x.load()`): a rank that
+    re-blocks another world size's ledger reads just the ids of its own block."""
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path, self.key = path, key
+        self.as_numpy = False  # saved as an ndarray: load() gives one back
+        with safe_open(str(path), "pt") as f:
+            self.shape = tuple(f.get_slice(key).get_shape())
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        with safe_open(str(self.path), "pt") as f:
+            return f.get_slice(self.key)[index]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def load(self) -> Any:
+        with safe_open(str(self.path), "pt") as f:
+            t = f.get_tensor(self.key)
+        return t.numpy() if self.as_numpy else t
+
+
+def materialize(node: Any) -> Any:
+    """`node` with every LazyTensor read in full (ndarray positions get numpy arrays back)."""
+    if isinstance(node, LazyTensor):
+        return node.load()
+    if isinstance(node, dict):
+        return {k: materialize(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [materialize(v) for v in node]
     return node
 
 
@@ -69,10 +113,21 @@ def save_state(path_stem: Path, state: dict[str, Any]) -> None:
     path_stem.with_suffix(".json").write_text(json.dumps(rest))
 
 
-def load_state(path_stem: Path) -> dict[str, Any]:
-    tensors = load_file(str(path_stem.with_suffix(".safetensors")))
+def load_state(path_stem: Path, *, lazy: bool = False) -> dict[str, Any]:
+    """Read what save_state wrote; `lazy`: tensors become LazyTensor handles (read on use)."""
+    file = path_stem.with_suffix(".safetensors")
     rest = json.loads(path_stem.with_suffix(".json").read_text())
-    return _join(rest, tensors)
+    if not lazy:
+        return _join(rest, load_file(str(file)))
+    return _join(rest, _LazyTensors(file))
+
+
+class _LazyTensors:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __getitem__(self, key: str) -> LazyTensor:
+        return LazyTensor(self.path, key)
 
 
 def rng_state() -> dict[str, Any]:
@@ -125,34 +180,209 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _write_error(exc: BaseException) -> str:
+    """A one-line reason for a failed write (disk full named as such, also under torch.save's wrapper)."""
+    inner: BaseException | None = exc
+    while inner is not None and not isinstance(inner, OSError):
+        inner = inner.__cause__ or inner.__context__
+    if inner is not None:
+        exc = inner
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"disk full ({exc.strerror})"
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
+def _agree(error: str | None, group: Any) -> str | None:
+    """Collective: None when no rank failed, else this rank's reason (or that another rank failed)."""
+    from attent_scale.dist import all_reduce_flag
+
+    ok = all_reduce_flag(error is None, "min", group) if dist.is_available() and dist.is_initialized() \
+        else error is None
+    if ok:
+        return None
+    return error or "the write failed on another rank"
+
+
 def save_checkpoint(run_dir: str | Path, step: int, engine: Any, rank_state: dict[str, Any], *,
-                    rank: int, world_size: int, keep_last: int) -> Path:
-    """Collective: every rank writes into a temp dir, rank 0 marks it complete and renames it."""
+                    rank: int, world_size: int, keep_last: int, config: dict[str, Any] | None = None,
+                    group: Any = None) -> Path:
+    """Collective: every rank writes into a temp dir, rank 0 marks it complete and renames it. A failed
+    write (a full disk) removes the temp dir on every rank and raises one UserError; the checkpoints
+    already there stay as they were."""
     root = checkpoint_root(run_dir)
     final = root / f"step-{step:08d}"
     tmp = root / f"step-{step:08d}.tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+
+    def phase(fn: Any) -> None:
+        error = None
+        try:
+            fn()
+        # torch.save reports a failed write as a RuntimeError, DCP as a CheckpointException on every rank
+        except (OSError, RuntimeError, CheckpointException) as exc:
+            error = _write_error(exc)
+        reason = _agree(error, group)
+        if reason is not None:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            _barrier()
+            previous = latest_checkpoint(run_dir)
+            kept = f"; {previous.name} kept" if previous is not None else ""
+            raise UserError(f"checkpoint {final}: write failed on rank {rank}: {reason}; "
+                            f"no partial checkpoint left{kept}")
+
+    def start() -> None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+
+    def write() -> None:
+        engine.save(tmp, "engine")
+        save_state(tmp / f"rank-{rank:05d}", rank_state)
+
+    def complete() -> None:
+        if rank == 0:
+            if config is not None:
+                (tmp / "config.json").write_text(json.dumps(config))
+            (tmp / "COMPLETE").write_text(json.dumps({"step": step, "world_size": world_size}))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+
+    phase(start)
     _barrier()
-    engine.save(tmp, "engine")
-    save_state(tmp / f"rank-{rank:05d}", rank_state)
-    _barrier()
+    phase(write)
+    phase(complete)
     if rank == 0:
-        (tmp / "COMPLETE").write_text(json.dumps({"step": step, "world_size": world_size}))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
         for _, old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 
 
+# ---- reading back: which checkpoint, is it whole, what changed ------------------------------------
+
+
+def saved_world(path: Path) -> int:
+    """The number of ranks that wrote the checkpoint at `path`."""
+    return int(json.loads((path / "COMPLETE").read_text())["world_size"])
+
+
+def saved_config(path: Path) -> dict[str, Any] | None:
+    """The run config the checkpoint was written under (None for checkpoints older than that record)."""
+    file = path / "config.json"
+    return json.loads(file.read_text()) if file.exists() else None
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
+def changed_keys(saved: dict[str, Any], now: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    """'key: old -> new' for every config key under `keys` (dotted prefixes) that differs."""
+    a, b = _flat(saved), _flat(now)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == k or key.startswith(k + ".") for k in keys) and a.get(key) != b.get(key):
+            out.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return out
+
+
+def check_safetensors(path: Path) -> str | None:
+    """None when the file is a whole safetensors file (its header's data size matches the file size)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 + n:
+                return "truncated"
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    except (ValueError, KeyError, TypeError):
+        return "not a safetensors file"
+    return None if size == 8 + n + end else "truncated"
+
+
+def check_json(path: Path) -> str | None:
+    try:
+        json.loads(path.read_text())
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    except ValueError:
+        return "truncated or not JSON"
+    return None
+
+
+def check_torch_zip(path: Path) -> str | None:
+    """None when `path` is a torch.save zip whose members all lie inside the file (a cheap check: the
+    central directory and member offsets, not the data's CRCs)."""
+    try:
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.header_offset + info.compress_size > size:
+                    return "truncated"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    except zipfile.BadZipFile:
+        return "truncated or not a torch checkpoint"
+    return None
+
+
+def check_rank_files(path: Path, ranks: list[int]) -> str | None:
+    """The first problem with the state files of `ranks` in checkpoint `path` ('file: why'), or None."""
+    for r in ranks:
+        stem = path / f"rank-{r:05d}"
+        for file, check in ((stem.with_suffix(".json"), check_json),
+                            (stem.with_suffix(".safetensors"), check_safetensors)):
+            if not file.exists():
+                return f"{file.name} missing"
+            problem = check(file)
+            if problem is not None:
+                return f"{file.name} {problem}"
+    return None
+
+
+def find_checkpoint(run_dir: str | Path, verify: Any, *, rank: int, group: Any = None
+                    ) -> tuple[Path | None, list[str]]:
+    """Collective: the newest checkpoint every rank finds whole (`verify(path) -> problem or None` checks
+    this rank's part), and 'name (problem)' for each newer one skipped. Every rank returns the same."""
+    skipped: list[str] = []
+    found = list_checkpoints(run_dir)
+    for _, path in reversed(found):
+        try:
+            problem = verify(path)
+        except (OSError, ValueError, KeyError) as exc:
+            problem = _write_error(exc)
+        problems = _gather(problem, group)
+        bad = [f"rank {r}: {p}" if len(problems) > 1 else p for r, p in enumerate(problems) if p is not None]
+        if not bad:
+            return path, skipped
+        skipped.append(f"{path.name} ({bad[0]})")
+    if found:
+        raise UserError(f"run_dir {run_dir}: no undamaged checkpoint to resume from: {'; '.join(skipped)} "
+                        "(remove them, or set checkpoint.resume=false to start over)")
+    return None, skipped
+
+
+def _gather(item: Any, group: Any) -> list[Any]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) <= 1:
+        return [item]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, item, group=group)
+    return out
+
+
 def load_checkpoint(path: Path, engine: Any, *, rank: int, world_size: int) -> dict[str, Any]:
-    """Collective: restore the engine and return this rank's own state."""
-    saved_world = json.loads((path / "COMPLETE").read_text()).get("world_size")
-    if saved_world != world_size:  # same file on every rank, so every rank raises together
-        raise UserError(f"checkpoint {path}: written by {saved_world} ranks, this job has {world_size}; "
+    """Collective: restore the engine and return this rank's own state (same world size only)."""
+    saved = saved_world(path)
+    if saved != world_size:  # same file on every rank, so every rank raises together
+        raise UserError(f"checkpoint {path}: written by {saved} ranks, this job has {world_size}; "
                         "resume with the same world size")
     engine.load(path, "engine")
     return load_state(path / f"rank-{rank:05d}")

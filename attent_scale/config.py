@@ -158,7 +158,10 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0  # 0 = only on signal and at the end
+    every_steps: int = 0  # 0 = no step interval (and no checkpoint at the end)
+    # also every this many minutes of run time (0 = off), so a crash loses at most that much; ranks agree
+    # on it at the stop check (train.stop_check_every)
+    every_minutes: float = 30.0
     keep_last: int = 2
     resume: bool = True  # pick up the latest checkpoint in run_dir when present
     export: bool = True  # at the end, write the model (or LoRA adapters) as safetensors to run_dir/export
@@ -194,6 +197,7 @@ class RunConfig:
 _RANGES: list[tuple[str, Any, str]] = [
     ("seed", lambda v: 0 <= v < 2**63, "must be >= 0 (and below 2**63)"),
     ("train.max_steps", lambda v: v >= 1, "must be >= 1"),
+    ("checkpoint.every_minutes", lambda v: v >= 0, "must be >= 0 (0 = off)"),
     ("train.max_epochs", lambda v: v >= 0, "must be >= 0 (0 = no epoch limit)"),
     ("train.max_seconds", lambda v: v >= 0, "must be >= 0 (0 = no time limit)"),
     ("train.micro_batch_size", lambda v: v >= 1, "must be >= 1"),

@@ -23,6 +23,8 @@ from attent_scale.errors import UserError
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; the Slurm script requeues
 PREEMPTED_MARKER = "PREEMPTED"  # written to run_dir beside that checkpoint; removed when the run goes on
 LOG_FILES = ("metrics.jsonl", "eval.jsonl", "selection.jsonl")
+# config keys a checkpoint must agree on to be resumed (dotted prefixes)
+RESUME_KEYS = ("seed", "model", "engine.name", "teacher.mode", "data.train_split")
 PHASES = ("score", "collective", "select", "share", "rebalance")
 # What `Trainer.check_stop` decides after a step (None: go on).
 PREEMPT = "preempt"  # a stop signal on some rank: checkpoint written, exit for requeue
@@ -76,6 +78,10 @@ class Progress:
     weight_bits: Any = None  # packed ids of the selection that carry loss weight `weight` (pruning)
     weight: float = 1.0
     stream_state: dict[str, Any] | None = None
+    # after a resume on another world size: the ids epoch `remainder_epoch` still owes (packed bits), trained
+    # once over the new ranks instead of that epoch's selection
+    remainder_bits: Any = None
+    remainder_epoch: int = -1
     log_lines: dict[str, int] = field(default_factory=dict)
 
 
@@ -160,6 +166,7 @@ class Trainer:
 
         self.cfg = cfg
         self.wall_start = time.perf_counter()
+        self.last_save = self.wall_start  # checkpoint.every_minutes counts from here or the last checkpoint
         if os.environ.get("ATTENT_NUM_THREADS"):  # bench --clock cpu pins each arm to this many threads
             torch.set_num_threads(int(os.environ["ATTENT_NUM_THREADS"]))
         # distributed init
@@ -184,10 +191,8 @@ class Trainer:
                             "use engine.name=deepspeed or fsdp under torchrun")
         # the run directory: one job per run_dir (the lock is released at exit)
         self.run_dir = Path(cfg.run_dir)
+        _check_run_dir(self.run_dir, self.rank)
         lock_run_dir(self.run_dir, self.rank)
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.run_dir / "config.yaml")
         # Teacher and loop bookkeeping talk over CPU tensors: on NCCL jobs they get a gloo group of their own.
         self.group = dist.new_group(backend="gloo") if self.info.backend == "nccl" else None
         check_shards(self.manifest, self.run_dir, rank=self.rank, world=self.world, group=self.group)
@@ -196,6 +201,8 @@ class Trainer:
         self.engine = build_engine(cfg, self.manifest)
         self.progress = Progress()
         self.resumed_from = self._resume()
+        if self.is_main:  # after the resume check: a refused resume leaves the recorded config as it was
+            dump_config(cfg, self.run_dir / "config.yaml")
         # the teacher appends selection records itself; open our own files after truncation
         self.metrics_log = JsonLines(self.run_dir / "metrics.jsonl", self.is_main)
         self.eval_log = JsonLines(self.run_dir / "eval.jsonl", self.is_main)
@@ -245,21 +252,45 @@ class Trainer:
             )
 
     def _resume(self) -> Path | None:
-        """With checkpoint.resume, load the latest checkpoint (engine, teacher, RNG, progress) and cut the
-        run's logs back to it; a fresh run starts them empty. Returns the checkpoint resumed from."""
+        """With checkpoint.resume, load the newest undamaged checkpoint (engine, teacher, RNG, progress),
+        on this world size or another, and cut the run's logs back to it; a fresh run starts them empty.
+        Returns the checkpoint resumed from."""
         from attent_scale import checkpoint as ckpt
         from attent_scale.runlog import truncate_lines
 
         run_dir = self.run_dir
-        resume_from = ckpt.latest_checkpoint(run_dir) if self.cfg.checkpoint.resume else None
+        resume_from, skipped = None, []
+        if self.cfg.checkpoint.resume:
+            resume_from, skipped = ckpt.find_checkpoint(run_dir, self._verify_checkpoint, rank=self.rank,
+                                                        group=self.group)
+        if skipped and self.is_main and resume_from is not None:
+            print(f"attent-scale: warning: skipped damaged checkpoint(s) {'; '.join(skipped)}; "
+                  f"resuming from {resume_from.name}", file=sys.stderr)
         if resume_from is not None:
-            state = ckpt.load_checkpoint(resume_from, self.engine, rank=self.rank, world_size=self.world)
-            self.teacher.load_state_dict(state["teacher"])
+            self._check_resumable(resume_from)
+            old_world = ckpt.saved_world(resume_from)
+            try:
+                if old_world == self.world:
+                    state = ckpt.load_checkpoint(resume_from, self.engine, rank=self.rank,
+                                                 world_size=self.world)
+                    self.teacher.load_state_dict(state["teacher"])
+                else:
+                    from attent_scale.elastic import load_elastic
+
+                    state = load_elastic(resume_from, engine=self.engine, teacher=self.teacher,
+                                         rank=self.rank, world=self.world, group=self.group,
+                                         data_dir=self.manifest.dir, split=self.cfg.data.train_split,
+                                         num_ids=self.n_train)
+            except UserError:
+                raise
+            except ValueError as exc:  # a state that does not fit this run (teacher, stream)
+                raise UserError(f"checkpoint {resume_from}: {exc}") from None
             self.plan_steps()
             ckpt.set_rng_state(state["rng"])
             self.progress = Progress(**state["progress"])
             if self.is_main:
-                print(_resume_line(resume_from, self.progress, self.n_train, self.world), file=sys.stderr)
+                print(_resume_line(resume_from, self.progress, self.n_train, self.world, old_world),
+                      file=sys.stderr)
                 for name in LOG_FILES:
                     truncate_lines(run_dir / name, self.progress.log_lines.get(name, 0))
         elif self.is_main:
@@ -268,6 +299,33 @@ class Trainer:
         if self.is_main:
             (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         return resume_from
+
+    def _verify_checkpoint(self, path: Path) -> str | None:
+        """The first problem with the files of checkpoint `path` this rank reads (None: they look whole)."""
+        from attent_scale import checkpoint as ckpt
+        from attent_scale.elastic import ranks_read
+
+        try:
+            old_world = ckpt.saved_world(path)
+        except (OSError, ValueError, KeyError):
+            return "COMPLETE unreadable"
+        ranks = [self.rank] if old_world == self.world else ranks_read(self.rank, self.world, old_world,
+                                                                         self.n_train)
+        return ckpt.check_rank_files(path, ranks) or self.engine.verify(path, "engine")
+
+    def _check_resumable(self, path: Path) -> None:
+        """A checkpoint written under another model, engine, teacher mode, seed or split: one line naming
+        the changed keys (every rank reads the same file, so every rank raises together)."""
+        from attent_scale import checkpoint as ckpt
+        from attent_scale.config import config_to_dict
+
+        saved = ckpt.saved_config(path)
+        if saved is None:
+            return
+        changed = ckpt.changed_keys(saved, config_to_dict(self.cfg), RESUME_KEYS)
+        if changed:
+            raise UserError(f"checkpoint {path}: resume refused, changed since it was written: "
+                            f"{'; '.join(changed)} (use another run_dir, or checkpoint.resume=false)")
 
     # ---- the loop ---------------------------------------------------------------------------------
 
@@ -350,13 +408,14 @@ class Trainer:
 
         loop_t0 = _clock()
         progress = self.progress
-        if progress.stream_state is None:
+        remainder = progress.remainder_bits is not None and progress.remainder_epoch == progress.epoch
+        if progress.stream_state is None and not remainder:
             self.plan_epoch()
-        bits = progress.selection_bits
+        bits = progress.remainder_bits if remainder else progress.selection_bits
         selection = None if bits is None else Selection(bits, self.n_train, upweight=progress.weight_bits,
                                                         weight=progress.weight)
         stream = self._shard_stream(progress.epoch, self.teacher.candidate_batch_size(self.batch_size),
-                                    selection)
+                                    selection, pad=remainder)
         if progress.stream_state is not None:
             stream.load_state_dict(progress.stream_state)
             progress.stream_state = None
@@ -365,14 +424,14 @@ class Trainer:
         _charge(progress, loop_t0)
         return stream
 
-    def _shard_stream(self, epoch: int, batch: int, selection: Any = None) -> Any:
+    def _shard_stream(self, epoch: int, batch: int, selection: Any = None, pad: bool = False) -> Any:
         from attent_scale.data import ShardStream
 
         cfg = self.cfg
         return ShardStream(self.manifest.dir, cfg.data.train_split, rank=self.rank, world_size=self.world,
                            seed=cfg.seed, epoch=epoch, batch_size=batch, selection=selection,
                            shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers,
-                           workers=self.stream_workers)
+                           workers=self.stream_workers, pad=pad)
 
     # ---- one step ---------------------------------------------------------------------------------
 
@@ -516,12 +575,16 @@ class Trainer:
         if progress.step == stop.stop_after_step:
             stop.received = "ATTENT_STOP_AFTER_STEP"
         out_of_time = bool(cfg.train.max_seconds) and progress.train_seconds >= cfg.train.max_seconds
-        stop_code = 0.0
+        stop_code, minutes_due = 0.0, False
         if progress.step % cfg.train.stop_check_every == 0:
             mine = 2.0 if stop.received else (1.0 if out_of_time else 0.0)
-            stop_code = _all_reduce_max(mine, self.group)
+            # clocks differ per rank: a rank whose checkpoint.every_minutes has passed adds 4 (max keeps it)
+            every = cfg.checkpoint.every_minutes * 60
+            late = bool(every) and time.perf_counter() - self.last_save >= every
+            code = _all_reduce_max(mine + (4.0 if late else 0.0), self.group)
+            minutes_due, stop_code = code >= 4, code % 4
         stop_now = stop_code >= 2
-        due = cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0
+        due = minutes_due or (cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0)
         if stop_now or (due and progress.step < cfg.train.max_steps):
             if cut:  # saved as the end of this epoch, so a resume starts the anneal like we do
                 progress.epoch += 1
@@ -593,6 +656,7 @@ class Trainer:
     def save(self, stream: Any) -> None:
         """A checkpoint: the engine's state plus progress (with `stream`'s position), teacher and RNG."""
         from attent_scale import checkpoint as ckpt
+        from attent_scale.config import config_to_dict
         from attent_scale.runlog import count_lines
 
         progress = self.progress
@@ -615,7 +679,10 @@ class Trainer:
             rank=self.rank,
             world_size=self.world,
             keep_last=self.cfg.checkpoint.keep_last,
+            config=config_to_dict(self.cfg),
+            group=self.group,
         )
+        self.last_save = time.perf_counter()
         seconds = time.perf_counter() - t0
         progress.checkpoint_seconds += seconds
         self.metrics.observe_checkpoint(seconds)
@@ -710,7 +777,20 @@ def _val_batches(data_dir: Any, cfg: RunConfig, rank: int, world: int, cache: li
     return cache
 
 
-def _resume_line(path: Path, progress: Progress, n_train: int, world: int) -> str:
+def _check_run_dir(run_dir: Path, rank: int) -> None:
+    """run_dir must be a directory this job can write: one line otherwise (a file, read-only, ...)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run_dir {run_dir}: exists and is not a directory")
+    probe = run_dir / f".write-probe-{rank}-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"run_dir {run_dir}: not writable ({exc.strerror or exc})") from None
+
+
+def _resume_line(path: Path, progress: Progress, n_train: int, world: int, old_world: int) -> str:
     """One line saying what a resumed run continues from."""
     from attent_scale.teacher import Selection
 
@@ -722,6 +802,11 @@ def _resume_line(path: Path, progress: Progress, n_train: int, world: int) -> st
     where = "at its start"
     if progress.stream_state is not None:
         where = f"after {progress.stream_state['batches_consumed']} of its batches"
+    elif progress.remainder_bits is not None and progress.remainder_epoch == progress.epoch:
+        owed = Selection(progress.remainder_bits, n_train).count
+        where = f"with {owed} ids still owed"
+    if old_world != world:
+        where += f", written on {old_world} ranks, continued on {world}"
     samples = progress.samples_trained * world  # equal shares on every rank
     return (f"attent-scale: resumed from {path} (step {progress.step}, {samples} samples trained, "
             f"epoch {progress.epoch} {where}, {selection})")

@@ -4,7 +4,8 @@ Epoch plan (a pure function of manifest, selection, seed, epoch, world size): sh
 generator seeded by (seed, epoch) - the same order on every rank - and the selected ids of the shards, in
 that order, form the epoch sequence of M ids. Rank r takes the contiguous block
 [r * (M // W), (r + 1) * (M // W)); the last M mod W ids are dropped (counted in `dropped`). The rank's
-block is cut into ceil(per / B) batches; logical worker w takes a contiguous run of whole batches, reads
+block is cut into ceil(per / B) batches (with `pad`, nothing is dropped: blocks of floor or ceil M / W ids,
+the shorter ones padded by one filler row); logical worker w takes a contiguous run of whole batches, reads
 only the shards its run touches, and emits its samples in the order of a seeded shuffle buffer that is
 computed over positions (not contents), so a worker can resume at any batch by reading at most one buffer
 of samples. The DataLoader returns batches round-robin from its workers; the main process tags every
@@ -135,6 +136,11 @@ class _EpochPlan:
         self.per = self.total // w
         self.dropped = self.total - self.per * w
         self.rank_start = stream.rank * self.per
+        self.real = self.per  # positions of the rank's block that hold ids; the rest are filler rows
+        if stream.pad:  # nothing dropped: balanced blocks, the shorter ones get one filler row
+            self.per, self.dropped = -(-self.total // w), 0
+            self.rank_start = stream.rank * self.total // w
+            self.real = (stream.rank + 1) * self.total // w - self.rank_start
         self.batch_size = stream.batch_size
         self.num_batches = -(-self.per // self.batch_size)
         self.logical_workers = max(1, stream.num_workers)
@@ -144,7 +150,7 @@ class _EpochPlan:
         self.bits: dict[int, np.ndarray] | None = None
         if sel is not None:
             self.bits = {si: sel.slice_bits(int(self.firsts[si]), int(self.firsts[si] + self.counts[si]))
-                         for si in self._shards_in(self.rank_start, self.rank_start + self.per)}
+                         for si in self._shards_in(self.rank_start, self.rank_start + self.real)}
 
     def _shards_in(self, a: int, b: int) -> list[int]:
         """Indices of the shards holding positions [a, b) of the epoch sequence."""
@@ -161,7 +167,7 @@ class _EpochPlan:
             return self
         b0, b1 = self.worker_batches(w)
         a = self.rank_start + b0 * self.batch_size
-        b = self.rank_start + min(b1 * self.batch_size, self.per)
+        b = self.rank_start + min(b1 * self.batch_size, self.real)
         out = copy.copy(self)
         out.bits = {si: self.bits[si] for si in self._shards_in(a, b)}
         return out
@@ -285,10 +291,11 @@ class _EpochDataset(IterableDataset):
             return
         rng = np.random.default_rng([p.seed, p.epoch, p.rank, w, 0xB0F])
         order = buffer_order(n, p.shuffle_buffer, rng)
-        segs = p.segments(p.rank_start + a, p.rank_start + b)
+        segs = p.segments(p.rank_start + a, p.rank_start + max(a, min(b, p.real)))
         ids = np.concatenate([s[1] for s in segs]) if segs else np.zeros(0, dtype=np.int64)
         needed = np.zeros(n, dtype=bool)
         needed[order[skip:]] = True
+        needed[len(ids):] = False  # padding positions (a padded stream's shorter blocks) are never read
         ws = _WorkerState()
         reader = _read_positions(p, segs, needed, ws)
         pending: dict[int, np.ndarray | None] = {}
@@ -303,6 +310,9 @@ class _EpochDataset(IterableDataset):
             bad: list[int] = []  # ids of the samples replaced by filler
             for row, pos in enumerate(rows):
                 pos = int(pos)
+                if pos >= len(ids):  # padding: a filler row without targets, not a fault
+                    packed[row, 0] = FILLER_ID
+                    continue
                 while pos not in pending:
                     q, window = next(reader)
                     pending[q] = window
@@ -351,6 +361,7 @@ class ShardStream:
         shuffle_buffer: int = 1000,
         num_workers: int = 0,
         workers: StreamWorkers | None = None,
+        pad: bool = False,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise UserError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
@@ -367,6 +378,9 @@ class ShardStream:
         self.manifest.shards(split)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.batch_size, self.shuffle_buffer, self.num_workers = batch_size, shuffle_buffer, num_workers
+        # pad: no id dropped for rank equalisation; blocks differ by at most one id and the shorter ones
+        # get one filler row (the remainder of an epoch resumed on another world size)
+        self.pad = pad
         self._workers = workers  # shared, run-long worker processes; None: a DataLoader per iteration
         # held for re-planning other epochs (the caller's object, not a copy); plans and workers get
         # only their shards' slices of it
@@ -413,7 +427,7 @@ class ShardStream:
 
     def epoch_ids(self) -> np.ndarray:
         """This rank's ids for the epoch as a set (sorted), without reading shards."""
-        segs = self._plan.segments(self._plan.rank_start, self._plan.rank_start + self._plan.per)
+        segs = self._plan.segments(self._plan.rank_start, self._plan.rank_start + self._plan.real)
         return np.sort(np.concatenate([s[1] for s in segs])) if segs else np.zeros(0, dtype=np.int64)
 
     # ---- iteration --------------------------------------------------------------------------------
@@ -467,6 +481,7 @@ class ShardStream:
             "num_workers": self.num_workers,
             "shards_sha256": shard_hash,
             "selection_sha256": self.selection_sha256,
+            **({"pad": True} if self.pad else {}),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -481,6 +496,27 @@ class ShardStream:
             "samples_consumed": self.samples_consumed,
             "faults": self.faults,
         }
+
+    def remaining_ids(self) -> np.ndarray:
+        """Ids of this rank's epoch block not yielded yet (after `load_state_dict`: what the saved stream
+        still owes), in no particular order; O(samples per rank), without reading shards. A resume on
+        another world size gathers these over the old ranks (attent_scale/elastic.py)."""
+        p = self._plan
+        out = []
+        for w in range(p.logical_workers):
+            b0, b1 = p.worker_batches(w)
+            a, b = b0 * p.batch_size, min(b1 * p.batch_size, p.per)
+            skip = self.worker_batches[w] * p.batch_size
+            if b - a <= 0 or skip >= b - a:
+                continue
+            # the emission order of _EpochDataset._worker: the same generator, the same buffer
+            rng = np.random.default_rng([p.seed, p.epoch, p.rank, w, 0xB0F])
+            order = buffer_order(b - a, p.shuffle_buffer, rng)
+            segs = p.segments(p.rank_start + a, p.rank_start + max(a, min(b, p.real)))
+            ids = np.concatenate([s[1] for s in segs]) if segs else np.zeros(0, dtype=np.int64)
+            rest = order[skip:]
+            out.append(ids[rest[rest < len(ids)]])
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where the saved stream was (its epoch included)."""

@@ -160,6 +160,22 @@ class DeepSpeedEngine(BaseEngine):
             raise UserError(f"no DeepSpeed checkpoint '{tag}' in {ckpt_dir}")
         self.steps_done = int((client or {}).get("steps_done", 0))
 
+    can_reshard = False  # a ZeRO checkpoint's partitions are tied to the world size that wrote them
+
+    def verify(self, ckpt_dir: str | Path, tag: str) -> str | None:
+        """The first problem with this rank's share of the checkpoint's files (zip structure), or None."""
+        from attent_scale.checkpoint import check_torch_zip
+
+        path = Path(ckpt_dir) / tag
+        files = sorted(path.glob("*.pt"))
+        if not files:
+            return f"{tag}/ has no DeepSpeed files"
+        for file in files[self.rank::max(1, self.world_size)]:
+            problem = check_torch_zip(file)
+            if problem is not None:
+                return f"{tag}/{file.name} {problem}"
+        return None
+
     def full_state_dict(self) -> dict[str, Any] | None:
         """All weights on CPU on rank 0 (None elsewhere); collective. Trainable parameters come from the
         optimizer's fp32 master copy, not the (possibly bf16) module parameter."""

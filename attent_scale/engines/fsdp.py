@@ -83,6 +83,36 @@ class FSDPEngine(LocalEngine):
         self.scheduler.load_state_dict(meta["scheduler"])
         self.steps_done = int(meta["steps_done"])
 
+    can_reshard = True  # DCP reshards on load: a checkpoint of W ranks loads on any other W'
+
+    def verify(self, ckpt_dir: str | Path, tag: str) -> str | None:
+        """The first problem with the DCP checkpoint (every storage file as long as its metadata says),
+        or None; cheap: the metadata and file sizes, not the data."""
+        from torch.distributed.checkpoint import FileSystemReader
+
+        path = Path(ckpt_dir) / tag
+        meta_file = path / "engine.json"
+        if not (path / ".metadata").exists():
+            return f"{tag}/.metadata missing"
+        try:
+            json.loads(meta_file.read_text())
+        except (OSError, ValueError):
+            return f"{tag}/engine.json missing or truncated"
+        try:
+            meta = FileSystemReader(str(path)).read_metadata()
+        except Exception:  # a truncated pickle raises any of several types
+            return f"{tag}/.metadata truncated or unreadable"
+        need: dict[str, int] = {}
+        for info in (meta.storage_data or {}).values():
+            need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+        for name, size in sorted(need.items()):
+            file = path / name
+            if not file.exists():
+                return f"{tag}/{name} missing"
+            if file.stat().st_size < size:
+                return f"{tag}/{name} truncated"
+        return None
+
     def full_state_dict(self) -> dict[str, Any] | None:
         sd = get_model_state_dict(
             self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)

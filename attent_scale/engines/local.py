@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from attent_scale.engines.base import (
     make_scheduler,
     resolve_dtype,
 )
+from attent_scale.errors import UserError
 from attent_scale.models import build_model, export_state_dict, prepare_init_from
 
 
@@ -96,15 +98,33 @@ class LocalEngine(BaseEngine):
             "scheduler": self.scheduler.state_dict(),
             "steps_done": self.steps_done,
         }
-        torch.save(state, path / "engine.pt")
+        with (path / "engine.pt").open("wb") as f:  # a failed write keeps its OSError (disk full)
+            torch.save(state, f)
 
     def load(self, ckpt_dir: str | Path, tag: str) -> None:
         """Restore what `save` wrote."""
-        state = torch.load(Path(ckpt_dir) / tag / "engine.pt", map_location=self.device, weights_only=False)
+        file = Path(ckpt_dir) / tag / "engine.pt"
+        try:  # tensors and plain containers only: a tampered file cannot run code
+            state = torch.load(file, map_location=self.device, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UserError(f"{file}: not a checkpoint this engine wrote (it holds objects other than "
+                            f"tensors and plain values: {str(exc).splitlines()[0][:200]})") from None
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.steps_done = int(state["steps_done"])
+
+    can_reshard = True  # one rank: nothing to reshard
+
+    def verify(self, ckpt_dir: str | Path, tag: str) -> str | None:
+        """The first problem with this rank's part of a checkpoint (None: it looks whole)."""
+        from attent_scale.checkpoint import check_torch_zip
+
+        file = Path(ckpt_dir) / tag / "engine.pt"
+        if not file.exists():
+            return f"{tag}/engine.pt missing"
+        problem = check_torch_zip(file)
+        return None if problem is None else f"{tag}/engine.pt {problem}"
 
     def full_state_dict(self) -> dict[str, Any] | None:
         """The whole model's state dict on CPU on rank 0 (None elsewhere); collective when sharded."""

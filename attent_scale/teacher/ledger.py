@@ -38,6 +38,12 @@ def block_range(rank: int, num_ids: int, world_size: int) -> tuple[int, int]:
     return min(num_ids, rank * n), min(num_ids, (rank + 1) * n)
 
 
+def _full(t: Any) -> torch.Tensor:
+    """A state tensor, read in full when it is a lazy handle (has .load())."""
+    t = t.load() if hasattr(t, "load") else t
+    return torch.as_tensor(t)
+
+
 def loss_image(loss: np.ndarray) -> np.ndarray:
     """Order-preserving uint32 image of float32 losses (-0.0 == +0.0; NaN -> 0, below -inf)."""
     x = np.asarray(loss, dtype=np.float32) + np.float32(0.0)
@@ -217,6 +223,35 @@ class Ledger:
         if ids.size:
             led._pending = [(ids.copy(), state["pending_val"].numpy().view(np.uint64).copy())]
             led.pending = int(ids.shape[0])
+        return led
+
+    @classmethod
+    def reblock(cls, num_ids: int, rank: int, world_size: int, old_world: int, old: dict[int, Any],
+                pending_from: list[int]) -> Ledger:
+        """This rank's ledger for `world_size` ranks from the state_tensors of a ledger blocked over
+        `old_world` ranks: `old[r]` holds old rank r's tensors (a tensor or anything sliceable as
+        `block[a:b]`, e.g. a lazy file handle) for every old rank whose block overlaps the new one, so a
+        rank reads O(N / world_size) entries; the pending observations of the old ranks in `pending_from`
+        become this rank's pending (the next exchange sends them to their owners)."""
+        led = cls(num_ids, rank, world_size)
+        step = block_len(num_ids, old_world)
+        for r in range(led.lo // step, -(-led.hi // step)) if led.hi > led.lo else ():
+            a, b = max(led.lo, r * step), min(led.hi, (r + 1) * step)
+            if a >= b:
+                continue
+            state = old[r]
+            shape = [int(x) for x in _full(state["shape"]).reshape(-1).tolist()]
+            if shape != [num_ids, r, old_world]:
+                raise ValueError(f"ledger state of old rank {r} has shape {shape}, expected "
+                                 f"{[num_ids, r, old_world]}")
+            part = state["block"][a - r * step:b - r * step]
+            led._val[a - led.lo:b - led.lo] = np.asarray(part.numpy() if hasattr(part, "numpy") else part
+                                                         ).view(np.uint64)
+        for r in pending_from:
+            ids = _full(old[r]["pending_ids"]).numpy().astype(np.int64)
+            if ids.size:
+                led._pending.append((ids.copy(), _full(old[r]["pending_val"]).numpy().view(np.uint64).copy()))
+                led.pending += int(ids.shape[0])
         return led
 
     def save(self, path: str | Path) -> None:

@@ -620,15 +620,30 @@ class Teacher:
             "kept_counts": dict(self.kept_counts),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore state_dict(); the world size, seed and sample count must match."""
-        for key, mine in (("seed", self.seed), ("num_samples", self.num_samples),
-                          ("world_size", self.world_size), ("rank", self.rank), ("mode", self.cfg.mode)):
+    def load_state_dict(self, state: dict[str, Any], peers: dict[int, dict[str, Any]] | None = None) -> None:
+        """Restore state_dict(); seed, sample count and mode must match. A state of another world size
+        (elastic resume) needs `peers`: old rank -> that rank's teacher state (tensors may be lazy handles)
+        for the old ranks whose ledger blocks overlap this rank's new block and those folded onto this
+        rank (old rank r goes to new rank r mod world): the ledger is re-blocked, and the per-rank
+        counters of folded ranks are summed so totals over ranks stay right."""
+        old_world = state.get("world_size")
+        elastic = old_world != self.world_size and peers is not None
+        checks = [("seed", self.seed), ("num_samples", self.num_samples), ("mode", self.cfg.mode)]
+        if not elastic:
+            checks += [("world_size", self.world_size), ("rank", self.rank)]
+        for key, mine in checks:
             if state.get(key) != mine:
                 raise ValueError(f"teacher state has {key}={state.get(key)!r}, this run has {mine!r}")
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"teacher state format {state.get('format')!r} != {STATE_FORMAT}")
-        self.ledger = Ledger.from_state_tensors(state["ledger"])
+        fold: list[int] = []
+        if elastic:
+            assert peers is not None
+            fold = sorted(r for r in peers if r % self.world_size == self.rank)
+            self.ledger = Ledger.reblock(self.num_samples, self.rank, self.world_size, int(old_world),
+                                         {r: p["ledger"] for r, p in peers.items()}, fold)
+        else:
+            self.ledger = Ledger.from_state_tensors(state["ledger"])
         self._cache_cycle = int(state["cache_cycle"])
         bits = state["cache_bits"]
         up = state.get("cache_upweight")
@@ -641,3 +656,7 @@ class Teacher:
         self.stats = dict(state["stats"])
         self.last_record = state["last_record"]
         self.kept_counts = {int(e): int(c) for e, c in (state.get("kept_counts") or {}).items()}
+        if elastic:  # counters summed over ranks (summary.json): old ranks folded onto this one
+            assert peers is not None
+            self._scored_pending = sum(int(peers[r]["scored_pending"]) for r in fold)
+            self.stats["samples_scored"] = sum(int(peers[r]["stats"]["samples_scored"]) for r in fold)
