@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import itertools
 import math
 import os
@@ -107,32 +109,39 @@ def _run_cli(args: argparse.Namespace) -> int:
     return train(cfg)
 
 
-def planned_steps(teacher: Any, n_train: int, world: int, batch_size: int, epochs: int) -> int:
-    """Optimizer steps that `epochs` epochs take under the teacher's plan (subset sizes from the ratio)."""
+def planned_steps(teacher: Any, n_train: int, world: int, batch_size: int, epochs: int,
+                  first_epoch: int = 0) -> int:
+    """Optimizer steps that epochs `first_epoch`..`epochs - 1` take under the teacher's plan (subset sizes
+    from the ratio); at least 1 for a whole budget."""
     candidates = teacher.candidate_batch_size(batch_size)
     total = 0
-    for epoch in range(epochs):
+    for epoch in range(first_epoch, epochs):
         n = teacher.planned_count(teacher.plan_epoch(epoch), n_train)
         per_rank = n // world
         # online mode drops a last partial candidate batch; other modes train it
         total += per_rank // candidates if teacher.mode == "online" else math.ceil(per_rank / candidates)
-    return max(1, total)
+    return max(1, total) if first_epoch == 0 else total
 
 
 def _all_reduce_max(value: float, group: Any) -> float:
     """Max over the ranks of `group`; any backend (a CUDA tensor on NCCL), any world size (1 included)."""
+    return _all_reduce_max_each([value], group)[0]
+
+
+def _all_reduce_max_each(values: list[float], group: Any) -> list[float]:
+    """Element-wise max of a few numbers over the ranks of `group`, in one collective."""
     from attent_scale.dist import collective_device
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) <= 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=collective_device(group))
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device(group))
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return float(t.item())
+    return t.tolist()
 
 
 def train(cfg: RunConfig) -> int:
     """Run one training job (any engine, any teacher mode); returns the process exit code."""
-    trainer = Trainer(cfg)
+    trainer = Trainer(copy.deepcopy(cfg))  # the trainer plans train.max_steps: the caller keeps its cfg
     exit_code, failed = 0, False
     try:
         exit_code = trainer.train()
@@ -192,7 +201,7 @@ class Trainer:
         # the run directory: one job per run_dir (the lock is released at exit)
         self.run_dir = Path(cfg.run_dir)
         _check_run_dir(self.run_dir, self.rank)
-        lock_run_dir(self.run_dir, self.rank)
+        self.run_lock = lock_run_dir(self.run_dir, self.rank)  # released in close (and at exit)
         # Teacher and loop bookkeeping talk over CPU tensors: on NCCL jobs they get a gloo group of their own.
         self.group = dist.new_group(backend="gloo") if self.info.backend == "nccl" else None
         check_shards(self.manifest, self.run_dir, rank=self.rank, world=self.world, group=self.group)
@@ -202,7 +211,10 @@ class Trainer:
         self.progress = Progress()
         self.resumed_from = self._resume()
         if self.is_main:  # after the resume check: a refused resume leaves the recorded config as it was
-            dump_config(cfg, self.run_dir / "config.yaml")
+            # the user's train.max_steps, not the epoch budget's plan (re-planned at every start)
+            dump_config(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                                           max_steps=self.max_steps_cap)),
+                        self.run_dir / "config.yaml")
         # the teacher appends selection records itself; open our own files after truncation
         self.metrics_log = JsonLines(self.run_dir / "metrics.jsonl", self.is_main)
         self.eval_log = JsonLines(self.run_dir / "eval.jsonl", self.is_main)
@@ -243,13 +255,29 @@ class Trainer:
 
     def plan_steps(self) -> None:
         """An epoch budget: the LR schedule decays over the steps those epochs take (re-planned once a
-        prune selection says how many ids it really kept: below the mean is a count only the data gives)."""
-        cfg = self.cfg
-        if cfg.train.max_epochs:
-            cfg.train.max_steps = min(
-                self.max_steps_cap,
-                planned_steps(self.teacher, self.n_train, self.world, self.batch_size, cfg.train.max_epochs),
-            )
+        prune selection says how many ids it really kept: below the mean is a count only the data gives,
+        and after a resume: steps done plus what is left at this world size, which an elastic resume
+        changes)."""
+        from attent_scale.teacher import Selection
+
+        cfg, teacher = self.cfg, self.teacher
+        if not cfg.train.max_epochs:
+            return
+        p = getattr(self, "progress", None) or Progress()
+        epochs = cfg.train.max_epochs
+        if p.remainder_bits is not None and p.remainder_epoch == p.epoch:
+            # elastic resume: the interrupted epoch's owed ids over this world, in padded equal blocks
+            owed = Selection(p.remainder_bits, self.n_train).count
+            per_rank = math.ceil(owed / self.world)
+            current = math.ceil(per_rank / teacher.candidate_batch_size(self.batch_size))
+        elif p.stream_state is not None:  # mid-epoch: this epoch's planned steps, less those it took
+            current = planned_steps(teacher, self.n_train, self.world, self.batch_size, p.epoch + 1, p.epoch)
+        else:  # at an epoch's start: it is planned with the later ones
+            current = 0
+        consumed = int(p.stream_state["batches_consumed"]) if p.stream_state is not None else 0
+        later = planned_steps(teacher, self.n_train, self.world, self.batch_size, epochs,
+                              p.epoch + (1 if current or consumed else 0))
+        cfg.train.max_steps = min(self.max_steps_cap, max(1, p.step + max(0, current - consumed) + later))
 
     def _resume(self) -> Path | None:
         """With checkpoint.resume, load the newest undamaged checkpoint (engine, teacher, RNG, progress),
@@ -285,9 +313,9 @@ class Trainer:
                 raise
             except ValueError as exc:  # a state that does not fit this run (teacher, stream)
                 raise UserError(f"checkpoint {resume_from}: {exc}") from None
-            self.plan_steps()
             ckpt.set_rng_state(state["rng"])
             self.progress = Progress(**state["progress"])
+            self.plan_steps()
             if self.is_main:
                 print(_resume_line(resume_from, self.progress, self.n_train, self.world, old_world),
                       file=sys.stderr)
@@ -354,6 +382,8 @@ class Trainer:
             if decision == STOP:
                 break
             progress.epoch += 1  # the stream ran out, or the anneal point ended this epoch early
+            if progress.remainder_epoch < progress.epoch:  # an elastic resume's owed ids are trained
+                progress.remainder_bits, progress.remainder_epoch = None, -1
             if decision is None and self.epoch_budget_spent(trained):
                 break
         self.check_corrupt_budget(final=True)  # before the export: a run that trained nothing exports nothing
@@ -578,11 +608,12 @@ class Trainer:
         stop_code, minutes_due = 0.0, False
         if progress.step % cfg.train.stop_check_every == 0:
             mine = 2.0 if stop.received else (1.0 if out_of_time else 0.0)
-            # clocks differ per rank: a rank whose checkpoint.every_minutes has passed adds 4 (max keeps it)
+            # clocks differ per rank: any rank whose checkpoint.every_minutes has passed makes the save due;
+            # a separate element, so one rank's due save cannot hide another rank's signal
             every = cfg.checkpoint.every_minutes * 60
             late = bool(every) and time.perf_counter() - self.last_save >= every
-            code = _all_reduce_max(mine + (4.0 if late else 0.0), self.group)
-            minutes_due, stop_code = code >= 4, code % 4
+            stop_code, late_any = _all_reduce_max_each([mine, 1.0 if late else 0.0], self.group)
+            minutes_due = late_any >= 1
         stop_now = stop_code >= 2
         due = minutes_due or (cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0)
         if stop_now or (due and progress.step < cfg.train.max_steps):
@@ -745,6 +776,8 @@ class Trainer:
         self.eval_log.close()
         self.board.close()
         self.metrics.close()
+        if self.run_lock is not None:  # a second train() in this process may take run_dir again
+            self.run_lock.release()
         if not failed and dist.is_available() and dist.is_initialized():
             if exit_code == 0:
                 dist.barrier()

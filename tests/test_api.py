@@ -110,3 +110,25 @@ def test_a_missing_sample_while_scoring_keeps_its_own_message(tmp_path: Path, ti
         list(_windows(manifest, "train", first.first_id, first.last_id))
     assert f"sample {first.first_id + 1} missing" in str(err.value), err.value
     assert "unreadable shard" not in str(err.value)
+
+
+def test_train_twice_in_one_process_on_one_run_dir(tmp_path: Path, tiny_shards: Path) -> None:
+    """The Python API: a second train(cfg) on the same run_dir (a resume) takes the run lock the first one
+    released, and the caller's cfg is not changed by the trainer's epoch-budget plan."""
+    from train_runner import tiny_run_config
+
+    cfg = tiny_run_config(tmp_path / "run", tiny_shards, teacher={"mode": "none"},
+                          train={"max_epochs": 1, "max_steps": 1000},
+                          checkpoint={"every_steps": 4, "export": False})
+    (tmp_path / "cfg.yaml").write_text(json.dumps(cfg))
+    script = (
+        "import sys, attent_scale\n"
+        f"cfg = attent_scale.load_config({str(tmp_path / 'cfg.yaml')!r}, [])\n"
+        "codes = [attent_scale.train(cfg), attent_scale.train(cfg)]\n"
+        "print(codes, cfg.train.max_steps)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[0, 0] 1000", proc.stdout
+    assert "resumed from" in proc.stderr

@@ -225,3 +225,25 @@ def test_cases(tmp_path, tiny_shards, setup, code, first):
     assert proc.returncode == code
     assert proc.stderr.splitlines()[0] == first.format(tmp=tmp_path), proc.stderr[-2000:]
 
+
+
+def test_one_ranks_due_periodic_save_does_not_hide_another_ranks_stop_signal(monkeypatch) -> None:
+    """The stop check reduces [signal or clock, minutes-save due] element-wise: a peer whose
+    checkpoint.every_minutes has passed must not turn this rank's stop signal into 'go on'."""
+    import time
+    from types import SimpleNamespace
+
+    import attent_scale.train as train_mod
+    from attent_scale.config import RunConfig
+
+    peer = [0.0, 1.0]  # the other rank: no signal, its periodic save is due
+    monkeypatch.setattr(train_mod, "_all_reduce_max_each",
+                        lambda values, group: [max(a, b) for a, b in zip(values, peer, strict=True)])
+    cfg = RunConfig()
+    cfg.train.stop_check_every, cfg.train.max_steps = 1, 100
+    saves: list[object] = []
+    me = SimpleNamespace(cfg=cfg, progress=train_mod.Progress(step=5), group=None,
+                         stop=SimpleNamespace(received="SIGUSR1", stop_after_step=-1),
+                         last_save=time.perf_counter(), save=saves.append)
+    assert train_mod.Trainer.check_stop(me, "stream", False) == train_mod.PREEMPT
+    assert saves == ["stream"]

@@ -153,3 +153,42 @@ def test_zero3_checkpoint_on_another_world_size_is_one_line_naming_the_conversio
     assert "written by 1 ranks, this job has 2" in errors[0] and "ds_to_universal" in errors[0], errors[0]
     # torchrun prints its own ChildFailedError traceback; no frame of ours may appear
     assert "attent_scale/" not in "".join(x for x in proc.stderr.splitlines() if 'File "' in x), proc.stderr
+
+
+def _planner(world: int, progress, max_epochs: int = 2, n: int = 1000, batch: int = 10):
+    """What Trainer.plan_steps reads: a stand-in for the trainer's fields (no process group needed)."""
+    from types import SimpleNamespace
+
+    from attent_scale.config import RunConfig, TeacherConfig
+    from attent_scale.teacher import Teacher
+
+    cfg = RunConfig()
+    cfg.train.max_epochs, cfg.train.max_steps = max_epochs, 10**9
+    return SimpleNamespace(cfg=cfg, teacher=Teacher(TeacherConfig(mode="none"), num_samples=n, seed=0),
+                           n_train=n, world=world, batch_size=batch, max_steps_cap=10**9, progress=progress)
+
+
+def test_elastic_resume_plans_the_steps_left_at_the_new_world_size() -> None:
+    """N 1000, batch 10, 2 epochs planned on 2 ranks (2 x 50 steps); stopped at step 70 (20 batches into
+    epoch 1), resumed on 4 ranks: 600 ids owed over 4 ranks = 15 steps, so the LR plan ends at 85 — not
+    at 50 (both epochs re-planned at 4 ranks), which would end the run before the owed ids train."""
+    import numpy as np
+
+    from attent_scale.train import Progress, Trainer
+
+    fresh = _planner(2, Progress())
+    Trainer.plan_steps(fresh)
+    assert fresh.cfg.train.max_steps == 100
+    owed = np.zeros(1000, dtype=bool)
+    owed[400:] = True
+    p = Progress(step=70, epoch=1, remainder_bits=np.packbits(owed), remainder_epoch=1)
+    up = _planner(4, p)
+    Trainer.plan_steps(up)
+    assert up.cfg.train.max_steps == 70 + 15
+    down = _planner(1, Progress(step=70, epoch=1, remainder_bits=np.packbits(owed), remainder_epoch=1))
+    Trainer.plan_steps(down)
+    assert down.cfg.train.max_steps == 70 + 60
+    # a same-world resume mid-epoch plans what it always did
+    mid = _planner(2, Progress(step=70, epoch=1, stream_state={"batches_consumed": 20}))
+    Trainer.plan_steps(mid)
+    assert mid.cfg.train.max_steps == 100

@@ -174,3 +174,7 @@ def test_below_the_mean_is_planned_as_what_it_keeps(tmp_path: Path, tiny_shards:
 
     want = 3e-3 * lr_lambda(last["step"] - 1, warmup_steps=0, max_steps=last["step"], min_lr_ratio=0.1)
     assert last["lr"] == pytest.approx(want, rel=1e-6), [(r["step"], r["lr"]) for r in steps[-4:]]
+    # the recorded config is the user's (max_steps 1000), not the plan: rerunning it re-plans from scratch
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["max_steps"] == 1000
