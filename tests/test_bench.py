@@ -219,7 +219,7 @@ def test_fine_tuning_regime_starts_every_arm_from_the_pretrained_export(tmp_path
     starts = []
     for arm in ("uniform", "ft", "random-subset[ft]"):
         run_cfg = yaml.safe_load((out / arm / "seed-0" / "config.yaml").read_text())
-        assert run_cfg["model"]["pretrained"] == str(tmp_path / "pretrain" / "export" / "model")
+        assert run_cfg["model"]["init_from"] == str(tmp_path / "pretrain" / "export" / "model")
         assert run_cfg["model"]["lora"]["enabled"] is True
         starts.append(read_lines(out / arm / "seed-0" / "eval.jsonl")[0]["val_loss"])
     assert starts[0] == pytest.approx(starts[1]) == pytest.approx(starts[2])  # same pretrained start

@@ -51,11 +51,17 @@ def smol_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def gguf_run(tmp_path_factory: pytest.TempPathFactory, smol_shards: Path) -> Path:
-    """One local LoRA run from the .gguf (model.init_from: smollm2); its run_dir/init_model, the GGUF
+    """One local LoRA run from the .gguf (model.init_from: smollm2); its run_dir/init_model-<hash>, the GGUF
     dequantized once into an HF directory, is the HF-directory start of the other tests."""
     run_dir = tmp_path_factory.mktemp("gguf_run") / "run"
     check(run_train(smollm2_cfg(run_dir, smol_shards, "smollm2", export_merged=True), timeout=900))
     return run_dir
+
+
+def _init_dir(run_dir: Path) -> Path:
+    """run_dir/init_model-<hash>: the .gguf start dequantized (one per source file)."""
+    (found,) = run_dir.glob("init_model-*")
+    return found
 
 
 def _generate(model_dir: Path) -> str:
@@ -79,7 +85,7 @@ def test_local_lora_from_gguf_exports_what_transformers_and_peft_load(gguf_run: 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    init = gguf_run / "init_model"
+    init = _init_dir(gguf_run)
     assert json.loads((init / "source.json").read_text())["gguf"].endswith(".gguf")
     assert "quantization_config" not in json.loads((init / "config.json").read_text())
     losses = [r["loss"] for r in read_lines(gguf_run / "metrics.jsonl")]
@@ -113,9 +119,9 @@ def test_local_lora_from_gguf_exports_what_transformers_and_peft_load(gguf_run: 
 
 def test_fsdp2_two_ranks_lora_from_hf_dir(tmp_path: Path, gguf_run: Path, smol_shards: Path) -> None:
     run_dir = tmp_path / "fsdp"
-    check(run_train(smollm2_cfg(run_dir, smol_shards, str(gguf_run / "init_model"), "fsdp"), nproc=2,
+    check(run_train(smollm2_cfg(run_dir, smol_shards, str(_init_dir(gguf_run)), "fsdp"), nproc=2,
                     timeout=900))
-    assert not (run_dir / "init_model").exists()  # an HF directory is loaded in place
+    assert not list(run_dir.glob("init_model*"))  # an HF directory is loaded in place
     losses = [r["loss"] for r in read_lines(run_dir / "metrics.jsonl")]
     assert len(losses) == 2 and all(0 < x < 20 for x in losses), losses
     assert read_lines(run_dir / "selection.jsonl")
@@ -136,11 +142,11 @@ def test_zero3_two_ranks_lora_from_gguf(tmp_path: Path, smol_shards: Path) -> No
     line = next(x for x in proc.stderr.splitlines() if "ZeRO-3: rank 0 holds" in x)
     held, total = (int(w) for w in line.split("holds ")[1].split(" parameter")[0].split(" of "))
     assert total > 130_000_000 and held < 0.6 * total, line
-    assert (run_dir / "init_model" / "model.safetensors").is_file()  # dequantized once, by rank 0
+    assert (_init_dir(run_dir) / "model.safetensors").is_file()  # dequantized once, by rank 0
     losses = [r["loss"] for r in read_lines(run_dir / "metrics.jsonl")]
     assert len(losses) == 2 and all(0 < x < 20 for x in losses), losses
     assert read_lines(run_dir / "selection.jsonl")
     adapter = run_dir / "export" / "adapter"
     assert _adapter_b_norm(adapter) > 0  # not the empty adapter files of transformers < PR #41416
-    base = AutoModelForCausalLM.from_pretrained(str(run_dir / "init_model"))
+    base = AutoModelForCausalLM.from_pretrained(str(_init_dir(run_dir)))
     assert PeftModel.from_pretrained(base, str(adapter)) is not None

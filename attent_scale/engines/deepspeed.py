@@ -88,7 +88,7 @@ class DeepSpeedEngine(BaseEngine):
         # Must stay referenced while the model is built (transformers keeps only a weakref): under
         # ZeRO-3 from_config then creates partitioned weights and still runs HF's _init_weights.
         self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
-        # A .gguf start is dequantized by rank 0 into run_dir/init_model first: a GGUF-loaded model is
+        # A .gguf start is dequantized by rank 0 into run_dir/init_model-<hash> first: a GGUF-loaded model is
         # flagged quantized, which skips zero.Init; from the safetensors only rank 0 reads the values.
         self.model_cfg = prepare_init_from(cfg.model, cfg.run_dir, rank=self.rank, barrier=dist.barrier)
         model = build_model(self.model_cfg, vocab_size, seed=cfg.seed)
