@@ -7,7 +7,6 @@ import copy
 import dataclasses
 import difflib
 import functools
-import hashlib
 import importlib.util
 import json
 import os
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from attent_scale.config import LoraConfig, ModelConfig
+from attent_scale.data.tokenizer import sha256_file
 from attent_scale.errors import UserError
 
 # Names of the ModuleList that holds the transformer blocks in common HF causal LMs.
@@ -229,18 +229,10 @@ def source_tokenizer(mcfg: ModelConfig) -> Any | None:
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def gguf_to_hf_dir(gguf: Path, out: Path, key: str = "model.init_from") -> Path:
     """Dequantize `gguf` once into `out` (config.json + model.safetensors + its tokenizer), atomically;
     `out/source.json` records the file's sha256, so a directory made from the same file is reused."""
-    stamp = {"gguf": str(gguf), "sha256": _sha256(gguf)}
+    stamp = {"gguf": str(gguf), "sha256": sha256_file(gguf)}
     try:
         if json.loads((out / "source.json").read_text()) == stamp:
             return out
@@ -272,7 +264,7 @@ def prepare_init_from(mcfg: ModelConfig, run_dir: str | Path, *, rank: int,
     _check_gguf(path, key)
     # named by the file's hash: another .gguf (a refused resume, say) never overwrites the directory an
     # earlier export's adapter names as its base; absolute, so that adapter loads from anywhere
-    out = (Path(run_dir) / f"{INIT_DIR_NAME}-{_sha256(path)[:12]}").resolve()
+    out = (Path(run_dir) / f"{INIT_DIR_NAME}-{sha256_file(path)[:12]}").resolve()
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         gguf_to_hf_dir(path, out, key)
