@@ -312,6 +312,12 @@ CASES = [
          E + r"config key 'model.config.n_positions'"),
     # 16: a run that trains on nothing stops with one line, and never exports
     Case("train all corrupt", train(edited(vocab_100)), 2, E + CORRUPT, noisy=True, after=no_export),
+    # checkpoint and run-directory faults (more in test_checkpoint_faults.py), metrics config
+    Case("train run_dir is a file", lambda c: ((c.tmp / "afile").write_text("x"),
+                                               c.train(c.tiny_shards, f"run_dir={c.tmp / 'afile'}"))[1], 2,
+         E + r"run_dir \S+/afile: exists and is not a directory"),
+    Case("train metrics.address unresolvable", train(None, "metrics.enabled=true", "metrics.address=x..y"), 2,
+         E + r"config key 'metrics\.address': cannot resolve 'x\.\.y'", noisy=True),
     Case("train nothing, budget disabled", train(edited(vocab_100), "data.max_corrupt_fraction=1.0"), 2,
          E + r"data\.dir .*: no sample trained in 4 steps .*nothing exported", noisy=True, after=no_export),
 ]

@@ -1,7 +1,7 @@
 """Checkpoints under faults, end to end on one local process: periodic saves by minutes, a damaged newest
 checkpoint, a refused resume, a full disk, a bad run_dir, a tampered engine.pt.
 
-The bad-input cases are rows of CASES (setup, expected exit, expected error line) for the bad-input table."""
+Its one-line bad-input cases are rows of tests/test_bad_input_table.py."""
 
 from __future__ import annotations
 
@@ -205,27 +205,6 @@ def test_local_engine_checkpoint_cannot_run_code(tmp_path):
     with pytest.raises(UserError, match="engine.pt: not a checkpoint this engine wrote"):
         engine.load(tmp_path, "engine")
     assert not marker.exists()
-
-# (setup, expected exit, expected error line) for the bad-input table: setup(tmp_path, shards) -> argv
-def _case_run_dir_file(tmp_path: Path, shards: Path) -> list[str]:
-    (tmp_path / "afile").write_text("x")
-    cfg = _cfg(tmp_path / "afile", shards)
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    return ["train", "--config", str(tmp_path / "c.yaml")]
-
-CASES = [
-    (_case_run_dir_file, 2, "attent-scale: error: run_dir {tmp}/afile: exists and is not a directory"),
-]
-
-@pytest.mark.parametrize("setup,code,first", CASES)
-def test_cases(tmp_path, tiny_shards, setup, code, first):
-    argv = setup(tmp_path, tiny_shards)
-    proc = subprocess.run([sys.executable, "-m", "attent_scale", *argv], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == code
-    assert proc.stderr.splitlines()[0] == first.format(tmp=tmp_path), proc.stderr[-2000:]
-
-
 
 def test_one_ranks_due_periodic_save_does_not_hide_another_ranks_stop_signal(monkeypatch) -> None:
     """The stop check reduces [signal or clock, minutes-save due] element-wise: a peer whose
