@@ -248,6 +248,21 @@ def all_reduce_flag(flag: bool, op: str = "max", group: dist.ProcessGroup | None
     return bool(t.item())
 
 
+def all_reduce_values(values: list[int] | list[float], op: str = "sum",
+                      group: dist.ProcessGroup | None = None) -> list:
+    """Element-wise sum, max or min of a few numbers over the ranks of `group`, in one collective (the
+    values as given on one process); ints stay exact (int64), floats go as float64."""
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    if op not in ops:
+        raise ValueError(f"all_reduce_values: op must be one of {sorted(ops)}, got {op!r}")
+    if not is_distributed() or dist.get_world_size(group) <= 1:
+        return list(values)
+    ints = all(isinstance(v, int) for v in values)
+    t = torch.tensor(values, dtype=torch.int64 if ints else torch.float64, device=collective_device(group))
+    dist.all_reduce(t, op=ops[op], group=group)
+    return [int(v) for v in t.tolist()] if ints else t.tolist()
+
+
 def destroy() -> None:
     """Tear the process group down if one is up."""
     if dist.is_available() and dist.is_initialized():

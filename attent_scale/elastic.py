@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from attent_scale import checkpoint as ckpt
+from attent_scale.dist import all_reduce_values
 from attent_scale.errors import UserError
 from attent_scale.teacher.ledger import block_len, block_range
 
@@ -28,13 +29,6 @@ def ranks_read(rank: int, world: int, old_world: int, num_ids: int) -> list[int]
     step = block_len(num_ids, old_world)
     owners = range(lo // step, min(old_world, -(-hi // step))) if hi > lo else range(0)
     return sorted({base, *fold, *owners})
-
-
-def _all_sum(values: list[int], group: Any) -> list[int]:
-    t = torch.tensor(values, dtype=torch.int64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
-    return [int(x) for x in t.tolist()]
 
 
 def _owed_bits(peers: dict[int, dict[str, Any]], fold: list[int], progress: dict[str, Any], *,
@@ -94,7 +88,7 @@ def load_elastic(path: Path, *, engine: Any, teacher: Any, rank: int, world: int
     if stream_state is not None:  # faults the old streams met this epoch, counted at its end
         folded[SPREAD.index("corrupt_samples")] += sum(int(peers[r]["progress"]["stream_state"]["faults"])
                                                        for r in fold)
-    totals = _all_sum(folded, group)
+    totals = all_reduce_values([int(v) for v in folded], "sum", group)
     for key, total in zip(SPREAD, totals, strict=True):
         progress[key] = total // world + (1 if rank < total % world else 0)
     progress["corrupt_ids"] = sorted({int(i) for r in fold for i in peers[r]["progress"]["corrupt_ids"]})

@@ -130,13 +130,9 @@ def _all_reduce_max(value: float, group: Any) -> float:
 
 def _all_reduce_max_each(values: list[float], group: Any) -> list[float]:
     """Element-wise max of a few numbers over the ranks of `group`, in one collective."""
-    from attent_scale.dist import collective_device
+    from attent_scale.dist import all_reduce_values
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) <= 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=collective_device(group))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.tolist()
+    return all_reduce_values([float(v) for v in values], "max", group)
 
 
 def train(cfg: RunConfig) -> int:

@@ -61,19 +61,6 @@ def _cache_path(m: Manifest, fallback_dir: Path) -> Path:
     return m.dir / CACHE_NAME if os.access(m.dir, os.W_OK) else fallback_dir / CACHE_NAME
 
 
-def _min_over_ranks(value: int, group: Any) -> int:
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) <= 1:
-        return value
-    from attent_scale.dist import collective_device
-
-    t = torch.tensor([value], dtype=torch.int64, device=collective_device(group))
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    return int(t.item())
-
-
 def check_shards(m: Manifest, fallback_dir: Path, *, rank: int = 0, world: int = 1,
                  group: Any = None) -> None:
     """Raise UserError naming the first shard (or the tokenizer) that is not what manifest.json promises.
@@ -115,7 +102,9 @@ def check_shards(m: Manifest, fallback_dir: Path, *, rank: int = 0, world: int =
         if why:
             first_bad, reason = i, why
             break
-    agreed = _min_over_ranks(first_bad, group) if world > 1 else first_bad
+    from attent_scale.dist import all_reduce_values
+
+    agreed = all_reduce_values([first_bad], "min", group)[0] if world > 1 else first_bad
     if agreed < len(shards):
         path = m.shard_path(shards[agreed])
         other = f"content is not what {MANIFEST_NAME} says (found by another rank)"
