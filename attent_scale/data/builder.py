@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from attent_scale.data.corpus import Corpus
+from attent_scale.data.corpus import Corpus, Document
 from attent_scale.data.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardInfo
 from attent_scale.data.tokenizer import Tokenizer, sha256_file, train_tokenizer
 from attent_scale.errors import UserError
@@ -48,7 +48,8 @@ CHUNK_BYTES = 1 << 20  # text per tokenize task
 CHUNK_DOCS = 4096
 # part settings that must agree across the parts of one merge
 PART_SETTINGS = ("seq_len", "token_dtype", "val_fraction", "ref_fraction", "shard_size_mb",
-                 "samples_per_shard", "seed", "model_type", "tokenizer_sha256", "embedded", "num_parts")
+                 "samples_per_shard", "seed", "model_type", "tokenizer_sha256", "embedded", "num_parts",
+                 "fixed_splits")
 
 
 def sample_key(sample_id: int) -> str:
@@ -164,13 +165,14 @@ def _token_file(split: str) -> tuple[str, Any]:
     return files[split]
 
 
-def _tokenize_chunk(texts: list[str]) -> dict[str, Any]:
+def _tokenize_chunk(docs: list[Document]) -> dict[str, Any]:
     """Encode one chunk; append each split's tokens to this process's file; return where they went."""
     tk, dtype = _TOK["tk"], _TOK["dtype"]
     by_split: dict[str, list[np.ndarray]] = {}
     nbytes: dict[str, int] = {}
-    for text in texts:
-        split = split_of(text, _TOK["val"], _TOK["ref"])
+    for doc in docs:
+        text = doc.text
+        split = doc.split or split_of(text, _TOK["val"], _TOK["ref"])
         ids = tk.encode(text)
         ids.append(tk.eos_id)
         by_split.setdefault(split, []).append(np.asarray(ids, dtype=dtype))
@@ -189,20 +191,20 @@ def _tokenize_chunk(texts: list[str]) -> dict[str, Any]:
 def _tokenize_files(task: list[tuple[str, int, int | None]]) -> dict[str, Any]:
     """Read one task of `Corpus.tasks` (whole files or a JSONL byte range) here, then encode it: the
     main process only hands out file names, so it never limits how fast N workers read."""
-    return _tokenize_chunk([doc.text for doc in _TOK["corpus"].docs_of_task(task)])
+    return _tokenize_chunk(list(_TOK["corpus"].docs_of_task(task)))
 
 
-def _chunks(corpus: Iterable[Any]) -> Iterator[list[str]]:
-    texts: list[str] = []
+def _chunks(corpus: Iterable[Document]) -> Iterator[list[Document]]:
+    docs: list[Document] = []
     size = 0
     for doc in corpus:
-        texts.append(doc.text)
+        docs.append(doc)
         size += len(doc.text)
-        if size >= CHUNK_BYTES or len(texts) >= CHUNK_DOCS:
-            yield texts
-            texts, size = [], 0
-    if texts:
-        yield texts
+        if size >= CHUNK_BYTES or len(docs) >= CHUNK_DOCS:
+            yield docs
+            docs, size = [], 0
+    if docs:
+        yield docs
 
 
 @dataclass
@@ -388,7 +390,8 @@ def write_shards(splits: dict[str, _SplitTokens], out: Path, settings: dict[str,
     """The write phase: every split's shards (in parallel) and manifest.json in OUT; the manifest dict."""
     seq_len, dtype = settings["seq_len"], settings["token_dtype"]
     max_count = settings["samples_per_shard"] or 1 << 62
-    names = [s for s in SPLITS if s != "ref" or settings["ref_fraction"] > 0]
+    fixed = settings.get("fixed_splits", [])
+    names = [s for s in SPLITS if s != "ref" or settings["ref_fraction"] > 0 or "ref" in fixed]
     layouts = {s: shard_layout(splits[s].tokens, seq_len, np.dtype(dtype).itemsize,
                                settings["shard_size_mb"] * 1e6, max_count) for s in names}
     if not layouts["train"]:
@@ -412,6 +415,8 @@ def write_shards(splits: dict[str, _SplitTokens], out: Path, settings: dict[str,
     }
     if settings["ref_fraction"] > 0:
         build["ref_fraction"] = settings["ref_fraction"]
+    for s in fixed:  # a split read from its own input, not from the hash
+        build[f"{s}_input"] = True
     manifest = {
         "format_version": FORMAT_VERSION,
         "seq_len": seq_len,
@@ -613,10 +618,13 @@ def build_shards(
     progress: bool = True,
     workers: int | None = None,
     part: tuple[int, int] | None = None,
+    val_input: Sequence[str | Path] = (),
+    ref_input: Sequence[str | Path] = (),
 ) -> Manifest | Path:
     """Build train/val(/ref) shards plus manifest.json and tokenizer.model in `out_dir`; return the
     manifest. With `part=(I, N)`: tokenize only the I-th of N contiguous slices of the input files into a
-    part directory for `merge_parts`, and return its path."""
+    part directory for `merge_parts`, and return its path. `val_input` / `ref_input`: the val / ref split
+    is these inputs' documents instead of a hash split of `inputs` (which then all go to train)."""
     out = Path(out_dir)
     if seq_len < 2:
         raise UserError(f"--seq-len {seq_len}: must be at least 2")
@@ -639,8 +647,16 @@ def build_shards(
             raise UserError("--part: needs --tokenizer (every part must encode with the same model)")
         if max_bytes is not None or max_docs is not None:
             raise UserError("--part: --max-bytes/--max-docs cap the whole corpus in order; not with parts")
+    if val_input and val_fraction not in (0.0, 0.01):  # 0.01: the default, for the hash split
+        raise UserError(f"--val-fraction {val_fraction} with --val-input: the val split is --val-input's "
+                        "documents; drop one")
+    if ref_input and ref_fraction > 0:
+        raise UserError(f"--ref-fraction {ref_fraction} with --ref-input: the ref split is --ref-input's "
+                        "documents; drop one")
+    val_fraction = 0.0 if val_input else val_fraction
     _check_output(out, overwrite)
-    corpus = Corpus(inputs, glob=glob, text_field=text_field, max_bytes=max_bytes, max_docs=max_docs)
+    corpus = Corpus(inputs, glob=glob, text_field=text_field, max_bytes=max_bytes, max_docs=max_docs,
+                    val_inputs=val_input, ref_inputs=ref_input)
     if tokenizer is not None:
         if not Path(tokenizer).exists():
             raise UserError(f"{tokenizer}: tokenizer file not found")
@@ -650,8 +666,8 @@ def build_shards(
     if part is not None:
         i, n = part
         corpus.files = corpus.files[i * len(corpus.files) // n : (i + 1) * len(corpus.files) // n]
-    elif next(iter(corpus), None) is None:
-        raise UserError(f"empty corpus: {corpus.describe()} contain no non-blank text")
+    else:
+        corpus.check_nonempty()
 
     def fill(tmp: Path) -> None:
         tok_path = tmp / TOKENIZER_NAME
@@ -667,7 +683,7 @@ def build_shards(
             "samples_per_shard": samples_per_shard, "seed": seed,
             "model_type": model_type if tokenizer is None else "given",
             "tokenizer_sha256": sha256_file(tok_path), "embedded": corpus.embedded,
-            "num_parts": part[1] if part else 1,
+            "num_parts": part[1] if part else 1, "fixed_splits": sorted(corpus.fixed_splits()),
         }
         work = tmp if part is not None else tmp / ".part"
         # one pool for both phases: worker start-up (a fresh interpreter each) is paid once
