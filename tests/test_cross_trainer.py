@@ -135,14 +135,15 @@ def _tiny_lm() -> Any:
 
 
 def _hf_trainer(out: Path, teacher: TeacherConfig | None, reference: Any = None, epochs: int = EPOCHS,
-                **kw: Any) -> Any:
+                max_steps: int = -1, **kw: Any) -> Any:
     from hf_worker import ToyPairs
     from transformers import TrainingArguments
 
     from attent_scale.integrations.hf import AttentTrainer
     from attent_scale.integrations.sampler import PadCollator
 
-    args = TrainingArguments(output_dir=str(out), num_train_epochs=epochs, per_device_train_batch_size=8,
+    args = TrainingArguments(output_dir=str(out), num_train_epochs=epochs, max_steps=max_steps,
+                             per_device_train_batch_size=8,
                              learning_rate=3e-3, logging_steps=1, save_strategy="no", seed=0, report_to=[],
                              disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
     return AttentTrainer(model=_tiny_lm(), args=args, train_dataset=ToyPairs(), data_collator=PadCollator(0),
@@ -229,3 +230,18 @@ def test_weighting_strategy_needs_the_built_in_loss(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="weights the loss per sample"):
         _hf_trainer(tmp_path, TeacherConfig(**{**CONFIG, "score": "loss"}),
                     per_sample_loss_fn=lambda o, i: causal_lm_per_sample(o, i))
+
+
+def test_steps_budget_anneal_ends_the_subset_epoch(tmp_path: Path) -> None:
+    """max_steps 20, anneal_fraction 0.3: from step 14 on all data with weight 1, so the subset epoch 1
+    (51 of 64 ids, 7 steps from step 9) ends after its 6th step and epoch 2 trains every id (as
+    `attent-scale train` ends a subset epoch at the anneal point)."""
+    cfg = TeacherConfig(mode="ledger", strategy="hard", warmup_epochs=1, ratio_schedule="constant",
+                        initial_ratio=0.8, final_ratio=0.8, anneal_fraction=0.3)
+    trainer = _hf_trainer(tmp_path, cfg, epochs=1, max_steps=20)
+    trainer.train()
+    hist = trainer.state.log_history
+    starts = [(h["attent/epoch"], h["attent/selected"], h["step"]) for h in hist if "attent/epoch" in h]
+    assert starts == [(0, 64, 0), (1, 51, 8), (2, 64, 14)]  # epoch 1 trained 6 of its 7 steps
+    assert [r["epoch"] for r in read_records(tmp_path / "selection.jsonl")] == [1]
+    assert trainer.state.global_step == 20 and trainer.teacher.anneal_from == 2
