@@ -15,13 +15,16 @@ from attent_scale.config import TeacherConfig
 from attent_scale.errors import UserError
 from attent_scale.teacher import Selection, Teacher, read_records
 from attent_scale.teacher.epoch import begin_epoch, plan_anneal
-from attent_scale.teacher.ledger import Ledger
+from attent_scale.teacher.ledger import TRAIN, Ledger
 
 EPOCHS = 4
 # epoch 0 full (warm-up), 1-2 prune the ids below the median excess loss (weights on the kept ones),
 # epoch 3 the anneal: all data, weight 1
 CONFIG = dict(mode="ledger", strategy="prune", warmup_epochs=1, prune_ratio=0.5, prune_quantile=0.5,
               reweight=True, anneal_fraction=0.25, score="excess")
+
+
+_UNPATCHED_OBSERVE = Ledger.observe
 
 
 class _Capture:
@@ -34,7 +37,7 @@ class _Capture:
         observe = Ledger.observe
         events = self.events
 
-        def recording(led: Ledger, ids: Any, losses: Any, step: int, kind: int = 1) -> int:
+        def recording(led: Ledger, ids: Any, losses: Any, step: int, kind: int = TRAIN) -> int:
             ids_np = np.asarray(ids.numpy() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64)
             loss_np = np.asarray(losses.numpy() if isinstance(losses, torch.Tensor) else losses, np.float32)
             events.append((ids_np.copy(), loss_np.copy(), int(step), int(kind)))
@@ -45,8 +48,9 @@ class _Capture:
 
 def _replay(cfg: TeacherConfig, n: int, events: list, starts: dict[int, int], reference: Any
             ) -> dict[int, Selection]:
-    """A fresh teacher fed the recorded observations, through the shared epoch start at each subset
-    epoch's first step (`starts`: epoch -> step): epoch -> its selection."""
+    """A fresh teacher fed the recorded observations (the unpatched ledger), through the shared epoch
+    start at each subset epoch's first step (`starts`: epoch -> step): epoch -> its selection. prune
+    scores nothing at an epoch start, so the observations before that step are all it ranks."""
     teacher = Teacher(cfg, num_samples=n, seed=0, reference=reference)
     plan_anneal(teacher, EPOCHS)
     out, i = {}, 0
@@ -56,7 +60,7 @@ def _replay(cfg: TeacherConfig, n: int, events: list, starts: dict[int, int], re
         step = starts[epoch]
         while i < len(events) and events[i][2] < step:
             ids, losses, s, kind = events[i]
-            Ledger.observe(teacher.ledger, ids, losses, s, kind=kind)
+            _UNPATCHED_OBSERVE(teacher.ledger, ids, losses, s, kind=kind)
             i += 1
         out[epoch] = begin_epoch(teacher, epoch, step, lambda *_: None).selection
     return out
@@ -66,10 +70,12 @@ def _check_against_replay(cfg: TeacherConfig, n: int, cap: _Capture, records: li
                           reference: Any) -> None:
     assert [r["epoch"] for r in records] == [1, 2]  # epoch 3 is the anneal: no selection
     starts = {r["epoch"]: r["step"] for r in records}
-    want = _replay(cfg, n, cap.events, starts, reference)
+    events = list(cap.events)
+    want = _replay(cfg, n, events, starts, reference)
     assert [want[r["epoch"]].sha256 for r in records] == [r["sha256"] for r in records]
     # excess, not the raw loss: the same losses ranked without the reference prune other ids
-    raw = _replay(dataclasses.replace(cfg, score="loss"), n, cap.events, starts, None)
+    raw = _replay(dataclasses.replace(cfg, score="loss"), n, events, starts, None)
+    assert len(cap.events) == len(events)  # the replays fed the unpatched ledger
     assert [raw[e].sha256 for e in (1, 2)] != [want[e].sha256 for e in (1, 2)]
     # every trained batch carried its selection's weights (some ids 2.0), all data weight 1 outside
     seen_weighted = False
