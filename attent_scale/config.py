@@ -334,7 +334,31 @@ def _validate(cfg: RunConfig) -> None:
         value = get_key(cfg, key)
         if not ok(value):
             raise UserError(f"config key '{key}': {value!r} {message}")
-    t = cfg.teacher
+    _check_teacher(cfg.teacher)
+    if cfg.model.init_from and cfg.model.pretrained:
+        raise UserError("config key 'model.pretrained': set model.init_from or its older name "
+                        "model.pretrained, not both")
+    if cfg.engine.name == "deepspeed" and cfg.engine.deepspeed_config is None:
+        raise UserError("config key 'engine.deepspeed_config': required when engine.name is 'deepspeed'")
+
+
+def validate_teacher(t: TeacherConfig, *, reference_given: bool = False) -> None:
+    """The checks a YAML teacher section gets, for a TeacherConfig built in Python (types, choices,
+    ranges, combinations): UserError naming the key. `reference_given`: the caller passes reference
+    losses itself, so teacher.score=excess needs no teacher.reference file."""
+    hints = typing.get_type_hints(TeacherConfig)
+    for f in dataclasses.fields(TeacherConfig):
+        _coerce(f"teacher.{f.name}", getattr(t, f.name), hints[f.name])
+    for key, ok, message in _RANGES:
+        if key.startswith("teacher."):
+            value = getattr(t, key.split(".", 1)[1])
+            if not ok(value):
+                raise UserError(f"config key '{key}': {value!r} {message}")
+    _check_teacher(t if not reference_given or t.reference else dataclasses.replace(t, reference="<given>"))
+
+
+def _check_teacher(t: TeacherConfig) -> None:
+    """The teacher keys that must agree with each other."""
     if t.max_interval < t.initial_interval:
         raise UserError(
             f"config key 'teacher.max_interval': {t.max_interval} is below teacher.initial_interval "
@@ -346,11 +370,6 @@ def _validate(cfg: RunConfig) -> None:
     if t.strategy == "prune" and t.mode not in ("cycle", "ledger", "none"):
         raise UserError(f"config key 'teacher.strategy': 'prune' needs teacher.mode cycle or ledger, not "
                         f"{t.mode!r}")
-    if cfg.model.init_from and cfg.model.pretrained:
-        raise UserError("config key 'model.pretrained': set model.init_from or its older name "
-                        "model.pretrained, not both")
-    if cfg.engine.name == "deepspeed" and cfg.engine.deepspeed_config is None:
-        raise UserError("config key 'engine.deepspeed_config': required when engine.name is 'deepspeed'")
 
 
 def add_override_argument(parser: Any, help_text: str = "override one config key (repeatable)") -> None:

@@ -113,14 +113,18 @@ def planned_steps(teacher: Any, n_train: int, world: int, batch_size: int, epoch
                   first_epoch: int = 0) -> int:
     """Optimizer steps that epochs `first_epoch`..`epochs - 1` take under the teacher's plan (subset sizes
     from the ratio); at least 1 for a whole budget."""
-    candidates = teacher.candidate_batch_size(batch_size)
-    total = 0
-    for epoch in range(first_epoch, epochs):
-        n = teacher.planned_count(teacher.plan_epoch(epoch), n_train)
-        per_rank = n // world
-        # online mode drops a last partial candidate batch; other modes train it
-        total += per_rank // candidates if teacher.mode == "online" else math.ceil(per_rank / candidates)
+    from attent_scale.teacher.epoch import planned_steps as plan_total
+
+    total = plan_total(teacher, n_train, _steps_for(teacher, world, batch_size), epochs, first_epoch)
     return max(1, total) if first_epoch == 0 else total
+
+
+def _steps_for(teacher: Any, world: int, batch_size: int) -> Any:
+    """Steps per rank of an epoch of n ids (online mode drops a last partial candidate batch)."""
+    candidates = teacher.candidate_batch_size(batch_size)
+    if teacher.mode == "online":
+        return lambda n: (n // world) // candidates
+    return lambda n: math.ceil((n // world) / candidates)
 
 
 def _all_reduce_max(value: float, group: Any) -> float:
@@ -389,41 +393,40 @@ class Trainer:
     # ---- plan → score → select, once per fresh epoch ----------------------------------------------
 
     def plan_epoch(self) -> None:
-        """The teacher plans the epoch (full, subset or online), scores this rank's part of the data when
-        the plan says so, and selects; the selection lands in `progress`."""
-        before = self.totals()["selection_seconds_by_phase"]
-        plan = self.teacher.plan_epoch(self.progress.epoch)
-        if plan.score:
-            self.score_pass()
-        self.select(plan.subset)
-        after = self.totals()["selection_seconds_by_phase"]
-        if after != before:
-            self.metrics.observe_selection({p: after[p] - before[p] for p in PHASES})
-
-    def score_pass(self) -> None:
-        """A sharded forward over this rank's part of the data; the losses go into the teacher's ledger."""
+        """The epoch start every trainer shares (`teacher.epoch.begin_epoch`): plan, score this rank's part
+        of the data when the plan says so, select; the selection lands in `progress`."""
         from attent_scale.teacher import Selection
+        from attent_scale.teacher.epoch import begin_epoch
 
+        progress, bits = self.progress, self.progress.selection_bits
+        trained = None if bits is None else Selection(bits, self.n_train)
+        start = begin_epoch(self.teacher, progress.epoch, progress.step, self.score_pass, trained=trained,
+                            steps_for=_steps_for(self.teacher, self.world, self.batch_size))
+        self.select(start)
+        if any(start.phase_seconds.values()):
+            self.metrics.observe_selection(start.phase_seconds)
+
+    def score_pass(self, skip: Any, step: int) -> None:
+        """A sharded forward over this rank's part of the data except `skip`; the losses go into the
+        teacher's ledger."""
         progress = self.progress
-        fresh = progress.selection_bits if self.cfg.teacher.rescore == "stale" else None
-        # this rank's part only; with rescore=stale, without what the last subset epoch trained
-        skip = None if fresh is None else Selection(fresh, self.n_train).complement()
-        scoring = self._shard_stream(progress.epoch, self.cfg.eval.batch_size, skip)
-        self.teacher.score_pass(scoring, self.engine.score, progress.step)
+        scoring = self._shard_stream(progress.epoch, self.cfg.eval.batch_size,
+                                     None if skip is None else skip.complement())
+        self.teacher.score_pass(scoring, self.engine.score, step)
         self.note_corrupt(scoring)
         progress.corrupt_samples += scoring.faults
 
-    def select(self, subset: bool) -> None:
-        """The epoch's selection (one collective) when the plan trains a subset; full data otherwise."""
-        progress = self.progress
-        selection = self.teacher.select(progress.epoch, progress.step) if subset else None
-        if selection is not None and self.cfg.teacher.strategy == "prune":
+    def select(self, start: Any) -> None:
+        """The epoch's selection (`start.selection`, None = full data) into `progress`; a prune selection
+        re-plans the epoch budget's steps."""
+        progress, selection = self.progress, start.selection
+        if start.replan:
             self.plan_steps()
         progress.selection_bits = None if selection is None else selection.bits
         progress.weight_bits = None if selection is None else selection.upweight
         progress.weight = 1.0 if selection is None else selection.weight
         if selection is not None:
-            progress.selected_ratio = selection.count / self.n_train
+            progress.selected_ratio = start.ratio
         else:
             progress.selected_ratio = self.cfg.teacher.online_ratio if self.teacher.mode == "online" else 1.0
 

@@ -22,13 +22,15 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
 
 from attent_scale.checkpoint import load_state, save_state
-from attent_scale.config import MetricsConfig, TeacherConfig
+from attent_scale.config import MetricsConfig, TeacherConfig, validate_teacher
 from attent_scale.engines.base import IGNORE_INDEX, per_sample_loss, token_ce_sums, token_counts
 from attent_scale.errors import UserError
 from attent_scale.integrations.sampler import ID_KEY, AttentBatchSampler, IdCollator, IndexedDataset
 from attent_scale.metrics import Metrics, NullMetrics
 from attent_scale.runlog import count_lines, truncate_lines
-from attent_scale.teacher import PHASES, Selection, Teacher
+from attent_scale.teacher import Selection, Teacher
+from attent_scale.teacher.epoch import anneal_due, begin_epoch, epoch_steps, phase_seconds, plan_anneal
+from attent_scale.teacher.reference import LossArray, Reference
 
 STATE_DIR = "attent"  # inside each checkpoint-N folder: rank{r}.safetensors + rank{r}.json
 RECORDS = "selection.jsonl"  # in output_dir, written by rank 0: the same records as `attent-scale train`
@@ -78,6 +80,7 @@ class _FlushEachStep(TrainerCallback):
         if trainer is not None and trainer.attent_enabled and trainer.teacher is not None:
             trainer._flush_losses()
             trainer.teacher.exchange_due(state.global_step)
+            trainer._anneal_check(control)
         return control
 
 
@@ -98,6 +101,8 @@ class AttentProgress:
     epoch_start_step: int = 0  # global step at which that epoch began
     epoch_batches: int = 0  # batches per rank in that epoch
     selection_bits: Any = None  # that epoch's selection (np.uint8 bitset) or None = all samples
+    weight_bits: Any = None  # the selected ids that carry loss weight `weight` (pruning), or None
+    weight: float = 1.0
     samples_trained: int = 0  # this rank
     dropped_samples: int = 0  # dropped by rank equalisation (< world size per epoch)
     record_lines: int = 0  # lines of selection.jsonl at the checkpoint (rank 0)
@@ -110,6 +115,12 @@ class AttentTrainer(Trainer):
       modes `cycle` and `ledger` select, `none` trains like `Trainer` (its own sampler); `online` is refused.
     - `metrics_config`: `MetricsConfig` for our Prometheus exporter (off by default).
     - `per_sample_loss_fn(outputs, inputs) -> [B]`: per-sample loss for non-causal-LM models.
+    - `reference`: reference losses for `teacher.score: excess`, one per index of `train_dataset` (an
+      array, or an object with `losses(ids)`); without it, `teacher.reference` names a scores file.
+
+    The teacher config is checked like a YAML one (UserError naming the key). Weighted selections (prune
+    with reweight, random with random_reweight) weight each sample's token CE sum in the loss, as
+    `attent-scale train` does; they need the built-in causal-LM loss.
 
     Sample ids are the indices of `train_dataset` (any map-style dataset). Each epoch every rank gets the
     same number of equally sized batches of the selected indices; the selection is the same on every rank
@@ -119,15 +130,26 @@ class AttentTrainer(Trainer):
 
     def __init__(self, *args: Any, teacher_config: TeacherConfig | None = None,
                  metrics_config: MetricsConfig | None = None, per_sample_loss_fn: LossFn | None = None,
-                 **kwargs: Any) -> None:
+                 reference: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.teacher_config = teacher_config if teacher_config is not None else default_teacher_config()
+        validate_teacher(self.teacher_config, reference_given=reference is not None)
         mode = self.teacher_config.mode
         if mode == "online":
             raise UserError("AttentTrainer: teacher mode 'online' needs per-step rebalancing that Trainer "
                             "cannot do; use mode 'cycle' or 'ledger'")
         self.attent_enabled = mode in ("cycle", "ledger")
         self.per_sample_loss_fn = per_sample_loss_fn or causal_lm_per_sample
+        t = self.teacher_config
+        weighs = (t.strategy == "prune" and t.reweight) or (t.strategy == "random" and t.random_reweight)
+        own_loss = per_sample_loss_fn is not None or self.label_smoother is not None \
+            or self.compute_loss_func is not None
+        if self.attent_enabled and weighs and own_loss:
+            raise UserError(f"AttentTrainer: teacher.strategy {t.strategy!r} weights the loss per sample, "
+                            "which needs the built-in causal-LM loss (no per_sample_loss_fn, label "
+                            "smoothing or compute_loss_func)")
+        self._reference_arg = reference
+        self._weight_table: tuple[Selection, torch.device, torch.Tensor] | None = None
         self.attent = AttentProgress()
         self.teacher: Teacher | None = None
         self._ids: torch.Tensor | None = None
@@ -135,7 +157,6 @@ class AttentTrainer(Trainer):
         self._score_data: tuple[Any, Callable[[list[Any]], Any]] | None = None
         self._metrics: NullMetrics = NullMetrics()
         self._metrics_config = metrics_config
-        self._phase_seconds = dict.fromkeys(PHASES, 0.0)
         # this step's (ids, per-sample losses, step) per micro batch, on the device until the step's flush
         self._step_losses: list[tuple[torch.Tensor, torch.Tensor, int]] = []
         if self.attent_enabled:
@@ -166,10 +187,21 @@ class AttentTrainer(Trainer):
         n = len(self.train_dataset)
         records = Path(self.args.output_dir) / RECORDS if self._rank == 0 else None
         self.teacher = Teacher(self.teacher_config, num_samples=n, seed=self._seed, record_path=records,
-                               group=self._group)
+                               group=self._group, reference=self._reference(n))
+        if self.args.max_steps <= 0:  # an epoch budget anneals by plan (a steps budget at its point)
+            plan_anneal(self.teacher, self.args.num_train_epochs)
         self.attent = AttentProgress()
         self._sampler = AttentBatchSampler(n, self._train_batch_size, rank=self._rank, world_size=self._world,
                                            seed=self._seed, drop_last=self.args.dataloader_drop_last)
+
+    def _reference(self, n: int) -> Any:
+        """teacher.score=excess: the reference losses (reference= or the teacher.reference scores file)."""
+        if self.teacher_config.score != "excess":
+            return None
+        ref = self._reference_arg
+        if ref is None:
+            return Reference(self.teacher_config.reference, None, "train_dataset", num_samples=n)
+        return ref if hasattr(ref, "losses") else LossArray(ref, n)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         if self.attent_enabled:
@@ -228,13 +260,13 @@ class AttentTrainer(Trainer):
 
     # ------------------------------------------------------------------ epochs and steps
 
-    def _planned_updates(self, epoch: int) -> int:
-        """Optimizer steps per rank of `epoch` under the teacher's plan (subset size from its ratio)."""
-        plan = self.teacher.plan_epoch(epoch)
-        n = len(self.train_dataset)
-        if plan.subset and plan.ratio is not None:
-            n = int(math.floor(plan.ratio * n + 0.5))
+    def _steps_for(self, n: int) -> int:
+        """Optimizer steps per rank of an epoch that trains `n` ids."""
         return math.ceil(self._sampler.batches_for(n) / self.args.gradient_accumulation_steps)
+
+    def _planned_updates(self, epoch: int) -> int:
+        """Optimizer steps per rank of `epoch` under the teacher's plan (`Teacher.planned_count`)."""
+        return epoch_steps(self.teacher, epoch, len(self.train_dataset), self._steps_for)
 
     def set_initial_training_values(self, args: Any, dataloader: DataLoader) -> tuple:
         """Trainer's values, with max_steps (the LR schedule's length) and the epoch count taken from the
@@ -247,6 +279,8 @@ class AttentTrainer(Trainer):
             epochs, total = 0, 0
             while total < max_steps and epochs < 1_000_000:
                 total += max(1, self._planned_updates(epochs))
+                epochs += 1
+            if self.teacher_config.anneal_fraction:  # the anneal point may end a subset epoch early
                 epochs += 1
         else:
             whole = int(math.floor(args.num_train_epochs))
@@ -285,54 +319,79 @@ class AttentTrainer(Trainer):
         return super()._run_epoch(*args, **kwargs)
 
     def _begin_epoch(self, epoch: int, model: Any) -> None:
-        """Collective: plan the epoch, score and select when the plan says so, hand the sampler its subset."""
-        p, teacher, n = self.attent, self.teacher, len(self.train_dataset)
+        """Collective: the epoch start every trainer shares (`teacher.epoch.begin_epoch`); the sampler gets
+        the epoch's subset."""
+        p, n = self.attent, len(self.train_dataset)
         self._flush_losses()  # a no-op: the last step of the epoch before flushed them already
         self._sampler.set_epoch(epoch)
         if p.epoch == epoch:  # resumed inside this epoch: keep the selection it started with
-            self._sampler.set_selection(self._selection(p.selection_bits))
+            self._sampler.set_selection(self._selection(p.selection_bits, p.weight_bits, p.weight))
             return
-        before = self._phase_totals()
-        plan = teacher.plan_epoch(epoch)
         step = self.state.global_step
-        if plan.score:
-            # rescore=stale: the ids the previous subset epoch just trained keep their training losses
-            skip = self._selection(p.selection_bits) if self.teacher_config.rescore == "stale" else None
-            self._score_pass(model, skip, step)
-        selection = teacher.select(epoch, step) if plan.subset else None
+        start = begin_epoch(self.teacher, epoch, step, partial(self._score_pass, model),
+                            trained=self._selection(p.selection_bits), steps_for=self._steps_for)
+        selection = start.selection
         self._sampler.set_selection(selection)
         p.epoch, p.epoch_start_step = epoch, step
         p.selection_bits = None if selection is None else selection.bits
+        p.weight_bits = None if selection is None else selection.upweight
+        p.weight = 1.0 if selection is None else selection.weight
         p.epoch_batches = len(self._sampler)
         p.dropped_samples += self._sampler.dropped
         if p.epoch_batches == 0:
-            chosen = selection.count if selection is not None else n
-            raise UserError(f"AttentTrainer: epoch {epoch} selects {chosen} of {n} samples, too few for "
-                            f"{self._world} ranks x batch {self._sampler.batch_size}")
-        after = self._phase_totals()
-        delta = {ph: after[ph] - before[ph] for ph in PHASES}
-        ratio = (selection.count / n) if selection is not None else 1.0
-        record = teacher.last_record if selection is not None else None
-        staleness = (record.get("staleness") or {}).get("median") if record else None
-        self._metrics.observe_selection(delta, selected_ratio=ratio, staleness_median=staleness)
+            raise UserError(f"AttentTrainer: epoch {epoch} selects {start.selected} of {n} samples, too few "
+                            f"for {self._world} ranks x batch {self._sampler.batch_size}")
+        self._metrics.observe_selection(start.phase_seconds, selected_ratio=start.ratio,
+                                        staleness_median=start.staleness_median)
         self._metrics.update(self.attent_totals())
         logs = {
             "attent/epoch": epoch,
-            "attent/selected_ratio": ratio,
-            "attent/selected": selection.count if selection is not None else n,
-            "attent/selection_seconds": sum(delta.values()),
-            "attent/samples_scored": int(teacher.stats["samples_scored"]),
+            "attent/selected_ratio": start.ratio,
+            "attent/selected": start.selected,
+            "attent/selection_seconds": sum(start.phase_seconds.values()),
+            "attent/samples_scored": int(self.teacher.stats["samples_scored"]),
             "attent/dropped_samples": p.dropped_samples,
         }
-        if staleness is not None:
-            logs["attent/staleness_median"] = staleness
+        if start.staleness_median is not None:
+            logs["attent/staleness_median"] = start.staleness_median
+        if start.weighted:
+            logs["attent/weight"] = selection.weight
         self.log(logs)
 
-    def _selection(self, bits: Any) -> Selection | None:
-        return None if bits is None else Selection(np.asarray(bits, dtype=np.uint8), len(self.train_dataset))
+    def _anneal_check(self, control: Any) -> None:
+        """A max_steps budget: once its last teacher.anneal_fraction begins, the next epochs train all data
+        with weight 1, and a subset epoch ends here (as `attent-scale train` does)."""
+        max_steps = self.args.max_steps if self.args.max_steps > 0 else 0
+        if not anneal_due(self.teacher, self.state.global_step, max_steps):
+            return
+        p = self.attent
+        self.teacher.start_anneal(p.epoch + 1)
+        if p.selection_bits is not None:
+            # the epoch is over where it stands: a checkpoint of this step resumes at the next epoch
+            ga = self.args.gradient_accumulation_steps
+            p.epoch_batches = (self.state.global_step - p.epoch_start_step) * ga
+            control.should_epoch_stop = True
 
-    def _phase_totals(self) -> dict[str, float]:
-        return {ph: float(self.teacher.stats[f"seconds_{ph}"]) for ph in PHASES}
+    def _selection(self, bits: Any, weight_bits: Any = None, weight: float = 1.0) -> Selection | None:
+        if bits is None:
+            return None
+        up = None if weight_bits is None else np.asarray(weight_bits, dtype=np.uint8)
+        n = len(self.train_dataset)
+        return Selection(np.asarray(bits, dtype=np.uint8), n, upweight=up, weight=weight)
+
+    def _batch_weights(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample loss weights of `ids` under the epoch's selection (None when all are 1), looked up on
+        the ids' device in a bitset copied there once per selection: no host sync per micro batch."""
+        sel = self._sampler.selection if self._sampler is not None else None
+        if sel is None or not sel.weighted:
+            return None
+        cached = self._weight_table
+        if cached is None or cached[0] is not sel or cached[1] != ids.device:
+            self._weight_table = (sel, ids.device, torch.from_numpy(sel.upweight.copy()).to(ids.device))
+        table = self._weight_table[2]
+        idx = ids.reshape(-1).to(torch.int64)
+        hit = (table[idx >> 3].to(torch.int64) >> (idx & 7)) & 1
+        return torch.where(hit.bool(), sel.weight, 1.0).to(torch.float32)
 
     def attent_totals(self) -> dict[str, Any]:
         """This rank's cumulative teacher numbers (the keys our Prometheus exporter reads)."""
@@ -345,7 +404,7 @@ class AttentTrainer(Trainer):
             "samples_trained": self.attent.samples_trained,
             "samples_scored": int(stats["samples_scored"]),
             "collective_bytes": int(stats["bytes_sent"]),
-            "selection_seconds_by_phase": self._phase_totals(),
+            "selection_seconds_by_phase": phase_seconds(self.teacher),
             "selected_ratio": 1.0 if bits is None else Selection(bits, n).count / n,
             "staleness_median": stats["last_staleness_median"],
         }
@@ -415,9 +474,14 @@ class AttentTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         view = dict(inputs)  # Trainer may pop the labels
+        weights = self._batch_weights(ids)
         if self._one_ce_pass(inputs):
-            loss, outputs, losses = self._causal_lm_loss(model, inputs, num_items_in_batch)
+            loss, outputs, losses = self._causal_lm_loss(model, inputs, num_items_in_batch, weights)
         else:
+            if weights is not None:
+                raise UserError("AttentTrainer: this epoch's selection weights the loss per sample, which "
+                                "needs the built-in causal-LM loss (labels in the batch, no sequence "
+                                "parallelism)")
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
             with torch.no_grad():
@@ -434,27 +498,30 @@ class AttentTrainer(Trainer):
                 and self.compute_loss_func is None and not sequence_parallel
                 and (inputs.get("labels") is not None or inputs.get("shift_labels") is not None))
 
-    def _causal_lm_loss(self, model: Any, inputs: dict[str, Any],
-                        num_items_in_batch: Any) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    def _causal_lm_loss(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any,
+                        weights: torch.Tensor | None = None) -> tuple[torch.Tensor, Any, torch.Tensor]:
         """(Trainer's loss, outputs, per-sample losses) from one forward without labels and one fp32
         chunked token CE over its logits. The loss is transformers' ForCausalLMLoss: the token sum over
         `num_items_in_batch` when Trainer counted it (so the accumulated step is the exact token mean
-        over all its micro batches, a short one included), else the micro batch's token mean."""
+        over all its micro batches, a short one included), else the micro batch's token mean. With
+        `weights`, each sample's token CE sum is scaled by its weight and the divisor stays the unweighted
+        token count (engines.base.weighted_token_loss); the per-sample losses stay unweighted."""
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
         outputs = model(**model_inputs)
         logits = outputs["logits"]
         targets = causal_lm_targets(logits, inputs).to(logits.device)
         sums = token_ce_sums(logits, targets)
         counts = token_counts(targets)
+        contrib = sums if weights is None else sums * weights.to(sums.device, sums.dtype)
         if num_items_in_batch is not None:
-            loss = sums.sum() / num_items_in_batch
+            loss = contrib.sum() / num_items_in_batch
             if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
                 # as Trainer.compute_loss: num_items_in_batch is summed over the ranks, gradients averaged
                 tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
                 n_gpu = self.args.n_gpu
                 loss = loss * (self.accelerator.num_processes // tp if n_gpu <= 1 else n_gpu)
         else:
-            loss = sums.sum() / counts.sum().clamp(min=1)
+            loss = contrib.sum() / counts.sum().clamp(min=1)
         losses = sums.detach() / counts.clamp(min=1).to(sums.dtype)
         return loss, outputs, losses
 

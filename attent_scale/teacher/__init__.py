@@ -1,5 +1,6 @@
 """Globally consistent AtteNT example selection: schedules, strategies, ledger, distributed top-k, Teacher."""
 
+from attent_scale.teacher.epoch import EpochStart, begin_epoch
 from attent_scale.teacher.ledger import Ledger, block_owner, block_range
 from attent_scale.teacher.records import PHASES, RECORD_KEYS, RecordWriter, make_record, read_records
 from attent_scale.teacher.schedules import interval_at, ratio_at
@@ -13,11 +14,13 @@ __all__ = [
     "RECORD_KEYS",
     "STAT_KEYS",
     "EpochPlan",
+    "EpochStart",
     "Ledger",
     "RecordWriter",
     "Selection",
     "SelectionMismatchError",
     "Teacher",
+    "begin_epoch",
     "block_owner",
     "block_range",
     "gumbel_noise",

@@ -53,7 +53,8 @@ class Reference:
     (a chunk of the ledger block a rank owns, an online batch's ids), each time from the file: nothing of
     size N is held."""
 
-    def __init__(self, path: str | Path, manifest: Any, split: str) -> None:
+    def __init__(self, path: str | Path, manifest: Any, split: str, *,
+                 num_samples: int | None = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise UserError(f"{self.path}: reference scores not found (teacher.reference; "
@@ -61,6 +62,9 @@ class Reference:
         meta = read_metadata(self.path)
         if meta is None or meta.get("format") != SCORES_FORMAT:
             raise UserError(f"{self.path}: not a scores file written by `attent-scale score`")
+        if manifest is None:  # a dataset without shards (AttentTrainer): only the id count can be checked
+            self._open(int(num_samples or 0), split)
+            return
         n = manifest.num_samples(split)
         if meta.get("vocab_size") != str(manifest.vocab_size) or \
                 meta.get("tokenizer_sha256") != manifest.tokenizer_sha256:
@@ -74,6 +78,9 @@ class Reference:
         if meta.get("split") != split:
             raise UserError(f"{self.path}: reference scores are of split {meta.get('split')!r}, "
                             f"the run trains on {split!r}")
+        self._open(n, split)
+
+    def _open(self, n: int, split: str) -> None:
         offset, shape = _loss_layout(self.path)
         if shape != [n]:
             raise UserError(f"{self.path}: reference scores miss ids: {shape} for split {split!r} of "
@@ -129,6 +136,20 @@ def _loss_layout(path: Path) -> tuple[int, list[int] | None]:
     if len(shape) != 1 or end - start != 4 * shape[0]:
         return 0, None
     return 8 + size + int(start), shape
+
+
+class LossArray:
+    """Reference losses held in memory, indexed by sample id (AttentTrainer's `reference=`)."""
+
+    def __init__(self, loss: Any, num_samples: int) -> None:
+        self.loss = np.asarray(loss, dtype=np.float32).reshape(-1)
+        if self.loss.shape[0] != num_samples:
+            raise UserError(f"AttentTrainer: reference= holds {self.loss.shape[0]} losses, train_dataset has "
+                            f"{num_samples} samples")
+
+    def losses(self, ids: np.ndarray) -> np.ndarray:
+        """Reference losses (float32) of `ids`."""
+        return self.loss[np.asarray(ids, dtype=np.int64)]
 
 
 def open_reference(tcfg: Any, manifest: Any, split: str) -> Reference | None:

@@ -15,19 +15,13 @@ import torch
 import torch.distributed as dist
 
 from attent_scale.config import TeacherConfig
-from attent_scale.teacher.ledger import (
-    NEG_INF_IMAGE,
-    POS_INF_IMAGE,
-    SCORE,
-    TRAIN,
-    Ledger,
-    loss_image,
-    unpack_entries,
-)
+from attent_scale.teacher.ledger import SCORE, TRAIN, Ledger
+from attent_scale.teacher.picks import KEY_CHUNK, Pick, strategy
+from attent_scale.teacher.picks import round_half_up as _round_half_up
 from attent_scale.teacher.records import RecordWriter, make_record
 from attent_scale.teacher.schedules import interval_at, ratio_at
 from attent_scale.teacher.selection import Selection
-from attent_scale.teacher.strategies import strategy_keys, uniform_noise
+from attent_scale.teacher.strategies import strategy_keys
 from attent_scale.teacher.topk import (
     _Comm,
     _resolve_group,
@@ -39,7 +33,6 @@ from attent_scale.teacher.topk import (
 )
 
 STATE_FORMAT = 2  # 2: dense ledger blocks, selection bits not copied
-KEY_CHUNK = 1 << 17  # ids per chunk when keys are computed from the ledger block
 EXCHANGE_EVERY = 64  # training steps (or scoring batches) between two ledger exchanges
 STAT_KEYS = (
     "seconds_score", "seconds_collective", "seconds_select", "seconds_share", "seconds_rebalance",
@@ -64,8 +57,36 @@ class EpochPlan:
     interval: int = 0
 
 
-def _round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
+def topk_threshold(t: Teacher, pick: Pick, report: dict[str, Any]) -> Selection:
+    """Top-k by a global threshold on the key images, found in rounds of histograms (O(N / world) per
+    rank, a bitset out)."""
+    lo, hi = t.ledger.lo, t.ledger.hi
+    images, nbits = pick.images or ((lambda: (key_image(c) for c in pick.key_chunks())), 64)
+    bits = select_block_bits(images, lo, hi, t.num_samples, pick.k, bits=nbits, group=t.group, report=report)
+    return Selection(bits, t.num_samples)
+
+
+def topk_gather(t: Teacher, pick: Pick, report: dict[str, Any]) -> Selection:
+    """Top-k with every rank holding all N (key, id) pairs: exact, for up to ~10^7 samples."""
+    lo, hi = t.ledger.lo, t.ledger.hi
+    parts = list(pick.key_chunks())
+    keys = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float64)
+    chosen = select_global(keys, np.arange(lo, hi, dtype=np.int64), pick.k, method="gather", group=t.group,
+                           report=report)
+    return Selection.from_ids(chosen, t.num_samples)
+
+
+TOPK_METHODS: dict[str, Callable[[Teacher, Pick, dict[str, Any]], Selection]] = {
+    "threshold": topk_threshold,
+    "gather": topk_gather,
+}
+
+
+def _topk_method(name: str) -> Callable[[Teacher, Pick, dict[str, Any]], Selection]:
+    try:
+        return TOPK_METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown topk_method {name!r} (one of {', '.join(TOPK_METHODS)})") from None
 
 
 class Teacher:
@@ -151,7 +172,7 @@ class Teacher:
             e -= length
             cycle += 1
         if e < n_sub:
-            return EpochPlan(epoch, "subset", e == 0 and c.strategy not in ("random", "prune"), True,
+            return EpochPlan(epoch, "subset", e == 0 and strategy(c.strategy).scores, True,
                              cycle=cycle, index=e, ratio=self._ratio(cycle), interval=n_sub)
         return EpochPlan(epoch, "full", False, False, cycle=cycle, index=e - n_sub, ratio=None,
                          interval=n_sub)
@@ -282,47 +303,6 @@ class Teacher:
             oldest, _, _ = kth_largest(ys, 1, comm, bits=nbits)
         return {"n": n_obs, "median": int(median) >> 1, "max": int(oldest) >> 1}
 
-    def _key_chunks(self, epoch: int) -> Callable[[], Any]:
-        """Re-iterable float64 keys of this rank's ledger block, KEY_CHUNK ids at a time: never-observed ids
-        get +inf (always kept), non-finite losses NaN (never chosen by hard/soft)."""
-        cfg, led = self.cfg, self.ledger
-
-        def chunks() -> Any:
-            for a in range(led.lo, led.hi, KEY_CHUNK):
-                b = min(led.hi, a + KEY_CHUNK)
-                ids = np.arange(a, b, dtype=np.int64)
-                if cfg.strategy == "random":
-                    yield strategy_keys("random", np.zeros(0), ids, seed=self.seed, cycle=epoch).numpy()
-                    continue
-                v = led.block_entries(a, b)
-                loss, _, _ = unpack_entries(v)
-                loss = self._excess(ids, loss)
-                keys = strategy_keys(cfg.strategy, loss, ids, seed=self.seed, cycle=epoch,
-                                     temperature=cfg.temperature, normalization=cfg.normalization).numpy()
-                keys[v == 0] = np.inf
-                yield keys
-
-        return chunks
-
-    def _image_chunks(self, key_chunks: Callable[[], Any]) -> tuple[Callable[[], Any], int]:
-        """Order-preserving uint64 images of the keys, and how many bits they use. hard: the key is the
-        float32 loss itself, so the ledger entry's 32-bit loss image is already in key order (non-finite
-        losses get 0 like a NaN key, unseen ids 2**32, above all): integer work only, 33 bits. Others:
-        key_image of the float64 keys."""
-        led = self.ledger
-        if self.cfg.strategy != "hard" or self.reference is not None:  # excess keys are not stored losses
-            return (lambda: (key_image(c) for c in key_chunks())), 64
-
-        def chunks() -> Any:
-            for a in range(led.lo, led.hi, KEY_CHUNK):
-                v = led.block_entries(a, min(led.hi, a + KEY_CHUNK))
-                u = v & np.uint64(0xFFFFFFFF)
-                u[(u >= np.uint64(POS_INF_IMAGE)) | (u <= np.uint64(NEG_INF_IMAGE))] = 0
-                u[v == 0] = np.uint64(1 << 32)
-                yield u
-
-        return chunks, 33
-
     def exchange_due(self, step: int) -> None:
         """Collective, called by every rank after each training step (cycle and ledger modes): every
         EXCHANGE_EVERY steps, pending ledger observations go to their owner ranks, so a rank never holds
@@ -336,168 +316,81 @@ class Teacher:
     def select(self, epoch: int, step: int) -> Selection:
         """Collective (cycle and ledger modes): the selection for a subset epoch, identical on every rank.
         Ids never observed are always kept; non-finite losses are never selected by hard/soft. hard and
-        random reuse the cycle's first selection in later subset epochs; soft re-selects each epoch."""
+        random reuse the cycle's first selection in later subset epochs; soft re-selects each epoch. The
+        strategy (picks.STRATEGIES) says what to keep, the top-k method (TOPK_METHODS) finds it."""
         if self.cfg.mode not in ("cycle", "ledger"):
             raise ValueError(f"select() is for cycle and ledger modes, not {self.cfg.mode!r}")
         plan = self.plan_epoch(epoch)
         if not plan.subset:
             raise ValueError(f"epoch {epoch} is not a subset epoch ({plan.phase})")
-        cfg = self.cfg
-        if (cfg.mode == "cycle" and cfg.strategy in ("hard", "random") and plan.index > 0
+        cfg, strat = self.cfg, strategy(self.cfg.strategy)
+        if (cfg.mode == "cycle" and strat.reuse and plan.index > 0
                 and self._cache is not None and self._cache_cycle == plan.cycle):
             return self._cache
         comm = self._comm()
         t0 = time.perf_counter()
         ratio = float(plan.ratio if plan.ratio is not None else 1.0)
-        lo, hi = self.ledger.lo, self.ledger.hi
-        upweight: np.ndarray | None = None
-        weight = 1.0
-        low_bits: np.ndarray | None = None
-        if cfg.strategy == "prune":
-            self.ledger.exchange(comm=comm)
-            low_bits, n_low, n_obs, n_fin = self._prune_low(comm)
-            k = self.num_samples - _round_half_up(cfg.prune_ratio * n_low)
-            n_nonfinite = n_obs - n_fin
-        elif cfg.strategy == "random":
-            n_obs, n_fin, n_nonfinite = self.num_samples, self.num_samples, 0
-            k = _round_half_up(ratio * self.num_samples)
-        else:
-            self.ledger.exchange(comm=comm)
-            n_obs, n_fin = self._all_sum(list(self.ledger.counts()), comm)
-            n_nonfinite = n_obs - n_fin
-            k = self.num_samples - n_obs + _round_half_up(ratio * n_fin)
+        pick = strat.pick(self, epoch, ratio, comm)
         t_keys = time.perf_counter() - t0
         report: dict[str, Any] = {}
-        chunks = self._key_chunks(epoch) if low_bits is None else self._prune_key_chunks(low_bits, epoch)
-        if cfg.topk_method == "threshold":
-            images, nbits = self._image_chunks(chunks)
-            selection = Selection(select_block_bits(images, lo, hi, self.num_samples, k, bits=nbits,
-                                                    group=self.group, report=report), self.num_samples)
-        else:  # gather: every rank holds all N (key, id) pairs; exact, for up to ~10^7 samples
-            parts = list(chunks())
-            keys = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float64)
-            chosen = select_global(keys, np.arange(lo, hi, dtype=np.int64), k, method="gather",
-                                   group=self.group, report=report)
-            selection = Selection.from_ids(chosen, self.num_samples)
-            del keys, chosen
-        if low_bits is not None and cfg.reweight and n_low > selection.num_ids - selection.count:
-            # kept low-loss ids carry 1 / P(kept) = n_low / (n_low - n_drop); the rest weight 1
-            upweight = low_bits & selection.bits
-            weight = n_low / (n_low - (self.num_samples - selection.count))
-        elif cfg.random_reweight and cfg.strategy == "random" and 0 < selection.count < self.num_samples:
-            upweight, weight = selection.bits.copy(), self.num_samples / selection.count
-        if upweight is not None:
-            selection = Selection(selection.bits, self.num_samples, upweight=upweight, weight=weight)
-        if low_bits is not None:
-            self.kept_counts[int(epoch)] = selection.count
+        selection = _topk_method(cfg.topk_method)(self, pick, report)
+        if pick.after is not None:
+            selection = pick.after(selection)
         t_st, coll_st = time.perf_counter(), comm.seconds.get("collective", 0.0) if comm else 0.0
-        staleness = self._staleness(step, n_obs, comm) if cfg.strategy != "random" else None
+        staleness = self._staleness(step, pick.n_obs, comm) if strat.staleness else None
         # its passes over the ledger are selection work too (its all-reduce is counted as collective)
         coll_st = (comm.seconds.get("collective", 0.0) - coll_st) if comm else 0.0
         t_keys += time.perf_counter() - t_st - coll_st
+        record = dict(
+            step=int(step), epoch=int(epoch), cycle=plan.cycle, mode=cfg.mode, strategy=cfg.strategy,
+            method=report["method"], ratio=ratio, k=int(pick.k), n_scored=int(pick.n_obs),
+            n_selected=selection.count, n_unseen=int(self.num_samples - pick.n_obs),
+            n_nonfinite=int(pick.n_nonfinite), world_size=self.world_size,
+            sha256=selection.sha256 if self.rank == 0 else None, staleness=staleness)
+        self._settle(comm, report, t_keys, {"score": self._score_seconds_pending}, bytes_max=True,
+                     record=record)
+        if cfg.mode == "cycle" and strat.reuse:
+            self._cache, self._cache_cycle = selection, plan.cycle
+        return selection
+
+    def _settle(self, comm: _Comm | None, report: dict[str, Any], t_select: float, extra: dict[str, float],
+                *, bytes_max: bool, record: dict[str, Any] | None) -> None:
+        """The accounting of one selection: seconds by phase (the top-k's report, the comm's collectives,
+        `t_select` of key work, `extra` phases) and bytes sent (the top-k's and the comm's), into the
+        stats; with `record` fields, the selection record carrying them is built and written (with
+        `bytes_max`, a collective: the largest rank's bytes)."""
         seconds = {
-            "score": self._score_seconds_pending,
+            **extra,
             "collective": report["seconds"]["collective"] + (comm.seconds.get("consolidate", 0.0)
                                                              + comm.seconds.get("collective", 0.0)
                                                              if comm else 0.0),
-            "select": report["seconds"]["select"] + t_keys,
+            "select": report["seconds"]["select"] + t_select,
             "share": report["seconds"]["share"],
         }
         bytes_rank = dict(report["bytes_sent"])
         for phase, nbytes in (comm.bytes.items() if comm else []):
             bytes_rank[phase] = bytes_rank.get(phase, 0) + nbytes
         total_bytes = int(sum(bytes_rank.values()))
-        bmax = torch.tensor([total_bytes], dtype=torch.int64)
-        if comm is not None:
-            comm.ops.all_reduce(bmax, dist.ReduceOp.MAX, self.group)
-        record = make_record(
-            step=int(step), epoch=int(epoch), cycle=plan.cycle, mode=cfg.mode, strategy=cfg.strategy,
-            method=report["method"], ratio=ratio, k=int(k), n_scored=int(n_obs), n_selected=selection.count,
-            n_unseen=int(self.num_samples - n_obs) if cfg.strategy != "random" else 0,
-            n_nonfinite=int(n_nonfinite), world_size=self.world_size, seconds=seconds,
-            bytes_per_rank=bytes_rank, bytes_per_rank_max=int(bmax.item()),
-            sha256=selection.sha256 if self.rank == 0 else None, staleness=staleness,
-        )
-        self._finish(record, seconds, total_bytes)
-        if cfg.mode == "cycle" and cfg.strategy in ("hard", "random"):
-            self._cache, self._cache_cycle = selection, plan.cycle
-        return selection
+        if record is None:
+            for phase in ("collective", "select", "share", "rebalance"):
+                self.stats[f"seconds_{phase}"] += float(seconds.get(phase, 0.0))
+            self.stats["bytes_sent"] += total_bytes
+            self.stats["selections"] += 1
+            return
+        bmax = None
+        if bytes_max:
+            t = torch.tensor([total_bytes], dtype=torch.int64)
+            if comm is not None:
+                comm.ops.all_reduce(t, dist.ReduceOp.MAX, self.group)
+            bmax = int(t.item())
+        rec = make_record(**record, seconds=seconds, bytes_per_rank=bytes_rank, bytes_per_rank_max=bmax)
+        self._finish(rec, seconds, total_bytes)
 
     def _excess(self, ids: np.ndarray, loss: np.ndarray) -> np.ndarray:
         """teacher.score=excess: learner loss minus the reference model's loss of the same ids."""
         if self.reference is None:
             return loss
         return (loss.astype(np.float32) - self.reference.losses(ids)).astype(np.float32)
-
-    def _block_scores(self) -> Any:
-        """(ids, entries, scores) of this rank's ledger block, KEY_CHUNK ids at a time: scores are the
-        float32 losses, or excess losses with a reference (NaN for never observed ids)."""
-        led = self.ledger
-        for a in range(led.lo, led.hi, KEY_CHUNK):
-            b = min(led.hi, a + KEY_CHUNK)
-            ids = np.arange(a, b, dtype=np.int64)
-            v = led.block_entries(a, b)
-            loss = self._excess(ids, unpack_entries(v)[0])
-            loss[v == 0] = np.nan
-            yield ids, v, loss
-
-    def _prune_low(self, comm: _Comm | None) -> tuple[np.ndarray, int, int, int]:
-        """Collective. The low-score ids of unbiased pruning, as a bitset over all N ids: the
-        round(prune_quantile * n_fin) smallest finite scores (ties to the smaller id), or with
-        prune_quantile 0 those below the mean. Works over this rank's block in chunks (O(N / world) and
-        the one bitset). Returns (bits, n_low, n_obs, n_fin)."""
-        cfg = self.cfg
-        lo, hi = self.ledger.lo, self.ledger.hi
-        n_obs = n_fin = total = 0
-        for _, v, score in self._block_scores():
-            fin = np.isfinite(score)
-            n_obs += int(np.count_nonzero(v))
-            n_fin += int(np.count_nonzero(fin))
-            # the mean from an exact fixed-point sum: the same bits whatever the number of ranks
-            fixed = np.round(np.minimum(score[fin].astype(np.float64), 1e4) * 2.0**20).astype(np.int64)
-            total += int(fixed.sum())
-        n_obs, n_fin, total = self._all_sum([n_obs, n_fin, total], comm)
-        if cfg.prune_quantile > 0:
-            n_low = _round_half_up(cfg.prune_quantile * n_fin)
-
-            def images() -> Any:  # smaller finite score = larger image; non-finite and unseen 0
-                for _, _, score in self._block_scores():
-                    u = np.uint32(0xFFFFFFFF) - loss_image(score)
-                    u[~np.isfinite(score)] = 0
-                    yield u.astype(np.uint64)
-
-            bits = select_block_bits(images, lo, hi, self.num_samples, n_low, bits=32, group=self.group)
-        else:
-            mean = total / n_fin if n_fin else 0.0
-
-            def below() -> Any:
-                for _, _, score in self._block_scores():
-                    fin = np.isfinite(score)
-                    fixed = np.round(np.minimum(np.where(fin, score, 0.0).astype(np.float64), 1e4) * 2.0**20)
-                    yield (fin & (fixed < mean)).astype(np.uint64)
-
-            (n_low,) = self._all_sum([sum(int(np.count_nonzero(u)) for u in below())], comm)
-            bits = select_block_bits(below, lo, hi, self.num_samples, n_low, bits=1, group=self.group)
-        return bits, n_low, n_obs, n_fin
-
-    def _prune_key_chunks(self, low_bits: np.ndarray, epoch: int) -> Callable[[], Any]:
-        """Re-iterable keys of this rank's block for pruning: low ids get uniform noise keyed by (seed,
-        epoch, id), every other id (high, non-finite, never observed) +inf; keeping the top
-        k = N - round(prune_ratio * n_low) drops exactly that many low ids, each with the same
-        probability, whatever the number of ranks."""
-        led = self.ledger
-
-        def chunks() -> Any:
-            for a in range(led.lo, led.hi, KEY_CHUNK):  # a is a multiple of 8: whole bytes of the bitset
-                b = min(led.hi, a + KEY_CHUNK)
-                byte = low_bits[a // 8:(b + 7) // 8]
-                low = np.unpackbits(byte, count=b - a, bitorder="little").astype(bool)
-                keys = np.full(b - a, np.inf, dtype=np.float64)
-                ids = np.arange(a, b, dtype=np.int64)[low]
-                keys[low] = uniform_noise(ids, seed=self.seed, cycle=epoch)
-                yield keys
-
-        return chunks
 
     def _finish(self, record: dict[str, Any], seconds: dict[str, float], total_bytes: int) -> None:
         for phase in ("collective", "select", "share", "rebalance"):
@@ -566,32 +459,18 @@ class Teacher:
         nonfin = self._all_sum([n_nonfinite], comm)[0]
         self.stats["nonfinite"] += n_nonfinite
         self.stats["samples_scored"] += c
-        seconds = {"collective": report["seconds"]["collective"] + (comm.seconds.get("collective", 0.0)
-                                                                   if comm else 0.0),
-                   "select": report["seconds"]["select"] + t_keys, "share": report["seconds"]["share"],
-                   "rebalance": t_rebalance}
-        bytes_rank = dict(report["bytes_sent"])
-        if comm is not None:
-            for phase, nbytes in comm.bytes.items():
-                bytes_rank[phase] = bytes_rank.get(phase, 0) + nbytes
-        total_bytes = int(sum(bytes_rank.values()))
+        record = None
         if step % max(1, cfg.online_record_every) == 0 or self.last_record is None:
             sel_sha = None
             if self.rank == 0:
                 sel_sha = hashlib.sha256(chosen_np.astype("<i8").tobytes()).hexdigest()
-            record = make_record(
+            record = dict(
                 step=int(step), epoch=None, cycle=None, mode="online", strategy=cfg.strategy,
                 method=report["method"], ratio=cfg.online_ratio, k=int(k), n_scored=int(sum(sizes)),
                 n_selected=int(chosen_np.shape[0]), n_unseen=0, n_nonfinite=nonfin,
-                world_size=self.world_size, seconds=seconds, bytes_per_rank=bytes_rank,
-                bytes_per_rank_max=None, sha256=sel_sha, staleness=None,
+                world_size=self.world_size, sha256=sel_sha, staleness=None,
             )
-            self._finish(record, seconds, total_bytes)
-        else:
-            for phase in ("collective", "select", "share", "rebalance"):
-                self.stats[f"seconds_{phase}"] += float(seconds.get(phase, 0.0))
-            self.stats["bytes_sent"] += total_bytes
-            self.stats["selections"] += 1
+        self._settle(comm, report, t_keys, {"rebalance": t_rebalance}, bytes_max=False, record=record)
         return out
 
     # ------------------------------------------------------------------ state

@@ -1,0 +1,253 @@
+"""One teacher path for both trainers: `attent-scale train`'s Trainer and the HF AttentTrainer select the
+same ids for the losses they recorded (prune + reweight, anneal, excess), and weight the loss alike."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from attent_scale.config import TeacherConfig
+from attent_scale.errors import UserError
+from attent_scale.teacher import Selection, Teacher, read_records
+from attent_scale.teacher.epoch import begin_epoch, plan_anneal
+from attent_scale.teacher.ledger import TRAIN, Ledger
+
+EPOCHS = 4
+# epoch 0 full (warm-up), 1-2 prune the ids below the median excess loss (weights on the kept ones),
+# epoch 3 the anneal: all data, weight 1
+CONFIG = dict(mode="ledger", strategy="prune", warmup_epochs=1, prune_ratio=0.5, prune_quantile=0.5,
+              reweight=True, anneal_fraction=0.25, score="excess")
+
+
+_UNPATCHED_OBSERVE = Ledger.observe
+
+
+class _Capture:
+    """Every observation the teacher's ledger gets (ids, losses, step, kind) and every trained batch's
+    (ids, per-sample weights), in order."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.events: list[tuple[np.ndarray, np.ndarray, int, int]] = []
+        self.weights: list[tuple[int, np.ndarray, np.ndarray]] = []  # (epoch, ids, weights)
+        observe = Ledger.observe
+        events = self.events
+
+        def recording(led: Ledger, ids: Any, losses: Any, step: int, kind: int = TRAIN) -> int:
+            ids_np = np.asarray(ids.numpy() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64)
+            loss_np = np.asarray(losses.numpy() if isinstance(losses, torch.Tensor) else losses, np.float32)
+            events.append((ids_np.copy(), loss_np.copy(), int(step), int(kind)))
+            return observe(led, ids, losses, step, kind=kind)
+
+        monkeypatch.setattr(Ledger, "observe", recording)
+
+
+def _replay(cfg: TeacherConfig, n: int, events: list, starts: dict[int, int], reference: Any
+            ) -> dict[int, Selection]:
+    """A fresh teacher fed the recorded observations (the unpatched ledger), through the shared epoch
+    start at each subset epoch's first step (`starts`: epoch -> step): epoch -> its selection. prune
+    scores nothing at an epoch start, so the observations before that step are all it ranks."""
+    teacher = Teacher(cfg, num_samples=n, seed=0, reference=reference)
+    plan_anneal(teacher, EPOCHS)
+    out, i = {}, 0
+    for epoch in range(EPOCHS):
+        if not teacher.plan_epoch(epoch).subset:
+            continue
+        step = starts[epoch]
+        while i < len(events) and events[i][2] < step:
+            ids, losses, s, kind = events[i]
+            _UNPATCHED_OBSERVE(teacher.ledger, ids, losses, s, kind=kind)
+            i += 1
+        out[epoch] = begin_epoch(teacher, epoch, step, lambda *_: None).selection
+    return out
+
+
+def _check_against_replay(cfg: TeacherConfig, n: int, cap: _Capture, records: list[dict],
+                          reference: Any) -> None:
+    assert [r["epoch"] for r in records] == [1, 2]  # epoch 3 is the anneal: no selection
+    starts = {r["epoch"]: r["step"] for r in records}
+    events = list(cap.events)
+    want = _replay(cfg, n, events, starts, reference)
+    assert [want[r["epoch"]].sha256 for r in records] == [r["sha256"] for r in records]
+    # excess, not the raw loss: the same losses ranked without the reference prune other ids
+    raw = _replay(dataclasses.replace(cfg, score="loss"), n, events, starts, None)
+    assert len(cap.events) == len(events)  # the replays fed the unpatched ledger
+    assert [raw[e].sha256 for e in (1, 2)] != [want[e].sha256 for e in (1, 2)]
+    # every trained batch carried its selection's weights (some ids 2.0), all data weight 1 outside
+    seen_weighted = False
+    for epoch, ids, w in cap.weights:
+        if epoch in want:
+            np.testing.assert_array_equal(w, want[epoch].sample_weights(ids).numpy())
+            seen_weighted |= bool((w != 1).any())
+            assert want[epoch].mask(ids).all()
+        else:
+            assert (w == 1).all()
+    assert seen_weighted and {e for e, _, _ in cap.weights} == set(range(EPOCHS))
+
+
+def _reference_losses(n: int) -> np.ndarray:
+    return np.random.default_rng(7).uniform(0.0, 3.0, n).astype(np.float32)
+
+
+def test_train_trainer_selects_by_the_shared_epoch_start(tmp_path: Path, tiny_shards: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from train_runner import tiny_run_config
+
+    from attent_scale.config import config_from_dict
+    from attent_scale.data import Manifest
+    from attent_scale.score import write_scores
+    from attent_scale.teacher.reference import Reference, scores_metadata
+    from attent_scale.train import Trainer, train
+
+    m = Manifest.load(tiny_shards)
+    n = m.num_samples("train")
+    ref_loss = _reference_losses(n)
+    scores = tmp_path / "ref.safetensors"
+    write_scores(scores, ref_loss, scores_metadata(m, "train", "0" * 64))
+    teacher = {**CONFIG, "reference": str(scores)}
+    raw = tiny_run_config(tmp_path / "run", tiny_shards, teacher=teacher,
+                          train={"max_steps": 10_000, "max_epochs": EPOCHS, "log_every": 50},
+                          eval={"every_steps": 0, "max_batches": 1, "batch_size": 16})
+    cap = _Capture(monkeypatch)
+    step = Trainer.train_step
+
+    def recording_step(self: Trainer, batch: dict[str, Any], stream: Any) -> bool:
+        ids = batch["ids"].numpy().copy()
+        w = batch["weights"].numpy().copy() if "weights" in batch else np.ones(len(ids), np.float32)
+        real = ids >= 0
+        cap.weights.append((self.progress.epoch, ids[real], w[real]))
+        return step(self, batch, stream)
+
+    monkeypatch.setattr(Trainer, "train_step", recording_step)
+    assert train(config_from_dict(raw)) == 0
+    records = read_records(tmp_path / "run" / "selection.jsonl")
+    _check_against_replay(TeacherConfig(**teacher), n, cap, records, Reference(scores, m, "train"))
+
+
+def _tiny_lm() -> Any:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True,
+                      task_type="CAUSAL_LM")
+    return get_peft_model(AutoModelForCausalLM.from_config(config), lora)
+
+
+def _hf_trainer(out: Path, teacher: TeacherConfig | None, reference: Any = None, epochs: int = EPOCHS,
+                max_steps: int = -1, **kw: Any) -> Any:
+    from hf_worker import ToyPairs
+    from transformers import TrainingArguments
+
+    from attent_scale.integrations.hf import AttentTrainer
+    from attent_scale.integrations.sampler import PadCollator
+
+    args = TrainingArguments(output_dir=str(out), num_train_epochs=epochs, max_steps=max_steps,
+                             per_device_train_batch_size=8,
+                             learning_rate=3e-3, logging_steps=1, save_strategy="no", seed=0, report_to=[],
+                             disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
+    return AttentTrainer(model=_tiny_lm(), args=args, train_dataset=ToyPairs(), data_collator=PadCollator(0),
+                         teacher_config=teacher, reference=reference, **kw)
+
+
+def test_attent_trainer_selects_by_the_shared_epoch_start(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from hf_worker import N_SAMPLES
+
+    from attent_scale.integrations.hf import AttentTrainer
+    from attent_scale.teacher.reference import LossArray
+
+    ref_loss = _reference_losses(N_SAMPLES)
+    cfg = TeacherConfig(**CONFIG)
+    cap = _Capture(monkeypatch)
+    weights = AttentTrainer._batch_weights
+
+    def recording(self: AttentTrainer, ids: torch.Tensor) -> torch.Tensor | None:
+        w = weights(self, ids)
+        ids_np = ids.cpu().numpy().copy()
+        got = np.ones(len(ids_np), np.float32) if w is None else w.cpu().numpy().copy()
+        cap.weights.append((int(self.attent.epoch), ids_np, got))
+        return w
+
+    monkeypatch.setattr(AttentTrainer, "_batch_weights", recording)
+    trainer = _hf_trainer(tmp_path, cfg, reference=ref_loss)
+    trainer.train()
+    records = read_records(tmp_path / "selection.jsonl")
+    _check_against_replay(cfg, N_SAMPLES, cap, records, LossArray(ref_loss, N_SAMPLES))
+    # the LR schedule's length is the plan's (Teacher.planned_count, prune kept counts included)
+    steps = [h["step"] for h in trainer.state.log_history if "loss" in h]
+    assert trainer.state.max_steps == len(steps) == 8 + 6 + 6 + 8
+
+
+def test_weighted_loss_is_the_weighted_token_mean(tmp_path: Path) -> None:
+    """AttentTrainer's loss in a weighted epoch: sum_i w_i * CE_sum_i / tokens (engines' weighted token
+    mean), while the teacher still gets the unweighted per-sample losses."""
+    import torch.nn.functional as F
+    from hf_worker import ToyPairs
+
+    from attent_scale.integrations.sampler import PadCollator
+
+    trainer = _hf_trainer(tmp_path, TeacherConfig(**{**CONFIG, "score": "loss"}))
+    data = ToyPairs()
+    ids = torch.tensor([3, 10, 17, 42], dtype=torch.int64)
+    batch = PadCollator(0)([data[int(i)] for i in ids])
+    up = Selection.from_ids(torch.tensor([10, 42]), len(data))
+    sel = Selection(Selection.full(len(data)).bits, len(data), upweight=up.bits, weight=2.5)
+    trainer._sampler.set_selection(sel)
+    trainer._ids = ids
+    model = trainer.model
+    loss = trainer.compute_loss(model, dict(batch))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["logits"]
+        targets = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                             ignore_index=-100, reduction="none").view(targets.shape).sum(1)
+        tokens = (targets != -100).sum(1)
+    w = torch.tensor([1.0, 2.5, 1.0, 2.5])
+    assert loss.item() == pytest.approx(float((w * ce).sum() / tokens.sum()), rel=1e-5)
+    ((_, per_sample, _),) = trainer._step_losses
+    assert per_sample.tolist() == pytest.approx((ce / tokens).tolist(), rel=1e-5)
+
+
+@pytest.mark.parametrize("bad,key", [
+    (dict(initial_ratio=1.5), "teacher.initial_ratio"),
+    (dict(strategy="hardest"), "teacher.strategy"),
+    (dict(prune_ratio=1.0, strategy="prune"), "teacher.prune_ratio"),
+    (dict(initial_interval=3, max_interval=2), "teacher.max_interval"),
+    (dict(score="excess"), "teacher.reference"),
+    (dict(temperature="hot"), "teacher.temperature"),
+])
+def test_bad_teacher_config_in_python_raises_through_attent_trainer(tmp_path: Path, bad: dict,
+                                                                    key: str) -> None:
+    cfg = TeacherConfig(**{"mode": "ledger", **bad})
+    with pytest.raises(UserError, match=f"config key '{key}'"):
+        _hf_trainer(tmp_path, cfg)
+
+
+def test_weighting_strategy_needs_the_built_in_loss(tmp_path: Path) -> None:
+    from attent_scale.integrations.hf import causal_lm_per_sample
+
+    with pytest.raises(UserError, match="weights the loss per sample"):
+        _hf_trainer(tmp_path, TeacherConfig(**{**CONFIG, "score": "loss"}),
+                    per_sample_loss_fn=lambda o, i: causal_lm_per_sample(o, i))
+
+
+def test_steps_budget_anneal_ends_the_subset_epoch(tmp_path: Path) -> None:
+    """max_steps 20, anneal_fraction 0.3: from step 14 on all data with weight 1, so the subset epoch 1
+    (51 of 64 ids, 7 steps from step 9) ends after its 6th step and epoch 2 trains every id (as
+    `attent-scale train` ends a subset epoch at the anneal point)."""
+    cfg = TeacherConfig(mode="ledger", strategy="hard", warmup_epochs=1, ratio_schedule="constant",
+                        initial_ratio=0.8, final_ratio=0.8, anneal_fraction=0.3)
+    trainer = _hf_trainer(tmp_path, cfg, epochs=1, max_steps=20)
+    trainer.train()
+    hist = trainer.state.log_history
+    starts = [(h["attent/epoch"], h["attent/selected"], h["step"]) for h in hist if "attent/epoch" in h]
+    assert starts == [(0, 64, 0), (1, 51, 8), (2, 64, 14)]  # epoch 1 trained 6 of its 7 steps
+    assert [r["epoch"] for r in read_records(tmp_path / "selection.jsonl")] == [1]
+    assert trainer.state.global_step == 20 and trainer.teacher.anneal_from == 2
