@@ -31,6 +31,7 @@ from webdataset.tariterators import tar_file_iterator
 
 from attent_scale.data.manifest import Manifest
 from attent_scale.data.partition import FILLER, partition_epoch
+from attent_scale.data.selection import Selection
 from attent_scale.data.workers import StreamWorkers, ignore_stop_signals
 from attent_scale.errors import UserError
 
@@ -47,12 +48,10 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {"ids": ids, "input_ids": inputs, "labels": labels}
 
 
-def _selection_bits(selection: Any, manifest: Manifest, split: str) -> Any:
-    """The filter as a packed bitset over the split's ids (teacher.Selection), or None for all ids.
+def _selection_bits(selection: Any, manifest: Manifest, split: str) -> Selection | None:
+    """The filter as a packed bitset over the split's ids (a Selection), or None for all ids.
     Accepts a Selection (used as is, no copy), a bool array/tensor over all ids, or any object with
     .mask(ids) (asked one aligned block of ids at a time: no N-byte mask is built)."""
-    from attent_scale.teacher.selection import Selection
-
     n = manifest.num_samples(split)
     if selection is None:
         return None

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from attent_scale.config import TeacherConfig
+from attent_scale.data.selection import Selection
 from attent_scale.teacher.ledger import (
     NEG_INF_IMAGE,
     POS_INF_IMAGE,
@@ -26,7 +27,6 @@ from attent_scale.teacher.ledger import (
 )
 from attent_scale.teacher.records import RecordWriter, make_record
 from attent_scale.teacher.schedules import interval_at, ratio_at
-from attent_scale.teacher.selection import Selection
 from attent_scale.teacher.strategies import strategy_keys, uniform_noise
 from attent_scale.teacher.topk import (
     _Comm,
