@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from attent_scale.config import TeacherConfig
 from attent_scale.data.selection import Selection
+from attent_scale.teacher.comm import Comm, collective_ops, resolve_group
 from attent_scale.teacher.ledger import (
     NEG_INF_IMAGE,
     POS_INF_IMAGE,
@@ -28,15 +29,7 @@ from attent_scale.teacher.ledger import (
 from attent_scale.teacher.records import RecordWriter, make_record
 from attent_scale.teacher.schedules import interval_at, ratio_at
 from attent_scale.teacher.strategies import strategy_keys, uniform_noise
-from attent_scale.teacher.topk import (
-    _Comm,
-    _resolve_group,
-    collective_ops,
-    key_image,
-    kth_largest,
-    select_block_bits,
-    select_global,
-)
+from attent_scale.teacher.topk import key_image, kth_largest, select_block_bits, select_global
 
 STATE_FORMAT = 2  # 2: dense ledger blocks, selection bits not copied
 KEY_CHUNK = 1 << 17  # ids per chunk when keys are computed from the ledger block
@@ -79,7 +72,7 @@ class Teacher:
         self.cfg = cfg
         self.num_samples = int(num_samples)
         self.seed = int(seed)
-        self.group = _resolve_group(group)
+        self.group = resolve_group(group)
         ops = collective_ops(self.group)
         self.world_size = ops.get_world_size(self.group) if self.group is not None else 1
         self.rank = ops.get_rank(self.group) if self.group is not None else 0
@@ -216,7 +209,7 @@ class Teacher:
         self._scored_pending += n
         return n
 
-    def _exchange_round(self, comm: _Comm, *, done: bool) -> bool:
+    def _exchange_round(self, comm: Comm, *, done: bool) -> bool:
         """One lockstep exchange; True once every rank has said it is done."""
         busy = torch.tensor([0 if done else 1], dtype=torch.int64)
         comm.all_reduce(busy, "consolidate")
@@ -237,16 +230,16 @@ class Teacher:
 
     # ------------------------------------------------------------------ selecting
 
-    def _comm(self) -> _Comm | None:
-        return _Comm(self.group) if self.group is not None else None
+    def _comm(self) -> Comm | None:
+        return Comm(self.group) if self.group is not None else None
 
-    def _all_sum(self, values: list[int], comm: _Comm | None) -> list[int]:
+    def _all_sum(self, values: list[int], comm: Comm | None) -> list[int]:
         t = torch.tensor(values, dtype=torch.int64)
         if comm is not None:
             comm.all_reduce(t, "collective")
         return [int(v) for v in t.tolist()]
 
-    def _staleness(self, step: int, n_obs: int, comm: _Comm | None) -> dict[str, int] | None:
+    def _staleness(self, step: int, n_obs: int, comm: Comm | None) -> dict[str, int] | None:
         """Global count, lower median and max of the age (step - observed step, at least 0) of observed
         ids, from the ledger blocks in chunks. Each entry maps to y = 2 * age + (1 - kind) (0 for unseen
         ids, below every observed one), which orders like the age; y < 2 * step + 3, so up to 2**19 steps
@@ -441,7 +434,7 @@ class Teacher:
             loss[v == 0] = np.nan
             yield ids, v, loss
 
-    def _prune_low(self, comm: _Comm | None) -> tuple[np.ndarray, int, int, int]:
+    def _prune_low(self, comm: Comm | None) -> tuple[np.ndarray, int, int, int]:
         """Collective. The low-score ids of unbiased pruning, as a bitset over all N ids: the
         round(prune_quantile * n_fin) smallest finite scores (ties to the smaller id), or with
         prune_quantile 0 those below the mean. Works over this rank's block in chunks (O(N / world) and
