@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 
+from attent_scale.dist import all_gather_objects, initialized
 from attent_scale.errors import UserError
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -176,7 +177,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if initialized():
         dist.barrier()
 
 
@@ -196,8 +197,7 @@ def _agree(error: str | None, group: Any) -> str | None:
     """Collective: None when no rank failed, else this rank's reason (or that another rank failed)."""
     from attent_scale.dist import all_reduce_flag
 
-    ok = all_reduce_flag(error is None, "min", group) if dist.is_available() and dist.is_initialized() \
-        else error is None
+    ok = all_reduce_flag(error is None, "min", group)
     if ok:
         return None
     return error or "the write failed on another rank"
@@ -359,7 +359,7 @@ def find_checkpoint(run_dir: str | Path, verify: Any, *, rank: int, group: Any =
             problem = verify(path)
         except (OSError, ValueError, KeyError) as exc:
             problem = _write_error(exc)
-        problems = _gather(problem, group)
+        problems = all_gather_objects(problem, group)
         bad = [f"rank {r}: {p}" if len(problems) > 1 else p for r, p in enumerate(problems) if p is not None]
         if not bad:
             return path, skipped
@@ -368,14 +368,6 @@ def find_checkpoint(run_dir: str | Path, verify: Any, *, rank: int, group: Any =
         raise UserError(f"run_dir {run_dir}: no undamaged checkpoint to resume from: {'; '.join(skipped)} "
                         "(remove them, or set checkpoint.resume=false to start over)")
     return None, skipped
-
-
-def _gather(item: Any, group: Any) -> list[Any]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) <= 1:
-        return [item]
-    out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, item, group=group)
-    return out
 
 
 def load_checkpoint(path: Path, engine: Any, *, rank: int, world_size: int) -> dict[str, Any]:

@@ -1,9 +1,10 @@
-"""Process-group setup from the torchrun / deepspeed-launcher environment, plus lockstep helpers."""
+"""Process-group setup from the torchrun / deepspeed-launcher environment; the run's shared collectives."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -161,9 +162,27 @@ def choose_cuda_device(local_rank: int, local_world_size: int, device_count: int
     return local_rank
 
 
+def initialized() -> bool:
+    """True when a process group is up in this process."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def group_size(group: dist.ProcessGroup | None = None) -> int:
+    """Ranks in `group` (None: the default group); 1 when no process group is up."""
+    return dist.get_world_size(group) if initialized() else 1
+
+
+def side_group() -> dist.ProcessGroup | None:
+    """Collective (every rank calls it): a gloo group of all ranks for the CPU tensors of the teacher and
+    the run's bookkeeping on an NCCL job; None (use the default group, gloo already, or none) otherwise."""
+    if initialized() and dist.get_backend() == "nccl":
+        return dist.new_group(backend="gloo")
+    return None
+
+
 def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
     """Where a tensor for a collective on `group` must live: the current CUDA device on NCCL, else CPU."""
-    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
+    if initialized() and dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -187,7 +206,7 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    if dist.is_available() and dist.is_initialized():
+    if initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), device)
     if world_size <= 1:
         return DistInfo(0, 1, 0, None, device)
@@ -205,7 +224,7 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
 
 def init_one_rank_group(device: torch.device) -> None:
     """A one-rank process group for a single process (sharded engines need one: people debug that way)."""
-    if dist.is_initialized():
+    if initialized():
         return
     import socket
 
@@ -225,7 +244,7 @@ def init_one_rank_group(device: torch.device) -> None:
 
 def is_distributed() -> bool:
     """True when a process group with more than one rank is up."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return group_size() > 1
 
 
 def barrier(group: dist.ProcessGroup | None = None) -> None:
@@ -255,7 +274,7 @@ def all_reduce_values(values: list[int] | list[float], op: str = "sum",
     ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
     if op not in ops:
         raise ValueError(f"all_reduce_values: op must be one of {sorted(ops)}, got {op!r}")
-    if not is_distributed() or dist.get_world_size(group) <= 1:
+    if group_size(group) <= 1:
         return list(values)
     ints = all(isinstance(v, int) for v in values)
     t = torch.tensor(values, dtype=torch.int64 if ints else torch.float64, device=collective_device(group))
@@ -263,7 +282,18 @@ def all_reduce_values(values: list[int] | list[float], op: str = "sum",
     return [int(v) for v in t.tolist()] if ints else t.tolist()
 
 
+def all_gather_objects(item: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
+    """Every rank's picklable `item`, in rank order ([item] on one process). It pickles and runs two
+    collectives: for start-up checks and end-of-run totals, never a hot path."""
+    world = group_size(group)
+    if world <= 1:
+        return [item]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, item, group=group)
+    return out
+
+
 def destroy() -> None:
     """Tear the process group down if one is up."""
-    if dist.is_available() and dist.is_initialized():
+    if initialized():
         dist.destroy_process_group()

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from attent_scale import checkpoint as ckpt
-from attent_scale.dist import all_reduce_values
+from attent_scale.dist import all_reduce_values, group_size
 from attent_scale.errors import UserError
 from attent_scale.teacher.ledger import block_len, block_range
 
@@ -55,7 +55,7 @@ def _owed_bits(peers: dict[int, dict[str, Any]], fold: list[int], progress: dict
         ids = old.remaining_ids()
         np.bitwise_or.at(owed, ids >> 3, np.left_shift(1, ids & 7).astype(np.uint8))
     t = torch.from_numpy(owed)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+    if group_size(group) > 1:
         dist.all_reduce(t, op=dist.ReduceOp.BOR, group=group)
     return t.numpy()
 

@@ -196,7 +196,7 @@ def score_split(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from attent_scale.data import Manifest
-    from attent_scale.dist import init_distributed
+    from attent_scale.dist import init_distributed, side_group
     from attent_scale.engines import build_engine
 
     if args.batch_size < 1:
@@ -210,7 +210,7 @@ def score_split(args: argparse.Namespace) -> int:
 
     info = init_distributed()
     rank, world = info.rank, info.world_size
-    group = dist.new_group(backend="gloo") if info.backend == "nccl" else None
+    group = side_group()
     fresh = torch.tensor([1 if read_metadata(out) == meta else 0], dtype=torch.int64)
     if world > 1:  # rank 0 decides: every rank skips or every rank scores
         dist.broadcast(fresh, 0, group=group)

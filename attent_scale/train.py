@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from attent_scale.config import RunConfig, add_override_argument, dump_config, load_config
+from attent_scale.dist import all_gather_objects, all_reduce_values, initialized, side_group
 from attent_scale.errors import UserError
 
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; the Slurm script requeues
@@ -134,8 +135,6 @@ def _all_reduce_max(value: float, group: Any) -> float:
 
 def _all_reduce_max_each(values: list[float], group: Any) -> list[float]:
     """Element-wise max of a few numbers over the ranks of `group`, in one collective."""
-    from attent_scale.dist import all_reduce_values
-
     return all_reduce_values([float(v) for v in values], "max", group)
 
 
@@ -203,7 +202,7 @@ class Trainer:
         _check_run_dir(self.run_dir, self.rank)
         self.run_lock = lock_run_dir(self.run_dir, self.rank)  # released in close (and at exit)
         # Teacher and loop bookkeeping talk over CPU tensors: on NCCL jobs they get a gloo group of their own.
-        self.group = dist.new_group(backend="gloo") if self.info.backend == "nccl" else None
+        self.group = side_group()
         check_shards(self.manifest, self.run_dir, rank=self.rank, world=self.world, group=self.group)
         self.teacher = self._build_teacher()
         check_model_fits(cfg.model, int(self.manifest.vocab_size), self.manifest.seq_len)
@@ -566,14 +565,12 @@ class Trainer:
         cfg, progress = self.cfg, self.progress
         if not (now or final) and progress.step % cfg.train.stop_check_every != 0:
             return
-        from attent_scale.engines.base import all_reduce_sum
-
-        seen, trained = all_reduce_sum([len(progress.corrupt_ids), progress.samples_trained],
-                                       torch.device("cpu"), self.group)
+        seen, trained = all_reduce_values([len(progress.corrupt_ids), progress.samples_trained], "sum",
+                                          self.group)
         budget = cfg.data.max_corrupt_fraction * self.n_train
         corrupt = int(seen)
         if seen > budget and self.world > 1:  # a sum over ranks counts an id two ranks met twice
-            corrupt = len(_all_union(progress.corrupt_ids, self.group, self.world))
+            corrupt = len(set().union(*all_gather_objects(progress.corrupt_ids, self.group)))
         if corrupt > budget and cfg.data.max_corrupt_fraction < 1.0:
             raise UserError(
                 f"data.dir {cfg.data.dir}: {corrupt} of {self.n_train} training samples are corrupt "
@@ -777,7 +774,7 @@ class Trainer:
         self.metrics.close()
         if self.run_lock is not None:  # a second train() in this process may take run_dir again
             self.run_lock.release()
-        if not failed and dist.is_available() and dist.is_initialized():
+        if not failed and initialized():
             if exit_code == 0:
                 dist.barrier()
             dist.destroy_process_group()
@@ -844,15 +841,6 @@ def _resume_line(path: Path, progress: Progress, n_train: int, world: int, old_w
             f"epoch {progress.epoch} {where}, {selection})")
 
 
-def _all_union(ids: list[int], group: Any, world: int) -> set[int]:
-    """The union of every rank's id list (once, at the end of a run)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return set(ids)
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, ids, group=group)
-    return set().union(*gathered)
-
-
 def _clock() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
@@ -906,19 +894,11 @@ def _summary(
         tot["samples_scored"],
         tot["selection_seconds"],
     ]
-    if world > 1:
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, per_rank, group=group)  # once, at the end: not a hot path
-    else:
-        gathered = [per_rank]
-    corrupt_ids = _all_union(progress.corrupt_ids, group, world)
-    from attent_scale.engines.base import all_reduce_sum
-
-    summed = all_reduce_sum(
-        [tot["samples_trained"], tot["tokens_trained"], tot["samples_scored"], tot["corrupt_samples"]],
-        torch.device("cpu"),  # `group` is gloo (the default group, or our own on NCCL jobs)
-        group,
-    )
+    gathered = all_gather_objects(per_rank, group)  # once, at the end: not a hot path
+    corrupt_ids = set().union(*all_gather_objects(progress.corrupt_ids, group))  # once, at the end
+    summed = all_reduce_values(  # `group` is gloo (the default group, or our own on NCCL jobs)
+        [tot[k] for k in ("samples_trained", "tokens_trained", "samples_scored", "corrupt_samples")], "sum",
+        group)
     return {
         "world_size": world,
         "torch_threads": torch.get_num_threads(),

@@ -13,7 +13,8 @@ import torch.distributed as dist
 
 from attent_scale.config import TeacherConfig
 from attent_scale.teacher import SelectionMismatchError, Teacher, select_global, strategy_keys, uniform_noise
-from attent_scale.teacher.topk import _Comm, check_agreement
+from attent_scale.teacher.comm import Comm
+from attent_scale.teacher.topk import check_agreement
 
 N = 1000
 STRATEGIES = ("hard", "soft", "random")
@@ -91,7 +92,7 @@ def teacher_scenarios(rank: int, world: int, group: Any, tmp: Path) -> dict[str,
                 shas = []
                 sel = t.select(1, 40)
                 shas.append(sel.sha256 if rank == 0 else None)
-                check_agreement(sel.ids(), _Comm(group) if group is not None else None)
+                check_agreement(sel.ids(), Comm(group) if group is not None else None)
                 # training forwards in the subset epoch update some scores, then the next subset epoch
                 sub = split(sel.ids(), rank, world, "contiguous")
                 for b in batches(sub, bs=40):
@@ -238,7 +239,7 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
         select_global(keys, torch.from_numpy(mine), 400, method="threshold", group=group, report=rep)
         res[f"report/threshold/{scheme}"] = rep
     try:
-        check_agreement(np.array([1, 2, 3 + rank], dtype=np.int64), _Comm(group))
+        check_agreement(np.array([1, 2, 3 + rank], dtype=np.int64), Comm(group))
         res["mismatch"] = None
     except SelectionMismatchError as exc:
         res["mismatch"] = str(exc)

@@ -1,30 +1,27 @@
 """ShardStream: deterministic, rank-balanced, filterable and exactly resumable batches from tar shards.
 
-Epoch plan (a pure function of manifest, selection, seed, epoch, world size): shards are shuffled with a
-generator seeded by (seed, epoch) - the same order on every rank - and the selected ids of the shards, in
-that order, form the epoch sequence of M ids. Rank r takes the contiguous block
-[r * (M // W), (r + 1) * (M // W)); the last M mod W ids are dropped (counted in `dropped`). The rank's
-block is cut into ceil(per / B) batches (with `pad`, nothing is dropped: blocks of floor or ceil M / W ids,
-the shorter ones padded by one filler row); logical worker w takes a contiguous run of whole batches, reads
-only the shards its run touches, and emits its samples in the order of a seeded shuffle buffer that is
-computed over positions (not contents), so a worker can resume at any batch by reading at most one buffer
-of samples. The DataLoader returns batches round-robin from its workers; the main process tags every
-batch with its logical worker, so the position (batches consumed per worker, next worker in the cycle) is
-exact, and a restored stream rotates the logical workers so the cycle continues where it stopped. Given a
-`StreamWorkers` (data/workers.py), a stream iterates through those long-lived worker processes instead of
-starting a DataLoader of its own.
+Epoch plan: which positions of the epoch sequence (the selected ids of the shards, in a seeded shard
+order that is the same on every rank) each rank's logical workers emit, in which batch, is the pure
+function data/partition.py:partition_epoch of the shards' selected counts, seed, epoch, rank, world size,
+batch size, workers, shuffle buffer and `pad` (see there for the rank blocks, the M mod W ids dropped or,
+with `pad`, the filler rows). Logical worker w reads only the shards its run of batches touches, and its
+shuffle buffer is computed over positions (not contents), so a worker can resume at any batch by reading at
+most one buffer of samples. The DataLoader returns batches round-robin from its workers; the main process
+tags every batch with its logical worker, so the position (batches consumed per worker, next worker in the
+cycle) is exact, and a restored stream rotates the logical workers so the cycle continues where it
+stopped. Given a `StreamWorkers` (data/workers.py), a stream iterates through those long-lived worker
+processes instead of starting a DataLoader of its own.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import signal
 import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,10 +30,10 @@ from webdataset.handlers import reraise_exception
 from webdataset.tariterators import tar_file_iterator
 
 from attent_scale.data.manifest import Manifest
+from attent_scale.data.partition import FILLER, partition_epoch
+from attent_scale.data.selection import Selection
+from attent_scale.data.workers import StreamWorkers, ignore_stop_signals
 from attent_scale.errors import UserError
-
-if TYPE_CHECKING:
-    from attent_scale.data.workers import StreamWorkers
 
 STATE_VERSION = 1
 IGNORE_INDEX = -100
@@ -51,37 +48,10 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {"ids": ids, "input_ids": inputs, "labels": labels}
 
 
-def buffer_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
-    """The emission order of a shuffle buffer of size `buffer` fed positions 0..n-1 (a permutation)."""
-    if buffer <= 1 or n <= 1:
-        return np.arange(n, dtype=np.int64)
-    draws = rng.random(n)
-    out = np.empty(n, dtype=np.int64)
-    buf: list[int] = []
-    j = 0
-    for i in range(n):
-        buf.append(i)
-        if len(buf) >= buffer:
-            k = int(draws[j] * len(buf))
-            out[j] = buf[k]
-            buf[k] = buf[-1]
-            buf.pop()
-            j += 1
-    while buf:
-        k = int(draws[j] * len(buf))
-        out[j] = buf[k]
-        buf[k] = buf[-1]
-        buf.pop()
-        j += 1
-    return out
-
-
-def _selection_bits(selection: Any, manifest: Manifest, split: str) -> Any:
-    """The filter as a packed bitset over the split's ids (teacher.Selection), or None for all ids.
+def _selection_bits(selection: Any, manifest: Manifest, split: str) -> Selection | None:
+    """The filter as a packed bitset over the split's ids (a Selection), or None for all ids.
     Accepts a Selection (used as is, no copy), a bool array/tensor over all ids, or any object with
     .mask(ids) (asked one aligned block of ids at a time: no N-byte mask is built)."""
-    from attent_scale.teacher.selection import Selection
-
     n = manifest.num_samples(split)
     if selection is None:
         return None
@@ -111,7 +81,8 @@ def _selection_bits(selection: Any, manifest: Manifest, split: str) -> Any:
 
 
 class _EpochPlan:
-    """Everything a worker needs for one (epoch, rank): picklable and cheap to copy into workers."""
+    """A rank's epoch partition plus what a worker needs to read it (shard paths, the sample format and the
+    selection bits of only the shards it reads): picklable and cheap to copy into workers."""
 
     def __init__(self, stream: ShardStream) -> None:
         m = stream.manifest
@@ -124,80 +95,63 @@ class _EpochPlan:
         self.counts = np.array([s.count for s in shards], dtype=np.int64)
         sel = stream._selection
         if sel is None:
-            self.sel_counts = self.counts.copy()
+            selected = self.counts
         else:
             pairs = zip(self.firsts.tolist(), self.counts.tolist(), strict=True)
-            self.sel_counts = np.array([sel.count_range(f, f + c) for f, c in pairs], dtype=np.int64)
-        rng = np.random.default_rng([stream.seed, stream.epoch, 0x5EED])
-        self.order = rng.permutation(len(shards)) if len(shards) else np.zeros(0, dtype=np.int64)
-        self.seg_starts = np.concatenate([[0], np.cumsum(self.sel_counts[self.order])]).astype(np.int64)
-        self.total = int(self.seg_starts[-1])
-        w = stream.world_size
-        self.per = self.total // w
-        self.dropped = self.total - self.per * w
-        self.rank_start = stream.rank * self.per
-        self.real = self.per  # positions of the rank's block that hold ids; the rest are filler rows
-        if stream.pad:  # nothing dropped: balanced blocks, the shorter ones get one filler row
-            self.per, self.dropped = -(-self.total // w), 0
-            self.rank_start = stream.rank * self.total // w
-            self.real = (stream.rank + 1) * self.total // w - self.rank_start
-        self.batch_size = stream.batch_size
-        self.num_batches = -(-self.per // self.batch_size)
-        self.logical_workers = max(1, stream.num_workers)
-        self.shuffle_buffer = stream.shuffle_buffer
-        self.seed, self.epoch, self.rank = stream.seed, stream.epoch, stream.rank
+            selected = np.array([sel.count_range(f, f + c) for f, c in pairs], dtype=np.int64)
+        self.part = partition_epoch(selected, seed=stream.seed, epoch=stream.epoch, rank=stream.rank,
+                                    world_size=stream.world_size, batch_size=stream.batch_size,
+                                    workers=stream.num_workers, shuffle_buffer=stream.shuffle_buffer,
+                                    pad=stream.pad)
+        p = self.part
         # the selection's bits of only the shards this rank reads, each re-based to its shard's first id
         self.bits: dict[int, np.ndarray] | None = None
         if sel is not None:
             self.bits = {si: sel.slice_bits(int(self.firsts[si]), int(self.firsts[si] + self.counts[si]))
-                         for si in self._shards_in(self.rank_start, self.rank_start + self.real)}
+                         for si in p.shards_in(p.rank_start, p.rank_start + p.real)}
 
-    def _shards_in(self, a: int, b: int) -> list[int]:
-        """Indices of the shards holding positions [a, b) of the epoch sequence."""
-        if a >= b:
-            return []
-        k0 = int(np.searchsorted(self.seg_starts, a, side="right")) - 1
-        k1 = int(np.searchsorted(self.seg_starts, b, side="left"))
-        return [int(si) for k, si in enumerate(self.order[k0:k1], k0)
-                if self.seg_starts[k] < self.seg_starts[k + 1]]
+    @property
+    def logical_workers(self) -> int:
+        return self.part.workers
 
     def restrict(self, w: int) -> _EpochPlan:
         """A copy that keeps the selection bits of only the shards logical worker w reads."""
         if self.bits is None:
             return self
-        b0, b1 = self.worker_batches(w)
-        a = self.rank_start + b0 * self.batch_size
-        b = self.rank_start + min(b1 * self.batch_size, self.real)
+        a, _, real = self.part.worker_span(w)
+        start = self.part.rank_start + a
         out = copy.copy(self)
-        out.bits = {si: self.bits[si] for si in self._shards_in(a, b)}
+        out.bits = {si: self.bits[si] for si in self.part.shards_in(start, start + real)}
         return out
+
+    def run(self, done_batches: Sequence[int], w: int) -> Iterator[dict[str, Any]]:
+        """Logical worker w's batches after `done_batches[w]` (what a StreamWorkers process yields)."""
+        return _EpochDataset(self, done_batches, 0)._worker(w)
 
     @property
     def selection_nbytes(self) -> int:
         """Bytes of selection bits this plan holds."""
         return sum(v.nbytes for v in self.bits.values()) if self.bits is not None else 0
 
-    def worker_batches(self, w: int) -> tuple[int, int]:
-        """Batch range [b0, b1) of the rank's batches that logical worker w produces."""
-        nb, lw = self.num_batches, self.logical_workers
-        return w * nb // lw, (w + 1) * nb // lw
-
     def segments(self, a: int, b: int) -> list[tuple[int, np.ndarray]]:
         """(shard index, ids) runs covering positions [a, b) of the epoch sequence, in order."""
         out = []
-        for k, si in enumerate(self.order):
-            s0, s1 = int(self.seg_starts[k]), int(self.seg_starts[k + 1])
-            lo, hi = max(a, s0), min(b, s1)
-            if lo >= hi:
-                continue
+        for si, k0, k1 in self.part.runs(a, b):
             f, c = int(self.firsts[si]), int(self.counts[si])
             if self.bits is None:
-                ids = np.arange(f + lo - s0, f + hi - s0, dtype=np.int64)
+                ids = np.arange(f + k0, f + k1, dtype=np.int64)
             else:
-                m = np.unpackbits(self.bits[int(si)], count=c, bitorder="little")
-                ids = (np.flatnonzero(m) + f)[lo - s0 : hi - s0].astype(np.int64)
-            out.append((int(si), ids))
+                m = np.unpackbits(self.bits[si], count=c, bitorder="little")
+                ids = (np.flatnonzero(m) + f)[k0:k1].astype(np.int64)
+            out.append((si, ids))
         return out
+
+    def worker_segments(self, w: int) -> list[tuple[int, np.ndarray]]:
+        """The (shard index, ids) runs of logical worker w's span, by local position (its filler rows, if
+        any, come after them)."""
+        a, _, real = self.part.worker_span(w)
+        start = self.part.rank_start + a
+        return self.segments(start, start + real)
 
 
 class _WorkerState:
@@ -282,16 +236,12 @@ class _EpochDataset(IterableDataset):
 
     def _worker(self, w: int) -> Iterator[dict[str, Any]]:
         p = self.plan
-        b0, b1 = p.worker_batches(w)
-        a = b0 * p.batch_size
-        b = min(b1 * p.batch_size, p.per)
-        n = b - a
-        skip = self.done_batches[w] * p.batch_size
+        _, n, _ = p.part.worker_span(w)
+        skip = self.done_batches[w] * p.part.batch_size
         if n <= 0 or skip >= n:
             return
-        rng = np.random.default_rng([p.seed, p.epoch, p.rank, w, 0xB0F])
-        order = buffer_order(n, p.shuffle_buffer, rng)
-        segs = p.segments(p.rank_start + a, p.rank_start + max(a, min(b, p.real)))
+        order = p.part.emission(w)
+        segs = p.worker_segments(w)
         ids = np.concatenate([s[1] for s in segs]) if segs else np.zeros(0, dtype=np.int64)
         needed = np.zeros(n, dtype=bool)
         needed[order[skip:]] = True
@@ -300,8 +250,8 @@ class _EpochDataset(IterableDataset):
         reader = _read_positions(p, segs, needed, ws)
         pending: dict[int, np.ndarray | None] = {}
         t = p.seq_len
-        for t0 in range(skip, n, p.batch_size):
-            rows = order[t0 : t0 + p.batch_size]
+        for t0 in range(skip, n, p.part.batch_size):
+            rows = order[t0 : t0 + p.part.batch_size]
             # one int64 block per batch [B, 1 + 2T] = id | input_ids | labels: one shared-memory
             # transfer per batch from a worker instead of three
             packed = np.empty((len(rows), 1 + 2 * t), dtype=np.int64)
@@ -334,14 +284,6 @@ def _unpack(packed: torch.Tensor, seq_len: int) -> dict[str, torch.Tensor]:
         "input_ids": packed[:, 1 : seq_len + 1].contiguous(),
         "labels": packed[:, seq_len + 1 :].contiguous(),
     }
-
-
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader workers ignore stop signals: torchrun and Slurm signal the rank's whole process group,
-    and a worker that died of it would fail the rank before it can write its checkpoint. The rank
-    decides; its workers exit when it closes the loader (or when it dies: they watch their parent)."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
 
 
 class ShardStream:
@@ -411,23 +353,24 @@ class ShardStream:
     @property
     def selected(self) -> int:
         """Ids in this epoch's sequence before equalisation (all ranks)."""
-        return self._plan.total
+        return self._plan.part.total
 
     @property
     def samples_per_rank(self) -> int:
-        return self._plan.per
+        return self._plan.part.per
 
     @property
     def dropped(self) -> int:
         """Samples of the epoch no rank yields (the last M mod world_size of the epoch sequence)."""
-        return self._plan.dropped
+        return self._plan.part.dropped
 
     def __len__(self) -> int:
-        return self._plan.num_batches
+        return self._plan.part.num_batches
 
     def epoch_ids(self) -> np.ndarray:
         """This rank's ids for the epoch as a set (sorted), without reading shards."""
-        segs = self._plan.segments(self._plan.rank_start, self._plan.rank_start + self._plan.real)
+        p = self._plan.part
+        segs = self._plan.segments(p.rank_start, p.rank_start + p.real)
         return np.sort(np.concatenate([s[1] for s in segs])) if segs else np.zeros(0, dtype=np.int64)
 
     # ---- iteration --------------------------------------------------------------------------------
@@ -444,7 +387,7 @@ class ShardStream:
                 batches = dataset._worker(0)
             else:
                 batches = DataLoader(dataset, batch_size=None, num_workers=nw, persistent_workers=False,
-                                     worker_init_fn=_ignore_stop_signals)
+                                     worker_init_fn=ignore_stop_signals)
         lw = self._plan.logical_workers
         t = self.manifest.seq_len
         for item in batches:
@@ -503,19 +446,14 @@ class ShardStream:
         another world size gathers these over the old ranks (attent_scale/elastic.py)."""
         p = self._plan
         out = []
-        for w in range(p.logical_workers):
-            b0, b1 = p.worker_batches(w)
-            a, b = b0 * p.batch_size, min(b1 * p.batch_size, p.per)
-            skip = self.worker_batches[w] * p.batch_size
-            if b - a <= 0 or skip >= b - a:
+        for w in range(p.part.workers):
+            rest = p.part.worker_positions(w, self.worker_batches[w])  # what _EpochDataset._worker emits
+            rest = rest[rest != FILLER]
+            if not len(rest):
                 continue
-            # the emission order of _EpochDataset._worker: the same generator, the same buffer
-            rng = np.random.default_rng([p.seed, p.epoch, p.rank, w, 0xB0F])
-            order = buffer_order(b - a, p.shuffle_buffer, rng)
-            segs = p.segments(p.rank_start + a, p.rank_start + max(a, min(b, p.real)))
-            ids = np.concatenate([s[1] for s in segs]) if segs else np.zeros(0, dtype=np.int64)
-            rest = order[skip:]
-            out.append(ids[rest[rest < len(ids)]])
+            segs = p.worker_segments(w)
+            ids = np.concatenate([s[1] for s in segs])
+            out.append(ids[rest - (p.part.rank_start + p.part.worker_span(w)[0])])
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -14,14 +14,38 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import signal
 import tempfile
 import weakref
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from attent_scale.data.stream import _EpochDataset, _EpochPlan, _ignore_stop_signals
+
+class WorkerPlan(Protocol):
+    """What a worker is handed: a picklable plan of `logical_workers` runs of batches (ShardStream's)."""
+
+    @property
+    def logical_workers(self) -> int:
+        """Runs of batches in the plan (one per logical worker)."""
+        ...
+
+    def restrict(self, w: int) -> WorkerPlan:
+        """A copy holding only what logical worker w needs."""
+        ...
+
+    def run(self, done_batches: Sequence[int], w: int) -> Iterator[Any]:
+        """Logical worker w's batches after the `done_batches[w]` it already yielded."""
+        ...
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers ignore stop signals: torchrun and Slurm signal the rank's whole process group,
+    and a worker that died of it would fail the rank before it can write its checkpoint. The rank
+    decides; its workers exit when it closes the loader (or when it dies: they watch their parent)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _PublishedPlan(IterableDataset):
@@ -39,7 +63,7 @@ class _PublishedPlan(IterableDataset):
             raise RuntimeError("_PublishedPlan runs only inside a DataLoader worker")
         with open(os.path.join(self.directory, f"worker{info.id}.pkl"), "rb") as f:
             plan, done_batches, w = pickle.load(f)
-        yield from _EpochDataset(plan, done_batches, 0)._worker(w)
+        yield from plan.run(done_batches, w)
 
 
 def _scratch_dir() -> str:
@@ -68,7 +92,7 @@ class StreamWorkers:
         self._dir = _scratch_dir()
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, ignore_errors=True)
         self._loader = DataLoader(_PublishedPlan(self._dir), batch_size=None, num_workers=self.num_workers,
-                                  persistent_workers=True, worker_init_fn=_ignore_stop_signals)
+                                  persistent_workers=True, worker_init_fn=ignore_stop_signals)
         return self._loader
 
     def _write(self, name: str, obj: Any) -> None:
@@ -79,7 +103,7 @@ class StreamWorkers:
             pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, path)
 
-    def iterate(self, plan: _EpochPlan, done_batches: Sequence[int], rotation: int) -> Iterator[Any]:
+    def iterate(self, plan: WorkerPlan, done_batches: Sequence[int], rotation: int) -> Iterator[Any]:
         """The batches of `plan` from the position (batches done per logical worker, next worker), as the
         DataLoader delivers them; starting the next iteration ends this one."""
         if self._closed:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from attent_scale.config import RunConfig
-from attent_scale.dist import collective_device
+from attent_scale.dist import collective_device, group_size
 
 IGNORE_INDEX = -100
 Batch = dict[str, torch.Tensor]
@@ -180,14 +180,6 @@ def _filler_row(batch: Batch) -> Batch:
     return row
 
 
-def all_reduce_sum(values: list[float], device: torch.device, group: Any = None) -> list[float]:
-    """Sum a few float64 numbers across ranks (identity for one process)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
-    return t.tolist()
-
-
 def resolve_dtype(
     mode: str, device: torch.device, bf16_supported: bool | None = None
 ) -> tuple[torch.dtype, str]:
@@ -344,7 +336,7 @@ class BaseEngine:
             self._set_train(True)
         group = self.group
         acc = acc.to(collective_device(group))
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        if group_size(group) > 1:
             dist.all_reduce(acc, group=group)
         ce_sum, n_tok = acc.tolist()
         self.host_syncs += 1

@@ -23,6 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
 
 from attent_scale.checkpoint import load_state, save_state
 from attent_scale.config import MetricsConfig, TeacherConfig, validate_teacher
+from attent_scale.dist import group_size, initialized, side_group
 from attent_scale.engines.base import IGNORE_INDEX, per_sample_loss, token_ce_sums, token_counts
 from attent_scale.errors import UserError
 from attent_scale.integrations.sampler import ID_KEY, AttentBatchSampler, IdCollator, IndexedDataset
@@ -89,7 +90,7 @@ def init_deepspeed_comm() -> None:
     so that `zero.Init` in `from_config` sees the real world size. Call after `training_args.device`."""
     import deepspeed
 
-    if dist.is_available() and dist.is_initialized():
+    if initialized():
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
 
 
@@ -164,20 +165,18 @@ class AttentTrainer(Trainer):
             if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
                 raise UserError("AttentTrainer: train_dataset must be a map-style dataset with __len__ "
                                 "(sample ids are its indices)")
-            self._group = None
-            if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-                self._group = dist.new_group(backend="gloo")  # the teacher talks over CPU tensors
+            self._group = side_group()  # the teacher talks over CPU tensors
             self._new_teacher()
 
     # ------------------------------------------------------------------ setup
 
     @property
     def _rank(self) -> int:
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return dist.get_rank() if initialized() else 0
 
     @property
     def _world(self) -> int:
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return group_size()
 
     @property
     def _seed(self) -> int:

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from attent_scale.data.selection import Selection
 from attent_scale.teacher.records import PHASES
-from attent_scale.teacher.selection import Selection
 from attent_scale.teacher.teacher import EpochPlan, Teacher
 
 # scorer(skip, step): one collective scoring pass of this rank's share of every id not in `skip` (None:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from attent_scale.teacher.topk import _Comm, _resolve_group
+from attent_scale.teacher.comm import Comm, resolve_group
 
 TRAIN = 0  # observation kinds: a training forward ...
 SCORE = 1  # ... and a scoring pass (at the same step a scoring pass is the more recent one)
@@ -140,13 +140,13 @@ class Ledger:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
         return np.concatenate(ids), np.concatenate(vals)
 
-    def exchange(self, group: Any = None, comm: _Comm | None = None) -> None:
+    def exchange(self, group: Any = None, comm: Comm | None = None) -> None:
         """Collective: send every pending observation to its owner rank, in rounds of at most
         EXCHANGE_CHUNK entries per rank (memory stays bounded). Afterwards each rank's block holds every
         observation of its ids made anywhere."""
         if comm is None:
-            pg = _resolve_group(group)
-            comm = _Comm(pg) if pg is not None else None
+            pg = resolve_group(group)
+            comm = Comm(pg) if pg is not None else None
         if comm is None:
             return
         n = torch.tensor([self.pending], dtype=torch.int64)

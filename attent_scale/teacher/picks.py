@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from attent_scale.data.selection import Selection
+from attent_scale.teacher.comm import Comm
 from attent_scale.teacher.ledger import NEG_INF_IMAGE, POS_INF_IMAGE, loss_image, unpack_entries
-from attent_scale.teacher.selection import Selection
 from attent_scale.teacher.strategies import strategy_keys, uniform_noise
-from attent_scale.teacher.topk import _Comm, select_block_bits
+from attent_scale.teacher.topk import select_block_bits
 
 if TYPE_CHECKING:
     from attent_scale.teacher.teacher import Teacher
@@ -46,13 +47,13 @@ class Strategy:
     `reuse`: later subset epochs of a cycle reuse its first selection; `staleness`: the record reports
     the age of the losses it ranked."""
 
-    pick: Callable[[Teacher, int, float, _Comm | None], Pick]
+    pick: Callable[[Teacher, int, float, Comm | None], Pick]
     scores: bool
     reuse: bool
     staleness: bool
 
 
-def _loss_counts(t: Teacher, comm: _Comm | None) -> tuple[int, int]:
+def _loss_counts(t: Teacher, comm: Comm | None) -> tuple[int, int]:
     """Collective: pending observations to their owners, then (observed, finite) ids over all ranks."""
     t.ledger.exchange(comm=comm)
     n_obs, n_fin = t._all_sum(list(t.ledger.counts()), comm)
@@ -95,7 +96,7 @@ def _ledger_images(t: Teacher) -> tuple[Chunks, int]:
     return chunks, 33
 
 
-def pick_hard(t: Teacher, epoch: int, ratio: float, comm: _Comm | None) -> Pick:
+def pick_hard(t: Teacher, epoch: int, ratio: float, comm: Comm | None) -> Pick:
     """The round(ratio * finite) highest losses, and every never-observed id."""
     n_obs, n_fin = _loss_counts(t, comm)
     return Pick(k=t.num_samples - n_obs + round_half_up(ratio * n_fin), key_chunks=_loss_keys(t, epoch),
@@ -103,14 +104,14 @@ def pick_hard(t: Teacher, epoch: int, ratio: float, comm: _Comm | None) -> Pick:
                 images=_ledger_images(t) if t.reference is None else None)  # excess keys are not stored
 
 
-def pick_soft(t: Teacher, epoch: int, ratio: float, comm: _Comm | None) -> Pick:
+def pick_soft(t: Teacher, epoch: int, ratio: float, comm: Comm | None) -> Pick:
     """As many as hard, sampled without replacement by softmax (or sigmoid) of the loss (Gumbel-top-k)."""
     n_obs, n_fin = _loss_counts(t, comm)
     return Pick(k=t.num_samples - n_obs + round_half_up(ratio * n_fin), key_chunks=_loss_keys(t, epoch),
                 n_obs=n_obs, n_nonfinite=n_obs - n_fin)
 
 
-def pick_random(t: Teacher, epoch: int, ratio: float, comm: _Comm | None) -> Pick:
+def pick_random(t: Teacher, epoch: int, ratio: float, comm: Comm | None) -> Pick:
     """round(ratio * N) ids uniformly at random (no losses needed); with random_reweight the kept ids
     carry weight N / k."""
     led = t.ledger
@@ -130,7 +131,7 @@ def pick_random(t: Teacher, epoch: int, ratio: float, comm: _Comm | None) -> Pic
                 after=after)
 
 
-def pick_prune(t: Teacher, epoch: int, ratio: float, comm: _Comm | None) -> Pick:
+def pick_prune(t: Teacher, epoch: int, ratio: float, comm: Comm | None) -> Pick:
     """Unbiased pruning: drop round(prune_ratio * n_low) of the low-score ids at random, keep every other
     id; with reweight the kept low ids carry 1 / P(kept) = n_low / (n_low - n_drop)."""
     t.ledger.exchange(comm=comm)
@@ -161,7 +162,7 @@ def _block_scores(t: Teacher) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarr
         yield ids, v, loss
 
 
-def _prune_low(t: Teacher, comm: _Comm | None) -> tuple[np.ndarray, int, int, int]:
+def _prune_low(t: Teacher, comm: Comm | None) -> tuple[np.ndarray, int, int, int]:
     """Collective. The low-score ids of unbiased pruning, as a bitset over all N ids: the
     round(prune_quantile * n_fin) smallest finite scores (ties to the smaller id), or with
     prune_quantile 0 those below the mean. Works over this rank's block in chunks (O(N / world) and

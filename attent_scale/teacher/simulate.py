@@ -20,9 +20,9 @@ class SimulationError(RuntimeError):
 
 
 class SimGroup:
-    """A fake process group for `world` threads: the collectives teacher/topk.py's _Comm uses
+    """A fake process group for `world` threads: the collectives teacher/comm.py's Comm uses
     (all_gather, all_reduce with SUM / MAX / BOR, all_to_all_single), with the same signatures as
-    topk._TorchOps, so the teacher runs its gloo code path unchanged. Each thread is bound to a rank with
+    comm.TorchOps, so the teacher runs its gloo code path unchanged. Each thread is bound to a rank with
     `bind(rank)` (run_ranks does that). A collective stores every rank's input, lets the last rank to
     arrive combine them once, and hands each rank its part; a second barrier keeps the inputs alive until
     every rank has read. Every rank must call the same collectives in the same order, as with gloo: a
@@ -120,7 +120,7 @@ class SimGroup:
 
         def take(result: tuple[list[np.ndarray], np.ndarray]) -> None:
             parts, whole = result
-            if flat:  # views of one buffer (_Comm's all_gather and all_gather_into): one copy
+            if flat:  # views of one buffer (Comm's all_gather and all_gather_into): one copy
                 base.view(-1).copy_(torch.from_numpy(whole))
             else:
                 for o, p in zip(out, parts, strict=True):

@@ -15,22 +15,15 @@ import torch
 import torch.distributed as dist
 
 from attent_scale.config import TeacherConfig
+from attent_scale.data.selection import Selection
+from attent_scale.teacher.comm import Comm, collective_ops, resolve_group
 from attent_scale.teacher.ledger import SCORE, TRAIN, Ledger
 from attent_scale.teacher.picks import KEY_CHUNK, Pick, strategy
 from attent_scale.teacher.picks import round_half_up as _round_half_up
 from attent_scale.teacher.records import RecordWriter, make_record
 from attent_scale.teacher.schedules import interval_at, ratio_at
-from attent_scale.teacher.selection import Selection
 from attent_scale.teacher.strategies import strategy_keys
-from attent_scale.teacher.topk import (
-    _Comm,
-    _resolve_group,
-    collective_ops,
-    key_image,
-    kth_largest,
-    select_block_bits,
-    select_global,
-)
+from attent_scale.teacher.topk import key_image, kth_largest, select_block_bits, select_global
 
 STATE_FORMAT = 2  # 2: dense ledger blocks, selection bits not copied
 EXCHANGE_EVERY = 64  # training steps (or scoring batches) between two ledger exchanges
@@ -100,7 +93,7 @@ class Teacher:
         self.cfg = cfg
         self.num_samples = int(num_samples)
         self.seed = int(seed)
-        self.group = _resolve_group(group)
+        self.group = resolve_group(group)
         ops = collective_ops(self.group)
         self.world_size = ops.get_world_size(self.group) if self.group is not None else 1
         self.rank = ops.get_rank(self.group) if self.group is not None else 0
@@ -237,7 +230,7 @@ class Teacher:
         self._scored_pending += n
         return n
 
-    def _exchange_round(self, comm: _Comm, *, done: bool) -> bool:
+    def _exchange_round(self, comm: Comm, *, done: bool) -> bool:
         """One lockstep exchange; True once every rank has said it is done."""
         busy = torch.tensor([0 if done else 1], dtype=torch.int64)
         comm.all_reduce(busy, "consolidate")
@@ -258,16 +251,16 @@ class Teacher:
 
     # ------------------------------------------------------------------ selecting
 
-    def _comm(self) -> _Comm | None:
-        return _Comm(self.group) if self.group is not None else None
+    def _comm(self) -> Comm | None:
+        return Comm(self.group) if self.group is not None else None
 
-    def _all_sum(self, values: list[int], comm: _Comm | None) -> list[int]:
+    def _all_sum(self, values: list[int], comm: Comm | None) -> list[int]:
         t = torch.tensor(values, dtype=torch.int64)
         if comm is not None:
             comm.all_reduce(t, "collective")
         return [int(v) for v in t.tolist()]
 
-    def _staleness(self, step: int, n_obs: int, comm: _Comm | None) -> dict[str, int] | None:
+    def _staleness(self, step: int, n_obs: int, comm: Comm | None) -> dict[str, int] | None:
         """Global count, lower median and max of the age (step - observed step, at least 0) of observed
         ids, from the ledger blocks in chunks. Each entry maps to y = 2 * age + (1 - kind) (0 for unseen
         ids, below every observed one), which orders like the age; y < 2 * step + 3, so up to 2**19 steps
@@ -353,7 +346,7 @@ class Teacher:
             self._cache, self._cache_cycle = selection, plan.cycle
         return selection
 
-    def _settle(self, comm: _Comm | None, report: dict[str, Any], t_select: float, extra: dict[str, float],
+    def _settle(self, comm: Comm | None, report: dict[str, Any], t_select: float, extra: dict[str, float],
                 *, bytes_max: bool, record: dict[str, Any] | None) -> None:
         """The accounting of one selection: seconds by phase (the top-k's report, the comm's collectives,
         `t_select` of key work, `extra` phases) and bytes sent (the top-k's and the comm's), into the

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from attent_scale.teacher.comm import Comm, resolve_group
+
 METHODS = ("gather", "threshold")
 RADIX_BITS = 12  # histogram bins per round = 2**RADIX_BITS (32 KiB of int64 counts)
 _SIGN = np.uint64(1 << 63)
@@ -87,106 +89,11 @@ def local_topk(u: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
     return sorted_ids(np.concatenate([ids[above], tie_ids]))
 
 
-class _TorchOps:
-    """The collectives of torch.distributed, in the signatures _Comm uses (a simulated group, see
-    teacher/simulate.py, offers the same methods, so both run the same selection code)."""
-
-    ReduceOp = dist.ReduceOp
-
-    @staticmethod
-    def get_world_size(group: Any) -> int:
-        return dist.get_world_size(group)
-
-    @staticmethod
-    def get_rank(group: Any) -> int:
-        return dist.get_rank(group)
-
-    @staticmethod
-    def all_gather(out: list[torch.Tensor], t: torch.Tensor, group: Any) -> None:
-        dist.all_gather(out, t, group=group)
-
-    @staticmethod
-    def all_reduce(t: torch.Tensor, op: Any, group: Any) -> None:
-        dist.all_reduce(t, op=op, group=group)
-
-    @staticmethod
-    def all_to_all_single(out: torch.Tensor, t: torch.Tensor, out_splits: list[int] | None,
-                          in_splits: list[int] | None, group: Any) -> None:
-        if out_splits is None:
-            dist.all_to_all_single(out, t, group=group)
-        else:
-            dist.all_to_all_single(out, t, out_splits, in_splits, group=group)
-
-
-def collective_ops(group: Any) -> Any:
-    """The collectives for `group`: a simulated group's own methods, else torch.distributed's."""
-    return group if getattr(group, "simulated", False) else _TorchOps
-
-
-class _Comm:
-    """Thin wrapper over the collectives that counts bytes sent by this rank (ring model) and time."""
-
-    def __init__(self, group: Any) -> None:
-        self.group = group
-        self.ops = collective_ops(group)
-        self.world = self.ops.get_world_size(group)
-        self.rank = self.ops.get_rank(group)
-        self.bytes: dict[str, int] = {}
-        self.seconds: dict[str, float] = {}
-
-    def _add(self, phase: str, nbytes: float, t0: float) -> None:
-        self.bytes[phase] = self.bytes.get(phase, 0) + int(nbytes)
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
-
-    def all_gather(self, t: torch.Tensor, phase: str) -> list[torch.Tensor]:
-        t0 = time.perf_counter()
-        out = list(torch.empty((self.world, *t.shape), dtype=t.dtype).unbind(0))  # views of one buffer
-        self.ops.all_gather(out, t, self.group)
-        self._add(phase, (self.world - 1) * t.numel() * t.element_size(), t0)
-        return out
-
-    def all_gather_into(self, out: torch.Tensor, t: torch.Tensor, phase: str) -> torch.Tensor:
-        """all_gather of equal-sized 1-d tensors straight into `out` (world * t.numel() elements)."""
-        t0 = time.perf_counter()
-        self.ops.all_gather(list(out.view(self.world, -1).unbind(0)), t, self.group)
-        self._add(phase, (self.world - 1) * t.numel() * t.element_size(), t0)
-        return out
-
-    def all_reduce(self, t: torch.Tensor, phase: str, op: Any = None) -> torch.Tensor:
-        t0 = time.perf_counter()
-        self.ops.all_reduce(t, dist.ReduceOp.SUM if op is None else op, self.group)
-        self._add(phase, 2 * (self.world - 1) / self.world * t.numel() * t.element_size(), t0)
-        return t
-
-    def all_to_all(self, t: torch.Tensor, send_counts: list[int], phase: str) -> torch.Tensor:
-        """all_to_all_single along dim 0 with per-destination row counts; returns the received rows."""
-        t0 = time.perf_counter()
-        cnt = torch.tensor(send_counts, dtype=torch.int64)
-        recv_cnt = torch.empty_like(cnt)
-        self.ops.all_to_all_single(recv_cnt, cnt, None, None, self.group)
-        rest = tuple(t.shape[1:])
-        out = torch.empty((int(recv_cnt.sum()), *rest), dtype=t.dtype)
-        self.ops.all_to_all_single(out, t, recv_cnt.tolist(), list(send_counts), self.group)
-        row = t.element_size() * (int(np.prod(rest)) if rest else 1)
-        sent = (sum(send_counts) - send_counts[self.rank]) * row + (self.world - 1) * 8
-        self._add(phase, sent, t0)
-        return out
-
-
-def _resolve_group(group: Any) -> Any:
-    """The process group to use (a simulated one included), or None for the single-process path."""
-    if group is None:
-        if not (dist.is_available() and dist.is_initialized()):
-            return None
-        group = dist.group.WORLD
-    return group if collective_ops(group).get_world_size(group) > 1 else None
-
-
 U64Source = Callable[[], Iterator[np.ndarray]]  # re-iterable chunks of uint64 values
 COLLECT_CAP = 1 << 24  # a descent keeps its candidates in memory once at most this many remain
 
 
-def _kth(u: np.ndarray | U64Source, k: int, comm: _Comm | None, *, bits: int = 64,
+def _kth(u: np.ndarray | U64Source, k: int, comm: Comm | None, *, bits: int = 64,
          phase: str = "collective", radix: int = RADIX_BITS) -> tuple[int, int, int, int]:
     """kth_largest plus this rank's count of values equal to the k-th. `u` is an array or a callable that
     yields the values again in chunks on every call; with a callable, each round re-reads the chunks,
@@ -239,7 +146,7 @@ def _kth(u: np.ndarray | U64Source, k: int, comm: _Comm | None, *, bits: int = 6
     return prefix, int(k) - need, eq, local_eq
 
 
-def kth_largest(u: np.ndarray | U64Source, k: int, comm: _Comm | None, *, bits: int = 64,
+def kth_largest(u: np.ndarray | U64Source, k: int, comm: Comm | None, *, bits: int = 64,
                 phase: str = "collective") -> tuple[int, int, int]:
     """Exact k-th largest (1 <= k <= global count) of uint64 values < 2**bits spread over ranks, by
     histogram all-reduce rounds of RADIX_BITS bits from the top. `u`: an array, or a callable yielding the
@@ -252,7 +159,7 @@ def kth_largest(u: np.ndarray | U64Source, k: int, comm: _Comm | None, *, bits: 
 # ----------------------------------------------------------------------------- the public entry
 
 
-def check_agreement(ids: np.ndarray, comm: _Comm | None, phase: str = "share", *,
+def check_agreement(ids: np.ndarray, comm: Comm | None, phase: str = "share", *,
                     digest: int | None = None) -> int:
     """All-gather a hash of the selected ids (or the given `digest` of the same set); raise
     SelectionMismatchError naming both hashes if any rank differs. Returns the hash."""
@@ -291,8 +198,8 @@ def select_global(
     key_np = _np(keys, np.float64)
     id_np = _np(ids, np.int64)
     bad = int(key_np.shape[0] != id_np.shape[0] or (id_np.size > 0 and int(id_np.min()) < 0) or k < 0)
-    pg = _resolve_group(group)
-    comm = _Comm(pg) if pg is not None else None
+    pg = resolve_group(group)
+    comm = Comm(pg) if pg is not None else None
     n_local = int(id_np.shape[0])
     lo = int(id_np.min()) if n_local and not bad else -1
     hi = int(id_np.max()) if n_local and not bad else -1
@@ -430,8 +337,8 @@ def select_block_bits(
     select_global(keys, ids, k, method="threshold") chooses. Memory: a few chunks plus the bitset; images
     are recomputed per histogram round instead of being held."""
     t_start = time.perf_counter()
-    pg = _resolve_group(group)
-    comm = _Comm(pg) if pg is not None else None
+    pg = resolve_group(group)
+    comm = Comm(pg) if pg is not None else None
     world = comm.world if comm else 1
     n_local = hi - lo
     nbytes = (num_ids + 7) // 8

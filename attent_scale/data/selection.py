@@ -1,4 +1,4 @@
-"""The selection: a bitset over the N sample ids (plus optional loss weights), identical on every rank."""
+"""The selection: a bitset over the N sample ids (plus optional loss weights) that a ShardStream yields."""
 
 from __future__ import annotations
 
