@@ -224,3 +224,35 @@ def test_smollm2_gguf_tokenizer_chat_template_shards(smollm2_sft_shards: Path) -
         assert "<|im_start|>user\n" in prompt and response.endswith("<|im_end|>\n"), response
     text = "Hello,\n\tworld  and  spaces\n"
     assert tk.decode(tk.encode(text)) == text
+
+
+def test_sft_hf_build_with_2_workers_and_with_parts_gives_the_same_bytes(tmp_path: Path) -> None:
+    import hashlib
+
+    from attent_scale.cli import main
+
+    def digest(d: Path) -> dict[str, str]:
+        return {p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(d.rglob("*")) if p.is_file()}
+
+    tok = bpe_tokenizer(tmp_path / "tok")
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(3):
+        jsonl(src / f"{k}.jsonl", [{"q": f"q{k}-{i}: {TEXTS[i][:10]}", "a": f"answer\n\t{i * k} dogs"}
+                                   for i in range(k * 20, k * 20 + 20)])
+    opts = ["--tokenizer", str(tok), "--prompt-field", "q", "--response-field", "a", "--seq-len", "32",
+            "--samples-per-shard", "9", "--val-fraction", "0.2", "--no-progress"]
+    assert main(["shards", "build", str(src), "-o", str(tmp_path / "w2"), "--workers", "2", *opts]) == 0
+    parts = []
+    for i in (1, 0):
+        parts.append(str(tmp_path / f"part{i}"))
+        assert main(["shards", "build", str(src), "-o", parts[-1], "--part", f"{i}/2", "--workers", "1",
+                     *opts]) == 0
+    assert main(["shards", "merge", *parts, "-o", str(tmp_path / "merged"), "--workers", "1"]) == 0
+    d1 = digest(tmp_path / "w2")
+    assert d1 == digest(tmp_path / "merged")
+    assert "tokenizer/tokenizer.json" in d1 and sum(n.startswith("train-") for n in d1) >= 4
+    m = Manifest.load(tmp_path / "w2")
+    assert m.sft and m.num_samples("train") + m.num_samples("val") == 60
+    assert main(["shards", "inspect", str(tmp_path / "w2"), "--verify"]) == 0
