@@ -208,6 +208,12 @@ def test_sft_flags_are_checked(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"c\.jsonl:1: no field 'b' \(--response-field\)"):
         build_shards([data], tmp_path / "o", tokenizer=tok, prompt_field="q", response_field="b",
                      progress=False, workers=1)
+    with pytest.raises(UserError, match=r"c\.jsonl:1: no field 'p' \(set --prompt-field\)"):
+        build_shards([data], tmp_path / "o", tokenizer=tok, prompt_field="p", response_field="a",
+                     progress=False, workers=1)
+    with pytest.raises(UserError, match=r"--text-field: not with --prompt-field"):
+        build_shards([data], tmp_path / "o", tokenizer=tok, prompt_field="q", response_field="a",
+                     text_field="q", progress=False)
 
 
 def test_smollm2_gguf_tokenizer_chat_template_shards(smollm2_sft_shards: Path) -> None:
