@@ -225,6 +225,28 @@ def txt(*extra: str) -> Callable[[Ctx], list[str]]:
     return make
 
 
+def made(name: str, write: Callable[[Path], Any], *extra: str) -> Callable[[Ctx], list[str]]:
+    """`shards build` on the file `write(path)` makes as ctx.tmp/NAME; TMP in `extra` stands for ctx.tmp."""
+    def make(c: Ctx) -> list[str]:
+        write(c.tmp / name)
+        return c.build(str(c.tmp / name), extra=tuple(a.replace("TMP", str(c.tmp)) for a in extra))
+    return make
+
+
+def parquet_body(path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["alpha beta"] * 20}), path)
+
+
+def gzip_cut(path: Path) -> None:
+    import gzip
+
+    data = gzip.compress(b"".join(b'{"text": "row %d of some text"}\n' % i for i in range(2000)))
+    path.write_bytes(data[: len(data) // 2])
+
+
 def inspect(make: Callable[[Ctx], Path], *flags: str) -> Callable[[Ctx], list[str]]:
     return lambda c: ["shards", "inspect", *flags, str(make(c))]
 
@@ -254,6 +276,16 @@ CASES = [
     Case("jsonl text not str", jl(b'{"text": 5}'), 2, E + r"\S+jsonl:101: field 'text' is not a string"),
     Case("jsonl cut last line, --tokenizer", jl(CUT, 200, "--tokenizer", TOK), 2,
          E + r"\S+jsonl:201: invalid JSON \("),
+    # issue 20.5: the other input formats name FILE:row N / FILE:LINE too; an unknown ending is one line
+    Case("parquet row lacks field", made("p.parquet", parquet_body), 2,
+         E + r"\S+p\.parquet:row 0: no field 'text' \(set --text-field\)"),
+    Case("jsonl.gz truncated", made("t.jsonl.gz", gzip_cut), 2,
+         E + r"\S+t\.jsonl\.gz:\d+: cannot decompress gzip"),
+    Case("unknown input ending", made("data.csv", lambda p: p.write_text("a,b\n")), 2,
+         E + r"\S+data\.csv: unknown input format '\.csv' \(known: "),
+    Case("--val-input is an input", made("in.jsonl", lambda p: p.write_text('{"text": "a"}\n'),
+                                         "--val-input", "TMP/in.jsonl", "--val-fraction", "0"), 2,
+         E + r"\S+in\.jsonl: given both in the inputs and --val-input"),
     # 24: a bad --tokenizer under the user's name, not the temp copy's
     Case("bad --tokenizer", bad_tokenizer, 2, E + r"\S*/bad\.model: cannot load sentencepiece model",
          after=no_tmp_left),

@@ -262,3 +262,50 @@ def test_sft_hf_build_with_2_workers_and_with_parts_gives_the_same_bytes(tmp_pat
     m = Manifest.load(tmp_path / "w2")
     assert m.sft and m.num_samples("train") + m.num_samples("val") == 60
     assert main(["shards", "inspect", str(tmp_path / "w2"), "--verify"]) == 0
+
+
+def _sft_rows(n: int, seed: int = 0) -> list[dict]:
+    return [{"id": i, "q": " ".join(WORDS[(i * 3 + seed + k) % 5] for k in range(1 + i % 4)),
+             "a": " ".join(WORDS[5 + (i + seed + k) % 5] for k in range(1 + i % 3))} for i in range(n)]
+
+
+def test_sft_from_parquet_gives_the_same_shards_as_jsonl(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tok = word_tokenizer(tmp_path / "w.json", WORDS)
+    rows = _sft_rows(40)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet", row_group_size=7)
+    opts = dict(tokenizer=tok, prompt_field="q", response_field="a", seq_len=8, samples_per_shard=9,
+                val_fraction=0.2, progress=False)
+    a = build_shards([jsonl(tmp_path / "d.jsonl", rows)], tmp_path / "j", workers=1, **opts)
+    b = build_shards([tmp_path / "d.parquet"], tmp_path / "p", workers=2, **opts)
+    tars = sorted(p.name for p in a.dir.glob("*.tar"))
+    assert len(tars) >= 5 and tars == sorted(p.name for p in b.dir.glob("*.tar"))
+    assert all((a.dir / t).read_bytes() == (b.dir / t).read_bytes() for t in tars)
+    assert b.sft and b.num_samples("train") + b.num_samples("val") == 40 and b.num_samples("val") > 0
+    with pytest.raises(UserError, match=r"d\.parquet:row 0: no field 'b' \(--response-field\)$"):
+        build_shards([tmp_path / "d.parquet"], tmp_path / "o", workers=1, **dict(opts, response_field="b"))
+
+
+def test_sft_val_input_is_the_val_split(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from attent_scale.cli import main
+
+    tok = word_tokenizer(tmp_path / "w.json", WORDS)
+    train, val = _sft_rows(30), _sft_rows(6, seed=1)
+    jsonl(tmp_path / "train.jsonl", train)
+    pq.write_table(pa.Table.from_pylist(val), tmp_path / "val.parquet")
+    assert main(["shards", "build", str(tmp_path / "train.jsonl"), "--val-input",
+                 str(tmp_path / "val.parquet"), "-o", str(tmp_path / "s"), "--tokenizer", str(tok),
+                 "--prompt-field", "q", "--response-field", "a", "--seq-len", "8", "--workers", "1",
+                 "--no-progress"]) == 0
+    m = Manifest.load(tmp_path / "s")
+    assert m.raw["build"]["val_input"] is True and m.raw["build"]["val_fraction"] == 0.0
+    assert (m.num_samples("train"), m.num_samples("val")) == (30, 6)
+    ids = {w: i + 2 for i, w in enumerate(WORDS)}
+    for (_, s), r in zip(samples_of(m, "val"), val, strict=True):  # the val records, in order, as given
+        assert s.tokens.tolist() == [ids[w] for w in f"{r['q']} {r['a']}".split()] + [0]
+        assert s.mask.tolist() == [0] * len(r["q"].split()) + [1] * (len(r["a"].split()) + 1)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from attent_scale.data.corpus import Corpus, Document
 from attent_scale.data.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardInfo
+from attent_scale.data.readers import record_error
 from attent_scale.data.samples import KEY_WIDTH, sample_key, token_field, write_samples
 from attent_scale.data.tokenizer import (
     HFTokenizer,
@@ -55,7 +56,7 @@ CHUNK_DOCS = 4096
 # part settings that must agree across the parts of one merge
 PART_SETTINGS = ("seq_len", "token_dtype", "val_fraction", "ref_fraction", "shard_size_mb",
                  "samples_per_shard", "seed", "model_type", "tokenizer_sha256", "embedded", "num_parts",
-                 "tokenizer_kind", "tokenizer_file", "sft")
+                 "tokenizer_kind", "tokenizer_file", "sft", "fixed_splits")
 MASK_SUFFIX = ".mask"  # beside a token file: one uint8 per token, 1 = a training target (SFT builds)
 
 
@@ -168,9 +169,9 @@ def sft_fields(doc: Document, spec: SftSpec) -> tuple[str, str]:
     out = []
     for flag, field in (("--prompt-field", spec.prompt_field), ("--response-field", spec.response_field)):
         if field not in rec:
-            raise UserError(f"{doc.name}: no field {field!r} ({flag})")
+            raise record_error(doc.name, f"no field {field!r} ({flag})")
         if not isinstance(rec[field], str):
-            raise UserError(f"{doc.name}: field {field!r} is not a string ({flag})")
+            raise record_error(doc.name, f"field {field!r} is not a string ({flag})")
         out.append(rec[field])
     return out[0], out[1]
 
@@ -233,7 +234,7 @@ def _encode_sft(docs: list[Document]) -> tuple[list[_Row], dict[str, list[int]]]
     for doc in docs:
         prompt, response = sft_fields(doc, spec)
         tokens, mask, cut = sft_example(tk, prompt, response, spec, t, _TOK["prefix"])
-        split = split_of(f"{prompt}\0{response}", _TOK["val"], _TOK["ref"])
+        split = doc.split or split_of(f"{prompt}\0{response}", _TOK["val"], _TOK["ref"])
         c = counts.setdefault(split, [0, 0])
         if len(tokens) < 2 or not any(mask[1:]):
             c[0] += 1
@@ -251,9 +252,9 @@ def _tokenize_chunk(docs: list[Document]) -> dict[str, Any]:
     if _TOK["sft"] is not None:
         rows, counts = _encode_sft(docs)
     else:
-        texts = [d.text for d in docs]
-        rows = [(split_of(text, _TOK["val"], _TOK["ref"]), ids, None, len(text.encode("utf-8")))
-                for text, ids in zip(texts, _TOK["tk"].encode_docs(texts), strict=True)]
+        ids_of = _TOK["tk"].encode_docs([d.text for d in docs])
+        rows = [(d.split or split_of(d.text, _TOK["val"], _TOK["ref"]), ids, None, len(d.text.encode()))
+                for d, ids in zip(docs, ids_of, strict=True)]
     by_split: dict[str, list[_Row]] = {}
     for row in rows:
         by_split.setdefault(row[0], []).append(row)
@@ -281,7 +282,7 @@ def _tokenize_files(task: list[tuple[str, int, int | None]]) -> dict[str, Any]:
     return _tokenize_chunk(list(_TOK["corpus"].docs_of_task(task)))
 
 
-def _chunks(corpus: Iterable[Any]) -> Iterator[list[Document]]:
+def _chunks(corpus: Iterable[Document]) -> Iterator[list[Document]]:
     docs: list[Document] = []
     size = 0
     for doc in corpus:
@@ -523,7 +524,8 @@ def write_shards(splits: dict[str, _SplitTokens], out: Path, settings: dict[str,
     seq_len, dtype = settings["seq_len"], settings["token_dtype"]
     sft = settings.get("sft")
     max_count = settings["samples_per_shard"] or 1 << 62
-    names = [s for s in SPLITS if s != "ref" or settings["ref_fraction"] > 0]
+    fixed = settings.get("fixed_splits", [])
+    names = [s for s in SPLITS if s != "ref" or settings["ref_fraction"] > 0 or "ref" in fixed]
     size = np.dtype(dtype).itemsize
     cap = settings["shard_size_mb"] * 1e6
     if sft:
@@ -556,6 +558,8 @@ def write_shards(splits: dict[str, _SplitTokens], out: Path, settings: dict[str,
     if sft:
         build["sft"] = dict(sft, skipped=sum(splits[s].skipped for s in SPLITS),
                             truncated=sum(splits[s].truncated for s in SPLITS))
+    for s in fixed:  # a split read from its own input, not from the hash
+        build[f"{s}_input"] = True
     manifest = {
         "format_version": FORMAT_VERSION,
         "seq_len": seq_len,
@@ -779,14 +783,18 @@ def build_shards(
     prompt_field: str | None = None,
     response_field: str | None = None,
     chat_template: bool = False,
+    val_input: Sequence[str | Path] = (),
+    ref_input: Sequence[str | Path] = (),
 ) -> Manifest | Path:
     """Build train/val(/ref) shards plus manifest.json and the tokenizer (tokenizer.model, or an HF
     tokenizer's tokenizer/ directory) in `out_dir`; return the manifest. `tokenizer` is a SentencePiece
     .model, a Hugging Face tokenizer directory or tokenizer.json, or a .gguf file (its tokenizer); None
-    trains a SentencePiece model. With `prompt_field`/`response_field` (JSONL), every record is one
-    instruction example with its loss on the response (`chat_template`: rendered by the tokenizer's
-    template). With `part=(I, N)`: tokenize only the I-th of N contiguous slices of the input files into
-    a part directory for `merge_parts`, and return its path."""
+    trains a SentencePiece model. With `prompt_field`/`response_field` (record inputs of any format),
+    every record is one instruction example with its loss on the response (`chat_template`: rendered by
+    the tokenizer's template). `val_input` / `ref_input`: the val / ref split is these inputs' documents
+    instead of a hash split of `inputs` (which then all go to train). With `part=(I, N)`: tokenize only
+    the I-th of N contiguous slices of the input files into a part directory for `merge_parts`, and
+    return its path."""
     out = Path(out_dir)
     if seq_len < 2:
         raise UserError(f"--seq-len {seq_len}: must be at least 2")
@@ -816,13 +824,22 @@ def build_shards(
         if text_field is not None:
             raise UserError("--text-field: not with --prompt-field/--response-field (instruction records)")
         sft = SftSpec(prompt_field, response_field, chat_template)  # type: ignore[arg-type]
-        text_field = prompt_field  # the corpus reads JSONL records; the builder takes both fields
     elif chat_template:
         raise UserError("--chat-template: needs --prompt-field and --response-field")
+    if val_input and val_fraction not in (0.0, 0.01):  # 0.01: the default, for the hash split
+        raise UserError(f"--val-fraction {val_fraction} with --val-input: the val split is --val-input's "
+                        "documents; drop one")
+    if ref_input and ref_fraction > 0:
+        raise UserError(f"--ref-fraction {ref_fraction} with --ref-input: the ref split is --ref-input's "
+                        "documents; drop one")
+    val_fraction = 0.0 if val_input else val_fraction
     _check_output(out, overwrite)
-    corpus = Corpus(inputs, glob=glob, text_field=text_field, max_bytes=max_bytes, max_docs=max_docs)
-    if sft is not None:
-        corpus.field_flag = "--prompt-field"
+    # SFT: the corpus reads records (any format), a document's text is the prompt, its record carries both
+    # fields for the builder
+    corpus = Corpus(inputs, glob=glob, text_field=prompt_field if sft else text_field, max_bytes=max_bytes,
+                    max_docs=max_docs, val_inputs=val_input, ref_inputs=ref_input,
+                    columns=(sft.prompt_field, sft.response_field) if sft else None,
+                    field_flag="--prompt-field" if sft else "--text-field")
     user_tok: Tokenizer | HFTokenizer | None = None
     if tokenizer is not None:
         tp = Path(tokenizer)
@@ -838,8 +855,8 @@ def build_shards(
     if part is not None:
         i, n = part
         corpus.files = corpus.files[i * len(corpus.files) // n : (i + 1) * len(corpus.files) // n]
-    elif next(iter(corpus), None) is None:
-        raise UserError(f"empty corpus: {corpus.describe()} contain no non-blank text")
+    else:
+        corpus.check_nonempty()
 
     def fill(tmp: Path) -> None:
         source = None
@@ -861,6 +878,7 @@ def build_shards(
             "tokenizer_sha256": tree_sha256(tok_path), "embedded": corpus.embedded,
             "num_parts": part[1] if part else 1, "tokenizer_kind": tk.kind, "tokenizer_file": tok_path.name,
             "tokenizer_source": source, "sft": sft.to_json() if sft else None,
+            "fixed_splits": sorted(corpus.fixed_splits()),
         }
         work = tmp if part is not None else tmp / ".part"
         # one pool for both phases: worker start-up (a fresh interpreter each) is paid once

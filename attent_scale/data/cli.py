@@ -19,10 +19,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     b = sub.add_parser("build", help="tokenize a corpus into webdataset tar shards plus manifest.json",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    b.add_argument("inputs", nargs="*", help="files, directories or JSONL (none: embedded stdlib corpus)")
+    b.add_argument("inputs", nargs="*",
+                   help="files, directories or globs: .jsonl[.gz|.zst], .parquet, .arrow, webdataset .tar, "
+                        "save_to_disk directories, plain text (none: embedded stdlib corpus)")
     b.add_argument("-o", "--out", required=True, help="output directory")
     b.add_argument("--glob", default="*", help="file pattern inside input directories (recursive)")
-    b.add_argument("--text-field", default=None, help="inputs are JSONL; the field holding the text")
+    b.add_argument("--text-field", default=None,
+                   help="the field holding the text in record inputs (None: 'text'); given, files of "
+                        "no record extension are read as JSONL too")
     b.add_argument("--max-bytes", type=int, default=None, help="stop after this many bytes of text")
     b.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
     b.add_argument("--seq-len", type=int, default=1024, help="tokens per sample (windows hold seq_len + 1)")
@@ -32,15 +36,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="use this tokenizer instead of training one: a sentencepiece .model, a Hugging Face "
                         "tokenizer directory or tokenizer.json, or a .gguf file (its tokenizer)")
     b.add_argument("--prompt-field", default=None,
-                   help="instruction data (JSONL): the prompt field; one example a sample, the loss on the "
-                        "response only")
-    b.add_argument("--response-field", default=None, help="instruction data (JSONL): the response field")
+                   help="instruction data (any record input format): the prompt field; one example a "
+                        "sample, the loss on the response only")
+    b.add_argument("--response-field", default=None, help="instruction data: the response field")
     b.add_argument("--chat-template", action="store_true",
                    help="render each example with the tokenizer's chat template (user=prompt, "
                         "assistant=response)")
     b.add_argument("--val-fraction", type=float, default=0.01, help="documents to val, by hash of the text")
     b.add_argument("--ref-fraction", type=float, default=0.0,
                    help="documents to a held-out 'ref' split (for a reference model), by hash of the text")
+    b.add_argument("--val-input", action="append", default=None, metavar="PATH",
+                   help="the val split is this input's documents (any input format; repeatable), "
+                        "instead of --val-fraction's hash split")
+    b.add_argument("--ref-input", action="append", default=None, metavar="PATH",
+                   help="the ref split is this input's documents (repeatable), instead of --ref-fraction")
     b.add_argument("--shard-size-mb", type=float, default=64.0, help="start a new shard at this size")
     b.add_argument("--samples-per-shard", type=int, default=None, help="or at this many samples")
     b.add_argument("--seed", type=int, default=0, help="tokenizer training seed")
@@ -102,6 +111,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         prompt_field=args.prompt_field,
         response_field=args.response_field,
         chat_template=args.chat_template,
+        val_input=args.val_input or (),
+        ref_input=args.ref_input or (),
     )
     if isinstance(m, Manifest):
         _report(m)

@@ -1,26 +1,32 @@
-"""Text corpus inputs for the shard builder: files, directories, JSONL, or the embedded stdlib corpus."""
+"""Text corpus inputs for the shard builder: files, directories, globs in any reader format
+(data/readers.py), the --val-input/--ref-input splits, or the embedded stdlib corpus."""
 
 from __future__ import annotations
 
-import json
 import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attent_scale.data.readers import expand_inputs, input_format, iter_records, record_error, units
 from attent_scale.errors import UserError
 
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+DEFAULT_FIELD = "text"
+SPLIT_FLAGS = {"val": "--val-input", "ref": "--ref-input"}
 
 
 @dataclass(frozen=True)
 class Document:
-    """One document: `name` says where it came from (path, or path:line for JSONL); `record` is the
-    whole JSON object of a JSONL line (the builder takes instruction fields from it)."""
+    """One document: `name` says where it came from (path, path:line, path:row N, ...); `split` is the
+    split its input file was given for (--val-input/--ref-input), None for the hash split; `record` is
+    the whole record of a record input when the corpus keeps them (`columns` given: the builder takes
+    instruction fields from it)."""
 
     name: str
     text: str
+    split: str | None = None
     record: dict[str, Any] | None = None
 
 
@@ -46,27 +52,14 @@ def stdlib_files() -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _expand(inputs: Sequence[str | Path], glob: str) -> list[Path]:
-    files: list[Path] = []
-    for inp in inputs:
-        p = Path(inp)
-        if p.is_dir():
-            found = sorted((q for q in p.rglob(glob) if q.is_file()), key=lambda q: q.as_posix())
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        elif p.exists():  # a FIFO or device would block the build or never end
-            raise UserError(f"{p}: input is not a regular file or directory")
-        else:
-            raise UserError(f"{p}: input file not found")
-    return files
-
-
 class Corpus:
     """A re-iterable, deterministic sequence of documents with optional byte/document caps.
 
-    Plain text: one document per file. With `text_field`, every input file is JSONL and each non-blank
-    line is one document, its text under `text_field`.
+    Every input file is read by its format (data/readers.py): a record format (JSONL, parquet, Arrow,
+    webdataset tar) gives one document per record, its text under `text_field` (default "text"); any other
+    file is one plain-text document, or JSONL when `text_field` is given (as before the record formats).
+    Files of `val_inputs` / `ref_inputs` come after the inputs and are that split whole; the caps count
+    the inputs only.
     """
 
     def __init__(
@@ -77,120 +70,114 @@ class Corpus:
         text_field: str | None = None,
         max_bytes: int | None = None,
         max_docs: int | None = None,
+        val_inputs: Sequence[str | Path] = (),
+        ref_inputs: Sequence[str | Path] = (),
+        columns: Sequence[str] | None = None,
+        field_flag: str = "--text-field",
     ) -> None:
         self.embedded = not inputs
-        self.files = stdlib_files() if self.embedded else _expand(inputs, glob)
+        self.files = stdlib_files() if self.embedded else expand_inputs(inputs, glob)
         self.text_field = text_field
-        self.field_flag = "--text-field"  # the flag that named text_field, for errors (--prompt-field)
+        self.field = text_field or DEFAULT_FIELD
+        self.field_flag = field_flag  # the flag that named the field, for errors (--prompt-field)
+        # what a record reader must read (parquet/Arrow columns); given, each Document keeps its record
+        self.columns = tuple(columns) if columns else (self.field,)
+        self.keep_records = bool(columns)
         self.max_bytes = max_bytes
         self.max_docs = max_docs
         if not self.files:
             names = [str(i) for i in inputs]
             raise UserError(f"empty corpus: no input files matched {names} (--glob {glob!r})")
+        self.split_files: dict[str, str] = {}  # str(path) -> "val" / "ref" for the given splits
+        seen = {f.resolve(): "the inputs" for f in self.files}
+        for split, given in (("val", val_inputs), ("ref", ref_inputs)):
+            if not given:
+                continue
+            flag = SPLIT_FLAGS[split]
+            found = expand_inputs(given, glob)
+            if not found:
+                raise UserError(f"{flag} {[str(g) for g in given]}: no input files matched (--glob {glob!r})")
+            for f in found:
+                if f.resolve() in seen:
+                    raise UserError(f"{f}: given both in {seen[f.resolve()]} and {flag}")
+                seen[f.resolve()] = flag
+                self.split_files[str(f)] = split
+            self.files += found
 
     def describe(self) -> str:
         return "embedded stdlib corpus" if self.embedded else f"{len(self.files)} input file(s)"
 
-    def _decode(self, path: Path, data: bytes, offset: int = 0) -> str:
-        if self.embedded:
+    def fixed_splits(self) -> set[str]:
+        """The splits taken from their own inputs (--val-input, --ref-input) instead of the hash."""
+        return set(self.split_files.values())
+
+    def _is_embedded(self, path: Path) -> bool:
+        return self.embedded and str(path) not in self.split_files
+
+    def format_of(self, path: Path) -> str:
+        """How `path` is read: a readers.FORMATS value, or "text" (one document per file)."""
+        fmt = "text" if self._is_embedded(path) else input_format(path)
+        return "jsonl" if fmt == "text" and self.text_field is not None else fmt
+
+    def _decode(self, path: Path, data: bytes) -> str:
+        if self._is_embedded(path):
             return data.decode("utf-8", errors="replace")
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise UserError(f"{path}: not UTF-8 text (byte {offset + exc.start})") from None
+            raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
 
-    def _read(self, path: Path) -> bytes:
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise _unreadable(path, exc) from None
-
-    def _read_lines(self, path: Path, start: int, stop: int) -> tuple[int, bytes]:
-        """(byte offset of the first, bytes of) the lines that start in [start, stop): the line running
-        into `start` is skipped, the line running over `stop` is finished."""
-        try:
-            with path.open("rb") as f:
-                if start > 0:
-                    f.seek(start - 1)
-                    if f.read(1) != b"\n":
-                        f.readline()
-                first = f.tell()
-                data = f.read(max(0, stop - first))
-                if data and not data.endswith(b"\n"):
-                    data += f.readline()
-                return first, data
-        except OSError as exc:
-            raise _unreadable(path, exc) from None
-
-    def _line_number(self, path: Path, offset: int) -> int:
-        """1-based number of the line starting at byte `offset` (read only for an error message)."""
-        with path.open("rb") as f:
-            return f.read(offset).count(b"\n") + 1
+    def record_text(self, loc: str, rec: dict[str, Any]) -> str:
+        """The text of one record, or a UserError naming its location."""
+        if self.field not in rec:
+            raise record_error(loc, f"no field {self.field!r} (set {self.field_flag})")
+        value = rec[self.field]
+        if isinstance(value, str):
+            return value
+        kind = "null" if value is None else "bytes, not UTF-8" if isinstance(value, bytes) else \
+            f"a {type(value).__name__}"
+        raise record_error(loc, f"field {self.field!r} is not a string ({kind})")
 
     def docs_in(self, path: Path, start: int = 0, stop: int | None = None) -> Iterator[Document]:
-        """The non-blank documents of one input file; with `stop` (JSONL only), of the lines that start
-        in bytes [start, stop), so that a large JSONL file splits into independent ranges."""
-        if self.text_field is None:  # with --text-field every input file is JSONL, one document a line
-            text = self._decode(path, self._read(path))
-            if text.strip():
-                yield Document(str(path), text)
-            return
-        # a range knows its first line's byte offset, not its number: that is counted only for an error
-        offset, data = (0, self._read(path)) if stop is None else self._read_lines(path, start, stop)
-        lineno = 1
-        for raw in data.split(b"\n"):
+        """The non-blank documents of one input file; with `stop`, of one piece of it (a byte range of a
+        JSONL file, a row-group range of a parquet file: see `tasks`)."""
+        split = self.split_files.get(str(path))
+        fmt = self.format_of(path)
+        if fmt == "text":
             try:
-                line = self._decode(path, raw, offset)
-                rec = self._jsonl_record(line) if line.strip() else None
-                value = self._jsonl_text(rec) if rec is not None else None
-            except UserError as exc:
-                where = lineno if stop is None else self._line_number(path, offset)
-                raise UserError(f"{path}:{where}: {str(exc).removeprefix(f'{path}: ')}") from None
-            if value is not None:
-                yield Document(f"{path}:{lineno}" if stop is None else f"{path}@{offset}", value, rec)
-            offset += len(raw) + 1
-            lineno += 1
-
-    def _jsonl_record(self, line: str) -> dict[str, Any]:
-        try:
-            rec = json.loads(line)
-        except ValueError as exc:
-            raise UserError(f"invalid JSON ({exc})") from None
-        if not isinstance(rec, dict):
-            kind = type(rec).__name__
-            raise UserError(f"not a JSON object (a {kind}); each line must hold {{{self.text_field!r}: ...}}")
-        return rec
-
-    def _jsonl_text(self, rec: dict[str, Any]) -> str:
-        if self.text_field not in rec:
-            raise UserError(f"no field {self.text_field!r} (set {self.field_flag})")
-        value = rec[self.text_field]
-        if not isinstance(value, str):
-            raise UserError(f"field {self.text_field!r} is not a string")
-        return value
+                data = path.read_bytes()
+            except OSError as exc:
+                raise _unreadable(path, exc) from None
+            text = self._decode(path, data)
+            if text.strip():
+                yield Document(str(path), text, split)
+            return
+        for loc, rec in iter_records(path, start, stop, fmt=fmt, columns=self.columns):
+            yield Document(loc, self.record_text(loc, rec), split, rec if self.keep_records else None)
 
     def tasks(self, chunk_bytes: int, chunk_files: int) -> Iterator[list[tuple[str, int, int | None]]]:
         """The corpus as independent reading tasks, in order: runs of whole files of about `chunk_bytes`
-        (at most `chunk_files`), and byte ranges of `chunk_bytes` of a large JSONL file; a worker reads
-        its task with `docs_of_task`. Only for an uncapped corpus (the caps need the in-order prefix)."""
+        (at most `chunk_files`), and pieces of `chunk_bytes` of a large JSONL or parquet file; a worker
+        reads its task with `docs_of_task`. Only for an uncapped corpus (caps need the in-order prefix)."""
         if self.max_bytes is not None or self.max_docs is not None:
             raise ValueError("a capped corpus is read in order by one process")
         group: list[tuple[str, int, int | None]] = []
         size = 0
         for path in self.files:
-            try:
-                n = path.stat().st_size
-            except OSError as exc:
-                raise _unreadable(path, exc) from None
-            if self.text_field is not None and n > 2 * chunk_bytes:
+            fmt = self.format_of(path)
+            pieces = units(path, fmt, chunk_bytes) if fmt != "text" else [(0, None)]
+            if len(pieces) > 1:
                 if group:
                     yield group
                     group, size = [], 0
-                for a in range(0, n, chunk_bytes):
-                    yield [(str(path), a, min(a + chunk_bytes, n))]
+                for a, b in pieces:
+                    yield [(str(path), a, b)]
                 continue
+            try:
+                size += path.stat().st_size
+            except OSError as exc:
+                raise _unreadable(path, exc) from None
             group.append((str(path), 0, None))
-            size += n
             if size >= chunk_bytes or len(group) >= chunk_files:
                 yield group
                 group, size = [], 0
@@ -202,16 +189,34 @@ class Corpus:
         for path, start, stop in task:
             yield from self.docs_in(Path(path), start, stop)
 
+    def check_nonempty(self) -> None:
+        """A UserError when the inputs, or a --val-input/--ref-input, hold no non-blank document."""
+        main = [p for p in self.files if str(p) not in self.split_files]
+        if main and next((d for p in main for d in self.docs_in(p)), None) is None:
+            what = "embedded stdlib corpus" if self.embedded else f"{len(main)} input file(s)"
+            raise UserError(f"empty corpus: {what} contain no non-blank text")
+        for split, flag in SPLIT_FLAGS.items():
+            files = [p for p in self.files if self.split_files.get(str(p)) == split]
+            if files and next((d for p in files for d in self.docs_in(p)), None) is None:
+                raise UserError(f"{flag}: {len(files)} file(s) ({files[0]}, ...) hold no non-blank text")
+
     def __iter__(self) -> Iterator[Document]:
         total = 0
         count = 0
+        capped = False
         for path in self.files:
+            fixed = str(path) in self.split_files
+            if capped and not fixed:
+                continue
             for doc in self.docs_in(path):
-                if self.max_docs is not None and count >= self.max_docs:
-                    return
+                if fixed:  # a given split is read whole: the caps are for the inputs
+                    yield doc
+                    continue
                 size = len(doc.text.encode())
-                if self.max_bytes is not None and count > 0 and total + size > self.max_bytes:
-                    return
+                if (self.max_docs is not None and count >= self.max_docs) or \
+                        (self.max_bytes is not None and count > 0 and total + size > self.max_bytes):
+                    capped = True
+                    break
                 total += size
                 count += 1
                 yield doc
