@@ -20,11 +20,14 @@ SPLIT_FLAGS = {"val": "--val-input", "ref": "--ref-input"}
 @dataclass(frozen=True)
 class Document:
     """One document: `name` says where it came from (path, path:line, path:row N, ...); `split` is the
-    split its input file was given for (--val-input/--ref-input), None for the hash split."""
+    split its input file was given for (--val-input/--ref-input), None for the hash split; `record` is
+    the whole record of a record input when the corpus keeps them (`columns` given: the builder takes
+    instruction fields from it)."""
 
     name: str
     text: str
     split: str | None = None
+    record: dict[str, Any] | None = None
 
 
 def _unreadable(path: Path, exc: OSError) -> UserError:
@@ -69,11 +72,17 @@ class Corpus:
         max_docs: int | None = None,
         val_inputs: Sequence[str | Path] = (),
         ref_inputs: Sequence[str | Path] = (),
+        columns: Sequence[str] | None = None,
+        field_flag: str = "--text-field",
     ) -> None:
         self.embedded = not inputs
         self.files = stdlib_files() if self.embedded else expand_inputs(inputs, glob)
         self.text_field = text_field
         self.field = text_field or DEFAULT_FIELD
+        self.field_flag = field_flag  # the flag that named the field, for errors (--prompt-field)
+        # what a record reader must read (parquet/Arrow columns); given, each Document keeps its record
+        self.columns = tuple(columns) if columns else (self.field,)
+        self.keep_records = bool(columns)
         self.max_bytes = max_bytes
         self.max_docs = max_docs
         if not self.files:
@@ -121,7 +130,7 @@ class Corpus:
     def record_text(self, loc: str, rec: dict[str, Any]) -> str:
         """The text of one record, or a UserError naming its location."""
         if self.field not in rec:
-            raise record_error(loc, f"no field {self.field!r} (set --text-field)")
+            raise record_error(loc, f"no field {self.field!r} (set {self.field_flag})")
         value = rec[self.field]
         if isinstance(value, str):
             return value
@@ -143,8 +152,8 @@ class Corpus:
             if text.strip():
                 yield Document(str(path), text, split)
             return
-        for loc, rec in iter_records(path, start, stop, fmt=fmt, columns=(self.field,)):
-            yield Document(loc, self.record_text(loc, rec), split)
+        for loc, rec in iter_records(path, start, stop, fmt=fmt, columns=self.columns):
+            yield Document(loc, self.record_text(loc, rec), split, rec if self.keep_records else None)
 
     def tasks(self, chunk_bytes: int, chunk_files: int) -> Iterator[list[tuple[str, int, int | None]]]:
         """The corpus as independent reading tasks, in order: runs of whole files of about `chunk_bytes`
