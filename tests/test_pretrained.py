@@ -163,7 +163,8 @@ def test_demo_smollm2_compares_uniform_and_attent(tmp_path: Path, gguf_run: Path
     (out / "base").symlink_to(_init_dir(gguf_run))
     proc = subprocess.run(
         [sys.executable, "-m", "attent_scale", "demo", "--model", "smollm2", "--out", str(out),
-         "--examples", "16", "--epochs", "1", "--set", "eval.every_steps=0", "--set", "train.micro_batch_size=4"],
+         "--examples", "16", "--epochs", "1", "--set", "eval.every_steps=0",
+         "--set", "train.micro_batch_size=4"],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "dequantizing" not in proc.stdout
