@@ -18,13 +18,16 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from attent_scale.config import add_override_argument, load_config
 from attent_scale.errors import UserError
 from attent_scale.teacher.reference import LOSS_KEY, read_metadata, scores_metadata
+
+if TYPE_CHECKING:
+    from attent_scale.data.samples import Sample
 
 IGNORE_INDEX = -100
 SCORES_PREFIX = "scores-"  # default output: MODEL/scores-SPLIT.safetensors (+ .cost.json)
@@ -124,10 +127,9 @@ def _run_dir_of(d: Path) -> Path | None:
     return None
 
 
-def _windows(manifest: Any, split: str, lo: int, hi: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(id, window) for ids [lo, hi) of `split`, in id order, reading only the shards that hold them."""
-    from webdataset.handlers import reraise_exception
-    from webdataset.tariterators import tar_file_iterator
+def _windows(manifest: Any, split: str, lo: int, hi: int) -> Iterator[tuple[int, Sample]]:
+    """(id, sample) for ids [lo, hi) of `split`, in id order, reading only the shards that hold them."""
+    from attent_scale.data.samples import decode, read_samples
 
     dtype = np.dtype(manifest.token_dtype)
     expect = lo
@@ -137,16 +139,18 @@ def _windows(manifest: Any, split: str, lo: int, hi: int) -> Iterator[tuple[int,
         path = manifest.shard_path(s)
         try:
             with open(path, "rb") as f:
-                for member in tar_file_iterator(f, handler=reraise_exception):
-                    sid = int(member["fname"].split("/")[-1].split(".", 1)[0])
+                for raw in read_samples(f):
+                    sid = raw.id
+                    if sid is None:
+                        raise ValueError(f"bad sample key {raw.key!r}")
                     if sid < expect or sid >= hi:
                         continue
                     if sid != expect:
                         raise UserError(f"{path}: sample {expect} missing (run `shards inspect --verify`)")
-                    window = np.frombuffer(member["data"], dtype=dtype)
-                    if not 2 <= len(window) <= manifest.seq_len + 1:
-                        raise UserError(f"{path}: sample {sid} does not decode")
-                    yield sid, window
+                    sample = decode(raw, dtype, manifest.seq_len, manifest.vocab_size)
+                    if isinstance(sample, str):
+                        raise UserError(f"{path}: sample {sid} does not decode ({sample})")
+                    yield sid, sample
                     expect += 1
         except UserError:  # a ValueError too: not an unreadable shard
             raise
@@ -161,16 +165,16 @@ def _batches(manifest: Any, split: str, lo: int, hi: int, batch_size: int) -> It
     import torch
 
     t = manifest.seq_len
-    rows: list[tuple[int, np.ndarray]] = []
+    rows: list[tuple[int, Sample]] = []
 
     def pack() -> dict[str, Any]:
         ids = torch.tensor([i for i, _ in rows], dtype=torch.int64)
         inputs = torch.full((len(rows), t), manifest.pad_id, dtype=torch.int64)
         labels = torch.full((len(rows), t), IGNORE_INDEX, dtype=torch.int64)
         for r, (_, w) in enumerate(rows):
-            k = len(w) - 1
-            inputs[r, :k] = torch.from_numpy(w[:-1].astype(np.int64))
-            labels[r, :k] = torch.from_numpy(w[1:].astype(np.int64))
+            k = len(w.tokens) - 1
+            inputs[r, :k] = torch.from_numpy(w.inputs.astype(np.int64))
+            labels[r, :k] = torch.from_numpy(w.labels)
         return {"ids": ids, "input_ids": inputs, "labels": labels}
 
     for sid, window in _windows(manifest, split, lo, hi):

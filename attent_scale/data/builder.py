@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import multiprocessing as mp
 import os
 import shutil
 import signal
-import tarfile
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -32,31 +30,33 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from attent_scale.data.corpus import Corpus
+from attent_scale.data.corpus import Corpus, Document
 from attent_scale.data.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardInfo
-from attent_scale.data.tokenizer import Tokenizer, sha256_file, train_tokenizer
+from attent_scale.data.samples import KEY_WIDTH, sample_key, token_field, write_samples
+from attent_scale.data.tokenizer import (
+    HFTokenizer,
+    Tokenizer,
+    is_hf_tokenizer,
+    load_tokenizer,
+    sha256_file,
+    train_tokenizer,
+    tree_sha256,
+)
 from attent_scale.errors import UserError
+
+__all__ = ["build_shards", "merge_parts", "sample_key", "token_field"]
 
 TOKENIZER_NAME = "tokenizer.model"
 PART_NAME = "part.json"
 PART_FORMAT = "attent-scale-part/1"
-KEY_WIDTH = 10  # sample keys are zero-padded global ids
-TAR_MTIME = 0  # constant tar metadata: re-runs give byte-identical shards
-TAR_USER = "attent"
 SPLITS = ("train", "val", "ref")
 CHUNK_BYTES = 1 << 20  # text per tokenize task
 CHUNK_DOCS = 4096
 # part settings that must agree across the parts of one merge
 PART_SETTINGS = ("seq_len", "token_dtype", "val_fraction", "ref_fraction", "shard_size_mb",
-                 "samples_per_shard", "seed", "model_type", "tokenizer_sha256", "embedded", "num_parts")
-
-
-def sample_key(sample_id: int) -> str:
-    return f"{sample_id:0{KEY_WIDTH}d}"
-
-
-def token_field(dtype: str) -> str:
-    return "tokens.u16" if dtype == "uint16" else "tokens.u32"
+                 "samples_per_shard", "seed", "model_type", "tokenizer_sha256", "embedded", "num_parts",
+                 "tokenizer_kind", "tokenizer_file", "sft")
+MASK_SUFFIX = ".mask"  # beside a token file: one uint8 per token, 1 = a training target (SFT builds)
 
 
 def _text_hash(text: str) -> int:
@@ -149,60 +149,149 @@ class _Pool:
 _TOK: dict[str, Any] = {}
 
 
+@dataclass(frozen=True)
+class SftSpec:
+    """Instruction data: one example per sample, the loss on the response only."""
+
+    prompt_field: str
+    response_field: str
+    chat_template: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prompt_field": self.prompt_field, "response_field": self.response_field,
+                "chat_template": self.chat_template}
+
+
+def sft_fields(doc: Document, spec: SftSpec) -> tuple[str, str]:
+    """(prompt, response) of one instruction record; UserError naming the record and the field."""
+    rec = doc.record if doc.record is not None else {}
+    out = []
+    for flag, field in (("--prompt-field", spec.prompt_field), ("--response-field", spec.response_field)):
+        if field not in rec:
+            raise UserError(f"{doc.name}: no field {field!r} ({flag})")
+        if not isinstance(rec[field], str):
+            raise UserError(f"{doc.name}: field {field!r} is not a string ({flag})")
+        out.append(rec[field])
+    return out[0], out[1]
+
+
+def _prefix_ids(tk: Tokenizer | HFTokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text itself (a Llama BOS; none for GPT-2)."""
+    if not isinstance(tk, HFTokenizer):
+        return []
+    full = list(tk.tk("x", add_special_tokens=True)["input_ids"])
+    plain = tk.encode("x")
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return full[:i]
+    return []
+
+
+def sft_example(tk: Tokenizer | HFTokenizer, prompt: str, response: str, spec: SftSpec, seq_len: int,
+                prefix: list[int]) -> tuple[list[int], list[int], bool]:
+    """(tokens, mask, truncated) of one example: with the chat template, its rendering of user=prompt,
+    assistant=response; without, `prefix` (the tokenizer's own leading special tokens) + prompt +
+    response + EOS. mask is 1 on the response's tokens; both are cut to seq_len + 1."""
+    if spec.chat_template:
+        head, tail = tk.chat(prompt, response)  # type: ignore[union-attr]
+        p_ids, r_ids = tk.encode(head), tk.encode(tail)
+    else:
+        p_ids = prefix + tk.encode(prompt)
+        r_ids = tk.encode(response) + [tk.eos_id]
+    tokens = p_ids + r_ids
+    mask = [0] * len(p_ids) + [1] * len(r_ids)
+    cut = len(tokens) > seq_len + 1
+    return tokens[: seq_len + 1], mask[: seq_len + 1], cut
+
+
 def _init_tokenizer(path: str, out_dir: str, dtype: str, val_fraction: float, ref_fraction: float,
-                    corpus: Corpus | None = None) -> None:
-    _TOK.update(tk=Tokenizer(path), out=Path(out_dir), dtype=np.dtype(dtype), val=val_fraction,
-                ref=ref_fraction, files={}, corpus=corpus)
+                    corpus: Corpus | None = None, sft: SftSpec | None = None, seq_len: int = 0) -> None:
+    tk = load_tokenizer(path)
+    _TOK.update(tk=tk, out=Path(out_dir), dtype=np.dtype(dtype), val=val_fraction, ref=ref_fraction,
+                files={}, corpus=corpus, sft=sft, seq_len=seq_len, prefix=_prefix_ids(tk))
 
 
-def _token_file(split: str) -> tuple[str, Any]:
-    """This process's append-only token file for `split` (name relative to the part dir, open handle)."""
+def _token_file(split: str, suffix: str = "") -> tuple[str, Any]:
+    """This process's append-only token (or, with MASK_SUFFIX, mask) file for `split` (name relative to
+    the part dir, open handle)."""
     files = _TOK["files"]
-    if split not in files:
-        name = f"tokens/{split}-{os.getpid()}.bin"
-        files[split] = (name, open(_TOK["out"] / name, "ab"))  # noqa: SIM115 - closed at process exit
-    return files[split]
+    if split + suffix not in files:
+        name = f"tokens/{split}-{os.getpid()}.bin{suffix}"
+        files[split + suffix] = (name, open(_TOK["out"] / name, "ab"))  # noqa: SIM115 - closed at exit
+    return files[split + suffix]
 
 
-def _tokenize_chunk(texts: list[str]) -> dict[str, Any]:
-    """Encode one chunk; append each split's tokens to this process's file; return where they went."""
-    tk, dtype = _TOK["tk"], _TOK["dtype"]
-    by_split: dict[str, list[np.ndarray]] = {}
-    nbytes: dict[str, int] = {}
-    for text in texts:
-        split = split_of(text, _TOK["val"], _TOK["ref"])
-        ids = tk.encode(text)
-        ids.append(tk.eos_id)
-        by_split.setdefault(split, []).append(np.asarray(ids, dtype=dtype))
-        nbytes[split] = nbytes.get(split, 0) + len(text.encode("utf-8"))
-    out = {}
-    for split, arrays in by_split.items():
+_Row = tuple[str, list[int], "list[int] | None", int]  # split, token ids, mask (SFT) or None, text bytes
+
+
+def _encode_sft(docs: list[Document]) -> tuple[list[_Row], dict[str, list[int]]]:
+    """The kept examples of one chunk, and per split how many were skipped (no response token within
+    seq_len + 1) and truncated."""
+    tk, spec, t = _TOK["tk"], _TOK["sft"], _TOK["seq_len"]
+    rows: list[_Row] = []
+    counts: dict[str, list[int]] = {}
+    for doc in docs:
+        prompt, response = sft_fields(doc, spec)
+        tokens, mask, cut = sft_example(tk, prompt, response, spec, t, _TOK["prefix"])
+        split = split_of(f"{prompt}\0{response}", _TOK["val"], _TOK["ref"])
+        c = counts.setdefault(split, [0, 0])
+        if len(tokens) < 2 or not any(mask[1:]):
+            c[0] += 1
+            continue
+        c[1] += cut
+        rows.append((split, tokens, mask, len(prompt.encode("utf-8")) + len(response.encode("utf-8"))))
+    return rows, counts
+
+
+def _tokenize_chunk(docs: list[Document]) -> dict[str, Any]:
+    """Encode one chunk; append each split's tokens (and SFT masks) to this process's files; return
+    where they went (for SFT also the examples skipped and truncated)."""
+    dtype = _TOK["dtype"]
+    counts: dict[str, list[int]] = {}
+    if _TOK["sft"] is not None:
+        rows, counts = _encode_sft(docs)
+    else:
+        texts = [d.text for d in docs]
+        rows = [(split_of(text, _TOK["val"], _TOK["ref"]), ids, None, len(text.encode("utf-8")))
+                for text, ids in zip(texts, _TOK["tk"].encode_docs(texts), strict=True)]
+    by_split: dict[str, list[_Row]] = {}
+    for row in rows:
+        by_split.setdefault(row[0], []).append(row)
+    out: dict[str, Any] = {}
+    for split, group in by_split.items():
         name, f = _token_file(split)
         offset = f.tell()
-        f.write(np.concatenate(arrays).tobytes())
+        f.write(np.concatenate([np.asarray(r[1], dtype=dtype) for r in group]).tobytes())
         f.flush()
-        out[split] = {"file": name, "offset": offset, "lengths": np.array([len(a) for a in arrays]),
-                      "text_bytes": nbytes[split]}
+        if _TOK["sft"] is not None:  # the mask file runs in step with the token file: token i <-> byte i
+            _, mf = _token_file(split, MASK_SUFFIX)
+            mf.write(np.concatenate([np.asarray(r[2], dtype=np.uint8) for r in group]).tobytes())
+            mf.flush()
+        out[split] = {"file": name, "offset": offset, "lengths": np.array([len(r[1]) for r in group]),
+                      "text_bytes": sum(r[3] for r in group)}
+    for split, (skipped, truncated) in counts.items():
+        out.setdefault(split, {"file": None, "offset": 0, "lengths": np.zeros(0, np.int64), "text_bytes": 0})
+        out[split].update(skipped=skipped, truncated=truncated)
     return out
 
 
 def _tokenize_files(task: list[tuple[str, int, int | None]]) -> dict[str, Any]:
     """Read one task of `Corpus.tasks` (whole files or a JSONL byte range) here, then encode it: the
     main process only hands out file names, so it never limits how fast N workers read."""
-    return _tokenize_chunk([doc.text for doc in _TOK["corpus"].docs_of_task(task)])
+    return _tokenize_chunk(list(_TOK["corpus"].docs_of_task(task)))
 
 
-def _chunks(corpus: Iterable[Any]) -> Iterator[list[str]]:
-    texts: list[str] = []
+def _chunks(corpus: Iterable[Any]) -> Iterator[list[Document]]:
+    docs: list[Document] = []
     size = 0
     for doc in corpus:
-        texts.append(doc.text)
+        docs.append(doc)
         size += len(doc.text)
-        if size >= CHUNK_BYTES or len(texts) >= CHUNK_DOCS:
-            yield texts
-            texts, size = [], 0
-    if texts:
-        yield texts
+        if size >= CHUNK_BYTES or len(docs) >= CHUNK_DOCS:
+            yield docs
+            docs, size = [], 0
+    if docs:
+        yield docs
 
 
 @dataclass
@@ -213,6 +302,8 @@ class _SplitTokens:
     segments: np.ndarray  # int64 [n, 3]: file index, byte offset, token count
     doc_lengths: np.ndarray  # int64, tokens per document (EOS included), in order
     text_bytes: int
+    skipped: int = 0  # SFT examples with no response token within seq_len + 1: not stored
+    truncated: int = 0  # SFT examples cut to seq_len + 1
 
     @property
     def tokens(self) -> int:
@@ -226,6 +317,7 @@ def tokenize_part(corpus: Corpus, out: Path, pool: _Pool, *, progress: bool) -> 
     segs: dict[str, list[tuple[int, int, int]]] = {s: [] for s in SPLITS}
     lengths: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     text_bytes = dict.fromkeys(SPLITS, 0)
+    sft = {s: [0, 0] for s in SPLITS}
     bar = tqdm(desc="shards build", unit="doc", disable=None if progress else True)
     if corpus.max_bytes is None and corpus.max_docs is None:
         results = pool.map(_tokenize_files, corpus.tasks(CHUNK_BYTES, CHUNK_DOCS))
@@ -234,6 +326,10 @@ def tokenize_part(corpus: Corpus, out: Path, pool: _Pool, *, progress: bool) -> 
     try:
         for result in results:
             for split, r in result.items():
+                sft[split][0] += r.get("skipped", 0)
+                sft[split][1] += r.get("truncated", 0)
+                if r["file"] is None:
+                    continue
                 if r["file"] not in files[split]:
                     files[split].append(r["file"])
                 segs[split].append((files[split].index(r["file"]), r["offset"], int(r["lengths"].sum())))
@@ -250,13 +346,17 @@ def tokenize_part(corpus: Corpus, out: Path, pool: _Pool, *, progress: bool) -> 
             segments=np.array(segs[s], dtype=np.int64).reshape(-1, 3),
             doc_lengths=np.concatenate(lengths[s]).astype(np.int64) if lengths[s] else np.zeros(0, np.int64),
             text_bytes=text_bytes[s],
+            skipped=sft[s][0],
+            truncated=sft[s][1],
         )
         for s in SPLITS
     }
 
 
-def _read_tokens(st: _SplitTokens, dtype: np.dtype, start: int, stop: int) -> np.ndarray:
-    """Tokens [start, stop) of a split's stream."""
+def _read_tokens(st: _SplitTokens, dtype: np.dtype, start: int, stop: int, *,
+                 mask_of: np.dtype | None = None) -> np.ndarray:
+    """Tokens [start, stop) of a split's stream; with `mask_of` (the token dtype), the SFT mask bytes of
+    those tokens instead, from the mask files beside the token files."""
     counts = st.segments[:, 2]
     ends = np.cumsum(counts)
     begins = ends - counts
@@ -268,8 +368,9 @@ def _read_tokens(st: _SplitTokens, dtype: np.dtype, start: int, stop: int) -> np
         lo = pos - int(begins[k])
         take = min(n - lo, stop - pos)
         if take > 0:
-            out[pos - start : pos - start + take] = np.fromfile(
-                st.files[fi], dtype=dtype, count=take, offset=off + lo * dtype.itemsize)
+            path = st.files[fi] if mask_of is None else st.files[fi] + MASK_SUFFIX
+            first = off + lo * dtype.itemsize if mask_of is None else off // mask_of.itemsize + lo
+            out[pos - start : pos - start + take] = np.fromfile(path, dtype=dtype, count=take, offset=first)
             pos += take
         k += 1
     return out
@@ -302,11 +403,22 @@ def shard_layout(num_tokens: int, seq_len: int, itemsize: int, max_bytes: float,
     return shards
 
 
+def sft_layout(num_examples: int, seq_len: int, itemsize: int, max_bytes: float,
+               max_count: int) -> list[tuple[int, int]]:
+    """(first sample, samples) per shard of an SFT split: one example a sample, a shard ending at
+    `max_count` samples or before its size, counting every sample as a full one with its mask, would
+    pass `max_bytes`."""
+    cost = _tar_cost((seq_len + 1) * itemsize) + _tar_cost(seq_len + 1)
+    per = min(max(1, int(max_bytes // cost)), max_count)
+    return [(i, min(per, num_examples - i)) for i in range(0, num_examples, per)]
+
+
 def tokenizer_pool(workers: int, tokenizer: Path, out: Path, dtype: str, val_fraction: float,
-                   ref_fraction: float, corpus: Corpus | None = None) -> _Pool:
+                   ref_fraction: float, corpus: Corpus | None = None, sft: SftSpec | None = None,
+                   seq_len: int = 0) -> _Pool:
     """The build's worker processes, each with the tokenizer loaded, writing token files under OUT."""
     (out / "tokens").mkdir(parents=True, exist_ok=True)
-    init = (str(tokenizer), str(out), dtype, val_fraction, ref_fraction, corpus)
+    init = (str(tokenizer), str(out), dtype, val_fraction, ref_fraction, corpus, sft, seq_len)
     return _Pool(workers, _init_tokenizer, init)
 
 
@@ -325,12 +437,19 @@ class _ShardTask:
     base: int  # stream position of the first of those segments
     start: int
     stop: int
+    lengths: np.ndarray | None = None  # SFT: each sample's tokens (one example a sample), with masks
 
 
 def _shard_task(st: _SplitTokens, ends: np.ndarray, out: Path, split: str, index: int, first: int,
-                count: int, seq_len: int, dtype: str) -> _ShardTask:
+                count: int, seq_len: int, dtype: str, sft: bool = False) -> _ShardTask:
     t = seq_len
-    start, stop = first * t, min((first + count - 1) * t + t + 1, int(ends[-1]))
+    lengths = None
+    if sft:
+        lengths = st.doc_lengths[first : first + count]
+        start = int(st.doc_lengths[:first].sum())
+        stop = start + int(lengths.sum())
+    else:
+        start, stop = first * t, min((first + count - 1) * t + t + 1, int(ends[-1]))
     k0 = int(np.searchsorted(ends, start, side="right"))
     k1 = int(np.searchsorted(ends, stop, side="left")) + 1
     seg = st.segments[k0:k1].copy()
@@ -338,7 +457,7 @@ def _shard_task(st: _SplitTokens, ends: np.ndarray, out: Path, split: str, index
     used = sorted(set(seg[:, 0].tolist()))
     seg[:, 0] = np.searchsorted(used, seg[:, 0])
     sub = _SplitTokens([st.files[i] for i in used], seg, np.zeros(0, np.int64), 0)
-    return _ShardTask(str(out), split, index, first, count, t, dtype, sub, base, start, stop)
+    return _ShardTask(str(out), split, index, first, count, t, dtype, sub, base, start, stop, lengths)
 
 
 def _write_shard(task: _ShardTask) -> dict[str, Any]:
@@ -347,19 +466,17 @@ def _write_shard(task: _ShardTask) -> dict[str, Any]:
     start = task.start
     tokens = _read_tokens(task.tokens, dtype, start - task.base, task.stop - task.base)
     path = Path(task.out) / f"{task.split}-{task.index:06d}.tar"
-    field = token_field(dtype.name)
-    n_tokens = 0
-    # what webdataset's TarWriter writes (a "w|" stream, default format), without importing it: it
-    # imports torch, which would cost every worker process seconds
-    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w|") as tf:
-        for j in range(first, first + count):
-            a = j * t - start
-            data = tokens[a : min(a + t + 1, len(tokens))].tobytes()
-            n_tokens += len(data) // dtype.itemsize
-            info = tarfile.TarInfo(f"{sample_key(j)}.{field}")
-            info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
-            info.uname = info.gname = TAR_USER
-            tf.addfile(info, io.BytesIO(data))
+    if task.lengths is None:
+        samples = ((j, tokens[j * t - start : min(j * t - start + t + 1, len(tokens))], None)
+                   for j in range(first, first + count))
+    else:
+        masks = _read_tokens(task.tokens, np.dtype(np.uint8), start - task.base, task.stop - task.base,
+                             mask_of=dtype)
+        cuts = np.concatenate([[0], np.cumsum(task.lengths)])
+        samples = ((first + k, tokens[cuts[k] : cuts[k + 1]], masks[cuts[k] : cuts[k + 1]])
+                   for k in range(count))
+    with open(path, "wb") as f:
+        n_tokens = write_samples(f, samples, dtype.name)
     return ShardInfo(name=path.name, first_id=first, count=count, bytes=path.stat().st_size,
                      sha256=sha256_file(path), tokens=n_tokens).to_json()
 
@@ -383,22 +500,46 @@ def _split_summary(st: _SplitTokens, shards: list[dict[str, Any]]) -> dict[str, 
     }
 
 
-def write_shards(splits: dict[str, _SplitTokens], out: Path, settings: dict[str, Any], tok: Tokenizer,
-                 tok_path: Path, corpus_desc: str, pool: _Pool) -> dict[str, Any]:
+def tokenizer_record(tok: Tokenizer | HFTokenizer, stored: Path,
+                     source: dict[str, str] | None) -> dict[str, Any]:
+    """The manifest's "tokenizer" entry: kind, the stored copy (a file; an HF tokenizer's directory too)
+    and its hash, and where it came from."""
+    rec: dict[str, Any] = {"kind": tok.kind, "sha256": tree_sha256(stored)}
+    if stored.is_dir():
+        rec.update(dir=stored.name, file=f"{stored.name}/tokenizer.json")
+    else:
+        rec["file"] = stored.name
+    if source:
+        rec["source"] = source
+    if tok.chat_template is not None:
+        rec["chat_template"] = True
+    return rec
+
+
+def write_shards(splits: dict[str, _SplitTokens], out: Path, settings: dict[str, Any],
+                 tok: Tokenizer | HFTokenizer, tok_path: Path, corpus_desc: str,
+                 pool: _Pool) -> dict[str, Any]:
     """The write phase: every split's shards (in parallel) and manifest.json in OUT; the manifest dict."""
     seq_len, dtype = settings["seq_len"], settings["token_dtype"]
+    sft = settings.get("sft")
     max_count = settings["samples_per_shard"] or 1 << 62
     names = [s for s in SPLITS if s != "ref" or settings["ref_fraction"] > 0]
-    layouts = {s: shard_layout(splits[s].tokens, seq_len, np.dtype(dtype).itemsize,
-                               settings["shard_size_mb"] * 1e6, max_count) for s in names}
+    size = np.dtype(dtype).itemsize
+    cap = settings["shard_size_mb"] * 1e6
+    if sft:
+        layouts = {s: sft_layout(len(splits[s].doc_lengths), seq_len, size, cap, max_count) for s in names}
+    else:
+        layouts = {s: shard_layout(splits[s].tokens, seq_len, size, cap, max_count) for s in names}
     if not layouts["train"]:
-        raise UserError(f"corpus too small: no training window of --seq-len {seq_len} ({corpus_desc})")
+        what = "instruction example with a response token" if sft else \
+            f"training window of --seq-len {seq_len}"
+        raise UserError(f"corpus too small: no {what} ({corpus_desc})")
 
     def tasks() -> Iterator[_ShardTask]:
         for s in names:
             ends = np.cumsum(splits[s].segments[:, 2])
             for k, (first, count) in enumerate(layouts[s]):
-                yield _shard_task(splits[s], ends, out, s, k, first, count, seq_len, dtype)
+                yield _shard_task(splits[s], ends, out, s, k, first, count, seq_len, dtype, bool(sft))
 
     shards: dict[str, list[dict[str, Any]]] = {s: [] for s in names}
     order = [s for s in names for _ in layouts[s]]
@@ -412,6 +553,9 @@ def write_shards(splits: dict[str, _SplitTokens], out: Path, settings: dict[str,
     }
     if settings["ref_fraction"] > 0:
         build["ref_fraction"] = settings["ref_fraction"]
+    if sft:
+        build["sft"] = dict(sft, skipped=sum(splits[s].skipped for s in SPLITS),
+                            truncated=sum(splits[s].truncated for s in SPLITS))
     manifest = {
         "format_version": FORMAT_VERSION,
         "seq_len": seq_len,
@@ -421,9 +565,10 @@ def write_shards(splits: dict[str, _SplitTokens], out: Path, settings: dict[str,
         "token_dtype": dtype,
         "token_field": token_field(dtype),
         "key_width": KEY_WIDTH,
-        "window": "seq_len + 1 tokens, stride seq_len; the last window of a split may be shorter",
+        "window": "one example a sample (at most seq_len + 1 tokens), loss mask in mask.u8" if sft else
+                  "seq_len + 1 tokens, stride seq_len; the last window of a split may be shorter",
         "newline_symbol": tok.newline_symbol,
-        "tokenizer": {"file": TOKENIZER_NAME, "sha256": sha256_file(tok_path)},
+        "tokenizer": tokenizer_record(tok, tok_path, settings.get("tokenizer_source")),
         "build": build,
         "splits": {s: _split_summary(splits[s], shards[s]) for s in names},
     }
@@ -442,7 +587,8 @@ def _save_part(out: Path, splits: dict[str, _SplitTokens], settings: dict[str, A
         np.save(out / "tokens" / f"{s}-doc-lengths.npy", st.doc_lengths)
         meta["splits"][s] = {"files": [str(Path(f).relative_to(out)) for f in st.files],
                              "tokens": st.tokens, "text_bytes": st.text_bytes,
-                             "documents": int(len(st.doc_lengths))}
+                             "documents": int(len(st.doc_lengths)), "skipped": st.skipped,
+                             "truncated": st.truncated}
     (out / PART_NAME).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
@@ -461,7 +607,8 @@ def _load_part(d: Path) -> tuple[dict[str, Any], dict[str, _SplitTokens]]:
                 if not Path(f).is_file():
                     raise UserError(f"{f}: token file listed in {path} is missing")
             splits[s] = _SplitTokens(files, seg.reshape(-1, 3).astype(np.int64),
-                                     np.load(d / "tokens" / f"{s}-doc-lengths.npy"), int(info["text_bytes"]))
+                                     np.load(d / "tokens" / f"{s}-doc-lengths.npy"), int(info["text_bytes"]),
+                                     int(info.get("skipped", 0)), int(info.get("truncated", 0)))
     except UserError:  # a ValueError too: keep its own message
         raise
     except FileNotFoundError as exc:
@@ -481,7 +628,8 @@ def _concat(parts: list[_SplitTokens]) -> _SplitTokens:
         segs.append(seg)
     return _SplitTokens(files, np.concatenate(segs) if segs else np.zeros((0, 3), np.int64),
                         np.concatenate([p.doc_lengths for p in parts]).astype(np.int64),
-                        sum(p.text_bytes for p in parts))
+                        sum(p.text_bytes for p in parts), sum(p.skipped for p in parts),
+                        sum(p.truncated for p in parts))
 
 
 def merge_parts(part_dirs: Sequence[str | Path], out_dir: str | Path, *, workers: int | None = None,
@@ -507,16 +655,19 @@ def merge_parts(part_dirs: Sequence[str | Path], out_dir: str | Path, *, workers
     settings = dict(first["settings"])
     desc = "embedded stdlib corpus" if settings["embedded"] else \
         f"{sum(meta['input_files'] for _, meta, _ in loaded)} input file(s)"
-    tok_path = first_dir / TOKENIZER_NAME
-    if sha256_file(tok_path) != settings["tokenizer_sha256"]:
-        raise UserError(f"{tok_path}: sha256 differs from its {PART_NAME}")
+    name = settings.get("tokenizer_file", TOKENIZER_NAME)
+    tok_path = first_dir / name
+    if not tok_path.exists() or tree_sha256(tok_path) != settings["tokenizer_sha256"]:
+        raise UserError(f"{tok_path}: missing, or its sha256 differs from its {PART_NAME}")
 
     def fill(tmp: Path) -> None:
-        shutil.copyfile(tok_path, tmp / TOKENIZER_NAME)
+        if tok_path.is_dir():
+            shutil.copytree(tok_path, tmp / name)
+        else:
+            shutil.copyfile(tok_path, tmp / name)
         pool = _Pool(workers or default_workers())
         try:
-            write_shards(splits, tmp, settings, Tokenizer(tmp / TOKENIZER_NAME), tmp / TOKENIZER_NAME, desc,
-                         pool)
+            write_shards(splits, tmp, settings, load_tokenizer(tmp / name), tmp / name, desc, pool)
             pool.close()
         finally:
             pool.terminate()
@@ -592,6 +743,18 @@ def _atomic_dir(out: Path, overwrite: bool, fill: Callable[[Path], None]) -> Pat
     return out
 
 
+class _SftTexts:
+    """An SFT corpus as the documents a SentencePiece model trains on: prompt and response text."""
+
+    def __init__(self, corpus: Corpus, spec: SftSpec) -> None:
+        self.corpus, self.spec = corpus, spec
+
+    def __iter__(self) -> Iterator[Document]:
+        for doc in self.corpus:
+            prompt, response = sft_fields(doc, self.spec)
+            yield Document(doc.name, f"{prompt}\n{response}")
+
+
 def build_shards(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
@@ -613,10 +776,17 @@ def build_shards(
     progress: bool = True,
     workers: int | None = None,
     part: tuple[int, int] | None = None,
+    prompt_field: str | None = None,
+    response_field: str | None = None,
+    chat_template: bool = False,
 ) -> Manifest | Path:
-    """Build train/val(/ref) shards plus manifest.json and tokenizer.model in `out_dir`; return the
-    manifest. With `part=(I, N)`: tokenize only the I-th of N contiguous slices of the input files into a
-    part directory for `merge_parts`, and return its path."""
+    """Build train/val(/ref) shards plus manifest.json and the tokenizer (tokenizer.model, or an HF
+    tokenizer's tokenizer/ directory) in `out_dir`; return the manifest. `tokenizer` is a SentencePiece
+    .model, a Hugging Face tokenizer directory or tokenizer.json, or a .gguf file (its tokenizer); None
+    trains a SentencePiece model. With `prompt_field`/`response_field` (JSONL), every record is one
+    instruction example with its loss on the response (`chat_template`: rendered by the tokenizer's
+    template). With `part=(I, N)`: tokenize only the I-th of N contiguous slices of the input files into
+    a part directory for `merge_parts`, and return its path."""
     out = Path(out_dir)
     if seq_len < 2:
         raise UserError(f"--seq-len {seq_len}: must be at least 2")
@@ -639,14 +809,29 @@ def build_shards(
             raise UserError("--part: needs --tokenizer (every part must encode with the same model)")
         if max_bytes is not None or max_docs is not None:
             raise UserError("--part: --max-bytes/--max-docs cap the whole corpus in order; not with parts")
+    sft = None
+    if (prompt_field is None) != (response_field is None):
+        raise UserError("--prompt-field and --response-field: give both (instruction data) or neither")
+    if prompt_field is not None:
+        if text_field is not None:
+            raise UserError("--text-field: not with --prompt-field/--response-field (instruction records)")
+        sft = SftSpec(prompt_field, response_field, chat_template)  # type: ignore[arg-type]
+        text_field = prompt_field  # the corpus reads JSONL records; the builder takes both fields
+    elif chat_template:
+        raise UserError("--chat-template: needs --prompt-field and --response-field")
     _check_output(out, overwrite)
     corpus = Corpus(inputs, glob=glob, text_field=text_field, max_bytes=max_bytes, max_docs=max_docs)
+    user_tok: Tokenizer | HFTokenizer | None = None
     if tokenizer is not None:
-        if not Path(tokenizer).exists():
+        tp = Path(tokenizer)
+        if not tp.exists():
             raise UserError(f"{tokenizer}: tokenizer file not found")
-        if not Path(tokenizer).is_file():
-            raise UserError(f"{tokenizer}: tokenizer is not a regular file")
-        Tokenizer(tokenizer)  # a bad model is reported under the user's name, not the temp copy's
+        if not tp.is_file() and not (tp.is_dir() and is_hf_tokenizer(tp)):
+            raise UserError(f"{tokenizer}: tokenizer is not a regular file or directory")
+        user_tok = load_tokenizer(tp)  # a bad tokenizer is reported under the user's name, not the copy's
+    if chat_template and (user_tok is None or user_tok.chat_template is None):
+        what = tokenizer if tokenizer is not None else "a trained sentencepiece model"
+        raise UserError(f"--chat-template: {what} has no chat template")
     if part is not None:
         i, n = part
         corpus.files = corpus.files[i * len(corpus.files) // n : (i + 1) * len(corpus.files) // n]
@@ -654,24 +839,30 @@ def build_shards(
         raise UserError(f"empty corpus: {corpus.describe()} contain no non-blank text")
 
     def fill(tmp: Path) -> None:
-        tok_path = tmp / TOKENIZER_NAME
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tok_path)
+        source = None
+        if user_tok is not None:
+            tok_path = user_tok.save(tmp)
+            tk = user_tok
+            source = {"name": Path(tokenizer).name, "sha256": tree_sha256(Path(tokenizer))}  # type: ignore[arg-type]
         else:
-            train_tokenizer(corpus, tok_path, vocab_size=vocab_size, model_type=model_type, seed=seed)
-        tk = Tokenizer(tok_path)
+            tok_path = tmp / TOKENIZER_NAME
+            texts = corpus if sft is None else _SftTexts(corpus, sft)
+            train_tokenizer(texts, tok_path, vocab_size=vocab_size, model_type=model_type, seed=seed)
+            tk = Tokenizer(tok_path)
         dtype = "uint16" if tk.vocab_size < 65536 else "uint32"
         settings = {
             "seq_len": seq_len, "token_dtype": dtype, "val_fraction": val_fraction,
             "ref_fraction": ref_fraction, "shard_size_mb": shard_size_mb,
             "samples_per_shard": samples_per_shard, "seed": seed,
             "model_type": model_type if tokenizer is None else "given",
-            "tokenizer_sha256": sha256_file(tok_path), "embedded": corpus.embedded,
-            "num_parts": part[1] if part else 1,
+            "tokenizer_sha256": tree_sha256(tok_path), "embedded": corpus.embedded,
+            "num_parts": part[1] if part else 1, "tokenizer_kind": tk.kind, "tokenizer_file": tok_path.name,
+            "tokenizer_source": source, "sft": sft.to_json() if sft else None,
         }
         work = tmp if part is not None else tmp / ".part"
         # one pool for both phases: worker start-up (a fresh interpreter each) is paid once
-        pool = tokenizer_pool(workers, tok_path, work, dtype, val_fraction, ref_fraction, corpus)
+        pool = tokenizer_pool(workers, tok_path, work, dtype, val_fraction, ref_fraction, corpus, sft,
+                              seq_len)
         try:
             splits = tokenize_part(corpus, work, pool, progress=progress)
             if part is not None:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from webdataset.handlers import reraise_exception
-from webdataset.tariterators import tar_file_iterator
 
-from attent_scale.data.builder import build_shards, default_workers, merge_parts, parse_part, sample_key
+from attent_scale.data.builder import build_shards, default_workers, merge_parts, parse_part
 from attent_scale.data.manifest import Manifest, ShardInfo, file_problem
-from attent_scale.data.tokenizer import sha256_file
+from attent_scale.data.samples import MASK_FIELD, decode, read_samples, sample_key
+from attent_scale.data.tokenizer import sha256_file, tree_sha256
 from attent_scale.errors import UserError
 
 
@@ -29,7 +28,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--seq-len", type=int, default=1024, help="tokens per sample (windows hold seq_len + 1)")
     b.add_argument("--vocab-size", type=int, default=8000, help="sentencepiece vocabulary to train")
     b.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="sentencepiece model")
-    b.add_argument("--tokenizer", default=None, help="reuse this sentencepiece .model instead of training")
+    b.add_argument("--tokenizer", default=None,
+                   help="use this tokenizer instead of training one: a sentencepiece .model, a Hugging Face "
+                        "tokenizer directory or tokenizer.json, or a .gguf file (its tokenizer)")
+    b.add_argument("--prompt-field", default=None,
+                   help="instruction data (JSONL): the prompt field; one example a sample, the loss on the "
+                        "response only")
+    b.add_argument("--response-field", default=None, help="instruction data (JSONL): the response field")
+    b.add_argument("--chat-template", action="store_true",
+                   help="render each example with the tokenizer's chat template (user=prompt, "
+                        "assistant=response)")
     b.add_argument("--val-fraction", type=float, default=0.01, help="documents to val, by hash of the text")
     b.add_argument("--ref-fraction", type=float, default=0.0,
                    help="documents to a held-out 'ref' split (for a reference model), by hash of the text")
@@ -63,6 +71,10 @@ def _report(m: Manifest) -> None:
     for split in m.splits:
         print(f"{split}: {m.num_samples(split)} samples, {m.num_tokens(split)} tokens, "
               f"{len(m.splits[split])} shards")
+    sft = (m.raw or {}).get("build", {}).get("sft")
+    if sft:
+        print(f"instruction examples: {sft['skipped']} skipped (no response token within seq_len + 1), "
+              f"{sft['truncated']} truncated to seq_len + 1")
     print(f"wrote {m.dir}")
 
 
@@ -87,6 +99,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         workers=args.workers,
         part=parse_part(args.part) if args.part else None,
+        prompt_field=args.prompt_field,
+        response_field=args.response_field,
+        chat_template=args.chat_template,
     )
     if isinstance(m, Manifest):
         _report(m)
@@ -104,7 +119,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def _summary(m: Manifest) -> None:
     print(f"{m.dir}: seq_len {m.seq_len}, vocab {m.vocab_size}, eos {m.eos_id}, pad {m.pad_id}, "
-          f"tokens {m.token_dtype}, tokenizer {m.tokenizer_path.name} ({m.tokenizer_sha256[:12]})")
+          f"tokens {m.token_dtype}, tokenizer {m.tokenizer_kind} {m.tokenizer_source.name} "
+          f"({m.tokenizer_sha256[:12]}){', instruction data' if m.sft else ''}")
     raw = m.raw or {}
     for split, shards in m.splits.items():
         n, tokens = m.num_samples(split), m.num_tokens(split)
@@ -137,7 +153,7 @@ def verify(m: Manifest) -> list[str]:
         bad.append(f"{m.tokenizer_path.name}: {why.removeprefix('is ')}")
     else:
         try:
-            if sha256_file(m.tokenizer_path) != m.tokenizer_sha256:
+            if tree_sha256(m.tokenizer_source) != m.tokenizer_sha256:
                 bad.append(f"{m.tokenizer_path.name}: sha256 mismatch")
         except OSError as exc:
             bad.append(f"{m.tokenizer_path.name}: unreadable ({exc.strerror or exc})")
@@ -166,17 +182,17 @@ def _verify_shard(m: Manifest, split: str, s: ShardInfo) -> list[str]:
     seen: set[str] = set()
     try:
         with open(path, "rb") as f:
-            for member in tar_file_iterator(f, handler=reraise_exception):
-                key = member["fname"].split(".", 1)[0]
-                data = member["data"]
-                if key not in expected:
-                    bad.append(f"{split}/{s.name}: unexpected member {member['fname']!r}")
+            for raw in read_samples(f):
+                if raw.key not in expected or raw.key in seen:
+                    for field in raw.fields:
+                        bad.append(f"{split}/{s.name}: unexpected member {raw.key + '.' + field!r}")
                     continue
-                seen.add(key)
-                ok = len(data) % dtype.itemsize == 0
-                w = np.frombuffer(data, dtype=dtype) if ok else None
-                if w is None or not 2 <= len(w) <= m.seq_len + 1 or int(w.max()) >= m.vocab_size:
-                    bad.append(f"{split}/{s.name}: sample {key} does not decode")
+                seen.add(raw.key)
+                sample = decode(raw, dtype, m.seq_len, m.vocab_size)
+                if isinstance(sample, str):
+                    bad.append(f"{split}/{s.name}: sample {raw.key} does not decode ({sample})")
+                elif m.sft and sample.mask is None:
+                    bad.append(f"{split}/{s.name}: sample {raw.key} has no {MASK_FIELD} member")
     except OSError:
         raise
     except Exception as exc:  # a truncated/corrupt tar: report, keep checking the rest

@@ -7,6 +7,7 @@ import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from attent_scale.errors import UserError
 
@@ -15,10 +16,12 @@ SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__
 
 @dataclass(frozen=True)
 class Document:
-    """One document: `name` says where it came from (path, or path:line for JSONL)."""
+    """One document: `name` says where it came from (path, or path:line for JSONL); `record` is the
+    whole JSON object of a JSONL line (the builder takes instruction fields from it)."""
 
     name: str
     text: str
+    record: dict[str, Any] | None = None
 
 
 def _unreadable(path: Path, exc: OSError) -> UserError:
@@ -137,16 +140,17 @@ class Corpus:
         for raw in data.split(b"\n"):
             try:
                 line = self._decode(path, raw, offset)
-                value = self._jsonl_text(line) if line.strip() else None
+                rec = self._jsonl_record(line) if line.strip() else None
+                value = self._jsonl_text(rec) if rec is not None else None
             except UserError as exc:
                 where = lineno if stop is None else self._line_number(path, offset)
                 raise UserError(f"{path}:{where}: {str(exc).removeprefix(f'{path}: ')}") from None
             if value is not None:
-                yield Document(f"{path}:{lineno}" if stop is None else f"{path}@{offset}", value)
+                yield Document(f"{path}:{lineno}" if stop is None else f"{path}@{offset}", value, rec)
             offset += len(raw) + 1
             lineno += 1
 
-    def _jsonl_text(self, line: str) -> str:
+    def _jsonl_record(self, line: str) -> dict[str, Any]:
         try:
             rec = json.loads(line)
         except ValueError as exc:
@@ -154,6 +158,9 @@ class Corpus:
         if not isinstance(rec, dict):
             kind = type(rec).__name__
             raise UserError(f"not a JSON object (a {kind}); each line must hold {{{self.text_field!r}: ...}}")
+        return rec
+
+    def _jsonl_text(self, rec: dict[str, Any]) -> str:
         if self.text_field not in rec:
             raise UserError(f"no field {self.text_field!r} (set --text-field)")
         value = rec[self.text_field]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from attent_scale.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, file_problem
-from attent_scale.data.tokenizer import sha256_file
+from attent_scale.data.tokenizer import tree_sha256
 from attent_scale.errors import UserError
 
 CACHE_NAME = ".attent-verified.json"
@@ -67,8 +67,8 @@ def check_shards(m: Manifest, fallback_dir: Path, *, rank: int = 0, world: int =
     Sizes are checked every time; contents once per (path, size, mtime), hashed by all ranks in turn.
     Every rank raises the same error (one collective); rank 0 writes the cache."""
     mpath = m.dir / MANIFEST_NAME
-    if m.tokenizer_sha256 and sha256_file(m.tokenizer_path) != m.tokenizer_sha256:
-        raise UserError(f"{m.tokenizer_path}: sha256 differs from {mpath} (not the tokenizer the shards "
+    if m.tokenizer_sha256 and tree_sha256(m.tokenizer_source) != m.tokenizer_sha256:
+        raise UserError(f"{m.tokenizer_source}: sha256 differs from {mpath} (not the tokenizer the shards "
                         "were built with)")
     shards = [s for split in m.splits.values() for s in split]
     stats = []

@@ -72,6 +72,14 @@ class Manifest:
     splits: dict[str, list[ShardInfo]]
     newline_symbol: str | None = None
     raw: dict[str, Any] | None = None
+    tokenizer_kind: str = "sentencepiece"  # or "hf" / "gguf": a Hugging Face tokenizer saved in tokenizer_dir
+    tokenizer_dir: Path | None = None
+    sft: bool = False  # instruction data: one example a sample, a loss mask beside its tokens
+
+    @property
+    def tokenizer_source(self) -> Path:
+        """What AutoTokenizer (an HF kind) or sentencepiece loads: the directory, or the .model file."""
+        return self.tokenizer_dir if self.tokenizer_dir is not None else self.tokenizer_path
 
     @classmethod
     def load(cls, dir: str | Path, *, check_files: bool = True) -> Manifest:
@@ -103,6 +111,9 @@ class Manifest:
                 splits=splits,
                 newline_symbol=data.get("newline_symbol"),
                 raw=data,
+                tokenizer_kind=str(data["tokenizer"].get("kind", "sentencepiece")),
+                tokenizer_dir=d / data["tokenizer"]["dir"] if data["tokenizer"].get("dir") else None,
+                sft=bool(data.get("build", {}).get("sft")),
             )
         except UserError:
             raise
@@ -118,6 +129,8 @@ class Manifest:
                     raise UserError(f"{path}: split {name!r} shard {s.name!r}: a field has the wrong type")
                 if not isinstance(s.name, str) or Path(s.name).name != s.name or s.name in ("", ".", ".."):
                     raise UserError(f"{path}: split {name!r} shard name {s.name!r} is not a file name in {d}")
+        if m.tokenizer_kind not in ("sentencepiece", "hf", "gguf"):
+            raise UserError(f"{path}: tokenizer kind {m.tokenizer_kind!r} not supported")
         if m.token_dtype not in ("uint16", "uint32"):
             raise UserError(f"{path}: token_dtype {m.token_dtype!r} not supported")
         for name, shards in m.splits.items():

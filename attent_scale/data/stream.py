@@ -29,10 +29,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.handlers import reraise_exception
-from webdataset.tariterators import tar_file_iterator
 
 from attent_scale.data.manifest import Manifest
+from attent_scale.data.samples import RawSample, Sample, decode, read_samples
 from attent_scale.errors import UserError
 
 if TYPE_CHECKING:
@@ -210,20 +209,15 @@ class _WorkerState:
             warnings.warn(f"{shard}: {why}; its unreadable samples are replaced by filler", stacklevel=2)
 
 
-def _decode(data: bytes, plan: _EpochPlan) -> np.ndarray | None:
-    size = plan.dtype.itemsize
-    if len(data) % size:
-        return None
-    window = np.frombuffer(data, dtype=plan.dtype)
-    if not 2 <= len(window) <= plan.seq_len + 1 or int(window.max()) >= plan.vocab_size:
-        return None
-    return window
+def _decode(raw: RawSample, plan: _EpochPlan) -> Sample | str:
+    """The sample (tokens, optional loss mask) or why it does not decode: the one rule of data/samples."""
+    return decode(raw, plan.dtype, plan.seq_len, plan.vocab_size)
 
 
 def _read_positions(
     plan: _EpochPlan, segs: list[tuple[int, np.ndarray]], needed: np.ndarray, ws: _WorkerState
-) -> Iterator[tuple[int, np.ndarray | None]]:
-    """Yield (position, window or None) once for every needed position, reading shards in order."""
+) -> Iterator[tuple[int, Sample | None]]:
+    """Yield (position, sample or None) once for every needed position, reading shards in order."""
     base = 0
     for si, ids in segs:
         lo, hi = base, base + len(ids)
@@ -236,23 +230,21 @@ def _read_positions(
         remaining = int(want.sum())
         try:
             with open(path, "rb") as f:
-                for member in tar_file_iterator(f, handler=reraise_exception):
-                    name = member["fname"]
-                    key = name.split("/")[-1].split(".", 1)[0]
-                    try:
-                        sid = int(key)
-                    except ValueError:
-                        ws.warn(path, f"bad sample key {name!r}")
+                for raw in read_samples(f):
+                    sid = raw.id
+                    if sid is None:
+                        ws.warn(path, f"bad sample key {raw.key!r}")
                         continue
                     j = int(np.searchsorted(ids, sid))
                     if j >= len(ids) or ids[j] != sid or done[j] or not want[j]:
                         continue
                     done[j] = True
                     remaining -= 1
-                    window = _decode(member["data"], plan)
-                    if window is None:
-                        ws.warn(path, f"sample {key} does not decode")
-                    yield lo + j, window
+                    sample = _decode(raw, plan)
+                    if isinstance(sample, str):
+                        ws.warn(path, f"sample {raw.key} does not decode ({sample})")
+                        sample = None
+                    yield lo + j, sample
                     if remaining == 0:
                         break
         except (OSError, tarfile.TarError, EOFError, ValueError) as exc:
@@ -298,7 +290,7 @@ class _EpochDataset(IterableDataset):
         needed[len(ids):] = False  # padding positions (a padded stream's shorter blocks) are never read
         ws = _WorkerState()
         reader = _read_positions(p, segs, needed, ws)
-        pending: dict[int, np.ndarray | None] = {}
+        pending: dict[int, Sample | None] = {}
         t = p.seq_len
         for t0 in range(skip, n, p.batch_size):
             rows = order[t0 : t0 + p.batch_size]
@@ -321,10 +313,10 @@ class _EpochDataset(IterableDataset):
                     bad.append(int(ids[pos]))
                     packed[row, 0] = FILLER_ID
                     continue
-                k = len(window) - 1
+                k = len(window.tokens) - 1
                 packed[row, 0] = ids[pos]
-                packed[row, 1 : 1 + k] = window[:-1]
-                packed[row, t + 1 : t + 1 + k] = window[1:]
+                packed[row, 1 : 1 + k] = window.inputs
+                packed[row, t + 1 : t + 1 + k] = window.labels  # -100 where a loss mask says so
             yield {"packed": torch.from_numpy(packed), "_worker": w, "_bad": np.array(bad, dtype=np.int64)}
 
 
