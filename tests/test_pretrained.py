@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -80,6 +81,42 @@ def _adapter_b_norm(adapter: Path) -> float:
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     assert weights and all("lora_" in k for k in weights)
     return sum(float(v.float().norm()) for k, v in weights.items() if "lora_B" in k)
+
+
+def _split_texts(m: Manifest, split: str) -> list[tuple[str, str]]:
+    """(prompt text, target text) of every sample in `split`, decoded with the shards' saved tokenizer."""
+    from transformers import AutoTokenizer
+
+    from attent_scale.data.samples import decode, read_samples
+
+    tok = AutoTokenizer.from_pretrained(str(m.tokenizer_source))
+    texts = []
+    for shard in m.splits[split]:
+        with open(m.dir / shard.name, "rb") as f:
+            for raw in read_samples(f):
+                sample = decode(raw, np.dtype(m.token_dtype), m.seq_len, m.vocab_size)
+                assert not isinstance(sample, str), sample
+                assert sample.mask is not None
+                texts.append((tok.decode(sample.tokens[sample.mask == 0]),
+                              tok.decode(sample.tokens[sample.mask == 1])))
+    return texts
+
+
+def test_demo_sft_shards_mask_the_prompt_and_keep_val_apart(smol_shards: Path) -> None:
+    m = Manifest.load(smol_shards)
+    assert m.sft and m.tokenizer_kind == "gguf" and m.vocab_size == 49152 and m.token_dtype == "uint16"
+    train, val = _split_texts(m, "train"), _split_texts(m, "val")
+    assert len(train) + len(val) + m.raw["build"]["sft"]["skipped"] == 24 and train and val
+    pairs = {json.loads(line)["prompt"]: json.loads(line)["response"]
+             for line in (smol_shards.parent / "instructions.jsonl").read_text().splitlines()}
+    for prompt_text, target in train + val:
+        # the loss targets are the assistant's turn only: the response (or its cut head), then <|im_end|>
+        assert prompt_text.startswith("<|im_start|>system")
+        assert prompt_text.endswith("<|im_start|>assistant\n")
+        prompt = prompt_text.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+        assert pairs[prompt].startswith(target.split("<|im_end|>")[0]), (prompt, target)
+    prompts = [p for p, _ in train], [p for p, _ in val]
+    assert not set(prompts[0]) & set(prompts[1])  # val never repeats a train prompt
 
 
 def test_local_lora_from_gguf_exports_what_transformers_and_peft_load(gguf_run: Path) -> None:
