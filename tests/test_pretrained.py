@@ -192,22 +192,22 @@ def test_zero3_two_ranks_lora_from_gguf(tmp_path: Path, smol_shards: Path) -> No
 
 
 def test_demo_smollm2_compares_uniform_and_attent(tmp_path: Path, gguf_run: Path) -> None:
-    """`attent-scale demo --model smollm2` end to end on 16 pairs and one epoch: its shards, both arms
-    from out/base, the table, the plot and the verdict. out/base is the session's dequantized GGUF (the
-    same source.json), so the demo reuses it instead of dequantizing again."""
+    """`attent-scale demo --model smollm2` end to end on 24 pairs (smol_shards' pairs: val is not empty)
+    and one epoch: its shards, both arms from out/base, the table, the plot and the verdict. out/base is
+    the session's dequantized GGUF (the same source.json), so the demo reuses it, not dequantizing again."""
     out = tmp_path / "demo"
     out.mkdir()
     (out / "base").symlink_to(_init_dir(gguf_run))
     proc = subprocess.run(
         [sys.executable, "-m", "attent_scale", "demo", "--model", "smollm2", "--out", str(out),
-         "--examples", "16", "--epochs", "1", "--set", "eval.every_steps=0",
+         "--examples", "24", "--epochs", "1", "--set", "eval.every_steps=0",
          "--set", "train.micro_batch_size=4"],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "dequantizing" not in proc.stdout
     m = Manifest.load(out / "shards")
-    assert m.sft and m.seq_len == 80 and m.vocab_size == 49152
-    assert len((out / "instructions.jsonl").read_text().splitlines()) == 16
+    assert m.sft and m.tokenizer_kind == "hf" and m.seq_len == 80 and m.vocab_size == 49152  # from base/
+    assert len((out / "instructions.jsonl").read_text().splitlines()) == 24
     for label in ("training seconds", "final val loss", "seconds to uniform's loss"):
         assert label in proc.stdout
     assert "pays off" in proc.stdout.splitlines()[-1]  # the verdict: "it pays off" or "it does not pay off"
