@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="run config for both arms (default configs/demo.yaml, or "
                    "configs/demo_smollm2.yaml)")
     p.add_argument("--epochs", type=int, default=None, help="epoch budget of both arms (default 6, or 3)")
-    p.add_argument("--examples", type=int, default=SMOL_EXAMPLES,
+    p.add_argument("--examples", type=int, default=None,
                    help=f"--model smollm2: stdlib docstring pairs to train on (default {SMOL_EXAMPLES})")
     add_override_argument(p, "override applied to both arms (repeatable)")
     p.set_defaults(func=cmd_demo)
@@ -77,17 +78,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = Path(args.out or ("runs/demo-smollm2" if smol else "runs/demo"))
     overrides = ["checkpoint.export=false"]
+    if args.examples is not None and not smol:
+        raise UserError("--examples: only with --model smollm2 (the gpt demo trains on the embedded corpus)")
     if smol:
-        if args.examples < 8:
-            raise UserError(f"--examples {args.examples}: must be at least 8")
+        examples = SMOL_EXAMPLES if args.examples is None else args.examples
+        if examples < 8:
+            raise UserError(f"--examples {examples}: must be at least 8")
         base = smollm2_base(out)
-        shards = smollm2_shards(out, base, examples=args.examples)
+        shards = smollm2_shards(out, base, examples=examples)
         overrides.append(f"model.init_from={base}")  # both arms start from one dequantized copy
     else:
         shards = ensure_demo_shards(out / "shards")
     m = Manifest.load(shards)
     print(f"shards: {shards} ({m.num_samples('train')} train / {m.num_samples('val')} val samples of "
           f"{m.seq_len} tokens, vocab {m.vocab_size}) ready in {time.perf_counter() - t0:.1f}s", flush=True)
+    if m.sft:
+        sft = m.raw["build"]["sft"]
+        print(f"instruction examples: one a sample, loss on the response; {sft['truncated']} cut to "
+              f"{m.seq_len} tokens, {sft['skipped']} skipped (no response token left)", flush=True)
     # Same model, data, seed and epoch budget; each arm's LR decays over its own steps.
     run = argparse.Namespace(data=shards, config=config, budget_steps=0, budget_epochs=epochs,
                              budget_seconds=0, init_from=None, launcher=None, reuse=False, clock="wall",
@@ -140,7 +148,8 @@ def smollm2_shards(out: Path, tokenizer: Path, *, examples: int = SMOL_EXAMPLES,
     from attent_scale.data.instructions import write_instructions
 
     shards, data, stamp = out / "shards", out / "instructions.jsonl", out / "demo.json"
-    want = {**SMOL_SETTINGS, "examples": examples, "tokenizer": str(tokenizer)}
+    # the pairs come from this interpreter's standard library: another Python version, other pairs
+    want = {**SMOL_SETTINGS, "examples": examples, "tokenizer": str(tokenizer), "python": sys.version}
     try:
         if json.loads(stamp.read_text()) == want and Manifest.load(shards).num_samples("train") > 0:
             return shards

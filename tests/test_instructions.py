@@ -72,3 +72,18 @@ def test_stdlib_pairs_deterministic_unique_and_written(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (tmp_path / "i.jsonl").read_text().splitlines()]
     assert n == len(rows) == 300 and rows == pairs[:300]
     assert len({r["source"].split(".")[0] for r in rows}) > 50  # a spread over the library
+
+
+@pytest.mark.parametrize(("args", "first"), [
+    (["--examples", "50"], "--examples: only with --model smollm2"),
+    (["--model", "smollm2", "--examples", "5"], "--examples 5: must be at least 8"),
+    (["--model", "smollm2", "--epochs", "0"], "--epochs 0: must be at least 1"),
+])
+def test_demo_bad_arguments_are_one_line_errors(args: list[str], first: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from attent_scale import cli
+
+    assert cli.main(["demo", "--out", str(tmp_path / "demo"), *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"attent-scale: error: {first}"), err
+    assert not (tmp_path / "demo").exists()  # refused before anything was built
