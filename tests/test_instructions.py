@@ -1,5 +1,6 @@
-"""The stdlib docstring instruction pairs: read from sources without importing, filtered, deduplicated,
-deterministic, and what the SmolLM2 demo writes."""
+"""The stdlib docstring instruction pairs (read from sources without importing, filtered, deduplicated,
+deterministic) and the SmolLM2 demo's cheap checks: its config and its argument errors. The demo's runs
+are in test_pretrained.py."""
 
 from __future__ import annotations
 
@@ -87,3 +88,11 @@ def test_demo_bad_arguments_are_one_line_errors(args: list[str], first: str, tmp
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith(f"attent-scale: error: {first}"), err
     assert not (tmp_path / "demo").exists()  # refused before anything was built
+
+
+def test_demo_smollm2_config_is_valid() -> None:
+    from attent_scale.config import load_config
+    from attent_scale.demo import SMOL_CONFIG
+
+    cfg = load_config(SMOL_CONFIG, [])
+    assert cfg.model.lora.enabled and cfg.teacher.mode == "ledger" and cfg.teacher.warmup_epochs == 1
