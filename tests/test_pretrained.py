@@ -28,7 +28,9 @@ PROMPT = "The capital of France is"
 
 
 def smollm2_cfg(run_dir: Path, shards: Path, init_from: str, engine: str = "local", **lora: object) -> dict:
-    """2 LoRA steps of batch 2 x 80 tokens with the teacher on (cycle mode: it scores the whole split)."""
+    """2 LoRA steps of batch 2 x 64 tokens with the teacher on (cycle mode: it scores the whole split);
+    `shards` are conftest's smollm2_sft_shards (SmolLM2's GGUF tokenizer and chat template, loss on the
+    response only)."""
     cfg = tiny_run_config(
         run_dir, shards, engine,
         train={"max_steps": 2, "micro_batch_size": 2 if engine == "local" else 1, "lr": 1e-3,
@@ -41,21 +43,11 @@ def smollm2_cfg(run_dir: Path, shards: Path, init_from: str, engine: str = "loca
 
 
 @pytest.fixture(scope="session")
-def smol_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo's SFT shards, 24 stdlib docstring pairs: SmolLM2's own tokenizer read from the .gguf, its
-    chat template, one example per 80-token sample, the loss on the response only."""
-    from attent_scale.demo import smollm2_shards
-    from attent_scale.models import smollm2_gguf
-
-    return smollm2_shards(tmp_path_factory.mktemp("smol"), smollm2_gguf(), examples=24, progress=False)
-
-
-@pytest.fixture(scope="session")
-def gguf_run(tmp_path_factory: pytest.TempPathFactory, smol_shards: Path) -> Path:
+def gguf_run(tmp_path_factory: pytest.TempPathFactory, smollm2_sft_shards: Path) -> Path:
     """One local LoRA run from the .gguf (model.init_from: smollm2); its run_dir/init_model-<hash>, the GGUF
     dequantized once into an HF directory, is the HF-directory start of the other tests."""
     run_dir = tmp_path_factory.mktemp("gguf_run") / "run"
-    check(run_train(smollm2_cfg(run_dir, smol_shards, "smollm2", export_merged=True), timeout=900))
+    check(run_train(smollm2_cfg(run_dir, smollm2_sft_shards, "smollm2", export_merged=True), timeout=900))
     return run_dir
 
 
@@ -102,23 +94,6 @@ def _split_texts(m: Manifest, split: str) -> list[tuple[str, str]]:
     return texts
 
 
-def test_demo_sft_shards_mask_the_prompt_and_keep_val_apart(smol_shards: Path) -> None:
-    m = Manifest.load(smol_shards)
-    assert m.sft and m.tokenizer_kind == "gguf" and m.vocab_size == 49152 and m.token_dtype == "uint16"
-    train, val = _split_texts(m, "train"), _split_texts(m, "val")
-    assert len(train) + len(val) + m.raw["build"]["sft"]["skipped"] == 24 and train and val
-    pairs = {json.loads(line)["prompt"]: json.loads(line)["response"]
-             for line in (smol_shards.parent / "instructions.jsonl").read_text().splitlines()}
-    for prompt_text, target in train + val:
-        # the loss targets are the assistant's turn only: the response (or its cut head), then <|im_end|>
-        assert prompt_text.startswith("<|im_start|>system")
-        assert prompt_text.endswith("<|im_start|>assistant\n")
-        prompt = prompt_text.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
-        assert pairs[prompt].startswith(target.split("<|im_end|>")[0]), (prompt, target)
-    prompts = [p for p, _ in train], [p for p, _ in val]
-    assert not set(prompts[0]) & set(prompts[1])  # val never repeats a train prompt
-
-
 def test_local_lora_from_gguf_exports_what_transformers_and_peft_load(gguf_run: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -155,9 +130,10 @@ def test_local_lora_from_gguf_exports_what_transformers_and_peft_load(gguf_run: 
     assert (a - b).abs().mean() < 0.1  # bf16 rounding of the merged weights only
 
 
-def test_fsdp2_two_ranks_lora_from_hf_dir(tmp_path: Path, gguf_run: Path, smol_shards: Path) -> None:
+def test_fsdp2_two_ranks_lora_sft_from_hf_dir(tmp_path: Path, gguf_run: Path,
+                                               smollm2_sft_shards: Path) -> None:
     run_dir = tmp_path / "fsdp"
-    check(run_train(smollm2_cfg(run_dir, smol_shards, str(_init_dir(gguf_run)), "fsdp"), nproc=2,
+    check(run_train(smollm2_cfg(run_dir, smollm2_sft_shards, str(_init_dir(gguf_run)), "fsdp"), nproc=2,
                     timeout=900))
     assert not list(run_dir.glob("init_model*"))  # an HF directory is loaded in place
     losses = [r["loss"] for r in read_lines(run_dir / "metrics.jsonl")]
@@ -168,12 +144,12 @@ def test_fsdp2_two_ranks_lora_from_hf_dir(tmp_path: Path, gguf_run: Path, smol_s
     assert (export / "adapter" / "tokenizer.json").is_file()
 
 
-def test_zero3_two_ranks_lora_from_gguf(tmp_path: Path, smol_shards: Path) -> None:
+def test_zero3_two_ranks_lora_sft_from_gguf(tmp_path: Path, smollm2_sft_shards: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "zero3"
-    cfg = smollm2_cfg(run_dir, smol_shards, "smollm2", "deepspeed")
+    cfg = smollm2_cfg(run_dir, smollm2_sft_shards, "smollm2", "deepspeed")
     proc = run_train(cfg, nproc=2, timeout=900)
     check(proc)
     # the weights were partitioned as they loaded: rank 0 holds about half of them, not a full copy
@@ -192,7 +168,7 @@ def test_zero3_two_ranks_lora_from_gguf(tmp_path: Path, smol_shards: Path) -> No
 
 
 def test_demo_smollm2_compares_uniform_and_attent(tmp_path: Path, gguf_run: Path) -> None:
-    """`attent-scale demo --model smollm2` end to end on 24 pairs (smol_shards' pairs: val is not empty)
+    """`attent-scale demo --model smollm2` end to end on 24 pairs (their val split is not empty)
     and one epoch: its shards, both arms from out/base, the table, the plot and the verdict. out/base is
     the session's dequantized GGUF (the same source.json), so the demo reuses it, not dequantizing again."""
     out = tmp_path / "demo"
@@ -205,9 +181,20 @@ def test_demo_smollm2_compares_uniform_and_attent(tmp_path: Path, gguf_run: Path
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "dequantizing" not in proc.stdout
+    # its shards: SmolLM2's tokenizer from base/ (an HF directory), one pair a sample, the loss targets
+    # the assistant's turn only, val prompts never in train
     m = Manifest.load(out / "shards")
-    assert m.sft and m.tokenizer_kind == "hf" and m.seq_len == 80 and m.vocab_size == 49152  # from base/
-    assert len((out / "instructions.jsonl").read_text().splitlines()) == 24
+    assert m.sft and m.tokenizer_kind == "hf" and m.seq_len == 80 and m.vocab_size == 49152
+    pairs = {json.loads(line)["prompt"]: json.loads(line)["response"]
+             for line in (out / "instructions.jsonl").read_text().splitlines()}
+    train, val = _split_texts(m, "train"), _split_texts(m, "val")
+    assert len(pairs) == 24 and len(train) + len(val) + m.raw["build"]["sft"]["skipped"] == 24
+    for prompt_text, target in train + val:
+        assert prompt_text.startswith("<|im_start|>system")
+        assert prompt_text.endswith("<|im_start|>assistant\n")
+        prompt = prompt_text.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+        assert pairs[prompt].startswith(target.split("<|im_end|>")[0]), (prompt, target)  # or its cut head
+    assert val and not {p for p, _ in train} & {p for p, _ in val}
     for label in ("training seconds", "final val loss", "seconds to uniform's loss"):
         assert label in proc.stdout
     assert "pays off" in proc.stdout.splitlines()[-1]  # the verdict: "it pays off" or "it does not pay off"
