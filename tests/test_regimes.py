@@ -163,6 +163,7 @@ def test_summarize_dropped(tmp_path: Path) -> None:
     buf = io.StringIO()
     rows = regimes.summarize_dropped(sel, kinds, file=buf)
     assert rows[0]["dropped"] == 4 and rows[0]["share"]["copy"] == 0.5 and rows[0]["share"]["noise"] == 0.25
+    assert rows[0]["copy_or_noise"] == 0.75
     assert rows[1]["dropped"] == 2 and rows[1]["share"] == {**dict.fromkeys(regimes.KINDS, 0.0), "copy": 0.5,
                                                             "noise": 0.5}
     assert "epoch 1 step 10" in buf.getvalue() and "50.0%" in buf.getvalue()

@@ -435,22 +435,26 @@ def dropped_ids(selection: Any, num_samples: int) -> list[tuple[str, np.ndarray]
 
 
 def summarize_dropped(selection: Any, kinds: np.ndarray, *, file: Any = None) -> list[dict[str, Any]]:
-    """Print, per selection, the share of dropped samples by kind next to each kind's share of all train
-    samples; return the rows."""
+    """Print, per selection, the share of dropped samples by kind (and copy|noise: copy, noise or swapped)
+    next to each kind's share of all train samples; return the rows."""
     file = file or sys.stdout
     kinds = np.asarray(kinds).astype(str)
     n = len(kinds)
     base = {k: float((kinds == k).mean()) for k in KINDS}
     rows = []
-    print("selection            dropped  " + "  ".join(f"{k:>10}" for k in KINDS), file=file)
-    print(f"{'(all train)':<20} {n:>7}  " + "  ".join(f"{base[k]:>10.1%}" for k in KINDS), file=file)
+    bad = ("copy", "noise", "swapped")  # safe to drop: a further occurrence, or unlearnable
+    print("selection            dropped  " + "  ".join(f"{k:>10}" for k in KINDS) + "  copy|noise", file=file)
+    print(f"{'(all train)':<20} {n:>7}  " + "  ".join(f"{base[k]:>10.1%}" for k in KINDS)
+          + f"  {sum(base[k] for k in bad):>10.1%}", file=file)
     for label, ids in dropped_ids(selection, n):
         if len(ids) and (ids.min() < 0 or ids.max() >= n):
             raise RegimeError(f"{label}: dropped id {int(ids.max())} outside the {n} train samples")
         d = kinds[ids]
         share = {k: float((d == k).mean()) if len(d) else 0.0 for k in KINDS}
-        rows.append({"selection": label, "dropped": int(len(ids)), "share": share})
-        print(f"{label:<20} {len(ids):>7}  " + "  ".join(f"{share[k]:>10.1%}" for k in KINDS), file=file)
+        either = sum(share[k] for k in bad)
+        rows.append({"selection": label, "dropped": int(len(ids)), "share": share, "copy_or_noise": either})
+        print(f"{label:<20} {len(ids):>7}  " + "  ".join(f"{share[k]:>10.1%}" for k in KINDS)
+              + f"  {either:>10.1%}", file=file)
     return rows
 
 
