@@ -311,8 +311,14 @@ def build_regime(pool: list[dict[str, str]], regime: str, *, rate: float, max_co
     source = [source[p] for p in perm]
     edited = [edited[p] for p in perm]
     counts = {k: kind.count(k) for k in KINDS}
-    return {"train": train, "val": val, "kind": kind, "source": source, "edited": edited, "counts": counts,
-            "originals": n}
+    # the pool skips near-copies of *earlier* documents only: a val document can still be pieced together
+    # from several later train documents (licence paragraphs); those leave val
+    train_sh: set[int] = set()
+    for rec in train:
+        train_sh |= shingles(rec.get("text") or _join(rec))
+    clean_val = [v for v in val if overlap(v.get("text") or _join(v), train_sh) < NEAR]
+    return {"train": train, "val": clean_val, "kind": kind, "source": source, "edited": edited,
+            "counts": counts, "originals": n, "val_dropped": len(val) - len(clean_val)}
 
 
 def _line(rec: dict[str, str], tag: str, src: int) -> str:
@@ -335,7 +341,8 @@ def write_regime(out: Path, result: dict[str, Any], settings: dict[str, Any]) ->
             f.write(_line(rec, "val", -1))
     side = {"format": SIDE_FORMAT, "settings": settings, "train_file": "train.jsonl", "val_file": "val.jsonl",
             "counts": result["counts"], "originals": result["originals"], "val_docs": len(result["val"]),
-            "near_copies_removed": settings.get("near_copies_removed", 0), "kind": result["kind"],
+            "near_copies_removed": settings.get("near_copies_removed", 0),
+            "val_dropped_near_train": result["val_dropped"], "kind": result["kind"],
             "source": result["source"], "edited": result["edited"]}
     path = out / "kinds.json"
     path.write_text(json.dumps(side) + "\n")
@@ -470,7 +477,8 @@ def _build_cmd(args: argparse.Namespace) -> None:
     side = write_regime(Path(args.out), result, settings)
     c = result["counts"]
     print(f"{args.regime} on {args.corpus}: {result['originals']} train originals, {len(result['val'])} val "
-          f"docs ({skipped} near-copies skipped in the corpus); train "
+          f"docs ({skipped} near-copies skipped in the corpus, {result['val_dropped']} val docs dropped as "
+          f"near-copies of train); train "
           f"{len(result['train'])} docs: " + ", ".join(f"{k} {c[k]}" for k in KINDS if c[k]))
     print(f"wrote {args.out}/train.jsonl, val.jsonl, {side.name}; next: attent-scale shards build "
           f"{args.out}/train.jsonl --val-input {args.out}/val.jsonl -o {args.out}/shards ...")
