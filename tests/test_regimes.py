@@ -1,0 +1,180 @@
+"""tools/ablations/regimes.py: seeded regimes, clean disjoint val, and sample ids mapped to document kinds."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from attent_scale.data.builder import build_shards
+from attent_scale.data.manifest import Manifest
+from attent_scale.data.tokenizer import Tokenizer
+
+_spec = importlib.util.spec_from_file_location(
+    "regimes", Path(__file__).resolve().parents[1] / "tools" / "ablations" / "regimes.py")
+regimes = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(regimes)
+
+
+@pytest.fixture(scope="module")
+def pool() -> list[dict[str, str]]:
+    docs, _ = regimes.load_pool("stdlib", doc_chars=800, max_bytes=120_000)
+    return docs
+
+
+def _build(pool: list[dict[str, str]], regime: str, seed: int = 0, rate: float = 0.4) -> dict:
+    return regimes.build_regime(pool, regime, rate=rate, max_copies=6, seed=seed, val_fraction=0.1)
+
+
+def test_seeded_and_deterministic(pool: list[dict[str, str]], tmp_path: Path) -> None:
+    a, b, c = _build(pool, "dup"), _build(pool, "dup"), _build(pool, "dup", seed=1)
+    assert a == b
+    assert a["train"] != c["train"]
+    for name, r in (("a", a), ("b", b)):
+        regimes.write_regime(tmp_path / name, r, {"seed": 0})
+    for f in ("train.jsonl", "val.jsonl", "kinds.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
+def test_dup_rate_copies_and_edits(pool: list[dict[str, str]]) -> None:
+    r = _build(pool, "dup", rate=0.4)
+    n = r["originals"]
+    kinds = np.array(r["kind"])
+    src = np.array(r["source"])
+    dup_sources = set(src[kinds == "duplicated"].tolist())
+    assert abs(len(dup_sources) - 0.4 * n) <= 1
+    assert set(src[kinds == "copy"].tolist()) == dup_sources  # every duplicated doc has a copy, and only they
+    occurrences = np.bincount(src[np.isin(kinds, ["duplicated", "copy"])], minlength=n)[sorted(dup_sources)]
+    assert occurrences.min() >= 2 and occurrences.max() <= 6
+    assert (kinds == "original").sum() == n - len(dup_sources)
+    originals = {}  # source -> the first occurrence's text
+    for rec, k, s in zip(r["train"], kinds, src, strict=True):
+        if k == "duplicated":
+            originals[s] = rec["text"]
+    edited = [(rec["text"], originals[s]) for rec, k, s, e in
+              zip(r["train"], kinds, src, r["edited"], strict=True) if k == "copy" and e]
+    exact = sum(1 for k, e in zip(kinds, r["edited"], strict=True) if k == "copy" and not e)
+    assert edited and exact
+    for text, orig in edited:  # small edits: changed, and (past a few lines) still a near-copy
+        assert text != orig
+        if len(orig.split()) >= 100:
+            assert regimes.overlap(text, regimes.shingles(orig)) >= regimes.NEAR
+
+
+def test_noise_rate_and_texts(pool: list[dict[str, str]]) -> None:
+    r = _build(pool, "noise", rate=0.15)
+    n = r["originals"]
+    kinds = np.array(r["kind"])
+    assert len(r["train"]) == n
+    assert abs((kinds == "noise").sum() - 0.15 * n) <= 1
+    pool_sh: set[int] = set()
+    for d in pool:
+        pool_sh |= regimes.shingles(d["text"])
+    noise = [rec["text"] for rec, k in zip(r["train"], kinds, strict=True) if k == "noise"]
+    for text in noise:  # no run of the original text left
+        assert regimes.overlap(text, pool_sh) < 0.2
+    assert all(rec in pool for rec, k in zip(r["train"], kinds, strict=True) if k == "original")
+    clean = _build(pool, "clean")
+    assert set(clean["kind"]) == {"original"} and len(clean["train"]) == n
+
+
+def test_swapped_responses() -> None:
+    recs = [{"prompt": f"What does f{i}() do?", "response": f"It returns {i} squared plus {i}, always."}
+            for i in range(40)]
+    r = regimes.build_regime(recs, "noise", rate=0.2, max_copies=2, seed=3, val_fraction=0.1)
+    swapped = [rec for rec, k in zip(r["train"], r["kind"], strict=True) if k == "swapped"]
+    assert len(swapped) == round(0.2 * r["originals"])
+    responses = {rec["response"] for rec in swapped}
+    for rec in swapped:
+        i = int(rec["prompt"].split("f")[1].split("(")[0])
+        assert rec["response"] != recs[i]["response"]
+    assert len(responses) == len(swapped)  # a permutation among the chosen records
+
+
+@pytest.mark.parametrize("regime", ["dup", "noise", "clean"])
+def test_val_clean_and_disjoint(pool: list[dict[str, str]], regime: str) -> None:
+    r = _build(pool, regime)
+    assert r["val"]
+    train_sh: set[int] = set()
+    for rec in r["train"]:
+        train_sh |= regimes.shingles(rec["text"])
+    train_norm = {regimes.normalize(rec["text"]) for rec in r["train"]}
+    for rec in r["val"]:
+        assert regimes.normalize(rec["text"]) not in train_norm
+        assert regimes.overlap(rec["text"], train_sh) < regimes.NEAR
+        assert rec in pool  # an untouched original
+
+
+def _stream(shards: Path) -> list[np.ndarray]:
+    m = Manifest.load(shards)
+    windows = []
+    for info in m.shards("train"):
+        with tarfile.open(m.shard_path(info)) as tf:
+            for member in tf:
+                windows.append(np.frombuffer(tf.extractfile(member).read(), dtype=m.raw["token_dtype"]))
+    return windows
+
+
+@pytest.mark.parametrize("val_input", [True, False])
+def test_kinds_of_samples(tiny_shards: Path, tmp_path: Path, val_input: bool) -> None:
+    corpus = "prose" if Path("/usr/share/common-licenses").is_dir() else "stdlib"
+    docs, _ = regimes.load_pool(corpus, doc_chars=400, max_bytes=15_000)
+    r = regimes.build_regime(docs, "dup", rate=0.5, max_copies=3, seed=0, val_fraction=0.1)
+    side = regimes.write_regime(tmp_path / "reg", r, {})
+    out = tmp_path / "shards"
+    extra = {"val_input": [tmp_path / "reg" / "val.jsonl"]} if val_input else {"val_fraction": 0.2}
+    build_shards([tmp_path / "reg" / "train.jsonl"], out, seq_len=32,
+                 tokenizer=tiny_shards / "tokenizer.model", samples_per_shard=50, workers=1, progress=False,
+                 **extra)
+    kinds = regimes.kinds_of_samples(out, side)
+    windows = _stream(out)
+    assert len(kinds) == len(windows) == Manifest.load(out).num_samples("train")
+    # reference: walk the documents that reached train, token by token, against the shards' own tokens
+    tok = Tokenizer(tiny_shards / "tokenizer.model")
+    from attent_scale.data.builder import split_of
+    per_token: list[str] = []
+    ids: list[int] = []
+    for rec, k in zip(r["train"], r["kind"], strict=True):
+        if not val_input and split_of(rec["text"], 0.2) != "train":
+            continue
+        enc = [*tok.encode(rec["text"]), tok.eos_id]
+        ids += enc
+        per_token += [k] * len(enc)
+    for j, w in enumerate(windows):
+        assert w.tolist() == ids[j * 32 : j * 32 + 33]
+        targets = per_token[j * 32 + 1 : j * 32 + 33]
+        best = max(regimes.KINDS, key=lambda k, t=targets: (t.count(k), -regimes.KINDS.index(k)))
+        assert kinds[j] == best
+    assert {"copy", "original"} <= set(kinds.tolist())
+    with pytest.raises(regimes.RegimeError, match="not built from it|re-tokenizes"):
+        regimes.kinds_of_samples(tiny_shards, side)
+
+
+def test_summarize_dropped(tmp_path: Path) -> None:
+    kinds = np.array(["original"] * 6 + ["copy"] * 3 + ["noise"])
+    sel = tmp_path / "selection.jsonl"
+    sel.write_text(json.dumps({"epoch": 1, "step": 10, "dropped_ids": [6, 7, 9, 0]}) + "\n"
+                   + json.dumps({"epoch": 2, "step": 20, "selected_ids": list(range(8))}) + "\n")
+    buf = io.StringIO()
+    rows = regimes.summarize_dropped(sel, kinds, file=buf)
+    assert rows[0]["dropped"] == 4 and rows[0]["share"]["copy"] == 0.5 and rows[0]["share"]["noise"] == 0.25
+    assert rows[0]["copy_or_noise"] == 0.75
+    assert rows[1]["dropped"] == 2 and rows[1]["share"] == {**dict.fromkeys(regimes.KINDS, 0.0), "copy": 0.5,
+                                                            "noise": 0.5}
+    assert "epoch 1 step 10" in buf.getvalue() and "50.0%" in buf.getvalue()
+    np.save(tmp_path / "dropped.npy", np.array([9]))
+    assert regimes.summarize_dropped(tmp_path / "dropped.npy", kinds, file=buf)[0]["share"]["noise"] == 1.0
+    (tmp_path / "bare.jsonl").write_text(json.dumps({"epoch": 1, "sha256": "00"}) + "\n")
+    with pytest.raises(regimes.RegimeError, match="no record with dropped_ids"):
+        regimes.summarize_dropped(tmp_path / "bare.jsonl", kinds, file=buf)
+
+
+def test_cli_bad_corpus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = regimes.main(["--regime", "dup", "--corpus", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "nope" in err

@@ -1,0 +1,535 @@
+"""Benchmark regimes (issue 21 item 2): train/val .jsonl inputs for `shards build` with duplicated, noisy
+or clean documents, a sidecar saying what each train document is, and the map to sample ids.
+
+    python tools/ablations/regimes.py --regime dup --rate 0.4 --max-copies 16 --corpus stdlib --out DIR
+    attent-scale shards build DIR/train.jsonl --val-input DIR/val.jsonl -o DIR/shards --seq-len 64 ...
+    python tools/ablations/regimes.py kinds DIR/shards DIR/kinds.json [--selection RUN/selection.jsonl]
+
+The pool of original documents is cut, exact- and near-deduplicated (word 5-gram shingles), and split
+into val/train by original document before anything is copied, so val is clean and shares no copy or
+near-copy with train. Everything is seeded: the same arguments give the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import random
+import re
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REGIMES = ("dup", "noise", "clean")
+CORPORA = ("stdlib", "prose", "stdlib-qa")
+# kinds of a train document (and, by majority of its target tokens, of a sample)
+KINDS = ("original", "duplicated", "copy", "noise", "swapped")
+# original: appears once; duplicated: the first occurrence of a document that has copies; copy: a further
+# occurrence (exact or edited); noise: random-token or shuffled-word text; swapped: a prompt with another
+# record's response
+SIDE_FORMAT = "attent-scale-regime/1"
+SHINGLE = 5  # words per shingle for the near-copy test
+NEAR = 0.5  # a document sharing >= this share of its shingles with another counts as a near-copy
+PROSE_DIRS = ("/usr/share/common-licenses", "/usr/share/doc")
+
+
+class RegimeError(Exception):
+    """Bad input for the tool: printed as one line, exit 2."""
+
+
+# ---------------------------------------------------------------------------------------- corpora
+
+def _chunks(text: str, doc_chars: int) -> list[str]:
+    """`text` cut at line ends into pieces of about `doc_chars` characters (the last may be shorter)."""
+    out, cur, size = [], [], 0
+    for line in text.splitlines(keepends=True):
+        cur.append(line)
+        size += len(line)
+        if size >= doc_chars:
+            out.append("".join(cur))
+            cur, size = [], 0
+    if cur and "".join(cur).strip():
+        out.append("".join(cur))
+    return [c for c in out if c.strip()]
+
+
+def _stdlib_files() -> list[Path]:
+    from attent_scale.data.corpus import stdlib_files
+    return stdlib_files()
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _prose_files() -> list[Path]:
+    files: list[Path] = []
+    for root in PROSE_DIRS:
+        r = Path(root)
+        if not r.is_dir():
+            continue
+        pattern = "*/copyright" if r.name == "doc" else "*"
+        files += sorted(p for p in r.glob(pattern) if p.is_file() and not p.is_symlink())
+    return files
+
+
+def _qa_records() -> Iterator[dict[str, str]]:
+    """Instruction records from the stdlib: prompt = a function's signature, response = its docstring."""
+    for path in _stdlib_files():
+        src = _read(path)
+        if src is None:
+            continue
+        try:
+            tree = ast.parse(src)
+        except (SyntaxError, ValueError):
+            continue
+        mod = path.stem
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) or node.name.startswith("_"):
+                continue
+            doc = ast.get_docstring(node)
+            if not doc or len(doc) < 80:
+                continue
+            yield {"prompt": f"What does {mod}.{node.name}({ast.unparse(node.args)}) do?", "response": doc}
+
+
+def _join(rec: dict[str, str]) -> str:
+    return f"{rec['prompt']}\n{rec['response']}"
+
+
+def _records(corpus: str, doc_chars: int) -> Iterable[dict[str, str]]:
+    if corpus == "stdlib-qa":
+        recs = _qa_records()
+    elif corpus in ("stdlib", "prose"):
+        files = _stdlib_files() if corpus == "stdlib" else _prose_files()
+        recs = ({"text": c} for f in files if (t := _read(f)) for c in _chunks(t, doc_chars))
+    else:
+        path = Path(corpus)
+        if path.is_dir():
+            recs = ({"text": c} for f in sorted(p for p in path.rglob("*") if p.is_file())
+                    if (t := _read(f)) for c in _chunks(t, doc_chars))
+        elif path.is_file():
+            recs = []
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise RegimeError(f"{path}:{n}: not JSON ({exc.msg})") from None
+                if isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and \
+                        isinstance(rec.get("response"), str):
+                    recs.append({"prompt": rec["prompt"], "response": rec["response"]})
+                elif isinstance(rec, dict) and isinstance(rec.get("text"), str):
+                    recs.append({"text": rec["text"]})
+                else:
+                    raise RegimeError(f"{path}:{n}: need a string field 'text' or 'prompt' and 'response'")
+        else:
+            raise RegimeError(f"--corpus {corpus}: not one of {', '.join(CORPORA)}, a directory or a file")
+    return recs
+
+
+def load_pool(corpus: str, *, doc_chars: int, max_bytes: int) -> tuple[list[dict[str, str]], int]:
+    """The distinct original documents of `corpus` (a name in CORPORA, or a directory of text files / a
+    .jsonl file with "text" or "prompt"/"response"), in a fixed order, up to `max_bytes` of text, without
+    exact or near copies of an earlier one (`NEAR` of its word 5-grams seen); and how many were skipped."""
+    out, total, skipped = [], 0, 0
+    seen: set[int] = set()
+    for rec in _records(corpus, doc_chars):
+        text = rec.get("text") or _join(rec)
+        if not text.strip():
+            continue
+        s = shingles(text)
+        if len(s & seen) >= NEAR * len(s):
+            skipped += 1
+            continue
+        total += len(text.encode())
+        if total > max_bytes and out:
+            break
+        seen |= s
+        out.append(rec)
+    if not out:
+        raise RegimeError(f"--corpus {corpus}: no documents found")
+    return out, skipped
+
+
+# ---------------------------------------------------------------------------------------- near-copies
+
+def normalize(text: str) -> str:
+    """Lower-case words only: copies with whitespace edits normalize alike."""
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def _h(s: str) -> int:
+    return int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "big")  # not salted
+
+
+def shingles(text: str) -> set[int]:
+    """Hashes of the word 5-grams of `text` (the whole normalized text for a shorter one)."""
+    words = normalize(text).split()
+    if len(words) < SHINGLE:
+        return {_h(" ".join(words))}
+    return {_h(" ".join(words[i:i + SHINGLE])) for i in range(len(words) - SHINGLE + 1)}
+
+
+def overlap(a: str, seen: set[int]) -> float:
+    """Share of `a`'s shingles found in `seen`."""
+    s = shingles(a)
+    return len(s & seen) / len(s)
+
+
+# ---------------------------------------------------------------------------------------- regimes
+
+_TOKEN = re.compile(r"(\s+)")
+
+
+def small_edit(text: str, rng: random.Random, rate: float = 0.02) -> str:
+    """`text` with a few word drops, adjacent-word swaps and whitespace changes (about `rate` per word,
+    at least one edit); line structure is kept."""
+    parts = _TOKEN.split(text)  # words at even, separators at odd positions
+    n_words = (len(parts) + 1) // 2
+    edits = max(1, round(rate * n_words))
+    for _ in range(edits):
+        op = rng.randrange(3)
+        if len(parts) < 5 and op != 2:
+            op = 2
+        if op == 0:  # drop a word and the separator after it
+            i = 2 * rng.randrange((len(parts) - 1) // 2)
+            del parts[i:i + 2]
+        elif op == 1:  # swap two neighbouring words
+            i = 2 * rng.randrange((len(parts) - 1) // 2)
+            if i + 2 < len(parts):
+                parts[i], parts[i + 2] = parts[i + 2], parts[i]
+        else:  # whitespace: double a separator, or add a trailing space
+            seps = list(range(1, len(parts), 2))
+            if seps:
+                j = rng.choice(seps)
+                parts[j] = parts[j] + (" " if "\n" not in parts[j] else "\n")
+            else:
+                parts.append(" ")
+    return "".join(parts)
+
+
+def noise_text(text: str, vocab: Sequence[str], rng: random.Random, how: str) -> str:
+    """Unlearnable text of about `text`'s length: its words shuffled (`shuffle`), or words drawn
+    uniformly from the corpus vocabulary (`random`)."""
+    words = text.split()
+    if how == "shuffle":
+        rng.shuffle(words)
+    else:
+        words = [rng.choice(vocab) for _ in words]
+    lines = [" ".join(words[i:i + 12]) for i in range(0, len(words), 12)]
+    return "\n".join(lines) + "\n"
+
+
+def _derangement(n: int, rng: random.Random) -> list[int]:
+    """A permutation of range(n) with no fixed point (n >= 2)."""
+    order = list(range(n))
+    rng.shuffle(order)
+    out = list(range(n))
+    for i in range(n):  # one cycle through a shuffled order: order[i] takes order[i + 1]'s
+        out[order[i]] = order[(i + 1) % n]
+    return out
+
+
+def build_regime(pool: list[dict[str, str]], regime: str, *, rate: float, max_copies: int, seed: int,
+                 val_fraction: float, exact_share: float = 0.5, edit_rate: float = 0.02,
+                 noise_kinds: Sequence[str] = ("random", "shuffle")) -> dict[str, Any]:
+    """Split `pool` (distinct documents: `load_pool`) into val (clean) and train originals by document,
+    then apply `regime` to train. Returns
+    {"train": [...], "val": [...], "kind": [...], "source": [...], "edited": [...], "counts": {...}} where
+    train[i] is a record, kind[i] its KINDS name and source[i] the index of its original in `originals`."""
+    if regime not in REGIMES:
+        raise RegimeError(f"--regime {regime}: one of {', '.join(REGIMES)}")
+    rng = random.Random(seed)
+    docs = pool
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    n_val = max(1, round(val_fraction * len(docs))) if val_fraction > 0 else 0
+    if len(docs) - n_val < 2:
+        raise RegimeError(f"corpus too small: {len(docs)} distinct documents")
+    val = [docs[i] for i in sorted(order[:n_val])]
+    originals = [docs[i] for i in sorted(order[n_val:])]
+    n = len(originals)
+    kind = ["original"] * n
+    source = list(range(n))
+    edited = [False] * n
+    train: list[dict[str, str]] = [dict(r) for r in originals]
+    is_qa = all("prompt" in r for r in originals)
+    if regime == "dup":
+        if not 0 < rate < 1 or max_copies < 2:
+            raise RegimeError(f"--rate {rate} / --max-copies {max_copies}: need 0 < rate < 1 and "
+                              "max-copies >= 2")
+        chosen = sorted(rng.sample(range(n), round(rate * n)))
+        for i in chosen:
+            kind[i] = "duplicated"
+            for _ in range(rng.randint(2, max_copies) - 1):  # k occurrences in all, 2 <= k <= max_copies
+                rec = dict(originals[i])
+                exact = rng.random() < exact_share
+                key = "response" if is_qa else "text"
+                if not exact:
+                    rec[key] = small_edit(rec[key], rng, edit_rate)
+                train.append(rec)
+                kind.append("copy")
+                source.append(i)
+                edited.append(not exact)
+    elif regime == "noise":
+        if not 0 < rate < 1:
+            raise RegimeError(f"--rate {rate}: need 0 < rate < 1")
+        chosen = sorted(rng.sample(range(n), max(2, round(rate * n))))
+        if is_qa:  # responses swapped between the chosen records
+            perm = _derangement(len(chosen), rng)
+            for a, b in zip(chosen, perm, strict=True):
+                train[a] = {"prompt": originals[a]["prompt"], "response": originals[chosen[b]]["response"]}
+                kind[a] = "swapped"
+        else:
+            vocab = sorted({w for r in originals for w in r["text"].split()})
+            for j, i in enumerate(chosen):
+                how = noise_kinds[j % len(noise_kinds)]
+                train[i] = {"text": noise_text(originals[i]["text"], vocab, rng, how)}
+                kind[i] = "noise"
+                edited[i] = True
+    perm = list(range(len(train)))
+    rng.shuffle(perm)  # copies spread over the file, not next to their original
+    first = {}
+    for p in perm:  # the first occurrence in file order is the "duplicated" one
+        if kind[p] in ("duplicated", "copy") and source[p] not in first:
+            first[source[p]] = p
+    for p in range(len(train)):
+        if kind[p] in ("duplicated", "copy"):
+            kind[p] = "duplicated" if first[source[p]] == p else "copy"
+    train = [train[p] for p in perm]
+    kind = [kind[p] for p in perm]
+    source = [source[p] for p in perm]
+    edited = [edited[p] for p in perm]
+    counts = {k: kind.count(k) for k in KINDS}
+    # the pool skips near-copies of *earlier* documents only: a val document can still be pieced together
+    # from several later train documents (licence paragraphs); those leave val
+    train_sh: set[int] = set()
+    for rec in train:
+        train_sh |= shingles(rec.get("text") or _join(rec))
+    clean_val = [v for v in val if overlap(v.get("text") or _join(v), train_sh) < NEAR]
+    return {"train": train, "val": clean_val, "kind": kind, "source": source, "edited": edited,
+            "counts": counts, "originals": n, "val_dropped": len(val) - len(clean_val)}
+
+
+def _line(rec: dict[str, str], tag: str, src: int) -> str:
+    out = dict(rec)
+    if "text" not in out:
+        out["text"] = _join(rec)
+    out["regime_tag"] = tag
+    out["source"] = src
+    return json.dumps(out, ensure_ascii=False) + "\n"
+
+
+def write_regime(out: Path, result: dict[str, Any], settings: dict[str, Any]) -> Path:
+    """OUT/train.jsonl, OUT/val.jsonl and the sidecar OUT/kinds.json; the sidecar's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "train.jsonl", "w", encoding="utf-8") as f:
+        for rec, k, s in zip(result["train"], result["kind"], result["source"], strict=True):
+            f.write(_line(rec, k, s))
+    with open(out / "val.jsonl", "w", encoding="utf-8") as f:
+        for rec in result["val"]:
+            f.write(_line(rec, "val", -1))
+    side = {"format": SIDE_FORMAT, "settings": settings, "train_file": "train.jsonl", "val_file": "val.jsonl",
+            "counts": result["counts"], "originals": result["originals"], "val_docs": len(result["val"]),
+            "near_copies_removed": settings.get("near_copies_removed", 0),
+            "val_dropped_near_train": result["val_dropped"], "kind": result["kind"],
+            "source": result["source"], "edited": result["edited"]}
+    path = out / "kinds.json"
+    path.write_text(json.dumps(side) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------- sample ids
+
+def _load_side(sidecar: str | Path) -> tuple[dict[str, Any], list[str]]:
+    path = Path(sidecar)
+    try:
+        side = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RegimeError(f"{path}: cannot read sidecar ({exc})") from None
+    if side.get("format") != SIDE_FORMAT:
+        raise RegimeError(f"{path}: not a regimes sidecar (format {side.get('format')!r})")
+    texts = [json.loads(line)["text"] for line in
+             (path.parent / side["train_file"]).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(texts) != len(side["kind"]):
+        raise RegimeError(f"{path}: {len(side['kind'])} kinds but {len(texts)} lines in {side['train_file']}")
+    return side, texts
+
+
+def kinds_of_samples(manifest_dir: str | Path, sidecar: str | Path) -> np.ndarray:
+    """The KINDS name of every train sample id of the shards in `manifest_dir` built from the sidecar's
+    train.jsonl: the kind holding most of the sample's target tokens (window j's targets are stream tokens
+    j*seq_len+1 .. j*seq_len+seq_len). Document lengths come from re-tokenizing with the shards' tokenizer,
+    checked against the manifest's document and sample counts."""
+    from attent_scale.data.builder import split_of
+    from attent_scale.data.manifest import Manifest
+    from attent_scale.data.tokenizer import Tokenizer
+
+    m = Manifest.load(manifest_dir, check_files=False)
+    side, texts = _load_side(sidecar)
+    build = m.raw.get("build", {})
+    keep = [True] * len(texts)
+    if not build.get("val_input"):  # a hash split: some train.jsonl lines went to val/ref
+        vf, rf = float(build.get("val_fraction", 0.0)), float(build.get("ref_fraction", 0.0))
+        keep = [split_of(t, vf, rf) == "train" for t in texts]
+    tok = Tokenizer(Path(manifest_dir) / m.raw["tokenizer"]["file"])
+    lengths = np.array([len(tok.encode(t)) + 1 for t, k in zip(texts, keep, strict=True) if k], np.int64)
+    codes = np.array([KINDS.index(k) for k, ok in zip(side["kind"], keep, strict=True) if ok], np.int8)
+    docs = int(m.raw["splits"]["train"].get("documents", len(lengths)))
+    if docs != len(lengths):
+        raise RegimeError(f"{manifest_dir}: {docs} train documents in the manifest, {len(lengths)} in "
+                          f"{sidecar}'s train file: not built from it")
+    t = m.seq_len
+    tokens = int(lengths.sum())
+    n_full = (tokens - 1) // t
+    n = n_full + (1 if tokens - n_full * t >= 2 else 0)
+    if n != m.num_samples("train"):
+        raise RegimeError(f"{manifest_dir}: {m.num_samples('train')} train samples, but {sidecar}'s train "
+                          f"file re-tokenizes to {n} (another tokenizer or encoding?)")
+    per_token = np.repeat(codes, lengths)
+    targets = np.full(n * t, -1, np.int16)
+    targets[: tokens - 1] = per_token[1:]
+    counts = np.stack([(targets.reshape(n, t) == c).sum(1) for c in range(len(KINDS))], axis=1)
+    return np.array(KINDS, dtype=object)[counts.argmax(1)].astype(str)
+
+
+def dropped_ids(selection: Any, num_samples: int) -> list[tuple[str, np.ndarray]]:
+    """(label, dropped ids) per selection: `selection` is an array of dropped ids, a boolean kept mask of
+    length num_samples, a .npy/.txt file of dropped ids, or a selection.jsonl whose records carry
+    "dropped_ids", "selected_ids" or "selection_bits" (hex, little bit order)."""
+    if isinstance(selection, np.ndarray):
+        if selection.dtype == bool:
+            return [("mask", np.flatnonzero(~selection))]
+        return [("ids", selection.astype(np.int64))]
+    path = Path(selection)
+    if path.suffix == ".npy":
+        return [(path.name, np.load(path).astype(np.int64))]
+    if path.suffix == ".txt":
+        return [(path.name, np.loadtxt(path, dtype=np.int64, ndmin=1))]
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RegimeError(f"{path}:{n}: not JSON ({exc.msg})") from None
+        label = f"epoch {rec.get('epoch')} step {rec.get('step')}"
+        if rec.get("dropped_ids") is not None:
+            out.append((label, np.asarray(rec["dropped_ids"], np.int64)))
+        elif rec.get("selected_ids") is not None:
+            kept = np.zeros(num_samples, bool)
+            kept[np.asarray(rec["selected_ids"], np.int64)] = True
+            out.append((label, np.flatnonzero(~kept)))
+        elif rec.get("selection_bits") is not None:
+            bits = np.frombuffer(bytes.fromhex(rec["selection_bits"]), np.uint8)
+            kept = np.unpackbits(bits, count=num_samples, bitorder="little").astype(bool)
+            out.append((label, np.flatnonzero(~kept)))
+    if not out:
+        raise RegimeError(f"{path}: no record with dropped_ids, selected_ids or selection_bits (pass the "
+                          "dropped ids as a .npy/.txt file instead)")
+    return out
+
+
+def summarize_dropped(selection: Any, kinds: np.ndarray, *, file: Any = None) -> list[dict[str, Any]]:
+    """Print, per selection, the share of dropped samples by kind (and copy|noise: copy, noise or swapped)
+    next to each kind's share of all train samples; return the rows."""
+    file = file or sys.stdout
+    kinds = np.asarray(kinds).astype(str)
+    n = len(kinds)
+    base = {k: float((kinds == k).mean()) for k in KINDS}
+    rows = []
+    bad = ("copy", "noise", "swapped")  # safe to drop: a further occurrence, or unlearnable
+    print("selection            dropped  " + "  ".join(f"{k:>10}" for k in KINDS) + "  copy|noise", file=file)
+    print(f"{'(all train)':<20} {n:>7}  " + "  ".join(f"{base[k]:>10.1%}" for k in KINDS)
+          + f"  {sum(base[k] for k in bad):>10.1%}", file=file)
+    for label, ids in dropped_ids(selection, n):
+        if len(ids) and (ids.min() < 0 or ids.max() >= n):
+            raise RegimeError(f"{label}: dropped id {int(ids.max())} outside the {n} train samples")
+        d = kinds[ids]
+        share = {k: float((d == k).mean()) if len(d) else 0.0 for k in KINDS}
+        either = sum(share[k] for k in bad)
+        rows.append({"selection": label, "dropped": int(len(ids)), "share": share, "copy_or_noise": either})
+        print(f"{label:<20} {len(ids):>7}  " + "  ".join(f"{share[k]:>10.1%}" for k in KINDS)
+              + f"  {either:>10.1%}", file=file)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+def _build_cmd(args: argparse.Namespace) -> None:
+    pool, skipped = load_pool(args.corpus, doc_chars=args.doc_chars, max_bytes=args.max_bytes)
+    result = build_regime(pool, args.regime, rate=args.rate, max_copies=args.max_copies, seed=args.seed,
+                          val_fraction=args.val_fraction, exact_share=args.exact_share,
+                          edit_rate=args.edit_rate)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "func")}
+    settings["near_copies_removed"] = skipped
+    side = write_regime(Path(args.out), result, settings)
+    c = result["counts"]
+    print(f"{args.regime} on {args.corpus}: {result['originals']} train originals, {len(result['val'])} val "
+          f"docs ({skipped} near-copies skipped in the corpus, {result['val_dropped']} val docs dropped as "
+          f"near-copies of train); train "
+          f"{len(result['train'])} docs: " + ", ".join(f"{k} {c[k]}" for k in KINDS if c[k]))
+    print(f"wrote {args.out}/train.jsonl, val.jsonl, {side.name}; next: attent-scale shards build "
+          f"{args.out}/train.jsonl --val-input {args.out}/val.jsonl -o {args.out}/shards ...")
+
+
+def _kinds_cmd(args: argparse.Namespace) -> None:
+    kinds = kinds_of_samples(args.shards, args.sidecar)
+    if args.save:
+        np.save(args.save, kinds)
+    counts = {k: int((kinds == k).sum()) for k in KINDS}
+    print(f"{len(kinds)} train samples: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
+    if args.selection:
+        summarize_dropped(args.selection, kinds)
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "kinds":
+        p = argparse.ArgumentParser(prog="regimes.py kinds", description="the kinds of a shard set's samples")
+        p.add_argument("shards")
+        p.add_argument("sidecar")
+        p.add_argument("--selection", help="selection.jsonl, or a .npy/.txt of dropped ids")
+        p.add_argument("--save", help="write the kinds array as .npy")
+        p.set_defaults(func=_kinds_cmd)
+        argv = argv[1:]
+    else:
+        p = argparse.ArgumentParser(prog="regimes.py", description=__doc__.split("\n")[0])
+        p.add_argument("--regime", choices=REGIMES, required=True)
+        p.add_argument("--rate", type=float, default=0.4,
+                       help="dup: share of train originals that get copies; noise: share replaced")
+        p.add_argument("--max-copies", type=int, default=16, help="dup: occurrences per duplicated doc, 2..N")
+        p.add_argument("--exact-share", type=float, default=0.5, help="dup: share of copies left exact")
+        p.add_argument("--edit-rate", type=float, default=0.02, help="dup: edits per word of an edited copy")
+        p.add_argument("--corpus", default="stdlib",
+                       help=f"{', '.join(CORPORA)}, a directory of text files, or a .jsonl (text or "
+                            "prompt/response)")
+        p.add_argument("--doc-chars", type=int, default=2000, help="documents cut at line ends to about this")
+        p.add_argument("--max-bytes", type=int, default=1_500_000, help="text of the original pool")
+        p.add_argument("--val-fraction", type=float, default=0.1, help="share of originals held out as val")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--out", required=True)
+        p.set_defaults(func=_build_cmd)
+    args = p.parse_args(argv)
+    try:
+        args.func(args)
+    except RegimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    sys.exit(main())
