@@ -335,20 +335,15 @@ class AttentTrainer(Trainer):
         return {ph: float(self.teacher.stats[f"seconds_{ph}"]) for ph in PHASES}
 
     def attent_totals(self) -> dict[str, Any]:
-        """This rank's cumulative teacher numbers (the keys our Prometheus exporter reads)."""
+        """This rank's cumulative teacher numbers (RunTotals fields, as our own trainer reports them)."""
         if self.teacher is None:
             return {}
-        stats = self.teacher.stats
+        from attent_scale.totals import teacher_totals
+
         n = len(self.train_dataset)
         bits = self.attent.selection_bits
-        return {
-            "samples_trained": self.attent.samples_trained,
-            "samples_scored": int(stats["samples_scored"]),
-            "collective_bytes": int(stats["bytes_sent"]),
-            "selection_seconds_by_phase": self._phase_totals(),
-            "selected_ratio": 1.0 if bits is None else Selection(bits, n).count / n,
-            "staleness_median": stats["last_staleness_median"],
-        }
+        return teacher_totals(self.teacher.stats, samples_trained=self.attent.samples_trained,
+                              selected_ratio=1.0 if bits is None else Selection(bits, n).count / n)
 
     # ------------------------------------------------------------------ losses
 
