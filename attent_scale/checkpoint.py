@@ -8,6 +8,7 @@ import json
 import random
 import re
 import shutil
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -258,6 +259,42 @@ def save_checkpoint(run_dir: str | Path, step: int, engine: Any, rank_state: dic
     return final
 
 
+class Checkpointer:
+    """Periodic checkpoints of one run: decides when one is due (checkpoint.every_steps / every_minutes)
+    and writes it (`save_checkpoint`), timing each write."""
+
+    def __init__(self, run_dir: str | Path, *, every_steps: int, every_minutes: float, keep_last: int,
+                 rank: int, world_size: int, group: Any = None) -> None:
+        self.run_dir, self.every_steps, self.every_minutes = Path(run_dir), every_steps, every_minutes
+        self.keep_last, self.rank, self.world_size, self.group = keep_last, rank, world_size, group
+        self.last_save = time.perf_counter()  # every_minutes counts from the start or the last checkpoint
+
+    @property
+    def enabled(self) -> bool:
+        """Does the run checkpoint at all (a last checkpoint at its end)?"""
+        return bool(self.every_steps)
+
+    def late(self) -> bool:
+        """Has checkpoint.every_minutes passed on this rank's clock? (Ranks agree on it in the stop poll.)"""
+        every = self.every_minutes * 60
+        return bool(every) and time.perf_counter() - self.last_save >= every
+
+    def should_save(self, step: int, *, last_step: int, late: bool = False) -> bool:
+        """Is a periodic checkpoint due after `step`? `late`: some rank's every_minutes has passed. Never
+        at `last_step`: the run's end writes its own."""
+        due = late or (bool(self.every_steps) and step % self.every_steps == 0)
+        return due and step < last_step
+
+    def save(self, step: int, engine: Any, rank_state: dict[str, Any], config: dict[str, Any] | None = None
+             ) -> float:
+        """Collective: write checkpoint `step`; returns the seconds it took."""
+        t0 = time.perf_counter()
+        save_checkpoint(self.run_dir, step, engine, rank_state, rank=self.rank, world_size=self.world_size,
+                        keep_last=self.keep_last, config=config, group=self.group)
+        self.last_save = time.perf_counter()
+        return self.last_save - t0
+
+
 # ---- reading back: which checkpoint, is it whole, what changed ------------------------------------
 
 
@@ -377,4 +414,6 @@ def load_checkpoint(path: Path, engine: Any, *, rank: int, world_size: int) -> d
         raise UserError(f"checkpoint {path}: written by {saved} ranks, this job has {world_size}; "
                         "resume with the same world size")
     engine.load(path, "engine")
-    return load_state(path / f"rank-{rank:05d}")
+    from attent_scale.train_state import upgrade_state
+
+    return upgrade_state(load_state(path / f"rank-{rank:05d}"))

@@ -12,7 +12,8 @@ methods when ``cfg.enabled`` is false)::
     m = Metrics.create(cfg.metrics, rank=rank, local_rank=local_rank, node=socket.gethostname(),
                        job=None)                      # job=None -> cfg.job
     m.port                                            # actual port (None when disabled)
-    m.update(totals)                                  # CUMULATIVE numbers, the keys of summary.json
+    m.update(totals)                                  # CUMULATIVE numbers: a totals.RunTotals (or a dict
+                                                      # of some of its fields)
     m.observe_step(seconds, train_loss, tokens_per_second)
     m.observe_selection(phase_seconds={}, selected_ratio=None, staleness_median=None)
     m.observe_eval(val_loss)
@@ -50,31 +51,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from attent_scale.config import MetricsConfig
 from attent_scale.errors import UserError
+from attent_scale.totals import PHASES, RunTotals, prometheus_fields
 
-PHASES: tuple[str, ...] = ("score", "collective", "select", "share", "rebalance")
 CONST_LABELS: tuple[str, ...] = ("job", "rank", "node")
 FALLBACK_TRIES = 100  # ports tried after the configured one when port_fallback is on
 ALL_INTERFACES = ("0.0.0.0", "::")  # metrics.address values that listen on every interface
 AUTO = "auto"  # metrics.address: the cluster interface the job's sockets use (the sbatch scripts' default)
 
-# summary.json key -> counter attribute (counters advance by the delta of these cumulative numbers)
-COUNTER_KEYS: dict[str, str] = {
-    "samples_trained": "samples_trained",
-    "samples_scored": "samples_scored",
-    "corrupt_samples": "corrupt_samples",
-    "corrupt_ids": "corrupt_ids",
-    "nonfinite_skipped": "nonfinite_skipped",
-    "collective_bytes": "collective_bytes",
-    "tokens_trained": "tokens_trained",  # this rank's own tokens: sum(rate(...)) over ranks is the job's
-}
-# summary.json key -> gauge attribute
-GAUGE_KEYS: dict[str, str] = {
-    "selected_ratio": "selected_ratio",
-    "staleness_median": "staleness",
-    "train_loss": "train_loss",
-    "val_loss": "val_loss",
-    "tokens_per_second": "tokens_per_second",
-}
+# RunTotals field -> counter attribute (counters advance by the delta of these cumulative numbers)
+COUNTER_KEYS: dict[str, str] = prometheus_fields("counter")
+# RunTotals field -> gauge attribute; tokens_per_second is a rate, not a total: observe_step sets it (a
+# mapping passed to `update` may carry it too)
+GAUGE_KEYS: dict[str, str] = {**prometheus_fields("gauge"), "tokens_per_second": "tokens_per_second"}
 
 _SELECTION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 _STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -112,8 +100,9 @@ class NullMetrics:
 
     port: int | None = None
 
-    def update(self, totals: Mapping[str, Any]) -> None:
-        """Take the cumulative totals (summary.json keys); see the module docstring."""
+    def update(self, totals: RunTotals | Mapping[str, Any]) -> None:
+        """Take the cumulative totals (a RunTotals, or a mapping of some of its fields); see the module
+        docstring."""
 
     def observe_step(self, seconds: float, train_loss: float | None = None,
                      tokens_per_second: float | None = None) -> None:
@@ -233,7 +222,9 @@ class Metrics(NullMetrics):
         raise UserError(f"metrics exporter: no free port in {port}..{port + tries - 1} on {address}")
 
     # ---- the trainer's API
-    def update(self, totals: Mapping[str, Any]) -> None:
+    def update(self, totals: RunTotals | Mapping[str, Any]) -> None:
+        if isinstance(totals, RunTotals):
+            totals = totals.as_dict()
         with self._lock:
             for key, attr in COUNTER_KEYS.items():
                 value = totals.get(key)

@@ -37,6 +37,41 @@ class JsonLines:
             self._fh = None
 
 
+class RunLogs:
+    """The run's JSON-lines logs (metrics.jsonl, eval.jsonl; selection.jsonl is the teacher's): their line
+    counts are a checkpoint entry ("logs"), so a resume cuts every file back to its checkpoint."""
+
+    NAMES = ("metrics.jsonl", "eval.jsonl", "selection.jsonl")
+
+    def __init__(self, run_dir: Path, is_main: bool) -> None:
+        self.run_dir, self.is_main = run_dir, is_main
+        self.metrics: JsonLines | None = None
+        self.eval: JsonLines | None = None
+
+    def reset(self, lines: dict[str, int] | None) -> None:
+        """Before the run writes: cut each file back to `lines` (a resume), or start them empty (None)."""
+        if not self.is_main:
+            return
+        for name in self.NAMES:
+            if lines is None:
+                (self.run_dir / name).unlink(missing_ok=True)
+            else:
+                truncate_lines(self.run_dir / name, lines.get(name, 0))
+
+    def open(self) -> None:
+        """Open our own files for appending (after `reset`; the teacher appends its records itself)."""
+        self.metrics = JsonLines(self.run_dir / "metrics.jsonl", self.is_main)
+        self.eval = JsonLines(self.run_dir / "eval.jsonl", self.is_main)
+
+    def state_dict(self) -> dict[str, int]:
+        return {name: count_lines(self.run_dir / name) if self.is_main else 0 for name in self.NAMES}
+
+    def close(self) -> None:
+        for log in (self.metrics, self.eval):
+            if log is not None:
+                log.close()
+
+
 def count_lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 

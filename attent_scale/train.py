@@ -1,91 +1,44 @@
-"""The trainer: `Trainer` builds the parts, then runs plan → score → select → stream → step → observe."""
+"""The trainer: `Trainer` builds the parts, then runs plan → score → select → stream → step → observe.
+
+The parts own their state and say when they are due: `Progress` (the loop's counters), `Clocks`,
+`SelectionState` (what the epoch trains) in train_state.py; `StopCheck` (stop.py), `Checkpointer`
+(checkpoint.py), `Validator` (validate.py), `RunLogs` (runlog.py); run totals in totals.py."""
 
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
-import itertools
 import math
 import os
-import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from attent_scale.config import RunConfig, add_override_argument, dump_config, load_config
+from attent_scale.config import RunConfig, add_override_argument, load_config
 from attent_scale.dist import all_gather_objects, all_reduce_values, initialized, side_group
 from attent_scale.errors import UserError
+from attent_scale.stop import END_EPOCH, PREEMPT, STOP, Poll, StopCheck, StopSignal, decide
+from attent_scale.totals import PHASES, RunTotals, teacher_totals
+from attent_scale.train_state import Clocks, Progress, SelectionState, now
+
+__all__ = ["END_EPOCH", "PREEMPT", "PHASES", "STOP", "Progress", "StopSignal", "Trainer", "add_parser",
+           "planned_steps", "total_steps", "train"]
 
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; the Slurm script requeues
 PREEMPTED_MARKER = "PREEMPTED"  # written to run_dir beside that checkpoint; removed when the run goes on
-LOG_FILES = ("metrics.jsonl", "eval.jsonl", "selection.jsonl")
 # config keys a checkpoint must agree on to be resumed (dotted prefixes)
 RESUME_KEYS = ("seed", "model", "engine.name", "teacher.mode", "data.train_split")
-PHASES = ("score", "collective", "select", "share", "rebalance")
-# What `Trainer.check_stop` decides after a step (None: go on).
-PREEMPT = "preempt"  # a stop signal on some rank: checkpoint written, exit for requeue
-STOP = "stop"  # a steps or seconds budget is spent: finish the run
-END_EPOCH = "end_epoch"  # the anneal point ends this subset epoch early: the next one trains all data
 
 
 class NonFiniteLossError(UserError):
     """Too many non-finite training losses in a row."""
 
     exit_code = 1
-
-
-class StopSignal:
-    """Signal handlers only set a flag; ranks agree on it at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        # Tests and drills: behave exactly as if a signal arrived during this step.
-        self.stop_after_step = int(os.environ.get("ATTENT_STOP_AFTER_STEP", "-1"))
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        self.received = signal.Signals(signum).name
-
-
-@dataclass
-class Progress:
-    """Everything the loop counts; saved in checkpoints so a resumed run continues the same totals."""
-
-    step: int = 0
-    epoch: int = 0
-    samples_trained: int = 0  # this rank
-    tokens_trained: int = 0  # this rank
-    nonfinite_skipped: int = 0
-    nonfinite_in_row: int = 0
-    online_dropped_batches: int = 0  # online mode: short last candidate batches skipped (equal on all ranks)
-    corrupt_samples: int = 0  # replaced by filler samples (stream faults): encounters
-    corrupt_ids: list[int] = field(default_factory=list)  # distinct ids of those samples this rank met
-    dropped_samples: int = 0  # dropped by rank equalisation (< world size per epoch)
-    train_seconds: float = 0.0  # loop time excluding eval and checkpoints (selection included)
-    train_cpu_seconds: float = 0.0  # the same span in this process's CPU time: robust to a shared machine
-    eval_seconds: float = 0.0
-    checkpoint_seconds: float = 0.0
-    wall_offset: float = 0.0  # wall seconds of earlier attempts (resume)
-    last_train_loss: float = float("nan")
-    last_val_loss: float = float("nan")
-    selected_ratio: float = 1.0  # fraction of the data the current epoch trains on
-    selection_bits: Any = None  # current epoch's selection: packed bits, ceil(N/8) uint8 (None = full data)
-    weight_bits: Any = None  # packed ids of the selection that carry loss weight `weight` (pruning)
-    weight: float = 1.0
-    stream_state: dict[str, Any] | None = None
-    # after a resume on another world size: the ids epoch `remainder_epoch` still owes (packed bits), trained
-    # once over the new ranks instead of that epoch's selection
-    remainder_bits: Any = None
-    remainder_epoch: int = -1
-    log_lines: dict[str, int] = field(default_factory=dict)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -128,19 +81,41 @@ def _steps_for(teacher: Any, world: int, batch_size: int) -> Any:
     return lambda n: math.ceil((n // world) / candidates)
 
 
+def total_steps(teacher: Any, *, n_train: int, world: int, batch_size: int, max_epochs: int, cap: int,
+                step: int, epoch: int, selection: SelectionState, stream_batches: int | None) -> int:
+    """The steps the run takes and its LR schedule decays over: train.max_steps (`cap`), or with an epoch
+    budget the steps its epochs take under the teacher's plan, capped. Re-planned once a prune selection
+    says how many ids it really kept (below the mean is a count only the data gives), and after a resume:
+    steps done (`step`) plus what is left at this world size, which an elastic resume changes.
+    `stream_batches`: the batches a resumed stream of epoch `epoch` already gave (None: at an epoch's
+    start)."""
+    from attent_scale.teacher import Selection
+
+    if not max_epochs:
+        return cap
+    if selection.remainder_due(epoch):
+        # elastic resume: the interrupted epoch's owed ids over this world, in padded equal blocks
+        owed = Selection(selection.remainder_bits, n_train).count
+        per_rank = math.ceil(owed / world)
+        current = math.ceil(per_rank / teacher.candidate_batch_size(batch_size))
+    elif stream_batches is not None:  # mid-epoch: this epoch's planned steps, less those it took
+        current = planned_steps(teacher, n_train, world, batch_size, epoch + 1, epoch)
+    else:  # at an epoch's start: it is planned with the later ones
+        current = 0
+    consumed = stream_batches or 0
+    first_later = epoch + (1 if current or consumed else 0)
+    later = planned_steps(teacher, n_train, world, batch_size, max_epochs, first_later)
+    return min(cap, max(1, step + max(0, current - consumed) + later))
+
+
 def _all_reduce_max(value: float, group: Any) -> float:
     """Max over the ranks of `group`; any backend (a CUDA tensor on NCCL), any world size (1 included)."""
-    return _all_reduce_max_each([value], group)[0]
-
-
-def _all_reduce_max_each(values: list[float], group: Any) -> list[float]:
-    """Element-wise max of a few numbers over the ranks of `group`, in one collective."""
-    return all_reduce_values([float(v) for v in values], "max", group)
+    return all_reduce_values([float(value)], "max", group)[0]
 
 
 def train(cfg: RunConfig) -> int:
     """Run one training job (any engine, any teacher mode); returns the process exit code."""
-    trainer = Trainer(copy.deepcopy(cfg))  # the trainer plans train.max_steps: the caller keeps its cfg
+    trainer = Trainer(copy.deepcopy(cfg))  # the trainer owns its config: the caller's stays as it was
     exit_code, failed = 0, False
     try:
         exit_code = trainer.train()
@@ -157,10 +132,13 @@ def train(cfg: RunConfig) -> int:
 
 class Trainer:
     """One training job: `__init__` builds the parts in order, `train()` is the loop over the phases
-    (epoch_stream → train_step → check_stop, then finish); counters live in `self.progress`."""
+    (epoch_stream → train_step → after-step checks, then finish). State lives with its owner: the loop's
+    counters in `self.progress`, seconds in `self.clock`, the epoch's selection in `self.selection`, a
+    resumed stream position in `self.resume_stream` until the epoch's stream takes it."""
 
     def __init__(self, cfg: RunConfig) -> None:
         # Heavy imports here so `attent-scale --help` stays fast.
+        from attent_scale.checkpoint import Checkpointer
         from attent_scale.data import Manifest
         from attent_scale.data.integrity import check_shards
         from attent_scale.data.workers import StreamWorkers
@@ -169,12 +147,15 @@ class Trainer:
         from attent_scale.metrics import Metrics
         from attent_scale.models import check_model_fits
         from attent_scale.runlock import lock_run_dir
-        from attent_scale.runlog import JsonLines
+        from attent_scale.runlog import RunLogs
         from attent_scale.tensorboard import open_board
+        from attent_scale.validate import Validator
 
         self.cfg = cfg
-        self.wall_start = time.perf_counter()
-        self.last_save = self.wall_start  # checkpoint.every_minutes counts from here or the last checkpoint
+        self.clock = Clocks()  # the wall clock counts from here
+        self.progress = Progress()
+        self.selection = SelectionState()
+        self.resume_stream: dict[str, Any] | None = None  # a checkpoint's mid-epoch stream position
         if os.environ.get("ATTENT_NUM_THREADS"):  # bench --clock cpu pins each arm to this many threads
             torch.set_num_threads(int(os.environ["ATTENT_NUM_THREADS"]))
         # distributed init
@@ -205,33 +186,33 @@ class Trainer:
         self.group = side_group()
         check_shards(self.manifest, self.run_dir, rank=self.rank, world=self.world, group=self.group)
         self.teacher = self._build_teacher()
+        self.total_steps = self._plan_total()  # the run's length; the engine's LR schedule gets it below
         check_model_fits(cfg.model, int(self.manifest.vocab_size), self.manifest.seq_len)
         self.engine = build_engine(cfg, self.manifest)
-        self.progress = Progress()
+        self.engine.total_steps = self.total_steps
+        self.checkpointer = Checkpointer(self.run_dir, every_steps=cfg.checkpoint.every_steps,
+                                         every_minutes=cfg.checkpoint.every_minutes,
+                                         keep_last=cfg.checkpoint.keep_last, rank=self.rank,
+                                         world_size=self.world, group=self.group)
+        self.validator = Validator(cfg, rank=self.rank, world=self.world)
+        self.logs = RunLogs(self.run_dir, self.is_main)
         self.resumed_from = self._resume()
-        if self.is_main:  # after the resume check: a refused resume leaves the recorded config as it was
-            # the user's train.max_steps, not the epoch budget's plan (re-planned at every start)
-            dump_config(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
-                                                                           max_steps=self.max_steps_cap)),
-                        self.run_dir / "config.yaml")
-        # the teacher appends selection records itself; open our own files after truncation
-        self.metrics_log = JsonLines(self.run_dir / "metrics.jsonl", self.is_main)
-        self.eval_log = JsonLines(self.run_dir / "eval.jsonl", self.is_main)
+        # after the resume check (a refused resume leaves the recorded config as it was) and the plan
+        self._config_recorded = self._record_config()
+        self.logs.open()  # the teacher appends selection records itself; ours open after truncation
         node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
         self.metrics = Metrics.create(cfg.metrics, rank=self.rank, local_rank=self.info.local_rank, node=node)
         self.board = open_board(cfg.metrics.tensorboard_dir, self.run_dir, is_main=self.is_main,
                                 resumed_step=None if self.resumed_from is None else self.progress.step)
-        self.stop = StopSignal()
-        self.val_cache: list[Any] = []
+        self.stopper = StopCheck(every=cfg.train.stop_check_every, max_seconds=cfg.train.max_seconds,
+                                 group=self.group)
         # one set of DataLoader workers for every epoch and scoring pass (started on first use)
         self.stream_workers = StreamWorkers(cfg.data.num_workers) if cfg.data.num_workers > 0 else None
         self.empty_epochs = 0  # epochs in a row whose stream ran out without a training batch
-        if self.resumed_from is None and cfg.eval.every_steps:
-            self.evaluate()  # the step-0 point of every val-loss curve
-        self.bar = _progress_bar(cfg, self.progress.step) if self.is_main else None
+        self.bar = _progress_bar(self.total_steps, self.progress.step) if self.is_main else None
 
     def _build_teacher(self) -> Any:
-        """The teacher; an epoch budget also caps train.max_steps at the steps the teacher's plan takes."""
+        """The teacher; an anneal under an epoch budget is started by plan (the step plan knows it)."""
         from attent_scale.teacher import Teacher
         from attent_scale.teacher.reference import open_reference
 
@@ -247,43 +228,48 @@ class Trainer:
         anneal = teacher.anneal_epoch(cfg.train.max_epochs)
         if anneal is not None:  # the budget's last epochs train all data: the plan (and the LR) knows it
             teacher.start_anneal(anneal)
-        self.max_steps_cap = cfg.train.max_steps
-        self.teacher = teacher
-        self.plan_steps()
         return teacher
 
-    def plan_steps(self) -> None:
-        """An epoch budget: the LR schedule decays over the steps those epochs take (re-planned once a
-        prune selection says how many ids it really kept: below the mean is a count only the data gives,
-        and after a resume: steps done plus what is left at this world size, which an elastic resume
-        changes)."""
-        from attent_scale.teacher import Selection
+    def _plan_total(self) -> int:
+        """The run's total steps from where it stands now (see `total_steps`)."""
+        cfg, p = self.cfg, self.progress
+        stream_batches = None if self.resume_stream is None else int(self.resume_stream["batches_consumed"])
+        return total_steps(self.teacher, n_train=self.n_train, world=self.world, batch_size=self.batch_size,
+                           max_epochs=cfg.train.max_epochs, cap=cfg.train.max_steps, step=p.step,
+                           epoch=p.epoch, selection=self.selection, stream_batches=stream_batches)
 
-        cfg, teacher = self.cfg, self.teacher
-        if not cfg.train.max_epochs:
+    def plan_steps(self) -> None:
+        """Re-plan the run's total steps (after a resume, or a prune selection): the engine's LR schedule
+        decays over the new total and config.yaml records it."""
+        planned = self._plan_total()
+        if planned == self.total_steps:
             return
-        p = getattr(self, "progress", None) or Progress()
-        epochs = cfg.train.max_epochs
-        if p.remainder_bits is not None and p.remainder_epoch == p.epoch:
-            # elastic resume: the interrupted epoch's owed ids over this world, in padded equal blocks
-            owed = Selection(p.remainder_bits, self.n_train).count
-            per_rank = math.ceil(owed / self.world)
-            current = math.ceil(per_rank / teacher.candidate_batch_size(self.batch_size))
-        elif p.stream_state is not None:  # mid-epoch: this epoch's planned steps, less those it took
-            current = planned_steps(teacher, self.n_train, self.world, self.batch_size, p.epoch + 1, p.epoch)
-        else:  # at an epoch's start: it is planned with the later ones
-            current = 0
-        consumed = int(p.stream_state["batches_consumed"]) if p.stream_state is not None else 0
-        later = planned_steps(teacher, self.n_train, self.world, self.batch_size, epochs,
-                              p.epoch + (1 if current or consumed else 0))
-        cfg.train.max_steps = min(self.max_steps_cap, max(1, p.step + max(0, current - consumed) + later))
+        self.total_steps = self.engine.total_steps = planned
+        if getattr(self, "_config_recorded", False):
+            self._record_config()
+
+    def _record_config(self) -> bool:
+        """config.yaml (rank 0): the user's config as the run reads it (train.max_steps is the user's cap:
+        rerunning it re-plans from scratch), headed by the steps this run plans under an epoch budget."""
+        import yaml
+
+        from attent_scale.config import config_to_dict
+
+        if self.is_main:
+            cfg = self.cfg
+            head = ""
+            if cfg.train.max_epochs:
+                head = (f"# planned steps: {self.total_steps} (train.max_epochs {cfg.train.max_epochs} under "
+                        f"the teacher's plan, capped by train.max_steps; the LR schedule decays over them)\n")
+            text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+            (self.run_dir / "config.yaml").write_text(head + text)
+        return True
 
     def _resume(self) -> Path | None:
-        """With checkpoint.resume, load the newest undamaged checkpoint (engine, teacher, RNG, progress),
-        on this world size or another, and cut the run's logs back to it; a fresh run starts them empty.
-        Returns the checkpoint resumed from."""
+        """With checkpoint.resume, load the newest undamaged checkpoint (engine, teacher, RNG and every part's
+        entry), on this world size or another, and cut the run's logs back to it; a fresh run starts them
+        empty. Returns the checkpoint resumed from."""
         from attent_scale import checkpoint as ckpt
-        from attent_scale.runlog import truncate_lines
 
         run_dir = self.run_dir
         resume_from, skipped = None, []
@@ -312,20 +298,29 @@ class Trainer:
                 raise
             except ValueError as exc:  # a state that does not fit this run (teacher, stream)
                 raise UserError(f"checkpoint {resume_from}: {exc}") from None
-            ckpt.set_rng_state(state["rng"])
-            self.progress = Progress(**state["progress"])
+            self._load_state(state)
             self.plan_steps()
             if self.is_main:
-                print(_resume_line(resume_from, self.progress, self.n_train, self.world, old_world),
-                      file=sys.stderr)
-                for name in LOG_FILES:
-                    truncate_lines(run_dir / name, self.progress.log_lines.get(name, 0))
-        elif self.is_main:
-            for name in LOG_FILES:
-                (run_dir / name).unlink(missing_ok=True)
+                print(_resume_line(resume_from, self.progress, self.selection, self.resume_stream,
+                                   self.n_train, self.world, old_world), file=sys.stderr)
+            self.logs.reset(state["logs"])
+        else:
+            self.logs.reset(None)
         if self.is_main:
             (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         return resume_from
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        """Every part takes its own entry of a checkpoint's rank state (the layout of
+        train_state.upgrade_state)."""
+        from attent_scale import checkpoint as ckpt
+
+        ckpt.set_rng_state(state["rng"])
+        self.progress = Progress.from_state(state["progress"])
+        self.clock = Clocks.from_state({**state["clock"], "wall_start": self.clock.wall_start})
+        self.selection = SelectionState.from_state(state["selection"])
+        self.resume_stream = state["stream"]
+        self.validator.load_state_dict(state.get("eval") or {})
 
     def _verify_checkpoint(self, path: Path) -> str | None:
         """The first problem with the files of checkpoint `path` this rank reads (None: they look whole)."""
@@ -359,20 +354,26 @@ class Trainer:
     def train(self) -> int:
         """Epoch after epoch (plan, stream, steps) until a budget, the data or a stop signal ends the run;
         returns the exit code."""
-        cfg, progress = self.cfg, self.progress
-        while progress.step < cfg.train.max_steps:
+        progress = self.progress
+        if self.resumed_from is None and self.validator.should_validate(progress.step):
+            self.evaluate()  # the step-0 point of every val-loss curve
+        while progress.step < self.total_steps:
             stream = self.epoch_stream()
             self.check_corrupt_budget(now=True)  # the epoch's scoring pass may have met corrupt samples
             trained, decision = 0, None
-            for batch in _timed(stream, progress):
+            for batch in self.clock.timed(stream):
                 if not self.train_step(batch, stream):
                     continue  # online mode skipped a short last candidate batch
                 trained += 1
                 self.check_corrupt_budget()
                 cut = self.anneal_cut()
-                if cfg.eval.every_steps and progress.step % cfg.eval.every_steps == 0:
+                if self.validator.should_validate(progress.step):
                     self.evaluate()
-                decision = self.check_stop(stream, cut)
+                poll = self.stopper.poll(progress.step, self.clock.train_seconds, self.checkpointer.late())
+                if self.checkpoint_due(poll):
+                    # an anneal cut saves as the end of this epoch: a resume starts the anneal like we do
+                    self.save(stream, epoch_done=cut)
+                decision = decide(poll, step=progress.step, last_step=self.total_steps, cut=cut)
                 if decision is not None:
                     break
             if decision == PREEMPT:
@@ -381,8 +382,7 @@ class Trainer:
             if decision == STOP:
                 break
             progress.epoch += 1  # the stream ran out, or the anneal point ended this epoch early
-            if progress.remainder_epoch < progress.epoch:  # an elastic resume's owed ids are trained
-                progress.remainder_bits, progress.remainder_epoch = None, -1
+            self.selection.drop_remainder_before(progress.epoch)  # an elastic resume's owed ids are trained
             if decision is None and self.epoch_budget_spent(trained):
                 break
         self.check_corrupt_budget(final=True)  # before the export: a run that trained nothing exports nothing
@@ -393,11 +393,11 @@ class Trainer:
 
     def plan_epoch(self) -> None:
         """The epoch start every trainer shares (`teacher.epoch.begin_epoch`): plan, score this rank's part
-        of the data when the plan says so, select; the selection lands in `progress`."""
+        of the data when the plan says so, select; the selection lands in `self.selection`."""
         from attent_scale.teacher import Selection
         from attent_scale.teacher.epoch import begin_epoch
 
-        progress, bits = self.progress, self.progress.selection_bits
+        progress, bits = self.progress, self.selection.bits
         trained = None if bits is None else Selection(bits, self.n_train)
         start = begin_epoch(self.teacher, progress.epoch, progress.step, self.score_pass, trained=trained,
                             steps_for=_steps_for(self.teacher, self.world, self.batch_size))
@@ -416,40 +416,40 @@ class Trainer:
         progress.corrupt_samples += scoring.faults
 
     def select(self, start: Any) -> None:
-        """The epoch's selection (`start.selection`, None = full data) into `progress`; a prune selection
-        re-plans the epoch budget's steps."""
-        progress, selection = self.progress, start.selection
+        """The epoch's selection (`start.selection`, None = full data) into `self.selection`; a prune
+        selection re-plans the epoch budget's steps."""
+        state, selection = self.selection, start.selection
         if start.replan:
             self.plan_steps()
-        progress.selection_bits = None if selection is None else selection.bits
-        progress.weight_bits = None if selection is None else selection.upweight
-        progress.weight = 1.0 if selection is None else selection.weight
+        state.bits = None if selection is None else selection.bits
+        state.weight_bits = None if selection is None else selection.upweight
+        state.weight = 1.0 if selection is None else selection.weight
         if selection is not None:
-            progress.selected_ratio = start.ratio
+            state.ratio = start.ratio
         else:
-            progress.selected_ratio = self.cfg.teacher.online_ratio if self.teacher.mode == "online" else 1.0
+            state.ratio = self.cfg.teacher.online_ratio if self.teacher.mode == "online" else 1.0
 
     def epoch_stream(self) -> Any:
         """This epoch's `ShardStream` over its selection: a fresh epoch asks the teacher first (plan_epoch),
         a resumed one continues from the checkpointed stream position."""
         from attent_scale.teacher import Selection
 
-        loop_t0 = _clock()
-        progress = self.progress
-        remainder = progress.remainder_bits is not None and progress.remainder_epoch == progress.epoch
-        if progress.stream_state is None and not remainder:
+        loop_t0 = now()
+        progress, state = self.progress, self.selection
+        remainder = state.remainder_due(progress.epoch)
+        if self.resume_stream is None and not remainder:
             self.plan_epoch()
-        bits = progress.remainder_bits if remainder else progress.selection_bits
-        selection = None if bits is None else Selection(bits, self.n_train, upweight=progress.weight_bits,
-                                                        weight=progress.weight)
+        bits = state.remainder_bits if remainder else state.bits
+        selection = None if bits is None else Selection(bits, self.n_train, upweight=state.weight_bits,
+                                                        weight=state.weight)
         stream = self._shard_stream(progress.epoch, self.teacher.candidate_batch_size(self.batch_size),
                                     selection, pad=remainder)
-        if progress.stream_state is not None:
-            stream.load_state_dict(progress.stream_state)
-            progress.stream_state = None
+        if self.resume_stream is not None:
+            stream.load_state_dict(self.resume_stream)
+            self.resume_stream = None
         else:
             progress.dropped_samples += stream.dropped
-        _charge(progress, loop_t0)
+        self.clock.charge(loop_t0)
         return stream
 
     def _shard_stream(self, epoch: int, batch: int, selection: Any = None, pad: bool = False) -> Any:
@@ -466,7 +466,7 @@ class Trainer:
     def train_step(self, batch: dict[str, Any], stream: Any) -> bool:
         """Online pick, engine step, observe, bookkeeping, logs and metrics; False when online mode skips
         a short last candidate batch (no step taken)."""
-        step_t0 = _clock()
+        step_t0 = now()
         progress, teacher = self.progress, self.teacher
         if teacher.mode == "online":
             if len(batch["ids"]) < teacher.candidate_batch_size(self.batch_size):
@@ -487,7 +487,7 @@ class Trainer:
         else:
             progress.nonfinite_in_row = 0
             progress.last_train_loss = result.loss
-        step_seconds = _charge(progress, step_t0)
+        step_seconds = self.clock.charge(step_t0)
         self.log_step(batch, result, step_seconds)
         self.check_nonfinite(stream)
         return True
@@ -505,26 +505,13 @@ class Trainer:
         progress, world = self.progress, self.world
         tokens_per_s = int((batch["labels"] != -100).sum()) * world / max(step_seconds, 1e-9)
         tot = self.totals()
-        if progress.step % self.cfg.train.log_every == 0 or progress.step == self.cfg.train.max_steps:
-            self.metrics_log.write(
-                {
-                    "step": progress.step,
-                    "epoch": progress.epoch,
-                    "loss": result.loss,
-                    "lr": result.lr,
-                    "grad_norm": result.grad_norm,
-                    "tokens_per_second": tokens_per_s,
-                    "samples_trained": progress.samples_trained * world,
-                    "samples_scored": tot["samples_scored"],
-                    "selection_seconds": tot["selection_seconds"],
-                    "selected_ratio": tot["selected_ratio"],
-                    "train_seconds": progress.train_seconds,
-                    "wall_seconds": tot["wall_seconds"],
-                }
-            )
+        if progress.step % self.cfg.train.log_every == 0 or progress.step == self.total_steps:
+            self.logs.metrics.write(tot.metrics_row(world=world, loss=result.loss, lr=result.lr,
+                                                    grad_norm=result.grad_norm,
+                                                    tokens_per_second=tokens_per_s))
             self.board.log_step(progress.step, loss=result.loss, lr=result.lr, tokens_per_second=tokens_per_s,
-                                selected_ratio=tot["selected_ratio"],
-                                selection_seconds_by_phase=tot["selection_seconds_by_phase"])
+                                selected_ratio=tot.selected_ratio,
+                                selection_seconds_by_phase=tot.selection_seconds_by_phase)
         self.metrics.observe_step(step_seconds, result.loss, tokens_per_s)
         self.metrics.update(tot)
         if self.bar is not None:
@@ -583,59 +570,35 @@ class Trainer:
                 f"samples met); nothing exported"
             )
 
-    # ---- after a step: anneal, stop, checkpoint ----------------------------------------------------
+    # ---- after a step: anneal, checkpoint, preemption ---------------------------------------------
 
     def anneal_cut(self) -> bool:
         """Steps or seconds budgets: start the anneal once its point is reached; True when that ends the
         current subset epoch early (the next epoch trains all data)."""
-        if self.teacher.anneal_from is None and _anneal_due(self.cfg, self.progress, self.group):
+        if self.teacher.anneal_from is None and _anneal_due(self.cfg, self.progress, self.clock,
+                                                            self.total_steps, self.group):
             self.teacher.start_anneal(self.progress.epoch + 1)
-            return self.progress.selection_bits is not None
+            return self.selection.bits is not None
         return False
 
-    def check_stop(self, stream: Any, cut: bool) -> str | None:
-        """Does the run stop after this step, and is a checkpoint due? Every rank decides the same: one
-        collective every stop_check_every steps carries any rank's signal or clock. Returns PREEMPT, STOP,
-        END_EPOCH (`cut`) or None (go on)."""
-        cfg, progress, stop = self.cfg, self.progress, self.stop
-        if progress.step == stop.stop_after_step:
-            stop.received = "ATTENT_STOP_AFTER_STEP"
-        out_of_time = bool(cfg.train.max_seconds) and progress.train_seconds >= cfg.train.max_seconds
-        stop_code, minutes_due = 0.0, False
-        if progress.step % cfg.train.stop_check_every == 0:
-            mine = 2.0 if stop.received else (1.0 if out_of_time else 0.0)
-            # clocks differ per rank: any rank whose checkpoint.every_minutes has passed makes the save due;
-            # a separate element, so one rank's due save cannot hide another rank's signal
-            every = cfg.checkpoint.every_minutes * 60
-            late = bool(every) and time.perf_counter() - self.last_save >= every
-            stop_code, late_any = _all_reduce_max_each([mine, 1.0 if late else 0.0], self.group)
-            minutes_due = late_any >= 1
-        stop_now = stop_code >= 2
-        due = minutes_due or (cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0)
-        if stop_now or (due and progress.step < cfg.train.max_steps):
-            if cut:  # saved as the end of this epoch, so a resume starts the anneal like we do
-                progress.epoch += 1
-                self.save(None)
-                progress.epoch -= 1
-            else:
-                self.save(stream)
-        if stop_now:
-            return PREEMPT
-        if progress.step >= cfg.train.max_steps or stop_code >= 1:
-            return STOP
-        return END_EPOCH if cut else None
+    def checkpoint_due(self, poll: Poll) -> bool:
+        """After this step's stop poll: a stop signal's checkpoint, or a periodic one (every_steps, or some
+        rank's every_minutes)?"""
+        return poll.preempt or self.checkpointer.should_save(self.progress.step, last_step=self.total_steps,
+                                                             late=poll.save_late)
 
     def preempt(self) -> int:
         """After a stop signal's checkpoint: leave the marker a launcher script checks, and the exit code."""
         from attent_scale.runlog import write_json
 
+        received = self.stopper.signal.received
         if self.is_main:
             # torchrun turns a worker's exit code into its own 1: the marker file is what a
             # launcher script checks to tell "preempted, requeue me" from a failure
-            marker = {"step": self.progress.step, "signal": self.stop.received}
+            marker = {"step": self.progress.step, "signal": received}
             write_json(self.run_dir / PREEMPTED_MARKER, marker)
             print(
-                f"attent-scale: {self.stop.received or 'stop signal'}: checkpoint at step "
+                f"attent-scale: {received or 'stop signal'}: checkpoint at step "
                 f"{self.progress.step} written, exiting with {PREEMPT_EXIT_CODE} for requeue",
                 file=sys.stderr,
             )
@@ -659,107 +622,80 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Val loss on this rank's val batches; eval.jsonl and the metrics get the point."""
-        progress = self.progress
+        progress, clock = self.progress, self.clock
         t0 = time.perf_counter()
-        loss = self.engine.evaluate(_val_batches(self.manifest.dir, self.cfg, self.rank, self.world,
-                                                 self.val_cache))
-        progress.eval_seconds += time.perf_counter() - t0
-        progress.last_val_loss = loss
-        self.eval_log.write(
+        loss = self.engine.evaluate(self.validator.batches(self.manifest.dir))
+        clock.eval_seconds += time.perf_counter() - t0
+        self.validator.last_loss = loss
+        self.logs.eval.write(
             {
                 "step": progress.step,
                 "val_loss": loss,
                 "perplexity": math.exp(loss) if loss < 50 else float("inf"),
                 "samples_trained": progress.samples_trained * self.world,
-                "train_seconds": progress.train_seconds,
-                "train_cpu_seconds": progress.train_cpu_seconds,
-                "wall_seconds": progress.wall_offset + time.perf_counter() - self.wall_start,
+                "train_seconds": clock.train_seconds,
+                "train_cpu_seconds": clock.train_cpu_seconds,
+                "wall_seconds": clock.wall(),
             }
         )
         self.metrics.observe_eval(loss)
         self.board.log_eval(progress.step, loss)
         return loss
 
-    def save(self, stream: Any) -> None:
-        """A checkpoint: the engine's state plus progress (with `stream`'s position), teacher and RNG."""
+    def save(self, stream: Any, epoch_done: bool = False) -> None:
+        """A checkpoint: the engine's state plus each part's own entry, the teacher's and the RNG's.
+        `stream`: the epoch's stream, whose position a resume continues from (None: at an epoch's start);
+        `epoch_done`: saved as the end of this epoch (a resume starts the next one, no stream)."""
         from attent_scale import checkpoint as ckpt
         from attent_scale.config import config_to_dict
-        from attent_scale.runlog import count_lines
 
-        progress = self.progress
         t0 = time.perf_counter()
-        progress.log_lines = {name: count_lines(self.run_dir / name) if self.is_main else 0
-                              for name in LOG_FILES}
-        # the stream position goes into the checkpoint only: left in `progress`, it would make the next
-        # epoch replay this one's stream instead of asking the teacher
+        progress = self.progress.state_dict()
+        if epoch_done:
+            progress["epoch"] += 1
         state = {
-            "progress": {**_progress_state(progress, self.wall_start),
-                         "stream_state": stream.state_dict() if stream is not None else None},
+            "progress": progress,
+            "clock": self.clock.state_dict(),
+            "selection": self.selection.state_dict(),
+            "stream": stream.state_dict() if stream is not None and not epoch_done else None,
+            "eval": self.validator.state_dict(),
+            "logs": self.logs.state_dict(),
             "teacher": self.teacher.state_dict(),
             "rng": ckpt.rng_state(),
         }
-        ckpt.save_checkpoint(
-            self.run_dir,
-            progress.step,
-            self.engine,
-            state,
-            rank=self.rank,
-            world_size=self.world,
-            keep_last=self.cfg.checkpoint.keep_last,
-            config=config_to_dict(self.cfg),
-            group=self.group,
-        )
-        self.last_save = time.perf_counter()
+        self.checkpointer.save(self.progress.step, self.engine, state, config=config_to_dict(self.cfg))
         seconds = time.perf_counter() - t0
-        progress.checkpoint_seconds += seconds
+        self.clock.checkpoint_seconds += seconds
         self.metrics.observe_checkpoint(seconds)
 
-    def totals(self) -> dict[str, Any]:
-        """This rank's running totals: what metrics, logs and the summary report."""
-        progress, stats = self.progress, self.teacher.stats
-        by_phase = {p: float(stats[f"seconds_{p}"]) for p in PHASES}
-        selection_seconds = sum(by_phase.values())
-        wall = progress.wall_offset + time.perf_counter() - self.wall_start
-        return {
-            "steps": progress.step,
-            "samples_trained": progress.samples_trained,
-            "tokens_trained": progress.tokens_trained,
-            "samples_scored": int(stats.get("samples_scored", 0)),
-            "selection_seconds": selection_seconds,
-            "selection_seconds_by_phase": by_phase,
-            "selection_fraction": selection_seconds / wall if wall > 0 else 0.0,
-            "collective_bytes": int(stats["bytes_sent"]),
-            "nonfinite_losses": int(stats["nonfinite"]),
-            "nonfinite_skipped": progress.nonfinite_skipped,
-            "corrupt_samples": progress.corrupt_samples,
-            "corrupt_ids": len(progress.corrupt_ids),
-            "dropped_samples": progress.dropped_samples,
-            "train_seconds": progress.train_seconds,
-            "train_cpu_seconds": progress.train_cpu_seconds,
-            "eval_seconds": progress.eval_seconds,
-            "checkpoint_seconds": progress.checkpoint_seconds,
-            "wall_seconds": wall,
-            "selected_ratio": progress.selected_ratio,
-            "staleness_median": float(stats["last_staleness_median"] or 0),
-            "train_loss": progress.last_train_loss,
-            "val_loss": progress.last_val_loss,
-        }
+    def totals(self) -> RunTotals:
+        """This rank's running totals: what metrics.jsonl, Prometheus and summary.json report."""
+        p, c = self.progress, self.clock
+        return RunTotals(**teacher_totals(
+            self.teacher.stats, steps=p.step, epoch=p.epoch, samples_trained=p.samples_trained,
+            tokens_trained=p.tokens_trained, nonfinite_skipped=p.nonfinite_skipped,
+            online_dropped_batches=p.online_dropped_batches, corrupt_samples=p.corrupt_samples,
+            corrupt_ids=len(p.corrupt_ids), dropped_samples=p.dropped_samples, train_seconds=c.train_seconds,
+            train_cpu_seconds=c.train_cpu_seconds, eval_seconds=c.eval_seconds,
+            checkpoint_seconds=c.checkpoint_seconds, wall_seconds=c.wall(),
+            selected_ratio=self.selection.ratio, train_loss=p.last_train_loss,
+            val_loss=self.validator.last_loss))
 
     def finish(self) -> None:
         """The end of a run: final eval (unless this step had one), last checkpoint, export, summary.json."""
         from attent_scale.runlog import write_json
 
-        cfg = self.cfg
-        if not cfg.eval.every_steps or self.progress.step % cfg.eval.every_steps != 0:
+        if not self.validator.should_validate(self.progress.step):
             self.evaluate()
-        if cfg.checkpoint.every_steps:
+        if self.checkpointer.enabled:
             self.save(None)
-        if cfg.checkpoint.export:
+        if self.cfg.checkpoint.export:
             self.engine.export(self.run_dir / "export")  # collective: sharded engines gather the weights
-        summary = _summary(cfg, self.totals(), self.progress, self.teacher, self.group, self.world)
+        tot = self.totals()
+        summary = _summary(self.cfg, tot, self.progress.corrupt_ids, self.group, self.world)
         if self.is_main:
             write_json(self.run_dir / "summary.json", summary)
-        self.metrics.update(self.totals())
+        self.metrics.update(tot)
 
     def close(self, failed: bool, exit_code: int) -> None:
         """Close bar, logs and metrics; after a clean run, wait for every rank, then leave the process group
@@ -768,8 +704,7 @@ class Trainer:
             self.stream_workers.close()
         if self.bar is not None:
             self.bar.close()
-        self.metrics_log.close()
-        self.eval_log.close()
+        self.logs.close()
         self.board.close()
         self.metrics.close()
         if self.run_lock is not None:  # a second train() in this process may take run_dir again
@@ -780,30 +715,16 @@ class Trainer:
             dist.destroy_process_group()
 
 
-def _anneal_due(cfg: RunConfig, progress: Progress, group: Any) -> bool:
-    """Steps or seconds budgets: has the last `teacher.anneal_fraction` of the budget begun? (Epoch budgets
-    anneal by plan.) The seconds clock differs per rank, so ranks agree on it with one all-reduce."""
+def _anneal_due(cfg: RunConfig, progress: Progress, clock: Clocks, total: int, group: Any) -> bool:
+    """Steps or seconds budgets: has the last `teacher.anneal_fraction` of the budget (`total` steps, or
+    train.max_seconds) begun? (Epoch budgets anneal by plan.) The seconds clock differs per rank, so ranks
+    agree on it with one all-reduce."""
     a = cfg.teacher.anneal_fraction
     if not a or cfg.train.max_epochs or cfg.teacher.mode not in ("cycle", "ledger"):
         return False
     if cfg.train.max_seconds:
-        return _all_reduce_max(float(progress.train_seconds >= (1 - a) * cfg.train.max_seconds), group) >= 1
-    return progress.step >= (1 - a) * cfg.train.max_steps
-
-
-def _val_batches(data_dir: Any, cfg: RunConfig, rank: int, world: int, cache: list[Any]) -> Any:
-    """This rank's val batches, read by a DataLoader worker (not on the training thread); a bounded
-    val set (eval.max_batches) is read once and kept in memory for every later evaluation."""
-    from attent_scale.data import ShardStream
-
-    if cache:
-        return cache
-    val = ShardStream(data_dir, "val", rank=rank, world_size=world, seed=cfg.seed, epoch=0,
-                      batch_size=cfg.eval.batch_size, num_workers=1)
-    if not cfg.eval.max_batches:
-        return val
-    cache.extend(itertools.islice(val, cfg.eval.max_batches))
-    return cache
+        return _all_reduce_max(float(clock.train_seconds >= (1 - a) * cfg.train.max_seconds), group) >= 1
+    return progress.step >= (1 - a) * total
 
 
 def _check_run_dir(run_dir: Path, rank: int) -> None:
@@ -819,64 +740,34 @@ def _check_run_dir(run_dir: Path, rank: int) -> None:
         raise UserError(f"run_dir {run_dir}: not writable ({exc.strerror or exc})") from None
 
 
-def _resume_line(path: Path, progress: Progress, n_train: int, world: int, old_world: int) -> str:
+def _resume_line(path: Path, progress: Progress, selection: SelectionState, stream: dict[str, Any] | None,
+                 n_train: int, world: int, old_world: int) -> str:
     """One line saying what a resumed run continues from."""
     from attent_scale.teacher import Selection
 
-    if progress.selection_bits is None:
-        selection = f"full data (ratio {progress.selected_ratio:.3g})"
+    if selection.bits is None:
+        chosen = f"full data (ratio {selection.ratio:.3g})"
     else:
-        sel = Selection(progress.selection_bits, n_train)
-        selection = f"selection sha256 {sel.sha256} ({sel.count} ids, ratio {progress.selected_ratio:.3g})"
+        sel = Selection(selection.bits, n_train)
+        chosen = f"selection sha256 {sel.sha256} ({sel.count} ids, ratio {selection.ratio:.3g})"
     where = "at its start"
-    if progress.stream_state is not None:
-        where = f"after {progress.stream_state['batches_consumed']} of its batches"
-    elif progress.remainder_bits is not None and progress.remainder_epoch == progress.epoch:
-        owed = Selection(progress.remainder_bits, n_train).count
+    if stream is not None:
+        where = f"after {stream['batches_consumed']} of its batches"
+    elif selection.remainder_due(progress.epoch):
+        owed = Selection(selection.remainder_bits, n_train).count
         where = f"with {owed} ids still owed"
     if old_world != world:
         where += f", written on {old_world} ranks, continued on {world}"
     samples = progress.samples_trained * world  # equal shares on every rank
     return (f"attent-scale: resumed from {path} (step {progress.step}, {samples} samples trained, "
-            f"epoch {progress.epoch} {where}, {selection})")
+            f"epoch {progress.epoch} {where}, {chosen})")
 
 
-def _clock() -> tuple[float, float]:
-    return time.perf_counter(), time.process_time()
-
-
-def _charge(progress: Progress, start: tuple[float, float]) -> float:
-    """Add the wall and CPU time since `start` to the training clocks; returns the wall seconds."""
-    wall, cpu = _clock()
-    progress.train_seconds += wall - start[0]
-    progress.train_cpu_seconds += cpu - start[1]
-    return wall - start[0]
-
-
-def _timed(stream: Any, progress: Progress) -> Any:
-    """Iterate the stream, charging the time spent waiting for data to the training clock."""
-    it = iter(stream)
-    while True:
-        t0 = _clock()
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        _charge(progress, t0)
-        yield batch
-
-
-def _progress_state(progress: Progress, wall_start: float) -> dict[str, Any]:
-    state = {k: v for k, v in progress.__dict__.items() if k in Progress.__dataclass_fields__}
-    state["wall_offset"] = progress.wall_offset + time.perf_counter() - wall_start
-    return state
-
-
-def _progress_bar(cfg: RunConfig, start: int) -> Any:
+def _progress_bar(total: int, start: int) -> Any:
     from tqdm import tqdm
 
     return tqdm(
-        total=cfg.train.max_steps,
+        total=total,
         initial=start,
         desc="train",
         unit="step",
@@ -885,60 +776,20 @@ def _progress_bar(cfg: RunConfig, start: int) -> Any:
     )
 
 
-def _summary(
-    cfg: RunConfig, tot: dict[str, Any], progress: Progress, teacher: Any, group: Any, world: int
-) -> dict[str, Any]:
-    """Run totals: global sums over ranks, plus every rank's own selection seconds."""
-    per_rank = [tot["selection_seconds_by_phase"][p] for p in PHASES] + [
-        tot["samples_trained"],
-        tot["samples_scored"],
-        tot["selection_seconds"],
-    ]
+def _summary(cfg: RunConfig, tot: RunTotals, corrupt_ids: list[int], group: Any, world: int
+             ) -> dict[str, Any]:
+    """summary.json: the totals' view with the counts summed over ranks, plus every rank's own row."""
+    per_rank = tot.rank_row()
     gathered = all_gather_objects(per_rank, group)  # once, at the end: not a hot path
-    corrupt_ids = set().union(*all_gather_objects(progress.corrupt_ids, group))  # once, at the end
-    summed = all_reduce_values(  # `group` is gloo (the default group, or our own on NCCL jobs)
-        [tot[k] for k in ("samples_trained", "tokens_trained", "samples_scored", "corrupt_samples")], "sum",
-        group)
-    return {
-        "world_size": world,
-        "torch_threads": torch.get_num_threads(),
-        "engine": cfg.engine.name,
-        "teacher_mode": cfg.teacher.mode,
-        "strategy": cfg.teacher.strategy,
-        "steps": progress.step,
-        "epochs_started": progress.epoch + 1,
-        "samples_trained": int(summed[0]),
-        "tokens_trained": int(summed[1]),
-        "samples_scored": int(summed[2]),
-        "corrupt_samples": int(summed[3]),
-        "corrupt_ids": len(corrupt_ids),  # distinct over all ranks
-        "dropped_samples": tot["dropped_samples"],
-        "nonfinite_skipped": progress.nonfinite_skipped,
-        "nonfinite_losses": tot["nonfinite_losses"],
-        "online_dropped_batches": progress.online_dropped_batches,
-        "final_train_loss": progress.last_train_loss,
-        "final_val_loss": progress.last_val_loss,
-        "wall_seconds": tot["wall_seconds"],
-        "train_seconds": tot["train_seconds"],
-        "train_cpu_seconds": tot["train_cpu_seconds"],
-        "eval_seconds": tot["eval_seconds"],
-        "checkpoint_seconds": tot["checkpoint_seconds"],
-        "selection_seconds": tot["selection_seconds"],
-        "selection_seconds_by_phase": tot["selection_seconds_by_phase"],
-        "selection_fraction": tot["selection_fraction"],
-        "collective_bytes": tot["collective_bytes"],
-        "last_selected_ratio": progress.selected_ratio,
-        "per_rank": [
-            {
-                "rank": r,
-                "selection_seconds_by_phase": dict(zip(PHASES, row[: len(PHASES)], strict=True)),
-                "samples_trained": row[len(PHASES)],
-                "samples_scored": row[len(PHASES) + 1],
-                "selection_seconds": row[len(PHASES) + 2],
-            }
-            for r, row in enumerate(gathered)
-        ],
-    }
+    distinct = set().union(*all_gather_objects(corrupt_ids, group))
+
+    keys = ("samples_trained", "tokens_trained", "samples_scored", "corrupt_samples")
+    # `group` is gloo (the default group, or our own on NCCL jobs)
+    summed = all_reduce_values([getattr(tot, k) for k in keys], "sum", group)
+    job = {"world_size": world, "torch_threads": torch.get_num_threads(), "engine": cfg.engine.name,
+           "teacher_mode": cfg.teacher.mode, "strategy": cfg.teacher.strategy}
+    return tot.summary(job=job, summed=dict(zip(keys, summed, strict=True)), corrupt_ids=len(distinct),
+                       per_rank=[RunTotals.rank_entry(r, row) for r, row in enumerate(gathered)])
 
 
 class _CallableModule(type(sys)):  # types.ModuleType

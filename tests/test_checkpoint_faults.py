@@ -209,20 +209,21 @@ def test_local_engine_checkpoint_cannot_run_code(tmp_path):
 def test_one_ranks_due_periodic_save_does_not_hide_another_ranks_stop_signal(monkeypatch) -> None:
     """The stop check reduces [signal or clock, minutes-save due] element-wise: a peer whose
     checkpoint.every_minutes has passed must not turn this rank's stop signal into 'go on'."""
-    import time
     from types import SimpleNamespace
 
+    import attent_scale.stop as stop_mod
     import attent_scale.train as train_mod
-    from attent_scale.config import RunConfig
+    from attent_scale.checkpoint import Checkpointer
 
     peer = [0.0, 1.0]  # the other rank: no signal, its periodic save is due
-    monkeypatch.setattr(train_mod, "_all_reduce_max_each",
-                        lambda values, group: [max(a, b) for a, b in zip(values, peer, strict=True)])
-    cfg = RunConfig()
-    cfg.train.stop_check_every, cfg.train.max_steps = 1, 100
-    saves: list[object] = []
-    me = SimpleNamespace(cfg=cfg, progress=train_mod.Progress(step=5), group=None,
-                         stop=SimpleNamespace(received="SIGUSR1", stop_after_step=-1),
-                         last_save=time.perf_counter(), save=saves.append)
-    assert train_mod.Trainer.check_stop(me, "stream", False) == train_mod.PREEMPT
-    assert saves == ["stream"]
+    monkeypatch.setattr(stop_mod, "all_reduce_values",
+                        lambda values, op, group: [max(a, b) for a, b in zip(values, peer, strict=True)])
+    check = stop_mod.StopCheck(every=1, max_seconds=0, group=None,
+                               signal_flag=SimpleNamespace(received="SIGUSR1", stop_after_step=-1))
+    poll = check.poll(5, train_seconds=0.0, save_late=False)
+    assert poll.preempt and poll.save_late
+    me = SimpleNamespace(progress=train_mod.Progress(step=5), total_steps=100,
+                         checkpointer=Checkpointer(".", every_steps=0, every_minutes=0, keep_last=1, rank=0,
+                                                   world_size=1))
+    assert train_mod.Trainer.checkpoint_due(me, poll)
+    assert stop_mod.decide(poll, step=5, last_step=100, cut=False) == train_mod.PREEMPT

@@ -155,17 +155,18 @@ def test_zero3_checkpoint_on_another_world_size_is_one_line_naming_the_conversio
     assert "attent_scale/" not in "".join(x for x in proc.stderr.splitlines() if 'File "' in x), proc.stderr
 
 
-def _planner(world: int, progress, max_epochs: int = 2, n: int = 1000, batch: int = 10):
-    """What Trainer.plan_steps reads: a stand-in for the trainer's fields (no process group needed)."""
-    from types import SimpleNamespace
-
-    from attent_scale.config import RunConfig, TeacherConfig
+def _planned(world: int, max_epochs: int = 2, n: int = 1000, batch: int = 10, *, step: int = 0,
+             epoch: int = 0, selection=None, stream_batches: int | None = None) -> int:
+    """What the trainer plans (train.total_steps) from where a run stands (no process group needed)."""
+    from attent_scale.config import TeacherConfig
     from attent_scale.teacher import Teacher
+    from attent_scale.train import total_steps
+    from attent_scale.train_state import SelectionState
 
-    cfg = RunConfig()
-    cfg.train.max_epochs, cfg.train.max_steps = max_epochs, 10**9
-    return SimpleNamespace(cfg=cfg, teacher=Teacher(TeacherConfig(mode="none"), num_samples=n, seed=0),
-                           n_train=n, world=world, batch_size=batch, max_steps_cap=10**9, progress=progress)
+    teacher = Teacher(TeacherConfig(mode="none"), num_samples=n, seed=0)
+    return total_steps(teacher, n_train=n, world=world, batch_size=batch, max_epochs=max_epochs, cap=10**9,
+                       step=step, epoch=epoch, selection=selection or SelectionState(),
+                       stream_batches=stream_batches)
 
 
 def test_elastic_resume_plans_the_steps_left_at_the_new_world_size() -> None:
@@ -174,21 +175,13 @@ def test_elastic_resume_plans_the_steps_left_at_the_new_world_size() -> None:
     at 50 (both epochs re-planned at 4 ranks), which would end the run before the owed ids train."""
     import numpy as np
 
-    from attent_scale.train import Progress, Trainer
+    from attent_scale.train_state import SelectionState
 
-    fresh = _planner(2, Progress())
-    Trainer.plan_steps(fresh)
-    assert fresh.cfg.train.max_steps == 100
+    assert _planned(2) == 100
     owed = np.zeros(1000, dtype=bool)
     owed[400:] = True
-    p = Progress(step=70, epoch=1, remainder_bits=np.packbits(owed), remainder_epoch=1)
-    up = _planner(4, p)
-    Trainer.plan_steps(up)
-    assert up.cfg.train.max_steps == 70 + 15
-    down = _planner(1, Progress(step=70, epoch=1, remainder_bits=np.packbits(owed), remainder_epoch=1))
-    Trainer.plan_steps(down)
-    assert down.cfg.train.max_steps == 70 + 60
+    remainder = SelectionState(remainder_bits=np.packbits(owed), remainder_epoch=1)
+    assert _planned(4, step=70, epoch=1, selection=remainder) == 70 + 15
+    assert _planned(1, step=70, epoch=1, selection=remainder) == 70 + 60
     # a same-world resume mid-epoch plans what it always did
-    mid = _planner(2, Progress(step=70, epoch=1, stream_state={"batches_consumed": 20}))
-    Trainer.plan_steps(mid)
-    assert mid.cfg.train.max_steps == 100
+    assert _planned(2, step=70, epoch=1, stream_batches=20) == 100

@@ -177,4 +177,7 @@ def test_below_the_mean_is_planned_as_what_it_keeps(tmp_path: Path, tiny_shards:
     # the recorded config is the user's (max_steps 1000), not the plan: rerunning it re-plans from scratch
     import yaml
 
-    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["max_steps"] == 1000
+    recorded = (tmp_path / "run" / "config.yaml").read_text()
+    assert yaml.safe_load(recorded)["train"]["max_steps"] == 1000
+    # ... headed by the steps this run planned once its prune selections said how many ids they kept
+    assert recorded.startswith(f"# planned steps: {last['step']} "), recorded.splitlines()[0]

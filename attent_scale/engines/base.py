@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -42,6 +42,7 @@ class Engine(Protocol):
     local_rank: int
     device: torch.device
     group: Any
+    total_steps: int  # the steps the LR schedule decays over; the trainer sets it from its plan
 
     def per_sample_loss(self, batch: Batch) -> torch.Tensor: ...
     def score(self, batch: Batch) -> torch.Tensor: ...
@@ -122,13 +123,16 @@ def lr_lambda(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: flo
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR with warmup + cosine from `cfg.train`; stepped once per applied optimizer step."""
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig,
+                   total_steps: Callable[[], int] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR with warmup + cosine from `cfg.train`, decaying over `total_steps()` (read at every step: a
+    plan may change it; default train.max_steps); stepped once per applied optimizer step."""
     t = cfg.train
+    steps = total_steps or (lambda: t.max_steps)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: lr_lambda(
-            s, warmup_steps=t.warmup_steps, max_steps=t.max_steps, min_lr_ratio=t.min_lr_ratio
+            s, warmup_steps=t.warmup_steps, max_steps=steps(), min_lr_ratio=t.min_lr_ratio
         ),
     )
 
@@ -224,6 +228,7 @@ class BaseEngine:
         self.grad_accum = cfg.train.grad_accum_steps
         self.chunk_tokens = cfg.engine.loss_chunk_tokens
         self.steps_done = 0  # optimizer steps applied
+        self.total_steps = cfg.train.max_steps  # the LR schedule's length until the trainer sets its plan
         self.host_syncs = 0  # device-to-host copies this engine waited for
 
     # --- hooks -------------------------------------------------------------------------------

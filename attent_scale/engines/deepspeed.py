@@ -95,7 +95,7 @@ class DeepSpeedEngine(BaseEngine):
         optimizer = None if "optimizer" in self.ds_config else make_adamw(model.parameters(), cfg)
         scheduler = None
         if optimizer is not None and "scheduler" not in self.ds_config:
-            scheduler = make_scheduler(optimizer, cfg)
+            scheduler = make_scheduler(optimizer, cfg, lambda: self.total_steps)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,

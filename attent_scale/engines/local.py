@@ -36,7 +36,7 @@ class LocalEngine(BaseEngine):
         self.model = build_model(self.model_cfg, vocab_size, seed=cfg.seed).to(self.device)
         self._wrap()
         self.optimizer = make_adamw(self.model.parameters(), cfg)
-        self.scheduler = make_scheduler(self.optimizer, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg, lambda: self.total_steps)
         self.model.train()
 
     def _wrap(self) -> None:

@@ -30,7 +30,7 @@ from attent_scale.integrations.sampler import ID_KEY, AttentBatchSampler, IdColl
 from attent_scale.metrics import Metrics, NullMetrics
 from attent_scale.runlog import count_lines, truncate_lines
 from attent_scale.teacher import Selection, Teacher
-from attent_scale.teacher.epoch import anneal_due, begin_epoch, epoch_steps, phase_seconds, plan_anneal
+from attent_scale.teacher.epoch import anneal_due, begin_epoch, epoch_steps, plan_anneal
 from attent_scale.teacher.reference import LossArray, Reference
 
 STATE_DIR = "attent"  # inside each checkpoint-N folder: rank{r}.safetensors + rank{r}.json
@@ -393,20 +393,15 @@ class AttentTrainer(Trainer):
         return torch.where(hit.bool(), sel.weight, 1.0).to(torch.float32)
 
     def attent_totals(self) -> dict[str, Any]:
-        """This rank's cumulative teacher numbers (the keys our Prometheus exporter reads)."""
+        """This rank's cumulative teacher numbers (RunTotals fields, as our own trainer reports them)."""
         if self.teacher is None:
             return {}
-        stats = self.teacher.stats
+        from attent_scale.totals import teacher_totals
+
         n = len(self.train_dataset)
         bits = self.attent.selection_bits
-        return {
-            "samples_trained": self.attent.samples_trained,
-            "samples_scored": int(stats["samples_scored"]),
-            "collective_bytes": int(stats["bytes_sent"]),
-            "selection_seconds_by_phase": phase_seconds(self.teacher),
-            "selected_ratio": 1.0 if bits is None else Selection(bits, n).count / n,
-            "staleness_median": stats["last_staleness_median"],
-        }
+        return teacher_totals(self.teacher.stats, samples_trained=self.attent.samples_trained,
+                              selected_ratio=1.0 if bits is None else Selection(bits, n).count / n)
 
     # ------------------------------------------------------------------ losses
 

@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from attent_scale.totals import PHASES
+
 RECORD_KEYS = (
     "step", "epoch", "cycle", "mode", "strategy", "method", "ratio", "k", "n_scored", "n_selected",
     "n_unseen", "n_nonfinite", "world_size", "seconds", "bytes_per_rank", "bytes_per_rank_max",
     "sha256", "staleness",
 )
-PHASES = ("score", "collective", "select", "share", "rebalance")
 
 
 def make_record(**fields: Any) -> dict[str, Any]:

@@ -1,0 +1,43 @@
+"""Held-out evaluation: when it is due (eval.every_steps) and this rank's val batches."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from attent_scale.config import RunConfig
+
+
+class Validator:
+    """Decides when the val loss is measured and keeps the last one (its checkpoint entry "eval")."""
+
+    def __init__(self, cfg: RunConfig, *, rank: int, world: int) -> None:
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.every_steps = cfg.eval.every_steps
+        self.last_loss = float("nan")
+        self._cache: list[Any] = []
+
+    def should_validate(self, step: int) -> bool:
+        """A periodic evaluation after `step` (step 0: the first point of every val-loss curve)?"""
+        return bool(self.every_steps) and step % self.every_steps == 0
+
+    def batches(self, data_dir: Any) -> Any:
+        """This rank's val batches, read by a DataLoader worker (not on the training thread); a bounded
+        val set (eval.max_batches) is read once and kept in memory for every later evaluation."""
+        from attent_scale.data import ShardStream
+
+        if self._cache:
+            return self._cache
+        cfg = self.cfg
+        val = ShardStream(data_dir, "val", rank=self.rank, world_size=self.world, seed=cfg.seed, epoch=0,
+                          batch_size=cfg.eval.batch_size, num_workers=1)
+        if not cfg.eval.max_batches:
+            return val
+        self._cache.extend(itertools.islice(val, cfg.eval.max_batches))
+        return self._cache
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_loss": self.last_loss}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_loss = float(state.get("last_loss", float("nan")))
