@@ -57,6 +57,30 @@ def test_per_sample_loss_bf16_logits_accumulate_in_fp32() -> None:
     torch.testing.assert_close(got, _reference(lb.float(), labels), rtol=1e-5, atol=1e-5)
 
 
+def test_per_sample_loss_fp32_grad_is_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 logits need no upcast copy: one cross-entropy over all rows, no recompute in backward, and the
+    same values as the chunked no-grad pass; bf16 logits keep the chunks and their recompute."""
+    from attent_scale.engines import base
+
+    calls = []
+    inner = base._chunk_ce_sums
+    monkeypatch.setattr(base, "_chunk_ce_sums", lambda lg, lb: calls.append(lg.shape[0]) or inner(lg, lb))
+    logits, labels = _data()
+    a = logits.clone().requires_grad_(True)
+    got = per_sample_loss(a, labels, chunk_tokens=8)
+    got.sum().backward()
+    assert calls == [5]  # all 5 rows at once, nothing recomputed in backward
+    with torch.no_grad():
+        assert torch.equal(got.detach(), per_sample_loss(logits, labels, chunk_tokens=8))
+    calls.clear()
+    lb = logits.to(torch.bfloat16).requires_grad_(True)
+    ref = lb.detach().float().requires_grad_(True)
+    (per_sample_loss(lb, labels, chunk_tokens=14) * torch.arange(1.0, 6.0)).sum().backward()
+    (_reference(ref, labels) * torch.arange(1.0, 6.0)).sum().backward()
+    assert calls == [2, 2, 1, 1, 2, 2]  # 3 chunks of 2 rows, each recomputed in backward (last chunk first)
+    torch.testing.assert_close(lb.grad.float(), ref.grad, rtol=2e-2, atol=2e-2)
+
+
 def test_per_sample_loss_rejects_misaligned_labels() -> None:
     logits, labels = _data()
     with pytest.raises(ValueError):

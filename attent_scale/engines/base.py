@@ -71,13 +71,17 @@ def token_ce_sums(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int 
     `labels` are the targets already aligned with `logits` (no shift here). Rows are processed in
     chunks of about `chunk_tokens` tokens, upcasting only the chunk, so no [B, T, V] fp32 copy of the
     logits is made; under autograd each chunk is recomputed in backward instead of keeping its fp32
-    log-softmax alive.
+    log-softmax alive. Logits that are already fp32 are not upcast (no copy): under autograd their
+    log-softmax takes the place of the logits the recompute would keep, so all rows go through one
+    cross_entropy without a recompute.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"per_sample_loss: logits {tuple(logits.shape)} vs labels {tuple(labels.shape)}")
     b, t, _ = logits.shape
-    rows = max(1, chunk_tokens // max(t, 1))
     grad = torch.is_grad_enabled() and logits.requires_grad
+    if grad and logits.dtype == torch.float32:
+        return _chunk_ce_sums(logits, labels)
+    rows = max(1, chunk_tokens // max(t, 1))
     sums = []
     for start in range(0, b, rows):
         lg, lb = logits[start : start + rows], labels[start : start + rows]

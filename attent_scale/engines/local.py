@@ -82,7 +82,8 @@ class LocalEngine(BaseEngine):
         return loss_value, host_ps, grad_norm, True
 
     def _set_train(self, mode: bool) -> None:
-        self.model.train(mode)
+        if self.model.training != mode:  # every train_step asks: walking the modules costs more than this
+            self.model.train(mode)
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
