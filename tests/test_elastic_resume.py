@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from train_runner import REPO, check, read_lines, run_train, tiny_run_config
 
+from attent_scale import launcher
 from attent_scale.data import Manifest
 
 pytestmark = pytest.mark.slow
@@ -30,8 +30,8 @@ def _run(cfg: dict, nproc: int, ids_dir: Path, env: dict[str, str] | None = None
     ids_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir.parent / f"{run_dir.name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(Path(__file__).with_name("ids_trainer.py")), "train", "--config", str(cfg_path)]
+    cmd = [*launcher.command((str(Path(__file__).with_name("ids_trainer.py")), "train"), nproc),
+           "--config", str(cfg_path)]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                 "ATTENT_IDS_DIR": str(ids_dir), **(env or {})}

@@ -17,6 +17,8 @@ import pytest
 import yaml
 from train_runner import REPO, check, run_train, selection_hashes, step_losses, tiny_run_config
 
+from attent_scale import launcher
+
 pytestmark = pytest.mark.slow
 
 
@@ -47,17 +49,7 @@ def _launch(cfg: dict, nproc: int, env: dict[str, str], module: str = "attent_sc
     cfg_path = run_dir.parent / f"{run_dir.name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     target = ["-m", module] if module == "attent_scale" else [str(Path(__file__).with_name(module))]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        *target,
-        "train",
-        "--config",
-        str(cfg_path),
-    ]
+    cmd = [*launcher.command((*target, "train"), nproc), "--config", str(cfg_path)]
     log = (run_dir.parent / f"{run_dir.name}.log").open("w")
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **env}
     return subprocess.Popen(

@@ -7,13 +7,13 @@ import json
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from attent_scale import launcher
 from attent_scale.config import load_config
 from attent_scale.integrations.sampler import AttentBatchSampler, deal, epoch_order
 from attent_scale.teacher import Selection, Teacher, read_records
@@ -32,8 +32,8 @@ def _run(tmp: Path, name: str, nproc: int, **spec: Any) -> Path:
     spec_path.write_text(json.dumps({"out": str(out), **spec}))
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={random.randint(20000, 60000)}", str(WORKER), str(spec_path)]
+    cmd = launcher.command((str(WORKER), str(spec_path)), nproc,
+                           rendezvous=(f"--master_port={random.randint(20000, 60000)}",))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import yaml
 from conftest import write_text_corpus
 from train_runner import REPO, check, run_train, tiny_run_config
 
+from attent_scale import launcher
 from attent_scale.cli import main
 from attent_scale.config import TeacherConfig, config_from_dict
 from attent_scale.data import Manifest
@@ -43,8 +43,7 @@ dist.all_gather = _guard
 def run_score(*args: str, nproc: int = 1, guard: Path | None = None) -> subprocess.CompletedProcess:
     """`attent-scale score` in a subprocess; `guard`: a directory whose sitecustomize.py every process of
     the run imports first."""
-    launch = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    launch = launcher.command((), nproc)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     if guard is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(guard), env.get("PYTHONPATH", str(REPO))])

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from attent_scale import launcher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,22 +77,7 @@ def run_train(
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir.parent / f"{run_dir.name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "attent_scale", "train", "--config", str(cfg_path)]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            "-m",
-            "attent_scale",
-            "train",
-            "--config",
-            str(cfg_path),
-        ]
-    cmd += extra or []
+    cmd = [*launcher.command(nproc=nproc), "--config", str(cfg_path), *(extra or [])]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 

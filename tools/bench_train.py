@@ -28,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from attent_scale import launcher
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -45,20 +47,9 @@ def run(engine: str, mode: str, shards: Path, out: Path, epochs: int) -> dict:
         "checkpoint.resume=false",
         f"engine.name={engine}",
     ]
-    if engine == "local":
-        cmd = [sys.executable, "-m", "attent_scale", "train"]
-    else:
+    if engine != "local":
         sets.append("train.micro_batch_size=8")
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            "-m",
-            "attent_scale",
-            "train",
-        ]
+    cmd = launcher.command(nproc=1 if engine == "local" else 2)
     if engine == "deepspeed":
         sets.append(f"engine.deepspeed_config={REPO / 'configs' / 'deepspeed_zero3.json'}")
     cmd += ["--config", str(REPO / "configs" / "demo.yaml")]
