@@ -8,15 +8,14 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster import IFNAME, Cluster, multihost_cluster
+from cluster import IFNAME, Cluster
+from dashboard import dashboard_exprs, fill
 from servers import free_port, prometheus_server
-from test_ops import dashboard_exprs, fill
 from test_ops_servers import last_step, selection_records, wait_until
 from train_runner import check, read_lines, run_train, tiny_run_config
 
@@ -35,9 +34,9 @@ FAULT_END_LIMIT = 60.0  # seconds from a fault to the end of the job
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    with multihost_cluster(n_hosts=2) as c:
-        yield c
+def cluster(slurm_hosts: Cluster) -> Cluster:
+    """The session's two-host cluster (conftest.py)."""
+    return slurm_hosts
 
 
 def mh_config(tmp: Path, shards: Path, engine: str, name: str, **checkpoint: Any) -> tuple[dict, Path]:

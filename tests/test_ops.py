@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from dashboard import DASHBOARD, dashboard_exprs
 from test_metrics import scrape
 
 from attent_scale.config import MetricsConfig
@@ -19,7 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "prometheus"))
 import write_targets  # noqa: E402
 
-DASHBOARD = ROOT / "tools" / "grafana" / "attent-scale.json"
 SCRIPTS = [ROOT / "launch" / n for n in ("slurm_torchrun.sbatch", "slurm_deepspeed.sbatch", "local.sh")]
 
 
@@ -73,16 +73,6 @@ def test_launch_scripts_are_shellcheck_clean() -> None:
         if script.suffix == ".sbatch":
             assert "#SBATCH --signal=B:USR1@" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
             assert "#SBATCH --partition=" in text and "--gpus-per-node" in text
-
-
-def dashboard_exprs() -> list[str]:
-    dash = json.loads(DASHBOARD.read_text())
-    return [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
-
-
-def fill(expr: str, job: str, rank: str = ".*") -> str:
-    """Template variables as Grafana would fill them."""
-    return (expr.replace("$__rate_interval", "1m").replace("$job", job).replace("$rank", rank))
 
 
 def test_dashboard_structure_and_metrics_exist_in_a_live_scrape() -> None:

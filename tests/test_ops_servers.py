@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from servers import Prometheus, Slurm, free_port, prometheus_server, slurm_cluster
-from test_ops import dashboard_exprs, fill
+from dashboard import dashboard_exprs, fill
+from servers import Prometheus, Slurm, free_port, prometheus_server
 
 from attent_scale.config import MetricsConfig
 from attent_scale.metrics import PHASES, Metrics
@@ -29,9 +29,9 @@ def prom() -> Iterator[Prometheus]:
 
 
 @pytest.fixture(scope="module")
-def slurm() -> Iterator[Slurm]:
-    with slurm_cluster() as cluster:
-        yield cluster
+def slurm(slurm_hosts: Slurm) -> Slurm:
+    """The session's Slurm cluster (conftest.py); jobs here ask for one node of it."""
+    return slurm_hosts
 
 
 def populated(m: Metrics, scale: float) -> None:
