@@ -6,7 +6,9 @@ import os
 import sysconfig
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,6 +42,16 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_shards([corpus], out, seq_len=32, vocab_size=512, val_fraction=0.15, samples_per_shard=100,
                  progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def slurm_hosts() -> Iterator[Any]:
+    """One two-host Slurm cluster (tests/cluster.py) for the whole session: the single-host Slurm tests run
+    their jobs on one of its hosts, the multi-host tests across both (bringing one up costs ~10-30 s)."""
+    from cluster import multihost_cluster
+
+    with multihost_cluster(n_hosts=2) as c:
+        yield c
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
