@@ -46,8 +46,8 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def slurm_hosts() -> Iterator[Any]:
-    """One two-host Slurm cluster (tests/cluster.py) for the whole session: the single-host Slurm tests run
-    their jobs on one of its hosts, the multi-host tests across both (bringing one up costs ~10-30 s)."""
+    """One two-host Slurm cluster (cluster.py) for the whole session: the single-host Slurm tests run their
+    jobs on one of its hosts, the multi-host tests across both (bringing one up costs ~10-30 s)."""
     from cluster import multihost_cluster
 
     with multihost_cluster(n_hosts=2) as c:
