@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DASHBOARD = REPO / "tools" / "grafana" / "attent-scale.json"
+DASHBOARD = REPO / "tools" / "ops" / "grafana" / "attent-scale.json"
 
 
 def dashboard_exprs() -> list[str]:

@@ -1,4 +1,5 @@
-"""tools/hf_bench.py's time-to-target arithmetic, and tools/hf_finetune.py's --tokenizer / --init-from."""
+"""tools/benchmarks/hf_bench.py's time-to-target arithmetic; tools/examples/hf_finetune.py's --tokenizer and
+--init-from."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _tool(name: str):  # noqa: ANN202 - a module
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -63,7 +64,8 @@ def test_cut_rows_drops_repeats_and_blank() -> None:
 
 def _finetune(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, str(REPO / "tools" / "hf_finetune.py"), *args], env=env,
+    script = REPO / "tools" / "examples" / "hf_finetune.py"
+    return subprocess.run([sys.executable, str(script), *args], env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -17,7 +17,7 @@ from attent_scale.config import MetricsConfig
 from attent_scale.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools" / "prometheus"))
+sys.path.insert(0, str(ROOT / "tools" / "ops" / "prometheus"))
 import write_targets  # noqa: E402
 
 SCRIPTS = [ROOT / "launch" / n for n in ("slurm_torchrun.sbatch", "slurm_deepspeed.sbatch", "local.sh")]
@@ -41,7 +41,8 @@ def test_expand_hostlist_rejects_bad_input(bad: str) -> None:
 
 def test_write_targets_cli(tmp_path: Path) -> None:
     out = tmp_path / "sd" / "job.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools/prometheus/write_targets.py"), "--out", str(out),
+    script = ROOT / "tools/ops/prometheus/write_targets.py"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(out),
                            "--nodelist", "gpu[1-2]", "--ranks-per-node", "2", "--base-port", "9500",
                            "--job", "77"], capture_output=True, text=True, env={"PATH": "/nonexistent"})
     assert proc.returncode == 0, proc.stderr
@@ -55,7 +56,7 @@ def test_write_targets_cli(tmp_path: Path) -> None:
     fake.write_text('#!/bin/sh\necho "x]"\n')
     fake.chmod(0o755)
     for path in ("/nonexistent", str(fake.parent)):
-        bad = subprocess.run([sys.executable, str(ROOT / "tools/prometheus/write_targets.py"), "--out",
+        bad = subprocess.run([sys.executable, str(ROOT / "tools/ops/prometheus/write_targets.py"), "--out",
                               str(out), "--nodelist", "x[1-", "--ranks-per-node", "1"], capture_output=True,
                              text=True, env={"PATH": path})
         assert bad.returncode == 2 and "unbalanced" in bad.stderr, path

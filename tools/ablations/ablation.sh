@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's ablation on our corpus (docs/benchmarks.md): hard/soft/random x ratio schedule (cosine,
 # incremental) x interval schedule (fixed, incremental), plus ledger and online modes, against uniform
-# and the controls, 6-epoch budget, demo-size model, 3 seeds. Usage: tools/ablation.sh [SEEDS] [OUT] [FIRST]
+# and the controls, 6-epoch budget, demo-size model, 3 seeds. Usage: tools/ablations/ablation.sh [SEEDS] [OUT] [FIRST]
 # Seeds can run as separate invocations (FIRST=1, FIRST=2) in parallel; a last run with all seeds reuses them.
 set -euo pipefail
 seeds=${1:-3}

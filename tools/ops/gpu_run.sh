@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check (issue 11, "GPU run"): GPT-2 small from config, bf16 (engine.mixed_precision: auto), seq 1024,
 # one GPU, FSDP2 and DeepSpeed ZeRO-3 each in one process. Prints, per engine: tokens/s, MFU, host syncs
-# per step and the scoring forward's cost per sample relative to a training step (tools/bench_train.py
+# per step and the scoring forward's cost per sample relative to a training step (tools/benchmarks/bench_train.py
 # --step-bench, random tokens, vocab 50257 = 124M parameters); then per engine x mode (uniform, cycle,
 # ledger) a short training run on text shards (vocab 8000, ~92M parameters): tokens/s, MFU, selection
 # fraction. One prepared run, about 8 minutes on one H100/H200.
@@ -11,10 +11,10 @@
 # shards are built from the embedded corpus. An editable install is not needed (if wanted, offline:
 # pip install --no-build-isolation --no-deps -e .).
 #
-# Usage: tools/gpu_run.sh [STEPS]      env: PYTHON (python), ATTENT_GPU_OUT (runs/gpu),
+# Usage: tools/ops/gpu_run.sh [STEPS]      env: PYTHON (python), ATTENT_GPU_OUT (runs/gpu),
 #                                           ATTENT_RUN_TIMEOUT (seconds per training run, 120)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 py=${PYTHON:-python}
 steps=${1:-100}
 out=${ATTENT_GPU_OUT:-runs/gpu}
@@ -50,7 +50,7 @@ PY
 # 1. Step bench: train_step / score alone, per engine in its own process.
 for engine in fsdp deepspeed; do
     stamp "step bench: $engine"
-    timeout 150 "$py" tools/bench_train.py --step-bench --engines "$engine" --model gpt2-small --seq 1024 \
+    timeout 150 "$py" tools/benchmarks/bench_train.py --step-bench --engines "$engine" --model gpt2-small --seq 1024 \
         --micro 8 --grad-accum 2 --steps 10 --repeats 3 --json "$out/step_$engine.json" \
         || echo "gpu_run: step bench $engine failed or timed out"
 done

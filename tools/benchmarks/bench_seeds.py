@@ -1,7 +1,7 @@
 """Per-seed markdown table of a `bench.json`: each arm's final val loss, time and time to target per seed,
 and, paired by seed, whether it ends below its random control and the nearest uniform-short.
 
-    python tools/bench_seeds.py runs/selection-ablation/stdlib/bench.json
+    python tools/benchmarks/bench_seeds.py runs/selection-ablation/stdlib/bench.json
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 A copyable example of `attent_scale.integrations.hf.AttentTrainer` (pip install "attent-scale[hf]"):
 
-    python tools/hf_finetune.py --data rows.jsonl --out runs/hf --epochs 3
-    torchrun --nproc_per_node 2 tools/hf_finetune.py --data rows.jsonl --out runs/hf \\
+    python tools/examples/hf_finetune.py --data rows.jsonl --out runs/hf --epochs 3
+    torchrun --nproc_per_node 2 tools/examples/hf_finetune.py --data rows.jsonl --out runs/hf \\
         --deepspeed configs/deepspeed_zero3.json
-    python tools/hf_finetune.py --data rows.jsonl --out runs/hf_plain --no-attent   # plain Trainer
+    python tools/examples/hf_finetune.py --data rows.jsonl --out runs/hf_plain --no-attent   # plain Trainer
 
 Rows of FILE.jsonl are {"prompt": ..., "response": ...} (loss on the response tokens only) or {"text": ...}.
 Nothing is downloaded: a SentencePiece BPE tokenizer is trained on the rows (or `--tokenizer FILE` is

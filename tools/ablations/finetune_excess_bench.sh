@@ -6,14 +6,14 @@
 # arms. Arms: the official AtteNT LLM recipe and the cycle-mode schedule, each by raw loss and by excess
 # loss (learner - reference), the project default (ledger-hard), plus the automatic controls. CPU clock,
 # one thread per arm.
-# Usage: tools/finetune_excess_bench.sh [SEEDS] [BASE_CORPUS] [FT_CORPUS] [OUT] [bench options...]
+# Usage: tools/ablations/finetune_excess_bench.sh [SEEDS] [BASE_CORPUS] [FT_CORPUS] [OUT] [bench options...]
 set -euo pipefail
 seeds=${1:-3}
 base_corpus=${2:-stdlib}
 ft_corpus=${3:-prose}
 out=${4:-runs/finetune-bench/$base_corpus-to-$ft_corpus-excess}
 root=runs/finetune-bench
-# shellcheck source=tools/bench_common.sh
+# shellcheck source=tools/ablations/bench_common.sh
 source "$(dirname "$0")/bench_common.sh"
 "$(dirname "$0")/finetune_bench.sh" 0 "$base_corpus" "$ft_corpus"  # the base model and its tokenizer
 base=$root/base-$base_corpus

@@ -1,10 +1,11 @@
 """Steps/s, tokens/s and selection overhead of the demo config per engine and teacher mode (prints a table).
 
-Usage: python tools/bench_train.py [--engines local,deepspeed,fsdp] [--modes none,cycle,ledger,online]
-                                   [--epochs 2] [--out runs/bench_train]
-       python tools/bench_train.py --step-bench [--engines local|deepspeed|fsdp] [--grad-accum 4]
-                                   [--steps 8] [--repeats 3]
-                                   [--model demo|gpt2-small] [--seq 128] [--micro 4] [--json FILE]
+Usage: python tools/benchmarks/bench_train.py [--engines local,deepspeed,fsdp]
+           [--modes none,cycle,ledger,online] [--epochs 2] [--out runs/bench_train]
+       python tools/benchmarks/bench_train.py --step-bench [--engines local|deepspeed|fsdp]
+           [--grad-accum 4] [--steps 8] [--repeats 3] [--model demo|gpt2-small] [--seq 128] [--micro 4]
+           [--json FILE] [--layers N --width N --heads N --vocab N] [--deepspeed-config F]
+       torchrun --nproc-per-node 2 tools/benchmarks/bench_train.py --step-bench --engines fsdp|deepspeed ...
 Each run: the demo model on the demo shards, warm-up epoch then cycles (cycle/ledger), 16 samples per
 step in all (16 on one process; 8 per rank on two). Numbers come from each run's summary.json:
 steps / training seconds, trained tokens / training seconds, selection seconds / wall seconds.
@@ -16,7 +17,9 @@ clock (`repeats` repeats after one warm-up step; mean and min-max spread), host 
 engine's own counter of its device-to-host copies, 'n/a' for code without one), tokens/s, the scoring
 forward's cost per sample relative to a training step's, and on CUDA the MFU (6N + 12LHQT flops per
 token against the device's dense bf16 peak; ATTENT_PEAK_TFLOPS overrides). Run it with PYTHONPATH at
-another checkout to compare code versions on the same machine.
+another checkout to compare code versions on the same machine. Under torchrun the engine spans every rank
+(rank 0 prints; tokens/s counts all ranks), which is how docs/training.md's engine table is measured
+(`--model demo --layers 4 --vocab 4096 --micro 16 --grad-accum 1 --repeats 1`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 
 from attent_scale import launcher
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(engine: str, mode: str, shards: Path, out: Path, epochs: int) -> dict:
@@ -133,12 +136,14 @@ def step_bench(args: argparse.Namespace) -> list[dict]:
     print(f"code: {Path(attent_scale.__file__).parent}", flush=True)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     model = dict(MODELS[args.model], n_positions=args.seq)
+    for key, value in (("n_layer", args.layers), ("n_embd", args.width), ("n_head", args.heads),
+                       ("vocab_size", args.vocab)):
+        if value is not None:
+            model[key] = value
     vocab = model.pop("vocab_size")
     rows = args.micro * args.grad_accum
-    g = torch.Generator().manual_seed(0)
-    toks = torch.randint(0, vocab, (rows, args.seq + 1), generator=g)
-    batch = {"ids": torch.arange(rows), "input_ids": toks[:, :-1].contiguous(),
-             "labels": toks[:, 1:].contiguous()}
+    g = torch.Generator()
+    rank = 0
     results = []
     for name in args.engines.split(","):
         raw = {"seed": 0, "model": {"config": model}, "engine": {"name": name,
@@ -146,8 +151,12 @@ def step_bench(args: argparse.Namespace) -> list[dict]:
                "train": {"micro_batch_size": args.micro, "grad_accum_steps": args.grad_accum,
                          "warmup_steps": 0, "max_steps": 1000000, "lr": 1e-4}}
         if name == "deepspeed":
-            raw["engine"]["deepspeed_config"] = str(REPO / "configs" / "deepspeed_zero3.json")
+            raw["engine"]["deepspeed_config"] = args.deepspeed_config
         engine = build_engine(config_from_dict(raw), vocab_size=vocab)
+        g.manual_seed(engine.rank)  # under torchrun: another batch per rank
+        toks = torch.randint(0, vocab, (rows, args.seq + 1), generator=g)
+        batch = {"ids": torch.arange(rows), "input_ids": toks[:, :-1].contiguous(),
+                 "labels": toks[:, 1:].contiguous()}
         cuda = engine.device.type == "cuda"
         sync = torch.cuda.synchronize if cuda else (lambda: None)
 
@@ -173,13 +182,15 @@ def step_bench(args: argparse.Namespace) -> list[dict]:
                 engine.score(batch)
             sync()
             score_wall.append((time.perf_counter() - w0) / args.steps)
-        tokens = rows * args.seq
+        tokens = rows * args.seq * engine.world_size  # one step, all ranks
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.model.parameters())
         flops_per_token = 6 * n_params + 12 * model["n_layer"] * model["n_embd"] * args.seq
         tps = tokens / statistics.mean(wall)
         peak = _peak_tflops(torch.cuda.get_device_name()) if cuda else None
         res = {
-            "engine": name, "device": torch.cuda.get_device_name() if cuda else "cpu", "model": args.model,
+            "engine": name, "world_size": engine.world_size, "threads": torch.get_num_threads(),
+            "steps_per_s": 1 / statistics.mean(wall),
+            "device": torch.cuda.get_device_name() if cuda else "cpu", "model": args.model,
             "params": n_params, "seq": args.seq, "micro": args.micro, "grad_accum": args.grad_accum,
             "dtype": str(getattr(engine, "dtype", "n/a")), "cpu_s_per_step": cpu, "wall_s_per_step": wall,
             "host_syncs_per_step": syncs[-1], "engine_host_copies_per_step": own[-1], "tokens_per_s": tps,
@@ -187,14 +198,17 @@ def step_bench(args: argparse.Namespace) -> list[dict]:
             "mfu": tps * flops_per_token / (peak * 1e12) if peak else None,
         }
         results.append(res)
+        rank = engine.rank
         n_syncs = "n/a" if syncs[-1] is None else f"{syncs[-1]:g}"
         if cuda:
             n_syncs += f" (engine's own copies {'n/a' if own[-1] is None else f'{own[-1]:g}'})"
         mfu = "n/a" if res["mfu"] is None else f"{100 * res['mfu']:.1f}%"
         ratio = res["score_to_train_per_sample"]
-        print(f"{name:10} cpu s/step {_spread(cpu)}  wall s/step {_spread(wall)}  "
-              f"host syncs/step {n_syncs:>4}  tokens/s {tps:9.0f}  score/train per sample {ratio:.2f}  "
-              f"MFU {mfu}", flush=True)
+        if rank == 0:
+            print(f"{name:10} ranks {engine.world_size} cpu s/step {_spread(cpu)}  "
+                  f"wall s/step {_spread(wall)}  "
+                  f"steps/s {res['steps_per_s']:.3f}  host syncs/step {n_syncs:>4}  tokens/s {tps:9.0f}  "
+                  f"score/train per sample {ratio:.2f}  MFU {mfu}", flush=True)
         del engine
         if name != "local":
             import torch.distributed as dist
@@ -202,7 +216,7 @@ def step_bench(args: argparse.Namespace) -> list[dict]:
             if dist.is_initialized():
                 dist.destroy_process_group()
                 os.environ.pop("MASTER_PORT", None)  # the next engine's one-rank group takes a fresh port
-    if args.json:
+    if args.json and rank == 0:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return results
 
@@ -224,6 +238,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mixed-precision", default="auto")
     parser.add_argument("--json", default=None, help="also write the step-bench results here")
+    for flag, what in (("--layers", "n_layer"), ("--width", "n_embd"), ("--heads", "n_head"),
+                       ("--vocab", "vocab_size")):
+        parser.add_argument(flag, type=int, default=None,
+                            help=f"step-bench: the model's {what} (default: --model's)")
+    parser.add_argument("--deepspeed-config", default=str(REPO / "configs" / "deepspeed_zero3.json"),
+                        help="step-bench: the DeepSpeed config (e.g. configs/deepspeed_zero2.json)")
     args = parser.parse_args()
     sys.path.append(str(REPO))  # after PYTHONPATH: --step-bench can time another checkout
     if args.step_bench:

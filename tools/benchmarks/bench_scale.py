@@ -7,7 +7,7 @@ threshold selection (ledger mode, ratio `--ratio`), the next epoch's stream plan
 of its teacher state plus the selection bits (`--checkpoint`). Prints seconds per phase (max over ranks),
 peak RSS per rank after each phase (ru_maxrss) and what a rank holds. No timed assertions: numbers only.
 
-    OMP_NUM_THREADS=1 python tools/bench_scale.py --samples 1e8 --ranks 4
+    OMP_NUM_THREADS=1 python tools/benchmarks/bench_scale.py --samples 1e8 --ranks 4
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 # by hash) on which a reference model is trained once (4 epochs, uniform, one thread) and then scores the
 # train split (`attent-scale score`); the excess arms rank by learner loss - reference loss, and bench
 # charges the reference's training + scoring CPU seconds to them ("reference s", "speedup charged").
-# Usage: tools/selection_ablation.sh CORPUS [SEEDS] [OUT] [extra bench args...]   (CORPUS: stdlib | prose)
+# Usage: tools/ablations/selection_ablation.sh CORPUS [SEEDS] [OUT] [extra bench args...]   (CORPUS: stdlib | prose)
 set -euo pipefail
 corpus=${1:?stdlib or prose}
 seeds=${2:-3}
@@ -14,7 +14,7 @@ out=${3:-runs/selection-ablation/$corpus}
 root=runs/selection-ablation
 shards=$root/shards-$corpus
 ref_run=$root/reference-$corpus
-# shellcheck source=tools/bench_common.sh
+# shellcheck source=tools/ablations/bench_common.sh
 source "$(dirname "$0")/bench_common.sh"
 if [ ! -f "$shards/manifest.json" ]; then
   ref_split_src "$corpus"

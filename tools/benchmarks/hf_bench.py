@@ -1,9 +1,9 @@
 """AtteNT through Hugging Face `Trainer` vs plain `Trainer` (LoRA): time to plain's final eval loss.
 
-    python tools/hf_bench.py --out runs/hf_bench --seeds 3
+    python tools/benchmarks/hf_bench.py --out runs/hf_bench --seeds 3
 
 Sequentially, one process each, OMP_NUM_THREADS=1 (a CPU clock: `time.process_time` of one thread):
-  1. a base model, once: tools/hf_finetune.py --no-lora --no-attent on corpus A (the embedded Python
+  1. a base model, once: tools/examples/hf_finetune.py --no-lora --no-attent on corpus A (the embedded Python
      stdlib corpus cut into text rows), which also trains the tokenizer;
   2. for each seed: plain `Trainer` (--no-attent) and `AttentTrainer` LoRA fine-tuning on corpus B (English
      prose from /usr/share/doc/*/copyright), both from the base model and its tokenizer, evaluating the
@@ -29,8 +29,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-FINETUNE = REPO / "tools" / "hf_finetune.py"
+REPO = Path(__file__).resolve().parents[2]
+FINETUNE = REPO / "tools" / "examples" / "hf_finetune.py"
 ARMS = ("plain", "attent")
 
 
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   curves["attent"])})
     keys = [k for k in (seeds[0] if seeds else {}) if k != "seed"]
     argv = argv if argv is not None else sys.argv[1:]
-    report = {"command": " ".join(["python", "tools/hf_bench.py", *argv]),
+    report = {"command": " ".join(["python", "tools/benchmarks/hf_bench.py", *argv]),
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "rows": {"a": n_a, "b": n_b, "eval": args.eval_rows}, "base": base, "seeds": seeds,
               "summary": {k: mean_sd([s[k] for s in seeds]) for k in keys}}

@@ -5,7 +5,7 @@
 # (epoch 1 on all data recording training losses, then the top 70% by loss: ledger mode, hard, ratio 0.7),
 # our default (cycle, hard, cosine, fixed interval, rescore stale), unbiased pruning (ledger losses,
 # annealed), plus the automatic controls. CPU clock, one thread per arm.
-# Usage: tools/finetune_bench.sh [SEEDS] [BASE_CORPUS] [FT_CORPUS] [OUT] [bench options...]
+# Usage: tools/ablations/finetune_bench.sh [SEEDS] [BASE_CORPUS] [FT_CORPUS] [OUT] [bench options...]
 #   corpora: stdlib | prose; SEEDS=0 only prepares the shards and the base model
 set -euo pipefail
 seeds=${1:-3}
@@ -13,7 +13,7 @@ base_corpus=${2:-stdlib}
 ft_corpus=${3:-prose}
 out=${4:-runs/finetune-bench/$base_corpus-to-$ft_corpus}
 root=runs/finetune-bench
-# shellcheck source=tools/bench_common.sh
+# shellcheck source=tools/ablations/bench_common.sh
 source "$(dirname "$0")/bench_common.sh"
 src() {  # the corpus' inputs for `shards build` (CORPUS CAP)
   if [ "$1" = stdlib ]; then echo "--max-bytes $2"; else echo "/usr/share/doc --glob copyright --max-bytes $2"; fi
