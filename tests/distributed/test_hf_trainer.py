@@ -18,8 +18,8 @@ from attent_scale.config import load_config
 from attent_scale.integrations.sampler import AttentBatchSampler, deal, epoch_order
 from attent_scale.teacher import Selection, Teacher, read_records
 
-REPO = Path(__file__).resolve().parents[1]
-WORKER = REPO / "tests" / "hf_worker.py"
+REPO = Path(__file__).resolve().parents[2]
+WORKER = REPO / "tests" / "helpers" / "hf_worker.py"
 N = 64  # hf_worker.N_SAMPLES
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ from attent_scale.config import ModelConfig, load_config
 from attent_scale.errors import UserError
 from attent_scale.models import check_model_fits
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ["slurm_torchrun.sbatch", "slurm_deepspeed.sbatch"]
 
 # srun stand-in: records its argv, waits for the USR1 forward when asked to, then plays the trainer

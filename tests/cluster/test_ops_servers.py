@@ -18,7 +18,7 @@ from attent_scale.config import MetricsConfig
 from attent_scale.metrics import PHASES, Metrics
 
 pytestmark = pytest.mark.servers
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(sys.executable).parent.parent
 
 

@@ -1,7 +1,7 @@
 """Checkpoints under faults, end to end on one local process: periodic saves by minutes, a damaged newest
 checkpoint, a refused resume, a full disk, a bad run_dir, a tampered engine.pt.
 
-Its one-line bad-input cases are rows of tests/test_bad_input_table.py."""
+Its one-line bad-input cases are rows of tests/e2e/test_bad_input_table.py."""
 
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ def _launch(cfg: dict, nproc: int, env: dict[str, str], module: str = "attent_sc
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir.parent / f"{run_dir.name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    script = Path(__file__).with_name(module)  # a trainer script beside this file
+    script = Path(__file__).parents[1].joinpath("helpers", module)  # a trainer script beside this file
     target = ["-m", module] if module == "attent_scale" else [str(script)]
     cmd = [*launcher.command((*target, "train"), nproc), "--config", str(cfg_path)]
     log = (run_dir.parent / f"{run_dir.name}.log").open("w")

@@ -9,7 +9,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # (package, a pattern of the code that needs it, the first version that has it)
 NEEDS = [
     ("numpy", r"np\.bitwise_count\(", "2.0"),

@@ -28,7 +28,7 @@ import yaml
 
 from attent_scale import cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ERR = E = r"attent-scale: error: "  # E: short, for the table rows
 
 
@@ -54,7 +54,7 @@ class Ctx:
 
     def train(self, shards: Path, *sets: str) -> list[str]:
         """`train` arguments for a 4-step tiny run on `shards` (no selection, no eval until the end)."""
-        sys.path.insert(0, str(REPO / "tests"))
+        sys.path.insert(0, str(REPO / "tests" / "helpers"))
         from train_runner import tiny_run_config
 
         cfg = tiny_run_config(self.tmp / "run", shards, teacher={"mode": "none"},
@@ -168,7 +168,7 @@ def flip_byte(data: bytes) -> bytes:
 def other_build(ctx: Ctx) -> Path:
     """A train shard copied in from a build with another tokenizer, padded to the manifest's size."""
     shards = ctx.shards()
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(REPO / "tests" / "helpers"))
     from conftest import write_text_corpus
 
     from attent_scale.data.builder import build_shards
@@ -387,7 +387,7 @@ def test_sigterm_during_build_removes_its_temp_dir(tmp_path: Path) -> None:
 def test_corruption_budget_stops_both_ranks_together(tmp_path: Path, tiny_shards: Path) -> None:
     """16 on 2 ranks (FSDP, gloo): every sample corrupt; the in-loop check (an all-reduce every
     stop_check_every steps) stops both ranks at the same step with the one line; nothing exported."""
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(REPO / "tests" / "helpers"))
     from train_runner import run_train, tiny_run_config
 
     ctx = Ctx(tmp_path, tiny_shards, pytest.MonkeyPatch())
@@ -409,7 +409,7 @@ def test_corruption_budget_stops_both_ranks_together(tmp_path: Path, tiny_shards
 def test_damaged_shard_stops_both_ranks_at_start(tmp_path: Path, tiny_shards: Path) -> None:
     """17 on 2 ranks: the ranks hash disjoint shards; the one that finds the damage names it, the other
     learns of it in the same all-reduce; both exit 2 before training, none hangs."""
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(REPO / "tests" / "helpers"))
     from train_runner import run_train, tiny_run_config
 
     ctx = Ctx(tmp_path, tiny_shards, pytest.MonkeyPatch())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MARK = "<!-- runnable -->"
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 PY_END = "END_OF_PYTHON_BLOCK"  # the heredoc delimiter a ```python block runs inside

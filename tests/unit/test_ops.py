@@ -16,7 +16,7 @@ from test_metrics import scrape
 from attent_scale.config import MetricsConfig
 from attent_scale.metrics import Metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools" / "ops" / "prometheus"))
 import write_targets  # noqa: E402
 

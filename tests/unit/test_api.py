@@ -15,7 +15,7 @@ import pytest
 import attent_scale
 from attent_scale.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXPORTS = ("train", "load_config", "RunConfig", "Teacher", "ShardStream", "AttentTrainer", "UserError")
 
 

@@ -22,7 +22,7 @@ from train_runner import check, read_lines, run_train, tiny_run_config
 from attent_scale.checkpoint import list_checkpoints
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(sys.executable).parent.parent
 STEPS = 12  # epochs of 3, 6 and 9 steps on 4 ranks: selections at steps 0, 3 and 9
 NPROC = 2  # processes per host
@@ -219,7 +219,7 @@ def test_two_host_faults_end_the_job_in_60s_and_reruns_resume_exactly(
     run_dir = tmp_path / "run"
     first, second = cluster.hosts[0].name, cluster.hosts[1].name
     fault = {"ATTENT_MODULE": "fault_trainer", "ATTENT_FAULT_LOCAL_RANK": "1",
-             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), str(ROOT),
+             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests" / "helpers"), str(ROOT),
                                                          os.environ.get("PYTHONPATH")]))}
     timings = {}
 

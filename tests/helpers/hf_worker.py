@@ -1,6 +1,6 @@
 """One AttentTrainer / Trainer run on a tiny LoRA GPT-2 and synthetic data, for the HF integration tests.
 
-Usage: python tests/hf_worker.py SPEC.json (or under torchrun). Rank 0 writes OUT/log_history.json;
+Usage: python tests/helpers/hf_worker.py SPEC.json (or under torchrun). Rank 0 writes OUT/log_history.json;
 every rank writes OUT/losses.rank{r}.jsonl (the per-sample losses the teacher recorded) and
 OUT/pending.rank{r}.jsonl (the ledger's pending observations at each step's start) when the teacher is on.
 """

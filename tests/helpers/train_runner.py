@@ -12,7 +12,7 @@ import yaml
 
 from attent_scale import launcher
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 TINY_MODEL = {
     "model_type": "gpt2",

@@ -24,13 +24,13 @@ TEACHER = {"mode": "ledger", "strategy": "hard", "warmup_epochs": 1, "total_cycl
 
 def _run(cfg: dict, nproc: int, ids_dir: Path, env: dict[str, str] | None = None,
          timeout: float = 420) -> subprocess.CompletedProcess:
-    """torchrun `nproc` ranks of tests/ids_trainer.py (the trainer, recording each step's ids)."""
+    """torchrun `nproc` ranks of tests/helpers/ids_trainer.py (the trainer, recording each step's ids)."""
     run_dir = Path(cfg["run_dir"])
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     ids_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir.parent / f"{run_dir.name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    trainer = Path(__file__).with_name("ids_trainer.py")
+    trainer = Path(__file__).parents[1].joinpath("helpers", "ids_trainer.py")
     cmd = [*launcher.command((str(trainer), "train"), nproc), "--config", str(cfg_path)]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",

@@ -11,7 +11,7 @@ from attent_scale import __version__
 from attent_scale.bench import run_with_bar
 from attent_scale.config import RunConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
