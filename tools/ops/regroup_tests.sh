@@ -2,9 +2,11 @@
 # Regroup tests/ by kind (issue 19): tests/unit (one process), tests/distributed (real gloo ranks of library
 # parts), tests/e2e (the trainer, bench, score, CLI and docs as subprocesses), tests/cluster (real Slurm /
 # Prometheus servers) and tests/helpers (runners, servers, workers; on pytest's pythonpath).
-# git mv + the path rewrites a move one folder down needs. Idempotent: only flat tests/*.py move (conftest.py
-# stays), so a second run moves nothing; run it again after merging branches that add flat test files.
-# A test file not in the table below is placed by a rule (printed with the reason). Usage: tools/ops/regroup_tests.sh
+# git mv + the path rewrites a move one folder down needs, also applied to every grouped file (for edits
+# merged from the flat layout). Idempotent: only flat tests/*.py move (conftest.py stays), so a second run
+# moves nothing; run it again after merging branches that add flat test files, then `ruff check .` (a
+# rewritten path can make a line too long). A test file the table below does not list is placed by a rule
+# (printed with the reason). Usage: tools/ops/regroup_tests.sh
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 
@@ -27,7 +29,7 @@ rule() {  # a test file nobody listed: by what it needs and what it starts
   local f=$1
   if grep -qE 'mark\.servers|slurm_hosts|prometheus_server|multihost_cluster' "$f"; then
     echo "cluster (needs Slurm / Prometheus servers)"
-  elif grep -qE 'run_train\(|"-m", "attent_scale"|launcher\.command|subprocess\.|Popen\(' "$f"; then
+  elif grep -qE '\brun_train\b|"-m", "attent_scale"|launcher\.command|subprocess\.|Popen\(' "$f"; then
     echo "e2e (starts processes)"
   elif grep -qE 'mp\.spawn|start_processes|_worker\b|from engine_worker import|import [a-z_]+_worker' "$f"; then
     echo "distributed (spawns ranks)"
@@ -55,7 +57,7 @@ while IFS= read -r f; do
   [ "$name" = conftest ] && continue
   if [[ $name == test_* ]]; then
     if [ -n "${GROUP[$name]:-}" ]; then group=${GROUP[$name]}; why="listed"
-    else why=$(rule "$f"); group=${why%% *}; fi
+    else why=$(rule "$f"); group=${why%% *}; why="by rule: ${why#* }"; fi
     is_test=1
   else
     group=helpers; why="not a test file"; is_test=0
@@ -66,6 +68,12 @@ while IFS= read -r f; do
   echo "placed $f -> tests/$group/ ($why)"
   moved=$((moved + 1))
 done < <(git ls-files 'tests/*.py' | grep -E '^tests/[^/]+\.py$')
+
+# files merged into the groups from branches that still had the flat layout: the same rewrites (each is
+# idempotent: a second pass finds nothing to change)
+for f in $(git ls-files 'tests/*/*.py'); do
+  case $(basename "$f") in test_*) rewrite "$f" 1 ;; *) rewrite "$f" 0 ;; esac
+done
 
 # references by path (docs, docstrings, comments): tests/NAME.py -> tests/GROUP/NAME.py
 mapfile -t texts < <(git ls-files README.md docs tests attent_scale tools launch configs Makefile pyproject.toml .ci \
