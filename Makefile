@@ -48,6 +48,7 @@ system-packages:
 	  echo "make test needs (missing:$$missing): as root, apt-get install $(SYS_PACKAGES)"; exit 1; \
 	fi
 
+# --durations also turns on tests/conftest.py's table of seconds per test folder and file (and CPU seconds)
 test: system-packages $(STAMP)
 	$(PY) -m pytest -q --durations=25 tests
 

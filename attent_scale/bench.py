@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attent_scale import launcher
 from attent_scale.config import add_override_argument
 from attent_scale.errors import UserError
 from attent_scale.runlog import read_jsonl, write_json
@@ -180,8 +181,7 @@ def run_arm(arm: Arm, seed: int, args: argparse.Namespace, out_dir: Path) -> dic
     ]
     if args.init_from:
         sets.append(f"model.init_from={Path(args.init_from) / 'export' / 'model'}")
-    launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
-    cmd = [*launcher, "-m", "attent_scale", "train", "--config", str(args.config)]
+    cmd = [*launcher.command(launcher=args.launcher), "--config", str(args.config)]
     for s in sets:
         cmd += ["--set", s]
     stamp = run_dir / "bench-command.json"

@@ -4,7 +4,7 @@ One exporter per process, listening on ``cfg.address:cfg.port + local_rank`` (``
 on the cluster interface, see ``dist.cluster_address``) with its own private
 ``CollectorRegistry`` (so several exporters can live in one process, e.g. in tests). Every series carries
 the labels ``job``, ``rank`` and ``node`` (set once at start; Prometheus must scrape with
-``honor_labels: true`` so these win over the target labels, see tools/prometheus/prometheus.yml).
+``honor_labels: true`` so these win over the target labels, see tools/ops/prometheus/prometheus.yml).
 
 API (the trainer calls only these; ``Metrics.create`` returns a no-op ``NullMetrics`` with the same
 methods when ``cfg.enabled`` is false)::

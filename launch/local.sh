@@ -40,7 +40,7 @@ if [[ ${ATTENT_METRICS:-1} == 1 ]]; then
     train_args+=(--set metrics.enabled=true --set metrics.address=127.0.0.1
                  --set "metrics.port=$metrics_port" --set "metrics.job=\"$job\"")  # quoted: a YAML string
     if [[ -n ${ATTENT_TARGETS_DIR:-} ]]; then
-        python tools/prometheus/write_targets.py --out "$ATTENT_TARGETS_DIR/$job.json" \
+        python tools/ops/prometheus/write_targets.py --out "$ATTENT_TARGETS_DIR/$job.json" \
             --nodelist 127.0.0.1 --ranks-per-node "$nproc" --base-port "$metrics_port" --job "$job"
     fi
 fi

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import sysconfig
+import time
+from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from attent_scale.data.builder import build_shards
+
+_FILE_SECONDS: defaultdict[str, float] = defaultdict(float)  # test file -> setup + call + teardown seconds
+_SESSION_START = time.monotonic()
 
 STDLIB_SOURCES = ("textwrap.py", "argparse.py", "difflib.py", "heapq.py", "bisect.py", "shlex.py")
 
@@ -56,3 +64,37 @@ def smollm2_sft_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_shards([tmp / "sft.jsonl"], out, seq_len=64, tokenizer=gguf, prompt_field="prompt",
                  response_field="response", chat_template=True, val_fraction=0.1, progress=False, workers=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def slurm_hosts() -> Iterator[Any]:
+    """One two-host Slurm cluster (cluster.py) for the whole session: the single-host Slurm tests run their
+    jobs on one of its hosts, the multi-host tests across both (bringing one up costs ~10-30 s)."""
+    from cluster import multihost_cluster
+
+    with multihost_cluster(n_hosts=2) as c:
+        yield c
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _FILE_SECONDS[report.nodeid.split("::", 1)[0]] += report.duration
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # type: ignore[no-untyped-def]
+    """With --durations (as `make test` runs): seconds per test group (folder) and per file, largest first."""
+    if config.option.durations is None or not _FILE_SECONDS:
+        return
+    total = sum(_FILE_SECONDS.values())
+    groups: defaultdict[str, float] = defaultdict(float)
+    for path, seconds in _FILE_SECONDS.items():
+        groups[path.rsplit("/", 1)[0] if "/" in path else "."] += seconds
+    write = terminalreporter.write_line
+    terminalreporter.section("where the time goes (setup + call + teardown)")
+    cpu = os.times()  # the CPU clock: what load on a shared machine does not stretch
+    write(f"{total:8.1f} s in tests of {time.monotonic() - _SESSION_START:.1f} s of pytest; CPU "
+          f"{cpu.user + cpu.system:.1f} s in pytest + {cpu.children_user + cpu.children_system:.1f} s in "
+          "the processes it waited for")
+    for name, seconds in sorted(groups.items(), key=lambda kv: -kv[1]):
+        write(f"{seconds:8.1f} s {100 * seconds / total:5.1f}%  {name}/")
+    for path, seconds in sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1]):
+        write(f"{seconds:8.1f} s {100 * seconds / total:5.1f}%  {path}")

@@ -218,7 +218,7 @@ class BaseEngine:
 
     Host syncs: a training step copies its per-sample losses, loss and the skip decision to the host
     once (`_to_host`), after the last backward; nothing is read back per micro batch. `host_syncs`
-    counts those copies (tools/bench_train.py reports it per step).
+    counts those copies (tools/benchmarks/bench_train.py reports it per step).
     """
 
     rank: int = 0

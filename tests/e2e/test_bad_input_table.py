@@ -1,0 +1,456 @@
+"""Bad inputs from outside, one table row each: (name, make the input, expected exit, first stderr line).
+
+A row's `make(ctx)` builds the bad input under ctx.tmp and returns the `attent-scale` arguments. Rows run
+in this process through `cli.main` (fast: no interpreter start), or as a subprocess with `proc=True` (runs
+that train). The check: exit code, `first` (a regex, re.match) against the first line of stderr (or, with
+`noisy=True`, the first `attent-scale: error:` line, for runs whose warnings come first), no traceback,
+and the optional `after(ctx)` (e.g. nothing left behind). A new case is one `Case(...)` line.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from attent_scale import cli
+
+REPO = Path(__file__).resolve().parents[2]
+ERR = E = r"attent-scale: error: "  # E: short, for the table rows
+
+
+@dataclass
+class Ctx:
+    """What a row's builder gets: a fresh directory, the session's tiny shards, pytest's monkeypatch."""
+
+    tmp: Path
+    tiny_shards: Path
+    monkeypatch: pytest.MonkeyPatch
+
+    def shards(self, edit: Callable[[dict], None] | None = None) -> Path:
+        """A private copy of the tiny shards; `edit(manifest_dict)` changes its manifest.json."""
+        out = self.tmp / "shards"
+        if not out.exists():
+            shutil.copytree(self.tiny_shards, out, ignore=shutil.ignore_patterns(".attent-verified*"))
+        if edit is not None:
+            path = out / "manifest.json"
+            m = json.loads(path.read_text())
+            edit(m)
+            path.write_text(json.dumps(m))
+        return out
+
+    def train(self, shards: Path, *sets: str) -> list[str]:
+        """`train` arguments for a 4-step tiny run on `shards` (no selection, no eval until the end)."""
+        sys.path.insert(0, str(REPO / "tests" / "helpers"))
+        from train_runner import tiny_run_config
+
+        cfg = tiny_run_config(self.tmp / "run", shards, teacher={"mode": "none"},
+                              train={"max_steps": 4}, eval={"every_steps": 0, "max_batches": 1},
+                              checkpoint={"export": True})
+        path = self.tmp / "run.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return ["train", "--config", str(path), *[a for s in sets for a in ("--set", s)]]
+
+    def build(self, *inputs: str, extra: tuple[str, ...] = ()) -> list[str]:
+        return ["shards", "build", *inputs, "-o", str(self.tmp / "out"), "--seq-len", "16",
+                "--vocab-size", "300", "--no-progress", "--workers", "1", *extra]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    make: Callable[[Ctx], list[str]]
+    exit: int
+    first: str
+    proc: bool = False
+    noisy: bool = False
+    after: Callable[[Ctx], None] | None = None
+
+
+# ---- builders of bad inputs ----------------------------------------------------------------------------
+
+GOOD = [json.dumps({"text": f"document {i} says hello world, and more words {i * 7}"}).encode()
+        for i in range(200)]
+
+
+def jsonl(ctx: Ctx, bad: bytes, at: int = 100) -> str:
+    """A JSONL file of 200 good rows with `bad` as line `at + 1` (at 200: a last line without newline)."""
+    rest = b"\n" + b"\n".join(GOOD[at:]) + b"\n" if at < len(GOOD) else b""
+    data = b"\n".join(GOOD[:at]) + b"\n" + bad + rest
+    path = ctx.tmp / "in.jsonl"
+    path.write_bytes(data)
+    return str(path)
+
+
+def bad_tokenizer(ctx: Ctx) -> list[str]:
+    (ctx.tmp / "bad.model").write_bytes(b"not a sentencepiece model")
+    return txt("--tokenizer", "TMP/bad.model")(ctx)
+
+
+def no_tmp_left(ctx: Ctx) -> None:
+    left = [p.name for p in ctx.tmp.iterdir() if ".tmp-" in p.name or p.name == "out"]
+    assert not left, left
+
+
+def disk_full(ctx: Ctx) -> list[str]:
+    """ENOSPC while a shard is written, simulated in-process: the shard file is half written, then the
+    write fails as it does on a full disk."""
+    from attent_scale.data import builder
+
+    def full(task: Any) -> Any:
+        path = Path(task.out) / f"{task.split}-{task.index:06d}.tar"
+        path.write_bytes(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    ctx.monkeypatch.setattr(builder, "_write_shard", full)
+    return txt("--tokenizer", TOK)(ctx)
+
+
+def unreadable_shard(ctx: Ctx) -> list[str]:
+    """`inspect --verify` on a shard this user may not read (root reads everything: patched in-process)."""
+    shards = ctx.shards()
+    target = shards / "train-000001.tar"
+    real_open = open
+
+    def guarded(file: Any, *a: Any, **k: Any) -> Any:
+        if str(file) == str(target):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, *a, **k)
+
+    ctx.monkeypatch.setattr("builtins.open", guarded)
+    return ["shards", "inspect", "--verify", str(shards)]
+
+
+def special_shard(kind: str) -> Callable[[Ctx], Path]:
+    def make(ctx: Ctx) -> Path:
+        shards = ctx.shards()
+        target = shards / "train-000002.tar"
+        target.unlink()
+        if kind == "fifo":
+            os.mkfifo(target)
+        else:
+            target.mkdir()
+        return shards
+    return make
+
+
+def rewrite(name: str, change: Callable[[bytes], bytes]) -> Callable[[Ctx], Path]:
+    def make(ctx: Ctx) -> Path:
+        shards = ctx.shards()
+        path = shards / name
+        path.write_bytes(change(path.read_bytes()))
+        return shards
+    return make
+
+
+def flip_last(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 1])
+
+
+def flip_byte(data: bytes) -> bytes:
+    """Same size, other content: a token inside the first sample."""
+    return data[:600] + bytes([data[600] ^ 1]) + data[601:]
+
+
+def other_build(ctx: Ctx) -> Path:
+    """A train shard copied in from a build with another tokenizer, padded to the manifest's size."""
+    shards = ctx.shards()
+    sys.path.insert(0, str(REPO / "tests" / "helpers"))
+    from conftest import write_text_corpus
+
+    from attent_scale.data.builder import build_shards
+
+    other = ctx.tmp / "other"
+    build_shards([write_text_corpus(ctx.tmp / "c2")], other, seq_len=32, vocab_size=600, val_fraction=0.15,
+                 samples_per_shard=100, progress=False, workers=1)
+    shutil.copyfile(other / "train-000000.tar", shards / "train-000000.tar")
+    size = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["shards"][0]["bytes"]
+    with open(shards / "train-000000.tar", "r+b") as f:
+        f.truncate(size)
+    return shards
+
+
+def last_count_halved(m: dict) -> None:
+    """The last train shard's count halved, and the split's num_samples with it (ids stay dense)."""
+    split = m["splits"]["train"]
+    cut = split["shards"][-1]["count"] // 2
+    split["shards"][-1]["count"] -= cut
+    split["num_samples"] -= cut
+
+
+def inflate(m: dict) -> None:
+    m["splits"]["train"]["num_samples"] += 1000
+
+
+def vocab_100(m: dict) -> None:
+    m["vocab_size"] = 100
+
+
+def no_export(ctx: Ctx) -> None:
+    assert not (ctx.tmp / "run" / "export").exists()
+    assert not (ctx.tmp / "run" / "summary.json").exists()
+
+
+def text_input(ctx: Ctx) -> None:
+    (ctx.tmp / "in.txt").write_text("hello world, a short text document for the tokenizer\n" * 50)
+
+
+def jl(bad: bytes, at: int = 100, *extra: str) -> Callable[[Ctx], list[str]]:
+    """`shards build --text-field text` on a JSONL file with one bad line (see `jsonl`)."""
+    def make(c: Ctx) -> list[str]:
+        tok = [a.replace("TINY", str(c.tiny_shards)) for a in extra]
+        return c.build(jsonl(c, bad, at), extra=("--text-field", "text", *tok))
+    return make
+
+
+def txt(*extra: str) -> Callable[[Ctx], list[str]]:
+    """`shards build` on a small text file; TMP and TINY in `extra` stand for ctx.tmp and the tiny shards."""
+    def make(c: Ctx) -> list[str]:
+        text_input(c)
+        args = [a.replace("TMP", str(c.tmp)).replace("TINY", str(c.tiny_shards)) for a in extra]
+        return c.build(str(c.tmp / "in.txt"), extra=tuple(args))
+    return make
+
+
+def made(name: str, write: Callable[[Path], Any], *extra: str) -> Callable[[Ctx], list[str]]:
+    """`shards build` on the file `write(path)` makes as ctx.tmp/NAME; TMP in `extra` stands for ctx.tmp."""
+    def make(c: Ctx) -> list[str]:
+        write(c.tmp / name)
+        return c.build(str(c.tmp / name), extra=tuple(a.replace("TMP", str(c.tmp)) for a in extra))
+    return make
+
+
+def parquet_body(path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["alpha beta"] * 20}), path)
+
+
+def gzip_cut(path: Path) -> None:
+    import gzip
+
+    data = gzip.compress(b"".join(b'{"text": "row %d of some text"}\n' % i for i in range(2000)))
+    path.write_bytes(data[: len(data) // 2])
+
+
+def inspect(make: Callable[[Ctx], Path], *flags: str) -> Callable[[Ctx], list[str]]:
+    return lambda c: ["shards", "inspect", *flags, str(make(c))]
+
+
+def train(make: Callable[[Ctx], Path] | None, *sets: str) -> Callable[[Ctx], list[str]]:
+    return lambda c: c.train(make(c) if make else c.tiny_shards, *sets)
+
+
+def edited(edit: Callable[[dict], None]) -> Callable[[Ctx], Path]:
+    return lambda c: c.shards(edit)
+
+
+def output_is_a_file(c: Ctx) -> list[str]:
+    (c.tmp / "out").write_text("x")
+    return txt()(c)
+
+
+CUT, TOK = b'{"text": "abc', "TINY/tokenizer.model"
+CORRUPT = r"data\.dir .*: \d+ of \d+ training samples are corrupt .* over data\.max_corrupt_fraction 0\.01"
+
+CASES = [
+    # 13, 22: reader errors while the tokenizer trains keep FILE:LINE
+    Case("jsonl cut last line", jl(CUT, 200), 2, E + r"\S+jsonl:201: invalid JSON \("),
+    Case("jsonl line not an object", jl(b"[1, 2]"), 2, E + r"\S+jsonl:101: not a JSON object \(a list\)"),
+    Case("jsonl later row lacks field", jl(b'{"body": "x"}'), 2, E + r"\S+jsonl:101: no field 'text'"),
+    Case("jsonl not UTF-8", jl(b'{"text": "\xff\xfe"}'), 2, E + r"\S+jsonl:101: not UTF-8 text \(byte \d+\)"),
+    Case("jsonl text not str", jl(b'{"text": 5}'), 2, E + r"\S+jsonl:101: field 'text' is not a string"),
+    Case("jsonl cut last line, --tokenizer", jl(CUT, 200, "--tokenizer", TOK), 2,
+         E + r"\S+jsonl:201: invalid JSON \("),
+    # issue 20.5: the other input formats name FILE:row N / FILE:LINE too; an unknown ending is one line
+    Case("parquet row lacks field", made("p.parquet", parquet_body), 2,
+         E + r"\S+p\.parquet:row 0: no field 'text' \(set --text-field\)"),
+    Case("jsonl.gz truncated", made("t.jsonl.gz", gzip_cut), 2,
+         E + r"\S+t\.jsonl\.gz:\d+: cannot decompress gzip"),
+    Case("unknown input ending", made("data.csv", lambda p: p.write_text("a,b\n")), 2,
+         E + r"\S+data\.csv: unknown input format '\.csv' \(known: "),
+    Case("--val-input is an input", made("in.jsonl", lambda p: p.write_text('{"text": "a"}\n'),
+                                         "--val-input", "TMP/in.jsonl", "--val-fraction", "0"), 2,
+         E + r"\S+in\.jsonl: given both in the inputs and --val-input"),
+    # 24: a bad --tokenizer under the user's name, not the temp copy's
+    Case("bad --tokenizer", bad_tokenizer, 2, E + r"\S*/bad\.model: cannot load sentencepiece model",
+         after=no_tmp_left),
+    Case("--tokenizer a directory", txt("--tokenizer", "TMP"), 2, E + r".*: tokenizer is not a regular file"),
+    Case("input not found", lambda c: c.build("no.txt"), 2, E + r".*no\.txt: input file not found"),
+    Case("output is a file", output_is_a_file, 2, E + r".*out: output exists and is not a directory"),
+    Case("input is a FIFO", lambda c: (os.mkfifo(c.tmp / "f"), c.build(str(c.tmp / "f")))[1], 2,
+         E + r".*f: input is not a regular file or directory"),
+    # 23 (build half): a full disk is one line and leaves no partial temp directory
+    Case("disk full during build", disk_full, 2,
+         E + r".*out: cannot write: No space left on device; nothing written", after=no_tmp_left),
+    # 24: inspect
+    Case("inspect --verify unreadable shard", unreadable_shard, 1,
+         r"BAD train/train-000001\.tar: unreadable \(Permission denied\)"),
+    Case("inspect --verify inflated num_samples", inspect(edited(inflate), "--verify"), 1,
+         r"BAD split 'train' num_samples \d+ != \d+ in its shard list"),
+    Case("inspect inflated num_samples", inspect(edited(inflate)), 2,
+         E + r".*manifest\.json: split 'train' num_samples \d+ != \d+"),
+    Case("inspect FIFO shard", inspect(special_shard("fifo")), 2,
+         E + r".*train-000002\.tar: shard listed in .* is a FIFO, not a regular file"),
+    Case("inspect directory shard", inspect(special_shard("dir")), 2,
+         E + r".*train-000002\.tar: shard listed in .* is a directory, not a regular file"),
+    Case("verify FIFO shard", inspect(special_shard("fifo"), "--verify"), 1,
+         r"BAD train/train-000002\.tar: a FIFO, not a regular file"),
+    Case("manifest field of the wrong type", inspect(edited(lambda m: m["splits"]["train"]["shards"][0]
+                                                        .update(count="abc"))), 2,
+         E + r".*manifest\.json: split 'train' shard 'train-000000\.tar': a field has the wrong type"),
+    Case("manifest splits not a mapping", inspect(edited(lambda m: m.update(splits="x"))), 2,
+         E + r".*manifest\.json: invalid manifest \(AttributeError"),
+    Case("manifest shard name escapes", inspect(edited(lambda m: m["splits"]["train"]["shards"][0]
+                                                   .update(name="../x.tar"))), 2,
+         E + r".*manifest\.json: split 'train' shard name '\.\./x\.tar' is not a file name"),
+    Case("manifest seq_len 0", inspect(edited(lambda m: m.update(seq_len=0))), 2,
+         E + r".*manifest\.json: seq_len 0 / vocab_size \d+: need >= 2 / >= 1"),
+    # 17: train checks what the manifest promises
+    Case("train shard same size other content", train(rewrite("train-000003.tar", flip_byte)), 2,
+         E + r".*train-000003\.tar: sha256 differs from manifest\.json"),
+    Case("train shard from another build", train(other_build), 2,
+         E + r".*train-000000\.tar: sha256 differs from manifest\.json"),
+    Case("train truncated shard", train(rewrite("train-000001.tar", lambda d: d[:5000])), 2,
+         E + r".*train-000001\.tar: 5000 bytes, .*manifest\.json says \d+"),
+    Case("train garbage val shard", train(rewrite("val-000000.tar", lambda d: os.urandom(len(d)))), 2,
+         E + r".*val-000000\.tar: sha256 differs"),
+    Case("train other tokenizer", train(rewrite("tokenizer.model", flip_last)), 2,
+         E + r".*tokenizer\.model: sha256 differs from .*manifest\.json"),
+    Case("train shard count edited", train(edited(last_count_halved)), 2,
+         E + r".*train-\d+\.tar: holds \d+ samples, manifest\.json says \d+"),
+    Case("train split num_samples inflated", train(edited(inflate)), 2,
+         E + r".*manifest\.json: split 'train' num_samples"),
+    Case("train FIFO shard", train(special_shard("fifo")), 2,
+         E + r".*train-000002\.tar: shard listed in .* is a FIFO, not a regular file"),
+    Case("train max_corrupt_fraction out of range", train(None, "data.max_corrupt_fraction=2"), 2,
+         E + r"config key 'data.max_corrupt_fraction': 2(\.0)? must be in \[0, 1\]"),
+    # folded in from test_bad_input.py
+    Case("train model shorter than seq_len", train(None, "model.config.n_positions=16"), 2,
+         E + r"config key 'model.config.n_positions'"),
+    # 16: a run that trains on nothing stops with one line, and never exports
+    Case("train all corrupt", train(edited(vocab_100)), 2, E + CORRUPT, noisy=True, after=no_export),
+    # checkpoint and run-directory faults (more in test_checkpoint_faults.py), metrics config
+    Case("train run_dir is a file", lambda c: ((c.tmp / "afile").write_text("x"),
+                                               c.train(c.tiny_shards, f"run_dir={c.tmp / 'afile'}"))[1], 2,
+         E + r"run_dir \S+/afile: exists and is not a directory"),
+    Case("train metrics.address unresolvable", train(None, "metrics.enabled=true", "metrics.address=x..y"), 2,
+         E + r"config key 'metrics\.address': cannot resolve 'x\.\.y'", noisy=True),
+    Case("train nothing, budget disabled", train(edited(vocab_100), "data.max_corrupt_fraction=1.0"), 2,
+         E + r"data\.dir .*: no sample trained in 4 steps .*nothing exported", noisy=True, after=no_export),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case: Case, tmp_path: Path, tiny_shards: Path, monkeypatch: pytest.MonkeyPatch,
+                   capsys: pytest.CaptureFixture) -> None:
+    ctx = Ctx(tmp_path, tiny_shards, monkeypatch)
+    argv = case.make(ctx)
+    if case.proc:
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+        p = subprocess.run([sys.executable, "-m", "attent_scale", *argv], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=240)
+        code, out, err = p.returncode, p.stdout, p.stderr
+    else:
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            code = cli.main(argv)
+        except SystemExit as exc:  # argparse
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            for sig, handler in handlers.items():  # a trainer in this process sets its own
+                signal.signal(sig, handler)
+        monkeypatch.undo()
+        out, err = capsys.readouterr()
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    if case.first.startswith("BAD"):
+        lines = [line for line in out.splitlines() if line.startswith("BAD")]
+    elif case.noisy:
+        lines = [line for line in lines if line.startswith(ERR)]
+    assert code == case.exit, f"exit {code}, wanted {case.exit}\n{out[-2000:]}\n{err[-3000:]}"
+    assert lines and re.match(case.first, lines[0]), f"{lines[:1]} !~ {case.first!r}\n{err[-3000:]}"
+    if case.noisy:
+        assert len(lines) == 1, lines
+    if case.after is not None:
+        case.after(ctx)
+
+
+# ---- faults that are not one-shot inputs ----------------------------------------------------------------
+
+def test_sigterm_during_build_removes_its_temp_dir(tmp_path: Path) -> None:
+    """21: SIGTERM (as a scheduler sends it) mid-build cleans up like SIGINT: one line, exit 143."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "attent_scale", "shards", "build", "-o", str(out),
+                          "--seq-len", "64", "--vocab-size", "2000", "--max-bytes", "20000000",
+                          "--no-progress", "--workers", "2"],
+                         cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".out.tmp-*")) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(tmp_path.glob(".out.tmp-*")), "the build never made its temp directory"
+        time.sleep(0.5)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 143, err
+    assert err.strip().splitlines()[-1] == f"{ERR}SIGTERM: stopped, nothing written", err
+    assert "Traceback" not in err
+    assert sorted(q.name for q in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_corruption_budget_stops_both_ranks_together(tmp_path: Path, tiny_shards: Path) -> None:
+    """16 on 2 ranks (FSDP, gloo): every sample corrupt; the in-loop check (an all-reduce every
+    stop_check_every steps) stops both ranks at the same step with the one line; nothing exported."""
+    sys.path.insert(0, str(REPO / "tests" / "helpers"))
+    from train_runner import run_train, tiny_run_config
+
+    ctx = Ctx(tmp_path, tiny_shards, pytest.MonkeyPatch())
+    shards = ctx.shards(vocab_100)
+    cfg = tiny_run_config(tmp_path / "run", shards, "fsdp", teacher={"mode": "none"},
+                          train={"max_steps": 8, "stop_check_every": 2},
+                          eval={"every_steps": 0, "max_batches": 1},
+                          checkpoint={"export": True})
+    p = run_train(cfg, nproc=2, timeout=240)
+    errors = [line for line in p.stderr.splitlines() if line.startswith(ERR)]
+    assert p.returncode != 0 and errors, p.stderr[-3000:]
+    assert all(re.match(E + CORRUPT, line) and "at step 2," in line for line in errors), errors
+    # torchrun prints its own ChildFailedError traceback for any failed rank; the ranks print none
+    assert not re.search(r'File ".*attent_scale/', p.stderr), p.stderr[-3000:]
+    # (both ranks decide at the same all-reduce; torchrun may stop the second before it prints)
+    no_export(ctx)
+
+
+def test_damaged_shard_stops_both_ranks_at_start(tmp_path: Path, tiny_shards: Path) -> None:
+    """17 on 2 ranks: the ranks hash disjoint shards; the one that finds the damage names it, the other
+    learns of it in the same all-reduce; both exit 2 before training, none hangs."""
+    sys.path.insert(0, str(REPO / "tests" / "helpers"))
+    from train_runner import run_train, tiny_run_config
+
+    ctx = Ctx(tmp_path, tiny_shards, pytest.MonkeyPatch())
+    shards = rewrite("train-000003.tar", flip_byte)(ctx)
+    cfg = tiny_run_config(tmp_path / "run", shards, "fsdp", teacher={"mode": "none"})
+    p = run_train(cfg, nproc=2, timeout=240)
+    errors = [line for line in p.stderr.splitlines() if line.startswith(ERR)]
+    assert p.returncode != 0 and errors, p.stderr[-3000:]
+    named = E + r".*train-000003\.tar: (sha256 differs|content is not what)"
+    assert all(re.match(named, e) for e in errors), errors
+    assert not re.search(r'File ".*attent_scale/', p.stderr), p.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
