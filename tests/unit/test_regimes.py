@@ -16,7 +16,7 @@ from attent_scale.data.manifest import Manifest
 from attent_scale.data.tokenizer import Tokenizer
 
 _spec = importlib.util.spec_from_file_location(
-    "regimes", Path(__file__).resolve().parents[1] / "tools" / "ablations" / "regimes.py")
+    "regimes", Path(__file__).resolve().parents[2] / "tools" / "ablations" / "regimes.py")
 regimes = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(regimes)
 
