@@ -445,6 +445,27 @@ def export_state_dict(
     return written
 
 
+def save_data_tokenizer(export_dir: str | Path, tokenizer_dir: Path | None) -> bool:
+    """A model built from model.config has no tokenizer of its own: save the shards' Hugging Face tokenizer
+    (their manifest's tokenizer directory) beside each exported model directory, so `AutoTokenizer` loads
+    the export. True when saved; a SentencePiece model (no HF form) or a pretrained export is left as is."""
+    out = Path(export_dir)
+    info_path = out / "export.json"
+    if tokenizer_dir is None or not info_path.is_file():
+        return False
+    info = json.loads(info_path.read_text())
+    if not str(info.get("tokenizer", "")).startswith("none: the model was built from model.config"):
+        return False
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    for name in info.get("dirs", []):
+        tokenizer.save_pretrained(str(out / name))
+    info["tokenizer"] = f"saved: the shards' tokenizer ({tokenizer_dir})"
+    info_path.write_text(json.dumps(info) + "\n")
+    return True
+
+
 def load_adapter(base: nn.Module, adapter_dir: str | Path) -> nn.Module:
     """Attach exported LoRA adapters (safetensors) to a base model."""
     from peft import PeftModel

@@ -691,6 +691,10 @@ class Trainer:
             self.save(None)
         if self.cfg.checkpoint.export:
             self.engine.export(self.run_dir / "export")  # collective: sharded engines gather the weights
+            if self.is_main and self.manifest.tokenizer_kind != "sentencepiece":
+                from attent_scale.models import save_data_tokenizer
+
+                save_data_tokenizer(self.run_dir / "export", self.manifest.tokenizer_dir)
         tot = self.totals()
         summary = _summary(self.cfg, tot, self.progress.corrupt_ids, self.group, self.world)
         if self.is_main:

@@ -135,6 +135,26 @@ def test_vocab_larger_than_the_model_is_a_one_line_error_at_train_start(
     assert "256" in lines[-1] and str(m.vocab_size) in lines[-1] and "vocab_size" in lines[-1], lines[-1]
 
 
+def test_export_of_a_model_from_config_carries_the_shards_hf_tokenizer(
+        hf_built: tuple[Path, Manifest], tmp_path: Path) -> None:
+    """A model built from model.config on HF-tokenizer shards exports with that tokenizer beside it."""
+    from transformers import AutoTokenizer
+
+    tok, m = hf_built
+    cfg = tiny_run_config(tmp_path / "run", m.dir)
+    cfg["model"]["config"] = dict(TINY_MODEL, vocab_size=m.vocab_size, n_positions=16)
+    cfg["train"]["max_steps"] = 2
+    cfg["checkpoint"]["export"] = True
+    proc = run_train(cfg, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    export = tmp_path / "run" / "export"
+    info = json.loads((export / "export.json").read_text())
+    assert info["tokenizer"].startswith("saved: the shards' tokenizer"), info
+    loaded = AutoTokenizer.from_pretrained(str(export / info["dirs"][0]))
+    source = AutoTokenizer.from_pretrained(str(tok))
+    assert loaded(TEXTS[3])["input_ids"] == source(TEXTS[3])["input_ids"]
+
+
 # ---------------------------------------------------------------------------------------- SFT
 
 WORDS = ["alpha", "beta", "gamma", "zeta", "delta", "epsilon", "eta", "theta", "iota", "kappa"]
