@@ -10,16 +10,17 @@ TRAIN = ("-m", "attent_scale", "train")  # the trainer's CLI: what most launches
 
 
 def command(target: Sequence[str] = TRAIN, nproc: int = 1, *, launcher: str | Sequence[str] | None = None,
-            rendezvous: Sequence[str] = ("--standalone",)) -> list[str]:
+            rendezvous: Sequence[str] = ("--standalone",), torchrun: bool = False) -> list[str]:
     """argv that runs ``target`` (``-m module args...`` or ``script.py args...``).
 
     ``launcher`` (a string is split like a shell would) is put before ``target`` as given, e.g.
     ``"torchrun --nproc-per-node 2"``; otherwise ``nproc`` 1 is this interpreter and more is
-    ``python -m torch.distributed.run`` with ``rendezvous`` (one host, a free port) and ``nproc`` ranks.
+    ``python -m torch.distributed.run`` with ``rendezvous`` (one host, a free port) and ``nproc`` ranks;
+    ``torchrun`` launches one rank through torchrun too (its environment, its signal forwarding).
     """
     if launcher:
         prefix = shlex.split(launcher) if isinstance(launcher, str) else list(launcher)
-    elif nproc <= 1:
+    elif nproc <= 1 and not torchrun:
         prefix = [sys.executable]
     else:
         prefix = [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc-per-node={nproc}"]

@@ -33,7 +33,7 @@ def _run(tmp: Path, name: str, nproc: int, **spec: Any) -> Path:
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = launcher.command((str(WORKER), str(spec_path)), nproc,
-                           rendezvous=(f"--master_port={random.randint(20000, 60000)}",))
+                           rendezvous=(f"--master_port={random.randint(20000, 60000)}",), torchrun=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out

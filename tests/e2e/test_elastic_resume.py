@@ -31,7 +31,7 @@ def _run(cfg: dict, nproc: int, ids_dir: Path, env: dict[str, str] | None = None
     cfg_path = run_dir.parent / f"{run_dir.name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     trainer = Path(__file__).parents[1].joinpath("helpers", "ids_trainer.py")
-    cmd = [*launcher.command((str(trainer), "train"), nproc), "--config", str(cfg_path)]
+    cmd = [*launcher.command((str(trainer), "train"), nproc, torchrun=True), "--config", str(cfg_path)]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                 "ATTENT_IDS_DIR": str(ids_dir), **(env or {})}

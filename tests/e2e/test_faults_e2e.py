@@ -50,7 +50,7 @@ def _launch(cfg: dict, nproc: int, env: dict[str, str], module: str = "attent_sc
     cfg_path.write_text(yaml.safe_dump(cfg))
     script = Path(__file__).parents[1].joinpath("helpers", module)  # a trainer script beside this file
     target = ["-m", module] if module == "attent_scale" else [str(script)]
-    cmd = [*launcher.command((*target, "train"), nproc), "--config", str(cfg_path)]
+    cmd = [*launcher.command((*target, "train"), nproc, torchrun=True), "--config", str(cfg_path)]
     log = (run_dir.parent / f"{run_dir.name}.log").open("w")
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **env}
     return subprocess.Popen(

@@ -19,3 +19,8 @@ def test_a_given_launcher_is_split_like_a_shell_and_wins_over_nproc() -> None:
     assert launcher.command(nproc=4, launcher="torchrun --nproc-per-node 2") == [
         "torchrun", "--nproc-per-node", "2", "-m", "attent_scale", "train"]
     assert launcher.command(("s.py",), launcher=["deepspeed"]) == ["deepspeed", "s.py"]
+
+
+def test_one_rank_through_torchrun_on_request() -> None:
+    assert launcher.command(("x.py",), 1, torchrun=True) == [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "x.py"]
