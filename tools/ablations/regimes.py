@@ -105,6 +105,17 @@ def _join(rec: dict[str, str]) -> str:
     return f"{rec['prompt']}\n{rec['response']}"
 
 
+def _jsonl(path: Path) -> Iterable[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a JSON-lines file; RegimeError on bad JSON."""
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RegimeError(f"{path}:{n}: not JSON ({exc.msg})") from None
+
+
 def _records(corpus: str, doc_chars: int) -> Iterable[dict[str, str]]:
     if corpus == "stdlib-qa":
         recs = _qa_records()
@@ -118,13 +129,7 @@ def _records(corpus: str, doc_chars: int) -> Iterable[dict[str, str]]:
                     if (t := _read(f)) for c in _chunks(t, doc_chars))
         elif path.is_file():
             recs = []
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise RegimeError(f"{path}:{n}: not JSON ({exc.msg})") from None
+            for n, rec in _jsonl(path):
                 if isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and \
                         isinstance(rec.get("response"), str):
                     recs.append({"prompt": rec["prompt"], "response": rec["response"]})
@@ -417,13 +422,7 @@ def dropped_ids(selection: Any, num_samples: int) -> list[tuple[str, np.ndarray]
     if path.suffix == ".txt":
         return [(path.name, np.loadtxt(path, dtype=np.int64, ndmin=1))]
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise RegimeError(f"{path}:{n}: not JSON ({exc.msg})") from None
+    for _, rec in _jsonl(path):
         label = f"epoch {rec.get('epoch')} step {rec.get('step')}"
         if rec.get("dropped_ids") is not None:
             out.append((label, np.asarray(rec["dropped_ids"], np.int64)))
