@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.api import CheckpointException
 
 from attent_scale.dist import all_gather_objects, initialized
 from attent_scale.errors import UserError
@@ -213,6 +212,9 @@ def save_checkpoint(run_dir: str | Path, step: int, engine: Any, rank_state: dic
     root = checkpoint_root(run_dir)
     final = root / f"step-{step:08d}"
     tmp = root / f"step-{step:08d}.tmp"
+
+    # imported here: torch.distributed.checkpoint pulls in DTensor and sympy, ~1 CPU-s of every start-up
+    from torch.distributed.checkpoint.api import CheckpointException
 
     def phase(fn: Any) -> None:
         error = None
