@@ -93,25 +93,107 @@ def write_samples(f: BinaryIO, samples: Iterable[tuple[int, np.ndarray, np.ndarr
     return n
 
 
+_BLOCK = 512
+_REGULAR = (b"0", b"\0", b"7")  # regular file types (7: contiguous file, read as regular)
+_SKIPPED = (b"1", b"2", b"3", b"4", b"5", b"6", b"g")  # links, devices, dirs, fifos, global pax headers
+
+
+def _octal(field: bytes) -> int:
+    """A tar header number: NUL/space-terminated octal, or GNU base-256 (high bit set)."""
+    if field[:1] and field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise tarfile.ReadError("invalid header") from None
+
+
+def _signed_checksum(header: bytes) -> int:
+    """The header checksum as some old tar writers computed it: bytes as signed chars."""
+    signed = memoryview(header).cast("b")
+    return sum(signed) - sum(signed[148:156]) + 256
+
+
+def _read_exact(f: BinaryIO, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise tarfile.ReadError("unexpected end of data")
+    return data
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    """The records of a pax extended header: b"<len> <key>=<value>\\n" each."""
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        sp = data.index(b" ", pos)
+        end = pos + int(data[pos:sp])
+        key, _, value = data[sp + 1:end - 1].partition(b"=")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        pos = end
+    return out
+
+
+def _tar_files(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular member of the tar stream `f`, front to back, never seeked.
+
+    The shards' hot path: tarfile's stream reader builds a TarInfo per member and costs ~80 us a
+    sample, about 2% of a small model's step; this reads the 512-byte headers directly (ustar, with
+    pax and GNU long-name headers) and raises tarfile.ReadError for what tarfile would refuse."""
+    first, long_name, pax = True, None, {}
+    while True:
+        header = f.read(_BLOCK)
+        if not header:
+            if first:
+                raise tarfile.ReadError("empty file")
+            return  # tarfile accepts a stream that stops after a whole member
+        if len(header) != _BLOCK:
+            raise tarfile.ReadError("truncated header")
+        first = False
+        if header == bytes(_BLOCK):
+            return  # end-of-archive marker
+        stored = _octal(header[148:156])
+        if stored != sum(header) - sum(header[148:156]) + 256 and stored != _signed_checksum(header):
+            raise tarfile.ReadError("invalid header")
+        kind = header[156:157]
+        size = int(pax["size"]) if "size" in pax else _octal(header[124:136])
+        data = _read_exact(f, size)
+        if size % _BLOCK:
+            _read_exact(f, _BLOCK - size % _BLOCK)
+        if kind == b"x":
+            pax = _pax(data)
+            continue
+        if kind in (b"L",):
+            long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            continue
+        if kind in _REGULAR:
+            name = pax.get("path") or long_name
+            if name is None:
+                name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                if header[257:263] in (b"ustar\0", b"ustar "):
+                    prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                    if prefix:
+                        name = f"{prefix}/{name}"
+            yield name, data
+        elif kind not in _SKIPPED:
+            raise tarfile.ReadError(f"unsupported member type {kind!r}")
+        long_name, pax = None, {}
+
+
 def read_samples(f: BinaryIO) -> Iterator[RawSample]:
     """The samples of the open tar stream `f` (read front to back, never seeked: an object-store stream
     will do), in stored order: consecutive members with one key form a sample. Raises what the tar
-    reader raises (OSError, tarfile.TarError, EOFError, ValueError). No webdataset import: it imports
-    torch, seconds in every builder worker."""
+    reader raises (OSError, tarfile.TarError, EOFError, ValueError)."""
     current: RawSample | None = None
-    with tarfile.open(fileobj=f, mode="r|") as tf:
-        for info in tf:
-            if not info.isfile():
-                continue
-            fh = tf.extractfile(info)
-            data = fh.read() if fh is not None else b""
-            key, _, field = info.name.split("/")[-1].partition(".")
-            if current is not None and key != current.key:
-                yield current
-                current = None
-            if current is None:
-                current = RawSample(key, {})
-            current.fields[field] = data
+    for name, data in _tar_files(f):
+        key, _, field = name.rsplit("/", 1)[-1].partition(".")
+        if current is not None and key != current.key:
+            yield current
+            current = None
+        if current is None:
+            current = RawSample(key, {})
+        current.fields[field] = data
     if current is not None:
         yield current
 
