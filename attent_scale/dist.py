@@ -34,6 +34,22 @@ def ensure_accelerator_env() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def init_deepspeed_comm(verbose: bool = True) -> None:
+    """deepspeed.comm over the torch process group already joined, without DeepSpeed's CPU shared-memory
+    all-reduce op.
+
+    On the CPU accelerator DeepSpeed JIT-builds that op (deepspeed_shm_comm) in every process at init,
+    under torch's lock file in ~/.cache/torch_extensions; a process killed while it holds the lock (a
+    preempted or cancelled job, a timed-out rank) leaves the file behind, and every later DeepSpeed start
+    on the machine waits on it forever. Only `inference_all_reduce` uses the op, never training, so the
+    op is marked incompatible (the dict DeepSpeed consults and keeps per process) before init."""
+    import deepspeed
+
+    if deepspeed.accelerator.get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=verbose)
+
+
 def _ipv4_ifaces() -> dict[str, str]:
     """{interface: IPv4 address} of this host's interfaces that have one (SIOCGIFADDR)."""
     import fcntl

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from attent_scale.config import RunConfig
-from attent_scale.dist import DistInfo, ensure_accelerator_env, init_one_rank_group
+from attent_scale.dist import DistInfo, ensure_accelerator_env, init_deepspeed_comm, init_one_rank_group
 from attent_scale.engines.base import (
     BaseEngine,
     StepOutcome,
@@ -75,7 +75,7 @@ class DeepSpeedEngine(BaseEngine):
         from transformers.integrations import HfDeepSpeedConfig
 
         init_one_rank_group(info.device)  # a single process still needs a (one-rank) group
-        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        init_deepspeed_comm()
         self.rank, self.world_size, self.local_rank = dist.get_rank(), dist.get_world_size(), info.local_rank
         self.device = info.device
         self.vocab_size = vocab_size

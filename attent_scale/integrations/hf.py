@@ -24,6 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
 from attent_scale.checkpoint import load_state, save_state
 from attent_scale.config import MetricsConfig, TeacherConfig, validate_teacher
 from attent_scale.dist import group_size, initialized, side_group
+from attent_scale.dist import init_deepspeed_comm as dist_init_deepspeed_comm
 from attent_scale.engines.base import IGNORE_INDEX, per_sample_loss, token_ce_sums, token_counts
 from attent_scale.errors import UserError
 from attent_scale.integrations.sampler import ID_KEY, AttentBatchSampler, IdCollator, IndexedDataset
@@ -88,10 +89,8 @@ class _FlushEachStep(TrainerCallback):
 def init_deepspeed_comm() -> None:
     """Point deepspeed.comm at the torch process group already joined (accelerate does not on CPU runs),
     so that `zero.Init` in `from_config` sees the real world size. Call after `training_args.device`."""
-    import deepspeed
-
     if initialized():
-        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
+        dist_init_deepspeed_comm(verbose=False)
 
 
 @dataclass
