@@ -376,6 +376,7 @@ class Trainer:
                     self.evaluate()
                 poll = self.stopper.poll(progress.step, self.clock.train_seconds, self.checkpointer.late())
                 if self.checkpoint_due(poll):
+                    self.check_corrupt_budget(now=True)  # no checkpoint holds a shard nobody could read
                     # an anneal cut saves as the end of this epoch: a resume starts the anneal like we do
                     self.save(stream, epoch_done=cut)
                 decision = decide(poll, step=progress.step, last_step=self.total_steps, cut=cut)
@@ -641,6 +642,8 @@ class Trainer:
         progress, clock = self.progress, self.clock
         t0 = time.perf_counter()
         loss = self.engine.evaluate(self.validator.batches(self.manifest.dir))
+        if self.validator.stream is not None:  # val shards given up on stop the run like train shards
+            self.unreachable += self.validator.stream.take_unreachable()
         clock.eval_seconds += time.perf_counter() - t0
         self.validator.last_loss = loss
         self.logs.eval.write(

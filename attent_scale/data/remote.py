@@ -62,6 +62,9 @@ class Options:
     backoff: float = 1.0  # seconds before the first retry; doubled each retry
     backoff_max: float = 30.0
     timeout: float = 60.0  # connect / read timeout of one request, seconds
+    # once a URL was given up on, later reads in this process try once: the job is stopping anyway
+    # (data.skip_unreachable false), so the reads still due until the ranks agree cost no backoff
+    fail_fast: bool = True
 
     @property
     def cache_root(self) -> Path:
@@ -75,6 +78,7 @@ _options = Options()
 _stats: dict[str, int] = {}
 _lock = threading.Lock()
 _filesystems: dict[tuple[int, str], Any] = {}
+_gave_up = False  # some URL was given up on in this process (Options.fail_fast)
 STAT_KEYS = ("retries", "unreachable", "downloaded_bytes", "cache_hits", "cache_misses", "evicted_bytes")
 
 
@@ -92,7 +96,8 @@ def from_config(data: Any) -> Options:
     """Options from a DataConfig (its cache_dir, cache_max_bytes, retries, backoff, backoff_max, timeout)."""
     return replace(Options(), cache_dir=data.cache_dir, cache_max_bytes=int(data.cache_max_bytes),
                    retries=int(data.retries), backoff=float(data.backoff),
-                   backoff_max=float(data.backoff_max), timeout=float(data.timeout))
+                   backoff_max=float(data.backoff_max), timeout=float(data.timeout),
+                   fail_fast=not data.skip_unreachable)
 
 
 # ---- counting -------------------------------------------------------------------------------------
@@ -201,15 +206,23 @@ def filesystem(url: str) -> Any:
 
 
 def _permanent(exc: BaseException) -> bool:
-    return isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-                            Corrupt, UserError))
+    """A missing or forbidden object (not worth a retry); fsspec's HTTP info() says FileNotFoundError for
+    any failure, so its cause decides there: a 5xx / 429 answer or a connection error is transient."""
+    if isinstance(exc, FileNotFoundError) and exc.__cause__ is not None:
+        cause = exc.__cause__
+        status = getattr(cause, "status", None)
+        if isinstance(status, int):
+            return status < 500 and status != 429
+        return not (isinstance(cause, OSError | TimeoutError) or type(cause).__module__.startswith("aiohttp"))
+    return isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError)
 
 
 def retrying(url: str, what: str, fn: Callable[[], T]) -> T:
     """fn() retried on transient errors with exponential backoff; Unreachable once the retries are spent
     (or at once for a missing / forbidden object). Each retry is counted and printed, URL redacted."""
+    global _gave_up
     o = _options
-    attempts = o.retries + 1
+    attempts = 1 if o.fail_fast and _gave_up else o.retries + 1
     for i in range(attempts):
         try:
             return fn()
@@ -218,8 +231,9 @@ def retrying(url: str, what: str, fn: Callable[[], T]) -> T:
                 raise
             if _permanent(exc) or i == attempts - 1:
                 count("unreachable")
+                _gave_up = True
                 err = Unreachable(url, i + 1, exc)
-                print(f"attent-scale: error: {err}", file=sys.stderr, flush=True)
+                print(f"attent-scale: warning: giving up: {err}", file=sys.stderr, flush=True)
                 raise err from None
             delay = min(o.backoff * 2 ** i, o.backoff_max)
             count("retries")
@@ -276,7 +290,8 @@ def cache_path(url: str) -> Path:
     """Where `url` is cached: CACHE/shards/<hash of the URL without credentials>-<file name>."""
     clean = redact(url)  # the cache key never holds a secret, and equal objects share a file
     digest = hashlib.sha256(clean.encode()).hexdigest()[:20]
-    return _options.cache_root / "shards" / f"{digest}-{clean.rsplit('/', 1)[-1]}"
+    name = clean.split("?", 1)[0].rsplit("/", 1)[-1]
+    return _options.cache_root / "shards" / f"{digest}-{name}"
 
 
 @contextlib.contextmanager
