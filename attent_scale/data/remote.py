@@ -79,6 +79,7 @@ _stats: dict[str, int] = {}
 _lock = threading.Lock()
 _filesystems: dict[tuple[int, str], Any] = {}
 _gave_up = False  # some URL was given up on in this process (Options.fail_fast)
+_pid = os.getpid()  # whose counts _stats holds: a forked DataLoader worker starts from zero
 STAT_KEYS = ("retries", "unreachable", "downloaded_bytes", "cache_hits", "cache_misses", "evicted_bytes")
 
 
@@ -101,20 +102,31 @@ def from_config(data: Any) -> Options:
 
 
 # ---- counting -------------------------------------------------------------------------------------
+def _own() -> None:
+    """Forget counts inherited through fork (the parent ships its own); call with _lock held."""
+    global _pid, _gave_up
+    if os.getpid() != _pid:
+        _pid, _gave_up = os.getpid(), False
+        _stats.clear()
+
+
 def count(key: str, n: int = 1) -> None:
     with _lock:
+        _own()
         _stats[key] = _stats.get(key, 0) + n
 
 
 def stats() -> dict[str, int]:
     """This process's cumulative counts (retries, unreachable, downloaded_bytes, cache_hits, ...)."""
     with _lock:
+        _own()
         return {k: _stats.get(k, 0) for k in STAT_KEYS}
 
 
 def take_stats() -> dict[str, int]:
     """The counts since the last call, reset (a worker ships them to its rank with each batch)."""
     with _lock:
+        _own()
         out = {k: v for k, v in _stats.items() if v}
         _stats.clear()
     return out
@@ -221,6 +233,8 @@ def retrying(url: str, what: str, fn: Callable[[], T]) -> T:
     """fn() retried on transient errors with exponential backoff; Unreachable once the retries are spent
     (or at once for a missing / forbidden object). Each retry is counted and printed, URL redacted."""
     global _gave_up
+    with _lock:
+        _own()
     o = _options
     attempts = 1 if o.fail_fast and _gave_up else o.retries + 1
     for i in range(attempts):
@@ -305,6 +319,13 @@ def _cache_lock(root: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _touch(path: Path) -> None:
+    """Mark `path` most recently used: an explicit nanosecond mtime (the kernel's own clock for file
+    times ticks in milliseconds, too coarse to order shards opened in a row)."""
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
+
+
 def _evict(root: Path, need: int, keep: Path) -> None:
     """Delete least recently used cached shards until `need` more bytes fit under cache_max_bytes."""
     entries = []
@@ -343,6 +364,7 @@ def _download(url: str, dest: Path, expect_size: int | None, expect_sha: str) ->
         with _cache_lock(root):
             _evict(root, n, dest)
             os.replace(tmp, dest)
+            _touch(dest)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -355,7 +377,7 @@ def fetch(url: str, expect_size: int | None = None, expect_sha: str = "") -> Pat
     try:
         st = dest.stat()
         if expect_size is None or st.st_size == expect_size:
-            os.utime(dest)  # most recently used
+            _touch(dest)
             count("cache_hits")
             return dest
     except FileNotFoundError:

@@ -152,3 +152,30 @@ def test_after_one_url_is_given_up_on_later_reads_try_once(server: str, cache: P
     remote.configure(remote.Options(cache_dir=str(cache), retries=3, backoff=0.01, fail_fast=False))
     with pytest.raises(remote.Unreachable, match="after 4 attempt"):  # data.skip_unreachable: retry each
         remote.fetch(f"{server}/set/b.tar", 1)
+
+
+def test_a_stream_counts_each_download_once_also_through_a_worker(server: str, cache: Path,
+                                                                  tiny_shards: Path) -> None:
+    """A shard set at an http URL: the train split read in this process, then val in a DataLoader
+    worker (forked after this process had counted its own downloads): every shard downloaded once,
+    the bytes counted once; a second epoch reads from the cache."""
+    from attent_scale.data import Manifest, ShardStream
+
+    remote.configure(remote.Options(cache_dir=str(cache), retries=1, backoff=0.01))
+    for p in tiny_shards.iterdir():
+        if p.is_file():
+            _Files.files[f"/tiny/{p.name}"] = p.read_bytes()
+    local = Manifest.load(tiny_shards)
+    url = f"{server}/tiny"
+    train = ShardStream(url, "train", batch_size=64)
+    ids = sorted(i for b in train for i in b["ids"].tolist())
+    assert ids == list(range(local.num_samples("train")))
+    val = ShardStream(url, "val", batch_size=64, num_workers=1)
+    assert sum(len(b["ids"]) for b in val) == local.num_samples("val")
+    shard_bytes = sum(s.bytes for split in local.splits.values() for s in split)
+    assert remote.stats()["downloaded_bytes"] == shard_bytes
+    before = remote.stats()["cache_hits"]
+    train.set_epoch(1)
+    assert sum(len(b["ids"]) for b in train) == len(ids)
+    assert remote.stats()["cache_hits"] - before == len(local.shards("train"))
+    assert remote.stats()["downloaded_bytes"] == shard_bytes
