@@ -6,8 +6,9 @@ Builds the embedded stdlib corpus (capped; or takes --data, a built shard direct
 `moto_server` on a free loopback port (a subprocess: the reader does not share its interpreter), uploads
 the set to s3://bench/set, then per repeat streams one epoch of the train split (world size 1, in process)
 from disk, from s3 with an empty cache (cold: every shard downloaded and verified) and from s3 again
-(warm: every shard from the cache). Prints MB/s (shard bytes over wall seconds) and samples/s per source,
-as the mean and the min-max spread over the repeats, and the load average (the machine may be shared).
+(warm: every shard from the cache), and before that the shard bytes alone (no decoding). Prints MB/s
+(shard bytes over wall seconds) and samples/s per source, as the mean and the min-max spread over the
+repeats, and the load average (the machine may be shared).
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ def epoch(data: str, batch_size: int) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
+def raw(locs: list[str], m: Manifest) -> float:
+    """Seconds to read every train shard's bytes (through the cache for a URL), no decoding."""
+    t0 = time.perf_counter()
+    for loc, s in zip(locs, m.shards("train"), strict=True):
+        with remote.open_shard(loc, s.bytes, s.sha256) as f:
+            while f.read(4 << 20):
+                pass
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None, help="a built shard directory (default: the embedded corpus)")
@@ -86,18 +97,31 @@ def main() -> None:
         fs.put(str(local) + "/", "bench/set/", recursive=True)
         url = "s3://bench/set"
         results: dict[str, list[tuple[float, int]]] = {"disk": [], "s3 cold": [], "s3 warm": []}
+        bytes_only: dict[str, list[float]] = {"disk": [], "s3 cold": [], "s3 warm": []}
+        disk_locs = [str(local / s.name) for s in m.shards("train")]
+        url_locs = [f"{url}/{s.name}" for s in m.shards("train")]
         for r in range(args.repeats):
             cache = tmp / f"cache{r}"
+            remote.configure(remote.Options(cache_dir=str(cache), retries=2, backoff=0.5))
+            bytes_only["disk"].append(raw(disk_locs, m))
+            bytes_only["s3 cold"].append(raw(url_locs, m))  # download + sha256 into the cache
+            bytes_only["s3 warm"].append(raw(url_locs, m))
+            shutil.rmtree(cache, ignore_errors=True)
             remote.configure(remote.Options(cache_dir=str(cache), retries=2, backoff=0.5))
             results["disk"].append(epoch(str(local), args.batch_size))
             results["s3 cold"].append(epoch(url, args.batch_size))  # manifest, tokenizer, every shard
             results["s3 warm"].append(epoch(url, args.batch_size))
             shutil.rmtree(cache, ignore_errors=True)
         load = os.getloadavg()[0]
+        for name, secs in bytes_only.items():
+            mbs = [nbytes / 1e6 / s for s in secs]
+            print(f"bytes {name:8s}: {sum(mbs) / len(mbs):8.1f} MB/s (min {min(mbs):.1f}, max {max(mbs):.1f})"
+                  "  shard bytes only, no decoding")
         for name, runs in results.items():
             mbs = [nbytes / 1e6 / s for s, _ in runs]
             sps = [n / s for s, n in runs]
-            print(f"{name:8s}: {sum(mbs) / len(mbs):8.1f} MB/s (min {min(mbs):.1f}, max {max(mbs):.1f})  "
+            print(f"epoch {name:8s}: {sum(mbs) / len(mbs):8.1f} MB/s (min {min(mbs):.1f}, "
+                  f"max {max(mbs):.1f})  "
                   f"{sum(sps) / len(sps):9.0f} samples/s (min {min(sps):.0f}, max {max(sps):.0f})  "
                   f"over {len(runs)} epochs")
         print(f"load average (1 min) at the end: {load:.1f} on {os.cpu_count()} cores")
