@@ -641,7 +641,10 @@ def _concat(parts: list[_SplitTokens]) -> _SplitTokens:
 def merge_parts(part_dirs: Sequence[str | Path], out_dir: str | Path, *, workers: int | None = None,
                 overwrite: bool = False) -> Manifest:
     """Join the parts 0..N-1 of a `--part` build into one shard set with dense ids (same bytes as a
-    one-process build of the same inputs)."""
+    one-process build of the same inputs). `out_dir` may be a URL: merged locally, then uploaded."""
+    if remote.is_url(out_dir):
+        return _build_to_url(str(out_dir), None, overwrite,
+                             lambda d: merge_parts(part_dirs, d, workers=workers))
     dirs = [Path(p) for p in part_dirs]
     if not dirs:
         raise UserError("shards merge: no part directories given")

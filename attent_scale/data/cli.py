@@ -67,7 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     g = sub.add_parser("merge", help="join the part directories of a `build --part I/N` into one shard set")
     g.add_argument("parts", nargs="+", help="part directories 0..N-1 (any order)")
-    g.add_argument("-o", "--out", required=True, help="output directory")
+    g.add_argument("-o", "--out", required=True, help="output directory, or a URL to upload the set to")
     g.add_argument("--workers", type=int, default=None, help="processes that write shards (default: all)")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     g.set_defaults(func=cmd_merge)
