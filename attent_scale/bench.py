@@ -487,7 +487,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench", help="time-to-quality benchmark: AtteNT arms against uniform and controls"
     )
-    p.add_argument("--data", required=True, help="manifest directory (shards build output)")
+    p.add_argument("--data", required=True, help="manifest directory (shards build output), or its URL")
     p.add_argument("--config", required=True, help="base run config; arms change only teacher keys")
     p.add_argument(
         "--arms",

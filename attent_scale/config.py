@@ -47,13 +47,24 @@ def load_yaml(text: str) -> Any:
 
 @dataclass
 class DataConfig:
-    dir: str = ""  # manifest directory written by `attent-scale shards build`
+    dir: str = ""  # manifest directory written by `attent-scale shards build`: a path, s3://, gs://, http(s)://
     num_workers: int = 0
     shuffle_buffer: int = 1000
     val_max_batches: int = 0  # 0 = the whole val split
     train_split: str = "train"  # the split trained on; "ref" trains a reference model on held-out data
     # the job stops once more than this fraction of the training samples proved corrupt (1.0 disables)
     max_corrupt_fraction: float = 0.01
+    # shards at a URL (data/remote.py): each is downloaded once into cache_dir ("" = ~/.cache/attent-scale)
+    # and kept while the cache stays under cache_max_bytes (least recently used go first)
+    cache_dir: str = ""
+    cache_max_bytes: int = 64 << 30
+    retries: int = 5  # each read of a URL is retried this many times on a transient error,
+    backoff: float = 1.0  # waiting backoff * 2**i seconds (at most backoff_max) before retry i
+    backoff_max: float = 30.0
+    timeout: float = 60.0  # seconds one request may wait for a connection or data
+    # a shard still unreachable after the retries stops the job (one line naming the URL on every rank);
+    # true: its samples are skipped and counted like a corrupt shard's, under max_corrupt_fraction
+    skip_unreachable: bool = False
 
 
 @dataclass
@@ -228,6 +239,11 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("data.num_workers", lambda v: v >= 0, "must be >= 0"),
     ("data.shuffle_buffer", lambda v: v >= 1, "must be >= 1"),
     ("data.max_corrupt_fraction", lambda v: 0 <= v <= 1, "must be in [0, 1] (1.0 disables the budget)"),
+    ("data.cache_max_bytes", lambda v: v >= 0, "must be >= 0"),
+    ("data.retries", lambda v: v >= 0, "must be >= 0"),
+    ("data.backoff", lambda v: v >= 0, "must be >= 0"),
+    ("data.backoff_max", lambda v: v >= 0, "must be >= 0"),
+    ("data.timeout", lambda v: v > 0, "must be > 0"),
     ("checkpoint.every_steps", lambda v: v >= 0, "must be >= 0"),
     ("checkpoint.keep_last", lambda v: v >= 1, "must be >= 1"),
     ("metrics.port", lambda v: 0 <= v <= 65535, "must be a TCP port (0-65535)"),

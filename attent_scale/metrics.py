@@ -23,6 +23,7 @@ methods when ``cfg.enabled`` is false)::
 ``update(totals)`` reads these keys (all optional, missing ones are left alone; unknown keys ignored):
 ``samples_trained``, ``samples_scored``, ``corrupt_samples``, ``corrupt_ids`` (distinct per rank: their
 sum over ranks can exceed summary.json's global distinct count), ``nonfinite_skipped``, ``collective_bytes``,
+``remote_retries``, ``remote_unreachable``, ``remote_downloaded_bytes``, ``remote_cache_hits`` (shard URLs),
 ``tokens_trained`` (this rank's own target tokens)
 (cumulative counts: each counter advances by the delta since the last call, so after a final ``update``
 with the numbers written to summary.json a scrape agrees with summary.json by construction, also after
@@ -180,6 +181,14 @@ class Metrics(NullMetrics):
                                          "Steps or scores skipped because of a non-finite loss")
         self.collective_bytes = counter("attent_collective_sent_bytes",
                                         "Bytes this rank sent in selection collectives")
+        self.remote_retries = counter("attent_remote_read_retries",
+                                      "Reads of a shard URL retried after a transient error")
+        self.remote_unreachable = counter("attent_remote_unreachable",
+                                          "Shard URLs given up on after the retries (or missing)")
+        self.remote_downloaded_bytes = counter("attent_remote_downloaded_bytes",
+                                               "Bytes of shards downloaded into the local cache")
+        self.remote_cache_hits = counter("attent_remote_cache_hits",
+                                         "Shard opens served from the local cache")
         self.step_seconds = Histogram("attent_step_seconds", "Wall seconds per optimizer step", names,
                                       registry=reg, buckets=_STEP_BUCKETS).labels(**lab)
         self.checkpoint_seconds = Histogram("attent_checkpoint_seconds", "Wall seconds per checkpoint save",

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from attent_scale.config import add_override_argument, load_config
+from attent_scale.data import remote
 from attent_scale.errors import UserError
 from attent_scale.teacher.reference import LOSS_KEY, read_metadata, scores_metadata
 
@@ -37,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("score", help="per-sample losses of a model over a split (teacher.reference)")
     p.add_argument("--model", required=True,
                    help="model directory: a run's export/ (or export/model), config.json + safetensors")
-    p.add_argument("--data", required=True, help="manifest directory (shards build output)")
+    p.add_argument("--data", required=True, help="manifest directory (shards build output), or its URL")
     p.add_argument("--split", default="train", help="split to score (the one the learner trains on)")
     p.add_argument("--out", default=None, help="scores file (default: MODEL/scores-SPLIT.safetensors)")
     p.add_argument("--config", default=None, help="run config whose engine.* scores (default: local)")
@@ -136,9 +137,9 @@ def _windows(manifest: Any, split: str, lo: int, hi: int) -> Iterator[tuple[int,
     for s in manifest.shards(split):
         if s.last_id <= lo or s.first_id >= hi:
             continue
-        path = manifest.shard_path(s)
+        path = remote.redact(str(manifest.shard_path(s)))
         try:
-            with open(path, "rb") as f:
+            with manifest.open_shard(s) as f:
                 for raw in read_samples(f):
                     sid = raw.id
                     if sid is None:
@@ -154,10 +155,12 @@ def _windows(manifest: Any, split: str, lo: int, hi: int) -> Iterator[tuple[int,
                     expect += 1
         except UserError:  # a ValueError too: not an unreadable shard
             raise
+        except remote.Unreachable as exc:
+            raise UserError(str(exc)) from None
         except (OSError, ValueError, EOFError) as exc:
             raise UserError(f"{path}: unreadable shard ({type(exc).__name__}: {exc})") from None
     if expect != hi:
-        raise UserError(f"{manifest.dir}: split {split!r} sample {expect} missing "
+        raise UserError(f"{manifest.display_dir}: split {split!r} sample {expect} missing "
                         "(run `shards inspect --verify`)")
 
 
@@ -207,6 +210,8 @@ def score_split(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     mdir = model_dir(args.model)
     check_weights(mdir)
+    cfg = load_config(args.config, args.overrides)
+    remote.configure(remote.from_config(cfg.data))  # data.cache_dir, retries... for a --data URL
     manifest = Manifest.load(args.data)
     n = manifest.num_samples(args.split)
     out = Path(args.out) if args.out else mdir / f"{SCORES_PREFIX}{args.split}.safetensors"
@@ -223,7 +228,6 @@ def score_split(args: argparse.Namespace) -> int:
             print(f"score: {out} is up to date (same manifest, split and model); nothing to do")
         return 0
 
-    cfg = load_config(args.config, args.overrides)
     cfg.model.init_from, cfg.model.pretrained = str(mdir), None
     cfg.model.config = {}
     cfg.model.lora.enabled = False

@@ -39,6 +39,11 @@ class RunTotals:
     corrupt_samples: int = field(default=0, metadata=_counter("corrupt_samples"))
     corrupt_ids: int = field(default=0, metadata=_counter("corrupt_ids"))  # distinct on this rank
     dropped_samples: int = 0
+    # shards read from a URL (data/remote.py): this process's retries, URLs given up on, downloads, hits
+    remote_retries: int = field(default=0, metadata=_counter("remote_retries"))
+    remote_unreachable: int = field(default=0, metadata=_counter("remote_unreachable"))
+    remote_downloaded_bytes: int = field(default=0, metadata=_counter("remote_downloaded_bytes"))
+    remote_cache_hits: int = field(default=0, metadata=_counter("remote_cache_hits"))
     train_seconds: float = 0.0
     train_cpu_seconds: float = 0.0
     eval_seconds: float = 0.0
@@ -111,6 +116,7 @@ class RunTotals:
             "selection_seconds_by_phase": dict(self.selection_seconds_by_phase),
             "selection_fraction": self.selection_fraction,
             "collective_bytes": self.collective_bytes,
+            **{k: int(summed[k]) for k in REMOTE_KEYS if k in summed},
             "last_selected_ratio": self.selected_ratio,
             "per_rank": per_rank,
         }
@@ -126,6 +132,15 @@ class RunTotals:
         n = len(PHASES)
         return {"rank": rank, "selection_seconds_by_phase": dict(zip(PHASES, row[:n], strict=True)),
                 "samples_trained": row[n], "samples_scored": row[n + 1], "selection_seconds": row[n + 2]}
+
+
+REMOTE_KEYS: tuple[str, ...] = ("remote_retries", "remote_unreachable", "remote_downloaded_bytes",
+                                 "remote_cache_hits")
+
+
+def remote_totals(stats: Mapping[str, int]) -> dict[str, int]:
+    """The RunTotals fields of data.remote.stats() (retries, unreachable, downloaded_bytes, cache_hits)."""
+    return {k: int(stats.get(k.removeprefix("remote_"), 0)) for k in REMOTE_KEYS}
 
 
 def prometheus_fields(kind: str) -> dict[str, str]:

@@ -23,7 +23,7 @@ from attent_scale.config import RunConfig, add_override_argument, load_config
 from attent_scale.dist import all_gather_objects, all_reduce_values, initialized, side_group
 from attent_scale.errors import UserError
 from attent_scale.stop import END_EPOCH, PREEMPT, STOP, Poll, StopCheck, StopSignal, decide
-from attent_scale.totals import PHASES, RunTotals, teacher_totals
+from attent_scale.totals import PHASES, REMOTE_KEYS, RunTotals, remote_totals, teacher_totals
 from attent_scale.train_state import Clocks, Progress, SelectionState, now
 
 __all__ = ["END_EPOCH", "PREEMPT", "PHASES", "STOP", "Progress", "StopSignal", "Trainer", "add_parser",
@@ -167,12 +167,17 @@ class Trainer:
             raise UserError(
                 "config key 'data.dir': required (a directory written by `attent-scale shards build`)"
             )
+        from attent_scale.data import remote
+
+        remote.configure(remote.from_config(cfg.data))
+        self.data_dir = remote.redact(cfg.data.dir)  # what messages name: never a URL's credentials
+        self.unreachable: list[str] = []  # shards this rank gave up on after the retries (one line each)
         self.manifest = Manifest.load(cfg.data.dir)
         self.batch_size = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
         self.n_train = self.manifest.num_samples(cfg.data.train_split)
         if self.n_train < self.world * self.batch_size:
             raise UserError(
-                f"data.dir {cfg.data.dir}: {self.n_train} training samples is too few for "
+                f"data.dir {self.data_dir}: {self.n_train} training samples is too few for "
                 f"{self.world} ranks x batch {self.batch_size}"
             )
         if cfg.engine.name == "local" and self.world > 1:
@@ -371,6 +376,7 @@ class Trainer:
                     self.evaluate()
                 poll = self.stopper.poll(progress.step, self.clock.train_seconds, self.checkpointer.late())
                 if self.checkpoint_due(poll):
+                    self.check_corrupt_budget(now=True)  # no checkpoint holds a shard nobody could read
                     # an anneal cut saves as the end of this epoch: a resume starts the anneal like we do
                     self.save(stream, epoch_done=cut)
                 decision = decide(poll, step=progress.step, last_step=self.total_steps, cut=cut)
@@ -534,6 +540,12 @@ class Trainer:
     def note_corrupt(self, stream: Any) -> None:
         """Keep corrupt samples out of every later selection and count the distinct ones."""
         progress = self.progress
+        take = getattr(stream, "take_unreachable", None)
+        gone = take() if take is not None else []
+        self.unreachable += gone
+        for line in gone if self.cfg.data.skip_unreachable else ():
+            print(f"attent-scale: rank {self.rank}: warning: {line}; its samples are skipped as corrupt "
+                  "(data.skip_unreachable)", file=sys.stderr)
         bad = stream.take_bad_ids()
         if not bad:
             return
@@ -552,21 +564,26 @@ class Trainer:
         cfg, progress = self.cfg, self.progress
         if not (now or final) and progress.step % cfg.train.stop_check_every != 0:
             return
-        seen, trained = all_reduce_values([len(progress.corrupt_ids), progress.samples_trained], "sum",
-                                          self.group)
+        seen, trained, gone = all_reduce_values(
+            [len(progress.corrupt_ids), progress.samples_trained, len(self.unreachable)], "sum", self.group)
+        if gone and not cfg.data.skip_unreachable:  # every rank stops here together, naming one URL
+            lines = sorted(set().union(*all_gather_objects(self.unreachable, self.group)))
+            more = f" ({len(lines) - 1} more shard(s) too)" if len(lines) > 1 else ""
+            raise UserError(f"{lines[0]}{more}; data.dir {self.data_dir} (raise data.retries / data.backoff, "
+                            "or data.skip_unreachable: true to skip it like a corrupt shard)")
         budget = cfg.data.max_corrupt_fraction * self.n_train
         corrupt = int(seen)
         if seen > budget and self.world > 1:  # a sum over ranks counts an id two ranks met twice
             corrupt = len(set().union(*all_gather_objects(progress.corrupt_ids, self.group)))
         if corrupt > budget and cfg.data.max_corrupt_fraction < 1.0:
             raise UserError(
-                f"data.dir {cfg.data.dir}: {corrupt} of {self.n_train} training samples are corrupt "
+                f"data.dir {self.data_dir}: {corrupt} of {self.n_train} training samples are corrupt "
                 f"({corrupt / self.n_train:.1%}) at step {progress.step}, over data.max_corrupt_fraction "
                 f"{cfg.data.max_corrupt_fraction} (1.0 disables; the warnings above name the shards)"
             )
         if final and trained == 0:
             raise UserError(
-                f"data.dir {cfg.data.dir}: no sample trained in {progress.step} steps ({corrupt} corrupt "
+                f"data.dir {self.data_dir}: no sample trained in {progress.step} steps ({corrupt} corrupt "
                 f"samples met); nothing exported"
             )
 
@@ -613,7 +630,7 @@ class Trainer:
         self.empty_epochs = 0 if trained else self.empty_epochs + 1
         if self.empty_epochs >= 3:
             raise UserError(
-                f"data.dir {cfg.data.dir}: three epochs in a row yielded no training batch "
+                f"data.dir {self.data_dir}: three epochs in a row yielded no training batch "
                 f"(selection too small for {self.world} ranks x batch {self.batch_size}?)"
             )
         return False
@@ -625,6 +642,8 @@ class Trainer:
         progress, clock = self.progress, self.clock
         t0 = time.perf_counter()
         loss = self.engine.evaluate(self.validator.batches(self.manifest.dir))
+        if self.validator.stream is not None:  # val shards given up on stop the run like train shards
+            self.unreachable += self.validator.stream.take_unreachable()
         clock.eval_seconds += time.perf_counter() - t0
         self.validator.last_loss = loss
         self.logs.eval.write(
@@ -670,6 +689,8 @@ class Trainer:
 
     def totals(self) -> RunTotals:
         """This rank's running totals: what metrics.jsonl, Prometheus and summary.json report."""
+        from attent_scale.data.remote import stats as remote_stats
+
         p, c = self.progress, self.clock
         return RunTotals(**teacher_totals(
             self.teacher.stats, steps=p.step, epoch=p.epoch, samples_trained=p.samples_trained,
@@ -679,7 +700,7 @@ class Trainer:
             train_cpu_seconds=c.train_cpu_seconds, eval_seconds=c.eval_seconds,
             checkpoint_seconds=c.checkpoint_seconds, wall_seconds=c.wall(),
             selected_ratio=self.selection.ratio, train_loss=p.last_train_loss,
-            val_loss=self.validator.last_loss))
+            val_loss=self.validator.last_loss, **remote_totals(remote_stats())))
 
     def finish(self) -> None:
         """The end of a run: final eval (unless this step had one), last checkpoint, export, summary.json."""
@@ -787,7 +808,7 @@ def _summary(cfg: RunConfig, tot: RunTotals, corrupt_ids: list[int], group: Any,
     gathered = all_gather_objects(per_rank, group)  # once, at the end: not a hot path
     distinct = set().union(*all_gather_objects(corrupt_ids, group))
 
-    keys = ("samples_trained", "tokens_trained", "samples_scored", "corrupt_samples")
+    keys = ("samples_trained", "tokens_trained", "samples_scored", "corrupt_samples", *REMOTE_KEYS)
     # `group` is gloo (the default group, or our own on NCCL jobs)
     summed = all_reduce_values([getattr(tot, k) for k in keys], "sum", group)
     job = {"world_size": world, "torch_threads": torch.get_num_threads(), "engine": cfg.engine.name,

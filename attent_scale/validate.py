@@ -16,6 +16,7 @@ class Validator:
         self.every_steps = cfg.eval.every_steps
         self.last_loss = float("nan")
         self._cache: list[Any] = []
+        self.stream: Any = None  # the val ShardStream last built (its unreachable shards, for the trainer)
 
     def should_validate(self, step: int) -> bool:
         """A periodic evaluation after `step` (step 0: the first point of every val-loss curve)?"""
@@ -31,6 +32,7 @@ class Validator:
         cfg = self.cfg
         val = ShardStream(data_dir, "val", rank=self.rank, world_size=self.world, seed=cfg.seed, epoch=0,
                           batch_size=cfg.eval.batch_size, num_workers=1)
+        self.stream = val
         if not cfg.eval.max_batches:
             return val
         self._cache.extend(itertools.islice(val, cfg.eval.max_batches))

@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from attent_scale.data import remote
 from attent_scale.data.corpus import Corpus, Document
 from attent_scale.data.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardInfo
 from attent_scale.data.readers import record_error
@@ -639,7 +641,10 @@ def _concat(parts: list[_SplitTokens]) -> _SplitTokens:
 def merge_parts(part_dirs: Sequence[str | Path], out_dir: str | Path, *, workers: int | None = None,
                 overwrite: bool = False) -> Manifest:
     """Join the parts 0..N-1 of a `--part` build into one shard set with dense ids (same bytes as a
-    one-process build of the same inputs)."""
+    one-process build of the same inputs). `out_dir` may be a URL: merged locally, then uploaded."""
+    if remote.is_url(out_dir):
+        return _build_to_url(str(out_dir), None, overwrite,
+                             lambda d: merge_parts(part_dirs, d, workers=workers))
     dirs = [Path(p) for p in part_dirs]
     if not dirs:
         raise UserError("shards merge: no part directories given")
@@ -759,6 +764,32 @@ class _SftTexts:
             yield Document(doc.name, f"{prompt}\n{response}")
 
 
+def _build_to_url(url: str, part: tuple[int, int] | None, overwrite: bool,
+                  build: Callable[[Path], Any]) -> Manifest:
+    """Build into a local temp directory with `build`, then upload it to `url` (manifest.json last)."""
+    shown = remote.redact(url)
+    if part is not None:
+        raise UserError(f"--out {shown}: --part writes a local part directory; merge, then upload")
+    try:
+        exists = remote.sizes(url, [MANIFEST_NAME])[MANIFEST_NAME] is not None
+    except remote.Unreachable as exc:
+        raise UserError(f"--out {shown}: unreachable ({exc.reason})") from None
+    if exists and not overwrite:
+        raise UserError(f"--out {shown}: already holds a {MANIFEST_NAME} (pass --overwrite to replace it)")
+    with tempfile.TemporaryDirectory(prefix="attent-build-") as tmp:
+        local_out = Path(tmp) / "shards"
+        build(local_out)
+        try:
+            if exists:  # no shard of the old set may stay behind under the new manifest
+                fs = remote.filesystem(url)
+                remote.retrying(url, "remove", lambda: fs.rm(url, recursive=True))
+            remote.upload_tree(local_out, url)
+        except remote.Unreachable as exc:
+            raise UserError(f"--out {shown}: upload failed ({exc}); the set there is incomplete and has "
+                            f"no {MANIFEST_NAME}") from None
+    return Manifest.load(url)
+
+
 def build_shards(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
@@ -794,7 +825,16 @@ def build_shards(
     the tokenizer's template). `val_input` / `ref_input`: the val / ref split is these inputs' documents
     instead of a hash split of `inputs` (which then all go to train). With `part=(I, N)`: tokenize only
     the I-th of N contiguous slices of the input files into a part directory for `merge_parts`, and
-    return its path."""
+    return its path. `out_dir` may be a URL (s3://, gs://, http(s)://): the set is built in a local temp
+    directory, then uploaded, manifest.json last."""
+    if remote.is_url(out_dir):
+        return _build_to_url(str(out_dir), part, overwrite, lambda d: build_shards(
+            inputs, d, seq_len=seq_len, vocab_size=vocab_size, model_type=model_type, tokenizer=tokenizer,
+            val_fraction=val_fraction, ref_fraction=ref_fraction, glob=glob, text_field=text_field,
+            max_bytes=max_bytes, max_docs=max_docs, shard_size_mb=shard_size_mb,
+            samples_per_shard=samples_per_shard, seed=seed, overwrite=False, progress=progress,
+            workers=workers, prompt_field=prompt_field, response_field=response_field,
+            chat_template=chat_template, val_input=val_input, ref_input=ref_input))
     out = Path(out_dir)
     if seq_len < 2:
         raise UserError(f"--seq-len {seq_len}: must be at least 2")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 
+from attent_scale.data import remote
 from attent_scale.data.builder import build_shards, default_workers, merge_parts, parse_part
 from attent_scale.data.manifest import Manifest, ShardInfo, file_problem
 from attent_scale.data.samples import MASK_FIELD, decode, read_samples, sample_key
@@ -22,7 +24,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("inputs", nargs="*",
                    help="files, directories or globs: .jsonl[.gz|.zst], .parquet, .arrow, webdataset .tar, "
                         "save_to_disk directories, plain text (none: embedded stdlib corpus)")
-    b.add_argument("-o", "--out", required=True, help="output directory")
+    b.add_argument("-o", "--out", required=True,
+                   help="output directory, or a URL (s3://, gs://, http(s)://) to upload the built set to")
     b.add_argument("--glob", default="*", help="file pattern inside input directories (recursive)")
     b.add_argument("--text-field", default=None,
                    help="the field holding the text in record inputs (None: 'text'); given, files of "
@@ -64,13 +67,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     g = sub.add_parser("merge", help="join the part directories of a `build --part I/N` into one shard set")
     g.add_argument("parts", nargs="+", help="part directories 0..N-1 (any order)")
-    g.add_argument("-o", "--out", required=True, help="output directory")
+    g.add_argument("-o", "--out", required=True, help="output directory, or a URL to upload the set to")
     g.add_argument("--workers", type=int, default=None, help="processes that write shards (default: all)")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     g.set_defaults(func=cmd_merge)
 
     i = sub.add_parser("inspect", help="summarise a shard directory; --verify re-hashes and decodes all")
-    i.add_argument("dir", help="shard directory (holds manifest.json)")
+    i.add_argument("dir", help="shard directory (holds manifest.json), or its URL")
     i.add_argument("--verify", action="store_true",
                    help="re-hash every shard and decode every sample; exit 1 listing each problem")
     i.set_defaults(func=cmd_inspect)
@@ -84,7 +87,7 @@ def _report(m: Manifest) -> None:
     if sft:
         print(f"instruction examples: {sft['skipped']} skipped (no response token within seq_len + 1), "
               f"{sft['truncated']} truncated to seq_len + 1")
-    print(f"wrote {m.dir}")
+    print(f"wrote {m.display_dir}")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -129,7 +132,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _summary(m: Manifest) -> None:
-    print(f"{m.dir}: seq_len {m.seq_len}, vocab {m.vocab_size}, eos {m.eos_id}, pad {m.pad_id}, "
+    print(f"{m.display_dir}: seq_len {m.seq_len}, vocab {m.vocab_size}, eos {m.eos_id}, pad {m.pad_id}, "
           f"tokens {m.token_dtype}, tokenizer {m.tokenizer_kind} {m.tokenizer_source.name} "
           f"({m.tokenizer_sha256[:12]}){', instruction data' if m.sft else ''}")
     raw = m.raw or {}
@@ -166,7 +169,7 @@ def verify(m: Manifest) -> list[str]:
     why = file_problem(m.tokenizer_path)
     name = m.tokenizer_source.name  # tokenizer.model, or an HF tokenizer's directory
     if why:
-        bad.append(f"{m.tokenizer_path.relative_to(m.dir)}: {why.removeprefix('is ')}")
+        bad.append(f"{m.tokenizer_path.name}: {why.removeprefix('is ')}")
     else:
         try:
             if tree_sha256(m.tokenizer_source) != m.tokenizer_sha256:
@@ -175,20 +178,31 @@ def verify(m: Manifest) -> list[str]:
             bad.append(f"{name}: unreadable ({exc.strerror or exc})")
     for split, shards in m.splits.items():
         for s in shards:
-            why = file_problem(m.shard_path(s))
-            if why:
-                bad.append(f"{split}/{s.name}: {why.removeprefix('is ')}")
-                continue
+            where = m.shard_path(s)
+            if remote.is_url(where):  # a verified copy in the remote cache: size and sha256 checked there
+                try:
+                    path = remote.fetch(str(where), s.bytes, s.sha256)
+                except remote.Corrupt as exc:
+                    bad.append(f"{split}/{s.name}: {str(exc).split(': ', 1)[-1]}")
+                    continue
+                except remote.Unreachable as exc:
+                    bad.append(f"{split}/{s.name}: unreachable ({exc.reason})")
+                    continue
+            else:
+                path = where
+                why = file_problem(path)
+                if why:
+                    bad.append(f"{split}/{s.name}: {why.removeprefix('is ')}")
+                    continue
             try:
-                bad += _verify_shard(m, split, s)
+                bad += _verify_shard(m, split, s, Path(path))
             except OSError as exc:
                 bad.append(f"{split}/{s.name}: unreadable ({exc.strerror or exc})")
     return bad
 
 
-def _verify_shard(m: Manifest, split: str, s: ShardInfo) -> list[str]:
+def _verify_shard(m: Manifest, split: str, s: ShardInfo, path: Path) -> list[str]:
     bad = []
-    path = m.shard_path(s)
     dtype = np.dtype(m.token_dtype)
     if path.stat().st_size != s.bytes:
         bad.append(f"{split}/{s.name}: size {path.stat().st_size} != manifest {s.bytes}")

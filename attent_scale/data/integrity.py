@@ -1,5 +1,7 @@
 """Train-start integrity check: every shard is what manifest.json promises (size always; sha256 and sample
-count once, cached by (path, size, mtime)), and the tokenizer is the one the shards were built with."""
+count once, cached by (path, size, mtime)), and the tokenizer is the one the shards were built with.
+Shards at a URL: sizes from one listing here; their sha256 is checked by the remote cache as each one is
+downloaded (data/remote.py), so nothing is downloaded just to be hashed."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from attent_scale.data import remote
 from attent_scale.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, file_problem
 from attent_scale.data.tokenizer import tree_sha256
 from attent_scale.errors import UserError
@@ -61,16 +64,44 @@ def _cache_path(m: Manifest, fallback_dir: Path) -> Path:
     return m.dir / CACHE_NAME if os.access(m.dir, os.W_OK) else fallback_dir / CACHE_NAME
 
 
+def _check_remote_sizes(m: Manifest, shards: list[ShardInfo], mpath: str, world: int, group: Any) -> None:
+    """Sizes of shards at a URL from one listing; every rank raises the same error (one collective)."""
+    why: str | None = None
+    first_bad = len(shards)
+    try:
+        found = remote.sizes(str(m.dir), [s.name for s in shards])
+    except remote.Unreachable as exc:
+        found, why, first_bad = {}, f"unreachable ({exc.reason})", 0
+    for i, s in enumerate(shards):
+        if why is not None:
+            break
+        have = found.get(s.name)
+        if have is None:
+            why, first_bad = f"shard listed in {mpath} is missing", i
+        elif have != s.bytes:
+            why, first_bad = f"{have} bytes, {mpath} says {s.bytes} (damaged or replaced?)", i
+    from attent_scale.dist import all_reduce_values
+
+    agreed = all_reduce_values([first_bad], "min", group)[0] if world > 1 else first_bad
+    if agreed < len(shards):
+        url = remote.redact(str(m.shard_path(shards[int(agreed)])))
+        other = f"not what {mpath} says (found by another rank)"
+        raise UserError(f"{url}: {why if agreed == first_bad else other}")
+
+
 def check_shards(m: Manifest, fallback_dir: Path, *, rank: int = 0, world: int = 1,
                  group: Any = None) -> None:
     """Raise UserError naming the first shard (or the tokenizer) that is not what manifest.json promises.
     Sizes are checked every time; contents once per (path, size, mtime), hashed by all ranks in turn.
     Every rank raises the same error (one collective); rank 0 writes the cache."""
-    mpath = m.dir / MANIFEST_NAME
+    mpath = remote.redact(str(m.path))
     if m.tokenizer_sha256 and tree_sha256(m.tokenizer_source) != m.tokenizer_sha256:
         raise UserError(f"{m.tokenizer_source}: sha256 differs from {mpath} (not the tokenizer the shards "
                         "were built with)")
     shards = [s for split in m.splits.values() for s in split]
+    if m.is_remote:
+        _check_remote_sizes(m, shards, mpath, world, group)
+        return
     stats = []
     for s in shards:
         path = m.shard_path(s)

@@ -1,7 +1,9 @@
-"""Shard manifest: the on-disk description of a built shard set (manifest.json) and its loader."""
+"""Shard manifest: the description of a built shard set (manifest.json, in a directory or at a URL) and its
+loader."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -9,10 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attent_scale.data import remote
 from attent_scale.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+_REMOTE_LOADED: dict[tuple[str, bool, remote.Options], Manifest] = {}
 
 
 def file_problem(path: Path) -> str | None:
@@ -59,9 +63,10 @@ class ShardInfo:
 
 @dataclass
 class Manifest:
-    """A loaded manifest.json; `splits` maps split name to its ordered shard list."""
+    """A loaded manifest.json; `splits` maps split name to its ordered shard list. `dir` is a Path, or a URL
+    string for a shard set in object storage (its tokenizer is then a local copy in the remote cache)."""
 
-    dir: Path
+    dir: Path | str
     seq_len: int
     vocab_size: int
     eos_id: int
@@ -75,6 +80,21 @@ class Manifest:
     tokenizer_kind: str = "sentencepiece"  # or "hf" / "gguf": a Hugging Face tokenizer saved in tokenizer_dir
     tokenizer_dir: Path | None = None
     sft: bool = False  # instruction data: one example a sample, a loss mask beside its tokens
+    sha256: str = ""  # of manifest.json's bytes
+
+    @property
+    def is_remote(self) -> bool:
+        return isinstance(self.dir, str)
+
+    @property
+    def path(self) -> Path | str:
+        """manifest.json's own location."""
+        return remote.join(self.dir, MANIFEST_NAME)
+
+    @property
+    def display_dir(self) -> str:
+        """`dir` for a message: a URL with its credentials redacted."""
+        return remote.redact(str(self.dir))
 
     @property
     def tokenizer_source(self) -> Path:
@@ -83,15 +103,43 @@ class Manifest:
 
     @classmethod
     def load(cls, dir: str | Path, *, check_files: bool = True) -> Manifest:
-        """Read DIR/manifest.json; raise UserError naming the file when missing, invalid or incomplete."""
-        d = Path(dir)
-        path = d / MANIFEST_NAME
+        """Read DIR/manifest.json (DIR a path or a URL); raise UserError naming the file when missing,
+        invalid or incomplete. A URL's manifest is read once per process (a run's shard set is immutable)."""
+        if remote.is_url(dir):
+            key = (str(dir).rstrip("/"), check_files, remote.options())
+            if key not in _REMOTE_LOADED:
+                _REMOTE_LOADED[key] = cls._load(remote.location(dir), check_files)
+            return _REMOTE_LOADED[key]
+        return cls._load(remote.local(dir), check_files)
+
+    @classmethod
+    def _load(cls, d: Path | str, check_files: bool) -> Manifest:
+        path = remote.join(d, MANIFEST_NAME)
+        shown = remote.redact(str(path))
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            raw_bytes = remote.read_bytes(path)
+            data = json.loads(raw_bytes.decode("utf-8"))
         except FileNotFoundError:
             raise UserError(f"{path}: manifest not found (run `attent-scale shards build`)") from None
+        except remote.Unreachable as exc:
+            missing = "FileNotFoundError" in exc.reason
+            raise UserError(f"{shown}: manifest {'not found' if missing else 'unreachable'} "
+                            f"({exc.reason})") from None
         except (OSError, ValueError) as exc:
             raise UserError(f"{path}: cannot read manifest: {exc}") from None
+        path = shown  # messages below name a URL without its credentials
+        tok_dir: Path | str = d
+        if isinstance(d, str):  # the tokenizer comes to the local cache, named by its sha256
+            try:
+                t = data["tokenizer"]
+                name = t.get("dir") or t["file"]
+                tok_dir = remote.options().cache_root / "tokenizers" / str(t["sha256"])[:32]
+                remote.fetch_tree(str(remote.join(d, name)), tok_dir / name)
+            except remote.Unreachable as exc:
+                raise UserError(f"{exc.url}: tokenizer listed in {path} unreachable ({exc.reason})") from None
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise UserError(f"{path}: invalid manifest ({type(exc).__name__}: {exc})") from None
+            tok_dir = Path(tok_dir)
         try:
             version = data["format_version"]
             if version != FORMAT_VERSION:
@@ -105,15 +153,17 @@ class Manifest:
                 vocab_size=int(data["vocab_size"]),
                 eos_id=int(data["eos_id"]),
                 pad_id=int(data["pad_id"]),
-                tokenizer_path=d / data["tokenizer"]["file"],
+                tokenizer_path=Path(tok_dir) / data["tokenizer"]["file"],
                 tokenizer_sha256=str(data["tokenizer"]["sha256"]),
                 token_dtype=str(data["token_dtype"]),
                 splits=splits,
                 newline_symbol=data.get("newline_symbol"),
                 raw=data,
                 tokenizer_kind=str(data["tokenizer"].get("kind", "sentencepiece")),
-                tokenizer_dir=d / data["tokenizer"]["dir"] if data["tokenizer"].get("dir") else None,
+                tokenizer_dir=Path(tok_dir) / data["tokenizer"]["dir"] if data["tokenizer"].get("dir")
+                else None,
                 sft=bool(data.get("build", {}).get("sft")),
+                sha256=hashlib.sha256(raw_bytes).hexdigest(),
             )
         except UserError:
             raise
@@ -128,7 +178,8 @@ class Manifest:
                         not isinstance(s.sha256, str):
                     raise UserError(f"{path}: split {name!r} shard {s.name!r}: a field has the wrong type")
                 if not isinstance(s.name, str) or Path(s.name).name != s.name or s.name in ("", ".", ".."):
-                    raise UserError(f"{path}: split {name!r} shard name {s.name!r} is not a file name in {d}")
+                    raise UserError(f"{path}: split {name!r} shard name {s.name!r} is not a file name in "
+                                    f"{remote.redact(str(d))}")
         if m.tokenizer_kind not in ("sentencepiece", "hf", "gguf"):
             raise UserError(f"{path}: tokenizer kind {m.tokenizer_kind!r} not supported")
         if m.token_dtype not in ("uint16", "uint32"):
@@ -146,11 +197,23 @@ class Manifest:
             why = file_problem(m.tokenizer_path)
             if why:
                 raise UserError(f"{m.tokenizer_path}: tokenizer listed in {path} {why}")
-            for shards in m.splits.values():
-                for s in shards:
-                    why = file_problem(d / s.name)
-                    if why:
-                        raise UserError(f"{d / s.name}: shard listed in {path} {why}")
+            if isinstance(d, str):
+                names = [s.name for shards in m.splits.values() for s in shards]
+                try:
+                    found = remote.sizes(d, names)
+                except remote.Unreachable as exc:
+                    raise UserError(f"{exc.url}: shards listed in {path} unreachable "
+                                    f"({exc.reason})") from None
+                for name in names:
+                    if found[name] is None:
+                        raise UserError(f"{remote.redact(str(remote.join(d, name)))}: shard listed in {path} "
+                                        "is missing")
+            else:
+                for shards in m.splits.values():
+                    for s in shards:
+                        why = file_problem(d / s.name)
+                        if why:
+                            raise UserError(f"{d / s.name}: shard listed in {path} {why}")
         return m
 
     def count_problems(self) -> list[str]:
@@ -168,7 +231,8 @@ class Manifest:
     def shards(self, split: str) -> list[ShardInfo]:
         """The ordered shard list of `split`; UserError when the split does not exist."""
         if split not in self.splits:
-            raise UserError(f"{self.dir / MANIFEST_NAME}: no split {split!r} (have {sorted(self.splits)})")
+            shown = remote.redact(str(self.path))
+            raise UserError(f"{shown}: no split {split!r} (have {sorted(self.splits)})")
         return self.splits[split]
 
     def num_samples(self, split: str) -> int:
@@ -178,8 +242,13 @@ class Manifest:
     def num_tokens(self, split: str) -> int:
         return sum(s.tokens for s in self.shards(split))
 
-    def shard_path(self, shard: ShardInfo) -> Path:
-        return self.dir / shard.name
+    def shard_path(self, shard: ShardInfo) -> Path | str:
+        """The shard's location: a Path, or a URL string (open it with data.remote.open_shard)."""
+        return remote.join(self.dir, shard.name)
+
+    def open_shard(self, shard: ShardInfo) -> Any:
+        """The shard as an open binary file (a URL's comes through the verified local cache)."""
+        return remote.open_shard(self.shard_path(shard), shard.bytes, shard.sha256)
 
     @property
     def itemsize(self) -> int:

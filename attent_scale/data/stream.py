@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from attent_scale.data import remote
 from attent_scale.data.manifest import Manifest
 from attent_scale.data.partition import FILLER, partition_epoch
 from attent_scale.data.samples import RawSample, Sample, decode, read_samples
@@ -90,6 +91,9 @@ class _EpochPlan:
         self.dtype = np.dtype(m.token_dtype)
         shards = m.shards(stream.split)
         self.names = [s.name for s in shards]
+        self.sizes = [s.bytes for s in shards]
+        self.shas = [s.sha256 for s in shards]
+        self.remote = remote.options()  # a worker process reads URLs the way its rank was told to
         self.firsts = np.array([s.first_id for s in shards], dtype=np.int64)
         self.counts = np.array([s.count for s in shards], dtype=np.int64)
         sel = stream._selection
@@ -156,11 +160,17 @@ class _EpochPlan:
 class _WorkerState:
     def __init__(self) -> None:
         self.warned: set[str] = set()
+        self.unreachable: list[str] = []  # one line per shard URL given up on since the last batch
 
     def warn(self, shard: str, why: str) -> None:
+        shard = remote.redact(shard)
         if shard not in self.warned:
             self.warned.add(shard)
             warnings.warn(f"{shard}: {why}; its unreadable samples are replaced by filler", stacklevel=2)
+
+    def take_unreachable(self) -> list[str]:
+        out, self.unreachable = self.unreachable, []
+        return out
 
 
 def _decode(raw: RawSample, plan: _EpochPlan) -> Sample | str:
@@ -179,11 +189,11 @@ def _read_positions(
         want = needed[lo:hi]
         if not want.any():
             continue
-        path = str(Path(plan.dir) / plan.names[si])
+        path = str(remote.join(plan.dir, plan.names[si]))
         done = np.zeros(len(ids), dtype=bool)
         remaining = int(want.sum())
         try:
-            with open(path, "rb") as f:
+            with remote.open_shard(path, plan.sizes[si], plan.shas[si]) as f:
                 for raw in read_samples(f):
                     sid = raw.id
                     if sid is None:
@@ -201,8 +211,11 @@ def _read_positions(
                     yield lo + j, sample
                     if remaining == 0:
                         break
+        except remote.Unreachable as exc:  # the rank decides (train.py: stop every rank, or skip)
+            ws.unreachable.append(str(exc))
+            ws.warn(path, f"unreachable after {exc.attempts} attempt(s)")
         except (OSError, tarfile.TarError, EOFError, ValueError) as exc:
-            ws.warn(path, f"unreadable shard ({type(exc).__name__}: {exc})")
+            ws.warn(path, remote.redact(f"unreadable shard ({type(exc).__name__}: {exc})"))
         if remaining:
             ws.warn(path, f"{remaining} sample(s) missing or unreadable")
             for j in np.flatnonzero(want & ~done):
@@ -228,6 +241,7 @@ class _EpochDataset(IterableDataset):
 
     def _worker(self, w: int) -> Iterator[dict[str, Any]]:
         p = self.plan
+        remote.configure(p.remote)
         _, n, _ = p.part.worker_span(w)
         skip = self.done_batches[w] * p.part.batch_size
         if n <= 0 or skip >= n:
@@ -267,7 +281,8 @@ class _EpochDataset(IterableDataset):
                 packed[row, 0] = ids[pos]
                 packed[row, 1 : 1 + k] = window.inputs
                 packed[row, t + 1 : t + 1 + k] = window.labels  # -100 where a loss mask says so
-            yield {"packed": torch.from_numpy(packed), "_worker": w, "_bad": np.array(bad, dtype=np.int64)}
+            yield {"packed": torch.from_numpy(packed), "_worker": w, "_bad": np.array(bad, dtype=np.int64),
+                   "_remote": remote.take_stats(), "_unreachable": ws.take_unreachable()}
 
 
 def _unpack(packed: torch.Tensor, seq_len: int) -> dict[str, torch.Tensor]:
@@ -334,6 +349,7 @@ class ShardStream:
         self.samples_consumed = 0
         self.faults = 0
         self._bad_ids: list[int] = []
+        self._unreachable: list[str] = []
         self._finished = False
 
     def set_epoch(self, epoch: int) -> None:
@@ -387,6 +403,8 @@ class ShardStream:
             bad = np.asarray(item["_bad"]).tolist()
             self.faults += len(bad)
             self._bad_ids += bad
+            remote.add_stats(item.get("_remote") or {})  # a worker's retries and downloads, counted here
+            self._unreachable += list(item.get("_unreachable") or ())
             batch = _unpack(item["packed"], t)
             if self._weigh is not None:
                 batch["weights"] = self._weigh(batch["ids"])
@@ -396,6 +414,12 @@ class ShardStream:
             self.samples_consumed += len(batch["ids"])
             yield batch
         self._finished = True
+
+    def take_unreachable(self) -> list[str]:
+        """One line per shard URL given up on after the retries since the last call (its samples are among
+        the bad ids)."""
+        out, self._unreachable = self._unreachable, []
+        return out
 
     def take_bad_ids(self) -> list[int]:
         """Ids of the samples replaced by filler since the last call (corrupt or missing in their shard)."""

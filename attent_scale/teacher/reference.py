@@ -21,7 +21,8 @@ def manifest_sha256(manifest: Any) -> str:
     """sha256 of a shard set's manifest.json (it names every shard's and the tokenizer's sha256)."""
     from attent_scale.data.manifest import MANIFEST_NAME
 
-    return hashlib.sha256((Path(manifest.dir) / MANIFEST_NAME).read_bytes()).hexdigest()
+    known = getattr(manifest, "sha256", "")  # a loaded Manifest's (also for a URL)
+    return known or hashlib.sha256((Path(manifest.dir) / MANIFEST_NAME).read_bytes()).hexdigest()
 
 
 def scores_metadata(manifest: Any, split: str, model_sha256: str) -> dict[str, str]:

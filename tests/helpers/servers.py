@@ -8,6 +8,7 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -324,3 +325,87 @@ def prometheus_server() -> Iterator[Prometheus]:
     finally:
         _stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- object storage
+
+
+@dataclass
+class S3Server:
+    """moto's S3 HTTP API (its server mode: werkzeug in a thread of this process) on loopback. `stop`
+    closes the listening socket (clients get connection refused); `start` again serves the same buckets,
+    as a restarted store keeps its objects (moto keeps them in this process). Clients reach it through
+    `env`: AWS_ENDPOINT_URL and dummy keys, the way a job reaches any S3 endpoint."""
+
+    port: int
+    server: Any = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def start(self) -> None:
+        try:
+            from moto.server import ThreadedMotoServer
+        except ImportError:
+            pytest.fail("moto's server mode is not installed: pip install 'moto[server]' (the dev extra)",
+                        pytrace=False)
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server._server.server_close()  # stop() leaves the socket listening: close it
+            self.server = None
+
+    def upload(self, src: Path, url: str) -> str:
+        """Copy the local directory `src` to `url` (s3://bucket/prefix, the bucket made if needed)."""
+        import s3fs
+
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=self.endpoint, key="testing",
+                               secret="testing")
+        bucket = url.split("/")[2]
+        if not fs.exists(bucket):
+            fs.mkdir(bucket)
+        fs.put(str(src).rstrip("/") + "/", url.rstrip("/") + "/", recursive=True)
+        return url
+
+
+@contextmanager
+def s3_server() -> Iterator[S3Server]:
+    """A moto S3 server on a free loopback port for the duration; stopped at the end."""
+    server = S3Server(port=free_port(1))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def http_server(root: Path, log_dir: Path) -> Iterator[str]:
+    """Python's http.server serving `root` on loopback; yields its base URL."""
+    port = free_port(1)
+    log = log_dir / "http.log"
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                             "--directory", str(root)], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    try:
+        _wait(up, 30, f"http.server on port {port}", log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _stop(proc)

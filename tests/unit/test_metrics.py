@@ -18,6 +18,8 @@ CONTRACT = {
     "attent_tokens_per_second", "attent_score_staleness_steps", "attent_collective_sent_bytes_total",
     "attent_corrupt_samples_skipped_total", "attent_nonfinite_losses_skipped_total",
     "attent_checkpoint_seconds", "attent_step_seconds", "attent_tokens_trained_total",
+    "attent_remote_read_retries_total", "attent_remote_unreachable_total",
+    "attent_remote_downloaded_bytes_total", "attent_remote_cache_hits_total",
 }
 
 
@@ -55,7 +57,8 @@ def test_names_labels_and_totals_agree_with_summary() -> None:
         m.observe_checkpoint(1.5)
         summary = {"samples_trained": 40, "tokens_trained": 1280, "samples_scored": 70, "corrupt_samples": 2,
                    "nonfinite_skipped": 1, "collective_bytes": 4096, "wall_seconds": 10.0,
-                   "selected_ratio": 0.6,
+                   "selected_ratio": 0.6, "remote_retries": 3, "remote_unreachable": 1,
+                   "remote_downloaded_bytes": 5000, "remote_cache_hits": 9,
                    "selection_seconds_by_phase": {"score": 1.25, "collective": 0.25, "select": 0.5,
                                                   "share": 0.0, "rebalance": 0.0}}
         m.update(summary)
@@ -72,6 +75,10 @@ def test_names_labels_and_totals_agree_with_summary() -> None:
         assert value(s, "attent_corrupt_samples_skipped_total") == 2
         assert value(s, "attent_nonfinite_losses_skipped_total") == 1
         assert value(s, "attent_collective_sent_bytes_total") == 4096
+        assert value(s, "attent_remote_read_retries_total") == 3
+        assert value(s, "attent_remote_unreachable_total") == 1
+        assert value(s, "attent_remote_downloaded_bytes_total") == 5000
+        assert value(s, "attent_remote_cache_hits_total") == 9
         for phase in PHASES:
             got = value(s, "attent_selection_seconds_sum", phase=phase)
             assert got == pytest.approx(summary["selection_seconds_by_phase"][phase])  # type: ignore[index]
