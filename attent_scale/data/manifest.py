@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from attent_scale.errors import UserError
 
@@ -29,6 +32,44 @@ def file_problem(path: Path) -> str | None:
         "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
         "not a file"
     return f"is {kind}, not a regular file"
+
+
+def shard_location(dir: str | Path, name: str) -> str:
+    """Where shard `name` of the shard set in `dir` is read: the one place a (set, shard) pair becomes a
+    location string (a blend's sources and a plain data.dir both go through it)."""
+    return str(Path(dir) / name)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One shard as a dataset (a manifest's split, or a blend) lays it out: the dataset ids
+    [first_id, first_id + count) are read from the shard at `location`, whose own sample keys are the
+    ids [local_first, local_first + local_count). With `draw` None the part is the whole shard
+    (count == local_count, dataset id = local id + first_id - local_first); else it is the seeded subset
+    of `count` of the shard's samples that `draw` keys (data/blend.py), in id order."""
+
+    location: str
+    first_id: int
+    count: int
+    local_first: int
+    local_count: int
+    source: int = 0
+    draw: tuple[int, ...] | None = None
+
+    def local_ids(self, ids: np.ndarray) -> np.ndarray:
+        """The shard's own ids (its sample keys) of dataset ids `ids` (all within this part), ascending
+        where `ids` is."""
+        rel = np.asarray(ids, dtype=np.int64) - self.first_id
+        if self.draw is None:
+            return rel + self.local_first
+        return subset_ids(self.local_count, self.count, self.draw)[rel] + self.local_first
+
+
+def subset_ids(n: int, k: int, key: tuple[int, ...]) -> np.ndarray:
+    """k of range(n) drawn without replacement by a generator seeded with `key`, ascending: the same on
+    every rank and worker."""
+    rng = np.random.default_rng(list(key))
+    return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -180,6 +221,23 @@ class Manifest:
 
     def shard_path(self, shard: ShardInfo) -> Path:
         return self.dir / shard.name
+
+    def parts(self, split: str) -> list[Part]:
+        """The split's shards as stream parts (each whole, dataset id = shard id)."""
+        return [Part(shard_location(self.dir, s.name), s.first_id, s.count, s.first_id, s.count)
+                for s in self.shards(split)]
+
+    def fingerprint(self, split: str) -> str:
+        """What a stream position is tied to: the split's shard contents (a resume on other shards fails)."""
+        return hashlib.sha256("".join(s.sha256 for s in self.shards(split)).encode()).hexdigest()
+
+    def source_ranges(self, split: str) -> list[tuple[str, int, int]]:
+        """(source name, first id, end id) per source of the split: one source, named by the directory."""
+        return [(self.dir.name or "data", 0, self.num_samples(split))]
+
+    def manifests(self) -> list[tuple[str, Manifest]]:
+        """(name, manifest) of every shard set the dataset reads: this one."""
+        return [(self.dir.name or "data", self)]
 
     @property
     def itemsize(self) -> int:

@@ -16,7 +16,7 @@ processes instead of starting a DataLoader of its own.
 from __future__ import annotations
 
 import copy
-import hashlib
+import os
 import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -85,13 +85,12 @@ class _EpochPlan:
 
     def __init__(self, stream: ShardStream) -> None:
         m = stream.manifest
-        self.dir = str(m.dir)
         self.seq_len, self.pad_id, self.vocab_size = m.seq_len, m.pad_id, m.vocab_size
         self.dtype = np.dtype(m.token_dtype)
-        shards = m.shards(stream.split)
-        self.names = [s.name for s in shards]
-        self.firsts = np.array([s.first_id for s in shards], dtype=np.int64)
-        self.counts = np.array([s.count for s in shards], dtype=np.int64)
+        # one part per shard of the dataset (a blend: of every source, repeated copies and drawn subsets)
+        self.parts = m.parts(stream.split)
+        self.firsts = np.array([p.first_id for p in self.parts], dtype=np.int64)
+        self.counts = np.array([p.count for p in self.parts], dtype=np.int64)
         sel = stream._selection
         if sel is None:
             selected = self.counts
@@ -179,7 +178,9 @@ def _read_positions(
         want = needed[lo:hi]
         if not want.any():
             continue
-        path = str(Path(plan.dir) / plan.names[si])
+        part = plan.parts[si]
+        path = part.location
+        local = part.local_ids(ids)  # the keys the shard's samples carry (a blend's ids are offset)
         done = np.zeros(len(ids), dtype=bool)
         remaining = int(want.sum())
         try:
@@ -189,8 +190,8 @@ def _read_positions(
                     if sid is None:
                         ws.warn(path, f"bad sample key {raw.key!r}")
                         continue
-                    j = int(np.searchsorted(ids, sid))
-                    if j >= len(ids) or ids[j] != sid or done[j] or not want[j]:
+                    j = int(np.searchsorted(local, sid))
+                    if j >= len(ids) or local[j] != sid or done[j] or not want[j]:
                         continue
                     done[j] = True
                     remaining -= 1
@@ -283,7 +284,7 @@ class ShardStream:
 
     def __init__(
         self,
-        manifest_dir: str | Path,
+        manifest_dir: str | Path | Any,
         split: str,
         *,
         rank: int = 0,
@@ -307,7 +308,9 @@ class ShardStream:
             raise UserError(f"epoch {epoch}: must be >= 0")
         if workers is not None and workers.num_workers != num_workers:
             raise UserError(f"workers: {workers.num_workers} processes, but num_workers is {num_workers}")
-        self.manifest = Manifest.load(manifest_dir)
+        # a directory, or a dataset already opened (a Manifest, or a data/blend.Blend of several)
+        opened = not isinstance(manifest_dir, (str, os.PathLike))
+        self.manifest = manifest_dir if opened else Manifest.load(manifest_dir)
         self.split = split
         self.manifest.shards(split)
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -404,8 +407,7 @@ class ShardStream:
 
     # ---- resume -----------------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
-        m = self.manifest
-        shard_hash = hashlib.sha256("".join(s.sha256 for s in m.shards(self.split)).encode()).hexdigest()
+        shard_hash = self.manifest.fingerprint(self.split)
         return {
             "split": self.split,
             "rank": self.rank,
