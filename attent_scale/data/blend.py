@@ -213,7 +213,7 @@ def open_blend(sources: list[Any], *, weighted_split: str, total: int, seed: int
         names.add(name)
         if s.weight is not None and s.samples is not None:
             raise UserError(f"config key '{key}': give weight or samples, not both")
-        if any(weighted) and not all(weighted):
+        if any(weighted) and s.weight is None:
             raise UserError(f"config key '{key}.weight': weights are relative, so every source needs one "
                             "(or none: then each gives samples, or is taken whole)")
         if s.weight is not None and not (s.weight > 0 and np.isfinite(s.weight)):
