@@ -145,3 +145,21 @@ def test_floor_tops_up_a_starved_source_with_its_best_unselected_ids(tmp_path: P
                                                                                               floor=0.1)])
     t2.observe(torch.from_numpy(ids), torch.from_numpy(loss), step=1)
     assert t2.select(0, step=1).count == 30 and t2.last_record["sources"][1]["floor_added"] == 0
+
+
+def test_per_source_gauges_carry_a_source_label() -> None:
+    from test_metrics import scrape, value
+
+    from attent_scale.config import MetricsConfig
+    from attent_scale.metrics import Metrics
+
+    with Metrics.create(MetricsConfig(enabled=True, port=0), rank=0, local_rank=0, node="n") as m:
+        m.observe_sources([{"name": "code", "samples": 200, "selected": 50, "dropped": 150, "floor_added": 0,
+                            "mean_loss": 2.5},
+                           {"name": "prose", "samples": 100, "selected": 30, "dropped": 70, "floor_added": 12,
+                            "mean_loss": None}])
+        got = scrape(m.port)  # type: ignore[arg-type]
+    assert value(got, "attent_source_selected", source="code") == 50
+    assert value(got, "attent_source_floor_added", source="prose") == 12
+    assert value(got, "attent_source_mean_loss", source="code") == 2.5
+    assert not [k for k in got if k[0] == "attent_source_mean_loss" and ("source", "prose") in k[1]]
