@@ -21,7 +21,7 @@ import torch
 
 from attent_scale.data.selection import Selection
 from attent_scale.teacher.comm import Comm
-from attent_scale.teacher.ledger import unpack_entries
+from attent_scale.teacher.ledger import loss_from_image
 from attent_scale.teacher.picks import KEY_CHUNK, Pick, round_half_up
 from attent_scale.teacher.topk import key_image, select_block_bits
 
@@ -48,13 +48,19 @@ def _source_index(sources: list[SourceRange], ids: np.ndarray) -> np.ndarray:
     return np.searchsorted(ends, ids, side="right")
 
 
-def _chunks(t: Teacher, pick: Pick) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, keys) of this rank's ledger block, in the pick's chunks (KEY_CHUNK ids each)."""
+def _mask(selection: Selection, a: int, b: int) -> np.ndarray:
+    """The selection's bits of ids [a, b) as bools (a chunk of the ledger block: a is 8-aligned)."""
+    return np.unpackbits(selection.slice_bits(a, b), count=b - a, bitorder="little").view(bool)
+
+
+def _chunks(t: Teacher, pick: Pick,
+            selection: Selection) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(ids, keys, selected) of this rank's ledger block, in the pick's chunks (KEY_CHUNK ids each)."""
     a = t.ledger.lo
     for keys in pick.key_chunks():
-        ids = np.arange(a, a + len(keys), dtype=np.int64)
-        a += len(keys)
-        yield ids, keys
+        b = a + len(keys)
+        yield np.arange(a, b, dtype=np.int64), keys, _mask(selection, a, b)
+        a = b
 
 
 def apply_floors(t: Teacher, pick: Pick, selection: Selection,
@@ -67,8 +73,8 @@ def apply_floors(t: Teacher, pick: Pick, selection: Selection,
     if not floored:
         return selection, added
     eligible = np.zeros(len(sources), dtype=np.int64)
-    for ids, keys in _chunks(t, pick):
-        ok = ~np.isnan(keys) & ~selection.mask(ids)
+    for ids, keys, chosen in _chunks(t, pick, selection):
+        ok = ~np.isnan(keys) & ~chosen
         eligible += np.bincount(_source_index(sources, ids[ok]), minlength=len(sources))[:len(sources)]
     eligible_t = torch.from_numpy(eligible)
     if comm is not None:
@@ -83,9 +89,9 @@ def apply_floors(t: Teacher, pick: Pick, selection: Selection,
             continue
 
         def images(s: SourceRange = s) -> Iterator[np.ndarray]:
-            for ids, keys in _chunks(t, pick):
+            for ids, keys, chosen in _chunks(t, pick, selection):
                 u = key_image(keys)
-                u[(ids < s.lo) | (ids >= s.hi) | selection.mask(ids)] = 0
+                u[(ids < s.lo) | (ids >= s.hi) | chosen] = 0
                 yield u
 
         top = select_block_bits(images, t.ledger.lo, t.ledger.hi, t.num_samples, short, bits=64,
@@ -109,15 +115,17 @@ def source_report(t: Teacher, selection: Selection, added: list[int],
     acc = np.zeros(4 * n, dtype=np.float64)  # loss sum, loss count, selected loss sum, selected count
     for a in range(led.lo, led.hi, KEY_CHUNK):
         b = min(led.hi, a + KEY_CHUNK)
-        ids = np.arange(a, b, dtype=np.int64)
         v = led.block_entries(a, b)
-        loss = unpack_entries(v)[0].astype(np.float64)
+        loss = loss_from_image((v & np.uint64(0xFFFFFFFF)).astype(np.uint32))
         fin = (v != 0) & np.isfinite(loss)
-        sel = fin & selection.mask(ids)
-        src = _source_index(sources, ids)
-        for j, m in enumerate((fin, sel)):
-            acc[2 * j * n:(2 * j + 1) * n] += np.bincount(src[m], weights=loss[m], minlength=n)[:n]
-            acc[(2 * j + 1) * n:(2 * j + 2) * n] += np.bincount(src[m], minlength=n)[:n]
+        sel = fin & _mask(selection, a, b)
+        for i, s in enumerate(sources):  # sources are contiguous id ranges: slice, do not search
+            lo, hi = max(a, s.lo) - a, min(b, s.hi) - a
+            if lo >= hi:
+                continue
+            for j, m in enumerate((fin[lo:hi], sel[lo:hi])):
+                acc[2 * j * n + i] += float(loss[lo:hi][m].sum(dtype=np.float64))
+                acc[(2 * j + 1) * n + i] += int(np.count_nonzero(m))
     acc_t = torch.from_numpy(acc)
     if comm is not None:
         comm.all_reduce(acc_t, "collective")
