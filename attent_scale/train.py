@@ -32,7 +32,7 @@ __all__ = ["END_EPOCH", "PREEMPT", "PHASES", "STOP", "Progress", "StopSignal", "
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; the Slurm script requeues
 PREEMPTED_MARKER = "PREEMPTED"  # written to run_dir beside that checkpoint; removed when the run goes on
 # config keys a checkpoint must agree on to be resumed (dotted prefixes)
-RESUME_KEYS = ("seed", "model", "engine.name", "teacher.mode", "data.train_split")
+RESUME_KEYS = ("seed", "model", "engine.name", "teacher.mode", "data.train_split", "data.blend_samples")
 
 
 class NonFiniteLossError(UserError):
@@ -357,11 +357,14 @@ class Trainer:
         the changed keys (every rank reads the same file, so every rank raises together)."""
         from attent_scale import checkpoint as ckpt
         from attent_scale.config import config_to_dict
+        from attent_scale.data.blend import blend_layout_changes
 
         saved = ckpt.saved_config(path)
         if saved is None:
             return
-        changed = ckpt.changed_keys(saved, config_to_dict(self.cfg), RESUME_KEYS)
+        now = config_to_dict(self.cfg)
+        changed = ckpt.changed_keys(saved, now, RESUME_KEYS)
+        changed += blend_layout_changes(saved, now)
         if changed:
             raise UserError(f"checkpoint {path}: resume refused, changed since it was written: "
                             f"{'; '.join(changed)} (use another run_dir, or checkpoint.resume=false)")

@@ -243,3 +243,14 @@ def open_data(data_cfg: Any, seed: int) -> Manifest | Blend:
     if data_cfg.blend_samples:
         raise UserError("config key 'data.blend_samples': only for a blend (data.sources)")
     return Manifest.load(data_cfg.dir)
+
+
+def blend_layout_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What a resume must not change in a blend (two config dicts): its ids mean what the sources' order,
+    names, weights and sample counts say; their directories may move (like data.dir) and floors change."""
+    def layout(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{k: (s or {}).get(k) for k in ("name", "weight", "samples")}
+                for s in (cfg.get("data") or {}).get("sources") or []]
+
+    a, b = layout(saved), layout(now)
+    return [] if a == b else [f"data.sources (name, weight, samples): {a!r} -> {b!r}"]

@@ -13,7 +13,7 @@ import torch
 
 from attent_scale.config import TeacherConfig, config_from_dict
 from attent_scale.data import Manifest, ShardStream
-from attent_scale.data.blend import blend_counts, open_blend, open_data
+from attent_scale.data.blend import blend_counts, blend_layout_changes, open_blend, open_data
 from attent_scale.errors import UserError
 from attent_scale.teacher import Teacher
 from attent_scale.teacher.floors import SourceRange
@@ -163,3 +163,18 @@ def test_per_source_gauges_carry_a_source_label() -> None:
     assert value(got, "attent_source_floor_added", source="prose") == 12
     assert value(got, "attent_source_mean_loss", source="code") == 2.5
     assert not [k for k in got if k[0] == "attent_source_mean_loss" and ("source", "prose") in k[1]]
+
+
+def test_a_resume_refuses_another_blend_layout_but_not_moved_dirs() -> None:
+    def cfg(*sources: dict) -> dict:
+        return {"data": {"sources": [{"dir": "x", "name": "", "weight": None, "samples": None, "floor": 0.0,
+                                      **s} for s in sources]}}
+
+    old = cfg({"name": "a", "weight": 2.0}, {"name": "b", "weight": 1.0})
+    assert blend_layout_changes(old, cfg({"name": "a", "weight": 2.0, "dir": "moved"},
+                                         {"name": "b", "weight": 1.0, "floor": 0.2})) == []
+    for new in (cfg({"name": "a", "weight": 3.0}, {"name": "b", "weight": 1.0}),
+                cfg({"name": "b", "weight": 1.0}, {"name": "a", "weight": 2.0}),
+                cfg({"name": "a", "weight": 2.0})):
+        assert blend_layout_changes(old, new)
+    assert blend_layout_changes({"data": {"dir": "d"}}, {"data": {"dir": "d", "sources": []}}) == []
