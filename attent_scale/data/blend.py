@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,7 @@ class Blend:
             setattr(self, key, getattr(first, key))
         self._parts: dict[str, list[Part]] = {}
         self._ranges: dict[str, list[tuple[str, int, int]]] = {}
+        self._fingerprints: dict[str, str] = {}
 
     # ---- the Manifest interface
     @property
@@ -126,7 +128,7 @@ class Blend:
                 shards = src.manifest.shards(split)
                 size = src.manifest.num_samples(split)
                 copies, rest = divmod(n, size) if size else (0, 0)
-                d = src.manifest.dir
+                d = os.fspath(src.manifest.dir)
                 for _ in range(copies):
                     for s in shards:
                         out.append(Part(shard_location(d, s.name), base + s.first_id, s.count, s.first_id,
@@ -146,9 +148,9 @@ class Blend:
     def shards(self, split: str) -> list[ShardInfo]:
         """The parts as shard records (dataset ids; bytes and tokens of a drawn part pro rata)."""
         out = []
+        by_first = [{x.first_id: x for x in src.manifest.shards(split)} for src in self.sources]
         for p in self.parts(split):
-            src = self.sources[p.source]
-            s = next(x for x in src.manifest.shards(split) if x.first_id == p.local_first)
+            s = by_first[p.source][p.local_first]
             frac = p.count / s.count if s.count else 0.0
             out.append(ShardInfo(name=s.name, first_id=p.first_id, count=p.count,
                                  bytes=round(s.bytes * frac), sha256=s.sha256, tokens=round(s.tokens * frac)))
@@ -162,9 +164,12 @@ class Blend:
 
     def fingerprint(self, split: str) -> str:
         """The shard contents and the layout (weights, counts, draws) a stream position is tied to."""
-        desc = [[self.sources[p.source].manifest.fingerprint(split), p.location, p.first_id, p.count,
-                 p.local_first, p.draw] for p in self.parts(split)]
-        return hashlib.sha256(json.dumps(desc).encode()).hexdigest()
+        if split not in self._fingerprints:
+            own = [src.manifest.fingerprint(split) for src in self.sources]
+            desc = [own, [[p.source, p.location, p.first_id, p.count, p.local_first, p.draw]
+                          for p in self.parts(split)]]
+            self._fingerprints[split] = hashlib.sha256(json.dumps(desc).encode()).hexdigest()
+        return self._fingerprints[split]
 
     def content_sha256(self) -> str:
         """One hash of every source's manifest.json and the blend settings (what reference scores name)."""

@@ -312,7 +312,7 @@ class ShardStream:
         opened = not isinstance(manifest_dir, (str, os.PathLike))
         self.manifest = manifest_dir if opened else Manifest.load(manifest_dir)
         self.split = split
-        self.manifest.shards(split)
+        self.manifest.parts(split)  # UserError naming the manifest when the split does not exist
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.batch_size, self.shuffle_buffer, self.num_workers = batch_size, shuffle_buffer, num_workers
         # pad: no id dropped for rank equalisation; blocks differ by at most one id and the shorter ones
