@@ -46,8 +46,21 @@ def load_yaml(text: str) -> Any:
 
 
 @dataclass
+class SourceConfig:
+    """One shard set of a blend (data.sources): docs/data.md#blends says what each key means."""
+
+    dir: str = ""  # a directory written by `attent-scale shards build`
+    name: str = ""  # its label in selection.jsonl and Prometheus; "" = the directory's name
+    weight: float | None = None  # relative share of the training ids (on every source or on none)
+    samples: int | None = None  # or an absolute number of training ids (above its size: repeats)
+    floor: float = 0.0  # a selection keeps at least this share of the source's training ids
+
+
+@dataclass
 class DataConfig:
     dir: str = ""  # manifest directory written by `attent-scale shards build`: a path, s3://, gs://, http(s)://
+    sources: list[SourceConfig] = field(default_factory=list)  # a blend of shard sets instead of `dir`
+    blend_samples: int = 0  # a weighted blend's training ids in all (0: the sum of the sources' sizes)
     num_workers: int = 0
     shuffle_buffer: int = 1000
     val_max_batches: int = 0  # 0 = the whole val split
@@ -294,6 +307,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return dict(value)
     if tp is Any:
         return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}': expected a mapping, got {value!r}")
+        return _build(tp, value, f"{key}.")
     if tp is bool:
         if not isinstance(value, bool):
             raise UserError(f"config key '{key}': expected true/false, got {value!r}")

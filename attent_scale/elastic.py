@@ -33,7 +33,8 @@ def ranks_read(rank: int, world: int, old_world: int, num_ids: int) -> list[int]
 
 
 def _owed_bits(peers: dict[int, dict[str, Any]], fold: list[int], selected: dict[str, Any], epoch: int, *,
-               data_dir: str | Path, split: str, num_ids: int, old_world: int, group: Any) -> np.ndarray:
+               data_dir: str | Path | Any, split: str, num_ids: int, old_world: int,
+               group: Any) -> np.ndarray:
     """Collective: the packed ids (N bits) that the interrupted epoch still owes, over all old ranks.
     Each new rank replays the saved stream positions of the old ranks folded onto it (the epoch plan
     is a pure function of seed, epoch, rank and world), then one bitwise-or all-reduce joins them."""
@@ -61,7 +62,7 @@ def _owed_bits(peers: dict[int, dict[str, Any]], fold: list[int], selected: dict
 
 
 def load_elastic(path: Path, *, engine: Any, teacher: Any, rank: int, world: int, group: Any,
-                 data_dir: str | Path, split: str, num_ids: int) -> dict[str, Any]:
+                 data_dir: str | Path | Any, split: str, num_ids: int) -> dict[str, Any]:
     """Collective: restore a checkpoint written on another number of ranks. The engine reshards (or
     refuses in one line), the teacher re-blocks its ledger, per-rank counters keep their totals, and the
     interrupted epoch's position becomes the set of ids it still owes (selection `remainder_bits` for

@@ -16,6 +16,7 @@ methods when ``cfg.enabled`` is false)::
                                                       # of some of its fields)
     m.observe_step(seconds, train_loss, tokens_per_second)
     m.observe_selection(phase_seconds={}, selected_ratio=None, staleness_median=None)
+    m.observe_sources(sources)                        # a selection record's "sources" (per source)
     m.observe_eval(val_loss)
     m.observe_checkpoint(seconds)
     m.close()                                         # waits metrics.linger_seconds first
@@ -114,6 +115,9 @@ class NullMetrics:
                           staleness_median: float | None = None) -> None:
         """Record one selection event: per-phase seconds (increments), the ratio chosen, staleness."""
 
+    def observe_sources(self, sources: list[Mapping[str, Any]]) -> None:
+        """Record what the last selection kept of each source (teacher/floors.py:source_report)."""
+
     def observe_eval(self, val_loss: float) -> None:
         """Record a held-out evaluation."""
 
@@ -189,6 +193,20 @@ class Metrics(NullMetrics):
                                                "Bytes of shards downloaded into the local cache")
         self.remote_cache_hits = counter("attent_remote_cache_hits",
                                          "Shard opens served from the local cache")
+        # per source of a blend (a plain data.dir is one source): gauges of the last selection, label
+        # `source` = data.sources[*].name (a handful of values, never an id)
+        def by_source(name: str, doc: str) -> Any:
+            return Gauge(name, doc, [*names, "source"], registry=reg)
+
+        self.source_gauges = {
+            "samples": by_source("attent_source_samples", "Training ids of the source (after weights)"),
+            "selected": by_source("attent_source_selected", "Ids of the source the last selection kept"),
+            "dropped": by_source("attent_source_dropped", "Ids of the source the last selection dropped"),
+            "floor_added": by_source("attent_source_floor_added",
+                                     "Ids the source's floor added to the last selection"),
+            "mean_loss": by_source("attent_source_mean_loss",
+                                   "Mean last observed loss over the source's ids at the last selection"),
+        }
         self.step_seconds = Histogram("attent_step_seconds", "Wall seconds per optimizer step", names,
                                       registry=reg, buckets=_STEP_BUCKETS).labels(**lab)
         self.checkpoint_seconds = Histogram("attent_checkpoint_seconds", "Wall seconds per checkpoint save",
@@ -281,6 +299,13 @@ class Metrics(NullMetrics):
             self.selected_ratio.set(selected_ratio)
         if staleness_median is not None:
             self.staleness.set(staleness_median)
+
+    def observe_sources(self, sources: list[Mapping[str, Any]]) -> None:
+        for row in sources:
+            for key, gauge in self.source_gauges.items():
+                value = row.get(key)
+                if value is not None:
+                    gauge.labels(**self.labels, source=str(row["name"])).set(float(value))
 
     def observe_eval(self, val_loss: float) -> None:
         self.val_loss.set(val_loss)

@@ -32,7 +32,7 @@ __all__ = ["END_EPOCH", "PREEMPT", "PHASES", "STOP", "Progress", "StopSignal", "
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; the Slurm script requeues
 PREEMPTED_MARKER = "PREEMPTED"  # written to run_dir beside that checkpoint; removed when the run goes on
 # config keys a checkpoint must agree on to be resumed (dotted prefixes)
-RESUME_KEYS = ("seed", "model", "engine.name", "teacher.mode", "data.train_split")
+RESUME_KEYS = ("seed", "model", "engine.name", "teacher.mode", "data.train_split", "data.blend_samples")
 
 
 class NonFiniteLossError(UserError):
@@ -130,6 +130,15 @@ def train(cfg: RunConfig) -> int:
 
 
 
+def _data_label(cfg: RunConfig) -> str:
+    """How messages name the run's data: data.dir, or the blend's sources."""
+    from attent_scale.data.manifest import set_name
+
+    if cfg.data.dir or not cfg.data.sources:
+        return f"data.dir {cfg.data.dir}"
+    return "data.sources (" + ", ".join(s.name or set_name(s.dir) for s in cfg.data.sources) + ")"
+
+
 class Trainer:
     """One training job: `__init__` builds the parts in order, `train()` is the loop over the phases
     (epoch_stream → train_step → after-step checks, then finish). State lives with its owner: the loop's
@@ -139,7 +148,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         # Heavy imports here so `attent-scale --help` stays fast.
         from attent_scale.checkpoint import Checkpointer
-        from attent_scale.data import Manifest
+        from attent_scale.data.blend import open_data
         from attent_scale.data.integrity import check_shards
         from attent_scale.data.workers import StreamWorkers
         from attent_scale.dist import init_distributed
@@ -163,21 +172,17 @@ class Trainer:
         self.rank, self.world = self.info.rank, self.info.world_size
         self.is_main = self.rank == 0
         # the data and the job must fit each other
-        if not cfg.data.dir:
-            raise UserError(
-                "config key 'data.dir': required (a directory written by `attent-scale shards build`)"
-            )
         from attent_scale.data import remote
 
         remote.configure(remote.from_config(cfg.data))
-        self.data_dir = remote.redact(cfg.data.dir)  # what messages name: never a URL's credentials
+        self.data_label = remote.redact(_data_label(cfg))  # what messages name: never a URL's credentials
         self.unreachable: list[str] = []  # shards this rank gave up on after the retries (one line each)
-        self.manifest = Manifest.load(cfg.data.dir)
+        self.manifest = open_data(cfg.data, cfg.seed)  # a Manifest, or a Blend of data.sources
         self.batch_size = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
         self.n_train = self.manifest.num_samples(cfg.data.train_split)
         if self.n_train < self.world * self.batch_size:
             raise UserError(
-                f"data.dir {self.data_dir}: {self.n_train} training samples is too few for "
+                f"{self.data_label}: {self.n_train} training samples is too few for "
                 f"{self.world} ranks x batch {self.batch_size}"
             )
         if cfg.engine.name == "local" and self.world > 1:
@@ -189,7 +194,8 @@ class Trainer:
         self.run_lock = lock_run_dir(self.run_dir, self.rank)  # released in close (and at exit)
         # Teacher and loop bookkeeping talk over CPU tensors: on NCCL jobs they get a gloo group of their own.
         self.group = side_group()
-        check_shards(self.manifest, self.run_dir, rank=self.rank, world=self.world, group=self.group)
+        for _, m in self.manifest.manifests():  # a blend: every source's shard set
+            check_shards(m, self.run_dir, rank=self.rank, world=self.world, group=self.group)
         self.teacher = self._build_teacher()
         self.total_steps = self._plan_total()  # the run's length; the engine's LR schedule gets it below
         check_model_fits(cfg.model, int(self.manifest.vocab_size), self.manifest.seq_len)
@@ -229,11 +235,24 @@ class Trainer:
             record_path=self.run_dir / "selection.jsonl" if self.is_main else None,
             group=self.group,
             reference=open_reference(cfg.teacher, self.manifest, cfg.data.train_split),
+            sources=self._sources(),
         )
         anneal = teacher.anneal_epoch(cfg.train.max_epochs)
         if anneal is not None:  # the budget's last epochs train all data: the plan (and the LR) knows it
             teacher.start_anneal(anneal)
         return teacher
+
+    def _sources(self) -> list[Any]:
+        """The training ids by source, with the blend's floors (teacher/floors.py)."""
+        from attent_scale.teacher.floors import SourceRange
+
+        cfg = self.cfg
+        floors = [s.floor for s in cfg.data.sources] or [0.0]
+        if any(floors) and cfg.teacher.mode not in ("cycle", "ledger"):
+            raise UserError(f"config key 'data.sources[*].floor': floors apply to cycle and ledger "
+                            f"selections, not teacher.mode {cfg.teacher.mode!r}")
+        ranges = self.manifest.source_ranges(cfg.data.train_split)
+        return [SourceRange(name, lo, hi, f) for (name, lo, hi), f in zip(ranges, floors, strict=True)]
 
     def _plan_total(self) -> int:
         """The run's total steps from where it stands now (see `total_steps`)."""
@@ -297,7 +316,7 @@ class Trainer:
 
                     state = load_elastic(resume_from, engine=self.engine, teacher=self.teacher,
                                          rank=self.rank, world=self.world, group=self.group,
-                                         data_dir=self.manifest.dir, split=self.cfg.data.train_split,
+                                         data_dir=self.manifest, split=self.cfg.data.train_split,
                                          num_ids=self.n_train)
             except UserError:
                 raise
@@ -345,11 +364,14 @@ class Trainer:
         the changed keys (every rank reads the same file, so every rank raises together)."""
         from attent_scale import checkpoint as ckpt
         from attent_scale.config import config_to_dict
+        from attent_scale.data.blend import blend_layout_changes
 
         saved = ckpt.saved_config(path)
         if saved is None:
             return
-        changed = ckpt.changed_keys(saved, config_to_dict(self.cfg), RESUME_KEYS)
+        now = config_to_dict(self.cfg)
+        changed = ckpt.changed_keys(saved, now, RESUME_KEYS)
+        changed += blend_layout_changes(saved, now)
         if changed:
             raise UserError(f"checkpoint {path}: resume refused, changed since it was written: "
                             f"{'; '.join(changed)} (use another run_dir, or checkpoint.resume=false)")
@@ -410,6 +432,8 @@ class Trainer:
         self.select(start)
         if any(start.phase_seconds.values()):
             self.metrics.observe_selection(start.phase_seconds)
+        if start.record is not None and start.record.get("sources"):
+            self.metrics.observe_sources(start.record["sources"])
 
     def score_pass(self, skip: Any, step: int) -> None:
         """A sharded forward over this rank's part of the data except `skip`; the losses go into the
@@ -462,7 +486,7 @@ class Trainer:
         from attent_scale.data import ShardStream
 
         cfg = self.cfg
-        return ShardStream(self.manifest.dir, cfg.data.train_split, rank=self.rank, world_size=self.world,
+        return ShardStream(self.manifest, cfg.data.train_split, rank=self.rank, world_size=self.world,
                            seed=cfg.seed, epoch=epoch, batch_size=batch, selection=selection,
                            shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers,
                            workers=self.stream_workers, pad=pad)
@@ -569,7 +593,7 @@ class Trainer:
         if gone and not cfg.data.skip_unreachable:  # every rank stops here together, naming one URL
             lines = sorted(set().union(*all_gather_objects(self.unreachable, self.group)))
             more = f" ({len(lines) - 1} more shard(s) too)" if len(lines) > 1 else ""
-            raise UserError(f"{lines[0]}{more}; data.dir {self.data_dir} (raise data.retries / data.backoff, "
+            raise UserError(f"{lines[0]}{more}; {self.data_label} (raise data.retries / data.backoff, "
                             "or data.skip_unreachable: true to skip it like a corrupt shard)")
         budget = cfg.data.max_corrupt_fraction * self.n_train
         corrupt = int(seen)
@@ -577,13 +601,13 @@ class Trainer:
             corrupt = len(set().union(*all_gather_objects(progress.corrupt_ids, self.group)))
         if corrupt > budget and cfg.data.max_corrupt_fraction < 1.0:
             raise UserError(
-                f"data.dir {self.data_dir}: {corrupt} of {self.n_train} training samples are corrupt "
+                f"{self.data_label}: {corrupt} of {self.n_train} training samples are corrupt "
                 f"({corrupt / self.n_train:.1%}) at step {progress.step}, over data.max_corrupt_fraction "
                 f"{cfg.data.max_corrupt_fraction} (1.0 disables; the warnings above name the shards)"
             )
         if final and trained == 0:
             raise UserError(
-                f"data.dir {self.data_dir}: no sample trained in {progress.step} steps ({corrupt} corrupt "
+                f"{self.data_label}: no sample trained in {progress.step} steps ({corrupt} corrupt "
                 f"samples met); nothing exported"
             )
 
@@ -630,7 +654,7 @@ class Trainer:
         self.empty_epochs = 0 if trained else self.empty_epochs + 1
         if self.empty_epochs >= 3:
             raise UserError(
-                f"data.dir {self.data_dir}: three epochs in a row yielded no training batch "
+                f"{self.data_label}: three epochs in a row yielded no training batch "
                 f"(selection too small for {self.world} ranks x batch {self.batch_size}?)"
             )
         return False
@@ -641,7 +665,7 @@ class Trainer:
         """Val loss on this rank's val batches; eval.jsonl and the metrics get the point."""
         progress, clock = self.progress, self.clock
         t0 = time.perf_counter()
-        loss = self.engine.evaluate(self.validator.batches(self.manifest.dir))
+        loss = self.engine.evaluate(self.validator.batches(self.manifest))
         if self.validator.stream is not None:  # val shards given up on stop the run like train shards
             self.unreachable += self.validator.stream.take_unreachable()
         clock.eval_seconds += time.perf_counter() - t0

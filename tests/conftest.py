@@ -20,12 +20,12 @@ _SESSION_START = time.monotonic()
 STDLIB_SOURCES = ("textwrap.py", "argparse.py", "difflib.py", "heapq.py", "bisect.py", "shlex.py")
 
 
-def write_text_corpus(root: Path, chunk_chars: int = 1200) -> Path:
+def write_text_corpus(root: Path, chunk_chars: int = 1200, sources: tuple[str, ...] = STDLIB_SOURCES) -> Path:
     """Real text: a few stdlib modules cut into ~1 KB documents (many documents, so the split has val)."""
     root.mkdir(parents=True, exist_ok=True)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     n = 0
-    for name in STDLIB_SOURCES:
+    for name in sources:
         text = (stdlib / name).read_text()
         for start in range(0, min(len(text), 12_000), chunk_chars):
             (root / f"doc{n:04d}.txt").write_text(text[start : start + chunk_chars])
@@ -42,6 +42,17 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_shards([corpus], out, seq_len=32, vocab_size=512, val_fraction=0.15, samples_per_shard=100,
                  progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def blend_shards(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two shard sets for a blend: tiny_shards and a second one from other text with its tokenizer."""
+    tmp = tmp_path_factory.mktemp("blend")
+    corpus = write_text_corpus(tmp / "corpus", sources=("calendar.py", "fractions.py", "string.py"))
+    out = tmp / "other"
+    build_shards([corpus], out, seq_len=32, vocab_size=512, val_fraction=0.15, samples_per_shard=60,
+                 tokenizer=tiny_shards / "tokenizer.model", progress=False)
+    return tiny_shards, out
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,11 @@ import hashlib
 import json
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from attent_scale.data import remote
 from attent_scale.errors import UserError
@@ -33,6 +35,53 @@ def file_problem(path: Path) -> str | None:
         "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
         "not a file"
     return f"is {kind}, not a regular file"
+
+
+def shard_location(dir: str | Path, name: str) -> str:
+    """Where shard `name` of the shard set in `dir` is read: the one place a (set, shard) pair becomes a
+    location string (a blend's sources and a plain data.dir both go through it)."""
+    if remote.is_url(dir):
+        return f"{str(dir).rstrip('/')}/{name}"
+    return os.path.join(os.fspath(dir), name)  # a string join: 10^5 shards cost milliseconds
+
+
+def set_name(dir: str | Path) -> str:
+    """A shard set's default label (selection.jsonl, Prometheus): its directory's last component."""
+    return remote.redact(os.fspath(dir)).rstrip("/").rsplit("/", 1)[-1] or "data"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One shard as a dataset (a manifest's split, or a blend) lays it out: the dataset ids
+    [first_id, first_id + count) are read from the shard at `location`, whose own sample keys are the
+    ids [local_first, local_first + local_count). With `draw` None the part is the whole shard
+    (count == local_count, dataset id = local id + first_id - local_first); else it is the seeded subset
+    of `count` of the shard's samples that `draw` keys (data/blend.py), in id order."""
+
+    location: str
+    first_id: int
+    count: int
+    local_first: int
+    local_count: int
+    source: int = 0
+    draw: tuple[int, ...] | None = None
+    bytes: int = 0  # the whole shard's size and sha256 (a URL's cached copy is checked against them)
+    sha256: str = ""
+
+    def local_ids(self, ids: np.ndarray) -> np.ndarray:
+        """The shard's own ids (its sample keys) of dataset ids `ids` (all within this part), ascending
+        where `ids` is."""
+        rel = np.asarray(ids, dtype=np.int64) - self.first_id
+        if self.draw is None:
+            return rel + self.local_first
+        return subset_ids(self.local_count, self.count, self.draw)[rel] + self.local_first
+
+
+def subset_ids(n: int, k: int, key: tuple[int, ...]) -> np.ndarray:
+    """k of range(n) drawn without replacement by a generator seeded with `key`, ascending: the same on
+    every rank and worker."""
+    rng = np.random.default_rng(list(key))
+    return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -92,9 +141,15 @@ class Manifest:
         return remote.join(self.dir, MANIFEST_NAME)
 
     @property
+    def path_shown(self) -> str:
+        """manifest.json's location for a message (credentials redacted)."""
+        return remote.redact(str(self.path))
+
+    @property
     def display_dir(self) -> str:
         """`dir` for a message: a URL with its credentials redacted."""
         return remote.redact(str(self.dir))
+    _parts: dict[str, list[Part]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def tokenizer_source(self) -> Path:
@@ -249,6 +304,27 @@ class Manifest:
     def open_shard(self, shard: ShardInfo) -> Any:
         """The shard as an open binary file (a URL's comes through the verified local cache)."""
         return remote.open_shard(self.shard_path(shard), shard.bytes, shard.sha256)
+
+    def parts(self, split: str) -> list[Part]:
+        """The split's shards as stream parts (each whole, dataset id = shard id); built once per split."""
+        if split not in self._parts:
+            d = os.fspath(self.dir)
+            self._parts[split] = [Part(shard_location(d, s.name), s.first_id, s.count, s.first_id, s.count,
+                                       bytes=s.bytes, sha256=s.sha256)
+                                  for s in self.shards(split)]
+        return self._parts[split]
+
+    def fingerprint(self, split: str) -> str:
+        """What a stream position is tied to: the split's shard contents (a resume on other shards fails)."""
+        return hashlib.sha256("".join(s.sha256 for s in self.shards(split)).encode()).hexdigest()
+
+    def source_ranges(self, split: str) -> list[tuple[str, int, int]]:
+        """(source name, first id, end id) per source of the split: one source, named by the directory."""
+        return [(set_name(self.dir), 0, self.num_samples(split))]
+
+    def manifests(self) -> list[tuple[str, Manifest]]:
+        """(name, manifest) of every shard set the dataset reads: this one."""
+        return [(set_name(self.dir), self)]
 
     @property
     def itemsize(self) -> int:

@@ -16,7 +16,7 @@ processes instead of starting a DataLoader of its own.
 from __future__ import annotations
 
 import copy
-import hashlib
+import os
 import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -86,16 +86,13 @@ class _EpochPlan:
 
     def __init__(self, stream: ShardStream) -> None:
         m = stream.manifest
-        self.dir = str(m.dir)
         self.seq_len, self.pad_id, self.vocab_size = m.seq_len, m.pad_id, m.vocab_size
         self.dtype = np.dtype(m.token_dtype)
-        shards = m.shards(stream.split)
-        self.names = [s.name for s in shards]
-        self.sizes = [s.bytes for s in shards]
-        self.shas = [s.sha256 for s in shards]
+        # one part per shard of the dataset (a blend: of every source, repeated copies and drawn subsets)
+        self.parts = m.parts(stream.split)
+        self.firsts = np.array([p.first_id for p in self.parts], dtype=np.int64)
+        self.counts = np.array([p.count for p in self.parts], dtype=np.int64)
         self.remote = remote.options()  # a worker process reads URLs the way its rank was told to
-        self.firsts = np.array([s.first_id for s in shards], dtype=np.int64)
-        self.counts = np.array([s.count for s in shards], dtype=np.int64)
         sel = stream._selection
         if sel is None:
             selected = self.counts
@@ -189,18 +186,20 @@ def _read_positions(
         want = needed[lo:hi]
         if not want.any():
             continue
-        path = str(remote.join(plan.dir, plan.names[si]))
+        part = plan.parts[si]
+        path = part.location
+        local = part.local_ids(ids)  # the keys the shard's samples carry (a blend's ids are offset)
         done = np.zeros(len(ids), dtype=bool)
         remaining = int(want.sum())
         try:
-            with remote.open_shard(path, plan.sizes[si], plan.shas[si]) as f:
+            with remote.open_shard(path, part.bytes, part.sha256) as f:
                 for raw in read_samples(f):
                     sid = raw.id
                     if sid is None:
                         ws.warn(path, f"bad sample key {raw.key!r}")
                         continue
-                    j = int(np.searchsorted(ids, sid))
-                    if j >= len(ids) or ids[j] != sid or done[j] or not want[j]:
+                    j = int(np.searchsorted(local, sid))
+                    if j >= len(ids) or local[j] != sid or done[j] or not want[j]:
                         continue
                     done[j] = True
                     remaining -= 1
@@ -298,7 +297,7 @@ class ShardStream:
 
     def __init__(
         self,
-        manifest_dir: str | Path,
+        manifest_dir: str | Path | Any,
         split: str,
         *,
         rank: int = 0,
@@ -322,9 +321,11 @@ class ShardStream:
             raise UserError(f"epoch {epoch}: must be >= 0")
         if workers is not None and workers.num_workers != num_workers:
             raise UserError(f"workers: {workers.num_workers} processes, but num_workers is {num_workers}")
-        self.manifest = Manifest.load(manifest_dir)
+        # a directory, or a dataset already opened (a Manifest, or a data/blend.Blend of several)
+        opened = not isinstance(manifest_dir, (str, os.PathLike))
+        self.manifest = manifest_dir if opened else Manifest.load(manifest_dir)
         self.split = split
-        self.manifest.shards(split)
+        self.manifest.parts(split)  # UserError naming the manifest when the split does not exist
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.batch_size, self.shuffle_buffer, self.num_workers = batch_size, shuffle_buffer, num_workers
         # pad: no id dropped for rank equalisation; blocks differ by at most one id and the shorter ones
@@ -428,8 +429,7 @@ class ShardStream:
 
     # ---- resume -----------------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
-        m = self.manifest
-        shard_hash = hashlib.sha256("".join(s.sha256 for s in m.shards(self.split)).encode()).hexdigest()
+        shard_hash = self.manifest.fingerprint(self.split)
         return {
             "split": self.split,
             "rank": self.rank,

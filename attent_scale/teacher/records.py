@@ -12,6 +12,7 @@ RECORD_KEYS = (
     "step", "epoch", "cycle", "mode", "strategy", "method", "ratio", "k", "n_scored", "n_selected",
     "n_unseen", "n_nonfinite", "world_size", "seconds", "bytes_per_rank", "bytes_per_rank_max",
     "sha256", "staleness",
+    "sources",  # per source of the training ids: teacher/floors.py:source_report (null in online mode)
 )
 
 

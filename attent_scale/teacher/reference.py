@@ -21,6 +21,8 @@ def manifest_sha256(manifest: Any) -> str:
     """sha256 of a shard set's manifest.json (it names every shard's and the tokenizer's sha256)."""
     from attent_scale.data.manifest import MANIFEST_NAME
 
+    if hasattr(manifest, "content_sha256"):  # a blend: its sources' manifests and weights
+        return str(manifest.content_sha256())
     known = getattr(manifest, "sha256", "")  # a loaded Manifest's (also for a URL)
     return known or hashlib.sha256((Path(manifest.dir) / MANIFEST_NAME).read_bytes()).hexdigest()
 

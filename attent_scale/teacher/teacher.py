@@ -17,6 +17,7 @@ import torch.distributed as dist
 from attent_scale.config import TeacherConfig
 from attent_scale.data.selection import Selection
 from attent_scale.teacher.comm import Comm, collective_ops, resolve_group
+from attent_scale.teacher.floors import SourceRange, apply_floors, source_report
 from attent_scale.teacher.ledger import SCORE, TRAIN, Ledger
 from attent_scale.teacher.picks import KEY_CHUNK, Pick, strategy
 from attent_scale.teacher.picks import round_half_up as _round_half_up
@@ -87,7 +88,7 @@ class Teacher:
     by all ranks in the same order."""
 
     def __init__(self, cfg: TeacherConfig, *, num_samples: int, seed: int, record_path: Path | None = None,
-                 group: Any = None, reference: Any = None) -> None:
+                 group: Any = None, reference: Any = None, sources: list[Any] | None = None) -> None:
         if num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
         self.cfg = cfg
@@ -99,6 +100,8 @@ class Teacher:
         self.rank = ops.get_rank(self.group) if self.group is not None else 0
         self.ledger = Ledger(self.num_samples, self.rank, self.world_size)
         self.reference = reference  # teacher.score=excess: a teacher.reference.Reference, else None
+        # the training ids by source (teacher/floors.py): a blend's sources, else one source of all ids
+        self.sources = list(sources) if sources else [SourceRange("data", 0, self.num_samples)]
         self._writer = RecordWriter(record_path if self.rank == 0 else None)
         self._cache_cycle = -1
         self._cache: Selection | None = None
@@ -188,6 +191,8 @@ class Teacher:
         mean, a count only the losses decide) what the latest selection kept, else the median's count."""
         if not plan.subset or plan.ratio is None:
             return num
+        if num == self.num_samples and plan.epoch in self.kept_counts:  # what its selection kept
+            return self.kept_counts[plan.epoch]
         if self.cfg.strategy == "prune":
             if num == self.num_samples and self.kept_counts:
                 if plan.epoch in self.kept_counts:
@@ -319,6 +324,8 @@ class Teacher:
         cfg, strat = self.cfg, strategy(self.cfg.strategy)
         if (cfg.mode == "cycle" and strat.reuse and plan.index > 0
                 and self._cache is not None and self._cache_cycle == plan.cycle):
+            if any(s.floor for s in self.sources):
+                self.kept_counts[int(epoch)] = self._cache.count
             return self._cache
         comm = self._comm()
         t0 = time.perf_counter()
@@ -329,6 +336,10 @@ class Teacher:
         selection = _topk_method(cfg.topk_method)(self, pick, report)
         if pick.after is not None:
             selection = pick.after(selection)
+        selection, added = apply_floors(self, pick, selection, comm)
+        if any(s.floor for s in self.sources):  # top-ups change the epoch's count: the plan follows it
+            self.kept_counts[int(epoch)] = selection.count
+        sources = source_report(self, selection, added, comm)
         t_st, coll_st = time.perf_counter(), comm.seconds.get("collective", 0.0) if comm else 0.0
         staleness = self._staleness(step, pick.n_obs, comm) if strat.staleness else None
         # its passes over the ledger are selection work too (its all-reduce is counted as collective)
@@ -339,7 +350,7 @@ class Teacher:
             method=report["method"], ratio=ratio, k=int(pick.k), n_scored=int(pick.n_obs),
             n_selected=selection.count, n_unseen=int(self.num_samples - pick.n_obs),
             n_nonfinite=int(pick.n_nonfinite), world_size=self.world_size,
-            sha256=selection.sha256 if self.rank == 0 else None, staleness=staleness)
+            sha256=selection.sha256 if self.rank == 0 else None, staleness=staleness, sources=sources)
         self._settle(comm, report, t_keys, {"score": self._score_seconds_pending}, bytes_max=True,
                      record=record)
         if cfg.mode == "cycle" and strat.reuse:

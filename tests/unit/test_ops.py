@@ -84,11 +84,13 @@ def test_dashboard_structure_and_metrics_exist_in_a_live_scrape() -> None:
     assert {"job", "rank"} <= variables.keys()
     titles = " ".join(p["title"].lower() for p in dash["panels"])
     for word in ("phase", "overhead", "selected ratio", "loss", "throughput", "staleness", "faults",
-                 "checkpoint"):
+                 "checkpoint", "per source"):
         assert word in titles, word
     for panel in dash["panels"]:
         assert panel["datasource"]["uid"] == "${datasource}"
     with Metrics.create(MetricsConfig(enabled=True, port=0), rank=0, local_rank=0, node="n") as m:
+        m.observe_sources([{"name": "data", "samples": 10, "selected": 4, "dropped": 6, "floor_added": 0,
+                            "mean_loss": 2.5}])  # labelled by source: series exist once one is reported
         exported = {name for name, _ in scrape(m.port)}  # type: ignore[arg-type]
     used = {n for e in dashboard_exprs() for n in re.findall(r"\battent_[a-z_]+", e)}
     assert used, "no attent_ metric in the dashboard"
