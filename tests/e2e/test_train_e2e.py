@@ -33,16 +33,23 @@ def _assert_run_dir(run_dir: Path, steps: int, world: int, mode: str) -> dict:
     return summary
 
 
-def test_local_cycle_run_selects_and_logs(tmp_path, tiny_shards):
-    cfg = tiny_run_config(tmp_path / "local", tiny_shards)
+def test_local_cycle_run_selects_logs_and_rescores_only_stale_ids(tmp_path, tiny_shards):
+    """One run: the run dir, the selections, and what each cycle scores (rescore stale, the default)."""
+    from attent_scale.data import Manifest
+
+    cfg = tiny_run_config(tmp_path / "local", tiny_shards, teacher={"rescore": "stale"})
     check(run_train(cfg))
     summary = _assert_run_dir(tmp_path / "local", 24, 1, "cycle")
     records = read_lines(tmp_path / "local" / "selection.jsonl")
-    assert len(records) >= 2
     assert records[0]["ratio"] == pytest.approx(0.1) and records[0]["n_scored"] > 0
     assert summary["samples_scored"] > 0 and summary["selection_seconds"] > 0
     # a subset epoch trains only its selection: 10% of ~940 ids at batch 16 is 6 steps, then 20%, 30%
     assert summary["epochs_started"] >= 3 and len(records) >= 3
+    # the first cycle scores every id; each later one only the ids the subset epoch before did not train
+    n = Manifest.load(tiny_shards).num_samples("train")
+    expected = n + sum(n - r["n_selected"] for r in records[:-1])
+    assert summary["samples_scored"] == expected
+    assert all(r["n_scored"] == n for r in records)  # the ledger still holds a loss for every id
 
 
 def test_local_teacher_none_trains_all_data(tmp_path, tiny_shards):
@@ -186,18 +193,3 @@ def test_resume_selects_and_trains_like_an_uninterrupted_run(tmp_path, tiny_shar
         assert ratio[8] == 1.0 and ratio[9] < 1.0 and ratio[15] < 1.0 and ratio[16] == ratio[20] == 1.0
         summary = json.loads((tmp_path / "straight" / "summary.json").read_text())
         assert summary["epochs_started"] == 4  # full, subset, subset cut by the anneal, full
-
-
-def test_rescore_stale_skips_what_the_last_subset_epoch_trained(tmp_path, tiny_shards):
-    from attent_scale.data import Manifest
-
-    cfg = tiny_run_config(tmp_path / "stale", tiny_shards, teacher={"rescore": "stale"})
-    check(run_train(cfg))
-    summary = _assert_run_dir(tmp_path / "stale", 24, 1, "cycle")
-    records = read_lines(tmp_path / "stale" / "selection.jsonl")
-    n = Manifest.load(tiny_shards).num_samples("train")
-    assert len(records) >= 3
-    # the first cycle scores every id; each later one only the ids the subset epoch before did not train
-    expected = n + sum(n - r["n_selected"] for r in records[:-1])
-    assert summary["samples_scored"] == expected
-    assert all(r["n_scored"] == n for r in records)  # the ledger still holds a loss for every id
