@@ -62,32 +62,38 @@ def test_local_teacher_none_trains_all_data(tmp_path, tiny_shards):
     )
 
 
-@pytest.mark.parametrize("engine", ["deepspeed", "fsdp"])
-@pytest.mark.parametrize("mode", ["cycle", "online"])
-def test_two_rank_engines_run_each_mode(tmp_path, tiny_shards, engine, mode):
-    cfg = tiny_run_config(
-        tmp_path / "run", tiny_shards, engine, teacher={"mode": mode}, train={"max_steps": 16},
-        metrics={"tensorboard_dir": "tb"},
-    )
-    check(run_train(cfg, nproc=2))
-    summary = _assert_run_dir(tmp_path / "run", 16, 2, mode)
-    # TensorBoard: rank 0 alone writes, one point per metrics.jsonl line and per evaluation
+def _assert_two_rank_run(run_dir: Path, steps: int, mode: str) -> None:
+    """A 2-rank run's outputs: the run dir, rank 0's TensorBoard points, lockstep and equal shares."""
+    summary = _assert_run_dir(run_dir, steps, 2, mode)
+    # TensorBoard: rank 0 alone writes, one point per metrics.jsonl line and per evaluation (every 8)
     from test_tensorboard import scalar_steps
 
-    assert len(list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))) == 1
-    steps = scalar_steps(tmp_path / "run" / "tb")
-    assert steps["train/loss"] == list(range(1, 17)) and steps["val/loss"] == [0, 8, 16]
-    records = read_lines(tmp_path / "run" / "selection.jsonl")
+    assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1
+    points = scalar_steps(run_dir / "tb")
+    assert points["train/loss"] == list(range(1, steps + 1))
+    assert points["val/loss"] == sorted({*range(0, steps + 1, 8), steps})
+    records = read_lines(run_dir / "selection.jsonl")
     assert records and all(r["world_size"] == 2 for r in records)
     per_rank = [r["samples_trained"] for r in summary["per_rank"]]
     assert (
         per_rank[0] == per_rank[1] and sum(per_rank) == summary["samples_trained"]
     )  # lockstep, equal shares
-    if mode == "online":
-        assert summary["samples_trained"] == 16 * 2 * 8  # every rank trains exactly B every step
-        assert summary["selection_seconds_by_phase"]["score"] > 0  # candidates' scoring forwards count
     # both ranks paid for selection and rank 1's numbers made it into the summary
     assert all(r["selection_seconds"] > 0 for r in summary["per_rank"])
+
+
+# cycle mode on two ranks is checked on the resume test's uninterrupted runs (_assert_two_rank_run)
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp"])
+def test_two_rank_engines_run_online_mode(tmp_path, tiny_shards, engine):
+    cfg = tiny_run_config(
+        tmp_path / "run", tiny_shards, engine, teacher={"mode": "online"}, train={"max_steps": 16},
+        metrics={"tensorboard_dir": "tb"},
+    )
+    check(run_train(cfg, nproc=2))
+    _assert_two_rank_run(tmp_path / "run", 16, "online")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["samples_trained"] == 16 * 2 * 8  # every rank trains exactly B every step
+    assert summary["selection_seconds_by_phase"]["score"] > 0  # candidates' scoring forwards count
 
 
 @pytest.mark.parametrize("engine", ["deepspeed", "fsdp"])
@@ -148,8 +154,13 @@ def _resume_config(run_dir, shards, engine, nproc, variant):
 def test_resume_selects_and_trains_like_an_uninterrupted_run(tmp_path, tiny_shards, engine, nproc, variant):
     straight = _resume_config(tmp_path / "straight", tiny_shards, engine, nproc, variant)
     straight["train"]["stop_check_every"] = 3
+    two_rank_cycle = variant == "default" and nproc == 2
+    if two_rank_cycle:  # also the plain 2-rank cycle-mode run of each sharded engine
+        straight["metrics"] = {"tensorboard_dir": "tb"}
     timeout = 240 if variant == "default" else 600  # prune: batch 128, and the suite shares 2 cores
     check(run_train(straight, nproc=nproc, timeout=timeout))
+    if two_rank_cycle:
+        _assert_two_rank_run(tmp_path / "straight", 20, "cycle")
 
     broken = _resume_config(tmp_path / "broken", tiny_shards, engine, nproc, variant)
     broken["train"]["stop_check_every"] = 3
