@@ -113,6 +113,9 @@ class NullMetrics:
                           staleness_median: float | None = None) -> None:
         """Record one selection event: per-phase seconds (increments), the ratio chosen, staleness."""
 
+    def observe_signal(self, signal: Mapping[str, Any]) -> None:
+        """Record what one strategy-signal selection dropped (the record's "signal" entry)."""
+
     def observe_eval(self, val_loss: float) -> None:
         """Record a held-out evaluation."""
 
@@ -164,6 +167,17 @@ class Metrics(NullMetrics):
         self.selected_ratio = gauge("attent_selected_ratio", "Fraction of samples the last selection kept")
         self.staleness = gauge("attent_score_staleness_steps",
                                "Median age in steps of the scores the last selection used")
+        self.dropped_ratio = gauge("attent_dropped_ratio",
+                                   "Share of the observed samples the last signal selection dropped")
+        self.dropped = Gauge("attent_dropped_samples", "Samples the last signal selection dropped, by reason "
+                             "(memorized/learned/unlearnable; capped: candidates kept by the ratio cap)",
+                             [*names, "reason"], registry=reg)
+        self.signal_threshold = Gauge("attent_signal_threshold_nats", "Cut points of the last signal "
+                                      "selection's rule (memorized/learned/unlearnable/min_fall/excess)",
+                                      [*names, "rule"], registry=reg)
+        self.signal_quantile = Gauge("attent_signal_loss_quantile_nats", "Quantiles of the per-sample losses "
+                                     "at the last signal selection: of=train (ledger), val (last val pass), "
+                                     "fall (previous - last train loss)", [*names, "of", "q"], registry=reg)
         self.train_loss = gauge("attent_train_loss", "Train loss of the last step")
         self.val_loss = gauge("attent_val_loss", "Held-out validation loss of the last evaluation")
         self.tokens_per_second = gauge("attent_tokens_per_second",
@@ -272,6 +286,18 @@ class Metrics(NullMetrics):
             self.selected_ratio.set(selected_ratio)
         if staleness_median is not None:
             self.staleness.set(staleness_median)
+
+    def observe_signal(self, signal: Mapping[str, Any]) -> None:
+        lab = self.labels
+        self.dropped_ratio.set(float(signal.get("dropped_share") or 0.0))
+        for reason in ("memorized", "learned", "unlearnable", "capped"):
+            self.dropped.labels(**lab, reason=reason).set(float((signal.get("reasons") or {}).get(reason, 0)))
+        for rule, value in (signal.get("thresholds") or {}).items():
+            self.signal_threshold.labels(**lab, rule=rule).set(float(value))
+        for of, key in (("train", "loss"), ("val", "val"), ("fall", "fall")):
+            for q, value in (signal.get(key) or {}).items():
+                if q.startswith("q"):
+                    self.signal_quantile.labels(**lab, of=of, q=q).set(float(value))
 
     def observe_eval(self, val_loss: float) -> None:
         self.val_loss.set(val_loss)

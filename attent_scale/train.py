@@ -404,6 +404,8 @@ class Trainer:
         self.select(start)
         if any(start.phase_seconds.values()):
             self.metrics.observe_selection(start.phase_seconds)
+        if start.record is not None and start.record.get("signal"):
+            self.metrics.observe_signal(start.record["signal"])
 
     def score_pass(self, skip: Any, step: int) -> None:
         """A sharded forward over this rank's part of the data except `skip`; the losses go into the
@@ -624,7 +626,10 @@ class Trainer:
         """Val loss on this rank's val batches; eval.jsonl and the metrics get the point."""
         progress, clock = self.progress, self.clock
         t0 = time.perf_counter()
-        loss = self.engine.evaluate(self.validator.batches(self.manifest.dir))
+        signal = self.cfg.teacher.strategy == "signal" and self.teacher.mode in ("cycle", "ledger")
+        loss = self.engine.evaluate(self.validator.batches(self.manifest.dir), sample_hist=signal)
+        if signal:  # the teacher's thresholds come from the val losses' distribution
+            self.teacher.observe_val(self.engine.val_histogram, progress.step)
         clock.eval_seconds += time.perf_counter() - t0
         self.validator.last_loss = loss
         self.logs.eval.write(

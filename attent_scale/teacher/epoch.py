@@ -81,7 +81,7 @@ def begin_epoch(teacher: Teacher, epoch: int, step: int, scorer: Scorer, *,
     return EpochStart(
         plan=plan, selection=selection, num_samples=teacher.num_samples,
         planned_steps=steps_for(count) if steps_for is not None else None,
-        anneal=anneal, replan=selection is not None and teacher.cfg.strategy == "prune",
+        anneal=anneal, replan=selection is not None and teacher.cfg.strategy in ("prune", "signal"),
         phase_seconds={p: after[p] - before[p] for p in PHASES},
         record=teacher.last_record if selection is not None else None,
     )

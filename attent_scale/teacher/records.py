@@ -12,6 +12,9 @@ RECORD_KEYS = (
     "step", "epoch", "cycle", "mode", "strategy", "method", "ratio", "k", "n_scored", "n_selected",
     "n_unseen", "n_nonfinite", "world_size", "seconds", "bytes_per_rank", "bytes_per_rank_max",
     "sha256", "staleness",
+    # strategy signal: dropped share, counts per reason, thresholds and distributions (signals.pick_signal);
+    # teacher.record_bits: the selection as hex bits (little bit order), for benchmark tools
+    "signal", "selection_bits",
 )
 
 
