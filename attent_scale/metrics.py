@@ -178,6 +178,14 @@ class Metrics(NullMetrics):
         self.signal_quantile = Gauge("attent_signal_loss_quantile_nats", "Quantiles of the per-sample losses "
                                      "at the last signal selection: of=train (ledger), val (last val pass), "
                                      "fall (previous - last train loss)", [*names, "of", "q"], registry=reg)
+        # every series exists from the start (0 until a signal selection): the dashboard has data in any run
+        for reason in ("memorized", "learned", "unlearnable", "capped"):
+            self.dropped.labels(**lab, reason=reason)
+        for rule in ("memorized", "learned", "unlearnable", "min_fall", "excess"):
+            self.signal_threshold.labels(**lab, rule=rule)
+        for of in ("train", "val", "fall"):
+            for q in ("q05", "q25", "q50", "q75", "q95"):
+                self.signal_quantile.labels(**lab, of=of, q=q)
         self.train_loss = gauge("attent_train_loss", "Train loss of the last step")
         self.val_loss = gauge("attent_val_loss", "Held-out validation loss of the last evaluation")
         self.tokens_per_second = gauge("attent_tokens_per_second",

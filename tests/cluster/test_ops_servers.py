@@ -39,6 +39,10 @@ def populated(m: Metrics, scale: float) -> None:
     m.observe_eval(3.1 * scale)
     m.observe_checkpoint(0.5)
     m.observe_selection({"score": 0.2 * scale}, selected_ratio=0.3, staleness_median=4)
+    m.observe_signal({"dropped_share": 0.1 * scale,
+                      "reasons": {"memorized": 3, "learned": 1, "unlearnable": 2},
+                      "thresholds": {"memorized": 2.5, "learned": 2.5, "unlearnable": 6.0},
+                      "loss": {"q50": 4.0}, "val": {"q50": 4.2}, "fall": {"q50": 0.1}})
     m.update({"samples_trained": 64, "tokens_trained": 2048, "samples_scored": 128,
               "collective_bytes": 1024, "corrupt_samples": 1,
               "nonfinite_skipped": 0, "wall_seconds": 10.0,
