@@ -127,11 +127,12 @@ class TeacherConfig:
     random_reweight: bool = False
     # the last fraction of the budget (epochs, steps or seconds) trains on all data with weight 1
     anneal_fraction: float = 0.0
-    # strategy signal: gap (memorized: loss below the val losses' signal_memorized_quantile - margin),
+    # strategy signal: gap (memorized: the lowest train losses, as many as the train losses' distribution
+    # sits below the val losses' beyond signal_tolerance * sqrt(1/n_val + 1/n_train), a one-sided KS test),
     # learn (no longer falling: learned below the val's signal_learned_quantile, unlearnable above its
     # signal_unlearnable_quantile + margin), gap+learn (both), excess (loss - reference below signal_excess)
     signal: Literal["gap", "learn", "gap+learn", "excess"] = "gap+learn"
-    signal_memorized_quantile: float = 0.02
+    signal_tolerance: float = 1.36  # the KS coefficient: 1.36 = 95%, 1.63 = 99%, 0 = drop all the excess
     signal_learned_quantile: float = 0.02
     signal_unlearnable_quantile: float = 0.98
     signal_margin: float = 0.0  # nats beyond the memorized / unlearnable quantiles
@@ -234,7 +235,7 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("teacher.prune_ratio", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("teacher.prune_quantile", lambda v: 0 <= v < 1, "must be in [0, 1) (0 = below the mean)"),
     ("teacher.anneal_fraction", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("teacher.signal_memorized_quantile", lambda v: 0 < v < 1, "must be in (0, 1)"),
+    ("teacher.signal_tolerance", lambda v: v >= 0, "must be >= 0"),
     ("teacher.signal_learned_quantile", lambda v: 0 < v < 1, "must be in (0, 1)"),
     ("teacher.signal_unlearnable_quantile", lambda v: 0 < v < 1, "must be in (0, 1)"),
     ("teacher.signal_margin", lambda v: v >= 0, "must be >= 0 (nats)"),

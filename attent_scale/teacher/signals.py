@@ -60,33 +60,63 @@ def quantiles(hist: np.ndarray, offset: float = 0.0) -> dict[str, float] | None:
 
 @dataclass(frozen=True)
 class Thresholds:
-    """The rule's cut points in nats, from the val distribution of this selection: a sample is
-    memorized below `memorized`; learned below `learned` when it fell less than `min_fall` since its
-    previous observation; unlearnable above `unlearnable` when it fell less than `min_fall`; with a
-    reference (signal excess), a sample whose excess loss is below `excess` is dropped and its reason is
-    told by where its loss sits."""
+    """The rule's cut points in nats for one selection. memorized: below `memorized`, the lowest train
+    losses in the share `excess - tolerance` by which the train losses' distribution sits below the val
+    losses' (`memorized_cut`); learned: below `learned` (a low val quantile) when it fell less than
+    `min_fall` since its previous observation; unlearnable: above `unlearnable` (a high val quantile plus
+    margin) when it fell less than `min_fall`; with a reference (signal excess), a sample whose excess
+    loss is below `excess` is dropped and its reason is told by where its loss sits."""
 
     memorized: float
     learned: float
     unlearnable: float
     min_fall: float
     excess: float
+    gap_excess: float = 0.0  # max over t of F_train(t) - F_val(t)
+    gap_tolerance: float = 0.0  # its sampling noise allowance: tolerance * sqrt(1/n_val + 1/n_train)
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(float(v), 4) for k, v in self.__dict__.items()}
 
 
-def thresholds(cfg: TeacherConfig, val_hist: np.ndarray) -> Thresholds | None:
-    """Cut points from the val histogram (None without a val pass: then nothing is dropped)."""
+def memorized_cut(train_hist: np.ndarray, val_hist: np.ndarray, tolerance: float
+                  ) -> tuple[float, float, float]:
+    """(threshold, excess, allowance): a train loss below `threshold` counts as memorized. The excess is
+    the two-sample Kolmogorov-Smirnov statistic one-sided toward low train losses, max_t F_train(t) -
+    F_val(t); what lies beyond the sampling allowance `tolerance * sqrt(1/n_val + 1/n_train)` (1.36: 95%)
+    is the share of train samples no held-out sample explains, and the threshold takes that many of the
+    lowest train losses (at most up to where the excess peaks). On data the model generalizes on, the
+    excess stays inside the allowance and the threshold is -inf: nothing is memorized."""
+    nt, nv = int(train_hist.sum()), int(val_hist.sum())
+    if nt == 0 or nv == 0:
+        return -np.inf, 0.0, 0.0
+    ct = np.cumsum(train_hist)
+    d = ct / nt - np.cumsum(val_hist) / nv
+    peak = int(np.argmax(d))
+    excess, allowance = float(d[peak]), float(tolerance * np.sqrt(1.0 / nv + 1.0 / nt))
+    share = excess - allowance
+    if share <= 0:
+        return -np.inf, excess, allowance
+    b = int(np.searchsorted(ct, share * nt + 1e-6, side="right"))  # the first bin past the share: whole bins
+    return min(b, peak + 1) * BIN_WIDTH, excess, allowance
+
+
+def thresholds(cfg: TeacherConfig, val_hist: np.ndarray, train_hist: np.ndarray | None = None
+               ) -> Thresholds | None:
+    """Cut points from the val histogram and the train losses' (None without a val pass: then nothing
+    is dropped; without train losses nothing is memorized)."""
     if int(val_hist.sum()) == 0:
         return None
+
     def q(p: float) -> float:
         return float(quantile(val_hist, p))
 
-    return Thresholds(memorized=q(cfg.signal_memorized_quantile) - cfg.signal_margin,
-                      learned=q(cfg.signal_learned_quantile),
+    cut, excess, allowance = memorized_cut(train_hist if train_hist is not None else np.zeros_like(val_hist),
+                                           val_hist, cfg.signal_tolerance)
+    return Thresholds(memorized=cut - cfg.signal_margin, learned=q(cfg.signal_learned_quantile),
                       unlearnable=q(cfg.signal_unlearnable_quantile) + cfg.signal_margin,
-                      min_fall=cfg.signal_min_fall, excess=cfg.signal_excess)
+                      min_fall=cfg.signal_min_fall, excess=cfg.signal_excess, gap_excess=excess,
+                      gap_tolerance=allowance)
 
 
 def reasons(signal: str, th: Thresholds | None, loss: np.ndarray, prev: np.ndarray | None,
@@ -163,26 +193,29 @@ def pick_signal(t: Teacher, epoch: int, ratio: float, comm: Comm | None) -> Pick
 
     cfg = t.cfg
     t.ledger.exchange(comm=comm)
-    th = thresholds(cfg, t.val_hist)
-    counts = np.zeros(4, dtype=np.int64)  # observed, finite, ...
-    by_reason = np.zeros(4, dtype=np.int64)
+    counts = np.zeros(2, dtype=np.int64)  # observed, finite
     loss_h = np.zeros(NUM_BINS, dtype=np.int64)
     fall_h = np.zeros(NUM_BINS, dtype=np.int64)
-    for _, v, loss, prev, excess in _block(t):
+    for _, v, loss, prev, _ in _block(t):
         counts[0] += int(np.count_nonzero(v))
         counts[1] += int(np.count_nonzero(np.isfinite(loss)))
-        code, _ = reasons(cfg.signal, th, loss, prev, excess)
-        by_reason += np.bincount(code, minlength=4).astype(np.int64)
         loss_h += histogram(loss)
         if prev is not None:
             fall_h += histogram(prev - loss, FALL_OFFSET)
-    packed = torch.from_numpy(np.concatenate([counts, by_reason, loss_h, fall_h]))
+    packed = torch.from_numpy(np.concatenate([counts, loss_h, fall_h]))
     if comm is not None:
         comm.all_reduce(packed, "collective")
     total = packed.numpy()
     n_obs, n_fin = int(total[0]), int(total[1])
-    by_reason = total[4:8]
-    loss_h, fall_h = total[8:8 + NUM_BINS], total[8 + NUM_BINS:]
+    loss_h, fall_h = total[2:2 + NUM_BINS], total[2 + NUM_BINS:]
+    th = thresholds(cfg, t.val_hist, loss_h)
+    by_reason = np.zeros(4, dtype=np.int64)
+    for _, _, loss, prev, excess in _block(t):
+        by_reason += np.bincount(reasons(cfg.signal, th, loss, prev, excess)[0], minlength=4).astype(np.int64)
+    by = torch.from_numpy(by_reason)
+    if comm is not None:
+        comm.all_reduce(by, "collective")
+    by_reason = by.numpy()
     n_cand = int(by_reason[1:].sum())
     cap = n_fin - round_half_up(ratio * n_fin)  # at most this many dropped
     n_drop = min(n_cand, cap)

@@ -20,6 +20,7 @@ from attent_scale.teacher.signals import (
     UNLEARNABLE,
     explain,
     histogram,
+    memorized_cut,
     quantile,
     reasons,
     thresholds,
@@ -27,8 +28,24 @@ from attent_scale.teacher.signals import (
 
 
 def _th(**kw: float) -> object:
-    cfg = TeacherConfig(strategy="signal", **kw)
-    return thresholds(cfg, w.val_hist())
+    cfg = TeacherConfig(strategy="signal", **{"signal_tolerance": 0.0, **kw})
+    train = np.concatenate([3.5 + w.uniform_noise(np.arange(900), seed=4, cycle=0), np.full(100, 1.0)])
+    return thresholds(cfg, w.val_hist(), histogram(train))  # 10% far below every val loss
+
+
+def test_memorized_is_the_excess_of_low_train_losses_beyond_the_sampling_allowance() -> None:
+    val = w.val_hist()  # 500 over [3.5, 4.5)
+    same = histogram(3.5 + w.uniform_noise(np.arange(2000), seed=5, cycle=0))  # generalizes: no excess
+    cut, excess, allowance = memorized_cut(same, val, 1.36)
+    assert cut == -np.inf and excess < allowance == pytest.approx(1.36 * np.sqrt(1 / 500 + 1 / 2000))
+    copies = histogram(np.concatenate([3.5 + w.uniform_noise(np.arange(1000), seed=5, cycle=0),
+                                       1.0 + 0.5 * w.uniform_noise(np.arange(1000), seed=6, cycle=0)]))
+    cut, excess, allowance = memorized_cut(copies, val, 1.36)  # half the train losses below all of val
+    assert excess == pytest.approx(0.5, abs=0.01)
+    below = np.concatenate([3.5 + w.uniform_noise(np.arange(1000), seed=5, cycle=0),
+                            1.0 + 0.5 * w.uniform_noise(np.arange(1000), seed=6, cycle=0)]) < cut
+    assert below.sum() == pytest.approx((0.5 - allowance) * 2000, abs=20)  # the excess less the allowance
+    assert cut <= 1.5  # only the far-low ones
 
 
 def test_quantiles_of_the_histogram() -> None:
@@ -40,7 +57,7 @@ def test_quantiles_of_the_histogram() -> None:
 
 def test_rule_on_fixed_losses_memorized_learned_noise_dropped_clean_kept() -> None:
     th = _th(signal_learned_quantile=0.3, signal_min_fall=0.05)
-    assert th.memorized == pytest.approx(3.52, abs=0.02)
+    assert 1.0 < th.memorized <= 3.5
     assert th.unlearnable == pytest.approx(4.48, abs=0.02)
     # memorized (still falling: learn alone keeps it), learned, noise, clean falling, clean flat,
     # unseen, no history
@@ -117,7 +134,7 @@ def test_teacher_drops_memorized_and_noise_keeps_clean_and_unseen() -> None:
     assert sig["dropped_share"] == pytest.approx(sig["dropped"] / fin.sum(), abs=1e-6)
     assert sig["val"]["q50"] == pytest.approx(4.0, abs=0.05) and sig["val"]["n"] == 500
     assert sig["fall"]["q50"] == pytest.approx(0.3, abs=0.3)
-    assert sig["thresholds"]["memorized"] == pytest.approx(3.52, abs=0.02)
+    assert 2.5 < sig["thresholds"]["memorized"] <= 2.51 and sig["thresholds"]["gap_excess"] > 0.09
 
 
 def test_the_ratio_is_a_cap_the_strongest_signals_go_first() -> None:
@@ -145,7 +162,8 @@ def test_planned_count_is_what_the_selection_kept() -> None:
 
 
 def test_config_errors_are_one_line(tmp_path: Path) -> None:
-    for kw, key in ((dict(signal_memorized_quantile=1.5), "teacher.signal_memorized_quantile"),
+    for kw, key in ((dict(signal_learned_quantile=1.5), "teacher.signal_learned_quantile"),
+                    (dict(signal_tolerance=-1.0), "teacher.signal_tolerance"),
                     (dict(signal_margin=-1.0), "teacher.signal_margin"),
                     (dict(signal="excess"), "teacher.signal"),
                     (dict(mode="online"), "teacher.strategy"),
