@@ -205,3 +205,24 @@ def test_metrics_expose_the_signal() -> None:
     assert 'attent_dropped_samples{job="j",node="n",rank="0",reason="memorized"} 3.0' in text
     assert 'attent_signal_threshold_nats{job="j",node="n",rank="0",rule="memorized"} 3.5' in text
     assert 'attent_signal_loss_quantile_nats{job="j",node="n",of="val",q="q50",rank="0"} 4.2' in text
+
+
+def test_bench_sizes_the_random_control_and_ends_with_the_sentence() -> None:
+    from attent_scale.bench import data_sentence, kept_share, parse_arm, random_control
+
+    arm = parse_arm("sig:mode=ledger,strategy=signal,ratio_schedule=constant,initial_ratio=0.2")
+    ctl = random_control(arm)
+    assert ctl.overrides["teacher.strategy"] == "random"
+    assert ctl.overrides["teacher.initial_ratio"] == "<kept>"  # sized once the arm has run
+
+    def rec(selected: int, dropped: int, memorized: int) -> dict:
+        return {"n_selected": selected, "n_scored": selected + dropped, "n_nonfinite": 0,
+                "signal": {"dropped": dropped, "dropped_share": dropped / (selected + dropped),
+                           "reasons": {"memorized": memorized, "learned": 0,
+                                       "unlearnable": dropped - memorized}}}
+
+    runs = [{"selections": [rec(70, 30, 25), rec(60, 40, 30)]}]
+    assert kept_share(runs) == pytest.approx(0.65)
+    assert data_sentence("sig", runs) == ("sig: The teacher dropped 35% of samples, mostly memorized copies: "
+                                          "this data has duplicates to drop.")
+    assert data_sentence("hard", [{"selections": [{"n_scored": 5, "signal": None}]}]) is None
