@@ -133,6 +133,7 @@ class TeacherConfig:
     # signal_unlearnable_quantile + margin), gap+learn (both), excess (loss - reference below signal_excess)
     signal: Literal["gap", "learn", "gap+learn", "excess"] = "gap+learn"
     signal_tolerance: float = 1.36  # the KS coefficient: 1.36 = 95%, 1.63 = 99%, 0 = drop all the excess
+    signal_gap_allowance: float = 0.1  # share of train losses below val taken as ordinary overfitting
     signal_learned_quantile: float = 0.02
     signal_unlearnable_quantile: float = 0.98
     signal_margin: float = 0.0  # nats beyond the memorized / unlearnable quantiles
@@ -236,6 +237,7 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("teacher.prune_quantile", lambda v: 0 <= v < 1, "must be in [0, 1) (0 = below the mean)"),
     ("teacher.anneal_fraction", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("teacher.signal_tolerance", lambda v: v >= 0, "must be >= 0"),
+    ("teacher.signal_gap_allowance", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("teacher.signal_learned_quantile", lambda v: 0 < v < 1, "must be in (0, 1)"),
     ("teacher.signal_unlearnable_quantile", lambda v: 0 < v < 1, "must be in (0, 1)"),
     ("teacher.signal_margin", lambda v: v >= 0, "must be >= 0 (nats)"),

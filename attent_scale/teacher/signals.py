@@ -79,21 +79,22 @@ class Thresholds:
         return {k: round(float(v), 4) for k, v in self.__dict__.items()}
 
 
-def memorized_cut(train_hist: np.ndarray, val_hist: np.ndarray, tolerance: float
+def memorized_cut(train_hist: np.ndarray, val_hist: np.ndarray, tolerance: float, floor: float = 0.0
                   ) -> tuple[float, float, float]:
     """(threshold, excess, allowance): a train loss below `threshold` counts as memorized. The excess is
     the two-sample Kolmogorov-Smirnov statistic one-sided toward low train losses, max_t F_train(t) -
-    F_val(t); what lies beyond the sampling allowance `tolerance * sqrt(1/n_val + 1/n_train)` (1.36: 95%)
-    is the share of train samples no held-out sample explains, and the threshold takes that many of the
-    lowest train losses (at most up to where the excess peaks). On data the model generalizes on, the
-    excess stays inside the allowance and the threshold is -inf: nothing is memorized."""
+    F_val(t); what lies beyond the allowance `floor + tolerance * sqrt(1/n_val + 1/n_train)` (the
+    ordinary overfitting of a model still learning, plus the sampling noise: 1.36 is 95%) is the share of
+    train samples no held-out sample explains, and the threshold takes that many of the lowest train
+    losses (at most up to where the excess peaks). On data the model generalizes on, the excess stays
+    inside the allowance and the threshold is -inf: nothing is memorized."""
     nt, nv = int(train_hist.sum()), int(val_hist.sum())
     if nt == 0 or nv == 0:
         return -np.inf, 0.0, 0.0
     ct = np.cumsum(train_hist)
     d = ct / nt - np.cumsum(val_hist) / nv
     peak = int(np.argmax(d))
-    excess, allowance = float(d[peak]), float(tolerance * np.sqrt(1.0 / nv + 1.0 / nt))
+    excess, allowance = float(d[peak]), float(floor + tolerance * np.sqrt(1.0 / nv + 1.0 / nt))
     share = excess - allowance
     if share <= 0:
         return -np.inf, excess, allowance
@@ -112,7 +113,7 @@ def thresholds(cfg: TeacherConfig, val_hist: np.ndarray, train_hist: np.ndarray 
         return float(quantile(val_hist, p))
 
     cut, excess, allowance = memorized_cut(train_hist if train_hist is not None else np.zeros_like(val_hist),
-                                           val_hist, cfg.signal_tolerance)
+                                           val_hist, cfg.signal_tolerance, cfg.signal_gap_allowance)
     return Thresholds(memorized=cut - cfg.signal_margin, learned=q(cfg.signal_learned_quantile),
                       unlearnable=q(cfg.signal_unlearnable_quantile) + cfg.signal_margin,
                       min_fall=cfg.signal_min_fall, excess=cfg.signal_excess, gap_excess=excess,
@@ -262,6 +263,9 @@ def explain(records: list[dict[str, Any]]) -> str | None:
     if share < 0.02:
         return (f"the teacher kept {100 * (1 - share):.0f}% of samples: nothing safe to drop "
                 "(no memorized copies, learned examples or unlearnable noise); expect no speedup")
+    if share < 0.1:
+        return (f"the teacher kept {100 * (1 - share):.0f}% of samples: little safe to drop; expect a "
+                "small speedup at most")
     by = {name: sum(s["reasons"].get(name, 0) for s in sig) for name in REASONS}
     main = max(REASONS, key=lambda k: by[k])
     mostly = "mostly" if by[main] * 2 > dropped else "most of them"

@@ -14,7 +14,7 @@ from attent_scale.teacher.signals import explain
 def test_signal_run_records_what_it_dropped_from_the_val_distribution(tmp_path: Path,
                                                                      tiny_shards: Path) -> None:
     teacher = {"mode": "ledger", "strategy": "signal", "warmup_epochs": 1, "ratio_schedule": "constant",
-               "initial_ratio": 0.2, "signal_tolerance": 0.0}
+               "initial_ratio": 0.2, "signal_tolerance": 0.0, "signal_gap_allowance": 0.0}
     cfg = tiny_run_config(tmp_path / "run", tiny_shards, teacher=teacher,
                           train={"max_steps": 1000, "max_epochs": 3, "warmup_steps": 0},
                           eval={"every_steps": 8, "max_batches": 2, "batch_size": 16})

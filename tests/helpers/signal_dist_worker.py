@@ -17,7 +17,7 @@ from attent_scale.teacher.signals import histogram
 
 N = 1000
 CFG = dict(mode="ledger", strategy="signal", signal="gap+learn", warmup_epochs=1, ratio_schedule="constant",
-           initial_ratio=0.2, signal_tolerance=0.0, signal_learned_quantile=0.02,
+           initial_ratio=0.2, signal_tolerance=0.0, signal_gap_allowance=0.0, signal_learned_quantile=0.02,
            signal_unlearnable_quantile=0.98, signal_min_fall=0.05)
 
 

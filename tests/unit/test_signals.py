@@ -28,7 +28,7 @@ from attent_scale.teacher.signals import (
 
 
 def _th(**kw: float) -> object:
-    cfg = TeacherConfig(strategy="signal", **{"signal_tolerance": 0.0, **kw})
+    cfg = TeacherConfig(strategy="signal", **{"signal_tolerance": 0.0, "signal_gap_allowance": 0.0, **kw})
     train = np.concatenate([3.5 + w.uniform_noise(np.arange(900), seed=4, cycle=0), np.full(100, 1.0)])
     return thresholds(cfg, w.val_hist(), histogram(train))  # 10% far below every val loss
 
@@ -46,6 +46,7 @@ def test_memorized_is_the_excess_of_low_train_losses_beyond_the_sampling_allowan
                             1.0 + 0.5 * w.uniform_noise(np.arange(1000), seed=6, cycle=0)]) < cut
     assert below.sum() == pytest.approx((0.5 - allowance) * 2000, abs=20)  # the excess less the allowance
     assert cut <= 1.5  # only the far-low ones
+    assert memorized_cut(copies, val, 1.36, 0.1)[2] == pytest.approx(allowance + 0.1)  # ordinary overfitting
 
 
 def test_quantiles_of_the_histogram() -> None:
@@ -189,6 +190,7 @@ def test_explain_says_which_case_the_data_is_in() -> None:
     assert "noise" in explain([rec(150, unlearnable=150)])
     clean = explain([rec(5, memorized=5), rec(10, learned=10)])
     assert "kept 99%" in clean and "expect no speedup" in clean
+    assert "little safe to drop" in explain([rec(40, memorized=40), rec(50, memorized=50)])
 
 
 def test_metrics_expose_the_signal() -> None:
