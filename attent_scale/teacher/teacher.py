@@ -507,7 +507,7 @@ class Teacher:
             "stats": dict(self.stats),
             "last_record": self.last_record,
             "kept_counts": dict(self.kept_counts),
-            "val_hist": self.val_hist,
+            "val_hist": self.val_hist if self.cfg.strategy == "signal" else None,  # 32 KB, only where used
             "val_step": self.val_step,
         }
 
