@@ -97,7 +97,26 @@ def random_control(arm: Arm, base: Any = None) -> Arm:
         reweight = arm.overrides.get("teacher.reweight", str(getattr(base, "reweight", True)).lower())
         schedule.pop("teacher.reweight", None)
         schedule["teacher.random_reweight"] = reweight
+    if arm.overrides.get("teacher.strategy") == "signal":  # its size is known once the arm has run
+        schedule.update({"teacher.ratio_schedule": "constant", "teacher.initial_ratio": "<kept>",
+                         "teacher.final_ratio": "<kept>"})
     return Arm(f"random-subset[{arm.name}]", schedule, role="control")
+
+
+def kept_share(runs: list[dict[str, Any]]) -> float:
+    """Mean share of the ids a strategy-signal arm's selections kept, over its seeds and subset epochs
+    (the size of its random control)."""
+    shares = [r["n_selected"] / (r["n_selected"] + r["signal"]["dropped"]) for run in runs
+              for r in run["selections"] if r.get("signal")]
+    return round(statistics.fmean(shares), 4) if shares else 1.0
+
+
+def data_sentence(name: str, runs: list[dict[str, Any]]) -> str | None:
+    """The one sentence on which case the data is in, from arm `name`'s selection records."""
+    from attent_scale.teacher.signals import explain
+
+    text = explain([r for run in runs for r in run["selections"]])
+    return None if text is None else f"{name}: {text[0].upper()}{text[1:]}."
 
 
 def interpolate_target(
@@ -210,7 +229,9 @@ def run_arm(arm: Arm, seed: int, args: argparse.Namespace, out_dir: Path) -> dic
           f"{' (reused)' if reusable else ''}", file=sys.stderr, flush=True)
     evals = read_jsonl(run_dir / "eval.jsonl")
     steps = read_jsonl(run_dir / "metrics.jsonl")
+    sel_path = run_dir / "selection.jsonl"
     return {
+        "selections": read_jsonl(sel_path) if sel_path.exists() else [],
         "seed": seed,
         "summary": summary,
         "process_seconds": time.perf_counter() - t0,
@@ -416,12 +437,18 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         if arm.overrides.get("teacher.strategy") != "random" and arm.overrides["teacher.mode"] != "online":
             ctl = random_control(arm, base_teacher)
             key = tuple(sorted(ctl.overrides.items()))
+            if arm.overrides.get("teacher.strategy") == "signal":  # sized by its own arm: never shared
+                key += (("arm", arm.name),)
             control_of[arm.name] = given[key].name if key in given else controls.setdefault(key, ctl).name
     plan += [ctl for key, ctl in controls.items() if key not in given]
 
     results: dict[str, list[dict[str, Any]]] = {}
     roles: dict[str, str] = {}
+    source = {ctl: arm for arm, ctl in control_of.items()}
     for arm in plan:
+        if arm.overrides.get("teacher.initial_ratio") == "<kept>":  # a signal arm's control: its kept share
+            kept = f"{kept_share(results[source[arm.name]]):g}"
+            arm.overrides.update({"teacher.initial_ratio": kept, "teacher.final_ratio": kept})
         results[arm.name] = [run_arm(arm, seed, args, out_dir) for seed in seeds]
         roles[arm.name] = arm.role
     # uniform-short: all data for as many steps as each AtteNT arm trained (seed mean), LR decayed over them
@@ -456,8 +483,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     write_json(out_dir / "bench.json", report)
     (out_dir / "bench.md").write_text(format_markdown(arms, args.clock))
     plots = plot(results, out_dir, args.clock)
+    sentences = [t for a in attent_arms if (t := data_sentence(a.name, results[a.name])) is not None]
+    report["data_case"] = sentences
+    write_json(out_dir / "bench.json", report)
     print(format_table(arms))
     print(f"\nbench.json and {', '.join(p.name for p in plots)} in {out_dir}")
+    for text in sentences:  # the last word: which case the data is in
+        print(text)
     return report
 
 

@@ -118,7 +118,8 @@ class TeacherConfig:
     # defaults = configs/demo.yaml's teacher (docs/benchmarks.md says why); mode none = plain training
     mode: Literal["none", "cycle", "ledger", "online"] = "none"
     # prune: InfoBatch-style unbiased pruning from the ledger's training-forward losses (no scoring pass)
-    strategy: Literal["hard", "soft", "random", "prune"] = "hard"
+    # signal: drop only what the signal says is safe to drop (docs/teacher.md "What is safe to drop")
+    strategy: Literal["hard", "soft", "random", "prune", "signal"] = "hard"
     temperature: float = 1.0
     normalization: Literal["softmax", "sigmoid"] = "softmax"
     ratio_schedule: Literal["constant", "incremental", "cosine", "step"] = "cosine"
@@ -150,6 +151,19 @@ class TeacherConfig:
     random_reweight: bool = False
     # the last fraction of the budget (epochs, steps or seconds) trains on all data with weight 1
     anneal_fraction: float = 0.0
+    # strategy signal: gap (memorized: the lowest train losses, as many as the train losses' distribution
+    # sits below the val losses' beyond signal_tolerance * sqrt(1/n_val + 1/n_train), a one-sided KS test),
+    # learn (no longer falling: learned below the val's signal_learned_quantile, unlearnable above its
+    # signal_unlearnable_quantile + margin), gap+learn (both), excess (loss - reference below signal_excess)
+    signal: Literal["gap", "learn", "gap+learn", "excess"] = "gap+learn"
+    signal_tolerance: float = 1.36  # the KS coefficient: 1.36 = 95%, 1.63 = 99%, 0 = drop all the excess
+    signal_gap_allowance: float = 0.1  # share of train losses below val taken as ordinary overfitting
+    signal_learned_quantile: float = 0.02
+    signal_unlearnable_quantile: float = 0.98
+    signal_margin: float = 0.0  # nats beyond the memorized / unlearnable quantiles
+    signal_min_fall: float = 0.0  # nats: a loss that fell less than this since its last observation is flat
+    signal_excess: float = 0.0  # signal excess: drop where learner loss - reference loss is below this
+    record_bits: bool = False  # each selection record carries its selection as hex bits (N/4 characters)
 
 
 @dataclass
@@ -246,6 +260,11 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("teacher.prune_ratio", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("teacher.prune_quantile", lambda v: 0 <= v < 1, "must be in [0, 1) (0 = below the mean)"),
     ("teacher.anneal_fraction", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("teacher.signal_tolerance", lambda v: v >= 0, "must be >= 0"),
+    ("teacher.signal_gap_allowance", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("teacher.signal_learned_quantile", lambda v: 0 < v < 1, "must be in (0, 1)"),
+    ("teacher.signal_unlearnable_quantile", lambda v: 0 < v < 1, "must be in (0, 1)"),
+    ("teacher.signal_margin", lambda v: v >= 0, "must be >= 0 (nats)"),
     ("eval.every_steps", lambda v: v >= 0, "must be >= 0 (0 = only at the end)"),
     ("eval.max_batches", lambda v: v >= 0, "must be >= 0"),
     ("eval.batch_size", lambda v: v >= 1, "must be >= 1"),
@@ -368,6 +387,10 @@ def _validate(cfg: RunConfig) -> None:
         if not ok(value):
             raise UserError(f"config key '{key}': {value!r} {message}")
     _check_teacher(cfg.teacher)
+    t = cfg.teacher
+    if t.strategy == "signal" and t.mode in ("cycle", "ledger") and not cfg.eval.every_steps:
+        raise UserError("config key 'eval.every_steps': 0, but teacher.strategy 'signal' needs periodic val "
+                        "passes (its thresholds come from the val losses)")
     if cfg.model.init_from and cfg.model.pretrained:
         raise UserError("config key 'model.pretrained': set model.init_from or its older name "
                         "model.pretrained, not both")
@@ -400,6 +423,12 @@ def _check_teacher(t: TeacherConfig) -> None:
     if t.score == "excess" and not t.reference:
         raise UserError("config key 'teacher.reference': required when teacher.score is 'excess' "
                         "(a scores file from `attent-scale score`)")
+    if t.strategy == "signal" and t.mode not in ("cycle", "ledger", "none"):
+        raise UserError(f"config key 'teacher.strategy': 'signal' needs teacher.mode cycle or ledger, not "
+                        f"{t.mode!r}")
+    if t.strategy == "signal" and t.signal == "excess" and t.score != "excess":
+        raise UserError("config key 'teacher.signal': 'excess' needs teacher.score: excess (and "
+                        "teacher.reference, the reference's scores)")
     if t.strategy == "prune" and t.mode not in ("cycle", "ledger", "none"):
         raise UserError(f"config key 'teacher.strategy': 'prune' needs teacher.mode cycle or ledger, not "
                         f"{t.mode!r}")

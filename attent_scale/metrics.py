@@ -118,6 +118,9 @@ class NullMetrics:
     def observe_sources(self, sources: list[Mapping[str, Any]]) -> None:
         """Record what the last selection kept of each source (teacher/floors.py:source_report)."""
 
+    def observe_signal(self, signal: Mapping[str, Any]) -> None:
+        """Record what one strategy-signal selection dropped (the record's "signal" entry)."""
+
     def observe_eval(self, val_loss: float) -> None:
         """Record a held-out evaluation."""
 
@@ -169,6 +172,25 @@ class Metrics(NullMetrics):
         self.selected_ratio = gauge("attent_selected_ratio", "Fraction of samples the last selection kept")
         self.staleness = gauge("attent_score_staleness_steps",
                                "Median age in steps of the scores the last selection used")
+        self.dropped_ratio = gauge("attent_dropped_ratio",
+                                   "Share of the observed samples the last signal selection dropped")
+        self.dropped = Gauge("attent_dropped_samples", "Samples the last signal selection dropped, by reason "
+                             "(memorized/learned/unlearnable; capped: candidates kept by the ratio cap)",
+                             [*names, "reason"], registry=reg)
+        self.signal_threshold = Gauge("attent_signal_threshold_nats", "Cut points of the last signal "
+                                      "selection's rule (memorized/learned/unlearnable/min_fall/excess)",
+                                      [*names, "rule"], registry=reg)
+        self.signal_quantile = Gauge("attent_signal_loss_quantile_nats", "Quantiles of the per-sample losses "
+                                     "at the last signal selection: of=train (ledger), val (last val pass), "
+                                     "fall (previous - last train loss)", [*names, "of", "q"], registry=reg)
+        # every series exists from the start (0 until a signal selection): the dashboard has data in any run
+        for reason in ("memorized", "learned", "unlearnable", "capped"):
+            self.dropped.labels(**lab, reason=reason)
+        for rule in ("memorized", "learned", "unlearnable", "min_fall", "excess"):
+            self.signal_threshold.labels(**lab, rule=rule)
+        for of in ("train", "val", "fall"):
+            for q in ("q05", "q25", "q50", "q75", "q95"):
+                self.signal_quantile.labels(**lab, of=of, q=q)
         self.train_loss = gauge("attent_train_loss", "Train loss of the last step")
         self.val_loss = gauge("attent_val_loss", "Held-out validation loss of the last evaluation")
         self.tokens_per_second = gauge("attent_tokens_per_second",
@@ -306,6 +328,18 @@ class Metrics(NullMetrics):
                 value = row.get(key)
                 if value is not None:
                     gauge.labels(**self.labels, source=str(row["name"])).set(float(value))
+
+    def observe_signal(self, signal: Mapping[str, Any]) -> None:
+        lab = self.labels
+        self.dropped_ratio.set(float(signal.get("dropped_share") or 0.0))
+        for reason in ("memorized", "learned", "unlearnable", "capped"):
+            self.dropped.labels(**lab, reason=reason).set(float((signal.get("reasons") or {}).get(reason, 0)))
+        for rule, value in (signal.get("thresholds") or {}).items():
+            self.signal_threshold.labels(**lab, rule=rule).set(float(value))
+        for of, key in (("train", "loss"), ("val", "val"), ("fall", "fall")):
+            for q, value in (signal.get(key) or {}).items():
+                if q.startswith("q"):
+                    self.signal_quantile.labels(**lab, of=of, q=q).set(float(value))
 
     def observe_eval(self, val_loss: float) -> None:
         self.val_loss.set(val_loss)

@@ -434,6 +434,8 @@ class Trainer:
             self.metrics.observe_selection(start.phase_seconds)
         if start.record is not None and start.record.get("sources"):
             self.metrics.observe_sources(start.record["sources"])
+        if start.record is not None and start.record.get("signal"):
+            self.metrics.observe_signal(start.record["signal"])
 
     def score_pass(self, skip: Any, step: int) -> None:
         """A sharded forward over this rank's part of the data except `skip`; the losses go into the
@@ -665,9 +667,12 @@ class Trainer:
         """Val loss on this rank's val batches; eval.jsonl and the metrics get the point."""
         progress, clock = self.progress, self.clock
         t0 = time.perf_counter()
-        loss = self.engine.evaluate(self.validator.batches(self.manifest))
+        signal = self.cfg.teacher.strategy == "signal" and self.teacher.mode in ("cycle", "ledger")
+        loss = self.engine.evaluate(self.validator.batches(self.manifest), sample_hist=signal)
         if self.validator.stream is not None:  # val shards given up on stop the run like train shards
             self.unreachable += self.validator.stream.take_unreachable()
+        if signal:  # the teacher's thresholds come from the val losses' distribution
+            self.teacher.observe_val(self.engine.val_histogram, progress.step)
         clock.eval_seconds += time.perf_counter() - t0
         self.validator.last_loss = loss
         self.logs.eval.write(

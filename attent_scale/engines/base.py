@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -47,7 +48,7 @@ class Engine(Protocol):
     def per_sample_loss(self, batch: Batch) -> torch.Tensor: ...
     def score(self, batch: Batch) -> torch.Tensor: ...
     def train_step(self, batch: Batch) -> StepResult: ...
-    def evaluate(self, batches: Iterable[Batch]) -> float: ...
+    def evaluate(self, batches: Iterable[Batch], sample_hist: bool = False) -> float: ...
     def save(self, ckpt_dir: str | Path, tag: str) -> None: ...
     def load(self, ckpt_dir: str | Path, tag: str) -> None: ...
     def export(self, out_dir: str | Path) -> None: ...
@@ -330,23 +331,38 @@ class BaseEngine:
             self.steps_done += 1
         return StepResult(loss_value, ps_host, lr, grad_norm, not applied)
 
-    def evaluate(self, batches: Iterable[Batch]) -> float:
+    def evaluate(self, batches: Iterable[Batch], sample_hist: bool = False) -> float:
         """Token-mean loss over all batches of all ranks (every rank must pass the same count);
-        sums stay on the device until the one all-reduce at the end."""
+        sums stay on the device until the one all-reduce at the end. `sample_hist`: also the histogram of
+        the per-sample losses over all ranks (`teacher.signals.histogram`, integer counts: the same on any
+        world size) into `self.val_histogram`, one more all-reduce."""
+        from attent_scale.teacher.signals import NUM_BINS, histogram
+
         self._set_train(False)
         acc = torch.zeros(2, dtype=torch.float64, device=self.device)
+        hist = np.zeros(NUM_BINS, dtype=np.int64)
         try:
             with torch.no_grad():
                 for batch in batches:
                     ps = self.per_sample_loss(batch)
                     tok = token_counts(batch["labels"]).to(ps.device, torch.float64)
                     acc += torch.stack([(ps.double() * tok).sum(), tok.sum()])
+                    if sample_hist:
+                        real = tok > 0
+                        if "ids" in batch:
+                            real &= batch["ids"].to(real.device) >= 0
+                        hist += histogram(ps[real])
         finally:
             self._set_train(True)
         group = self.group
         acc = acc.to(collective_device(group))
         if group_size(group) > 1:
             dist.all_reduce(acc, group=group)
+        if sample_hist:
+            h = torch.from_numpy(hist).to(collective_device(group))
+            if group_size(group) > 1:
+                dist.all_reduce(h, group=group)
+            self.val_histogram = h.cpu().numpy()
         ce_sum, n_tok = acc.tolist()
         self.host_syncs += 1
         return ce_sum / n_tok if n_tok > 0 else float("nan")

@@ -139,6 +139,10 @@ class AttentTrainer(Trainer):
             raise UserError("AttentTrainer: teacher mode 'online' needs per-step rebalancing that Trainer "
                             "cannot do; use mode 'cycle' or 'ledger'")
         self.attent_enabled = mode in ("cycle", "ledger")
+        if self.attent_enabled and self.teacher_config.strategy == "signal":
+            raise UserError("AttentTrainer: teacher.strategy 'signal' needs the per-sample val losses of "
+                            "attent-scale's own evaluation (not wired into Trainer.evaluate yet); use "
+                            "`attent-scale train` or another strategy")
         self.per_sample_loss_fn = per_sample_loss_fn or causal_lm_per_sample
         t = self.teacher_config
         weighs = (t.strategy == "prune" and t.reweight) or (t.strategy == "random" and t.random_reweight)

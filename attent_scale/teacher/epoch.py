@@ -82,7 +82,8 @@ def begin_epoch(teacher: Teacher, epoch: int, step: int, scorer: Scorer, *,
         plan=plan, selection=selection, num_samples=teacher.num_samples,
         planned_steps=steps_for(count) if steps_for is not None else None,
         anneal=anneal,
-        replan=selection is not None and (teacher.cfg.strategy == "prune" or epoch in teacher.kept_counts),
+        replan=selection is not None and (teacher.cfg.strategy in ("prune", "signal")
+                                          or epoch in teacher.kept_counts),
         phase_seconds={p: after[p] - before[p] for p in PHASES},
         record=teacher.last_record if selection is not None else None,
     )

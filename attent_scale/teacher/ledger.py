@@ -80,11 +80,13 @@ class Ledger:
     until `exchange` sends them to their owners. Merging is a max over entries (pack_entries), so the result
     does not depend on which rank observed what, in which order, or how often it exchanged."""
 
-    def __init__(self, num_ids: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, num_ids: int, rank: int = 0, world_size: int = 1, *, history: bool = False) -> None:
         self.num_ids = int(num_ids)
         self.rank, self.world_size = int(rank), int(world_size)
         self.lo, self.hi = block_range(self.rank, self.num_ids, self.world_size)
         self._val = np.zeros(self.hi - self.lo, dtype=np.uint64)
+        # history (teacher.strategy signal): also the observation before the last one, 8 more bytes per id
+        self._prev = np.zeros(self.hi - self.lo, dtype=np.uint64) if history else None
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self.pending = 0  # observations waiting for an exchange
 
@@ -107,16 +109,50 @@ class Ledger:
         val = pack_entries(loss, step, kind)
         mine = (ids >= self.lo) & (ids < self.hi)
         if mine.all():
-            np.maximum.at(self._val, ids - self.lo, val)
+            self._fold(ids - self.lo, val)
         else:
-            np.maximum.at(self._val, ids[mine] - self.lo, val[mine])
+            self._fold(ids[mine] - self.lo, val[mine])
             self._pending.append((ids[~mine], val[~mine]))
             self.pending += int(ids.shape[0] - np.count_nonzero(mine))
         return int(np.count_nonzero(~np.isfinite(loss)))
 
     def merge(self, ids: np.ndarray, val: np.ndarray) -> None:
         """Fold packed entries of owned ids in (the max rule)."""
-        np.maximum.at(self._val, np.asarray(ids, dtype=np.int64) - self.lo, val)
+        self._fold(np.asarray(ids, dtype=np.int64) - self.lo, np.asarray(val, dtype=np.uint64))
+
+    def _fold(self, idx: np.ndarray, val: np.ndarray) -> None:
+        """The last entry is the max of all observations; with history the previous one is the max of
+        those made at an earlier (step, kind) than the last: both depend only on the set of observations,
+        not on their order or on which rank made them. Repeated ids are folded in rounds."""
+        if self._prev is None:
+            np.maximum.at(self._val, idx, val)
+            return
+        while idx.size:
+            uniq, first = np.unique(idx, return_index=True)
+            x = val[first]
+            cur, prev = self._val[uniq], self._prev[uniq]
+            tx, tc = x >> np.uint64(32), cur >> np.uint64(32)
+            newer, older = tx > tc, tx < tc
+            self._prev[uniq] = np.where(newer, cur, np.where(older, np.maximum(prev, x), prev))
+            self._val[uniq] = np.where(older, cur, np.maximum(cur, x))
+            if first.size == idx.size:
+                return
+            rest = np.ones(idx.size, dtype=bool)
+            rest[first] = False
+            idx, val = idx[rest], val[rest]
+
+    @property
+    def history(self) -> bool:
+        return self._prev is not None
+
+    def enable_history(self) -> None:
+        """Keep previous observations from now on (a state saved without them has none yet)."""
+        if self._prev is None:
+            self._prev = np.zeros_like(self._val)
+
+    def block_prev(self, a: int, b: int) -> np.ndarray | None:
+        """The previous entries (0 = none) of owned ids [a, b), or None without history."""
+        return None if self._prev is None else self._prev[a - self.lo:b - self.lo]
 
     def _take_pending(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The oldest pending observations, at most `n` entries; O(entries taken + chunks), not quadratic
@@ -192,7 +228,8 @@ class Ledger:
     @property
     def nbytes(self) -> int:
         """Bytes held: the dense block plus pending observations."""
-        return int(self._val.nbytes + sum(i.nbytes + v.nbytes for i, v in self._pending))
+        prev = self._prev.nbytes if self._prev is not None else 0
+        return int(self._val.nbytes + prev + sum(i.nbytes + v.nbytes for i, v in self._pending))
 
     def staleness(self, now: int) -> np.ndarray:
         """Age in steps (now - step, int64) of every observed id of this rank's block, by id."""
@@ -202,7 +239,9 @@ class Ledger:
         """safetensors-ready tensors: the dense block (as int64) and the pending observations."""
         ids = [i for i, _ in self._pending]
         vals = [v for _, v in self._pending]
+        out = {} if self._prev is None else {"prev": torch.from_numpy(self._prev.view(np.int64))}
         return {
+            **out,
             "block": torch.from_numpy(self._val.view(np.int64)),
             "pending_ids": torch.from_numpy(np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)),
             "pending_val": torch.from_numpy(
@@ -214,11 +253,13 @@ class Ledger:
     def from_state_tensors(cls, state: dict[str, torch.Tensor]) -> Ledger:
         """Inverse of state_tensors."""
         num_ids, rank, world = (int(x) for x in state["shape"].reshape(-1).tolist())
-        led = cls(num_ids, rank, world)
+        led = cls(num_ids, rank, world, history="prev" in state)
         block = state["block"].numpy().view(np.uint64)
         if block.shape != led._val.shape:
             raise ValueError(f"ledger block of {block.shape[0]} entries, expected {led._val.shape[0]}")
         np.copyto(led._val, block)  # a copy: the state may be a live ledger's view (state_tensors)
+        if led._prev is not None:
+            np.copyto(led._prev, state["prev"].numpy().view(np.uint64))
         ids = state["pending_ids"].numpy().astype(np.int64)
         if ids.size:
             led._pending = [(ids.copy(), state["pending_val"].numpy().view(np.uint64).copy())]
@@ -233,7 +274,7 @@ class Ledger:
         `block[a:b]`, e.g. a lazy file handle) for every old rank whose block overlaps the new one, so a
         rank reads O(N / world_size) entries; the pending observations of the old ranks in `pending_from`
         become this rank's pending (the next exchange sends them to their owners)."""
-        led = cls(num_ids, rank, world_size)
+        led = cls(num_ids, rank, world_size, history=any("prev" in state for state in old.values()))
         step = block_len(num_ids, old_world)
         for r in range(led.lo // step, -(-led.hi // step)) if led.hi > led.lo else ():
             a, b = max(led.lo, r * step), min(led.hi, (r + 1) * step)
@@ -244,8 +285,10 @@ class Ledger:
             if shape != [num_ids, r, old_world]:
                 raise ValueError(f"ledger state of old rank {r} has shape {shape}, expected "
                                  f"{[num_ids, r, old_world]}")
-            part = state["block"][a - r * step:b - r * step]
-            led._val[a - led.lo:b - led.lo] = np.asarray(part.numpy() if hasattr(part, "numpy") else part
+            fields = [("block", led._val)] + ([("prev", led._prev)] if led._prev is not None else [])
+            for name, dest in fields:
+                part = state[name][a - r * step:b - r * step]
+                dest[a - led.lo:b - led.lo] = np.asarray(part.numpy() if hasattr(part, "numpy") else part
                                                          ).view(np.uint64)
         for r in pending_from:
             ids = _full(old[r]["pending_ids"]).numpy().astype(np.int64)

@@ -12,6 +12,7 @@ import numpy as np
 from attent_scale.data.selection import Selection
 from attent_scale.teacher.comm import Comm
 from attent_scale.teacher.ledger import NEG_INF_IMAGE, POS_INF_IMAGE, loss_image, unpack_entries
+from attent_scale.teacher.signals import pick_signal
 from attent_scale.teacher.strategies import strategy_keys, uniform_noise
 from attent_scale.teacher.topk import select_block_bits
 
@@ -227,6 +228,7 @@ STRATEGIES: dict[str, Strategy] = {
     "soft": Strategy(pick_soft, scores=True, reuse=False, staleness=True),
     "random": Strategy(pick_random, scores=False, reuse=True, staleness=False),
     "prune": Strategy(pick_prune, scores=False, reuse=False, staleness=True),
+    "signal": Strategy(pick_signal, scores=True, reuse=False, staleness=True),
 }
 
 

@@ -13,6 +13,9 @@ RECORD_KEYS = (
     "n_unseen", "n_nonfinite", "world_size", "seconds", "bytes_per_rank", "bytes_per_rank_max",
     "sha256", "staleness",
     "sources",  # per source of the training ids: teacher/floors.py:source_report (null in online mode)
+    # strategy signal: dropped share, counts per reason, thresholds and distributions (signals.pick_signal);
+    # teacher.record_bits: the selection as hex bits (little bit order), for benchmark tools
+    "signal", "selection_bits",
 )
 
 

@@ -23,6 +23,7 @@ from attent_scale.teacher.picks import KEY_CHUNK, Pick, strategy
 from attent_scale.teacher.picks import round_half_up as _round_half_up
 from attent_scale.teacher.records import RecordWriter, make_record
 from attent_scale.teacher.schedules import interval_at, ratio_at
+from attent_scale.teacher.signals import NUM_BINS
 from attent_scale.teacher.strategies import strategy_keys
 from attent_scale.teacher.topk import key_image, kth_largest, select_block_bits, select_global
 
@@ -98,7 +99,11 @@ class Teacher:
         ops = collective_ops(self.group)
         self.world_size = ops.get_world_size(self.group) if self.group is not None else 1
         self.rank = ops.get_rank(self.group) if self.group is not None else 0
-        self.ledger = Ledger(self.num_samples, self.rank, self.world_size)
+        self.ledger = Ledger(self.num_samples, self.rank, self.world_size, history=cfg.strategy == "signal")
+        # strategy signal: the val pass's per-sample loss histogram (summed over ranks) and its step
+        self.val_hist = np.zeros(NUM_BINS, dtype=np.int64)
+        self.val_step: int | None = None
+        self.signal_record: dict[str, Any] | None = None
         self.reference = reference  # teacher.score=excess: a teacher.reference.Reference, else None
         # the training ids by source (teacher/floors.py): a blend's sources, else one source of all ids
         self.sources = list(sources) if sources else [SourceRange("data", 0, self.num_samples)]
@@ -193,6 +198,10 @@ class Teacher:
             return num
         if num == self.num_samples and plan.epoch in self.kept_counts:  # what its selection kept
             return self.kept_counts[plan.epoch]
+        if self.cfg.strategy == "signal":  # keeps what its signal does not drop: all, until it has selected
+            if num == self.num_samples and self.kept_counts:
+                return self.kept_counts.get(plan.epoch, self.kept_counts[max(self.kept_counts)])
+            return num
         if self.cfg.strategy == "prune":
             if num == self.num_samples and self.kept_counts:
                 if plan.epoch in self.kept_counts:
@@ -246,6 +255,12 @@ class Teacher:
         """Record training-forward losses (free scores). A no-op in online and none modes."""
         if self.cfg.mode in ("cycle", "ledger"):
             self.stats["nonfinite"] += self.ledger.observe(ids, losses, step, kind=TRAIN)
+
+    def observe_val(self, hist: np.ndarray, step: int) -> None:
+        """The per-sample val losses of an evaluation at `step`, as a histogram summed over every rank
+        (`signals.histogram` bins): what strategy signal's thresholds come from."""
+        self.val_hist = np.asarray(hist, dtype=np.int64).copy()
+        self.val_step = int(step)
 
     def exclude(self, ids: list[int], step: int) -> None:
         """Corrupt samples: recorded as a non-finite loss, which hard/soft never select (unseen ids would
@@ -350,7 +365,9 @@ class Teacher:
             method=report["method"], ratio=ratio, k=int(pick.k), n_scored=int(pick.n_obs),
             n_selected=selection.count, n_unseen=int(self.num_samples - pick.n_obs),
             n_nonfinite=int(pick.n_nonfinite), world_size=self.world_size,
-            sha256=selection.sha256 if self.rank == 0 else None, staleness=staleness, sources=sources)
+            sha256=selection.sha256 if self.rank == 0 else None, staleness=staleness, sources=sources,
+            signal=self.signal_record if cfg.strategy == "signal" else None,
+            selection_bits=selection.bits.tobytes().hex() if cfg.record_bits and self.rank == 0 else None)
         self._settle(comm, report, t_keys, {"score": self._score_seconds_pending}, bytes_max=True,
                      record=record)
         if cfg.mode == "cycle" and strat.reuse:
@@ -501,6 +518,8 @@ class Teacher:
             "stats": dict(self.stats),
             "last_record": self.last_record,
             "kept_counts": dict(self.kept_counts),
+            "val_hist": self.val_hist if self.cfg.strategy == "signal" else None,  # 32 KB, only where used
+            "val_step": self.val_step,
         }
 
     def load_state_dict(self, state: dict[str, Any], peers: dict[int, dict[str, Any]] | None = None) -> None:
@@ -539,6 +558,11 @@ class Teacher:
         self.stats = dict(state["stats"])
         self.last_record = state["last_record"]
         self.kept_counts = {int(e): int(c) for e, c in (state.get("kept_counts") or {}).items()}
+        if state.get("val_hist") is not None:
+            self.val_hist = np.asarray(state["val_hist"], dtype=np.int64).copy()
+            self.val_step = state.get("val_step")
+        if self.cfg.strategy == "signal":
+            self.ledger.enable_history()
         if elastic:  # counters summed over ranks (summary.json): old ranks folded onto this one
             assert peers is not None
             self._scored_pending = sum(int(peers[r]["scored_pending"]) for r in fold)

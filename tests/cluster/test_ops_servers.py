@@ -41,6 +41,10 @@ def populated(m: Metrics, scale: float) -> None:
     m.observe_selection({"score": 0.2 * scale}, selected_ratio=0.3, staleness_median=4)
     m.observe_sources([{"name": src, "samples": 100, "selected": 30, "dropped": 70, "floor_added": 5,
                         "mean_loss": 3.0 * scale} for src in ("code", "prose")])
+    m.observe_signal({"dropped_share": 0.1 * scale,
+                      "reasons": {"memorized": 3, "learned": 1, "unlearnable": 2},
+                      "thresholds": {"memorized": 2.5, "learned": 2.5, "unlearnable": 6.0},
+                      "loss": {"q50": 4.0}, "val": {"q50": 4.2}, "fall": {"q50": 0.1}})
     m.update({"samples_trained": 64, "tokens_trained": 2048, "samples_scored": 128,
               "collective_bytes": 1024, "corrupt_samples": 1,
               "nonfinite_skipped": 0, "wall_seconds": 10.0,

@@ -84,7 +84,7 @@ def test_dashboard_structure_and_metrics_exist_in_a_live_scrape() -> None:
     assert {"job", "rank"} <= variables.keys()
     titles = " ".join(p["title"].lower() for p in dash["panels"])
     for word in ("phase", "overhead", "selected ratio", "loss", "throughput", "staleness", "faults",
-                 "checkpoint", "per source"):
+                 "checkpoint", "per source", "dropped", "threshold"):
         assert word in titles, word
     for panel in dash["panels"]:
         assert panel["datasource"]["uid"] == "${datasource}"
