@@ -19,11 +19,11 @@ from attent_scale.errors import UserError
 DEMO_DIR = Path("runs/demo/shards")
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 SMOL_CONFIG = DEMO_CONFIG.with_name("demo_smollm2.yaml")
-# 280 stdlib docstring pairs; the builder's hash split sends ~1/5 to val (the pairs are deduplicated, so
+# 140 stdlib docstring pairs; the builder's hash split sends ~1/5 to val (the pairs are deduplicated, so
 # val never repeats a train prompt or response). seq_len 80 holds ~90% of them in SmolLM2's chat template.
-# Sized from CPU time measured on a busy machine (docs/benchmarks.md): ~1,000 one-thread CPU seconds.
+# Sized for ~10 minutes on 2 idle cores; 180 took 12.6 (docs/benchmarks.md, "The SmolLM2 demo").
 SMOL_SETTINGS = {"seq_len": 80, "val_fraction": 0.2, "samples_per_shard": 100, "seed": 0}
-SMOL_EXAMPLES = 280
+SMOL_EXAMPLES = 140
 DEMO_SETTINGS = {
     "seq_len": 128,
     "vocab_size": 2000,
