@@ -95,7 +95,8 @@ def write_samples(f: BinaryIO, samples: Iterable[tuple[int, np.ndarray, np.ndarr
 
 _BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")  # regular file types (7: contiguous file, read as regular)
-_SKIPPED = (b"1", b"2", b"3", b"4", b"5", b"6", b"g")  # links, devices, dirs, fifos, global pax headers
+# links, devices, dirs, fifos, global pax headers, GNU long link names: read past, never a file
+_SKIPPED = (b"1", b"2", b"3", b"4", b"5", b"6", b"g", b"K")
 
 
 def _octal(field: bytes) -> int:
@@ -164,7 +165,7 @@ def _tar_files(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
         if kind == b"x":
             pax = _pax(data)
             continue
-        if kind in (b"L",):
+        if kind == b"L":
             long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             continue
         if kind in _REGULAR:

@@ -57,3 +57,15 @@ def test_refuses_what_tarfile_refuses():
         with pytest.raises(tarfile.ReadError, match=why):
             list(_tar_files(io.BytesIO(data)))
     assert list(_tar_files(io.BytesIO(bytes(1024)))) == []  # only the end-of-archive marker
+
+
+def test_a_gnu_symlink_with_a_long_target_is_read_past():
+    bio = io.BytesIO()
+    with tarfile.open(fileobj=bio, mode="w|", format=tarfile.GNU_FORMAT) as tf:
+        link = tarfile.TarInfo("l" * 120)
+        link.type, link.linkname = tarfile.SYMTYPE, "t" * 130  # a 'K' long-link-name header, then 'L'
+        tf.addfile(link)
+        info = tarfile.TarInfo("0000000001.tokens.u16")
+        info.size = 3
+        tf.addfile(info, io.BytesIO(b"abc"))
+    assert list(_tar_files(io.BytesIO(bio.getvalue()))) == [("0000000001.tokens.u16", b"abc")]
