@@ -41,7 +41,7 @@ def shard_location(dir: str | Path, name: str) -> str:
     """Where shard `name` of the shard set in `dir` is read: the one place a (set, shard) pair becomes a
     location string (a blend's sources and a plain data.dir both go through it)."""
     if remote.is_url(dir):
-        return f"{str(dir).rstrip('/')}/{name}"
+        return str(remote.join(dir, name))
     return os.path.join(os.fspath(dir), name)  # a string join: 10^5 shards cost milliseconds
 
 
