@@ -163,6 +163,10 @@ class Metrics(NullMetrics):
         def gauge(name: str, doc: str) -> Any:
             return Gauge(name, doc, names, registry=reg).labels(**lab)
 
+        def gauge_by(name: str, doc: str, *extra: str) -> Any:
+            """A gauge with labels beyond the rank's (reason, rule, source): `.labels(**lab, ...)` each."""
+            return Gauge(name, doc, [*names, *extra], registry=reg)
+
         self._selection = Histogram(
             "attent_selection_seconds", "Seconds spent selecting, by phase (score/collective/select/"
             "share/rebalance)", [*names, "phase"], registry=reg, buckets=_SELECTION_BUCKETS)
@@ -174,15 +178,15 @@ class Metrics(NullMetrics):
                                "Median age in steps of the scores the last selection used")
         self.dropped_ratio = gauge("attent_dropped_ratio",
                                    "Share of the observed samples the last signal selection dropped")
-        self.dropped = Gauge("attent_dropped_samples", "Samples the last signal selection dropped, by reason "
-                             "(memorized/learned/unlearnable; capped: candidates kept by the ratio cap)",
-                             [*names, "reason"], registry=reg)
-        self.signal_threshold = Gauge("attent_signal_threshold_nats", "Cut points of the last signal "
-                                      "selection's rule (memorized/learned/unlearnable/min_fall/excess)",
-                                      [*names, "rule"], registry=reg)
-        self.signal_quantile = Gauge("attent_signal_loss_quantile_nats", "Quantiles of the per-sample losses "
-                                     "at the last signal selection: of=train (ledger), val (last val pass), "
-                                     "fall (previous - last train loss)", [*names, "of", "q"], registry=reg)
+        self.dropped = gauge_by("attent_dropped_samples", "Samples the last signal selection dropped, by "
+                                "reason (memorized/learned/unlearnable; capped: candidates kept by the ratio "
+                                "cap)", "reason")
+        self.signal_threshold = gauge_by("attent_signal_threshold_nats", "Cut points of the last signal "
+                                         "selection's rule (memorized/learned/unlearnable/min_fall/excess)",
+                                         "rule")
+        self.signal_quantile = gauge_by("attent_signal_loss_quantile_nats", "Quantiles of the per-sample "
+                                        "losses at the last signal selection: of=train (ledger), val (last "
+                                        "val pass), fall (previous - last train loss)", "of", "q")
         # every series exists from the start (0 until a signal selection): the dashboard has data in any run
         for reason in ("memorized", "learned", "unlearnable", "capped"):
             self.dropped.labels(**lab, reason=reason)
@@ -217,17 +221,18 @@ class Metrics(NullMetrics):
                                          "Shard opens served from the local cache")
         # per source of a blend (a plain data.dir is one source): gauges of the last selection, label
         # `source` = data.sources[*].name (a handful of values, never an id)
-        def by_source(name: str, doc: str) -> Any:
-            return Gauge(name, doc, [*names, "source"], registry=reg)
-
         self.source_gauges = {
-            "samples": by_source("attent_source_samples", "Training ids of the source (after weights)"),
-            "selected": by_source("attent_source_selected", "Ids of the source the last selection kept"),
-            "dropped": by_source("attent_source_dropped", "Ids of the source the last selection dropped"),
-            "floor_added": by_source("attent_source_floor_added",
-                                     "Ids the source's floor added to the last selection"),
-            "mean_loss": by_source("attent_source_mean_loss",
-                                   "Mean last observed loss over the source's ids at the last selection"),
+            "samples": gauge_by("attent_source_samples", "Training ids of the source (after weights)",
+                                "source"),
+            "selected": gauge_by("attent_source_selected", "Ids of the source the last selection kept",
+                                 "source"),
+            "dropped": gauge_by("attent_source_dropped", "Ids of the source the last selection dropped",
+                                "source"),
+            "floor_added": gauge_by("attent_source_floor_added",
+                                    "Ids the source's floor added to the last selection", "source"),
+            "mean_loss": gauge_by("attent_source_mean_loss",
+                                  "Mean last observed loss over the source's ids at the last selection",
+                                  "source"),
         }
         self.step_seconds = Histogram("attent_step_seconds", "Wall seconds per optimizer step", names,
                                       registry=reg, buckets=_STEP_BUCKETS).labels(**lab)
