@@ -566,8 +566,7 @@ class Trainer:
     def note_corrupt(self, stream: Any) -> None:
         """Keep corrupt samples out of every later selection and count the distinct ones."""
         progress = self.progress
-        take = getattr(stream, "take_unreachable", None)
-        gone = take() if take is not None else []
+        gone = stream.take_unreachable()
         self.unreachable += gone
         for line in gone if self.cfg.data.skip_unreachable else ():
             print(f"attent-scale: rank {self.rank}: warning: {line}; its samples are skipped as corrupt "
