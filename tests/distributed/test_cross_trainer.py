@@ -142,6 +142,45 @@ def test_train_trainer_selects_by_the_shared_epoch_start(tmp_path: Path, tiny_sh
     _check_against_replay(TeacherConfig(**teacher), n, cap, records, Reference(scores, m, "train"))
 
 
+# strategy signal: the default teacher with wider learned / unlearnable quantiles (tiny runs drop some)
+SIGNAL = dict(mode="ledger", strategy="signal", signal="gap+learn", ratio_schedule="constant",
+              initial_ratio=0.2, warmup_epochs=1, signal_learned_quantile=0.3,
+              signal_unlearnable_quantile=0.7)
+
+
+def _check_signal_replay(cfg: TeacherConfig, n: int, cap: _Capture, records: list[dict]) -> None:
+    """The run's selections equal a fresh Teacher's fed the same training losses and val histograms
+    through the shared epoch start, something was dropped, and without the histograms nothing would be."""
+    assert [r["epoch"] for r in records] == [1, 2, 3] and records[-1]["signal"]["dropped"] > 0
+    starts = {r["epoch"]: r["step"] for r in records}
+    assert [r["signal"]["val"]["step"] for r in records] == [max(s for _, s in cap.vals if s <= r["step"])
+                                                              for r in records]
+    want = _replay(cfg, n, list(cap.events), starts, None, list(cap.vals))
+    assert [want[r["epoch"]].sha256 for r in records] == [r["sha256"] for r in records]
+    blind = _replay(cfg, n, list(cap.events), starts, None)
+    assert all(blind[e] is None or blind[e].count == n for e in blind)
+
+
+def test_train_trainer_signal_selects_as_the_teacher_does(tmp_path: Path, tiny_shards: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """strategy signal through `attent-scale train`'s Trainer (an evaluation every 10 steps): the same
+    check as AttentTrainer's below."""
+    from train_runner import tiny_run_config
+
+    from attent_scale.config import config_from_dict
+    from attent_scale.data import Manifest
+    from attent_scale.train import train
+
+    n = Manifest.load(tiny_shards).num_samples("train")
+    raw = tiny_run_config(tmp_path / "run", tiny_shards, teacher=SIGNAL,
+                          train={"max_steps": 10_000, "max_epochs": EPOCHS, "log_every": 50},
+                          eval={"every_steps": 10, "max_batches": 2, "batch_size": 16})
+    cap = _Capture(monkeypatch)
+    assert train(config_from_dict(raw)) == 0
+    assert cap.vals and all(int(h.sum()) == 32 for h, _ in cap.vals)
+    _check_signal_replay(TeacherConfig(**SIGNAL), n, cap, read_records(tmp_path / "run" / "selection.jsonl"))
+
+
 def _tiny_lm() -> Any:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, GPT2Config
@@ -201,30 +240,24 @@ def test_attent_trainer_selects_by_the_shared_epoch_start(tmp_path: Path,
 
 def test_attent_trainer_signal_selects_as_the_teacher_does(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """strategy signal (the default teacher, wider learned / unlearnable quantiles so that the toy run
-    drops some) with an evaluation every epoch: AttentTrainer's selections equal a fresh Teacher's (as
-    `attent-scale train` drives it) fed the same training losses and the same val histograms through
-    the shared epoch start; without the histograms that teacher would drop nothing."""
+    """strategy signal (SIGNAL: the default teacher, wider quantiles) with an evaluation every epoch:
+    AttentTrainer's selections equal a fresh Teacher's (as `attent-scale train` drives it) fed the same
+    training losses and the same val histograms through the shared epoch start; without the histograms
+    that teacher would drop nothing."""
     from hf_worker import N_SAMPLES, ToyPairs
 
     from attent_scale.integrations.hf import default_teacher_config
 
-    cfg = dataclasses.replace(default_teacher_config(), signal_learned_quantile=0.3,
-                              signal_unlearnable_quantile=0.7)
+    cfg = dataclasses.replace(default_teacher_config(), **SIGNAL)
     cap = _Capture(monkeypatch)
     trainer = _hf_trainer(tmp_path, cfg, eval_dataset=ToyPairs(20, seed=1),
                           args_kw={"eval_strategy": "epoch"})
     trainer.train()
     records = read_records(tmp_path / "selection.jsonl")
-    assert [r["epoch"] for r in records] == [1, 2, 3] and records[-1]["signal"]["dropped"] > 0
     # an evaluation at every epoch's end, the step the next epoch's selection is made at
     assert [s for _, s in cap.vals] == [r["step"] for r in records] + [trainer.state.global_step]
     assert all(int(h.sum()) == 20 for h, _ in cap.vals)
-    starts = {r["epoch"]: r["step"] for r in records}
-    want = _replay(cfg, N_SAMPLES, list(cap.events), starts, None, list(cap.vals))
-    assert [want[r["epoch"]].sha256 for r in records] == [r["sha256"] for r in records]
-    blind = _replay(cfg, N_SAMPLES, list(cap.events), starts, None)
-    assert all(blind[e] is None or blind[e].count == N_SAMPLES for e in blind)
+    _check_signal_replay(cfg, N_SAMPLES, cap, records)
 
 
 def test_signal_eval_loss_unchanged_and_histogram_of_per_sample_losses(tmp_path: Path) -> None:
