@@ -122,6 +122,9 @@ class AttentTrainer(Trainer):
     - `reference`: reference losses for `teacher.score: excess`, one per index of `train_dataset` (an
       array, or an object with `losses(ids)`); without it, `teacher.reference` names a scores file.
 
+    Strategy signal (the default) takes its val losses from `evaluate()` on `eval_dataset`: pass one and
+    an `eval_strategy` ("epoch" or "steps"); without evaluation it keeps every sample (a warning says so).
+
     The teacher config is checked like a YAML one (UserError naming the key). Weighted selections (prune
     with reweight, random with random_reweight) weight each sample's token CE sum in the loss, as
     `attent-scale train` does; they need the built-in causal-LM loss.
