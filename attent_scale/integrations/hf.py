@@ -6,6 +6,7 @@ import itertools
 import math
 import os
 import socket
+import sys
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -31,8 +32,10 @@ from attent_scale.integrations.sampler import ID_KEY, AttentBatchSampler, IdColl
 from attent_scale.metrics import Metrics, NullMetrics
 from attent_scale.runlog import count_lines, truncate_lines
 from attent_scale.teacher import Selection, Teacher
+from attent_scale.teacher.comm import Comm
 from attent_scale.teacher.epoch import anneal_due, begin_epoch, epoch_steps, plan_anneal
 from attent_scale.teacher.reference import LossArray, Reference
+from attent_scale.teacher.signals import NUM_BINS, histogram
 
 STATE_DIR = "attent"  # inside each checkpoint-N folder: rank{r}.safetensors + rank{r}.json
 RECORDS = "selection.jsonl"  # in output_dir, written by rank 0: the same records as `attent-scale train`
@@ -40,12 +43,13 @@ LossFn = Callable[[Any, dict[str, Any]], torch.Tensor]
 
 
 def default_teacher_config() -> TeacherConfig:
-    """The project default picked by the ablation (configs/demo.yaml's teacher section): after one full
-    epoch, every epoch trains on the ids with the highest loss their last training forward recorded (no
-    scoring pass), the ratio rising 0.2 -> 0.8 on a cosine over 5 cycles."""
-    return TeacherConfig(mode="ledger", strategy="hard", ratio_schedule="cosine", initial_ratio=0.2,
-                         final_ratio=0.8, total_cycles=5, interval_schedule="fixed", initial_interval=1,
-                         max_interval=3, warmup_epochs=1, full_epochs_per_cycle=0, rescore="stale")
+    """The project default (configs/demo.yaml's teacher section): after one full epoch, each epoch drops
+    only the samples the signal calls memorized, learned or unlearnable (gap+learn, from the training
+    forwards' losses and the last evaluation's), at most 80%. It needs an evaluation (eval_dataset)."""
+    return TeacherConfig(mode="ledger", strategy="signal", signal="gap+learn", ratio_schedule="constant",
+                         initial_ratio=0.2, final_ratio=0.8, total_cycles=5, interval_schedule="fixed",
+                         initial_interval=1, max_interval=3, warmup_epochs=1, full_epochs_per_cycle=0,
+                         rescore="stale")
 
 
 def causal_lm_per_sample(outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:
@@ -118,6 +122,9 @@ class AttentTrainer(Trainer):
     - `reference`: reference losses for `teacher.score: excess`, one per index of `train_dataset` (an
       array, or an object with `losses(ids)`); without it, `teacher.reference` names a scores file.
 
+    Strategy signal (the default) takes its val losses from `evaluate()` on `eval_dataset`: pass one and
+    an `eval_strategy` ("epoch" or "steps"); without evaluation it keeps every sample (a warning says so).
+
     The teacher config is checked like a YAML one (UserError naming the key). Weighted selections (prune
     with reweight, random with random_reweight) weight each sample's token CE sum in the loss, as
     `attent-scale train` does; they need the built-in causal-LM loss.
@@ -139,10 +146,6 @@ class AttentTrainer(Trainer):
             raise UserError("AttentTrainer: teacher mode 'online' needs per-step rebalancing that Trainer "
                             "cannot do; use mode 'cycle' or 'ledger'")
         self.attent_enabled = mode in ("cycle", "ledger")
-        if self.attent_enabled and self.teacher_config.strategy == "signal":
-            raise UserError("AttentTrainer: teacher.strategy 'signal' needs the per-sample val losses of "
-                            "attent-scale's own evaluation (not wired into Trainer.evaluate yet); use "
-                            "`attent-scale train` or another strategy")
         self.per_sample_loss_fn = per_sample_loss_fn or causal_lm_per_sample
         t = self.teacher_config
         weighs = (t.strategy == "prune" and t.reweight) or (t.strategy == "random" and t.random_reweight)
@@ -163,6 +166,7 @@ class AttentTrainer(Trainer):
         self._metrics_config = metrics_config
         # this step's (ids, per-sample losses, step) per micro batch, on the device until the step's flush
         self._step_losses: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+        self._val_hist: np.ndarray | None = None  # strategy signal: this rank's counts while evaluating
         if self.attent_enabled:
             self.add_callback(_FlushEachStep(self))
             if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
@@ -205,9 +209,18 @@ class AttentTrainer(Trainer):
             return Reference(self.teacher_config.reference, None, "train_dataset", num_samples=n)
         return ref if hasattr(ref, "losses") else LossArray(ref, n)
 
+    @property
+    def _signal(self) -> bool:
+        return self.attent_enabled and self.teacher_config.strategy == "signal"
+
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         if self.attent_enabled:
             self._new_teacher()
+            if self._signal and self._rank == 0 and (self.eval_dataset is None
+                                                     or self.args.eval_strategy == "no"):
+                print("attent-scale: warning: AttentTrainer: teacher.strategy 'signal' without evaluation "
+                      "(eval_dataset and eval_strategy 'steps' or 'epoch') keeps every sample",
+                      file=sys.stderr)
             if not resume_from_checkpoint and self._rank == 0:
                 (Path(self.args.output_dir) / RECORDS).unlink(missing_ok=True)
         if self._metrics_config is not None and isinstance(self._metrics, NullMetrics):
@@ -467,6 +480,8 @@ class AttentTrainer(Trainer):
         a label smoother or `compute_loss_func`, Trainer computes its own loss and the per-sample losses
         are taken from the same forward's outputs."""
         ids = self._ids
+        if ids is None and self._val_hist is not None:
+            return self._eval_loss(model, inputs, return_outputs, num_items_in_batch)
         if ids is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
@@ -486,6 +501,48 @@ class AttentTrainer(Trainer):
         self._step_losses.append((ids, losses, self.state.global_step))  # ids may be on the device too
         self.attent.samples_trained += int(ids.shape[0])
         return (loss, outputs) if return_outputs else loss
+
+    def _eval_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool,
+                   num_items_in_batch: Any) -> Any:
+        """Trainer's own eval loss, unchanged; the batch's per-sample losses (the training ones' function on
+        the same outputs) are counted into this evaluation's histogram."""
+        view = dict(inputs)  # Trainer may pop the labels
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        with torch.no_grad():
+            losses = self.per_sample_loss_fn(outputs, view).detach().float().reshape(-1).cpu()
+        real = self._real_eval_rows(losses.shape[0])
+        if self.per_sample_loss_fn is causal_lm_per_sample:  # rows without a target, as engines' evaluate
+            real &= token_counts(causal_lm_targets(outputs["logits"], view)).cpu() > 0
+        self._val_hist += histogram(losses[real])
+        return (loss, outputs) if return_outputs else loss
+
+    def _real_eval_rows(self, rows: int) -> torch.Tensor:
+        """Which of this rank's eval rows are not padding: on several ranks accelerate tops the last batches
+        up with repeats, which gather_for_metrics (so Trainer's eval loss) cuts off at the dataset's
+        remainder of the ranks' total batch; the same rule here, so the counts match one rank's."""
+        real = torch.ones(rows, dtype=torch.bool)
+        state, acc = self.accelerator.gradient_state, self.accelerator
+        if acc.num_processes > 1 and state.end_of_dataloader and state.remainder > 0:
+            real = torch.arange(rows) + acc.process_index * rows < state.remainder
+        return real
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Trainer.evaluate; with strategy signal an evaluation of `eval_dataset` (all of its sets) also
+        hands the teacher the histogram of its per-sample losses, summed over ranks (one all-reduce)."""
+        if not self._signal or eval_dataset is not None or self._val_hist is not None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        self._val_hist = np.zeros(NUM_BINS, dtype=np.int64)
+        try:
+            metrics = super().evaluate(None, ignore_keys, metric_key_prefix)
+            hist = torch.from_numpy(self._val_hist)
+        finally:
+            self._val_hist = None
+        if self.teacher.group is not None:  # the teacher's CPU side group, as its other collectives
+            Comm(self.teacher.group).all_reduce(hist, "val_hist")
+        self.teacher.observe_val(hist.numpy(), self.state.global_step)
+        return metrics
 
     def _one_ce_pass(self, inputs: dict[str, Any]) -> bool:
         """Our causal-LM loss applies: default per-sample loss, Trainer's plain loss, targets present."""

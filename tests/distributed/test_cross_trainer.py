@@ -25,6 +25,7 @@ CONFIG = dict(mode="ledger", strategy="prune", warmup_epochs=1, prune_ratio=0.5,
 
 
 _UNPATCHED_OBSERVE = Ledger.observe
+_UNPATCHED_OBSERVE_VAL = Teacher.observe_val
 
 
 class _Capture:
@@ -33,6 +34,7 @@ class _Capture:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.events: list[tuple[np.ndarray, np.ndarray, int, int]] = []
+        self.vals: list[tuple[np.ndarray, int]] = []  # every val histogram the teacher gets, with its step
         self.weights: list[tuple[int, np.ndarray, np.ndarray]] = []  # (epoch, ids, weights)
         observe = Ledger.observe
         events = self.events
@@ -44,16 +46,25 @@ class _Capture:
             return observe(led, ids, losses, step, kind=kind)
 
         monkeypatch.setattr(Ledger, "observe", recording)
+        vals = self.vals
+
+        def recording_val(teacher: Teacher, hist: np.ndarray, step: int) -> None:
+            vals.append((np.asarray(hist, dtype=np.int64).copy(), int(step)))
+            _UNPATCHED_OBSERVE_VAL(teacher, hist, step)
+
+        monkeypatch.setattr(Teacher, "observe_val", recording_val)
 
 
-def _replay(cfg: TeacherConfig, n: int, events: list, starts: dict[int, int], reference: Any
-            ) -> dict[int, Selection]:
-    """A fresh teacher fed the recorded observations (the unpatched ledger), through the shared epoch
-    start at each subset epoch's first step (`starts`: epoch -> step): epoch -> its selection. prune
-    scores nothing at an epoch start, so the observations before that step are all it ranks."""
+def _replay(cfg: TeacherConfig, n: int, events: list, starts: dict[int, int], reference: Any,
+            vals: list[tuple[np.ndarray, int]] = ()) -> dict[int, Selection]:
+    """A fresh teacher fed the recorded observations (the unpatched ledger) and val histograms (`vals`:
+    (hist, step), an evaluation at a subset epoch's first step comes before its selection), through the
+    shared epoch start at each subset epoch's first step (`starts`: epoch -> step): epoch -> its
+    selection. prune and signal score nothing at an epoch start, so the observations before that step
+    are all they rank."""
     teacher = Teacher(cfg, num_samples=n, seed=0, reference=reference)
     plan_anneal(teacher, EPOCHS)
-    out, i = {}, 0
+    out, i, j = {}, 0, 0
     for epoch in range(EPOCHS):
         if not teacher.plan_epoch(epoch).subset:
             continue
@@ -62,6 +73,9 @@ def _replay(cfg: TeacherConfig, n: int, events: list, starts: dict[int, int], re
             ids, losses, s, kind = events[i]
             _UNPATCHED_OBSERVE(teacher.ledger, ids, losses, s, kind=kind)
             i += 1
+        while j < len(vals) and vals[j][1] <= step:
+            _UNPATCHED_OBSERVE_VAL(teacher, *vals[j])
+            j += 1
         out[epoch] = begin_epoch(teacher, epoch, step, lambda *_: None).selection
     return out
 
@@ -128,6 +142,45 @@ def test_train_trainer_selects_by_the_shared_epoch_start(tmp_path: Path, tiny_sh
     _check_against_replay(TeacherConfig(**teacher), n, cap, records, Reference(scores, m, "train"))
 
 
+# strategy signal: the default teacher with wider learned / unlearnable quantiles (tiny runs drop some)
+SIGNAL = dict(mode="ledger", strategy="signal", signal="gap+learn", ratio_schedule="constant",
+              initial_ratio=0.2, warmup_epochs=1, signal_learned_quantile=0.3,
+              signal_unlearnable_quantile=0.7)
+
+
+def _check_signal_replay(cfg: TeacherConfig, n: int, cap: _Capture, records: list[dict]) -> None:
+    """The run's selections equal a fresh Teacher's fed the same training losses and val histograms
+    through the shared epoch start, something was dropped, and without the histograms nothing would be."""
+    assert [r["epoch"] for r in records] == [1, 2, 3] and records[-1]["signal"]["dropped"] > 0
+    starts = {r["epoch"]: r["step"] for r in records}
+    assert [r["signal"]["val"]["step"] for r in records] == [max(s for _, s in cap.vals if s <= r["step"])
+                                                              for r in records]
+    want = _replay(cfg, n, list(cap.events), starts, None, list(cap.vals))
+    assert [want[r["epoch"]].sha256 for r in records] == [r["sha256"] for r in records]
+    blind = _replay(cfg, n, list(cap.events), starts, None)
+    assert all(blind[e] is None or blind[e].count == n for e in blind)
+
+
+def test_train_trainer_signal_selects_as_the_teacher_does(tmp_path: Path, tiny_shards: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """strategy signal through `attent-scale train`'s Trainer (an evaluation every 10 steps): the same
+    check as AttentTrainer's below."""
+    from train_runner import tiny_run_config
+
+    from attent_scale.config import config_from_dict
+    from attent_scale.data import Manifest
+    from attent_scale.train import train
+
+    n = Manifest.load(tiny_shards).num_samples("train")
+    raw = tiny_run_config(tmp_path / "run", tiny_shards, teacher=SIGNAL,
+                          train={"max_steps": 10_000, "max_epochs": EPOCHS, "log_every": 50},
+                          eval={"every_steps": 10, "max_batches": 2, "batch_size": 16})
+    cap = _Capture(monkeypatch)
+    assert train(config_from_dict(raw)) == 0
+    assert cap.vals and all(int(h.sum()) == 32 for h, _ in cap.vals)
+    _check_signal_replay(TeacherConfig(**SIGNAL), n, cap, read_records(tmp_path / "run" / "selection.jsonl"))
+
+
 def _tiny_lm() -> Any:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, GPT2Config
@@ -141,7 +194,7 @@ def _tiny_lm() -> Any:
 
 
 def _hf_trainer(out: Path, teacher: TeacherConfig | None, reference: Any = None, epochs: int = EPOCHS,
-                max_steps: int = -1, **kw: Any) -> Any:
+                max_steps: int = -1, args_kw: dict[str, Any] | None = None, **kw: Any) -> Any:
     from hf_worker import ToyPairs
     from transformers import TrainingArguments
 
@@ -151,7 +204,7 @@ def _hf_trainer(out: Path, teacher: TeacherConfig | None, reference: Any = None,
     args = TrainingArguments(output_dir=str(out), num_train_epochs=epochs, max_steps=max_steps,
                              per_device_train_batch_size=8,
                              learning_rate=3e-3, logging_steps=1, save_strategy="no", seed=0, report_to=[],
-                             disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
+                             disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, **(args_kw or {}))
     return AttentTrainer(model=_tiny_lm(), args=args, train_dataset=ToyPairs(), data_collator=PadCollator(0),
                          teacher_config=teacher, reference=reference, **kw)
 
@@ -183,6 +236,71 @@ def test_attent_trainer_selects_by_the_shared_epoch_start(tmp_path: Path,
     # the LR schedule's length is the plan's (Teacher.planned_count, prune kept counts included)
     steps = [h["step"] for h in trainer.state.log_history if "loss" in h]
     assert trainer.state.max_steps == len(steps) == 8 + 6 + 6 + 8
+
+
+def test_attent_trainer_signal_selects_as_the_teacher_does(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """strategy signal (SIGNAL: the default teacher, wider quantiles) with an evaluation every epoch:
+    AttentTrainer's selections equal a fresh Teacher's (as `attent-scale train` drives it) fed the same
+    training losses and the same val histograms through the shared epoch start; without the histograms
+    that teacher would drop nothing."""
+    from hf_worker import N_SAMPLES, ToyPairs
+
+    from attent_scale.integrations.hf import default_teacher_config
+
+    cfg = dataclasses.replace(default_teacher_config(), **SIGNAL)
+    cap = _Capture(monkeypatch)
+    trainer = _hf_trainer(tmp_path, cfg, eval_dataset=ToyPairs(20, seed=1),
+                          args_kw={"eval_strategy": "epoch"})
+    trainer.train()
+    records = read_records(tmp_path / "selection.jsonl")
+    # an evaluation at every epoch's end, the step the next epoch's selection is made at
+    assert [s for _, s in cap.vals] == [r["step"] for r in records] + [trainer.state.global_step]
+    assert all(int(h.sum()) == 20 for h, _ in cap.vals)
+    _check_signal_replay(cfg, N_SAMPLES, cap, records)
+
+
+def test_signal_eval_loss_unchanged_and_histogram_of_per_sample_losses(tmp_path: Path) -> None:
+    """AttentTrainer.evaluate with strategy signal reports Trainer's own eval loss and hands the teacher
+    the histogram of the per-sample losses (per_sample_loss_fn on the eval outputs; 20 rows, batches of
+    8, 8, 4) at the current step; another eval set passed to evaluate() is not the teacher's."""
+    from hf_worker import ToyPairs
+    from transformers import Trainer, TrainingArguments
+
+    from attent_scale.integrations.hf import causal_lm_per_sample, default_teacher_config
+    from attent_scale.integrations.sampler import PadCollator
+    from attent_scale.teacher.signals import histogram
+
+    val = ToyPairs(20, seed=1)
+    trainer = _hf_trainer(tmp_path / "a", default_teacher_config(), eval_dataset=val,
+                          args_kw={"per_device_eval_batch_size": 8})
+    got = trainer.evaluate()
+    args = TrainingArguments(output_dir=str(tmp_path / "p"), per_device_eval_batch_size=8, report_to=[],
+                             use_cpu=True, disable_tqdm=True)
+    plain = Trainer(model=_tiny_lm(), args=args, eval_dataset=val, data_collator=PadCollator(0))
+    assert got["eval_loss"] == plain.evaluate()["eval_loss"]
+    want = np.zeros_like(trainer.teacher.val_hist)
+    model = trainer.model.eval()
+    for start in range(0, 20, 8):
+        batch = PadCollator(0)([val[i] for i in range(start, min(20, start + 8))])
+        with torch.no_grad():
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        want += histogram(causal_lm_per_sample(out, batch))
+    assert trainer.teacher.val_step == 0 and int(want.sum()) == 20
+    np.testing.assert_array_equal(trainer.teacher.val_hist, want)
+    trainer.evaluate(eval_dataset=ToyPairs(8, seed=2))
+    np.testing.assert_array_equal(trainer.teacher.val_hist, want)
+
+
+def test_signal_without_evaluation_warns_it_keeps_every_sample(tmp_path: Path,
+                                                               capfd: pytest.CaptureFixture) -> None:
+    from attent_scale.integrations.hf import default_teacher_config
+
+    trainer = _hf_trainer(tmp_path, default_teacher_config(), epochs=2)
+    trainer.train()
+    err = capfd.readouterr().err
+    assert err.count("teacher.strategy 'signal' without evaluation") == 1 and "keeps every sample" in err
+    assert read_records(tmp_path / "selection.jsonl")[0]["signal"]["dropped"] == 0
 
 
 def test_weighted_loss_is_the_weighted_token_mean(tmp_path: Path) -> None:

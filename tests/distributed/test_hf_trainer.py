@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -21,6 +20,11 @@ from attent_scale.teacher import Selection, Teacher, read_records
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "helpers" / "hf_worker.py"
 N = 64  # hf_worker.N_SAMPLES
+# strategy signal: the default teacher (wider learned / unlearnable quantiles, so that the toy run drops
+# some) on 20 held-out rows (2 ranks x eval batch 8: accelerate pads the last batch with repeats),
+# evaluated at steps 0, 12, 24 and at the end; subset epochs start at steps 8, 16, 24
+SIGNAL = dict(teacher="default", val=20, eval_steps=12, eval_on_start=True, epochs=4,
+              teacher_set={"signal_learned_quantile": 0.3, "signal_unlearnable_quantile": 0.7})
 
 pytestmark = pytest.mark.slow
 
@@ -50,19 +54,22 @@ def _shas(out: Path) -> list[str]:
     return [r["sha256"] for r in read_records(out / "selection.jsonl")]
 
 
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def _replay(out: Path, world: int) -> list[str]:
     """Feed the per-sample losses the run's ranks recorded into one fresh single-process Teacher (the one
     `attent-scale train` uses) and select at the run's (epoch, step) points: a selection at step s sees the
     training losses of steps < s and the scoring pass of step s."""
     import torch
-
-    from attent_scale.integrations.hf import default_teacher_config
+    from hf_worker import hard_teacher_config
 
     events = []
     for r in range(world):
         events += [json.loads(line) for line in (out / f"losses.rank{r}.jsonl").read_text().splitlines()]
     events.sort(key=lambda e: (e["step"], e["kind"] != "score"))
-    teacher = Teacher(dataclasses.replace(default_teacher_config(), mode="cycle"), num_samples=N, seed=0)
+    teacher = Teacher(hard_teacher_config(), num_samples=N, seed=0)
     shas, i = [], 0
     for rec in read_records(out / "selection.jsonl"):
         while i < len(events) and (events[i]["step"], events[i]["kind"] != "score") <= (rec["step"], False):
@@ -120,6 +127,14 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _run(tmp_path_factory.mktemp("hf"), "w2", 2, batch=4, ga=1, save_steps=9, exchange_every=2)
 
 
+@pytest.fixture(scope="module")
+def signal_two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The strategy signal run: 2 processes, batch 4 each, 4 epochs, a checkpoint at step 13 (after the
+    evaluation at step 12, before the selection at step 16 that uses it)."""
+    return _run(tmp_path_factory.mktemp("hfsig"), "s2", 2, batch=4, ga=1, save_steps=13, exchange_every=2,
+                **SIGNAL)
+
+
 def test_selection_world_size_independent_and_equals_teacher(tmp_path: Path, two_ranks: Path) -> None:
     """1 process (batch 4 x accumulation 2) and 2 processes (batch 4 each): same global batches, the
     same selections, and each equals a fresh Teacher fed the losses the ranks recorded."""
@@ -152,15 +167,49 @@ def test_loss_parity_with_plain_trainer(tmp_path: Path, two_ranks: Path) -> None
     assert la[:N // 8] == pytest.approx(lp[:N // 8], rel=1e-6, abs=1e-7)
 
 
-def test_resume_matches_uninterrupted(tmp_path: Path, two_ranks: Path) -> None:
-    """2 ranks: stop after step 10 (inside the first subset epoch), resume from checkpoint-9: the
-    selection records and every step's loss equal the uninterrupted run's."""
-    cut = _run(tmp_path, "cut", 2, batch=4, ga=1, save_steps=9, exchange_every=2, stop_after_step=10)
-    assert (cut / "checkpoint-9" / "attent" / "rank1.json").exists()
-    assert len(_losses(cut)) == 10
-    _run(tmp_path, "cut", 2, batch=4, ga=1, save_steps=9, exchange_every=2, resume=True)
-    assert _shas(cut) == _shas(two_ranks)
-    assert _losses(cut) == pytest.approx(_losses(two_ranks), rel=1e-6, abs=1e-7)
+@pytest.mark.parametrize("strategy", ["hard", "signal"])
+def test_resume_matches_uninterrupted(tmp_path: Path, request: pytest.FixtureRequest, strategy: str) -> None:
+    """2 ranks: stop one step after the checkpoint (inside the first subset epoch), resume from it: the
+    selection records and every step's loss equal the uninterrupted run's. signal: checkpoint-13 holds the
+    val histogram of step 12, which the selection at step 16 of the resumed run draws its thresholds from."""
+    from attent_scale.checkpoint import load_state
+
+    signal = strategy == "signal"
+    ref = request.getfixturevalue("signal_two_ranks" if signal else "two_ranks")
+    save, spec = (13, SIGNAL) if signal else (9, {})
+    cut = _run(tmp_path, "cut", 2, batch=4, ga=1, save_steps=save, exchange_every=2, stop_after_step=save + 1,
+               **spec)
+    assert (cut / f"checkpoint-{save}" / "attent" / "rank1.json").exists()
+    assert len(_losses(cut)) == save + 1
+    # no evaluation at the resumed start (Trainer's eval_on_start would run one at every train() call)
+    _run(tmp_path, "cut", 2, batch=4, ga=1, save_steps=save, exchange_every=2, resume=True,
+         **{**spec, "eval_on_start": False})
+    assert _shas(cut) == _shas(ref)
+    assert _losses(cut) == pytest.approx(_losses(ref), rel=1e-6, abs=1e-7)
+    if signal:
+        teacher = load_state(cut / f"checkpoint-{save}" / "attent" / "rank1")["teacher"]
+        assert teacher["val_step"] == 12 and int(teacher["val_hist"].sum()) == 20
+        assert _jsonl(cut / "val.rank1.jsonl") == _jsonl(ref / "val.rank1.jsonl")
+        assert sum(r["signal"]["dropped"] for r in read_records(cut / "selection.jsonl")) > 0
+
+
+def test_signal_val_histogram_and_selection_world_size_independent(tmp_path: Path,
+                                                                   signal_two_ranks: Path) -> None:
+    """strategy signal: every evaluation's val histogram (per-sample eval losses, the padded repeats of
+    the last batch left out) is the same on both ranks and equals one process's; so are the selections,
+    on both ranks alike, and they drop something."""
+    one = _run(tmp_path, "s1", 1, batch=4, ga=2, **SIGNAL)
+    vals = [_jsonl(signal_two_ranks / f"val.rank{r}.jsonl") for r in (0, 1)]
+    single = _jsonl(one / "val.rank0.jsonl")
+    assert [v["step"] for v in single] == [0, 12, 24, 32]
+    assert [v["hist"] for v in vals[0]] == [v["hist"] for v in vals[1]] == [v["hist"] for v in single]
+    assert all(sum(v["hist"]) == 20 for v in single)
+    epochs = [_jsonl(signal_two_ranks / f"epochs.rank{r}.jsonl") for r in (0, 1)]
+    assert epochs[0] == epochs[1] and [e["sha256"] for e in epochs[0][1:]] == _shas(signal_two_ranks)
+    assert _shas(one) == _shas(signal_two_ranks) and len(_shas(one)) == 3
+    records = read_records(signal_two_ranks / "selection.jsonl")
+    assert records[0]["signal"]["dropped"] == 0 and records[-1]["signal"]["dropped"] > 0
+    assert all(r["signal"]["val"]["step"] == s for r, s in zip(records, (0, 12, 24), strict=True))
 
 
 def test_ledger_exchanges_pending_observations_during_an_epoch(two_ranks: Path) -> None:
@@ -188,6 +237,7 @@ def test_datasets_dataset_ids_are_indices(tmp_path: Path) -> None:
     at its ids, epoch 0 trains on every index once and the subset epoch on exactly the selected count."""
     import datasets
     import torch
+    from hf_worker import hard_teacher_config
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, GPT2Config, TrainingArguments
 
@@ -218,7 +268,8 @@ def test_datasets_dataset_ids_are_indices(tmp_path: Path) -> None:
     config = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=1, n_head=2)
     lora = LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM")
     model = get_peft_model(AutoModelForCausalLM.from_config(config), lora)
-    trainer = Checking(model=model, args=args, train_dataset=ds, data_collator=PadCollator(0))
+    trainer = Checking(model=model, args=args, train_dataset=ds, data_collator=PadCollator(0),
+                       teacher_config=hard_teacher_config("ledger"))  # a subset epoch without evaluation
     trainer.train()
     epoch0 = sorted(i for e, i in seen if e == 0)
     epoch1 = [i for e, i in seen if e == 1]

@@ -97,7 +97,7 @@ def test_bench_without_arms_runs_the_configs_own_teacher(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "run_arm", fake_run_arm)
     cfg = REPO / "configs" / "demo.yaml"
-    for extra, mode, strategy in (([], "ledger", "hard"),
+    for extra, mode, strategy in (([], "ledger", "signal"),
                                   (["--set", "teacher.mode=cycle", "--set", "teacher.strategy=soft"],
                                    "cycle", "soft")):
         planned.clear()

@@ -1,8 +1,10 @@
 """One AttentTrainer / Trainer run on a tiny LoRA GPT-2 and synthetic data, for the HF integration tests.
 
 Usage: python tests/helpers/hf_worker.py SPEC.json (or under torchrun). Rank 0 writes OUT/log_history.json;
-every rank writes OUT/losses.rank{r}.jsonl (the per-sample losses the teacher recorded) and
-OUT/pending.rank{r}.jsonl (the ledger's pending observations at each step's start) when the teacher is on.
+every rank writes OUT/losses.rank{r}.jsonl (the per-sample losses the teacher recorded),
+OUT/pending.rank{r}.jsonl (the ledger's pending observations at each step's start) and
+OUT/epochs.rank{r}.jsonl (each epoch's selection hash) when the teacher is on, and with `val` (that many
+held-out rows) OUT/val.rank{r}.jsonl (the teacher's val histogram after each evaluation).
 """
 
 from __future__ import annotations
@@ -56,6 +58,15 @@ DS_ZERO3 = {
 }
 
 
+def hard_teacher_config(mode: str = "cycle") -> Any:
+    """The teacher of the hard-selection runs: the default's schedule with strategy hard (the ids of
+    highest loss, the ratio rising 0.2 -> 0.8 on a cosine), by default in cycle mode, so that the runs
+    exercise the collective scoring pass too."""
+    from attent_scale.integrations.hf import default_teacher_config
+
+    return dataclasses.replace(default_teacher_config(), mode=mode, strategy="hard", ratio_schedule="cosine")
+
+
 def main(spec: dict[str, Any]) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, GPT2Config, Trainer, TrainerCallback, TrainingArguments
@@ -63,6 +74,7 @@ def main(spec: dict[str, Any]) -> None:
     from attent_scale.config import TeacherConfig
     from attent_scale.integrations.hf import AttentTrainer, default_teacher_config
     from attent_scale.integrations.sampler import PadCollator
+    from attent_scale.teacher import Selection
 
     out = Path(spec["out"])
     args = TrainingArguments(
@@ -75,6 +87,8 @@ def main(spec: dict[str, Any]) -> None:
         use_cpu=True, dataloader_num_workers=0,
         train_sampling_strategy=spec.get("sampling", "random"),
         deepspeed=DS_ZERO3 if spec.get("deepspeed") else None,
+        eval_strategy=spec.get("eval_strategy", "steps" if spec.get("val") else "no"),
+        eval_steps=spec.get("eval_steps"), eval_on_start=spec.get("eval_on_start", False),
     )
     _ = args.device  # joins the process group before the model is built
     if spec.get("deepspeed"):
@@ -122,6 +136,8 @@ def main(spec: dict[str, Any]) -> None:
 
     kwargs: dict[str, Any] = {"model": model, "args": args, "train_dataset": data,
                               "data_collator": PadCollator(0), "callbacks": [Stop(), Pending()]}
+    if spec.get("val"):  # held-out rows of the same kind (another seed)
+        kwargs["eval_dataset"] = ToyPairs(spec["val"], seed=1)
     if spec.get("plain"):
         trainer: Any = Trainer(**kwargs)
     else:
@@ -133,10 +149,29 @@ def main(spec: dict[str, Any]) -> None:
                 losses_file.write(json.dumps(rec) + "\n")
                 losses_file.flush()
 
-        # the default in cycle mode, so that the runs exercise the collective scoring pass too
-        teacher = dataclasses.replace(default_teacher_config(), mode="cycle")
-        if spec.get("teacher") is not None:
+            def _begin_epoch(self, epoch: int, model: Any) -> None:
+                super()._begin_epoch(epoch, model)
+                bits = self.attent.selection_bits
+                sha = None if bits is None else Selection(bits, N_SAMPLES).sha256
+                row = {"epoch": epoch, "step": self.state.global_step, "sha256": sha}
+                with (out / f"epochs.rank{rank}.jsonl").open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+            def evaluate(self, *args: Any, **kw: Any) -> Any:
+                metrics = super().evaluate(*args, **kw)
+                t = self.teacher
+                if t is not None and t.val_step == self.state.global_step:
+                    with (out / f"val.rank{rank}.jsonl").open("a") as f:
+                        f.write(json.dumps({"step": t.val_step, "hist": t.val_hist.tolist(),
+                                            "eval_loss": metrics.get("eval_loss")}) + "\n")
+                return metrics
+
+        teacher = hard_teacher_config()
+        if spec.get("teacher") == "default":
+            teacher = default_teacher_config()
+        elif spec.get("teacher") is not None:
             teacher = TeacherConfig(**spec["teacher"])
+        teacher = dataclasses.replace(teacher, **spec.get("teacher_set", {}))
         metrics = None
         if spec.get("metrics_port"):
             from attent_scale.config import MetricsConfig
