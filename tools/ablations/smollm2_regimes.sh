@@ -8,7 +8,7 @@
 # the uniform baseline and the controls bench adds; then the dropped share by kind per arm and seed 0.
 # Usage: tools/ablations/smollm2_regimes.sh [SEEDS] [OUT] [PAIRS] [extra bench args...]
 #   PAIRS: instruction pairs before the val split (20% to val), default 80: one seed of both regimes is
-#   ~19 runs of one thread, about 27 minutes (docs/benchmarks.md "Real-model regime" has the sizing).
+#   ~19 runs of one thread, about 30 minutes (docs/benchmarks.md "Real-model regime" has the sizing).
 #   SEEDS: 3. env: PYTHON (python), EPOCHS (3), SEQ_LEN (80, the demo's), EVALS (val passes per epoch, 2).
 set -euo pipefail
 py=${PYTHON:-python}  # `$py -m attent_scale`: no installed entry point needed (tools/ops/gpu_run.sh)
