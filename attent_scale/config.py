@@ -115,7 +115,9 @@ class EngineConfig:
 
 @dataclass
 class TeacherConfig:
-    # defaults = configs/demo.yaml's teacher (docs/benchmarks.md says why); mode none = plain training
+    # the project default teacher is configs/demo.yaml's (= AttentTrainer's default_teacher_config(): ledger,
+    # signal, a constant 0.2 cap; docs/benchmarks.md says why); these per-key defaults keep strategy hard so
+    # configs written before it keep their meaning; mode none = plain training
     mode: Literal["none", "cycle", "ledger", "online"] = "none"
     # prune: InfoBatch-style unbiased pruning from the ledger's training-forward losses (no scoring pass)
     # signal: drop only what the signal says is safe to drop (docs/teacher.md "What is safe to drop")

@@ -212,3 +212,42 @@ def test_cli_bad_corpus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     rc = regimes.main(["--regime", "dup", "--corpus", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "nope" in err
+
+
+def _bench(finals: dict[str, float], seconds: dict[str, float], to_target: float | None = None) -> dict:
+    """A bench.json of one seed with arms uniform, signal (+ its controls) and hard."""
+    def arm(name: str, **extra) -> dict:
+        seed = {"seed": 0, "final_val_loss": finals[name], "train_seconds": seconds.get(name, 10.0),
+                "time_to_target_seconds": to_target if name == "signal" else None}
+        return {"name": name, "seeds": [seed], **extra}
+    return {"arms": [arm("uniform"), arm("signal", random_control="rnd", uniform_short="short"), arm("rnd"),
+                     arm("short"), arm("hard")]}
+
+
+def test_regime_targets_seed_by_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """tools/ablations/regime_targets.py holds each regime to its own target: dup (time to uniform's final
+    within 0.6x and below both controls), noise (below uniform, hard and the random subset), clean (+0.01
+    in <= 1.02x the time); a missing regime is skipped."""
+    spec = importlib.util.spec_from_file_location(
+        "regime_targets", Path(__file__).resolve().parents[2] / "tools" / "ablations" / "regime_targets.py")
+    targets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(targets)
+    f = {"uniform": 3.9, "signal": 3.7, "rnd": 3.95, "short": 3.96, "hard": 3.8}
+    dup = _bench(f, {"uniform": 20.0}, to_target=11.0)  # 0.55x: held
+    assert [ok for _, _, ok in targets.check("dup", dup, "signal", "hard")] == [True]
+    assert [ok for _, _, ok in targets.check("dup", _bench(f, {"uniform": 20.0}, to_target=13.0), "signal",
+                                             "hard")] == [False]  # 0.65x
+    noisy = _bench({**f, "hard": 3.69}, {})  # hard below the signal arm: missed
+    assert [ok for _, _, ok in targets.check("noise", noisy, "signal", "hard")] == [False]
+    clean = _bench({**f, "signal": 3.909}, {"uniform": 10.0, "signal": 10.1})
+    assert [ok for _, _, ok in targets.check("clean", clean, "signal", "hard")] == [True]
+    slow = _bench({**f, "signal": 3.909}, {"uniform": 10.0, "signal": 10.3})
+    assert [ok for _, _, ok in targets.check("clean", slow, "signal", "hard")] == [False]
+    for regime, bench in (("dup", dup), ("clean", slow)):
+        (tmp_path / regime).mkdir()
+        (tmp_path / regime / "bench.json").write_text(json.dumps(bench))
+    assert targets.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("held  dup   seed 0") and "0.55x" in out[0]
+    assert out[1].startswith("noise: no ") and out[2].startswith("MISSED  clean seed 0")
+    assert out[-1] == "1 of 2 seed targets held"

@@ -4,18 +4,26 @@
 
 dup: the arm reaches that seed's uniform final val loss within 0.6x uniform's training time and ends below
 its random subset and uniform-short; noise: it ends below uniform, the raw-loss arm and its random subset;
-clean: it ends within +0.01 of uniform in <= 1.02x uniform's time. A regime whose bench.json is missing is
-skipped. Prints one row per regime and seed and a last line with how many targets held; exit 0 either way
-(a benchmark, not a test).
+clean: it ends within +0.01 of uniform in <= 1.02x uniform's time. Each row also says what the arm dropped
+(mean share per selection, and the share of its drops that were copies, noise or swapped responses, from
+OUT/data-REGIME's kinds.json and the arm's selection bits). A regime whose bench.json is missing is skipped.
+Prints one row per regime and seed and a last line with how many targets held; exit 0 either way (a
+benchmark, not a test).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import regimes  # noqa: E402  (the sibling tool: kinds of samples, dropped ids of a selection.jsonl)
 
 DUP_TIME, CLEAN_LOSS, CLEAN_TIME = 0.6, 0.01, 1.02
 
@@ -33,8 +41,24 @@ def _controls(bench: dict[str, Any], name: str) -> tuple[str, str]:
     return arm["random_control"], arm["uniform_short"]
 
 
-def check(regime: str, bench: dict[str, Any], arm: str, raw: str) -> list[tuple[int, str, bool]]:
-    """(seed, one-line account, target held) per seed of one regime."""
+def dropped_kinds(kinds: np.ndarray, selection: Path) -> str:
+    """'dropped D% per selection, C% of them copy|noise' of one run's selection.jsonl (its selection bits)."""
+    safe = np.isin(kinds, ("copy", "noise", "swapped"))
+    shares, n_drop, n_safe = [], 0, 0
+    for _, ids in regimes.dropped_ids(selection, len(kinds)):
+        shares.append(len(ids) / len(kinds))
+        n_drop, n_safe = n_drop + len(ids), n_safe + int(safe[ids].sum())
+    share = f"{100 * n_safe / n_drop:.0f}%" if n_drop else "none"
+    return f"dropped {100 * float(np.mean(shares)):.1f}% per selection, copy|noise {share} of them"
+
+
+def check(regime: str, bench: dict[str, Any], arm: str, raw: str, run_dir: Path | None = None
+          ) -> list[tuple[int, str, bool]]:
+    """(seed, one-line account, target held) per seed of one regime; `run_dir` (OUT) adds what was dropped."""
+    kinds = None
+    if run_dir is not None and (run_dir / f"data-{regime}" / "kinds.json").is_file():
+        data = run_dir / f"data-{regime}"
+        kinds = np.asarray(regimes.kinds_of_samples(data / "shards", data / "kinds.json")).astype(str)
     uni, sig = _by_seed(bench, "uniform"), _by_seed(bench, arm)
     rnd_name, short_name = _controls(bench, arm)
     rnd, short = _by_seed(bench, rnd_name), _by_seed(bench, short_name)
@@ -58,6 +82,10 @@ def check(regime: str, bench: dict[str, Any], arm: str, raw: str) -> list[tuple[
             base += f", {raw} {h['final_val_loss']:.4f}"
         else:
             ok = d <= CLEAN_LOSS and s["train_seconds"] <= CLEAN_TIME * u["train_seconds"]
+        sel = run_dir / regime / arm / f"seed-{seed}" / "selection.jsonl" if run_dir is not None else None
+        if kinds is not None and sel is not None and sel.is_file():
+            with contextlib.suppress(regimes.RegimeError):  # no selection bits (teacher.record_bits off)
+                base += "; " + dropped_kinds(kinds, sel)
         rows.append((seed, base, ok))
     return rows
 
@@ -74,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             print(f"{regime}: no {path}, skipped")
             continue
-        for _, line, ok in check(regime, json.loads(path.read_text()), args.arm, args.raw):
+        for _, line, ok in check(regime, json.loads(path.read_text()), args.arm, args.raw,
+                                 Path(args.out)):
             print(f"{'held' if ok else 'MISSED'}  {line}")
             held, total = held + ok, total + 1
     print(f"{held} of {total} seed targets held")

@@ -34,3 +34,4 @@ for regime in dup noise clean; do
       --selection "$out/$regime/$arm/seed-0/selection.jsonl"
   done
 done
+python tools/ablations/regime_targets.py "$out"  # issue 21's targets, seed by seed
