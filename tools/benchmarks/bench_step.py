@@ -9,7 +9,8 @@ stream from one in-memory tensor) on one thread. Arms, run in turn for each seed
   hand    AdamW, grad clip, warmup + cosine LR, HF's own loss (`model(..., labels=...).loss`), the loss
           read back every log_every steps: the loop one would write by hand
   none    `attent-scale train` with teacher.mode=none (eval and export off, no checkpoints)
-  ledger  `attent-scale train` with the demo's default teacher (ledger: observes every step's losses)
+  ledger  `attent-scale train` with the demo's default teacher (ledger, strategy signal: observes every
+          step's losses and keeps the previous one)
 Clock: CPU seconds (user + system) of each whole child process as the OS reports it (wait4), start-up
 included, and the CPU seconds of the step loop alone (train_cpu_seconds in summary.json; the hand loop's
 own process_time around its loop). Printed: each arm's median, and the ratios none/hand, ledger/hand and
@@ -147,8 +148,10 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, shards: Path, batches
     sets = [f"run_dir={run_dir}", f"data.dir={shards}", f"seed={seed}", f"teacher.mode={arm}",
             f"train.max_steps={args.steps}", f"train.micro_batch_size={args.batch}",
             "train.grad_accum_steps=1",
-            "eval.every_steps=0", "eval.max_batches=1", "checkpoint.export=false", "checkpoint.every_steps=0",
-            "checkpoint.resume=false"]
+            # one val pass at the end (the default teacher, strategy signal, needs periodic eval; its
+            # seconds are not the loop's)
+            f"eval.every_steps={args.steps}", "eval.max_batches=1", "checkpoint.export=false",
+            "checkpoint.every_steps=0", "checkpoint.resume=false"]
     code = Path(args.code).resolve() if args.code else REPO
     env["PYTHONPATH"] = str(code)
     cmd = [sys.executable, "-m", "attent_scale", "train", "--config", str(CONFIG)]

@@ -44,12 +44,14 @@ def run(engine: str, mode: str, shards: Path, out: Path, epochs: int) -> dict:
         f"teacher.mode={mode}",
         f"train.max_epochs={epochs}",
         "train.max_steps=1000000",
-        "eval.every_steps=0",
+        "eval.every_steps=1000000",  # no periodic eval (strategy signal refuses 0; it then drops nothing)
         "eval.max_batches=2",
         "checkpoint.export=false",
         "checkpoint.resume=false",
         f"engine.name={engine}",
     ]
+    if mode == "online":  # the demo's strategy (signal) is for cycle/ledger; online picks by raw loss
+        sets.append("teacher.strategy=hard")
     if engine != "local":
         sets.append("train.micro_batch_size=8")
     cmd = launcher.command(nproc=1 if engine == "local" else 2)
