@@ -68,7 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from attent_scale.bench import Arm, plot, run_arm, score_arm
+    from attent_scale.bench import Arm, data_sentence, plot, run_arm, score_arm
 
     smol = args.model == "smollm2"
     epochs = args.epochs if args.epochs is not None else (3 if smol else 6)
@@ -115,7 +115,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nplot: {plots[0]} (val loss vs training seconds and vs samples); run dirs: "
           f"{out / 'uniform' / 'seed-0'}, {out / 'attent' / 'seed-0'}; total {time.perf_counter() - t0:.0f}s "
           f"({cpu_seconds():.0f} CPU seconds)")
-    print(verdict(rows[0], rows[1]))
+    said = data_sentence("attent", results["attent"])  # strategy signal: which case the data is in
+    if said is not None:
+        print(said)
+    print(verdict(rows[0], rows[1]))  # the last line, always
     return 0
 
 
