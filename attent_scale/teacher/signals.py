@@ -269,7 +269,9 @@ def explain(records: list[dict[str, Any]]) -> str | None:
     by = {name: sum(s["reasons"].get(name, 0) for s in sig) for name in REASONS}
     main = max(REASONS, key=lambda k: by[k])
     mostly = "mostly" if by[main] * 2 > dropped else "most of them"
-    what = {"memorized": ("memorized copies", "this data has duplicates to drop"),
+    # memorized: copies, or examples seen more often than the model generalizes from (many epochs)
+    what = {"memorized": ("memorized samples (copies, or seen more often than the model can use)",
+                          "this data has repeats to drop"),
             "learned": ("examples already learned", "the model has learned much of this data"),
             "unlearnable": ("unlearnable noise", "this data has noise to drop")}[main]
     return f"the teacher dropped {100 * share:.0f}% of samples, {mostly} {what[0]}: {what[1]}"

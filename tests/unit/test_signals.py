@@ -185,8 +185,8 @@ def test_explain_says_which_case_the_data_is_in() -> None:
 
     assert explain([{"n_scored": 10, "signal": None}]) is None
     dup = explain([rec(300, memorized=250, learned=10, unlearnable=40), rec(320, memorized=300)])
-    assert dup.startswith("the teacher dropped 31% of samples, mostly memorized copies")
-    assert "duplicates" in dup
+    assert dup.startswith("the teacher dropped 31% of samples, mostly memorized samples (copies")
+    assert "repeats to drop" in dup
     assert "noise" in explain([rec(150, unlearnable=150)])
     clean = explain([rec(5, memorized=5), rec(10, learned=10)])
     assert "kept 99%" in clean and "expect no speedup" in clean
@@ -225,6 +225,7 @@ def test_bench_sizes_the_random_control_and_ends_with_the_sentence() -> None:
 
     runs = [{"selections": [rec(70, 30, 25), rec(60, 40, 30)]}]
     assert kept_share(runs) == pytest.approx(0.65)
-    assert data_sentence("sig", runs) == ("sig: The teacher dropped 35% of samples, mostly memorized copies: "
-                                          "this data has duplicates to drop.")
+    assert data_sentence("sig", runs) == ("sig: The teacher dropped 35% of samples, mostly memorized "
+                                          "samples (copies, or seen more often than the model can use): this "
+                                          "data has repeats to drop.")
     assert data_sentence("hard", [{"selections": [{"n_scored": 5, "signal": None}]}]) is None
