@@ -28,22 +28,21 @@ import regimes  # noqa: E402  (the sibling tool: kinds of samples, dropped ids o
 DUP_TIME, CLEAN_LOSS, CLEAN_TIME = 0.6, 0.01, 1.02
 
 
-def _by_seed(bench: dict[str, Any], name: str) -> dict[int, dict[str, Any]]:
+def _arm(bench: dict[str, Any], name: str) -> dict[str, Any]:
     for arm in bench["arms"]:
         if arm["name"] == name:
-            return {int(s["seed"]): s for s in arm["seeds"]}
+            return arm
     raise SystemExit(f"regime_targets: no arm {name!r} in bench.json (arms: "
                      f"{', '.join(a['name'] for a in bench['arms'])})")
 
 
-def _controls(bench: dict[str, Any], name: str) -> tuple[str, str]:
-    arm = next(a for a in bench["arms"] if a["name"] == name)
-    return arm["random_control"], arm["uniform_short"]
+def _by_seed(bench: dict[str, Any], name: str) -> dict[int, dict[str, Any]]:
+    return {int(s["seed"]): s for s in _arm(bench, name)["seeds"]}
 
 
 def dropped_kinds(kinds: np.ndarray, selection: Path) -> str:
     """'dropped D% per selection, C% of them copy|noise' of one run's selection.jsonl (its selection bits)."""
-    safe = np.isin(kinds, ("copy", "noise", "swapped"))
+    safe = np.isin(kinds, regimes.SAFE_KINDS)
     shares, n_drop, n_safe = [], 0, 0
     for _, ids in regimes.dropped_ids(selection, len(kinds)):
         shares.append(len(ids) / len(kinds))
@@ -58,10 +57,10 @@ def check(regime: str, bench: dict[str, Any], arm: str, raw: str, run_dir: Path 
     kinds = None
     if run_dir is not None and (run_dir / f"data-{regime}" / "kinds.json").is_file():
         data = run_dir / f"data-{regime}"
-        kinds = np.asarray(regimes.kinds_of_samples(data / "shards", data / "kinds.json")).astype(str)
+        kinds = regimes.kinds_of_samples(data / "shards", data / "kinds.json")
     uni, sig = _by_seed(bench, "uniform"), _by_seed(bench, arm)
-    rnd_name, short_name = _controls(bench, arm)
-    rnd, short = _by_seed(bench, rnd_name), _by_seed(bench, short_name)
+    controls = _arm(bench, arm)
+    rnd, short = _by_seed(bench, controls["random_control"]), _by_seed(bench, controls["uniform_short"])
     rows = []
     for seed in sorted(sig):
         u, s, r, sh = uni[seed], sig[seed], rnd[seed], short[seed]

@@ -29,6 +29,7 @@ REGIMES = ("dup", "noise", "clean")
 CORPORA = ("stdlib", "prose", "stdlib-qa")
 # kinds of a train document (and, by majority of its target tokens, of a sample)
 KINDS = ("original", "duplicated", "copy", "noise", "swapped")
+SAFE_KINDS = ("copy", "noise", "swapped")  # safe to drop: a further occurrence, or unlearnable
 # original: appears once; duplicated: the first occurrence of a document that has copies; copy: a further
 # occurrence (exact or edited); noise: random-token or shuffled-word text; swapped: a prompt with another
 # record's response
@@ -480,16 +481,15 @@ def summarize_dropped(selection: Any, kinds: np.ndarray, *, file: Any = None) ->
     n = len(kinds)
     base = {k: float((kinds == k).mean()) for k in KINDS}
     rows = []
-    bad = ("copy", "noise", "swapped")  # safe to drop: a further occurrence, or unlearnable
     print("selection            dropped  " + "  ".join(f"{k:>10}" for k in KINDS) + "  copy|noise", file=file)
     print(f"{'(all train)':<20} {n:>7}  " + "  ".join(f"{base[k]:>10.1%}" for k in KINDS)
-          + f"  {sum(base[k] for k in bad):>10.1%}", file=file)
+          + f"  {sum(base[k] for k in SAFE_KINDS):>10.1%}", file=file)
     for label, ids in dropped_ids(selection, n):
         if len(ids) and (ids.min() < 0 or ids.max() >= n):
             raise RegimeError(f"{label}: dropped id {int(ids.max())} outside the {n} train samples")
         d = kinds[ids]
         share = {k: float((d == k).mean()) if len(d) else 0.0 for k in KINDS}
-        either = sum(share[k] for k in bad)
+        either = sum(share[k] for k in SAFE_KINDS)
         rows.append({"selection": label, "dropped": int(len(ids)), "share": share, "copy_or_noise": either})
         print(f"{label:<20} {len(ids):>7}  " + "  ".join(f"{share[k]:>10.1%}" for k in KINDS)
               + f"  {either:>10.1%}", file=file)
