@@ -23,6 +23,14 @@ class DistInfo:
     device: torch.device
 
 
+_joined_group = False  # this process called init_process_group through us (see `joined_group`)
+
+
+def joined_group() -> bool:
+    """True once this process has joined a process group here (even after it was destroyed)."""
+    return _joined_group
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return default if value in (None, "") else int(value)
@@ -234,7 +242,9 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     kwargs: dict = {"timeout": datetime.timedelta(seconds=timeout_s)}
     if cuda:
         kwargs["device_id"] = device
+    global _joined_group
     dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+    _joined_group = True
     return DistInfo(rank, world_size, local_rank, backend, device)
 
 
@@ -255,7 +265,9 @@ def init_one_rank_group(device: torch.device) -> None:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     kwargs: dict = {"device_id": device} if device.type == "cuda" else {}
+    global _joined_group
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1, **kwargs)
+    _joined_group = True
 
 
 def is_distributed() -> bool:

@@ -280,3 +280,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from attent_scale.cli import exit_process
+
+    exit_process(0, group_used=True)  # no C++ teardown after the group (attent_scale.cli.exit_process)

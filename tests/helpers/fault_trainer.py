@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from attent_scale.cli import main
+from attent_scale.cli import run
 from attent_scale.teacher import Teacher
 
 
@@ -48,4 +47,4 @@ def _inject() -> None:
 if __name__ == "__main__":
     if os.environ.get("ATTENT_FAULT") and _is_target():
         _inject()
-    sys.exit(main())
+    run()

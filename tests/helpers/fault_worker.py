@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import attent_scale.engines as engines
-from attent_scale.cli import main
+from attent_scale.cli import run
 
 
 def _children(pid: int) -> list[int]:
@@ -54,4 +54,4 @@ def _install(kind: str, rank: int, step: int) -> None:
 if __name__ == "__main__":
     kind, rank, step = os.environ["ATTENT_TEST_FAULT"].split(":")
     _install(kind, int(rank), int(step))
-    sys.exit(main(sys.argv[1:]))
+    run(sys.argv[1:])

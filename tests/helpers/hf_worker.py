@@ -185,3 +185,6 @@ def main(spec: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     main(json.loads(Path(sys.argv[1]).read_text()))
+    from attent_scale.cli import exit_process
+
+    exit_process(0, group_used=True)  # no C++ teardown after the group (attent_scale.cli.exit_process)

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-from attent_scale.cli import main
+from attent_scale.cli import run
 from attent_scale.train import Trainer
 
 
@@ -36,4 +35,4 @@ def _record() -> None:
 
 if __name__ == "__main__":
     _record()
-    sys.exit(main())
+    run()

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from attent_scale.cli import exit_process
 from attent_scale.config import TeacherConfig
 from attent_scale.teacher import Teacher, uniform_noise
 
@@ -64,3 +65,4 @@ def run(rank: int, world: int, port: int, out: str) -> None:
         torch.save(scenarios(rank, world, dist.group.WORLD), Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    exit_process(0, group_used=True)  # no C++ teardown after the group (attent_scale.cli.exit_process)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from attent_scale.cli import exit_process
 from attent_scale.config import TeacherConfig
 from attent_scale.teacher import SelectionMismatchError, Teacher, select_global, strategy_keys, uniform_noise
 from attent_scale.teacher.comm import Comm
@@ -260,3 +261,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0, group_used=True)  # no C++ teardown after the group (attent_scale.cli.exit_process)

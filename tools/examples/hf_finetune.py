@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from attent_scale.cli import exit_process
 from attent_scale.errors import UserError
 from attent_scale.integrations.sampler import PadCollator
 
@@ -341,7 +342,10 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        sys.exit(main())
+        code = main()
     except UserError as exc:
         print(f"hf_finetune: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
+    # under torchrun: leave without the interpreter's C++ teardown, where a gloo rank can abort after
+    # a finished run (see attent_scale.cli.exit_process); a single process exits as usual
+    exit_process(code)
