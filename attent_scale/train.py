@@ -153,6 +153,7 @@ class Trainer:
         from attent_scale.data.workers import StreamWorkers
         from attent_scale.dist import init_distributed
         from attent_scale.engines import build_engine
+        from attent_scale.malloc import tune_malloc
         from attent_scale.metrics import Metrics
         from attent_scale.models import check_model_fits
         from attent_scale.runlock import lock_run_dir
@@ -167,6 +168,7 @@ class Trainer:
         self.resume_stream: dict[str, Any] | None = None  # a checkpoint's mid-epoch stream position
         if os.environ.get("ATTENT_NUM_THREADS"):  # bench --clock cpu pins each arm to this many threads
             torch.set_num_threads(int(os.environ["ATTENT_NUM_THREADS"]))
+        tune_malloc()
         # distributed init
         self.info = init_distributed()
         self.rank, self.world = self.info.rank, self.info.world_size
@@ -839,7 +841,10 @@ def _summary(cfg: RunConfig, tot: RunTotals, corrupt_ids: list[int], group: Any,
     keys = ("samples_trained", "tokens_trained", "samples_scored", "corrupt_samples", *REMOTE_KEYS)
     # `group` is gloo (the default group, or our own on NCCL jobs)
     summed = all_reduce_values([getattr(tot, k) for k in keys], "sum", group)
-    job = {"world_size": world, "torch_threads": torch.get_num_threads(), "engine": cfg.engine.name,
+    from attent_scale.malloc import malloc_state
+
+    job = {"world_size": world, "torch_threads": torch.get_num_threads(), "malloc": malloc_state(),
+           "engine": cfg.engine.name,
            "teacher_mode": cfg.teacher.mode, "strategy": cfg.teacher.strategy}
     return tot.summary(job=job, summed=dict(zip(keys, summed, strict=True)), corrupt_ids=len(distinct),
                        per_rank=[RunTotals.rank_entry(r, row) for r, row in enumerate(gathered)])

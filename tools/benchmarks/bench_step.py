@@ -1,19 +1,22 @@
 """The training step's overhead: `attent-scale train` against a hand-written PyTorch loop (prints ratios).
 
 Usage: python tools/benchmarks/bench_step.py [--steps 200] [--seeds 0,1,2] [--batch 16] [--seq-len 64]
-                                              [--modes none,ledger] [--out runs/bench_step]
+                                              [--modes none,ledger] [--out runs/bench_step] [--no-hand-malloc]
 
 The same model (configs/demo.yaml's GPT, the demo tokenizer's vocabulary) and the same batches (the demo
 corpus built into shards of --seq-len tokens; the hand loop reads the first --steps batches of the
 stream from one in-memory tensor) on one thread. Arms, run in turn for each seed as child processes:
   hand    AdamW, grad clip, warmup + cosine LR, HF's own loss (`model(..., labels=...).loss`), the loss
           read back every log_every steps: the loop one would write by hand
+  hand-malloc  the same loop after attent_scale.malloc.tune_malloc(), the glibc thresholds every
+          `attent-scale train` process fixes: the yardstick for the framework's own overhead (the
+          difference between the two hand arms is the allocator's share)
   none    `attent-scale train` with teacher.mode=none (eval and export off, no checkpoints)
   ledger  `attent-scale train` with the demo's default teacher (ledger, strategy signal: observes every
           step's losses and keeps the previous one)
 Clock: CPU seconds (user + system) of each whole child process as the OS reports it (wait4), start-up
 included, and the CPU seconds of the step loop alone (train_cpu_seconds in summary.json; the hand loop's
-own process_time around its loop). Printed: each arm's median, and the ratios none/hand, ledger/hand and
+own process_time around its loop). Printed: each arm's median, and the ratios of each mode to each hand arm and
 ledger/none per seed, as median with min-max spread. --code DIR runs the attent-scale arms from another
 checkout (e.g. the commit before a change) against the same hand loop and batches. CPU time on one
 thread is roughly robust to other load on the machine; a final figure should come from a quiet one.
@@ -85,6 +88,12 @@ def hand_loop(args: argparse.Namespace) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.set_num_threads(1)
+    if args.malloc:
+        sys.path.insert(0, str(REPO))
+        from attent_scale.malloc import tune_malloc
+
+        if tune_malloc() != "fixed":
+            raise SystemExit(f"hand-malloc: glibc malloc could not be tuned here ({tune_malloc()})")
     cfg = yaml.safe_load(CONFIG.read_text())
     t = cfg["train"]
     data = torch.load(args.hand_loop, weights_only=True)
@@ -138,9 +147,9 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, shards: Path, batches
             out: Path) -> dict[str, float]:
     env = {**os.environ, **THREAD_ENV}
     log = out / f"{arm}-s{seed}.log"
-    if arm == "hand":
+    if arm in ("hand", "hand-malloc"):
         cmd = [sys.executable, __file__, "--hand-loop", str(batches), "--seed", str(seed),
-               "--steps", str(args.steps), "--vocab", str(vocab)]
+               "--steps", str(args.steps), "--vocab", str(vocab), *(["--malloc"] if arm != "hand" else [])]
         cpu, stdout = run_child(cmd, env, log)
         return {"process": cpu, "loop": json.loads(stdout.strip().splitlines()[-1])["loop_cpu_seconds"]}
     run_dir = out / f"{arm}-s{seed}"
@@ -177,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--code", default=None,
                    help="run the attent-scale arms from this checkout (code versions on the same batches)")
     p.add_argument("--json", default=None, help="also write every measurement to this file")
+    p.add_argument("--no-hand-malloc", action="store_true", help="leave out the hand-malloc arm")
+    p.add_argument("--malloc", action="store_true", help=argparse.SUPPRESS)  # hand arm: tune malloc first
     p.add_argument("--hand-loop", default=None, help=argparse.SUPPRESS)  # the hand arm's child process
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--vocab", type=int, default=0, help=argparse.SUPPRESS)
@@ -192,24 +203,26 @@ def main(argv: list[str] | None = None) -> int:
     shards = ensure_shards(out, args.seq_len)
     vocab = int(Manifest.load(shards).vocab_size)
     seeds = [int(s) for s in args.seeds.split(",")]
-    arms = ["hand", *[m for m in args.modes.split(",") if m]]
+    hands = ["hand"] if args.no_hand_malloc else ["hand", "hand-malloc"]
+    modes = [m for m in args.modes.split(",") if m]
+    arms = [*hands, *modes]
     results: dict[str, list[dict[str, float]]] = {a: [] for a in arms}
     for seed in seeds:
         batches = dump_batches(shards, out, args.steps, args.batch, seed)
         for arm in arms:  # in turn, seed by seed: a ratio pairs runs close in time
             r = run_arm(arm, seed, args, shards, batches, vocab, out)
             results[arm].append(r)
-            print(f"seed {seed} {arm:>6}: process {r['process']:.2f} s cpu, step loop {r['loop']:.2f} s cpu",
+            print(f"seed {seed} {arm:>11}: process {r['process']:.2f} s cpu, step loop {r['loop']:.2f} s cpu",
                   flush=True)
     print(f"\n{args.steps} steps, batch {args.batch} x {args.seq_len}, one thread, CPU seconds, "
           f"{len(seeds)} seed(s): median (min-max)")
     for arm in arms:
         for key in ("process", "loop"):
             vals = [r[key] for r in results[arm]]
-            print(f"  {arm:>6} {key:>7}: {statistics.median(vals):7.2f} s ({min(vals):.2f}-{max(vals):.2f})")
-    pairs = [(m, "hand") for m in arms[1:]]
-    if "none" in arms and len(arms) > 2:
-        pairs += [(m, "none") for m in arms[1:] if m != "none"]
+            print(f"  {arm:>11} {key:>7}: {statistics.median(vals):7.2f} s ({min(vals):.2f}-{max(vals):.2f})")
+    pairs = [(m, h) for h in hands for m in modes]
+    if "none" in modes:
+        pairs += [(m, "none") for m in modes if m != "none"]
     for key in ("process", "loop"):
         for a, b in pairs:
             ratios = [ra[key] / rb[key] for ra, rb in zip(results[a], results[b], strict=True)]
