@@ -64,10 +64,12 @@ def run(argv: list[str] | None = None) -> NoReturn:
     An exception that escapes `main` prints its traceback and exits 1, as Python itself would."""
     try:
         code = main(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if not isinstance(exc.code, int | None):
+    except SystemExit as exc:  # argparse: --help, usage errors
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:  # sys.exit("message"), as Python prints it
             print(exc.code, file=sys.stderr)
+            code = 1
     except BaseException:
         sys.excepthook(*sys.exc_info())
         code = 1

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from attent_scale.config import RunConfig, add_override_argument, load_config
 from attent_scale.dist import all_gather_objects, all_reduce_values, initialized, side_group
 from attent_scale.errors import UserError
+from attent_scale.malloc import malloc_state, tune_malloc
 from attent_scale.stop import END_EPOCH, PREEMPT, STOP, Poll, StopCheck, StopSignal, decide
 from attent_scale.totals import PHASES, REMOTE_KEYS, RunTotals, remote_totals, teacher_totals
 from attent_scale.train_state import Clocks, Progress, SelectionState, now
@@ -153,7 +154,6 @@ class Trainer:
         from attent_scale.data.workers import StreamWorkers
         from attent_scale.dist import init_distributed
         from attent_scale.engines import build_engine
-        from attent_scale.malloc import tune_malloc
         from attent_scale.metrics import Metrics
         from attent_scale.models import check_model_fits
         from attent_scale.runlock import lock_run_dir
@@ -841,11 +841,8 @@ def _summary(cfg: RunConfig, tot: RunTotals, corrupt_ids: list[int], group: Any,
     keys = ("samples_trained", "tokens_trained", "samples_scored", "corrupt_samples", *REMOTE_KEYS)
     # `group` is gloo (the default group, or our own on NCCL jobs)
     summed = all_reduce_values([getattr(tot, k) for k in keys], "sum", group)
-    from attent_scale.malloc import malloc_state
-
     job = {"world_size": world, "torch_threads": torch.get_num_threads(), "malloc": malloc_state(),
-           "engine": cfg.engine.name,
-           "teacher_mode": cfg.teacher.mode, "strategy": cfg.teacher.strategy}
+           "engine": cfg.engine.name, "teacher_mode": cfg.teacher.mode, "strategy": cfg.teacher.strategy}
     return tot.summary(job=job, summed=dict(zip(keys, summed, strict=True)), corrupt_ids=len(distinct),
                        per_rank=[RunTotals.rank_entry(r, row) for r, row in enumerate(gathered)])
 
