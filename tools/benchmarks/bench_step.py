@@ -16,10 +16,11 @@ stream from one in-memory tensor) on one thread. Arms, run in turn for each seed
           step's losses and keeps the previous one)
 Clock: CPU seconds (user + system) of each whole child process as the OS reports it (wait4), start-up
 included, and the CPU seconds of the step loop alone (train_cpu_seconds in summary.json; the hand loop's
-own process_time around its loop). Printed: each arm's median, and the ratios of each mode to each hand arm and
-ledger/none per seed, as median with min-max spread. --code DIR runs the attent-scale arms from another
-checkout (e.g. the commit before a change) against the same hand loop and batches. CPU time on one
-thread is roughly robust to other load on the machine; a final figure should come from a quiet one.
+own process_time around its loop). Printed: each arm's median, and per seed the ratios of each mode to
+each hand arm and ledger/none, as median with min-max spread. --code DIR runs the attent-scale arms
+from another checkout (e.g. the commit before a change) against the same hand loop and batches. CPU
+time on one thread is roughly robust to other load on the machine; a final figure should come from a
+quiet one.
 """
 
 from __future__ import annotations
@@ -92,8 +93,9 @@ def hand_loop(args: argparse.Namespace) -> None:
         sys.path.insert(0, str(REPO))
         from attent_scale.malloc import tune_malloc
 
-        if tune_malloc() != "fixed":
-            raise SystemExit(f"hand-malloc: glibc malloc could not be tuned here ({tune_malloc()})")
+        state = tune_malloc()
+        if state != "fixed":
+            raise SystemExit(f"hand-malloc: glibc malloc could not be tuned here ({state})")
     cfg = yaml.safe_load(CONFIG.read_text())
     t = cfg["train"]
     data = torch.load(args.hand_loop, weights_only=True)
@@ -126,7 +128,7 @@ def hand_loop(args: argparse.Namespace) -> None:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if (step + 1) % t["log_every"] == 0:
+        if (step + 1) % t["log_every"] == 0 or step + 1 == steps:  # as the trainer logs its last step
             last = loss.item()
     print(json.dumps({"loop_cpu_seconds": time.process_time() - t0, "last_loss": last}))
 
