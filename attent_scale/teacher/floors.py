@@ -14,19 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import torch
 
 from attent_scale.data.selection import Selection
-from attent_scale.teacher.comm import Comm
-from attent_scale.teacher.ledger import loss_from_image
-from attent_scale.teacher.picks import KEY_CHUNK, Pick, round_half_up
-from attent_scale.teacher.topk import key_image, select_block_bits
-
-if TYPE_CHECKING:
-    from attent_scale.teacher.teacher import Teacher
+from attent_scale.teacher.schedules import round_half_up
+from attent_scale.teacher.topk import key_image
+from attent_scale.teacher.view import Pick, TeacherView
 
 
 @dataclass(frozen=True)
@@ -53,33 +48,29 @@ def _mask(selection: Selection, a: int, b: int) -> np.ndarray:
     return np.unpackbits(selection.slice_bits(a, b), count=b - a, bitorder="little").view(bool)
 
 
-def _chunks(t: Teacher, pick: Pick,
+def _chunks(v: TeacherView, pick: Pick,
             selection: Selection) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(ids, keys, selected) of this rank's ledger block, in the pick's chunks (KEY_CHUNK ids each)."""
-    a = t.ledger.lo
+    a = v.ledger.lo
     for keys in pick.key_chunks():
         b = a + len(keys)
         yield np.arange(a, b, dtype=np.int64), keys, _mask(selection, a, b)
         a = b
 
 
-def apply_floors(t: Teacher, pick: Pick, selection: Selection,
-                 comm: Comm | None) -> tuple[Selection, list[int]]:
+def apply_floors(v: TeacherView, pick: Pick, selection: Selection) -> tuple[Selection, list[int]]:
     """Collective: `selection` with every floored source topped up to its need (module docstring);
     returns it and the ids added per source."""
-    sources: list[SourceRange] = t.sources
+    sources: list[SourceRange] = v.sources
     added = [0] * len(sources)
     floored = [i for i, s in enumerate(sources) if s.floor > 0]
     if not floored:
         return selection, added
     eligible = np.zeros(len(sources), dtype=np.int64)
-    for ids, keys, chosen in _chunks(t, pick, selection):
+    for ids, keys, chosen in _chunks(v, pick, selection):
         ok = ~np.isnan(keys) & ~chosen
         eligible += np.bincount(_source_index(sources, ids[ok]), minlength=len(sources))[:len(sources)]
-    eligible_t = torch.from_numpy(eligible)
-    if comm is not None:
-        comm.all_reduce(eligible_t, "collective")
-    eligible = eligible_t.numpy()
+    eligible = v.all_reduce(eligible)
     bits = selection.bits
     for i in floored:
         s = sources[i]
@@ -89,35 +80,30 @@ def apply_floors(t: Teacher, pick: Pick, selection: Selection,
             continue
 
         def images(s: SourceRange = s) -> Iterator[np.ndarray]:
-            for ids, keys, chosen in _chunks(t, pick, selection):
+            for ids, keys, chosen in _chunks(v, pick, selection):
                 u = key_image(keys)
                 u[(ids < s.lo) | (ids >= s.hi) | chosen] = 0
                 yield u
 
-        top = select_block_bits(images, t.ledger.lo, t.ledger.hi, t.num_samples, short, bits=64,
-                                group=t.group)
-        bits = bits | top
+        bits = bits | v.top_bits(images, short, bits=64)
         added[i] = short
     if not any(added):
         return selection, added
-    out = Selection(bits, t.num_samples, upweight=selection.upweight, weight=selection.weight)
+    out = Selection(bits, v.num_samples, upweight=selection.upweight, weight=selection.weight)
     return out, added
 
 
-def source_report(t: Teacher, selection: Selection, added: list[int],
-                  comm: Comm | None) -> list[dict[str, Any]]:
+def source_report(v: TeacherView, selection: Selection, added: list[int]) -> list[dict[str, Any]]:
     """Collective: per source of the training ids, what the selection keeps: samples, selected, dropped
     (samples - selected), floor and the ids it added, and the mean of the last observed finite loss over
     the source's ids and over its selected ids (None where none is observed)."""
-    sources: list[SourceRange] = t.sources
+    sources: list[SourceRange] = v.sources
     n = len(sources)
-    led = t.ledger
     acc = np.zeros(4 * n, dtype=np.float64)  # loss sum, loss count, selected loss sum, selected count
-    for a in range(led.lo, led.hi, KEY_CHUNK):
-        b = min(led.hi, a + KEY_CHUNK)
-        v = led.block_entries(a, b)
-        loss = loss_from_image((v & np.uint64(0xFFFFFFFF)).astype(np.uint32))
-        fin = (v != 0) & np.isfinite(loss)
+    for blk in v.blocks():
+        a, b = blk.lo, blk.hi
+        loss = blk.loss
+        fin = blk.seen & np.isfinite(loss)
         sel = fin & _mask(selection, a, b)
         for i, s in enumerate(sources):  # sources are contiguous id ranges: slice, do not search
             lo, hi = max(a, s.lo) - a, min(b, s.hi) - a
@@ -126,10 +112,7 @@ def source_report(t: Teacher, selection: Selection, added: list[int],
             for j, m in enumerate((fin[lo:hi], sel[lo:hi])):
                 acc[2 * j * n + i] += float(loss[lo:hi][m].sum(dtype=np.float64))
                 acc[(2 * j + 1) * n + i] += int(np.count_nonzero(m))
-    acc_t = torch.from_numpy(acc)
-    if comm is not None:
-        comm.all_reduce(acc_t, "collective")
-    acc = acc_t.numpy()
+    acc = v.all_reduce(acc)
 
     def mean(total: float, count: float) -> float | None:
         return round(total / count, 6) if count else None

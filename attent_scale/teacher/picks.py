@@ -1,222 +1,185 @@
-"""What each selection strategy keeps: one `pick_*` function per strategy, behind `STRATEGIES`."""
+"""What each selection strategy keeps: one `pick_*` function per strategy, behind `STRATEGIES`.
+
+A pick function takes the strategy's view of the teacher (teacher/view.py) and returns a `Pick`: pure in
+what it decides, collective where it counts over ranks."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from attent_scale.data.selection import Selection
-from attent_scale.teacher.comm import Comm
-from attent_scale.teacher.ledger import NEG_INF_IMAGE, POS_INF_IMAGE, loss_image, unpack_entries
+from attent_scale.teacher.ledger import NEG_INF_IMAGE, POS_INF_IMAGE, loss_image
+from attent_scale.teacher.schedules import round_half_up
 from attent_scale.teacher.signals import pick_signal
 from attent_scale.teacher.strategies import strategy_keys, uniform_noise
-from attent_scale.teacher.topk import select_block_bits
+from attent_scale.teacher.view import KEY_CHUNK, Chunks, Pick, TeacherView
 
-if TYPE_CHECKING:
-    from attent_scale.teacher.teacher import Teacher
-
-KEY_CHUNK = 1 << 17  # ids per chunk when keys are computed from the ledger block
-Chunks = Callable[[], Iterator[np.ndarray]]  # re-iterable: each call walks this rank's block again
-
-
-def round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
-
-
-@dataclass(frozen=True)
-class Pick:
-    """One strategy's decision for a selection: keep the `k` ids of largest key over every rank's
-    `key_chunks` (float64 chunks of this rank's ledger block). `images`: order-preserving uint64 images
-    of the keys and their bit width, when the strategy has cheaper ones than `topk.key_image`. `after`:
-    what the strategy does with the top-k (loss weights, kept counts). The counts go into the record."""
-
-    k: int
-    key_chunks: Chunks
-    n_obs: int
-    n_nonfinite: int
-    images: tuple[Chunks, int] | None = None
-    after: Callable[[Selection], Selection] | None = None
+__all__ = ["KEY_CHUNK", "STRATEGIES", "Pick", "Strategy", "pick_hard", "pick_prune", "pick_random",
+           "pick_soft", "round_half_up", "strategy"]
 
 
 @dataclass(frozen=True)
 class Strategy:
     """A selection strategy. `scores`: the first subset epoch of a cycle starts with a scoring pass;
     `reuse`: later subset epochs of a cycle reuse its first selection; `staleness`: the record reports
-    the age of the losses it ranked."""
+    the age of the losses it ranked; `reads_losses`: pending observations go to their owners before it
+    picks (a collective)."""
 
-    pick: Callable[[Teacher, int, float, Comm | None], Pick]
+    pick: Callable[[TeacherView, int, float], Pick]
     scores: bool
     reuse: bool
     staleness: bool
+    reads_losses: bool = True
 
 
-def _loss_counts(t: Teacher, comm: Comm | None) -> tuple[int, int]:
-    """Collective: pending observations to their owners, then (observed, finite) ids over all ranks."""
-    t.ledger.exchange(comm=comm)
-    n_obs, n_fin = t._all_sum(list(t.ledger.counts()), comm)
+def _loss_counts(v: TeacherView) -> tuple[int, int]:
+    """Collective: (observed, finite) ids over all ranks."""
+    n_obs, n_fin = v.all_sum(list(v.ledger.counts()))
     return n_obs, n_fin
 
 
-def _loss_keys(t: Teacher, epoch: int) -> Chunks:
+def _loss_keys(v: TeacherView, epoch: int) -> Chunks:
     """Keys of this rank's block from the ledger losses (excess losses with a reference): never-observed
     ids get +inf (always kept), non-finite losses NaN (never chosen)."""
-    cfg, led = t.cfg, t.ledger
+    cfg = v.cfg
 
     def chunks() -> Iterator[np.ndarray]:
-        for a in range(led.lo, led.hi, KEY_CHUNK):
-            b = min(led.hi, a + KEY_CHUNK)
-            ids = np.arange(a, b, dtype=np.int64)
-            v = led.block_entries(a, b)
-            loss = t._excess(ids, unpack_entries(v)[0])
-            keys = strategy_keys(cfg.strategy, loss, ids, seed=t.seed, cycle=epoch,
+        for b in v.blocks():
+            loss = v.excess(b.ids, b.loss)
+            keys = strategy_keys(cfg.strategy, loss, b.ids, seed=v.seed, cycle=epoch,
                                  temperature=cfg.temperature, normalization=cfg.normalization).numpy()
-            keys[v == 0] = np.inf
+            keys[~b.seen] = np.inf
             yield keys
 
     return chunks
 
 
-def _ledger_images(t: Teacher) -> tuple[Chunks, int]:
+def _ledger_images(v: TeacherView) -> tuple[Chunks, int]:
     """hard without a reference: the key is the float32 loss itself, so the ledger entry's 32-bit loss
     image is already in key order (non-finite losses get 0 like a NaN key, unseen ids 2**32, above all):
     integer work only, 33 bits."""
-    led = t.ledger
 
     def chunks() -> Iterator[np.ndarray]:
-        for a in range(led.lo, led.hi, KEY_CHUNK):
-            v = led.block_entries(a, min(led.hi, a + KEY_CHUNK))
-            u = v & np.uint64(0xFFFFFFFF)
+        for b in v.blocks():
+            u = b.entries & np.uint64(0xFFFFFFFF)
             u[(u >= np.uint64(POS_INF_IMAGE)) | (u <= np.uint64(NEG_INF_IMAGE))] = 0
-            u[v == 0] = np.uint64(1 << 32)
+            u[~b.seen] = np.uint64(1 << 32)
             yield u
 
     return chunks, 33
 
 
-def pick_hard(t: Teacher, epoch: int, ratio: float, comm: Comm | None) -> Pick:
+def pick_hard(v: TeacherView, epoch: int, ratio: float) -> Pick:
     """The round(ratio * finite) highest losses, and every never-observed id."""
-    n_obs, n_fin = _loss_counts(t, comm)
-    return Pick(k=t.num_samples - n_obs + round_half_up(ratio * n_fin), key_chunks=_loss_keys(t, epoch),
+    n_obs, n_fin = _loss_counts(v)
+    return Pick(k=v.num_samples - n_obs + round_half_up(ratio * n_fin), key_chunks=_loss_keys(v, epoch),
                 n_obs=n_obs, n_nonfinite=n_obs - n_fin,
-                images=_ledger_images(t) if t.reference is None else None)  # excess keys are not stored
+                images=_ledger_images(v) if v.reference is None else None)  # excess keys are not stored
 
 
-def pick_soft(t: Teacher, epoch: int, ratio: float, comm: Comm | None) -> Pick:
+def pick_soft(v: TeacherView, epoch: int, ratio: float) -> Pick:
     """As many as hard, sampled without replacement by softmax (or sigmoid) of the loss (Gumbel-top-k)."""
-    n_obs, n_fin = _loss_counts(t, comm)
-    return Pick(k=t.num_samples - n_obs + round_half_up(ratio * n_fin), key_chunks=_loss_keys(t, epoch),
+    n_obs, n_fin = _loss_counts(v)
+    return Pick(k=v.num_samples - n_obs + round_half_up(ratio * n_fin), key_chunks=_loss_keys(v, epoch),
                 n_obs=n_obs, n_nonfinite=n_obs - n_fin)
 
 
-def pick_random(t: Teacher, epoch: int, ratio: float, comm: Comm | None) -> Pick:
+def pick_random(v: TeacherView, epoch: int, ratio: float) -> Pick:
     """round(ratio * N) ids uniformly at random (no losses needed); with random_reweight the kept ids
     carry weight N / k."""
-    led = t.ledger
+    n = v.num_samples
 
     def chunks() -> Iterator[np.ndarray]:
-        for a in range(led.lo, led.hi, KEY_CHUNK):
-            ids = np.arange(a, min(led.hi, a + KEY_CHUNK), dtype=np.int64)
-            yield strategy_keys("random", np.zeros(0), ids, seed=t.seed, cycle=epoch).numpy()
+        for b in v.blocks():
+            yield strategy_keys("random", np.zeros(0), b.ids, seed=v.seed, cycle=epoch).numpy()
 
     def after(sel: Selection) -> Selection:
-        if t.cfg.random_reweight and 0 < sel.count < t.num_samples:
-            weight = t.num_samples / sel.count
-            return Selection(sel.bits, t.num_samples, upweight=sel.bits.copy(), weight=weight)
+        if v.cfg.random_reweight and 0 < sel.count < n:
+            return Selection(sel.bits, n, upweight=sel.bits.copy(), weight=n / sel.count)
         return sel
 
-    return Pick(k=round_half_up(ratio * t.num_samples), key_chunks=chunks, n_obs=t.num_samples, n_nonfinite=0,
-                after=after)
+    return Pick(k=round_half_up(ratio * n), key_chunks=chunks, n_obs=n, n_nonfinite=0, after=after)
 
 
-def pick_prune(t: Teacher, epoch: int, ratio: float, comm: Comm | None) -> Pick:
+def pick_prune(v: TeacherView, epoch: int, ratio: float) -> Pick:
     """Unbiased pruning: drop round(prune_ratio * n_low) of the low-score ids at random, keep every other
-    id; with reweight the kept low ids carry 1 / P(kept) = n_low / (n_low - n_drop)."""
-    t.ledger.exchange(comm=comm)
-    low_bits, n_low, n_obs, n_fin = _prune_low(t, comm)
-    n = t.num_samples
+    id; with reweight the kept low ids carry 1 / P(kept) = n_low / (n_low - n_drop). What it keeps is the
+    epoch's planned count (below the mean, a count only the losses decide)."""
+    low_bits, n_low, n_obs, n_fin = _prune_low(v)
+    n = v.num_samples
 
     def after(sel: Selection) -> Selection:
-        if t.cfg.reweight and n_low > n - sel.count:
-            weight = n_low / (n_low - (n - sel.count))
-            sel = Selection(sel.bits, n, upweight=low_bits & sel.bits, weight=weight)
-        t.kept_counts[int(epoch)] = sel.count
+        dropped = n - sel.count
+        if v.cfg.reweight and n_low > dropped:
+            return Selection(sel.bits, n, upweight=low_bits & sel.bits, weight=n_low / (n_low - dropped))
         return sel
 
-    return Pick(k=n - round_half_up(t.cfg.prune_ratio * n_low), key_chunks=_prune_keys(t, low_bits, epoch),
-                n_obs=n_obs, n_nonfinite=n_obs - n_fin, after=after)
+    return Pick(k=n - round_half_up(v.cfg.prune_ratio * n_low), key_chunks=_prune_keys(v, low_bits, epoch),
+                n_obs=n_obs, n_nonfinite=n_obs - n_fin, after=after, plans_count=True)
 
 
-def _block_scores(t: Teacher) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(ids, entries, scores) of this rank's ledger block, KEY_CHUNK ids at a time: scores are the
-    float32 losses, or excess losses with a reference (NaN for never observed ids)."""
-    led = t.ledger
-    for a in range(led.lo, led.hi, KEY_CHUNK):
-        b = min(led.hi, a + KEY_CHUNK)
-        ids = np.arange(a, b, dtype=np.int64)
-        v = led.block_entries(a, b)
-        loss = t._excess(ids, unpack_entries(v)[0])
-        loss[v == 0] = np.nan
-        yield ids, v, loss
+def _scores(v: TeacherView) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(entries, scores) of this rank's ledger block in chunks: scores are the float32 losses, or excess
+    losses with a reference (NaN for never observed ids)."""
+    for b in v.blocks():
+        score = v.excess(b.ids, b.loss)
+        score[~b.seen] = np.nan
+        yield b.entries, score
 
 
-def _prune_low(t: Teacher, comm: Comm | None) -> tuple[np.ndarray, int, int, int]:
+def _prune_low(v: TeacherView) -> tuple[np.ndarray, int, int, int]:
     """Collective. The low-score ids of unbiased pruning, as a bitset over all N ids: the
     round(prune_quantile * n_fin) smallest finite scores (ties to the smaller id), or with
     prune_quantile 0 those below the mean. Works over this rank's block in chunks (O(N / world) and
     the one bitset). Returns (bits, n_low, n_obs, n_fin)."""
-    cfg = t.cfg
-    lo, hi = t.ledger.lo, t.ledger.hi
+    cfg = v.cfg
     n_obs = n_fin = total = 0
-    for _, v, score in _block_scores(t):
+    for entries, score in _scores(v):
         fin = np.isfinite(score)
-        n_obs += int(np.count_nonzero(v))
+        n_obs += int(np.count_nonzero(entries))
         n_fin += int(np.count_nonzero(fin))
         # the mean from an exact fixed-point sum: the same bits whatever the number of ranks
         fixed = np.round(np.minimum(score[fin].astype(np.float64), 1e4) * 2.0**20).astype(np.int64)
         total += int(fixed.sum())
-    n_obs, n_fin, total = t._all_sum([n_obs, n_fin, total], comm)
+    n_obs, n_fin, total = v.all_sum([n_obs, n_fin, total])
     if cfg.prune_quantile > 0:
         n_low = round_half_up(cfg.prune_quantile * n_fin)
 
         def images() -> Iterator[np.ndarray]:  # smaller finite score = larger image; non-finite and unseen 0
-            for _, _, score in _block_scores(t):
+            for _, score in _scores(v):
                 u = np.uint32(0xFFFFFFFF) - loss_image(score)
                 u[~np.isfinite(score)] = 0
                 yield u.astype(np.uint64)
 
-        bits = select_block_bits(images, lo, hi, t.num_samples, n_low, bits=32, group=t.group)
+        bits = v.top_bits(images, n_low, bits=32)
     else:
         mean = total / n_fin if n_fin else 0.0
 
         def below() -> Iterator[np.ndarray]:
-            for _, _, score in _block_scores(t):
+            for _, score in _scores(v):
                 fin = np.isfinite(score)
                 fixed = np.round(np.minimum(np.where(fin, score, 0.0).astype(np.float64), 1e4) * 2.0**20)
                 yield (fin & (fixed < mean)).astype(np.uint64)
 
-        (n_low,) = t._all_sum([sum(int(np.count_nonzero(u)) for u in below())], comm)
-        bits = select_block_bits(below, lo, hi, t.num_samples, n_low, bits=1, group=t.group)
+        (n_low,) = v.all_sum([sum(int(np.count_nonzero(u)) for u in below())])
+        bits = v.top_bits(below, n_low, bits=1)
     return bits, n_low, n_obs, n_fin
 
 
-def _prune_keys(t: Teacher, low_bits: np.ndarray, epoch: int) -> Chunks:
+def _prune_keys(v: TeacherView, low_bits: np.ndarray, epoch: int) -> Chunks:
     """Keys of this rank's block for pruning: low ids get uniform noise keyed by (seed, epoch, id), every
     other id (high, non-finite, never observed) +inf; keeping the top k = N - round(prune_ratio * n_low)
     drops exactly that many low ids, each with the same probability, whatever the number of ranks."""
-    led = t.ledger
 
     def chunks() -> Iterator[np.ndarray]:
-        for a in range(led.lo, led.hi, KEY_CHUNK):  # a is a multiple of 8: whole bytes of the bitset
-            b = min(led.hi, a + KEY_CHUNK)
-            byte = low_bits[a // 8:(b + 7) // 8]
-            low = np.unpackbits(byte, count=b - a, bitorder="little").astype(bool)
-            keys = np.full(b - a, np.inf, dtype=np.float64)
-            ids = np.arange(a, b, dtype=np.int64)[low]
-            keys[low] = uniform_noise(ids, seed=t.seed, cycle=epoch)
+        for b in v.blocks():  # b.lo is a multiple of 8: whole bytes of the bitset
+            byte = low_bits[b.lo // 8:(b.hi + 7) // 8]
+            low = np.unpackbits(byte, count=b.hi - b.lo, bitorder="little").astype(bool)
+            keys = np.full(b.hi - b.lo, np.inf, dtype=np.float64)
+            keys[low] = uniform_noise(b.ids[low], seed=v.seed, cycle=epoch)
             yield keys
 
     return chunks
@@ -226,7 +189,7 @@ def _prune_keys(t: Teacher, low_bits: np.ndarray, epoch: int) -> Chunks:
 STRATEGIES: dict[str, Strategy] = {
     "hard": Strategy(pick_hard, scores=True, reuse=True, staleness=True),
     "soft": Strategy(pick_soft, scores=True, reuse=False, staleness=True),
-    "random": Strategy(pick_random, scores=False, reuse=True, staleness=False),
+    "random": Strategy(pick_random, scores=False, reuse=True, staleness=False, reads_losses=False),
     "prune": Strategy(pick_prune, scores=False, reuse=False, staleness=True),
     "signal": Strategy(pick_signal, scores=True, reuse=False, staleness=True),
 }

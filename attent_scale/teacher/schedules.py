@@ -8,6 +8,11 @@ RATIO_SCHEDULES = ("constant", "incremental", "cosine", "step")
 INTERVAL_SCHEDULES = ("fixed", "incremental")
 
 
+def round_half_up(x: float) -> int:
+    """x rounded to the nearest integer, halves up (the same on every platform, unlike round())."""
+    return int(math.floor(x + 0.5))
+
+
 def _progress(cycle: int, total_cycles: int) -> float:
     """Fraction of the schedule done at `cycle` (0 at the first cycle, 1 at the last and beyond)."""
     if cycle < 0:

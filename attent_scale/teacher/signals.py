@@ -10,13 +10,11 @@ import numpy as np
 import torch
 
 from attent_scale.teacher.ledger import unpack_entries
+from attent_scale.teacher.schedules import round_half_up
+from attent_scale.teacher.view import Pick, TeacherView
 
 if TYPE_CHECKING:
     from attent_scale.config import TeacherConfig
-    from attent_scale.data.selection import Selection
-    from attent_scale.teacher.comm import Comm
-    from attent_scale.teacher.picks import Pick
-    from attent_scale.teacher.teacher import Teacher
 
 # Per-sample losses are counted in fixed bins (1/128 nat over [0, 32)), so the val distribution and the
 # train distribution are integer histograms: summed over ranks they have the same bits on any world size.
@@ -161,94 +159,76 @@ def reasons(signal: str, th: Thresholds | None, loss: np.ndarray, prev: np.ndarr
 
 # ---------------------------------------------------------------------------------------- the pick
 
-def _block(t: Teacher) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None,
-                                        np.ndarray | None]]:
-    """(ids, entries, last loss, previous loss, excess) of this rank's ledger block in chunks; NaN loss
-    for never-observed ids, NaN previous loss where there is none."""
-    from attent_scale.teacher.picks import KEY_CHUNK
-
-    led = t.ledger
-    for a in range(led.lo, led.hi, KEY_CHUNK):
-        b = min(led.hi, a + KEY_CHUNK)
-        ids = np.arange(a, b, dtype=np.int64)
-        v = led.block_entries(a, b)
-        loss = unpack_entries(v)[0].astype(np.float64)
-        loss[v == 0] = np.nan
-        pv = led.block_prev(a, b)
+def _block(v: TeacherView) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]]:
+    """(entries, last loss, previous loss, excess) of this rank's ledger block in chunks; NaN loss for
+    never-observed ids, NaN previous loss where there is none."""
+    for b in v.blocks():
+        loss = b.loss.astype(np.float64)
+        loss[~b.seen] = np.nan
         prev = None
-        if pv is not None:
-            prev = unpack_entries(pv)[0].astype(np.float64)
-            prev[pv == 0] = np.nan
+        if b.prev is not None:
+            prev = unpack_entries(b.prev)[0].astype(np.float64)
+            prev[b.prev == 0] = np.nan
         excess = None
-        if t.cfg.signal == "excess" and t.reference is not None:
-            excess = loss - t.reference.losses(ids).astype(np.float64)
-        yield ids, v, loss, prev, excess
+        if v.cfg.signal == "excess" and v.reference is not None:
+            excess = loss - v.reference.losses(b.ids).astype(np.float64)
+        yield b.entries, loss, prev, excess
 
 
-def pick_signal(t: Teacher, epoch: int, ratio: float, comm: Comm | None) -> Pick:
+def pick_signal(v: TeacherView, epoch: int, ratio: float) -> Pick:
     """Collective. Drop only what the signal says is safe to drop (memorized, learned, unlearnable),
     at most a share 1 - `ratio` of the finite ids (the ratio schedule is a cap, not a target: above it
-    the strongest signals go first); keep every other id, never-observed ids included. Fills
-    `t.signal_record` with the dropped share, the counts per reason and the distributions."""
-    from attent_scale.teacher.picks import Pick, round_half_up
-
-    cfg = t.cfg
-    t.ledger.exchange(comm=comm)
+    the strongest signals go first); keep every other id, never-observed ids included. Its record holds
+    the dropped share, the counts per reason and the distributions; what it keeps is the epoch's planned
+    count."""
+    cfg = v.cfg
+    val_hist = v.val_hist if v.val_hist is not None else np.zeros(NUM_BINS, dtype=np.int64)
     counts = np.zeros(2, dtype=np.int64)  # observed, finite
     loss_h = np.zeros(NUM_BINS, dtype=np.int64)
     fall_h = np.zeros(NUM_BINS, dtype=np.int64)
-    for _, v, loss, prev, _ in _block(t):
-        counts[0] += int(np.count_nonzero(v))
+    for entries, loss, prev, _ in _block(v):
+        counts[0] += int(np.count_nonzero(entries))
         counts[1] += int(np.count_nonzero(np.isfinite(loss)))
         loss_h += histogram(loss)
         if prev is not None:
             fall_h += histogram(prev - loss, FALL_OFFSET)
-    packed = torch.from_numpy(np.concatenate([counts, loss_h, fall_h]))
-    if comm is not None:
-        comm.all_reduce(packed, "collective")
-    total = packed.numpy()
+    total = v.all_reduce(np.concatenate([counts, loss_h, fall_h]))
     n_obs, n_fin = int(total[0]), int(total[1])
     loss_h, fall_h = total[2:2 + NUM_BINS], total[2 + NUM_BINS:]
-    th = thresholds(cfg, t.val_hist, loss_h)
+    th = thresholds(cfg, val_hist, loss_h)
     by_reason = np.zeros(4, dtype=np.int64)
-    for _, _, loss, prev, excess in _block(t):
+    for _, loss, prev, excess in _block(v):
         by_reason += np.bincount(reasons(cfg.signal, th, loss, prev, excess)[0], minlength=4).astype(np.int64)
-    by = torch.from_numpy(by_reason)
-    if comm is not None:
-        comm.all_reduce(by, "collective")
-    by_reason = by.numpy()
+    by_reason = v.all_reduce(by_reason)
     n_cand = int(by_reason[1:].sum())
     cap = n_fin - round_half_up(ratio * n_fin)  # at most this many dropped
     n_drop = min(n_cand, cap)
 
     def chunks() -> Iterator[np.ndarray]:
-        for _, v, loss, prev, excess in _block(t):
+        for entries, loss, prev, excess in _block(v):
             code, strength = reasons(cfg.signal, th, loss, prev, excess)
             keys = np.full(loss.shape[0], np.inf, dtype=np.float64)
             drop = code > 0
             keys[drop] = -strength[drop]  # the weakest signals are kept first when the cap binds
-            keys[(v != 0) & ~np.isfinite(loss)] = np.nan  # non-finite: never chosen (as hard)
+            keys[(entries != 0) & ~np.isfinite(loss)] = np.nan  # non-finite: never chosen (as hard)
             yield keys
 
     dropped = {name: int(by_reason[i + 1]) for i, name in enumerate(REASONS)}
     if n_drop < n_cand:  # the cap kept some: the counts per reason are of the candidates
         dropped["capped"] = n_cand - n_drop
-    t.signal_record = {
+    record = {
         "name": cfg.signal,
         "dropped": n_drop,
         "dropped_share": round(n_drop / n_fin, 6) if n_fin else 0.0,
         "reasons": dropped,
         "thresholds": th.as_dict() if th is not None else None,
-        "val": {"n": int(t.val_hist.sum()), "step": t.val_step, **(quantiles(t.val_hist) or {})},
+        "val": {"n": int(val_hist.sum()), "step": v.val_step, **(quantiles(val_hist) or {})},
         "loss": quantiles(loss_h),
         "fall": quantiles(fall_h, FALL_OFFSET),
     }
-    def after(sel: Selection) -> Selection:
-        t.kept_counts[int(epoch)] = sel.count  # the epoch's planned count (Teacher.planned_count)
-        return sel
-
-    k = t.num_samples - n_obs + (n_fin - n_drop)
-    return Pick(k=k, key_chunks=chunks, n_obs=n_obs, n_nonfinite=n_obs - n_fin, after=after)
+    k = v.num_samples - n_obs + (n_fin - n_drop)
+    return Pick(k=k, key_chunks=chunks, n_obs=n_obs, n_nonfinite=n_obs - n_fin, plans_count=True,
+                record=record)
 
 
 def explain(records: list[dict[str, Any]]) -> str | None:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
-import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +13,17 @@ import torch.distributed as dist
 
 from attent_scale.config import TeacherConfig
 from attent_scale.data.selection import Selection
+from attent_scale.teacher import plan as planning
 from attent_scale.teacher.comm import Comm, collective_ops, resolve_group
 from attent_scale.teacher.floors import SourceRange, apply_floors, source_report
 from attent_scale.teacher.ledger import SCORE, TRAIN, Ledger
-from attent_scale.teacher.picks import KEY_CHUNK, Pick, strategy
-from attent_scale.teacher.picks import round_half_up as _round_half_up
+from attent_scale.teacher.online import online_pick
+from attent_scale.teacher.picks import strategy
+from attent_scale.teacher.plan import EpochPlan
 from attent_scale.teacher.records import RecordWriter, make_record
-from attent_scale.teacher.schedules import interval_at, ratio_at
 from attent_scale.teacher.signals import NUM_BINS
-from attent_scale.teacher.strategies import strategy_keys
-from attent_scale.teacher.topk import key_image, kth_largest, select_block_bits, select_global
+from attent_scale.teacher.topk import key_image, kth_largest, select_global
+from attent_scale.teacher.view import Pick, TeacherView
 
 STATE_FORMAT = 2  # 2: dense ledger blocks, selection bits not copied
 EXCHANGE_EVERY = 64  # training steps (or scoring batches) between two ledger exchanges
@@ -36,48 +34,30 @@ STAT_KEYS = (
 )
 
 
-@dataclass(frozen=True)
-class EpochPlan:
-    """What the trainer does in one epoch. `phase`: "full" (teacher off, warm-up or a cycle's full
-    epochs), "subset" (train on `teacher.select(...)`), "online" (per-step selection). `cycle` is -1
-    outside cycles; `index` is the epoch's position inside its phase of the cycle (-1 outside)."""
-
-    epoch: int
-    phase: str
-    score: bool
-    subset: bool
-    cycle: int = -1
-    index: int = -1
-    ratio: float | None = None
-    interval: int = 0
-
-
-def topk_threshold(t: Teacher, pick: Pick, report: dict[str, Any]) -> Selection:
+def topk_threshold(v: TeacherView, pick: Pick, report: dict[str, Any]) -> Selection:
     """Top-k by a global threshold on the key images, found in rounds of histograms (O(N / world) per
     rank, a bitset out)."""
-    lo, hi = t.ledger.lo, t.ledger.hi
     images, nbits = pick.images or ((lambda: (key_image(c) for c in pick.key_chunks())), 64)
-    bits = select_block_bits(images, lo, hi, t.num_samples, pick.k, bits=nbits, group=t.group, report=report)
-    return Selection(bits, t.num_samples)
+    return Selection(v.top_bits(images, pick.k, bits=nbits, report=report), v.num_samples)
 
 
-def topk_gather(t: Teacher, pick: Pick, report: dict[str, Any]) -> Selection:
+def topk_gather(v: TeacherView, pick: Pick, report: dict[str, Any]) -> Selection:
     """Top-k with every rank holding all N (key, id) pairs: exact, for up to ~10^7 samples."""
-    lo, hi = t.ledger.lo, t.ledger.hi
+    lo, hi = v.ledger.lo, v.ledger.hi
     parts = list(pick.key_chunks())
     keys = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float64)
-    chosen = select_global(keys, np.arange(lo, hi, dtype=np.int64), pick.k, method="gather", group=t.group,
+    chosen = select_global(keys, np.arange(lo, hi, dtype=np.int64), pick.k, method="gather", group=v.group,
                            report=report)
-    return Selection.from_ids(chosen, t.num_samples)
+    return Selection.from_ids(chosen, v.num_samples)
 
 
-TOPK_METHODS: dict[str, Callable[[Teacher, Pick, dict[str, Any]], Selection]] = {
+TOPK_METHODS: dict[str, Callable[[TeacherView, Pick, dict[str, Any]], Selection]] = {
     "threshold": topk_threshold,
     "gather": topk_gather,
 }
 
 
-def _topk_method(name: str) -> Callable[[Teacher, Pick, dict[str, Any]], Selection]:
+def _topk_method(name: str) -> Callable[[TeacherView, Pick, dict[str, Any]], Selection]:
     try:
         return TOPK_METHODS[name]
     except KeyError:
@@ -103,7 +83,6 @@ class Teacher:
         # strategy signal: the val pass's per-sample loss histogram (summed over ranks) and its step
         self.val_hist = np.zeros(NUM_BINS, dtype=np.int64)
         self.val_step: int | None = None
-        self.signal_record: dict[str, Any] | None = None
         self.reference = reference  # teacher.score=excess: a teacher.reference.Reference, else None
         # the training ids by source (teacher/floors.py): a blend's sources, else one source of all ids
         self.sources = list(sources) if sources else [SourceRange("data", 0, self.num_samples)]
@@ -114,7 +93,7 @@ class Teacher:
         self._score_seconds_pending = 0.0
         self._scored_pending = 0
         self.last_record: dict[str, Any] | None = None
-        self.kept_counts: dict[int, int] = {}  # prune: epoch -> ids its selection kept (planned_count)
+        self.kept_counts: dict[int, int] = {}  # epoch -> ids its selection kept, where the plan reads it
         self.stats: dict[str, Any] = {key: 0 for key in STAT_KEYS}
         for key in ("last_ratio", "last_staleness_median", "last_staleness_max"):
             self.stats[key] = None
@@ -122,68 +101,20 @@ class Teacher:
             if key.startswith("seconds_"):
                 self.stats[key] = 0.0
 
-    # ------------------------------------------------------------------ planning (pure)
+    # ------------------------------------------------------------------ planning (teacher/plan.py)
 
     @property
     def mode(self) -> str:
         """"none", "cycle", "ledger" or "online"."""
         return self.cfg.mode
 
-    def _ratio(self, cycle: int) -> float:
-        c = self.cfg
-        if c.strategy == "prune":  # expected kept fraction; the mean threshold is planned as the median
-            return 1.0 - c.prune_ratio * (c.prune_quantile or 0.5)
-        return ratio_at(c.ratio_schedule, cycle, initial=c.initial_ratio, final=c.final_ratio,
-                        total_cycles=c.total_cycles)
-
-    def _interval(self, cycle: int) -> int:
-        c = self.cfg
-        return interval_at(c.interval_schedule, cycle, initial=c.initial_interval, maximum=c.max_interval,
-                           total_cycles=c.total_cycles)
-
     def plan_epoch(self, epoch: int) -> EpochPlan:
-        """Pure function of (config, epoch): the same answer on every rank and after a resume.
-        cycle mode: epochs < warmup_epochs are full; then cycle c = interval(c) subset epochs (the first
-        one starts with a scoring pass, except for `random`, which needs no losses) followed by
-        full_epochs_per_cycle full epochs. After total_cycles the cycles go on with the final ratio and
-        interval. ledger mode: epochs < warmup_epochs full, then every epoch is a subset epoch chosen from
-        the training losses (cycle = epoch - warmup_epochs drives the ratio schedule)."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        c = self.cfg
-        if c.mode == "none":
-            return EpochPlan(epoch, "full", False, False)
-        if c.mode == "online":
-            return EpochPlan(epoch, "online", False, False)
-        if epoch < c.warmup_epochs or (self.anneal_from is not None and epoch >= self.anneal_from):
-            return EpochPlan(epoch, "full", False, False)
-        e = epoch - c.warmup_epochs
-        if c.mode == "ledger":
-            return EpochPlan(epoch, "subset", False, True, cycle=e, index=0, ratio=self._ratio(e), interval=1)
-        cycle = 0
-        while True:
-            n_sub = self._interval(cycle)
-            length = n_sub + c.full_epochs_per_cycle
-            if cycle >= c.total_cycles - 1:  # schedule frozen: jump arithmetically
-                cycle += e // length
-                e %= length
-                break
-            if e < length:
-                break
-            e -= length
-            cycle += 1
-        if e < n_sub:
-            return EpochPlan(epoch, "subset", e == 0 and strategy(c.strategy).scores, True,
-                             cycle=cycle, index=e, ratio=self._ratio(cycle), interval=n_sub)
-        return EpochPlan(epoch, "full", False, False, cycle=cycle, index=e - n_sub, ratio=None,
-                         interval=n_sub)
+        """The epoch's plan (plan.plan_epoch): the same on every rank and after a resume."""
+        return planning.plan_epoch(self.cfg, epoch, self.anneal_from)
 
-    def anneal_epoch(self, max_epochs: int) -> int | None:
+    def anneal_epoch(self, max_epochs: float) -> int | None:
         """First epoch of the all-data anneal under an epoch budget (None without annealing)."""
-        a = self.cfg.anneal_fraction
-        if not a or not max_epochs or self.cfg.mode not in ("cycle", "ledger"):
-            return None
-        return _round_half_up((1.0 - a) * max_epochs)
+        return planning.anneal_epoch(self.cfg, max_epochs)
 
     def start_anneal(self, epoch: int) -> None:
         """From `epoch` on every epoch trains all data with weight 1 (an earlier start is kept)."""
@@ -191,32 +122,14 @@ class Teacher:
             self.anneal_from = epoch if self.anneal_from is None else min(self.anneal_from, epoch)
 
     def planned_count(self, plan: EpochPlan, num: int) -> int:
-        """Samples an epoch of `plan` trains out of `num` (every id observed with a finite loss). prune:
-        what the epoch's selection kept once it was made; before that, with prune_quantile 0 (below the
-        mean, a count only the losses decide) what the latest selection kept, else the median's count."""
-        if not plan.subset or plan.ratio is None:
-            return num
-        if num == self.num_samples and plan.epoch in self.kept_counts:  # what its selection kept
-            return self.kept_counts[plan.epoch]
-        if self.cfg.strategy == "signal":  # keeps what its signal does not drop: all, until it has selected
-            if num == self.num_samples and self.kept_counts:
-                return self.kept_counts.get(plan.epoch, self.kept_counts[max(self.kept_counts)])
-            return num
-        if self.cfg.strategy == "prune":
-            if num == self.num_samples and self.kept_counts:
-                if plan.epoch in self.kept_counts:
-                    return self.kept_counts[plan.epoch]
-                if not self.cfg.prune_quantile:
-                    return self.kept_counts[max(self.kept_counts)]
-            n_low = _round_half_up((self.cfg.prune_quantile or 0.5) * num)
-            return num - _round_half_up(self.cfg.prune_ratio * n_low)
-        return _round_half_up(plan.ratio * num)
+        """Samples an epoch of `plan` trains out of `num` (plan.planned_count, with the counts the
+        selections so far kept)."""
+        return planning.planned_count(self.cfg, plan, num, num_samples=self.num_samples,
+                                      kept_counts=self.kept_counts)
 
     def candidate_batch_size(self, batch_size: int) -> int:
         """Per-rank batch size to draw from the stream: ceil(B / online_ratio) in online mode, else B."""
-        if self.cfg.mode != "online":
-            return int(batch_size)
-        return max(int(batch_size), math.ceil(batch_size / self.cfg.online_ratio - 1e-9))
+        return planning.candidate_batch_size(self.cfg, batch_size)
 
     # ------------------------------------------------------------------ observing
 
@@ -274,28 +187,28 @@ class Teacher:
     def _comm(self) -> Comm | None:
         return Comm(self.group) if self.group is not None else None
 
-    def _all_sum(self, values: list[int], comm: Comm | None) -> list[int]:
-        t = torch.tensor(values, dtype=torch.int64)
-        if comm is not None:
-            comm.all_reduce(t, "collective")
-        return [int(v) for v in t.tolist()]
+    def view(self, comm: Comm | None) -> TeacherView:
+        """What a strategy sees of this teacher for one selection (teacher/view.py), talking over `comm`."""
+        return TeacherView(cfg=self.cfg, num_samples=self.num_samples, seed=self.seed, rank=self.rank,
+                           world_size=self.world_size, group=self.group, ledger=self.ledger,
+                           reference=self.reference, sources=self.sources, val_hist=self.val_hist,
+                           val_step=self.val_step, comm=comm)
 
-    def _staleness(self, step: int, n_obs: int, comm: Comm | None) -> dict[str, int] | None:
+    @staticmethod
+    def _staleness(v: TeacherView, step: int, n_obs: int) -> dict[str, int] | None:
         """Global count, lower median and max of the age (step - observed step, at least 0) of observed
         ids, from the ledger blocks in chunks. Each entry maps to y = 2 * age + (1 - kind) (0 for unseen
         ids, below every observed one), which orders like the age; y < 2 * step + 3, so up to 2**19 steps
         one histogram pass is exact."""
         if n_obs == 0:
             return None
-        led = self.ledger
         top = np.int64(2 * int(step) + 2)
         nbits = max(1, int(top).bit_length())
 
         def ys() -> Any:
-            for a in range(led.lo, led.hi, KEY_CHUNK):
-                v = led.block_entries(a, min(led.hi, a + KEY_CHUNK))
-                y = top - (v >> np.uint64(32)).view(np.int64)
-                y[v == 0] = 0
+            for b in v.blocks():
+                y = top - (b.entries >> np.uint64(32)).view(np.int64)
+                y[~b.seen] = 0
                 np.maximum(y, 0, out=y)
                 yield y.view(np.uint64)
 
@@ -304,16 +217,13 @@ class Teacher:
             h = np.zeros(1 << nbits, dtype=np.int64)
             for y in ys():
                 h += np.bincount(y.view(np.int64), minlength=1 << nbits)
-            hist = torch.from_numpy(h)
-            if comm is not None:
-                comm.all_reduce(hist, "collective")
-            h = hist.numpy()
+            h = v.all_reduce(h)
             above = np.cumsum(h[::-1])  # above[j] = count of values >= (len - 1 - j)
             median = len(h) - 1 - int(np.searchsorted(above, k_med))
             oldest = int(np.flatnonzero(h)[-1])
         else:
-            median, _, _ = kth_largest(ys, k_med, comm, bits=nbits)
-            oldest, _, _ = kth_largest(ys, 1, comm, bits=nbits)
+            median, _, _ = kth_largest(ys, k_med, v.comm, bits=nbits)
+            oldest, _, _ = kth_largest(ys, 1, v.comm, bits=nbits)
         return {"n": n_obs, "median": int(median) >> 1, "max": int(oldest) >> 1}
 
     def exchange_due(self, step: int) -> None:
@@ -343,20 +253,23 @@ class Teacher:
                 self.kept_counts[int(epoch)] = self._cache.count
             return self._cache
         comm = self._comm()
+        view = self.view(comm)
         t0 = time.perf_counter()
         ratio = float(plan.ratio if plan.ratio is not None else 1.0)
-        pick = strat.pick(self, epoch, ratio, comm)
+        if strat.reads_losses:  # pending observations to their owners first
+            self.ledger.exchange(comm=comm)
+        pick = strat.pick(view, epoch, ratio)
         t_keys = time.perf_counter() - t0
         report: dict[str, Any] = {}
-        selection = _topk_method(cfg.topk_method)(self, pick, report)
+        selection = _topk_method(cfg.topk_method)(view, pick, report)
         if pick.after is not None:
             selection = pick.after(selection)
-        selection, added = apply_floors(self, pick, selection, comm)
-        if any(s.floor for s in self.sources):  # top-ups change the epoch's count: the plan follows it
+        selection, added = apply_floors(view, pick, selection)
+        if pick.plans_count or any(s.floor for s in self.sources):  # the plan follows the kept count
             self.kept_counts[int(epoch)] = selection.count
-        sources = source_report(self, selection, added, comm)
+        sources = source_report(view, selection, added)
         t_st, coll_st = time.perf_counter(), comm.seconds.get("collective", 0.0) if comm else 0.0
-        staleness = self._staleness(step, pick.n_obs, comm) if strat.staleness else None
+        staleness = self._staleness(view, step, pick.n_obs) if strat.staleness else None
         # its passes over the ledger are selection work too (its all-reduce is counted as collective)
         coll_st = (comm.seconds.get("collective", 0.0) - coll_st) if comm else 0.0
         t_keys += time.perf_counter() - t_st - coll_st
@@ -366,7 +279,7 @@ class Teacher:
             n_selected=selection.count, n_unseen=int(self.num_samples - pick.n_obs),
             n_nonfinite=int(pick.n_nonfinite), world_size=self.world_size,
             sha256=selection.sha256 if self.rank == 0 else None, staleness=staleness, sources=sources,
-            signal=self.signal_record if cfg.strategy == "signal" else None,
+            signal=pick.record if cfg.strategy == "signal" else None,
             selection_bits=selection.bits.tobytes().hex() if cfg.record_bits and self.rank == 0 else None)
         self._settle(comm, report, t_keys, {"score": self._score_seconds_pending}, bytes_max=True,
                      record=record)
@@ -407,12 +320,6 @@ class Teacher:
         rec = make_record(**record, seconds=seconds, bytes_per_rank=bytes_rank, bytes_per_rank_max=bmax)
         self._finish(rec, seconds, total_bytes)
 
-    def _excess(self, ids: np.ndarray, loss: np.ndarray) -> np.ndarray:
-        """teacher.score=excess: learner loss minus the reference model's loss of the same ids."""
-        if self.reference is None:
-            return loss
-        return (loss.astype(np.float32) - self.reference.losses(ids)).astype(np.float32)
-
     def _finish(self, record: dict[str, Any], seconds: dict[str, float], total_bytes: int) -> None:
         for phase in ("collective", "select", "share", "rebalance"):
             self.stats[f"seconds_{phase}"] += float(seconds.get(phase, 0.0))
@@ -432,67 +339,16 @@ class Teacher:
 
     def online_pick(self, batch: dict[str, Any], scores: torch.Tensor, batch_size: int,
                     step: int) -> dict[str, Any]:
-        """Collective (online mode): global top over all ranks' candidates, then all_to_all so that every
-        rank returns exactly b = min(B, ceil(min_c * online_ratio)) samples (b = B for full candidate
-        batches). The chosen samples, ordered by global candidate slot (rank-major), are dealt in
-        consecutive runs of b: slots j*b..(j+1)*b-1 of the sorted chosen list go to rank j."""
-        cfg = self.cfg
+        """Collective (online mode): this step's batch, picked from every rank's candidates by their
+        `scores` and dealt so that every rank trains the same number (teacher/online.py)."""
         comm = self._comm()
-        t0 = time.perf_counter()
-        ids = batch["ids"].detach().cpu().reshape(-1).to(torch.int64)
-        c = int(ids.shape[0])
-        if comm is not None:
-            sizes = torch.cat(comm.all_gather(torch.tensor([c], dtype=torch.int64), "collective")).tolist()
-        else:
-            sizes = [c]
-        offset = int(sum(sizes[: self.rank]))
-        b = min(int(batch_size), math.ceil(min(sizes) * cfg.online_ratio - 1e-9))
-        k = b * self.world_size
-        scores = torch.from_numpy(self._excess(ids.clamp(min=0).numpy(),
-                                               scores.detach().float().cpu().reshape(-1).numpy()))
-        keys = strategy_keys(cfg.strategy, scores, ids.clamp(min=0),
-                             seed=self.seed, cycle=step, temperature=cfg.temperature,
-                             normalization=cfg.normalization)
-        keys[ids < 0] = float("nan")  # filler samples go last
-        n_nonfinite = int((~torch.isfinite(keys)).sum())
-        slots = torch.arange(offset, offset + c, dtype=torch.int64)
-        t_keys = time.perf_counter() - t0
-        report: dict[str, Any] = {}
-        chosen = select_global(keys, slots, k, method=cfg.topk_method, group=self.group, report=report)
-        t1 = time.perf_counter()
-        chosen_np = chosen.numpy()
-        local = chosen_np[(chosen_np >= offset) & (chosen_np < offset + c)]
-        pos = np.searchsorted(chosen_np, local)
-        dest = pos // max(1, b)
-        counts = np.bincount(dest, minlength=self.world_size).tolist()
-        rows = torch.from_numpy(local - offset)
-        out: dict[str, Any] = {}
-        for key, value in batch.items():
-            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == c:
-                picked = value.detach().cpu()[rows].contiguous()
-                if comm is not None:
-                    out[key] = comm.all_to_all(picked, counts, "rebalance")
-                else:
-                    out[key] = picked
-            else:
-                out[key] = value
-        t_rebalance = time.perf_counter() - t1
-        nonfin = self._all_sum([n_nonfinite], comm)[0]
-        self.stats["nonfinite"] += n_nonfinite
-        self.stats["samples_scored"] += c
-        record = None
-        if step % max(1, cfg.online_record_every) == 0 or self.last_record is None:
-            sel_sha = None
-            if self.rank == 0:
-                sel_sha = hashlib.sha256(chosen_np.astype("<i8").tobytes()).hexdigest()
-            record = dict(
-                step=int(step), epoch=None, cycle=None, mode="online", strategy=cfg.strategy,
-                method=report["method"], ratio=cfg.online_ratio, k=int(k), n_scored=int(sum(sizes)),
-                n_selected=int(chosen_np.shape[0]), n_unseen=0, n_nonfinite=nonfin,
-                world_size=self.world_size, sha256=sel_sha, staleness=None,
-            )
-        self._settle(comm, report, t_keys, {"rebalance": t_rebalance}, bytes_max=False, record=record)
-        return out
+        due = step % max(1, self.cfg.online_record_every) == 0 or self.last_record is None
+        picked = online_pick(self.view(comm), batch, scores, batch_size, step, record=due)
+        self.stats["nonfinite"] += picked.nonfinite
+        self.stats["samples_scored"] += picked.scored
+        self._settle(comm, picked.report, picked.seconds_keys, {"rebalance": picked.seconds_rebalance},
+                     bytes_max=False, record=picked.record)
+        return picked.batch
 
     # ------------------------------------------------------------------ state
 
