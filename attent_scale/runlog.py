@@ -58,6 +58,10 @@ class RunLogs:
             else:
                 truncate_lines(self.run_dir / name, lines.get(name, 0))
 
+    def load_state_dict(self, lines: dict[str, int]) -> None:
+        """A resume: cut each file back to its line count at the checkpoint (`reset`)."""
+        self.reset(lines)
+
     def open(self) -> None:
         """Open our own files for appending (after `reset`; the teacher appends its records itself)."""
         self.metrics = JsonLines(self.run_dir / "metrics.jsonl", self.is_main)

@@ -1,14 +1,14 @@
-"""The trainer: `Trainer` builds the parts, then runs plan → score → select → stream → step → observe.
+"""The native trainer: `Trainer` builds the run's components once, then `train()` runs the loop.
 
-The parts own their state and say when they are due: `Progress` (the loop's counters), `Clocks`,
-`SelectionState` (what the epoch trains) in train_state.py; `StopCheck` (stop.py), `Checkpointer`
-(checkpoint.py), `Validator` (validate.py), `RunLogs` (runlog.py); run totals in totals.py."""
+Each component owns its state (a checkpoint entry) and says when it is due: the teacher session
+(teacher/session.py: the epoch's selection, the planned steps, the loss weights), `Progress` and `Clocks`
+(train_state.py), `DataFaults` (data/faults.py), `Validator` (validate.py), `Checkpointer` (checkpoint.py),
+`StopCheck` (stop.py), `RunLogs` (runlog.py); a resume is one call (resume.py); run totals in totals.py."""
 
 from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import socket
 import sys
@@ -25,15 +25,13 @@ from attent_scale.errors import UserError
 from attent_scale.malloc import malloc_state, tune_malloc
 from attent_scale.stop import END_EPOCH, PREEMPT, STOP, Poll, StopCheck, StopSignal, decide
 from attent_scale.totals import PHASES, REMOTE_KEYS, RunTotals, remote_totals, teacher_totals
-from attent_scale.train_state import Clocks, Progress, SelectionState, now
+from attent_scale.train_state import Clocks, Progress, now
 
 __all__ = ["END_EPOCH", "PREEMPT", "PHASES", "STOP", "Progress", "StopSignal", "Trainer", "add_parser",
-           "planned_steps", "total_steps", "train"]
+           "train"]
 
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; the Slurm script requeues
 PREEMPTED_MARKER = "PREEMPTED"  # written to run_dir beside that checkpoint; removed when the run goes on
-# config keys a checkpoint must agree on to be resumed (dotted prefixes)
-RESUME_KEYS = ("seed", "model", "engine.name", "teacher.mode", "data.train_split", "data.blend_samples")
 
 
 class NonFiniteLossError(UserError):
@@ -64,56 +62,6 @@ def _run_cli(args: argparse.Namespace) -> int:
     return train(cfg)
 
 
-def planned_steps(teacher: Any, n_train: int, world: int, batch_size: int, epochs: int,
-                  first_epoch: int = 0) -> int:
-    """Optimizer steps that epochs `first_epoch`..`epochs - 1` take under the teacher's plan (subset sizes
-    from the ratio); at least 1 for a whole budget."""
-    from attent_scale.teacher.epoch import planned_steps as plan_total
-
-    total = plan_total(teacher, n_train, _steps_for(teacher, world, batch_size), epochs, first_epoch)
-    return max(1, total) if first_epoch == 0 else total
-
-
-def _steps_for(teacher: Any, world: int, batch_size: int) -> Any:
-    """Steps per rank of an epoch of n ids (online mode drops a last partial candidate batch)."""
-    candidates = teacher.candidate_batch_size(batch_size)
-    if teacher.mode == "online":
-        return lambda n: (n // world) // candidates
-    return lambda n: math.ceil((n // world) / candidates)
-
-
-def total_steps(teacher: Any, *, n_train: int, world: int, batch_size: int, max_epochs: int, cap: int,
-                step: int, epoch: int, selection: SelectionState, stream_batches: int | None) -> int:
-    """The steps the run takes and its LR schedule decays over: train.max_steps (`cap`), or with an epoch
-    budget the steps its epochs take under the teacher's plan, capped. Re-planned once a prune selection
-    says how many ids it really kept (below the mean is a count only the data gives), and after a resume:
-    steps done (`step`) plus what is left at this world size, which an elastic resume changes.
-    `stream_batches`: the batches a resumed stream of epoch `epoch` already gave (None: at an epoch's
-    start)."""
-    from attent_scale.teacher import Selection
-
-    if not max_epochs:
-        return cap
-    if selection.remainder_due(epoch):
-        # elastic resume: the interrupted epoch's owed ids over this world, in padded equal blocks
-        owed = Selection(selection.remainder_bits, n_train).count
-        per_rank = math.ceil(owed / world)
-        current = math.ceil(per_rank / teacher.candidate_batch_size(batch_size))
-    elif stream_batches is not None:  # mid-epoch: this epoch's planned steps, less those it took
-        current = planned_steps(teacher, n_train, world, batch_size, epoch + 1, epoch)
-    else:  # at an epoch's start: it is planned with the later ones
-        current = 0
-    consumed = stream_batches or 0
-    first_later = epoch + (1 if current or consumed else 0)
-    later = planned_steps(teacher, n_train, world, batch_size, max_epochs, first_later)
-    return min(cap, max(1, step + max(0, current - consumed) + later))
-
-
-def _all_reduce_max(value: float, group: Any) -> float:
-    """Max over the ranks of `group`; any backend (a CUDA tensor on NCCL), any world size (1 included)."""
-    return all_reduce_values([float(value)], "max", group)[0]
-
-
 def train(cfg: RunConfig) -> int:
     """Run one training job (any engine, any teacher mode); returns the process exit code."""
     trainer = Trainer(copy.deepcopy(cfg))  # the trainer owns its config: the caller's stays as it was
@@ -130,7 +78,6 @@ def train(cfg: RunConfig) -> int:
         trainer.close(failed, exit_code)
 
 
-
 def _data_label(cfg: RunConfig) -> str:
     """How messages name the run's data: data.dir, or the blend's sources."""
     from attent_scale.data.manifest import set_name
@@ -141,65 +88,68 @@ def _data_label(cfg: RunConfig) -> str:
 
 
 class Trainer:
-    """One training job: `__init__` builds the parts in order, `train()` is the loop over the phases
-    (epoch_stream → train_step → after-step checks, then finish). State lives with its owner: the loop's
-    counters in `self.progress`, seconds in `self.clock`, the epoch's selection in `self.selection`, a
-    resumed stream position in `self.resume_stream` until the epoch's stream takes it."""
+    """One training job: `__init__` builds the components in order and runs nothing; `train()` is the loop
+    (epoch_stream → train_step → after-step checks, then finish). The loop's counters are `self.progress`,
+    its seconds `self.clock`; a resumed stream position waits in `self.resume_stream` until the epoch's
+    stream takes it."""
 
     def __init__(self, cfg: RunConfig) -> None:
         # Heavy imports here so `attent-scale --help` stays fast.
         from attent_scale.checkpoint import Checkpointer
+        from attent_scale.config import config_to_dict
+        from attent_scale.data import remote
         from attent_scale.data.blend import open_data
+        from attent_scale.data.faults import DataFaults
         from attent_scale.data.integrity import check_shards
         from attent_scale.data.workers import StreamWorkers
         from attent_scale.dist import init_distributed
         from attent_scale.engines import build_engine
         from attent_scale.metrics import Metrics
         from attent_scale.models import check_model_fits
+        from attent_scale.resume import resume
         from attent_scale.runlock import lock_run_dir
         from attent_scale.runlog import RunLogs
+        from attent_scale.teacher import Batching, Budget, TeacherSession
+        from attent_scale.teacher.plan import candidate_batch_size
         from attent_scale.tensorboard import open_board
         from attent_scale.validate import Validator
 
         self.cfg = cfg
         self.clock = Clocks()  # the wall clock counts from here
         self.progress = Progress()
-        self.selection = SelectionState()
         self.resume_stream: dict[str, Any] | None = None  # a checkpoint's mid-epoch stream position
         if os.environ.get("ATTENT_NUM_THREADS"):  # bench --clock cpu pins each arm to this many threads
             torch.set_num_threads(int(os.environ["ATTENT_NUM_THREADS"]))
         tune_malloc()
-        # distributed init
         self.info = init_distributed()
         self.rank, self.world = self.info.rank, self.info.world_size
         self.is_main = self.rank == 0
         # the data and the job must fit each other
-        from attent_scale.data import remote
-
         remote.configure(remote.from_config(cfg.data))
         self.data_label = remote.redact(_data_label(cfg))  # what messages name: never a URL's credentials
-        self.unreachable: list[str] = []  # shards this rank gave up on after the retries (one line each)
         self.manifest = open_data(cfg.data, cfg.seed)  # a Manifest, or a Blend of data.sources
         self.batch_size = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
         self.n_train = self.manifest.num_samples(cfg.data.train_split)
-        if self.n_train < self.world * self.batch_size:
-            raise UserError(
-                f"{self.data_label}: {self.n_train} training samples is too few for "
-                f"{self.world} ranks x batch {self.batch_size}"
-            )
-        if cfg.engine.name == "local" and self.world > 1:
-            raise UserError(f"engine.name 'local' is one process, but this job has {self.world} ranks; "
-                            "use engine.name=deepspeed or fsdp under torchrun")
-        # the run directory: one job per run_dir (the lock is released at exit)
+        _preflight(cfg, self.n_train, self.world, self.batch_size, self.data_label)
         self.run_dir = Path(cfg.run_dir)
         _check_run_dir(self.run_dir, self.rank)
-        self.run_lock = lock_run_dir(self.run_dir, self.rank)  # released in close (and at exit)
+        self.run_lock = lock_run_dir(self.run_dir, self.rank)  # one job per run_dir; released in close
         # Teacher and loop bookkeeping talk over CPU tensors: on NCCL jobs they get a gloo group of their own.
         self.group = side_group()
         for _, m in self.manifest.manifests():  # a blend: every source's shard set
             check_shards(m, self.run_dir, rank=self.rank, world=self.world, group=self.group)
-        self.teacher = self._build_teacher()
-        self.total_steps = self._plan_total()  # the run's length; the engine's LR schedule gets it below
+        t = cfg.teacher
+        candidates = candidate_batch_size(t, self.batch_size)  # online mode draws more than it trains
+        self.session = TeacherSession.build(
+            t, num_samples=self.n_train, seed=cfg.seed, group=self.group,
+            batching=Batching(self.world, candidates, drop_last=t.mode == "online"),
+            budget=Budget(cfg.train.max_epochs, cfg.train.max_steps, cfg.train.max_seconds),
+            record_path=self.run_dir / "selection.jsonl" if self.is_main else None, data=self.manifest,
+            split=cfg.data.train_split, sources=_sources(cfg, self.manifest))
+        self.faults = DataFaults(cfg.data, num_samples=self.n_train, rank=self.rank, world=self.world,
+                                 group=self.group, label=self.data_label,
+                                 check_every=cfg.train.stop_check_every, exclude=self.session.exclude)
+        self.total_steps = self.session.total_steps()  # the run's length: the LR schedule decays over it
         check_model_fits(cfg.model, int(self.manifest.vocab_size), self.manifest.seq_len)
         self.engine = build_engine(cfg, self.manifest)
         self.engine.total_steps = self.total_steps
@@ -207,71 +157,50 @@ class Trainer:
                                          every_minutes=cfg.checkpoint.every_minutes,
                                          keep_last=cfg.checkpoint.keep_last, rank=self.rank,
                                          world_size=self.world, group=self.group)
-        self.validator = Validator(cfg, rank=self.rank, world=self.world)
+        self.validator = Validator(cfg.eval, seed=cfg.seed, rank=self.rank, world=self.world,
+                                   data=self.manifest, session=self.session, faults=self.faults)
         self.logs = RunLogs(self.run_dir, self.is_main)
-        self.resumed_from = self._resume()
+        self._config_recorded = False
+        self.resumed = None
+        if cfg.checkpoint.resume:
+            parts = {"progress": self.progress, "clock": self.clock, "faults": self.faults,
+                     "eval": self.validator, "logs": self.logs}
+            self.resumed = resume(self.run_dir, rank=self.rank, world=self.world, group=self.group,
+                                  engine=self.engine, session=self.session, parts=parts,
+                                  config=config_to_dict(cfg), data=self.manifest, split=cfg.data.train_split)
+        if self.resumed is None:
+            self.logs.reset(None)  # a fresh run starts its logs empty
+        else:
+            self.resume_stream = self.resumed.stream
+            self.replan()  # steps done plus what is left at this world size
+        if self.is_main:
+            (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         # after the resume check (a refused resume leaves the recorded config as it was) and the plan
         self._config_recorded = self._record_config()
         self.logs.open()  # the teacher appends selection records itself; ours open after truncation
         node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
         self.metrics = Metrics.create(cfg.metrics, rank=self.rank, local_rank=self.info.local_rank, node=node)
         self.board = open_board(cfg.metrics.tensorboard_dir, self.run_dir, is_main=self.is_main,
-                                resumed_step=None if self.resumed_from is None else self.progress.step)
+                                resumed_step=None if self.resumed is None else self.progress.step)
+        self.validator.open(self.logs.eval, self.metrics, self.board)
         self.stopper = StopCheck(every=cfg.train.stop_check_every, max_seconds=cfg.train.max_seconds,
                                  group=self.group)
         # one set of DataLoader workers for every epoch and scoring pass (started on first use)
         self.stream_workers = StreamWorkers(cfg.data.num_workers) if cfg.data.num_workers > 0 else None
+        self.scorer = _ShardScorer(self)
         self.empty_epochs = 0  # epochs in a row whose stream ran out without a training batch
         self.bar = _progress_bar(self.total_steps, self.progress.step) if self.is_main else None
 
-    def _build_teacher(self) -> Any:
-        """The teacher; an anneal under an epoch budget is started by plan (the step plan knows it)."""
-        from attent_scale.teacher import Teacher
-        from attent_scale.teacher.reference import open_reference
-
-        cfg = self.cfg
-        teacher = Teacher(
-            cfg.teacher,
-            num_samples=self.n_train,
-            seed=cfg.seed,
-            record_path=self.run_dir / "selection.jsonl" if self.is_main else None,
-            group=self.group,
-            reference=open_reference(cfg.teacher, self.manifest, cfg.data.train_split),
-            sources=self._sources(),
-        )
-        anneal = teacher.anneal_epoch(cfg.train.max_epochs)
-        if anneal is not None:  # the budget's last epochs train all data: the plan (and the LR) knows it
-            teacher.start_anneal(anneal)
-        return teacher
-
-    def _sources(self) -> list[Any]:
-        """The training ids by source, with the blend's floors (teacher/floors.py)."""
-        from attent_scale.teacher.floors import SourceRange
-
-        cfg = self.cfg
-        floors = [s.floor for s in cfg.data.sources] or [0.0]
-        if any(floors) and cfg.teacher.mode not in ("cycle", "ledger"):
-            raise UserError(f"config key 'data.sources[*].floor': floors apply to cycle and ledger "
-                            f"selections, not teacher.mode {cfg.teacher.mode!r}")
-        ranges = self.manifest.source_ranges(cfg.data.train_split)
-        return [SourceRange(name, lo, hi, f) for (name, lo, hi), f in zip(ranges, floors, strict=True)]
-
-    def _plan_total(self) -> int:
-        """The run's total steps from where it stands now (see `total_steps`)."""
-        cfg, p = self.cfg, self.progress
+    def replan(self) -> None:
+        """The run's total steps again, from where it stands (after a resume, or a selection whose kept
+        count only the data gives): the engine's LR schedule decays over them and config.yaml records them."""
+        p = self.progress
         stream_batches = None if self.resume_stream is None else int(self.resume_stream["batches_consumed"])
-        return total_steps(self.teacher, n_train=self.n_train, world=self.world, batch_size=self.batch_size,
-                           max_epochs=cfg.train.max_epochs, cap=cfg.train.max_steps, step=p.step,
-                           epoch=p.epoch, selection=self.selection, stream_batches=stream_batches)
-
-    def plan_steps(self) -> None:
-        """Re-plan the run's total steps (after a resume, or a prune selection): the engine's LR schedule
-        decays over the new total and config.yaml records it."""
-        planned = self._plan_total()
+        planned = self.session.total_steps(p.step, p.epoch, stream_batches)
         if planned == self.total_steps:
             return
         self.total_steps = self.engine.total_steps = planned
-        if getattr(self, "_config_recorded", False):
+        if self._config_recorded:
             self._record_config()
 
     def _record_config(self) -> bool:
@@ -291,116 +220,29 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(head + text)
         return True
 
-    def _resume(self) -> Path | None:
-        """With checkpoint.resume, load the newest undamaged checkpoint (engine, teacher, RNG and every part's
-        entry), on this world size or another, and cut the run's logs back to it; a fresh run starts them
-        empty. Returns the checkpoint resumed from."""
-        from attent_scale import checkpoint as ckpt
-
-        run_dir = self.run_dir
-        resume_from, skipped = None, []
-        if self.cfg.checkpoint.resume:
-            resume_from, skipped = ckpt.find_checkpoint(run_dir, self._verify_checkpoint, rank=self.rank,
-                                                        group=self.group)
-        if skipped and self.is_main and resume_from is not None:
-            print(f"attent-scale: warning: skipped damaged checkpoint(s) {'; '.join(skipped)}; "
-                  f"resuming from {resume_from.name}", file=sys.stderr)
-        if resume_from is not None:
-            self._check_resumable(resume_from)
-            old_world = ckpt.saved_world(resume_from)
-            try:
-                if old_world == self.world:
-                    state = ckpt.load_checkpoint(resume_from, self.engine, rank=self.rank,
-                                                 world_size=self.world)
-                    self.teacher.load_state_dict(state["teacher"])
-                else:
-                    from attent_scale.elastic import load_elastic
-
-                    state = load_elastic(resume_from, engine=self.engine, teacher=self.teacher,
-                                         rank=self.rank, world=self.world, group=self.group,
-                                         data_dir=self.manifest, split=self.cfg.data.train_split,
-                                         num_ids=self.n_train)
-            except UserError:
-                raise
-            except ValueError as exc:  # a state that does not fit this run (teacher, stream)
-                raise UserError(f"checkpoint {resume_from}: {exc}") from None
-            self._load_state(state)
-            self.plan_steps()
-            if self.is_main:
-                print(_resume_line(resume_from, self.progress, self.selection, self.resume_stream,
-                                   self.n_train, self.world, old_world), file=sys.stderr)
-            self.logs.reset(state["logs"])
-        else:
-            self.logs.reset(None)
-        if self.is_main:
-            (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
-        return resume_from
-
-    def _load_state(self, state: dict[str, Any]) -> None:
-        """Every part takes its own entry of a checkpoint's rank state (the layout of
-        train_state.upgrade_state)."""
-        from attent_scale import checkpoint as ckpt
-
-        ckpt.set_rng_state(state["rng"])
-        self.progress = Progress.from_state(state["progress"])
-        self.clock = Clocks.from_state({**state["clock"], "wall_start": self.clock.wall_start})
-        self.selection = SelectionState.from_state(state["selection"])
-        self.resume_stream = state["stream"]
-        self.validator.load_state_dict(state.get("eval") or {})
-
-    def _verify_checkpoint(self, path: Path) -> str | None:
-        """The first problem with the files of checkpoint `path` this rank reads (None: they look whole)."""
-        from attent_scale import checkpoint as ckpt
-        from attent_scale.elastic import ranks_read
-
-        try:
-            old_world = ckpt.saved_world(path)
-        except (OSError, ValueError, KeyError):
-            return "COMPLETE unreadable"
-        ranks = [self.rank] if old_world == self.world else ranks_read(self.rank, self.world, old_world,
-                                                                         self.n_train)
-        return ckpt.check_rank_files(path, ranks) or self.engine.verify(path, "engine")
-
-    def _check_resumable(self, path: Path) -> None:
-        """A checkpoint written under another model, engine, teacher mode, seed or split: one line naming
-        the changed keys (every rank reads the same file, so every rank raises together)."""
-        from attent_scale import checkpoint as ckpt
-        from attent_scale.config import config_to_dict
-        from attent_scale.data.blend import blend_layout_changes
-
-        saved = ckpt.saved_config(path)
-        if saved is None:
-            return
-        now = config_to_dict(self.cfg)
-        changed = ckpt.changed_keys(saved, now, RESUME_KEYS)
-        changed += blend_layout_changes(saved, now)
-        if changed:
-            raise UserError(f"checkpoint {path}: resume refused, changed since it was written: "
-                            f"{'; '.join(changed)} (use another run_dir, or checkpoint.resume=false)")
-
     # ---- the loop ---------------------------------------------------------------------------------
 
     def train(self) -> int:
-        """Epoch after epoch (plan, stream, steps) until a budget, the data or a stop signal ends the run;
+        """Epoch after epoch (start, stream, steps) until a budget, the data or a stop signal ends the run;
         returns the exit code."""
-        progress = self.progress
-        if self.resumed_from is None and self.validator.should_validate(progress.step):
+        progress, clock, faults = self.progress, self.clock, self.faults
+        if self.resumed is None and self.validator.should_validate(progress.step):
             self.evaluate()  # the step-0 point of every val-loss curve
         while progress.step < self.total_steps:
             stream = self.epoch_stream()
-            self.check_corrupt_budget(now=True)  # the epoch's scoring pass may have met corrupt samples
+            faults.check(progress.step, progress.samples_trained, now=True)  # the scoring pass's faults too
             trained, decision = 0, None
-            for batch in self.clock.timed(stream):
+            for batch in clock.timed(stream):
                 if not self.train_step(batch, stream):
                     continue  # online mode skipped a short last candidate batch
                 trained += 1
-                self.check_corrupt_budget()
-                cut = self.anneal_cut()
+                faults.check(progress.step, progress.samples_trained)
+                cut = self.session.anneal_cut(progress.step, clock.train_seconds)  # ends a subset epoch
                 if self.validator.should_validate(progress.step):
                     self.evaluate()
-                poll = self.stopper.poll(progress.step, self.clock.train_seconds, self.checkpointer.late())
+                poll = self.stopper.poll(progress.step, clock.train_seconds, self.checkpointer.late())
                 if self.checkpoint_due(poll):
-                    self.check_corrupt_budget(now=True)  # no checkpoint holds a shard nobody could read
+                    faults.check(progress.step, progress.samples_trained, now=True)  # none unreadable saved
                     # an anneal cut saves as the end of this epoch: a resume starts the anneal like we do
                     self.save(stream, epoch_done=cut)
                 decision = decide(poll, step=progress.step, last_step=self.total_steps, cut=cut)
@@ -408,76 +250,32 @@ class Trainer:
                     break
             if decision == PREEMPT:
                 return self.preempt()
-            progress.corrupt_samples += stream.faults
+            faults.count(stream)
             if decision == STOP:
                 break
             progress.epoch += 1  # the stream ran out, or the anneal point ended this epoch early
-            self.selection.drop_remainder_before(progress.epoch)  # an elastic resume's owed ids are trained
             if decision is None and self.epoch_budget_spent(trained):
                 break
-        self.check_corrupt_budget(final=True)  # before the export: a run that trained nothing exports nothing
+        faults.check(progress.step, progress.samples_trained, final=True)  # trained nothing: no export
         self.finish()
         return 0
 
-    # ---- plan → score → select, once per fresh epoch ----------------------------------------------
-
-    def plan_epoch(self) -> None:
-        """The epoch start every trainer shares (`teacher.epoch.begin_epoch`): plan, score this rank's part
-        of the data when the plan says so, select; the selection lands in `self.selection`."""
-        from attent_scale.teacher import Selection
-        from attent_scale.teacher.epoch import begin_epoch
-
-        progress, bits = self.progress, self.selection.bits
-        trained = None if bits is None else Selection(bits, self.n_train)
-        start = begin_epoch(self.teacher, progress.epoch, progress.step, self.score_pass, trained=trained,
-                            steps_for=_steps_for(self.teacher, self.world, self.batch_size))
-        self.select(start)
-        if any(start.phase_seconds.values()):
-            self.metrics.observe_selection(start.phase_seconds)
-        if start.record is not None and start.record.get("sources"):
-            self.metrics.observe_sources(start.record["sources"])
-        if start.record is not None and start.record.get("signal"):
-            self.metrics.observe_signal(start.record["signal"])
-
-    def score_pass(self, skip: Any, step: int) -> None:
-        """A sharded forward over this rank's part of the data except `skip`; the losses go into the
-        teacher's ledger."""
-        progress = self.progress
-        scoring = self._shard_stream(progress.epoch, self.cfg.eval.batch_size,
-                                     None if skip is None else skip.complement())
-        self.teacher.score_pass(scoring, self.engine.score, step)
-        self.note_corrupt(scoring)
-        progress.corrupt_samples += scoring.faults
-
-    def select(self, start: Any) -> None:
-        """The epoch's selection (`start.selection`, None = full data) into `self.selection`; a prune
-        selection re-plans the epoch budget's steps."""
-        state, selection = self.selection, start.selection
-        if start.replan:
-            self.plan_steps()
-        state.bits = None if selection is None else selection.bits
-        state.weight_bits = None if selection is None else selection.upweight
-        state.weight = 1.0 if selection is None else selection.weight
-        if selection is not None:
-            state.ratio = start.ratio
-        else:
-            state.ratio = self.cfg.teacher.online_ratio if self.teacher.mode == "online" else 1.0
-
     def epoch_stream(self) -> Any:
-        """This epoch's `ShardStream` over its selection: a fresh epoch asks the teacher first (plan_epoch),
-        a resumed one continues from the checkpointed stream position."""
+        """This epoch's `ShardStream` over what the teacher session says it trains (a fresh epoch is planned,
+        scored and selected there); a resumed one continues from the checkpointed stream position."""
         from attent_scale.teacher import Selection
 
         loop_t0 = now()
-        progress, state = self.progress, self.selection
-        remainder = state.remainder_due(progress.epoch)
-        if self.resume_stream is None and not remainder:
-            self.plan_epoch()
-        bits = state.remainder_bits if remainder else state.bits
-        selection = None if bits is None else Selection(bits, self.n_train, upweight=state.weight_bits,
-                                                        weight=state.weight)
-        stream = self._shard_stream(progress.epoch, self.teacher.candidate_batch_size(self.batch_size),
-                                    selection, pad=remainder)
+        progress = self.progress
+        start = self.session.begin_epoch(progress.epoch, progress.step, self.scorer,
+                                         resumed=self.resume_stream is not None)
+        if start.replan:
+            self.replan()
+        if not (start.resumed or start.owed):
+            start.report(self.metrics)
+        ids = None if start.selection is None else Selection(start.selection.bits, self.n_train)
+        stream = self._shard_stream(progress.epoch, self.session.candidate_batch_size(self.batch_size), ids,
+                                    pad=start.owed)
         if self.resume_stream is not None:
             stream.load_state_dict(self.resume_stream)
             self.resume_stream = None
@@ -498,21 +296,23 @@ class Trainer:
     # ---- one step ---------------------------------------------------------------------------------
 
     def train_step(self, batch: dict[str, Any], stream: Any) -> bool:
-        """Online pick, engine step, observe, bookkeeping, logs and metrics; False when online mode skips
-        a short last candidate batch (no step taken)."""
+        """Online pick, the batch's loss weights, engine step, after-step teacher work, bookkeeping, logs and
+        metrics; False when online mode skips a short last candidate batch (no step taken)."""
         step_t0 = now()
-        progress, teacher = self.progress, self.teacher
-        if teacher.mode == "online":
-            if len(batch["ids"]) < teacher.candidate_batch_size(self.batch_size):
+        progress, session = self.progress, self.session
+        if session.mode == "online":
+            if len(batch["ids"]) < session.candidate_batch_size(self.batch_size):
                 progress.online_dropped_batches += 1  # same on every rank: equal counts
                 return False
-            batch = self.online_pick(batch)
+            batch = session.online_pick(batch, self.engine.score, self.batch_size, progress.step)
+        weights = session.loss_weights(batch["ids"])
+        if weights is not None:
+            batch["weights"] = weights
         result = self.engine.train_step(batch)
         real = batch["ids"] >= 0
-        teacher.observe(batch["ids"][real], result.per_sample[real], progress.step)
-        self.note_corrupt(stream)
+        self.faults.note(stream, progress.step)
+        session.after_step(batch["ids"][real], result.per_sample[real], progress.step)
         progress.step += 1
-        teacher.exchange_due(progress.step)  # collective every few steps: ledger entries to owners
         progress.samples_trained += int(real.sum())
         progress.tokens_trained += int((batch["labels"] != -100).sum())
         if result.skipped:
@@ -525,14 +325,6 @@ class Trainer:
         self.log_step(batch, result, step_seconds)
         self.check_nonfinite(stream)
         return True
-
-    def online_pick(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Online mode: score the candidates and let the teacher pick this step's batch across ranks."""
-        t_score = time.perf_counter()
-        scores = self.engine.score(batch)
-        # the candidates' scoring forward is selection cost: book it in the teacher's score phase
-        self.teacher.stats["seconds_score"] += time.perf_counter() - t_score
-        return self.teacher.online_pick(batch, scores, self.batch_size, self.progress.step)
 
     def log_step(self, batch: dict[str, Any], result: Any, step_seconds: float) -> None:
         """metrics.jsonl every log_every steps, Prometheus and the progress bar every step."""
@@ -565,65 +357,7 @@ class Trainer:
                 f"checkpoint written to {ckpt.checkpoint_root(self.run_dir)} (lower train.lr?)"
             )
 
-    def note_corrupt(self, stream: Any) -> None:
-        """Keep corrupt samples out of every later selection and count the distinct ones."""
-        progress = self.progress
-        gone = stream.take_unreachable()
-        self.unreachable += gone
-        for line in gone if self.cfg.data.skip_unreachable else ():
-            print(f"attent-scale: rank {self.rank}: warning: {line}; its samples are skipped as corrupt "
-                  "(data.skip_unreachable)", file=sys.stderr)
-        bad = stream.take_bad_ids()
-        if not bad:
-            return
-        self.teacher.exclude(bad, progress.step)
-        new = sorted(set(bad).difference(progress.corrupt_ids))
-        if new:
-            progress.corrupt_ids = sorted(set(progress.corrupt_ids).union(new))
-            print(f"attent-scale: rank {self.rank}: {len(new)} corrupt sample(s) excluded from selection "
-                  f"(ids {', '.join(map(str, new[:8]))}{' ...' if len(new) > 8 else ''}); "
-                  f"{len(progress.corrupt_ids)} distinct so far", file=sys.stderr)
-
-    def check_corrupt_budget(self, now: bool = False, final: bool = False) -> None:
-        """Stop every rank together (one collective every stop_check_every steps, and at the end) once the
-        distinct corrupt samples pass data.max_corrupt_fraction of the training set; at the end, also when
-        no real sample was trained at all."""
-        cfg, progress = self.cfg, self.progress
-        if not (now or final) and progress.step % cfg.train.stop_check_every != 0:
-            return
-        seen, trained, gone = all_reduce_values(
-            [len(progress.corrupt_ids), progress.samples_trained, len(self.unreachable)], "sum", self.group)
-        if gone and not cfg.data.skip_unreachable:  # every rank stops here together, naming one URL
-            lines = sorted(set().union(*all_gather_objects(self.unreachable, self.group)))
-            more = f" ({len(lines) - 1} more shard(s) too)" if len(lines) > 1 else ""
-            raise UserError(f"{lines[0]}{more}; {self.data_label} (raise data.retries / data.backoff, "
-                            "or data.skip_unreachable: true to skip it like a corrupt shard)")
-        budget = cfg.data.max_corrupt_fraction * self.n_train
-        corrupt = int(seen)
-        if seen > budget and self.world > 1:  # a sum over ranks counts an id two ranks met twice
-            corrupt = len(set().union(*all_gather_objects(progress.corrupt_ids, self.group)))
-        if corrupt > budget and cfg.data.max_corrupt_fraction < 1.0:
-            raise UserError(
-                f"{self.data_label}: {corrupt} of {self.n_train} training samples are corrupt "
-                f"({corrupt / self.n_train:.1%}) at step {progress.step}, over data.max_corrupt_fraction "
-                f"{cfg.data.max_corrupt_fraction} (1.0 disables; the warnings above name the shards)"
-            )
-        if final and trained == 0:
-            raise UserError(
-                f"{self.data_label}: no sample trained in {progress.step} steps ({corrupt} corrupt "
-                f"samples met); nothing exported"
-            )
-
-    # ---- after a step: anneal, checkpoint, preemption ---------------------------------------------
-
-    def anneal_cut(self) -> bool:
-        """Steps or seconds budgets: start the anneal once its point is reached; True when that ends the
-        current subset epoch early (the next epoch trains all data)."""
-        if self.teacher.anneal_from is None and _anneal_due(self.cfg, self.progress, self.clock,
-                                                            self.total_steps, self.group):
-            self.teacher.start_anneal(self.progress.epoch + 1)
-            return self.selection.bits is not None
-        return False
+    # ---- after a step: checkpoint, preemption, the epoch budget -----------------------------------
 
     def checkpoint_due(self, poll: Poll) -> bool:
         """After this step's stop poll: a stop signal's checkpoint, or a periodic one (every_steps, or some
@@ -665,34 +399,12 @@ class Trainer:
     # ---- eval, checkpoints, totals, the end --------------------------------------------------------
 
     def evaluate(self) -> float:
-        """Val loss on this rank's val batches; eval.jsonl and the metrics get the point."""
-        progress, clock = self.progress, self.clock
-        t0 = time.perf_counter()
-        signal = self.cfg.teacher.strategy == "signal" and self.teacher.mode in ("cycle", "ledger")
-        loss = self.engine.evaluate(self.validator.batches(self.manifest), sample_hist=signal)
-        if self.validator.stream is not None:  # val shards given up on stop the run like train shards
-            self.unreachable += self.validator.stream.take_unreachable()
-        if signal:  # the teacher's thresholds come from the val losses' distribution
-            self.teacher.observe_val(self.engine.val_histogram, progress.step)
-        clock.eval_seconds += time.perf_counter() - t0
-        self.validator.last_loss = loss
-        self.logs.eval.write(
-            {
-                "step": progress.step,
-                "val_loss": loss,
-                "perplexity": math.exp(loss) if loss < 50 else float("inf"),
-                "samples_trained": progress.samples_trained * self.world,
-                "train_seconds": clock.train_seconds,
-                "train_cpu_seconds": clock.train_cpu_seconds,
-                "wall_seconds": clock.wall(),
-            }
-        )
-        self.metrics.observe_eval(loss)
-        self.board.log_eval(progress.step, loss)
-        return loss
+        """The val loss now: the Validator measures it and writes eval.jsonl, the metrics and the board."""
+        return self.validator.validate(self.engine, self.progress.step, clock=self.clock,
+                                       samples_trained=self.progress.samples_trained * self.world)
 
     def save(self, stream: Any, epoch_done: bool = False) -> None:
-        """A checkpoint: the engine's state plus each part's own entry, the teacher's and the RNG's.
+        """A checkpoint: the engine's state plus each component's own entry and the RNG's.
         `stream`: the epoch's stream, whose position a resume continues from (None: at an epoch's start);
         `epoch_done`: saved as the end of this epoch (a resume starts the next one, no stream)."""
         from attent_scale import checkpoint as ckpt
@@ -702,14 +414,16 @@ class Trainer:
         progress = self.progress.state_dict()
         if epoch_done:
             progress["epoch"] += 1
+        session = self.session.state_dict()
         state = {
             "progress": progress,
             "clock": self.clock.state_dict(),
-            "selection": self.selection.state_dict(),
+            "selection": session["selection"],
             "stream": stream.state_dict() if stream is not None and not epoch_done else None,
             "eval": self.validator.state_dict(),
             "logs": self.logs.state_dict(),
-            "teacher": self.teacher.state_dict(),
+            "faults": self.faults.state_dict(),
+            "teacher": session["teacher"],
             "rng": ckpt.rng_state(),
         }
         self.checkpointer.save(self.progress.step, self.engine, state, config=config_to_dict(self.cfg))
@@ -721,15 +435,15 @@ class Trainer:
         """This rank's running totals: what metrics.jsonl, Prometheus and summary.json report."""
         from attent_scale.data.remote import stats as remote_stats
 
-        p, c = self.progress, self.clock
+        p, c, f = self.progress, self.clock, self.faults
         return RunTotals(**teacher_totals(
-            self.teacher.stats, steps=p.step, epoch=p.epoch, samples_trained=p.samples_trained,
+            self.session.teacher.stats, steps=p.step, epoch=p.epoch, samples_trained=p.samples_trained,
             tokens_trained=p.tokens_trained, nonfinite_skipped=p.nonfinite_skipped,
-            online_dropped_batches=p.online_dropped_batches, corrupt_samples=p.corrupt_samples,
-            corrupt_ids=len(p.corrupt_ids), dropped_samples=p.dropped_samples, train_seconds=c.train_seconds,
+            online_dropped_batches=p.online_dropped_batches, corrupt_samples=f.corrupt_samples,
+            corrupt_ids=len(f.corrupt_ids), dropped_samples=p.dropped_samples, train_seconds=c.train_seconds,
             train_cpu_seconds=c.train_cpu_seconds, eval_seconds=c.eval_seconds,
             checkpoint_seconds=c.checkpoint_seconds, wall_seconds=c.wall(),
-            selected_ratio=self.selection.ratio, train_loss=p.last_train_loss,
+            selected_ratio=self.session.state.ratio, train_loss=p.last_train_loss,
             val_loss=self.validator.last_loss, **remote_totals(remote_stats())))
 
     def finish(self) -> None:
@@ -747,7 +461,7 @@ class Trainer:
 
                 save_data_tokenizer(self.run_dir / "export", self.manifest.tokenizer_dir)
         tot = self.totals()
-        summary = _summary(self.cfg, tot, self.progress.corrupt_ids, self.group, self.world)
+        summary = _summary(self.cfg, tot, self.faults.corrupt_ids, self.group, self.world)
         if self.is_main:
             write_json(self.run_dir / "summary.json", summary)
         self.metrics.update(tot)
@@ -770,16 +484,46 @@ class Trainer:
             dist.destroy_process_group()
 
 
-def _anneal_due(cfg: RunConfig, progress: Progress, clock: Clocks, total: int, group: Any) -> bool:
-    """Steps or seconds budgets: has the last `teacher.anneal_fraction` of the budget (`total` steps, or
-    train.max_seconds) begun? (Epoch budgets anneal by plan.) The seconds clock differs per rank, so ranks
-    agree on it with one all-reduce."""
-    a = cfg.teacher.anneal_fraction
-    if not a or cfg.train.max_epochs or cfg.teacher.mode not in ("cycle", "ledger"):
-        return False
-    if cfg.train.max_seconds:
-        return _all_reduce_max(float(clock.train_seconds >= (1 - a) * cfg.train.max_seconds), group) >= 1
-    return progress.step >= (1 - a) * total
+class _ShardScorer:
+    """The teacher session's scoring pass (teacher/session.py:Scorer) over shards: this rank's padded share
+    of the training ids not skipped, read like an epoch's, scored by the engine; what the stream met goes to
+    the data faults."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def batches(self, skip: Any, step: int) -> Any:
+        t = self.trainer
+        stream = t._shard_stream(t.progress.epoch, t.cfg.eval.batch_size,
+                                 None if skip is None else skip.complement(), pad=True)
+        yield from stream
+        t.faults.note(stream, step)
+        t.faults.count(stream)
+
+    def losses(self, batch: dict[str, Any]) -> Any:
+        return self.trainer.engine.score(batch)
+
+
+def _preflight(cfg: RunConfig, n_train: int, world: int, batch_size: int, label: str) -> None:
+    """The data and the job must fit each other: one line otherwise."""
+    if n_train < world * batch_size:
+        raise UserError(f"{label}: {n_train} training samples is too few for {world} ranks x batch "
+                        f"{batch_size}")
+    if cfg.engine.name == "local" and world > 1:
+        raise UserError(f"engine.name 'local' is one process, but this job has {world} ranks; "
+                        "use engine.name=deepspeed or fsdp under torchrun")
+
+
+def _sources(cfg: RunConfig, manifest: Any) -> list[Any]:
+    """The training ids by source, with the blend's floors (teacher/floors.py)."""
+    from attent_scale.teacher.floors import SourceRange
+
+    floors = [s.floor for s in cfg.data.sources] or [0.0]
+    if any(floors) and cfg.teacher.mode not in ("cycle", "ledger"):
+        raise UserError(f"config key 'data.sources[*].floor': floors apply to cycle and ledger "
+                        f"selections, not teacher.mode {cfg.teacher.mode!r}")
+    ranges = manifest.source_ranges(cfg.data.train_split)
+    return [SourceRange(name, lo, hi, f) for (name, lo, hi), f in zip(ranges, floors, strict=True)]
 
 
 def _check_run_dir(run_dir: Path, rank: int) -> None:
@@ -793,29 +537,6 @@ def _check_run_dir(run_dir: Path, rank: int) -> None:
         probe.unlink()
     except OSError as exc:
         raise UserError(f"run_dir {run_dir}: not writable ({exc.strerror or exc})") from None
-
-
-def _resume_line(path: Path, progress: Progress, selection: SelectionState, stream: dict[str, Any] | None,
-                 n_train: int, world: int, old_world: int) -> str:
-    """One line saying what a resumed run continues from."""
-    from attent_scale.teacher import Selection
-
-    if selection.bits is None:
-        chosen = f"full data (ratio {selection.ratio:.3g})"
-    else:
-        sel = Selection(selection.bits, n_train)
-        chosen = f"selection sha256 {sel.sha256} ({sel.count} ids, ratio {selection.ratio:.3g})"
-    where = "at its start"
-    if stream is not None:
-        where = f"after {stream['batches_consumed']} of its batches"
-    elif selection.remainder_due(progress.epoch):
-        owed = Selection(selection.remainder_bits, n_train).count
-        where = f"with {owed} ids still owed"
-    if old_world != world:
-        where += f", written on {old_world} ranks, continued on {world}"
-    samples = progress.samples_trained * world  # equal shares on every rank
-    return (f"attent-scale: resumed from {path} (step {progress.step}, {samples} samples trained, "
-            f"epoch {progress.epoch} {where}, {chosen})")
 
 
 def _progress_bar(total: int, start: int) -> Any:

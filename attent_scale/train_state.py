@@ -1,4 +1,5 @@
-"""The trainer's state in small typed pieces, one owner each, each its own checkpoint entry."""
+"""The trainer's state in small typed pieces, one owner each, each its own checkpoint entry; `upgrade_state`
+re-cuts an older checkpoint's entries into today's."""
 
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ class _Entry:
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         return cls(**{k: v for k, v in state.items() if k in names})
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the saved fields of `state` in place (fields it lacks keep their values)."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if f.name in state and f.metadata.get("saved", True):
+                setattr(self, f.name, state[f.name])
+
 
 @dataclass
 class Progress(_Entry):
@@ -33,8 +40,6 @@ class Progress(_Entry):
     nonfinite_skipped: int = 0
     nonfinite_in_row: int = 0
     online_dropped_batches: int = 0  # online mode: short last candidate batches skipped (equal on all ranks)
-    corrupt_samples: int = 0  # replaced by filler samples (stream faults): encounters
-    corrupt_ids: list[int] = field(default_factory=list)  # distinct ids of those samples this rank met
     dropped_samples: int = 0  # dropped by rank equalisation (< world size per epoch)
     last_train_loss: float = float("nan")
 
@@ -87,33 +92,12 @@ def now() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-@dataclass
-class SelectionState(_Entry):
-    """What the epoch trains (owner: the epoch start, from the teacher's selection)."""
-
-    bits: Any = None  # the selection: packed bits, ceil(N/8) uint8 (None = full data)
-    weight_bits: Any = None  # packed ids of the selection that carry loss weight `weight` (pruning)
-    weight: float = 1.0
-    ratio: float = 1.0  # fraction of the data the current epoch trains on
-    # after a resume on another world size: the ids epoch `remainder_epoch` still owes (packed bits), trained
-    # once over the new ranks instead of that epoch's selection
-    remainder_bits: Any = None
-    remainder_epoch: int = -1
-
-    def remainder_due(self, epoch: int) -> bool:
-        """Does epoch `epoch` train an elastic resume's owed ids instead of a selection?"""
-        return self.remainder_bits is not None and self.remainder_epoch == epoch
-
-    def drop_remainder_before(self, epoch: int) -> None:
-        """Forget owed ids once their epoch is over."""
-        if self.remainder_epoch < epoch:
-            self.remainder_bits, self.remainder_epoch = None, -1
-
-
+FAULT_KEYS = ("corrupt_samples", "corrupt_ids")  # the "faults" entry (data/faults.py), once in "progress"
 # checkpoint entries besides "teacher" and "rng": name -> what a pre-split checkpoint's one "progress"
 # entry called each of its fields
 _LEGACY = {
     "progress": {f.name: f.name for f in dataclasses.fields(Progress)},
+    "faults": {k: k for k in FAULT_KEYS},
     "clock": {f.name: f.name for f in dataclasses.fields(Clocks) if f.metadata.get("saved", True)},
     "selection": {"bits": "selection_bits", "weight_bits": "weight_bits", "weight": "weight",
                   "ratio": "selected_ratio", "remainder_bits": "remainder_bits",
@@ -124,12 +108,17 @@ _LEGACY = {
 
 def upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
     """A rank's checkpoint state in today's entries: one written before the split (everything in one
-    "progress" entry, the stream position as its `stream_state`, log counts as `log_lines`) is re-cut;
-    a current one is returned as it is."""
-    if "clock" in state or "progress" not in state:
+    "progress" entry, the stream position as its `stream_state`, log counts as `log_lines`) is re-cut; one
+    written before the data faults had their own entry gets it from "progress"; a current one is returned
+    as it is."""
+    if "progress" not in state or "faults" in state:
         return state
     flat = state["progress"]
     out = {k: v for k, v in state.items() if k != "progress"}
+    if "clock" in state:  # split already: only the faults move out of "progress"
+        out["progress"] = {k: v for k, v in flat.items() if k not in FAULT_KEYS}
+        out["faults"] = {k: flat[k] for k in FAULT_KEYS if k in flat}
+        return out
     for entry, names in _LEGACY.items():
         out[entry] = {new: flat[old] for new, old in names.items() if old in flat}
     out["stream"] = flat.get("stream_state")

@@ -146,6 +146,18 @@ class Partition:
         return out
 
 
+def rank_block(total: int, rank: int, world_size: int, pad: bool) -> tuple[int, int, int]:
+    """(first position, real positions, positions) of rank `rank`'s contiguous block of an epoch sequence
+    of `total` positions: M // W each, the last M mod W dropped; with `pad` none dropped, blocks of
+    floor or ceil(M / W) real positions, each `ceil(M / W)` long (the shorter ones end in one filler)."""
+    w = world_size
+    if pad:
+        start = rank * total // w
+        return start, (rank + 1) * total // w - start, -(-total // w)
+    per = total // w
+    return rank * per, per, per
+
+
 def partition_epoch(
     selected: Sequence[int] | np.ndarray,
     *,
@@ -163,14 +175,9 @@ def partition_epoch(
     counts = np.asarray(selected, dtype=np.int64).reshape(-1)
     order = shard_order(len(counts), seed, epoch)
     starts = np.concatenate([[0], np.cumsum(counts[order])]).astype(np.int64)
-    total, w = int(starts[-1]), world_size
-    if pad:  # balanced blocks, the shorter ones get one filler row
-        per, dropped = -(-total // w), 0
-        rank_start = rank * total // w
-        real = (rank + 1) * total // w - rank_start
-    else:
-        per = real = total // w
-        dropped, rank_start = total - per * w, rank * per
+    total = int(starts[-1])
+    rank_start, real, per = rank_block(total, rank, world_size, pad)
+    dropped = 0 if pad else total - per * world_size
     return Partition(order=order, starts=starts, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
                      batch_size=batch_size, workers=max(1, workers), shuffle_buffer=shuffle_buffer, pad=pad,
                      per=per, real=real, rank_start=rank_start, dropped=dropped)

@@ -1,15 +1,18 @@
-"""AttentTrainer: a `transformers.Trainer` whose epochs train on the AtteNT teacher's global selection."""
+"""AttentTrainer: a `transformers.Trainer` whose epochs train on the AtteNT teacher's global selection.
+
+It translates Trainer's hooks into the teacher session every trainer holds (teacher/session.py): an epoch's
+start (`_run_epoch`), each micro batch's loss weights and per-sample losses (`compute_loss`), each optimizer
+step's end (a callback), evaluation (`evaluate`), the step plan (`set_initial_training_values`) and the
+checkpoints (`_save_checkpoint`, `_init_training_state`)."""
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import socket
 import sys
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,11 +34,10 @@ from attent_scale.errors import UserError
 from attent_scale.integrations.sampler import ID_KEY, AttentBatchSampler, IdCollator, IndexedDataset
 from attent_scale.metrics import Metrics, NullMetrics
 from attent_scale.runlog import count_lines, truncate_lines
-from attent_scale.teacher import Selection, Teacher
-from attent_scale.teacher.comm import Comm
-from attent_scale.teacher.epoch import anneal_due, begin_epoch, epoch_steps, plan_anneal
-from attent_scale.teacher.reference import LossArray, Reference
+from attent_scale.teacher import Batching, Budget, Selection, SelectionState, Teacher, TeacherSession
+from attent_scale.teacher.session import score_share
 from attent_scale.teacher.signals import NUM_BINS, histogram
+from attent_scale.train_state import Progress
 
 STATE_DIR = "attent"  # inside each checkpoint-N folder: rank{r}.safetensors + rank{r}.json
 RECORDS = "selection.jsonl"  # in output_dir, written by rank 0: the same records as `attent-scale train`
@@ -74,22 +76,6 @@ def causal_lm_targets(logits: torch.Tensor, inputs: dict[str, Any]) -> torch.Ten
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-class _FlushEachStep(TrainerCallback):
-    """After every optimizer step: the step's per-sample losses go to the teacher (one host copy), then
-    the every-few-steps ledger exchange (a collective every rank reaches at the same step)."""
-
-    def __init__(self, trainer: AttentTrainer) -> None:
-        self._trainer = weakref.ref(trainer)
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        trainer = self._trainer()
-        if trainer is not None and trainer.attent_enabled and trainer.teacher is not None:
-            trainer._flush_losses()
-            trainer.teacher.exchange_due(state.global_step)
-            trainer._anneal_check(control)
-        return control
-
-
 def init_deepspeed_comm() -> None:
     """Point deepspeed.comm at the torch process group already joined (accelerate does not on CPU runs),
     so that `zero.Init` in `from_config` sees the real world size. Call after `training_args.device`."""
@@ -97,19 +83,57 @@ def init_deepspeed_comm() -> None:
         dist_init_deepspeed_comm(verbose=False)
 
 
-@dataclass
-class AttentProgress:
-    """Where the teacher stands in the Trainer's run; saved per rank in every checkpoint."""
+class _AfterStep(TrainerCallback):
+    """After every optimizer step: the step's per-sample losses to the teacher session (one host copy, the
+    every-few-steps ledger exchange) and the anneal rule, which may end the epoch here."""
 
-    epoch: int = -1  # the epoch whose selection the sampler holds (-1: none planned yet)
-    epoch_start_step: int = 0  # global step at which that epoch began
-    epoch_batches: int = 0  # batches per rank in that epoch
-    selection_bits: Any = None  # that epoch's selection (np.uint8 bitset) or None = all samples
-    weight_bits: Any = None  # the selected ids that carry loss weight `weight` (pruning), or None
-    weight: float = 1.0
-    samples_trained: int = 0  # this rank
-    dropped_samples: int = 0  # dropped by rank equalisation (< world size per epoch)
-    record_lines: int = 0  # lines of selection.jsonl at the checkpoint (rank 0)
+    def __init__(self, trainer: AttentTrainer) -> None:
+        self._trainer = weakref.ref(trainer)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        trainer = self._trainer()
+        if trainer is not None and trainer.attent_enabled and trainer.session is not None:
+            trainer._after_step(control)
+        return control
+
+
+class _Scorer:
+    """AttentTrainer's scoring pass (teacher/session.py:Scorer): this rank's padded share of the dataset's
+    indices (`score_share`), collated as Trainer collates training batches, scored by the model in eval
+    mode without grad."""
+
+    def __init__(self, trainer: AttentTrainer, model: Any) -> None:
+        self.trainer, self.model, self.step = trainer, model, 0
+
+    def batches(self, skip: Selection | None, step: int) -> Iterator[dict[str, Any]]:
+        t = self.trainer
+        dataset, collate = t._score_data
+        n = len(t.train_dataset)
+        mine = score_share(skip, n, t._rank, t._world)
+        rest = np.arange(n) if skip is None else np.flatnonzero(~skip.mask(np.arange(n)))
+        filler = int(rest[0]) if rest.shape[0] else 0  # a filler row's input: any real sample
+        bs = max(1, t.args.per_device_eval_batch_size)
+        self.step = step
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, mine.shape[0], bs):
+                ids = mine[start:start + bs]
+                batch = collate([dataset[int(i) if i >= 0 else filler] for i in ids])
+                yield {"ids": torch.from_numpy(ids.copy()), "inputs": batch}
+        finally:
+            self.model.train(was_training)
+
+    def losses(self, batch: dict[str, Any]) -> torch.Tensor:
+        t = self.trainer
+        inputs = t._prepare_inputs(dict(batch["inputs"]))
+        view = dict(inputs)
+        for key in ("labels", "shift_labels", ID_KEY):
+            inputs.pop(key, None)
+        losses = t.per_sample_loss_fn(self.model(**inputs), view).float().cpu()
+        real = batch["ids"] >= 0
+        t.attent_losses_hook(batch["ids"][real], losses[real], self.step, "score")
+        return losses
 
 
 class AttentTrainer(Trainer):
@@ -156,9 +180,8 @@ class AttentTrainer(Trainer):
                             "which needs the built-in causal-LM loss (no per_sample_loss_fn, label "
                             "smoothing or compute_loss_func)")
         self._reference_arg = reference
-        self._weight_table: tuple[Selection, torch.device, torch.Tensor] | None = None
-        self.attent = AttentProgress()
-        self.teacher: Teacher | None = None
+        self.session: TeacherSession | None = None
+        self.counts = Progress()  # this rank's samples trained and dropped by rank equalisation
         self._ids: torch.Tensor | None = None
         self._sampler: AttentBatchSampler | None = None
         self._score_data: tuple[Any, Callable[[list[Any]], Any]] | None = None
@@ -168,12 +191,12 @@ class AttentTrainer(Trainer):
         self._step_losses: list[tuple[torch.Tensor, torch.Tensor, int]] = []
         self._val_hist: np.ndarray | None = None  # strategy signal: this rank's counts while evaluating
         if self.attent_enabled:
-            self.add_callback(_FlushEachStep(self))
+            self.add_callback(_AfterStep(self))
             if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
                 raise UserError("AttentTrainer: train_dataset must be a map-style dataset with __len__ "
                                 "(sample ids are its indices)")
             self._group = side_group()  # the teacher talks over CPU tensors
-            self._new_teacher()
+            self._new_session()
 
     # ------------------------------------------------------------------ setup
 
@@ -189,33 +212,37 @@ class AttentTrainer(Trainer):
     def _seed(self) -> int:
         return self.args.data_seed if self.args.data_seed is not None else self.args.seed
 
-    def _new_teacher(self) -> None:
-        n = len(self.train_dataset)
-        records = Path(self.args.output_dir) / RECORDS if self._rank == 0 else None
-        self.teacher = Teacher(self.teacher_config, num_samples=n, seed=self._seed, record_path=records,
-                               group=self._group, reference=self._reference(n))
-        if self.args.max_steps <= 0:  # an epoch budget anneals by plan (a steps budget at its point)
-            plan_anneal(self.teacher, self.args.num_train_epochs)
-        self.attent = AttentProgress()
-        self._sampler = AttentBatchSampler(n, self._train_batch_size, rank=self._rank, world_size=self._world,
-                                           seed=self._seed, drop_last=self.args.dataloader_drop_last)
+    @property
+    def teacher(self) -> Teacher | None:
+        """The session's teacher (None with the teacher off)."""
+        return self.session.teacher if self.session is not None else None
 
-    def _reference(self, n: int) -> Any:
-        """teacher.score=excess: the reference losses (reference= or the teacher.reference scores file)."""
-        if self.teacher_config.score != "excess":
-            return None
-        ref = self._reference_arg
-        if ref is None:
-            return Reference(self.teacher_config.reference, None, "train_dataset", num_samples=n)
-        return ref if hasattr(ref, "losses") else LossArray(ref, n)
+    def _batching(self) -> Batching:
+        """How this run's epochs cut into optimizer steps per rank (the sampler's batches, accumulated)."""
+        return Batching(self._world, self._train_batch_size, self.args.gradient_accumulation_steps,
+                        drop_last=self.args.dataloader_drop_last)
+
+    def _new_session(self) -> None:
+        n, args = len(self.train_dataset), self.args
+        steps_budget = args.max_steps > 0  # else an epoch budget, which anneals by plan
+        budget = Budget(epochs=0 if steps_budget else args.num_train_epochs,
+                        max_steps=args.max_steps if steps_budget else 0)
+        records = Path(args.output_dir) / RECORDS if self._rank == 0 else None
+        self.session = TeacherSession.build(self.teacher_config, num_samples=n, seed=self._seed,
+                                            batching=self._batching(), budget=budget, group=self._group,
+                                            record_path=records, split="train_dataset",
+                                            reference=self._reference_arg)
+        self.counts = Progress()
+        self._sampler = AttentBatchSampler(n, self._train_batch_size, rank=self._rank, world_size=self._world,
+                                           seed=self._seed, drop_last=args.dataloader_drop_last)
 
     @property
     def _signal(self) -> bool:
-        return self.attent_enabled and self.teacher_config.strategy == "signal"
+        return self.session is not None and self.session.wants_val
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         if self.attent_enabled:
-            self._new_teacher()
+            self._new_session()
             if self._signal and self._rank == 0 and (self.eval_dataset is None
                                                      or self.args.eval_strategy == "no"):
                 print("attent-scale: warning: AttentTrainer: teacher.strategy 'signal' without evaluation "
@@ -252,6 +279,7 @@ class AttentTrainer(Trainer):
             collate = self._get_collator_with_removed_columns(self.data_collator, description="training")
         self._score_data = (dataset, collate)
         self._sampler.batch_size = self._train_batch_size
+        self.session.batching = self._batching()  # the step plan follows the loader's batch size
         args = self.args
         params: dict[str, Any] = {
             "batch_sampler": self._sampler,
@@ -275,36 +303,17 @@ class AttentTrainer(Trainer):
 
     # ------------------------------------------------------------------ epochs and steps
 
-    def _steps_for(self, n: int) -> int:
-        """Optimizer steps per rank of an epoch that trains `n` ids."""
-        return math.ceil(self._sampler.batches_for(n) / self.args.gradient_accumulation_steps)
-
-    def _planned_updates(self, epoch: int) -> int:
-        """Optimizer steps per rank of `epoch` under the teacher's plan (`Teacher.planned_count`)."""
-        return epoch_steps(self.teacher, epoch, len(self.train_dataset), self._steps_for)
-
     def set_initial_training_values(self, args: Any, dataloader: DataLoader) -> tuple:
         """Trainer's values, with max_steps (the LR schedule's length) and the epoch count taken from the
         teacher's plan: subset epochs are shorter, and each arm's LR must decay over its own budget."""
         values = list(super().set_initial_training_values(args, dataloader))
         if not self.attent_enabled:
             return tuple(values)
-        epochs, max_steps = values[0], values[6]
         if args.max_steps > 0:
-            epochs, total = 0, 0
-            while total < max_steps and epochs < 1_000_000:
-                total += max(1, self._planned_updates(epochs))
-                epochs += 1
-            if self.teacher_config.anneal_fraction:  # the anneal point may end a subset epoch early
-                epochs += 1
+            values[0] = self.session.planned_epochs()
         else:
-            whole = int(math.floor(args.num_train_epochs))
-            max_steps = sum(self._planned_updates(e) for e in range(whole))
-            frac = args.num_train_epochs - whole
-            if frac > 0:
-                max_steps += math.ceil(frac * self._planned_updates(whole))
-            epochs = math.ceil(args.num_train_epochs)
-        values[0], values[6] = epochs, max(1, max_steps)
+            values[0], values[6] = math.ceil(args.num_train_epochs), self.session.total_steps()
+        values[6] = max(1, values[6])
         return tuple(values)
 
     def _init_training_state(self, max_steps: int, num_update_steps_per_epoch: int, num_train_epochs: int,
@@ -315,11 +324,8 @@ class AttentTrainer(Trainer):
             return epochs_trained, steps_in_epoch
         self._load_attent_state(resume_from_checkpoint)
         # Epochs have different lengths: where the run stands comes from our state, not global_step alone.
-        p, ga = self.attent, self.args.gradient_accumulation_steps
-        done = self.state.global_step - p.epoch_start_step
-        if p.epoch < 0 or done >= math.ceil(p.epoch_batches / ga):
-            return p.epoch + 1, 0
-        return p.epoch, 0 if self.args.ignore_data_skip else done * ga
+        epoch, done = self.session.resume_point(self.state.global_step)
+        return epoch, 0 if self.args.ignore_data_skip else done * self.args.gradient_accumulation_steps
 
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
         if not self.attent_enabled:
@@ -334,30 +340,19 @@ class AttentTrainer(Trainer):
         return super()._run_epoch(*args, **kwargs)
 
     def _begin_epoch(self, epoch: int, model: Any) -> None:
-        """Collective: the epoch start every trainer shares (`teacher.epoch.begin_epoch`); the sampler gets
-        the epoch's subset."""
-        p, n = self.attent, len(self.train_dataset)
-        self._flush_losses()  # a no-op: the last step of the epoch before flushed them already
+        """Collective: the session's epoch start (a checkpoint's epoch keeps its selection); the sampler
+        gets the epoch's subset, Trainer.log and the metrics the selection event."""
         self._sampler.set_epoch(epoch)
-        if p.epoch == epoch:  # resumed inside this epoch: keep the selection it started with
-            self._sampler.set_selection(self._selection(p.selection_bits, p.weight_bits, p.weight))
+        resumed = self.session.state.epoch == epoch  # resumed inside this epoch
+        start = self.session.begin_epoch(epoch, self.state.global_step, _Scorer(self, model), resumed=resumed)
+        self._sampler.set_selection(start.selection)
+        if resumed:
             return
-        step = self.state.global_step
-        start = begin_epoch(self.teacher, epoch, step, partial(self._score_pass, model),
-                            trained=self._selection(p.selection_bits), steps_for=self._steps_for)
-        selection = start.selection
-        self._sampler.set_selection(selection)
-        p.epoch, p.epoch_start_step = epoch, step
-        p.selection_bits = None if selection is None else selection.bits
-        p.weight_bits = None if selection is None else selection.upweight
-        p.weight = 1.0 if selection is None else selection.weight
-        p.epoch_batches = len(self._sampler)
-        p.dropped_samples += self._sampler.dropped
-        if p.epoch_batches == 0:
-            raise UserError(f"AttentTrainer: epoch {epoch} selects {start.selected} of {n} samples, too few "
-                            f"for {self._world} ranks x batch {self._sampler.batch_size}")
-        self._metrics.observe_selection(start.phase_seconds, selected_ratio=start.ratio,
-                                        staleness_median=start.staleness_median)
+        self.counts.dropped_samples += self._sampler.dropped
+        if len(self._sampler) == 0:
+            raise UserError(f"AttentTrainer: epoch {epoch} selects {start.selected} of {start.num_samples} "
+                            f"samples, too few for {self._world} ranks x batch {self._sampler.batch_size}")
+        start.report(self._metrics)
         self._metrics.update(self.attent_totals())
         logs = {
             "attent/epoch": epoch,
@@ -365,104 +360,35 @@ class AttentTrainer(Trainer):
             "attent/selected": start.selected,
             "attent/selection_seconds": sum(start.phase_seconds.values()),
             "attent/samples_scored": int(self.teacher.stats["samples_scored"]),
-            "attent/dropped_samples": p.dropped_samples,
+            "attent/dropped_samples": self.counts.dropped_samples,
         }
         if start.staleness_median is not None:
             logs["attent/staleness_median"] = start.staleness_median
         if start.weighted:
-            logs["attent/weight"] = selection.weight
+            logs["attent/weight"] = start.selection.weight
         self.log(logs)
 
-    def _anneal_check(self, control: Any) -> None:
-        """A max_steps budget: once its last teacher.anneal_fraction begins, the next epochs train all data
-        with weight 1, and a subset epoch ends here (as `attent-scale train` does)."""
-        max_steps = self.args.max_steps if self.args.max_steps > 0 else 0
-        if not anneal_due(self.teacher, self.state.global_step, max_steps):
-            return
-        p = self.attent
-        self.teacher.start_anneal(p.epoch + 1)
-        if p.selection_bits is not None:
-            # the epoch is over where it stands: a checkpoint of this step resumes at the next epoch
-            ga = self.args.gradient_accumulation_steps
-            p.epoch_batches = (self.state.global_step - p.epoch_start_step) * ga
+    def _after_step(self, control: Any) -> None:
+        """The end of an optimizer step: its losses to the session (`after_step`), then the one anneal rule;
+        a subset epoch the anneal point ends stops here (a checkpoint of this step resumes at the next)."""
+        self._flush_losses()
+        if self.session.anneal_cut(self.state.global_step):
             control.should_epoch_stop = True
-
-    def _selection(self, bits: Any, weight_bits: Any = None, weight: float = 1.0) -> Selection | None:
-        if bits is None:
-            return None
-        up = None if weight_bits is None else np.asarray(weight_bits, dtype=np.uint8)
-        n = len(self.train_dataset)
-        return Selection(np.asarray(bits, dtype=np.uint8), n, upweight=up, weight=weight)
-
-    def _batch_weights(self, ids: torch.Tensor) -> torch.Tensor | None:
-        """Per-sample loss weights of `ids` under the epoch's selection (None when all are 1), looked up on
-        the ids' device in a bitset copied there once per selection: no host sync per micro batch."""
-        sel = self._sampler.selection if self._sampler is not None else None
-        if sel is None or not sel.weighted:
-            return None
-        cached = self._weight_table
-        if cached is None or cached[0] is not sel or cached[1] != ids.device:
-            self._weight_table = (sel, ids.device, torch.from_numpy(sel.upweight.copy()).to(ids.device))
-        table = self._weight_table[2]
-        idx = ids.reshape(-1).to(torch.int64)
-        hit = (table[idx >> 3].to(torch.int64) >> (idx & 7)) & 1
-        return torch.where(hit.bool(), sel.weight, 1.0).to(torch.float32)
 
     def attent_totals(self) -> dict[str, Any]:
         """This rank's cumulative teacher numbers (RunTotals fields, as our own trainer reports them)."""
-        if self.teacher is None:
+        if self.session is None:
             return {}
         from attent_scale.totals import teacher_totals
 
-        n = len(self.train_dataset)
-        bits = self.attent.selection_bits
-        return teacher_totals(self.teacher.stats, samples_trained=self.attent.samples_trained,
-                              selected_ratio=1.0 if bits is None else Selection(bits, n).count / n)
+        return teacher_totals(self.teacher.stats, samples_trained=self.counts.samples_trained,
+                              selected_ratio=self.session.state.ratio)
 
     # ------------------------------------------------------------------ losses
 
     def attent_losses_hook(self, ids: torch.Tensor, losses: torch.Tensor, step: int, kind: str) -> None:
         """Called with every per-sample loss the teacher records (kind "train" or "score"); a no-op, for
         subclasses that want to inspect or log them."""
-
-    def _score_pass(self, model: Any, skip: Selection | None, step: int) -> None:
-        """Collective: every rank scores its share of the ids (not in `skip`) with no grad; shares are
-        padded with ignored fillers (id -1) so every rank runs the same number of forwards (ZeRO-3)."""
-        dataset, collate = self._score_data
-        n, rank, world = len(self.train_dataset), self._rank, self._world
-        pool = np.arange(n, dtype=np.int64)
-        if skip is not None:
-            pool = pool[~skip.mask(pool)]
-        per_rank = -(-pool.shape[0] // world)
-        mine = np.full(per_rank, -1, dtype=np.int64)
-        share = pool[rank::world]
-        mine[: share.shape[0]] = share
-        filler = int(pool[0]) if pool.shape[0] else 0
-        bs = max(1, self.args.per_device_eval_batch_size)
-
-        def batches() -> Iterator[dict[str, Any]]:
-            for start in range(0, per_rank, bs):
-                ids = mine[start:start + bs]
-                batch = collate([dataset[int(i) if i >= 0 else filler] for i in ids])
-                yield {"ids": torch.from_numpy(ids.copy()), "inputs": batch}
-
-        def score(batch: dict[str, Any]) -> torch.Tensor:
-            inputs = self._prepare_inputs(dict(batch["inputs"]))
-            view = dict(inputs)
-            for key in ("labels", "shift_labels", ID_KEY):
-                inputs.pop(key, None)
-            outputs = model(**inputs)
-            losses = self.per_sample_loss_fn(outputs, view).float().cpu()
-            real = batch["ids"] >= 0
-            self.attent_losses_hook(batch["ids"][real], losses[real], step, "score")
-            return losses
-
-        was_training = model.training
-        model.eval()
-        try:
-            self.teacher.score_pass(batches(), score, step)
-        finally:
-            model.train(was_training)
 
     def training_step(self, model: Any, inputs: dict[str, Any],
                       num_items_in_batch: Any = None) -> torch.Tensor:
@@ -486,7 +412,7 @@ class AttentTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         view = dict(inputs)  # Trainer may pop the labels
-        weights = self._batch_weights(ids)
+        weights = self.session.loss_weights(ids)
         if self._one_ce_pass(inputs):
             loss, outputs, losses = self._causal_lm_loss(model, inputs, num_items_in_batch, weights)
         else:
@@ -499,7 +425,7 @@ class AttentTrainer(Trainer):
             with torch.no_grad():
                 losses = self.per_sample_loss_fn(outputs, view).detach().float()
         self._step_losses.append((ids, losses, self.state.global_step))  # ids may be on the device too
-        self.attent.samples_trained += int(ids.shape[0])
+        self.counts.samples_trained += int(ids.shape[0])
         return (loss, outputs) if return_outputs else loss
 
     def _eval_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool,
@@ -539,9 +465,7 @@ class AttentTrainer(Trainer):
             hist = torch.from_numpy(self._val_hist)
         finally:
             self._val_hist = None
-        if self.teacher.group is not None:  # the teacher's CPU side group, as its other collectives
-            Comm(self.teacher.group).all_reduce(hist, "val_hist")
-        self.teacher.observe_val(hist.numpy(), self.state.global_step)
+        self.session.observe_val(hist.numpy(), self.state.global_step, summed=False)
         return metrics
 
     def _one_ce_pass(self, inputs: dict[str, Any]) -> bool:
@@ -580,18 +504,17 @@ class AttentTrainer(Trainer):
         return loss, outputs, losses
 
     def _flush_losses(self) -> None:
-        """The step's buffered ids and per-sample losses to the host (one copy each) and into the teacher."""
-        if not self._step_losses:
-            return
+        """The step's buffered ids and per-sample losses to the host (one copy each) and into the session,
+        which observes them and exchanges pending observations when due."""
         pending, self._step_losses = self._step_losses, []
-        ids = torch.cat([i.reshape(-1).to(torch.int64) for i, _, _ in pending]).cpu()
-        losses = torch.cat([v.reshape(-1) for _, v, _ in pending]).float().cpu()
-        start = 0
-        for step, run in itertools.groupby(pending, key=lambda entry: entry[2]):  # one step in practice
-            n = sum(int(i.shape[0]) for i, _, _ in run)
-            self.teacher.observe(ids[start:start + n], losses[start:start + n], step)
-            self.attent_losses_hook(ids[start:start + n], losses[start:start + n], step, "train")
-            start += n
+        step = pending[0][2] if pending else self.state.global_step - 1  # the step that computed them
+        ids = torch.cat([i.reshape(-1).to(torch.int64) for i, _, _ in pending]).cpu() if pending \
+            else torch.zeros(0, dtype=torch.int64)
+        losses = torch.cat([v.reshape(-1) for _, v, _ in pending]).float().cpu() if pending \
+            else torch.zeros(0, dtype=torch.float32)
+        if pending:
+            self.attent_losses_hook(ids, losses, step, "train")
+        self.session.after_step(ids, losses, step)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:
@@ -609,14 +532,13 @@ class AttentTrainer(Trainer):
         super()._save_checkpoint(model, trial)
 
     def _save_attent_state(self, folder: Path) -> None:
-        """This rank's teacher state and progress beside the Trainer checkpoint (before it, so a checkpoint
+        """This rank's teacher session and counts beside the Trainer checkpoint (before it, so a checkpoint
         with trainer_state.json always has it)."""
         out = folder / STATE_DIR
         out.mkdir(parents=True, exist_ok=True)
-        if self._rank == 0:
-            self.attent.record_lines = count_lines(Path(self.args.output_dir) / RECORDS)
-        progress = asdict(self.attent)
-        state = {"teacher": self.teacher.state_dict(), "progress": progress, "world_size": self._world}
+        records = count_lines(Path(self.args.output_dir) / RECORDS) if self._rank == 0 else 0
+        state = {**self.session.state_dict(), "progress": self.counts.state_dict(), "record_lines": records,
+                 "world_size": self._world}
         save_state(out / f"rank{self._rank}", state)
 
     def _load_attent_state(self, checkpoint: str) -> None:
@@ -624,11 +546,28 @@ class AttentTrainer(Trainer):
         if not stem.with_suffix(".json").exists():
             raise UserError(f"{stem}.json: no AtteNT teacher state in this checkpoint (written by plain "
                             "Trainer, or by a run with a different number of ranks?)")
-        state = load_state(stem)
+        state = _upgrade(load_state(stem), len(self.train_dataset), self.args.gradient_accumulation_steps)
         if state["world_size"] != self._world:
             raise UserError(f"{stem}.json: written by {state['world_size']} ranks, "
                             f"this run has {self._world}")
-        self.teacher.load_state_dict(state["teacher"])
-        self.attent = AttentProgress(**state["progress"])
+        self.session.load_state_dict(state)
+        self.counts = Progress.from_state(state["progress"])
         if self._rank == 0:
-            truncate_lines(Path(self.args.output_dir) / RECORDS, self.attent.record_lines)
+            truncate_lines(Path(self.args.output_dir) / RECORDS, int(state["record_lines"]))
+
+
+def _upgrade(state: dict[str, Any], num_samples: int, accum: int) -> dict[str, Any]:
+    """An AttentTrainer checkpoint state in today's entries: one written before the teacher session (the
+    selection and the counts in one "progress" entry) is re-cut."""
+    if "selection" in state:
+        return state
+    old = state["progress"]
+    bits = old["selection_bits"]
+    selection = SelectionState(
+        epoch=int(old["epoch"]), start_step=int(old["epoch_start_step"]),
+        steps=math.ceil(int(old["epoch_batches"]) / accum), bits=bits, weight_bits=old["weight_bits"],
+        weight=float(old["weight"]),
+        ratio=1.0 if bits is None else Selection(np.asarray(bits), num_samples).count / max(1, num_samples))
+    progress = {k: int(old[k]) for k in ("samples_trained", "dropped_samples")}
+    return {**state, "selection": selection.state_dict(), "progress": progress,
+            "record_lines": int(old.get("record_lines", 0))}

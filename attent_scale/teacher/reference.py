@@ -155,8 +155,13 @@ class LossArray:
         return self.loss[np.asarray(ids, dtype=np.int64)]
 
 
-def open_reference(tcfg: Any, manifest: Any, split: str) -> Reference | None:
-    """The run's reference when `teacher.score` is "excess", else None."""
+def open_reference(tcfg: Any, manifest: Any, split: str, *, given: Any = None,
+                   num_samples: int | None = None) -> Any:
+    """The run's reference when `teacher.score` is "excess", else None: `given` (losses by id, or an object
+    with `losses(ids)`: AttentTrainer's `reference=`), else the teacher.reference scores file, checked
+    against `manifest`'s `split` (or, without a manifest, against `num_samples`)."""
     if getattr(tcfg, "score", "loss") != "excess":
         return None
-    return Reference(tcfg.reference, manifest, split)
+    if given is not None:
+        return given if hasattr(given, "losses") else LossArray(given, int(num_samples or 0))
+    return Reference(tcfg.reference, manifest, split, num_samples=num_samples)

@@ -145,7 +145,7 @@ class Teacher:
             for i, batch in enumerate(stream):
                 scores = score_fn(batch)
                 self.stats["nonfinite"] += self.ledger.observe(batch["ids"], scores, step, kind=SCORE)
-                n += int(batch["ids"].shape[0])
+                n += int((batch["ids"] >= 0).sum())  # filler rows (id -1) of a padded share are no sample
                 if comm is not None and (i + 1) % EXCHANGE_EVERY == 0:
                     self._exchange_round(comm, done=False)
         while comm is not None and not self._exchange_round(comm, done=True):
@@ -163,6 +163,11 @@ class Teacher:
         comm.all_reduce(busy, "consolidate")
         self.ledger.exchange(comm=comm)
         return int(busy.item()) == 0
+
+    def add_score_seconds(self, seconds: float) -> None:
+        """Scoring forwards a trainer ran for the teacher outside a scoring pass (online mode's candidates):
+        selection cost, booked in the score phase."""
+        self.stats["seconds_score"] += float(seconds)
 
     def observe(self, ids: torch.Tensor, losses: torch.Tensor, step: int) -> None:
         """Record training-forward losses (free scores). A no-op in online and none modes."""

@@ -13,8 +13,7 @@ import torch
 
 from attent_scale.config import TeacherConfig
 from attent_scale.errors import UserError
-from attent_scale.teacher import Selection, Teacher, read_records
-from attent_scale.teacher.epoch import begin_epoch, plan_anneal
+from attent_scale.teacher import Batching, Budget, Selection, Teacher, TeacherSession, read_records
 from attent_scale.teacher.ledger import TRAIN, Ledger
 
 EPOCHS = 4
@@ -29,8 +28,8 @@ _UNPATCHED_OBSERVE_VAL = Teacher.observe_val
 
 
 class _Capture:
-    """Every observation the teacher's ledger gets (ids, losses, step, kind) and every trained batch's
-    (ids, per-sample weights), in order."""
+    """Every observation the teacher's ledger gets (ids, losses, step, kind) and the per-sample weights
+    every trained batch's loss asked the teacher session for (epoch, ids, weights), in order."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.events: list[tuple[np.ndarray, np.ndarray, int, int]] = []
@@ -53,17 +52,29 @@ class _Capture:
             _UNPATCHED_OBSERVE_VAL(teacher, hist, step)
 
         monkeypatch.setattr(Teacher, "observe_val", recording_val)
+        weights, rows = TeacherSession.loss_weights, self.weights
+
+        def recording_weights(session: TeacherSession, ids: torch.Tensor) -> torch.Tensor | None:
+            w = weights(session, ids)
+            ids_np = ids.cpu().numpy().copy()
+            got = np.ones(len(ids_np), np.float32) if w is None else w.cpu().numpy().copy()
+            real = ids_np >= 0
+            rows.append((int(session.state.epoch), ids_np[real], got[real]))
+            return w
+
+        monkeypatch.setattr(TeacherSession, "loss_weights", recording_weights)
 
 
 def _replay(cfg: TeacherConfig, n: int, events: list, starts: dict[int, int], reference: Any,
             vals: list[tuple[np.ndarray, int]] = ()) -> dict[int, Selection]:
-    """A fresh teacher fed the recorded observations (the unpatched ledger) and val histograms (`vals`:
-    (hist, step), an evaluation at a subset epoch's first step comes before its selection), through the
-    shared epoch start at each subset epoch's first step (`starts`: epoch -> step): epoch -> its
-    selection. prune and signal score nothing at an epoch start, so the observations before that step
-    are all they rank."""
-    teacher = Teacher(cfg, num_samples=n, seed=0, reference=reference)
-    plan_anneal(teacher, EPOCHS)
+    """A fresh teacher session fed the recorded observations (the unpatched ledger) and val histograms
+    (`vals`: (hist, step), an evaluation at a subset epoch's first step comes before its selection),
+    through the shared epoch start at each subset epoch's first step (`starts`: epoch -> step): epoch ->
+    its selection. prune and signal score nothing at an epoch start, so the observations before that
+    step are all they rank."""
+    session = TeacherSession.build(cfg, num_samples=n, seed=0, batching=Batching(1, 8),
+                                   budget=Budget(epochs=EPOCHS), split="train", reference=reference)
+    teacher = session.teacher
     out, i, j = {}, 0, 0
     for epoch in range(EPOCHS):
         if not teacher.plan_epoch(epoch).subset:
@@ -76,7 +87,7 @@ def _replay(cfg: TeacherConfig, n: int, events: list, starts: dict[int, int], re
         while j < len(vals) and vals[j][1] <= step:
             _UNPATCHED_OBSERVE_VAL(teacher, *vals[j])
             j += 1
-        out[epoch] = begin_epoch(teacher, epoch, step, lambda *_: None).selection
+        out[epoch] = session.begin_epoch(epoch, step).selection
     return out
 
 
@@ -129,14 +140,11 @@ def test_train_trainer_selects_by_the_shared_epoch_start(tmp_path: Path, tiny_sh
     cap = _Capture(monkeypatch)
     step = Trainer.train_step
 
-    def recording_step(self: Trainer, batch: dict[str, Any], stream: Any) -> bool:
-        ids = batch["ids"].numpy().copy()
-        w = batch["weights"].numpy().copy() if "weights" in batch else np.ones(len(ids), np.float32)
-        real = ids >= 0
-        cap.weights.append((self.progress.epoch, ids[real], w[real]))
+    def checked_step(self: Trainer, batch: dict[str, Any], stream: Any) -> bool:
+        assert "weights" not in batch  # the loss weights come from the teacher session alone
         return step(self, batch, stream)
 
-    monkeypatch.setattr(Trainer, "train_step", recording_step)
+    monkeypatch.setattr(Trainer, "train_step", checked_step)
     assert train(config_from_dict(raw)) == 0
     records = read_records(tmp_path / "run" / "selection.jsonl")
     _check_against_replay(TeacherConfig(**teacher), n, cap, records, Reference(scores, m, "train"))
@@ -213,22 +221,11 @@ def test_attent_trainer_selects_by_the_shared_epoch_start(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from hf_worker import N_SAMPLES
 
-    from attent_scale.integrations.hf import AttentTrainer
     from attent_scale.teacher.reference import LossArray
 
     ref_loss = _reference_losses(N_SAMPLES)
     cfg = TeacherConfig(**CONFIG)
     cap = _Capture(monkeypatch)
-    weights = AttentTrainer._batch_weights
-
-    def recording(self: AttentTrainer, ids: torch.Tensor) -> torch.Tensor | None:
-        w = weights(self, ids)
-        ids_np = ids.cpu().numpy().copy()
-        got = np.ones(len(ids_np), np.float32) if w is None else w.cpu().numpy().copy()
-        cap.weights.append((int(self.attent.epoch), ids_np, got))
-        return w
-
-    monkeypatch.setattr(AttentTrainer, "_batch_weights", recording)
     trainer = _hf_trainer(tmp_path, cfg, reference=ref_loss)
     trainer.train()
     records = read_records(tmp_path / "selection.jsonl")
@@ -316,8 +313,9 @@ def test_weighted_loss_is_the_weighted_token_mean(tmp_path: Path) -> None:
     ids = torch.tensor([3, 10, 17, 42], dtype=torch.int64)
     batch = PadCollator(0)([data[int(i)] for i in ids])
     up = Selection.from_ids(torch.tensor([10, 42]), len(data))
-    sel = Selection(Selection.full(len(data)).bits, len(data), upweight=up.bits, weight=2.5)
-    trainer._sampler.set_selection(sel)
+    state = trainer.session.state  # an epoch resumed with this weighted selection
+    state.epoch, state.bits, state.weight_bits, state.weight = 0, Selection.full(len(data)).bits, up.bits, 2.5
+    trainer.session.begin_epoch(0, 0, resumed=True)
     trainer._ids = ids
     model = trainer.model
     loss = trainer.compute_loss(model, dict(batch))

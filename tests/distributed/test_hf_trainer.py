@@ -258,7 +258,7 @@ def test_datasets_dataset_ids_are_indices(tmp_path: Path) -> None:
             for j, i in enumerate(ids):
                 width = int(inputs["attention_mask"][j].sum())
                 assert inputs["input_ids"][j, :width].tolist() == ds[i]["input_ids"], (i, j)
-                seen.append((int(self.attent.epoch), i))
+                seen.append((int(self.session.state.epoch), i))
             return super().training_step(model, inputs, *args, **kwargs)
 
     args = TrainingArguments(output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=4,

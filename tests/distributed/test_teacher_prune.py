@@ -140,16 +140,6 @@ def test_selection_and_weights_identical_on_one_and_two_ranks(tmp_path: Path) ->
     assert ref["0.7/gather/1"] == ref["0.7/threshold/1"]
 
 
-def test_epoch_budget_plans_the_steps_pruning_and_anneal_really_take() -> None:
-    from attent_scale.train import planned_steps
-
-    t = _teacher(prune_ratio=0.6, prune_quantile=0.7, anneal_fraction=0.125)
-    t.start_anneal(t.anneal_epoch(6))
-    # epoch 0 full (63 steps of 16), epochs 1-4 keep 1000 - 420 = 580 ids (37 steps), epoch 5 full again
-    assert planned_steps(t, 1000, 1, 16, 6) == 63 + 4 * 37 + 63
-    assert planned_steps(t, 1000, 2, 8, 6) == 63 + 4 * 37 + 63  # 500 / 290 ids per rank, batch 8
-
-
 def test_below_the_mean_is_planned_as_what_it_keeps(tmp_path: Path, tiny_shards: Path) -> None:
     """prune_quantile 0 drops a data-given count: once a selection is made the plan (and the LR schedule)
     uses what it kept, so an epoch budget ends at min_lr on its last step (it planned the median's count)."""

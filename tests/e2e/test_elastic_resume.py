@@ -153,35 +153,3 @@ def test_zero3_checkpoint_on_another_world_size_is_one_line_naming_the_conversio
     assert "written by 1 ranks, this job has 2" in errors[0] and "ds_to_universal" in errors[0], errors[0]
     # torchrun prints its own ChildFailedError traceback; no frame of ours may appear
     assert "attent_scale/" not in "".join(x for x in proc.stderr.splitlines() if 'File "' in x), proc.stderr
-
-
-def _planned(world: int, max_epochs: int = 2, n: int = 1000, batch: int = 10, *, step: int = 0,
-             epoch: int = 0, selection=None, stream_batches: int | None = None) -> int:
-    """What the trainer plans (train.total_steps) from where a run stands (no process group needed)."""
-    from attent_scale.config import TeacherConfig
-    from attent_scale.teacher import Teacher
-    from attent_scale.train import total_steps
-    from attent_scale.train_state import SelectionState
-
-    teacher = Teacher(TeacherConfig(mode="none"), num_samples=n, seed=0)
-    return total_steps(teacher, n_train=n, world=world, batch_size=batch, max_epochs=max_epochs, cap=10**9,
-                       step=step, epoch=epoch, selection=selection or SelectionState(),
-                       stream_batches=stream_batches)
-
-
-def test_elastic_resume_plans_the_steps_left_at_the_new_world_size() -> None:
-    """N 1000, batch 10, 2 epochs planned on 2 ranks (2 x 50 steps); stopped at step 70 (20 batches into
-    epoch 1), resumed on 4 ranks: 600 ids owed over 4 ranks = 15 steps, so the LR plan ends at 85 — not
-    at 50 (both epochs re-planned at 4 ranks), which would end the run before the owed ids train."""
-    import numpy as np
-
-    from attent_scale.train_state import SelectionState
-
-    assert _planned(2) == 100
-    owed = np.zeros(1000, dtype=bool)
-    owed[400:] = True
-    remainder = SelectionState(remainder_bits=np.packbits(owed), remainder_epoch=1)
-    assert _planned(4, step=70, epoch=1, selection=remainder) == 70 + 15
-    assert _planned(1, step=70, epoch=1, selection=remainder) == 70 + 60
-    # a same-world resume mid-epoch plans what it always did
-    assert _planned(2, step=70, epoch=1, stream_batches=20) == 100

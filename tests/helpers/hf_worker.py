@@ -151,7 +151,7 @@ def main(spec: dict[str, Any]) -> None:
 
             def _begin_epoch(self, epoch: int, model: Any) -> None:
                 super()._begin_epoch(epoch, model)
-                bits = self.attent.selection_bits
+                bits = self.session.state.bits
                 sha = None if bits is None else Selection(bits, N_SAMPLES).sha256
                 row = {"epoch": epoch, "step": self.state.global_step, "sha256": sha}
                 with (out / f"epochs.rank{rank}.jsonl").open("a") as f:

@@ -15,8 +15,9 @@ from attent_scale.checkpoint import Checkpointer, load_state, save_state
 from attent_scale.config import RunConfig
 from attent_scale.metrics import COUNTER_KEYS, GAUGE_KEYS, Metrics
 from attent_scale.stop import END_EPOCH, PREEMPT, STOP, Poll, StopCheck, decide
+from attent_scale.teacher.session import SelectionState
 from attent_scale.totals import PHASES, RunTotals, teacher_totals
-from attent_scale.train_state import Clocks, Progress, SelectionState, upgrade_state
+from attent_scale.train_state import Clocks, Progress, upgrade_state
 from attent_scale.validate import Validator
 
 
@@ -35,9 +36,11 @@ def test_an_old_checkpoints_one_progress_entry_is_recut_into_each_parts_own(tmp_
     bits = np.packbits(np.arange(40) % 3 == 0)
     save_state(tmp_path / "rank-00000", {"progress": _legacy_progress(bits), "teacher": {"x": 1}, "rng": {}})
     state = upgrade_state(load_state(tmp_path / "rank-00000"))
-    assert set(state) == {"progress", "clock", "selection", "stream", "eval", "logs", "teacher", "rng"}
+    assert set(state) == {"progress", "clock", "selection", "stream", "eval", "logs", "faults", "teacher",
+                          "rng"}
     progress = Progress.from_state(state["progress"])
-    assert (progress.step, progress.epoch, progress.corrupt_ids) == (12, 1, [5, 9])
+    assert (progress.step, progress.epoch, progress.dropped_samples) == (12, 1, 3)
+    assert state["faults"] == {"corrupt_samples": 2, "corrupt_ids": [5, 9]}
     assert progress.last_train_loss == 2.5
     clock = Clocks.from_state(state["clock"])
     assert (clock.train_seconds, clock.wall_offset, clock.checkpoint_seconds) == (4.5, 6.0, 0.25)
@@ -46,6 +49,17 @@ def test_an_old_checkpoints_one_progress_entry_is_recut_into_each_parts_own(tmp_
     assert state["stream"] == {"epoch": 1, "batches_consumed": 4}
     assert state["eval"] == {"last_loss": 2.75} and state["logs"]["metrics.jsonl"] == 12
     assert upgrade_state(state) is state  # today's layout passes through
+
+
+def test_a_checkpoint_from_before_the_faults_entry_gets_it_from_progress() -> None:
+    split = {"progress": {"step": 4, "epoch": 0, "corrupt_samples": 3, "corrupt_ids": [7]}, "clock": {},
+             "selection": {}, "stream": None, "eval": {}, "logs": {}, "teacher": {}, "rng": {}}
+    state = upgrade_state(split)
+    assert state["faults"] == {"corrupt_samples": 3, "corrupt_ids": [7]}
+    assert state["progress"] == {"step": 4, "epoch": 0} and split["progress"]["corrupt_ids"] == [7]
+    progress = Progress()
+    progress.load_state_dict(state["progress"])
+    assert (progress.step, progress.samples_trained) == (4, 0)
 
 
 def test_each_part_saves_only_its_own_fields_and_the_clock_folds_this_attempt_into_the_offset() -> None:
@@ -138,8 +152,8 @@ def test_checkpoints_and_evaluations_say_when_they_are_due(tmp_path) -> None:
     assert timed.late() and not timed.enabled
     cfg = RunConfig()
     cfg.eval.every_steps = 5
-    val = Validator(cfg, rank=0, world=1)
+    val = Validator(cfg.eval, seed=0, rank=0, world=1)
     assert [s for s in range(11) if val.should_validate(s)] == [0, 5, 10]
     assert math.isnan(val.state_dict()["last_loss"])
     cfg.eval.every_steps = 0
-    assert not Validator(cfg, rank=0, world=1).should_validate(0)
+    assert not Validator(cfg.eval, seed=0, rank=0, world=1).should_validate(0)
