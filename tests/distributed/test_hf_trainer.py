@@ -117,6 +117,28 @@ def test_sampler_follows_selection() -> None:
     assert got == epoch_order(sel.ids(), 0, 2).tolist()
 
 
+def test_a_checkpoint_from_before_the_teacher_session_resumes_where_it_stood() -> None:
+    """AttentTrainer's per-rank state written before the session (selection and counts in one "progress"
+    entry) is re-cut: the session resumes inside the same epoch at the same step."""
+    from hf_worker import hard_teacher_config
+
+    from attent_scale.integrations.hf import _upgrade
+    from attent_scale.teacher import Batching, Budget, TeacherSession
+    from attent_scale.train_state import Progress
+
+    bits = Selection.from_ids(np.arange(0, 64, 2), 64).bits
+    old = {"teacher": {}, "world_size": 1, "progress": {
+        "epoch": 1, "epoch_start_step": 8, "epoch_batches": 7, "selection_bits": bits, "weight_bits": None,
+        "weight": 1.0, "samples_trained": 90, "dropped_samples": 1, "record_lines": 2}}
+    state = _upgrade(old, 64, accum=2)
+    session = TeacherSession.build(hard_teacher_config(), num_samples=64, seed=0, batching=Batching(1, 4, 2),
+                                   budget=Budget(epochs=3))
+    session.state = session.state.from_state(state["selection"])
+    assert session.resume_point(10) == (1, 2) and session.resume_point(12) == (2, 0)  # 4 steps of 2 batches
+    assert session.state.ratio == 0.5 and session.state.bits is bits and state["record_lines"] == 2
+    assert Progress.from_state(state["progress"]).samples_trained == 90 and _upgrade(state, 64, 2) is state
+
+
 # ---------------------------------------------------------------- real processes
 
 
