@@ -80,9 +80,10 @@ def is_gguf(path: Path) -> bool:
 def _check_gguf(path: Path, key: str) -> None:
     if not path.is_file():
         raise UserError(f"config key '{key}': {path}: no such .gguf file")
-    if importlib.util.find_spec("gguf") is None:
-        raise UserError(f"config key '{key}': {path}: reading .gguf files needs the gguf package "
-                        "(pip install 'gguf>=0.10', or the smollm2 extra)")
+    from attent_scale.extras import available, missing
+
+    if not available("gguf"):
+        raise missing("gguf", f"config key '{key}': {path}: reading .gguf files")
 
 
 @functools.lru_cache(maxsize=4)

@@ -85,9 +85,7 @@ def open_board(tensorboard_dir: str, run_dir: Path, *, is_main: bool, resumed_st
     path = board_dir(tensorboard_dir, run_dir)
     if path is None or not is_main:
         return NullBoard()
-    try:
-        import tensorboard  # noqa: F401  (torch.utils.tensorboard needs the package)
-    except ImportError:
-        raise UserError(f"config key '{KEY}': the tensorboard package is not installed "
-                        "(pip install tensorboard)") from None
+    from attent_scale.extras import require
+
+    require("tensorboard", f"config key '{KEY}'")  # torch.utils.tensorboard writes through it
     return Board(path, 0 if resumed_step is None else resumed_step + 1)

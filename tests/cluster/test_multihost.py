@@ -87,18 +87,18 @@ class TwoHostRun:
     state: str
     nodes: set[str]
     up: set[str]  # scrape targets Prometheus saw up
-    node_rank: set[tuple[str, str]]  # (node, rank) label pairs of attent_train_loss
+    node_rank: set[tuple[str, str]]  # (node, rank) label pairs of attent_train_loss_nats
     dashboard: dict[str, int]  # dashboard query -> most distinct ranks (or series) in one result
     metrics_port: int
 
 
 def watch_dashboard(prom: Any, job: str, done: Any) -> tuple[set[str], dict[str, int]]:
     """Evaluate every dashboard query (and `up`) while the job runs; keep the widest result of each."""
-    exprs = [fill(e, job) for e in dashboard_exprs()]
+    exprs = [fill(e, "attent", slurm_job_id=job) for e in dashboard_exprs()]
     widest = dict.fromkeys(exprs, 0)
     up: set[str] = set()
     while not done():
-        for s in prom.query(f'up{{job="{job}"}} == 1'):
+        for s in prom.query(f'up{{job="attent", slurm_job_id="{job}"}} == 1'):
             up.add(s["metric"]["instance"])
         for e in exprs:
             res = prom.query(e)
@@ -125,7 +125,8 @@ def fsdp_two_host(cluster: Cluster, tiny_shards: Path,
         up, widest = watch_dashboard(prom, str(job), lambda: cluster.job(job).get("JobState") in finished
                                      or time.monotonic() > deadline)
         state = cluster.wait_job(job, 10)
-        pairs = prom.query(f'sum by (node, rank) (last_over_time(attent_train_loss{{job="{job}"}}[10m]))')
+        loss = f'attent_train_loss_nats{{slurm_job_id="{job}"}}'
+        pairs = prom.query(f"sum by (node, rank) (last_over_time({loss}[10m]))")
     return TwoHostRun(run_dir=tmp / "run", log=out.read_text(), state=state, nodes=job_nodes(cluster, job),
                       up=up, node_rank={(s["metric"]["node"], s["metric"]["rank"]) for s in pairs},
                       dashboard=widest, metrics_port=port)
@@ -158,7 +159,7 @@ def test_prometheus_scrapes_all_four_exporters_across_hosts(cluster: Cluster,
         labels = {x.strip() for x in by.group(1).split(",")} if by else {"rank"}
         if "rank" in labels:  # a series per rank: every rank of both hosts is scraped
             assert width == 2 * NPROC, f"{expr}: {width} ranks"
-        elif labels == {"job"}:  # the throughput panel sums over ranks
+        elif labels == {"slurm_job_id"}:  # the throughput panels sum over ranks
             assert width == 1, f"{expr}: {width} series"
         else:  # one series per source / reason / rule (max over the ranks, who agree): data is there
             assert width >= 1, f"{expr}: no series"

@@ -35,7 +35,7 @@ def slurm(slurm_hosts: Slurm) -> Slurm:
 
 
 def populated(m: Metrics, scale: float) -> None:
-    m.observe_step(0.05, train_loss=3.0 * scale, tokens_per_second=1e4 * scale)
+    m.observe_step(0.05, train_loss=3.0 * scale)
     m.observe_eval(3.1 * scale)
     m.observe_checkpoint(0.5)
     m.observe_selection({"score": 0.2 * scale}, selected_ratio=0.3, staleness_median=4)
@@ -52,28 +52,33 @@ def populated(m: Metrics, scale: float) -> None:
 
 
 def test_prometheus_scrapes_two_exporters_and_every_dashboard_query_returns_data(prom: Prometheus) -> None:
-    cfg = MetricsConfig(enabled=True, port=free_port(), port_fallback=True, job="dash")
-    ranks = [Metrics.create(cfg, rank=r, local_rank=r, node="n0") for r in range(2)]
+    # the shipped scrape config: `job` is its job_name, never the exporter's; Slurm's id is its own label
+    cfg = MetricsConfig(enabled=True, port=free_port(), port_fallback=True)
+    ranks = [Metrics.create(cfg, rank=r, local_rank=r, node="n0", slurm_job_id="dash") for r in range(2)]
     try:
         for r, m in enumerate(ranks):
             populated(m, 1.0 + r)  # type: ignore[arg-type]
-        prom.add_targets("dash", [f"127.0.0.1:{m.port}" for m in ranks], {"job": "dash", "node": "n0"})
-        prom.wait_for('count_over_time(attent_samples_trained_total{job="dash"}[1m]) >= 3',
+        prom.add_targets("dash", [f"127.0.0.1:{m.port}" for m in ranks],
+                         {"slurm_job_id": "dash", "node": "n0"})
+        prom.wait_for('count_over_time(attent_samples_trained_total{slurm_job_id="dash"}[1m]) >= 3',
                       lambda res: len(res) == 2)
+        # `up` of the scrape job carries the same job and slurm_job_id as the series the dashboard reads
+        up = prom.query('up{job="attent", slurm_job_id="dash"} == 1')
+        assert {s["metric"]["instance"] for s in up} == {f"127.0.0.1:{m.port}" for m in ranks}
         for r, m in enumerate(ranks):  # advance so rate() windows see a change
             m.observe_step(0.07)
             m.update({"samples_trained": 96, "tokens_trained": 3072,
                       "selection_seconds_by_phase": dict.fromkeys(PHASES, 0.3 * (1 + r))})
-        prom.wait_for('attent_samples_trained_total{job="dash"} == 96', lambda res: len(res) == 2)
-        got = prom.query('attent_selection_seconds_sum{job="dash"}')
+        prom.wait_for('attent_samples_trained_total{slurm_job_id="dash"} == 96', lambda res: len(res) == 2)
+        got = prom.query('attent_selection_seconds_sum{slurm_job_id="dash"}')
         assert {(s["metric"]["rank"], s["metric"]["phase"]) for s in got} == {
             (str(r), p) for r in range(2) for p in PHASES}
         for s in got:
             assert float(s["value"][1]) == pytest.approx(0.3 * (1 + int(s["metric"]["rank"])))
-            assert s["metric"]["node"] == "n0" and s["metric"]["job"] == "dash"
+            assert s["metric"]["node"] == "n0" and s["metric"]["job"] == "attent"
         for expr in dashboard_exprs():
-            result = prom.query(fill(expr, "dash"))
-            assert result, f"dashboard query returned no data: {fill(expr, 'dash')}"
+            result = prom.query(fill(expr, "attent", slurm_job_id="dash"))
+            assert result, f"dashboard query returned no data: {fill(expr, 'attent', slurm_job_id='dash')}"
     finally:
         for m in ranks:
             m.close()
@@ -176,13 +181,14 @@ def test_e2e_prometheus_scrapes_a_two_rank_run_and_agrees_with_summary(
     import subprocess
 
     config, run_dir = tiny_config(tmp_path, tiny_data, 400)
-    job = f"e2e-{os.getpid()}"
-    env = {**os.environ, "ATTENT_NPROC": "2", "ATTENT_METRICS_PORT": str(free_port()), "ATTENT_JOB": job,
+    port = free_port()
+    env = {**os.environ, "ATTENT_NPROC": "2", "ATTENT_METRICS_PORT": str(port),
            "ATTENT_TARGETS_DIR": str(prom.targets_dir), "PATH": f"{VENV / 'bin'}:{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     proc = subprocess.Popen([str(ROOT / "launch" / "local.sh"), str(config)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    pending = {fill(e, job) for e in dashboard_exprs()}
+    env.pop("SLURM_JOB_ID", None)
+    pending = {fill(e, "attent") for e in dashboard_exprs()}
     try:
         while proc.poll() is None:  # run every dashboard query while the job is live
             for expr in sorted(pending):
@@ -197,7 +203,7 @@ def test_e2e_prometheus_scrapes_a_two_rank_run_and_agrees_with_summary(
     assert not pending, f"dashboard queries without data during the run: {pending}"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2
-    sel = f'job="{job}"'
+    sel = f'job="attent", instance=~"127.0.0.1:({port}|{port + 1})"'
     for row in summary["per_rank"]:
         for phase in PHASES:
             got = prom.query(f'last_over_time(attent_selection_seconds_sum{{{sel}, rank="{row["rank"]}", '
@@ -211,7 +217,7 @@ def test_e2e_prometheus_scrapes_a_two_rank_run_and_agrees_with_summary(
                         ("attent_tokens_trained_total", "tokens_trained")):
         got = prom.query(f"sum(last_over_time({metric}{{{sel}}}[10m]))")
         assert float(got[0]["value"][1]) == summary[key], metric
-    ranks = prom.query(f"count by (rank) (last_over_time(attent_train_loss{{{sel}}}[10m]))")
+    ranks = prom.query(f"count by (rank) (last_over_time(attent_train_loss_nats{{{sel}}}[10m]))")
     assert {r["metric"]["rank"] for r in ranks} == {"0", "1"}
 
 
