@@ -211,6 +211,20 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """metrics.wandb: Weights & Biases logging of the native trainer (rank 0), beside TensorBoard."""
+
+    enabled: bool = False
+    project: str = "attent-scale"
+    entity: str = ""  # "" = your W&B default entity
+    # "" = WANDB_MODE, else W&B's default (online); offline writes under `dir` and needs no account or
+    # network (`wandb sync` uploads it later); disabled logs nothing
+    mode: Literal["", "online", "offline", "disabled"] = ""
+    dir: str = ""  # where W&B writes its files (a wandb/ folder); "" = run_dir, relative = under run_dir
+    name: str = ""  # the W&B run's display name; "" = the run_dir's name
+
+
+@dataclass
 class MetricsConfig:
     enabled: bool = False
     port: int = 19400  # rank r listens on port + local_rank (off 9100/9400/9464: node, dcgm, otel exporters)
@@ -218,6 +232,7 @@ class MetricsConfig:
     port_fallback: bool = False  # take the next free port instead of failing when the port is taken
     linger_seconds: float = 0.0  # keep the exporter up this long at close so the last values get scraped
     tensorboard_dir: str = ""  # TensorBoard event files (rank 0); relative: under run_dir; "" = off
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass

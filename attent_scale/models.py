@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -56,15 +57,38 @@ def smollm2_gguf() -> Path:
                     f"({SMOLLM2_INSTALL})")
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name: what the Hugging Face Hub calls a repo id
+
+
+def hub_snapshot(repo_id: str, key: str) -> Path:
+    """The local Hugging Face cache's snapshot of `repo_id` (HF_HUB_CACHE / HF_HOME), never the network:
+    HF_HUB_OFFLINE=1 semantics. One line naming the key and the id when it is not cached."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        raise UserError(f"config key '{key}': {repo_id!r} is not a local path, and the Hugging Face cache "
+                        f"({HF_HUB_CACHE}) has no snapshot of it; download it first (hf download {repo_id}) "
+                        "or give a local directory") from None
+
+
 def init_source(mcfg: ModelConfig) -> tuple[Path, str] | None:
-    """(path, config key) of the pretrained model to start from; None for a model built from config."""
+    """(path, config key) of the pretrained model to start from; None for a model built from config.
+    A value that is no local path but looks like a Hub id (org/name) is that model's snapshot in the
+    local Hugging Face cache."""
     key = "model.init_from" if mcfg.init_from else "model.pretrained"
     raw = mcfg.init_from or mcfg.pretrained
     if not raw:
         return None
     if raw == "smollm2":
         return smollm2_gguf(), key
-    return Path(raw).expanduser(), key
+    path = Path(raw).expanduser()
+    if not path.exists() and HUB_ID.fullmatch(raw) and not is_gguf(path):
+        return hub_snapshot(raw, key), key
+    return path, key
 
 
 def is_our_gpt(source: tuple[Path, str] | None) -> bool:

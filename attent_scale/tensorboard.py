@@ -34,8 +34,8 @@ class NullBoard:
     def log_eval(self, step: int, val_loss: float) -> None:
         """One evaluation."""
 
-    def close(self) -> None:
-        """Flush and close (idempotent)."""
+    def close(self, exit_code: int = 0) -> None:
+        """Flush and close (idempotent); `exit_code`: how the run ended (a logger may record it)."""
 
 
 class Board(NullBoard):
@@ -65,7 +65,7 @@ class Board(NullBoard):
         self.writer.add_scalar("val/loss", val_loss, step)
         self.writer.flush()  # evaluations are rare: a live TensorBoard sees each one at once
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         writer, self.writer = self.writer, None
         if writer is not None:
             writer.close()
