@@ -94,13 +94,17 @@ def test_slurm_runs_a_trivial_job(slurm: Slurm, tmp_path: Path) -> None:
 # ------------------------------------------------------------------ launch scripts under Slurm
 def sbatch_script(slurm: Slurm, script: str, config: Path, out: Path, *train_args: str,
                   env: dict[str, str] | None = None) -> int:
-    """Submit a launch script sized for this machine: one node, 2 CPU processes, no GPUs."""
+    """Submit a launch script sized for this machine: one node, 2 CPU processes, no GPUs (srun: 2 tasks
+    of one CPU share; the others: one task that starts both)."""
     env = {"ATTENT_VENV": str(VENV), "ATTENT_NPROC_PER_NODE": "2", "ATTENT_RDZV_PORT": str(free_port()),
            "ATTENT_MASTER_PORT": str(free_port()), "ATTENT_METRICS_PORT": str(free_port()),
            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
-    return slurm.sbatch(f"--partition={slurm.partition}", "--gpus-per-node=0",
-                        f"--cpus-per-task={os.cpu_count()}", "--time=30", f"--output={out}",
-                        str(ROOT / "launch" / script), str(config), *train_args, cwd=ROOT, env=env)
+    cpus = os.cpu_count() or 1
+    shape = (["--ntasks-per-node=2", f"--cpus-per-task={max(1, cpus // 2)}"] if script == "slurm_srun.sbatch"
+             else [f"--cpus-per-task={cpus}"])
+    return slurm.sbatch(f"--partition={slurm.partition}", "--gpus-per-node=0", *shape, "--time=30",
+                        f"--output={out}", str(ROOT / "launch" / script), str(config), *train_args, cwd=ROOT,
+                        env=env)
 
 
 def wait_until(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -278,3 +282,29 @@ def test_e2e_slurm_preemption_checkpoints_requeues_and_selects_the_same(
     assert got == ref, (f"selections differ from the uninterrupted run from record {first} "
                         f"(step {got[first][0] if first is not None else '?'}; checkpoint at step "
                         f"{preempt.group(1)}): resume is not exact")
+
+
+@pytest.mark.slow
+def test_e2e_srun_tasks_preempt_requeue_take_the_lock_over_and_select_the_same(
+        slurm: Slurm, reference_run: Path, tiny_data: Path, tmp_path: Path) -> None:
+    # slurm_srun.sbatch: 2 srun tasks are the 2 ranks (no torchrun). USR1 reaches them, they checkpoint
+    # and exit 75, the job is requeued (SLURM_RESTART_COUNT 1), the new attempt takes the run_dir lock
+    # again and ends with the uninterrupted torchrun run's selections.
+    config, run_dir = tiny_config(tmp_path, tiny_data, PREEMPT_STEPS)
+    out = tmp_path / "slurm.out"
+    job = sbatch_script(slurm, "slurm_srun.sbatch", config, out, env={"ATTENT_MASTER_PORT": ""})
+    wait_until(lambda: last_step(run_dir) >= 60, 240, f"step 60 in {run_dir}/metrics.jsonl")
+    lock = json.loads((run_dir / "LOCK").read_text())
+    assert lock["slurm_job_id"] == str(job) and lock["slurm_step_id"] == "0" and lock["slurm_procid"] == "0"
+    assert lock["slurm_restart_count"] == 0
+    slurm.run("scancel", "--batch", "--signal=USR1", str(job))  # what --signal=B:USR1@N sends
+    state = slurm.wait_job(job, 300)
+    log = out.read_text()
+    assert state == "COMPLETED" and slurm.job(job)["Restarts"] == "1", log
+    assert "requeueing job" in log and "restart 1" in log and "torchrun" not in log, log
+    # the first attempt released its lock on the way out (exit 75); the second took it as a new holder,
+    # not as a sibling of its own job (that would have been a one-line error)
+    assert "in use by" not in log and "took over" not in log, log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == PREEMPT_STEPS and summary["world_size"] == 2
+    assert selection_records(run_dir) == selection_records(reference_run)
