@@ -4,12 +4,12 @@ The lock is a file `run_dir/LOCK` created with O_EXCL, holding JSON {host, pid, 
 slurm_restart_count, slurm_step_id, slurm_procid, since}. It works on a shared filesystem across hosts
 because it never relies on the holder's process being visible: a holder is stale when it is a process on
 *this* host that no longer exists (pid gone, or the pid now belongs to a process that started later),
-when it is an earlier attempt of our own Slurm job (the same job id with a smaller SLURM_RESTART_COUNT:
-Slurm ended that attempt before it requeued the job; on this host its pid must be gone too), or when
-`scontrol` says its Slurm job is no longer running. The same job id with the same restart count is a
-sibling: another task or step of this very attempt, alive, so never stale (all srun tasks of a job share
-its id: "same job id" alone does not mean "requeued"). A holder on another host outside Slurm cannot be
-checked: the user is told to remove the file.
+when it is an earlier attempt of our own Slurm job on another host (the same job id with a smaller
+SLURM_RESTART_COUNT: Slurm ended that attempt before it requeued the job), or when `scontrol` says its
+Slurm job is no longer running. The same job id with the same restart count on another host (or a live
+process on this one) is a sibling: another task or step of this very attempt, never stale (all srun
+tasks of a job share its id: "same job id" alone does not mean "requeued"). A holder on another host
+outside Slurm cannot be checked: the user is told to remove the file.
 """
 
 from __future__ import annotations
@@ -101,12 +101,12 @@ def stale_reason(holder: dict[str, Any], me: dict[str, Any]) -> str | None:
     """Why `holder` no longer holds the lock, or None when it may still be running."""
     job = holder.get("slurm_job_id")
     same_host = holder.get("host") == me["host"] and isinstance(holder.get("pid"), int)
+    if same_host and not _pid_alive(holder["pid"], holder.get("start")):
+        return f"pid {holder['pid']} on {holder['host']} is gone"
     if job and job == me["slurm_job_id"]:
         theirs, mine = holder.get("slurm_restart_count") or 0, me.get("slurm_restart_count") or 0
-        if not isinstance(theirs, int) or theirs >= mine:
-            return None  # a sibling task or step of this attempt (or a later attempt): it is running
-        if same_host and _pid_alive(holder["pid"], holder.get("start")):
-            return None
+        if same_host or not isinstance(theirs, int) or theirs >= mine:
+            return None  # alive here, or a sibling task or step of this attempt elsewhere: running
         return f"an earlier attempt of Slurm job {job} (restart {theirs}; this is restart {mine}: requeued)"
     if same_host:
         if not _pid_alive(holder["pid"], holder.get("start")):

@@ -94,6 +94,15 @@ def test_a_sibling_task_of_the_same_attempt_is_refused_in_one_line(
     assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == 123  # left as it was
 
 
+def test_a_dead_sibling_on_this_host_is_taken_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # an earlier step of this very attempt that died (kill -9) here: its pid is gone, nothing runs
+    _holder(tmp_path, pid=_dead_pid(), slurm_job_id="4242", slurm_step_id="0", slurm_procid="0")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_STEP_ID", "1")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert "is gone" in RunDirLock(tmp_path).acquire().taken_over
+
+
 def test_an_earlier_attempt_still_alive_on_this_host_is_not_taken_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
