@@ -1,0 +1,64 @@
+"""A pytest plugin (conftest.py loads it): no test, and no test session, leaves a process running.
+
+Each pytest process marks its environment with a fresh ATTENT_TEST_SESSION id, so everything it starts
+carries it (procs.py says why a marker and not a process group). After each test, the processes of the
+launches it made through procs.run/popen/spawn must be gone within 10 s (DataLoader workers notice a
+dead rank within 5 s): otherwise they are killed and the test fails naming them. At the end of the
+session, anything still carrying the session's id is killed, listed, and the session fails.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+
+import procs
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Mark everything this pytest process starts (a fresh id per process: xdist workers get their own)."""
+    os.environ[procs.SESSION] = uuid.uuid4().hex
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind() -> Iterator[None]:
+    """Fail a test that leaves a process of its launches (procs.run/popen/spawn) running, and kill it."""
+    first = len(procs.issued)
+    yield
+    tags = procs.issued[first:]
+    deadline = time.monotonic() + 10
+    left = [p for tag in tags for p in procs.marked(procs.PROC, tag)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = [p for tag in tags for p in procs.marked(procs.PROC, tag)]
+    if left:
+        for tag in tags:
+            procs.kill(tag)
+        pytest.fail(f"the test left {len(left)} process(es) running (now killed): "
+                    + "; ".join(f"pid {pid}: {cmd[:200]}" for pid, cmd in left), pytrace=False)
+
+
+@pytest.hookimpl(trylast=True)  # after the fixtures' teardown (an interrupted session tears down here)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Whatever still carries this session's id (a rank, a server, a Slurm job step) is killed and
+    reported, and the session fails. (An xdist controller runs no test: its workers check their own.)"""
+    config = session.config
+    if getattr(config.option, "dist", "no") != "no" and not hasattr(config, "workerinput"):
+        return
+    left = procs.kill_marked(procs.SESSION, os.environ.get(procs.SESSION, ""))
+    if not left:
+        return
+    lines = [f"attent tests: {len(left)} process(es) started by this test session were still running at "
+             "its end (now killed):", *(f"  pid {pid}: {cmd[:300]}" for pid, cmd in left)]
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    for line in lines:
+        if reporter is not None:
+            reporter.write_line(line, red=True)
+        else:
+            print(line, file=sys.stderr)
+    if session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
