@@ -9,11 +9,14 @@ session, anything still carrying the session's id is killed, listed, and the ses
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import procs
 import pytest
@@ -49,7 +52,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     if getattr(config.option, "dist", "no") != "no" and not hasattr(config, "workerinput"):
         return
-    left = procs.kill_marked(procs.SESSION, os.environ.get(procs.SESSION, ""))
+    left = [(pid, cmd) for pid, cmd in procs.marked(procs.SESSION, os.environ.get(procs.SESSION, ""))
+            if not _own_helper(pid, cmd)]
+    for pid, _ in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     if not left:
         return
     lines = [f"attent tests: {len(left)} process(es) started by this test session were still running at "
@@ -62,3 +69,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             print(line, file=sys.stderr)
     if session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _own_helper(pid: int, cmd: str) -> bool:
+    """multiprocessing's resource tracker or forkserver serving this pytest process: it ends with it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+    helper = "multiprocessing.resource_tracker" in cmd or "multiprocessing.forkserver" in cmd
+    return ppid == os.getpid() and helper
