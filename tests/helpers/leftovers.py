@@ -2,9 +2,10 @@
 
 Each pytest process marks its environment with a fresh ATTENT_TEST_SESSION id, so everything it starts
 carries it (procs.py says why a marker and not a process group). After each test, the processes of the
-launches it made through procs.run/popen/spawn must be gone within 10 s (DataLoader workers notice a
+launches it made through procs.run/popen/start/spawn must be gone within 10 s (DataLoader workers notice a
 dead rank within 5 s): otherwise they are killed and the test fails naming them. At the end of the
-session, anything still carrying the session's id is killed, listed, and the session fails.
+session, anything still carrying the session's id is killed, listed, and the session fails. A test that
+failed or timed out has its launches killed without a second error.
 """
 
 from __future__ import annotations
@@ -27,13 +28,29 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ[procs.SESSION] = uuid.uuid4().hex
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    report = yield
+    if report.failed:
+        item.stash[_FAILED] = True
+    return report
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
 @pytest.fixture(autouse=True)
-def _no_process_left_behind() -> Iterator[None]:
-    """Fail a test that leaves a process of its launches (procs.run/popen/spawn) running, and kill it."""
+def _no_process_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Kill what the test's launches (procs.run/popen/start/spawn) left running; a test that passed and
+    left something fails, naming it."""
     first = len(procs.issued)
     yield
     tags = procs.issued[first:]
-    deadline = time.monotonic() + 10
+    if request.node.stash.get(_FAILED, False):  # failed or timed out: its launches go, quietly
+        for tag in tags:
+            procs.kill(tag)
+        return
+    deadline = time.monotonic() + 10  # DataLoader workers notice their rank's exit within 5 s
     left = [p for tag in tags for p in procs.marked(procs.PROC, tag)]
     while left and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -7,10 +7,10 @@ process tree reaches every process of a job. Environment variables do: every pro
 - ATTENT_TEST_SESSION=<uuid>: set by conftest.py in each pytest process, inherited by everything a test
   session starts (servers, Slurm jobs, ranks); whatever still carries it when the session finishes is a
   leftover (`leftovers`, conftest's session check).
-- ATTENT_TEST_PROC=<uuid>: one per launch through `run`, `popen` or `spawn` here; `kill(tag)` ends every
-  process of that launch. `run` and `spawn` kill theirs when the test fails or times out (pytest-timeout
-  raises in the test); `popen` is a context manager that does the same; conftest fails a test that
-  leaves one of its launches' processes alive.
+- ATTENT_TEST_PROC=<uuid>: one per launch through `run`, `popen`, `start` or `spawn` here; `kill(tag)`
+  ends every process of that launch. `run` and `spawn` kill theirs when the test fails or times out
+  (pytest-timeout raises in the test), `popen` is a context manager that does the same; after each test
+  leftovers.py kills what its launches left (and fails a test that passed but left something).
 """
 
 from __future__ import annotations
@@ -81,15 +81,23 @@ def _env(env: dict[str, str] | None, tag: str) -> dict[str, str]:
     return {**(os.environ if env is None else env), PROC: tag, SESSION: os.environ.get(SESSION, "")}
 
 
+def start(cmd: Sequence[str], *, env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.Popen:
+    """subprocess.Popen in a session of its own, marked (`proc.tag`), for a test that holds it across its
+    body: if the test fails or times out, leftovers.py kills every process of it at teardown."""
+    tag = new_tag()
+    proc = subprocess.Popen(list(cmd), env=_env(env, tag), start_new_session=True, **kwargs)
+    proc.tag = tag  # type: ignore[attr-defined]
+    return proc
+
+
 @contextlib.contextmanager
 def popen(cmd: Sequence[str], *, env: dict[str, str] | None = None, **kwargs: Any
           ) -> Iterator[subprocess.Popen]:
     """subprocess.Popen in a session of its own, marked (`proc.tag`). Leaving the block kills every
     process of it when the block raised (a failed assertion, pytest-timeout) or the launcher still runs;
     after a launcher that exited, what it left running is for conftest's check to report."""
-    tag = new_tag()
-    proc = subprocess.Popen(list(cmd), env=_env(env, tag), start_new_session=True, **kwargs)
-    proc.tag = tag  # type: ignore[attr-defined]
+    proc = start(cmd, env=env, **kwargs)
+    tag = proc.tag  # type: ignore[attr-defined]
     try:
         yield proc
     except BaseException:

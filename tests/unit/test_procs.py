@@ -63,6 +63,13 @@ def test_leaves_an_orphan():
 
 def test_leaves_a_plain_child():
     subprocess.Popen(["sleep", "3004.5"], start_new_session=True)
+
+def test_fails_while_its_launch_runs():
+    code = ("import subprocess, time; subprocess.Popen(['sleep', '3005.5'], start_new_session=True); "
+            "time.sleep(600)")
+    procs.start([sys.executable, "-c", code])
+    time.sleep(1)
+    assert False, "failed on purpose"
 '''
 
 
@@ -71,9 +78,10 @@ def test_a_test_or_session_that_leaves_a_process_fails_and_the_process_is_killed
     pytester.makepyfile(test_inner=INNER)
     result = pytester.runpytest_subprocess("-p", "leftovers", "-p", "no:cacheprovider", timeout=120)
     out = result.stdout.str()
-    result.assert_outcomes(passed=2, errors=1)
+    result.assert_outcomes(passed=2, failed=1, errors=1)  # the failed test's launch goes quietly
     assert "the test left 1 process(es) running (now killed): pid " in out and "sleep 3003.5" in out, out
     assert "1 process(es) started by this test session were still running at its end" in out, out
     assert "sleep 3004.5" in out, out
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    assert alive("sleep 3003.5") == [] and alive("sleep 3004.5") == []
+    assert not [line for line in out.splitlines() if "pid " in line and "3005.5" in line], out
+    assert alive("sleep 3003.5") == alive("sleep 3004.5") == alive("sleep 3005.5") == []
