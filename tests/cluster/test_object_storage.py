@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import procs
 import pytest
 import yaml
 from conftest import write_text_corpus
@@ -61,7 +62,8 @@ def _config(run_dir: Path, data: str, cache: Path, **data_keys) -> dict:
 
 
 def _launch(cfg: dict, ids_dir: Path, env: dict[str, str], nproc: int = 2) -> subprocess.Popen:
-    """torchrun `nproc` ranks of tests/helpers/ids_trainer.py (the trainer, recording each step's ids)."""
+    """torchrun `nproc` ranks of tests/helpers/ids_trainer.py (the trainer, recording each step's ids);
+    procs.start: a failed or timed-out test's job is killed whole at its teardown."""
     run_dir = Path(cfg["run_dir"])
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     ids_dir.mkdir(parents=True, exist_ok=True)
@@ -72,8 +74,7 @@ def _launch(cfg: dict, ids_dir: Path, env: dict[str, str], nproc: int = 2) -> su
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                 "ATTENT_IDS_DIR": str(ids_dir), **env}
-    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return procs.start(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 400) -> tuple[int, str]:

@@ -41,10 +41,14 @@ _FAILED = pytest.StashKey[bool]()
 
 @pytest.fixture(autouse=True)
 def _no_process_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Kill what the test's launches (procs.run/popen/start/spawn) left running; a test that passed and
-    left something fails, naming it."""
-    first = len(procs.issued)
+    """Run the test's procs.after_test callbacks; kill what its launches (procs.run/popen/start/spawn) left
+    running; a test that passed and left something fails, naming it."""
+    first, hooks = len(procs.issued), len(procs.at_test_end)
     yield
+    for fn in procs.at_test_end[hooks:]:
+        with contextlib.suppress(Exception):
+            fn()
+    del procs.at_test_end[hooks:]
     tags = procs.issued[first:]
     if request.node.stash.get(_FAILED, False):  # failed or timed out: its launches go, quietly
         for tag in tags:

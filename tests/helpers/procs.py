@@ -28,6 +28,13 @@ from typing import Any
 SESSION = "ATTENT_TEST_SESSION"
 PROC = "ATTENT_TEST_PROC"
 issued: list[str] = []  # every ATTENT_TEST_PROC tag this pytest process handed out, in order
+at_test_end: list[Callable[[], Any]] = []  # run (and cleared) after the test that registered them
+
+
+def after_test(fn: Callable[[], Any]) -> None:
+    """Run `fn` when the current test ends, however it ends (e.g. scancel of the Slurm jobs it submitted:
+    slurmstepd, not the test, is their parent)."""
+    at_test_end.append(fn)
 
 
 def new_tag() -> str:
