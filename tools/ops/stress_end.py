@@ -153,19 +153,27 @@ def kill_marked(marker: str) -> None:
         time.sleep(0.1)
 
 
-def label(pid: int, launcher_pid: int) -> str:
-    """'torchrun', 'rank R' or 'rank R worker' (a DataLoader worker: its parent is a rank)."""
-    if pid == launcher_pid:
-        return "torchrun"
+def _environ(pid: int) -> dict[str, str]:
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+    return dict(kv.split("=", 1) for kv in pairs if "=" in kv)
+
+
+def _ppid(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+def label(pid: int) -> str | None:
+    """'rank R', 'rank R worker PID' (a DataLoader worker: its parent is a rank), or None for a launcher
+    (local.sh, torchrun: no RANK in its environment)."""
     try:
-        pairs = Path(f"/proc/{pid}/environ").read_text().split("\0")
-        env = dict(kv.split("=", 1) for kv in pairs if "=" in kv)
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        rank = _environ(pid).get("RANK")
+        parent_rank = _environ(_ppid(pid)).get("RANK") if rank is not None else None
     except OSError:
-        return f"pid {pid}"
-    rank = env.get("RANK", "?")
-    return f"rank {rank}" if ppid == launcher_pid else f"rank {rank} worker {pid}"
+        return None
+    if rank is None:
+        return None
+    return f"rank {rank} worker {pid}" if parent_rank is not None else f"rank {rank}"
 
 
 FRAME = re.compile(r'File "([^"]+)", line (\d+) in (\S+)')
@@ -191,29 +199,45 @@ def innermost(dump: str) -> str:
     return chain if inner == top else f"{top} | {chain}"
 
 
-def dump_stacks(marker: str, launcher_pid: int, stacks: Path) -> dict[str, str]:
-    """Every process of the run dumps its stacks into `stacks` (a header each); label -> where."""
+def spy_innermost(dump: str) -> str:
+    """From a py-spy dump: the main thread's first Python frame, and its innermost attent_scale frame."""
+    main = dump.split('"MainThread"', 1)[-1].split("\nThread ", 1)[0]
+    frames = re.findall(r"^\s+(\S+) \(([^)]+:\d+)\)$", main, re.M)
+    if not frames:
+        return "?"
+    top = f"{frames[0][1].rsplit('/', 1)[-1]} {frames[0][0]}"
+    ours = [f"{loc.split('attent_scale/', 1)[-1]} {fn}" for fn, loc in frames if "attent_scale/" in loc]
+    return top if not ours else f"{top} | {' < '.join(ours[:4])}"
+
+
+def dump_stacks(marker: str, stacks: Path, faulthandler_registered: bool) -> dict[str, str]:
+    """Every rank and worker of the run dumps its stacks into `stacks` (a header each): faulthandler on
+    SIGUSR2 where the rank registered it, and py-spy (Python and native frames) when it is on PATH;
+    returns label -> where the main thread stood."""
     where: dict[str, str] = {}
     spy = shutil.which("py-spy")
     for pid in marked_pids(marker):
-        name = label(pid, launcher_pid)
-        if name == "torchrun":
+        name = label(pid)
+        if name is None:
             continue
-        start = stacks.stat().st_size if stacks.exists() else 0
-        with open(stacks, "a") as f:
-            f.write(f"\n===== {name} (pid {pid}) faulthandler\n")
-        try:
-            os.kill(pid, signal.SIGUSR2)
-        except ProcessLookupError:
-            continue
-        time.sleep(1.5)
-        text = stacks.read_text(errors="replace")[start:]
-        where[name] = innermost(text.split("faulthandler\n", 1)[-1])
+        if faulthandler_registered:
+            start = stacks.stat().st_size if stacks.exists() else 0
+            with open(stacks, "a") as f:
+                f.write(f"\n===== {name} (pid {pid}) faulthandler\n")
+            try:
+                os.kill(pid, signal.SIGUSR2)
+            except ProcessLookupError:
+                continue
+            time.sleep(1.5)
+            text = stacks.read_text(errors="replace")[start:]
+            where[name] = innermost(text.split("faulthandler\n", 1)[-1])
         if spy:
             res = subprocess.run([spy, "dump", "--native", "--pid", str(pid)], capture_output=True, text=True,
                                  timeout=60)
             with open(stacks, "a") as f:
                 f.write(f"\n===== {name} (pid {pid}) py-spy dump --native\n{res.stdout}{res.stderr}")
+            if name not in where:
+                where[name] = spy_innermost(res.stdout)
     return where
 
 
@@ -232,8 +256,17 @@ def end_files(run_dir: Path, steps: int) -> str:
     return " ".join(marks)
 
 
+PROMETHEUS_HEADERS = {  # what Prometheus 2.x sends with a scrape
+    "Accept": "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+              "text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    "Accept-Encoding": "gzip",
+    "X-Prometheus-Scrape-Timeout-Seconds": "1",
+}
+
+
 class Scraper(threading.Thread):
-    """Polls the exporters on ports [base, base + 2) every 0.2 s while `stop` is unset (like Prometheus)."""
+    """Polls the exporters on ports [base, base + 2) every 0.2 s while `stop` is unset, asking what
+    Prometheus asks for (OpenMetrics, gzip)."""
 
     def __init__(self, base: int) -> None:
         super().__init__(daemon=True)
@@ -243,7 +276,9 @@ class Scraper(threading.Thread):
         while not self.stop.wait(0.2):
             for port in (self.base, self.base + 1):
                 try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    url = f"http://127.0.0.1:{port}/metrics"
+                    req = urllib.request.Request(url, headers=PROMETHEUS_HEADERS)
+                    with urllib.request.urlopen(req, timeout=2) as r:
                         r.read()
                     self.hits += 1
                 except OSError:
@@ -264,15 +299,20 @@ def one_run(i: int, combo: tuple[str, str, str], args: argparse.Namespace, data:
         mode=mode, steps=args.steps, ckpt=ckpt, metrics="true" if metrics == "on" else "false",
         linger=args.linger, port=port, stop_every=args.stop_check_every))
     stacks = work / "stacks.txt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "--max-restarts=0", str(Path(__file__).resolve()), "rank", "train", "--config",
-           str(work / "config.yaml")]
+    if args.local_sh:  # as the failing test ran it: torchrun with SIGINT/SIGUSR1 ignored; stacks by py-spy
+        cmd = [str(REPO / "launch" / "local.sh"), str(work / "config.yaml")]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "--max-restarts=0", str(Path(__file__).resolve()), "rank", "train", "--config",
+               str(work / "config.yaml")]
     for kv in args.set:
         cmd += ["--set", kv]
     log = open(work / "log.txt", "w")  # noqa: SIM115  closed below
     t0 = time.monotonic()
     marker = f"{os.getpid()}-{i}-{time.time_ns()}"
-    env = child_env(STRESS_STACKS=str(stacks), STRESS_RUN=marker)
+    env = child_env(STRESS_STACKS=str(stacks), STRESS_RUN=marker, ATTENT_NPROC="2",
+                    ATTENT_METRICS="1" if metrics == "on" else "0", ATTENT_METRICS_PORT=str(port),
+                    ATTENT_JOB=f"stress-{i}")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     scraper = Scraper(port) if args.scrape and metrics == "on" else None
@@ -284,7 +324,7 @@ def one_run(i: int, combo: tuple[str, str, str], args: argparse.Namespace, data:
         status = "ok" if rc == 0 else "failed"
     except subprocess.TimeoutExpired:
         rc, status = None, "hang"
-        where = dump_stacks(marker, proc.pid, stacks)
+        where = dump_stacks(marker, stacks, faulthandler_registered=not args.local_sh)
     finally:
         if scraper:
             scraper.stop.set()
@@ -334,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=240.0, help="seconds before a run is a hang")
     parser.add_argument("--out", type=Path, default=Path("/tmp/stress_end"))
     parser.add_argument("--set", action="append", default=[], help="config override for every run")
+    parser.add_argument("--local-sh", action="store_true",
+                        help="launch through launch/local.sh (stacks by py-spy only)")
     parser.add_argument("--keep", action="store_true", help="keep the run dirs of runs that ended well")
     args = parser.parse_args(argv)
     for engine in args.engines.split(","):
