@@ -13,8 +13,9 @@ the deadline ends the process:
   group's store, and reads the others' for a few seconds;
 - it writes one line: the phase, and the ranks it waited for (those not in a collective, in another phase,
   or silent), or that it is itself the one stalled; every thread's stack goes to run_dir/end_stacks.rankN.txt;
-- it leaves with os._exit(END_TIMEOUT_EXIT_CODE): the trainer thread may be blocked in C++ and cannot
-  be interrupted. Not 75 and no PREEMPTED marker, so no launcher requeues the job.
+- it kills its own child processes (DataLoader workers: a stuck one would never see its rank go) and
+  leaves with os._exit(END_TIMEOUT_EXIT_CODE): the trainer thread may be blocked in C++ and cannot be
+  interrupted. Not 75 and no PREEMPTED marker, so no launcher requeues the job.
 
 Tests make one rank stall when it enters a phase with ATTENT_TEST_STALL_END="PHASE:RANK" (`_test_stall`).
 """
@@ -107,6 +108,7 @@ class EndDeadline:
         with contextlib.suppress(OSError, ValueError):
             print(f"attent-scale: {line}", file=sys.stderr, flush=True)
             sys.stdout.flush()
+        _kill_children()  # a stuck DataLoader worker would never notice its rank is gone
         self._exit(END_TIMEOUT_EXIT_CODE)
 
     def _where(self) -> dict[str, Any]:
@@ -196,6 +198,17 @@ def _quiet(fn: Callable[[], None]) -> Callable[[], None]:
         with contextlib.suppress(Exception):
             fn()
     return run
+
+
+def _kill_children() -> None:
+    """SIGKILL this process's child processes (DataLoader workers), as listed by /proc."""
+    import signal
+
+    for task in Path("/proc/self/task").glob("*"):
+        with contextlib.suppress(OSError, ValueError):
+            for pid in (task / "children").read_text().split():
+                with contextlib.suppress(OSError):
+                    os.kill(int(pid), signal.SIGKILL)
 
 
 def _test_stall(phase: str, rank: int) -> None:

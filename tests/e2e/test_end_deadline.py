@@ -25,6 +25,7 @@ LINE = re.compile(r"attent-scale: rank (\d+): end of run: phase '([^']+)' did no
 def end_config(run_dir: Path, shards: Path) -> dict:
     return tiny_run_config(run_dir, shards, "fsdp",
                            train={"max_steps": 4, "end_timeout_seconds": END_TIMEOUT},
+                           data={"num_workers": 2},  # run-long DataLoader workers live until close
                            eval={"every_steps": 0},  # the final eval runs at the end
                            checkpoint={"every_steps": 1000, "export": True},  # a checkpoint at the end
                            metrics={"enabled": True, "port": 0, "linger_seconds": 0.5})
