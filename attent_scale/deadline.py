@@ -1,5 +1,7 @@
-"""The end-of-run deadline: each phase after the last step must end within train.end_timeout_seconds, or the
-rank writes one line naming the phase and the rank(s) it waited for and exits with END_TIMEOUT_EXIT_CODE.
+"""End-of-run deadline: each phase after the last step ends in train.end_timeout_seconds, else the rank exits.
+
+A rank whose phase outlives it writes one line naming the phase and the rank(s) it waited for and exits
+with END_TIMEOUT_EXIT_CODE.
 
 After its last step a run still runs collectives (the last selection exchange and stop check, the final
 checks, eval, checkpoint, export, summary, the final barrier) and waits on local work (the val stream's
@@ -8,9 +10,9 @@ collective until the process group's timeout, if ever; on a cluster the job keep
 limit. `EndDeadline.enter(phase)` starts a phase and (re)arms a watchdog thread; a phase that outlives
 the deadline ends the process:
 
-- every rank whose deadline passes publishes where it stands (its phase, whether its trainer thread waits
-  in a collective: innermost frame in torch.distributed or deepspeed, and that frame) in the process
-  group's store, and reads the others' for a few seconds;
+- every rank whose deadline passes publishes where it stands (its phase, its trainer thread's innermost
+  frame, and whether that thread waits in a collective: a torch.distributed or deepspeed frame below our
+  innermost one) in the process group's store, and reads the others' for a few seconds;
 - it writes one line: the phase, and the ranks it waited for (those not in a collective, in another phase,
   or silent), or that it is itself the one stalled; every thread's stack goes to run_dir/end_stacks.rankN.txt;
 - it kills its own child processes (DataLoader workers: a stuck one would never see its rank go) and
