@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
+import http.client
 import itertools
 import json
 import os
@@ -281,7 +282,7 @@ class Scraper(threading.Thread):
                     with urllib.request.urlopen(req, timeout=2) as r:
                         r.read()
                     self.hits += 1
-                except OSError:
+                except (OSError, http.client.HTTPException):  # not up yet, gone, or a TCP self-connect
                     pass
 
 
