@@ -180,15 +180,18 @@ def test_e2e_prometheus_scrapes_a_two_rank_run_and_agrees_with_summary(
            "ATTENT_TARGETS_DIR": str(prom.targets_dir), "PATH": f"{VENV / 'bin'}:{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     pending = {fill(e, job) for e in dashboard_exprs()}
-    # procs.popen: a failed or timed-out test kills local.sh, torchrun and the ranks (in their own sessions)
-    with procs.popen([str(ROOT / "launch" / "local.sh"), str(config)], env=env, cwd=ROOT,
-                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    # procs.popen: a failed or timed-out test kills local.sh, torchrun and the ranks (in their own sessions);
+    # the output goes to a file: a pipe nobody reads while the test polls would block the ranks once full
+    log = tmp_path / "local.log"
+    cmd = [str(ROOT / "launch" / "local.sh"), str(config)]
+    with log.open("w") as out, procs.popen(cmd, env=env, cwd=ROOT, stdout=out,
+                                           stderr=subprocess.STDOUT) as proc:
         while proc.poll() is None:  # run every dashboard query while the job is live
             for expr in sorted(pending):
                 if prom.query(expr):
                     pending.discard(expr)
             time.sleep(0.5)
-        output = proc.communicate(timeout=60)[0]
+    output = log.read_text(errors="replace")
     assert proc.returncode == 0, output
     assert not pending, f"dashboard queries without data during the run: {pending}"
     summary = json.loads((run_dir / "summary.json").read_text())
