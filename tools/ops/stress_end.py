@@ -14,7 +14,7 @@ CPUs, `--set` adds config overrides to every run (e.g. train.end_timeout_seconds
 The ranks run through this file (`rank` mode): faulthandler is registered on SIGUSR2 into
 run_dir/../stacks.txt, inherited by the DataLoader workers a rank forks. A run still alive after
 `--deadline` seconds is a hang: for every process of the run (found by a marker in its environment,
-STRESS_RUN: torchrun starts each rank in a session of its own, so a process group does not reach them) the
+tests/helpers/procs.py: torchrun starts each rank in a session of its own, out of a process group's reach) the
 harness appends a header, sends SIGUSR2 and waits for the dump (plus `py-spy dump --native` when py-spy
 is on PATH), then kills them all. Each rank's innermost attent_scale frame of its main thread is
 where it stood.
@@ -27,7 +27,6 @@ printed with it: these counts depend on load, they are not timings.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import faulthandler
 import http.client
 import itertools
@@ -46,6 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "helpers"))
+import procs  # noqa: E402  the tests' launcher: marked processes, killed whole
+
 SEQ = 32
 
 CONFIG = """\
@@ -123,37 +125,6 @@ def child_env(**extra: str) -> dict[str, str]:
             "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **extra}
 
 
-def marked_pids(marker: str) -> list[int]:
-    """Live processes whose environment carries STRESS_RUN=`marker`: the run's torchrun, its ranks (which
-    torchrun puts in sessions of their own) and their DataLoader workers, oldest first."""
-    want = f"STRESS_RUN={marker}".encode()
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if want not in (entry / "environ").read_bytes().split(b"\0"):
-                continue
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if stat[stat.rindex(")") + 2:].split()[0] != "Z":
-            out.append(int(entry.name))
-    return sorted(out)
-
-
-def kill_marked(marker: str) -> None:
-    """SIGKILL every process of the run (by its marker), until none is left."""
-    for _ in range(50):
-        pids = marked_pids(marker)
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.1)
-
-
 def _environ(pid: int) -> dict[str, str]:
     pairs = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
     return dict(kv.split("=", 1) for kv in pairs if "=" in kv)
@@ -211,13 +182,13 @@ def spy_innermost(dump: str) -> str:
     return top if not ours else f"{top} | {' < '.join(ours[:4])}"
 
 
-def dump_stacks(marker: str, stacks: Path, faulthandler_registered: bool) -> dict[str, str]:
+def dump_stacks(tag: str, stacks: Path, faulthandler_registered: bool) -> dict[str, str]:
     """Every rank and worker of the run dumps its stacks into `stacks` (a header each): faulthandler on
     SIGUSR2 where the rank registered it, and py-spy (Python and native frames) when it is on PATH;
     returns label -> where the main thread stood."""
     where: dict[str, str] = {}
     spy = shutil.which("py-spy")
-    for pid in marked_pids(marker):
+    for pid, _ in procs.marked(procs.PROC, tag):
         name = label(pid)
         if name is None:
             continue
@@ -310,12 +281,10 @@ def one_run(i: int, combo: tuple[str, str, str], args: argparse.Namespace, data:
         cmd += ["--set", kv]
     log = open(work / "log.txt", "w")  # noqa: SIM115  closed below
     t0 = time.monotonic()
-    marker = f"{os.getpid()}-{i}-{time.time_ns()}"
-    env = child_env(STRESS_STACKS=str(stacks), STRESS_RUN=marker, ATTENT_NPROC="2",
-                    ATTENT_METRICS="1" if metrics == "on" else "0", ATTENT_METRICS_PORT=str(port),
-                    ATTENT_JOB=f"stress-{i}")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    env = child_env(STRESS_STACKS=str(stacks), ATTENT_NPROC="2", ATTENT_METRICS_PORT=str(port),
+                    ATTENT_METRICS="1" if metrics == "on" else "0", ATTENT_JOB=f"stress-{i}")
+    # marked (ATTENT_TEST_PROC): torchrun starts each rank in a session of its own, out of a group's reach
+    proc = procs.start(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     scraper = Scraper(port) if args.scrape and metrics == "on" else None
     if scraper:
         scraper.start()
@@ -325,11 +294,11 @@ def one_run(i: int, combo: tuple[str, str, str], args: argparse.Namespace, data:
         status = "ok" if rc == 0 else "failed"
     except subprocess.TimeoutExpired:
         rc, status = None, "hang"
-        where = dump_stacks(marker, stacks, faulthandler_registered=not args.local_sh)
+        where = dump_stacks(proc.tag, stacks, faulthandler_registered=not args.local_sh)
     finally:
         if scraper:
             scraper.stop.set()
-        kill_marked(marker)  # torchrun, and the ranks it put in sessions of their own
+        procs.kill(proc.tag)  # the launcher, the ranks and their DataLoader workers
         proc.wait()
         log.close()
     seconds = time.monotonic() - t0
