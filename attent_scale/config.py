@@ -189,6 +189,10 @@ class TrainConfig:
     # ranks agree on a stop (signal, max_seconds) only at steps that are a multiple of this: one small
     # collective every N steps instead of every step; a signal waits at most N steps to be acted on
     stop_check_every: int = 10
+    # after the last step every phase (final eval, checkpoint, export, summary, final barrier, ...) must end
+    # within this many seconds, or the rank names the phase and the rank(s) it waited for in one line and
+    # exits 124 (attent_scale/deadline.py); 0 = no deadline (the process group's timeout)
+    end_timeout_seconds: float = 300.0
 
 
 @dataclass
@@ -298,6 +302,7 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("checkpoint.keep_last", lambda v: v >= 1, "must be >= 1"),
     ("metrics.port", lambda v: 0 <= v <= 65535, "must be a TCP port (0-65535)"),
     ("metrics.linger_seconds", lambda v: v >= 0, "must be >= 0"),
+    ("train.end_timeout_seconds", lambda v: v >= 0, "must be >= 0 (0 = no end-of-run deadline)"),
     ("model.lora.r", lambda v: v >= 1, "must be >= 1"),
     ("model.lora.alpha", lambda v: v > 0, "must be > 0"),
     ("model.lora.dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from attent_scale.config import RunConfig, add_override_argument, load_config
+from attent_scale.deadline import EndDeadline
 from attent_scale.dist import all_gather_objects, all_reduce_values, initialized, side_group
 from attent_scale.errors import UserError
 from attent_scale.malloc import malloc_state, tune_malloc
@@ -128,7 +129,8 @@ def train(cfg: RunConfig) -> int:
         failed = True
         raise
     finally:
-        trainer.close(failed, exit_code)
+        with trainer.end:  # the end deadline is disarmed however close ends
+            trainer.close(failed, exit_code)
 
 
 
@@ -225,6 +227,9 @@ class Trainer:
         self.stream_workers = StreamWorkers(cfg.data.num_workers) if cfg.data.num_workers > 0 else None
         self.empty_epochs = 0  # epochs in a row whose stream ran out without a training batch
         self.bar = _progress_bar(self.total_steps, self.progress.step) if self.is_main else None
+        # every phase after the last step ends within train.end_timeout_seconds (deadline.py)
+        self.end = EndDeadline(cfg.train.end_timeout_seconds, rank=self.rank, world=self.world,
+                               run_dir=self.run_dir)
 
     def _build_teacher(self) -> Any:
         """The teacher; an anneal under an epoch budget is started by plan (the step plan knows it)."""
@@ -417,6 +422,7 @@ class Trainer:
             self.selection.drop_remainder_before(progress.epoch)  # an elastic resume's owed ids are trained
             if decision is None and self.epoch_budget_spent(trained):
                 break
+        self.end.enter("final checks")
         self.check_corrupt_budget(final=True)  # before the export: a run that trained nothing exports nothing
         self.finish()
         return 0
@@ -514,6 +520,8 @@ class Trainer:
         teacher.observe(batch["ids"][real], result.per_sample[real], progress.step)
         self.note_corrupt(stream)
         progress.step += 1
+        if progress.step >= self.total_steps:
+            self.end.enter("last step")  # its selection exchange, stop check, eval or save
         teacher.exchange_due(progress.step)  # collective every few steps: ledger entries to owners
         progress.samples_trained += int(real.sum())
         progress.tokens_trained += int((batch["labels"] != -100).sum())
@@ -738,16 +746,20 @@ class Trainer:
         """The end of a run: final eval (unless this step had one), last checkpoint, export, summary.json."""
         from attent_scale.runlog import write_json
 
+        self.end.enter("final eval")
         if not self.validator.should_validate(self.progress.step):
             self.evaluate()
+        self.end.enter("checkpoint")
         if self.checkpointer.enabled:
             self.save(None)
+        self.end.enter("export")
         if self.cfg.checkpoint.export:
             self.engine.export(self.run_dir / "export")  # collective: sharded engines gather the weights
             if self.is_main and self.manifest.tokenizer_kind != "sentencepiece":
                 from attent_scale.models import save_data_tokenizer
 
                 save_data_tokenizer(self.run_dir / "export", self.manifest.tokenizer_dir)
+        self.end.enter("summary")
         tot = self.totals()
         summary = _summary(self.cfg, tot, self.progress.corrupt_ids, self.group, self.world)
         if self.is_main:
@@ -756,16 +768,20 @@ class Trainer:
 
     def close(self, failed: bool, exit_code: int) -> None:
         """Close bar, logs and metrics; after a clean run, wait for every rank, then leave the process group
-        (never after a failure: see `train`); the data workers stop either way."""
+        (never after a failure: see `train`); the data workers stop either way. Each part runs under the
+        end deadline (disarmed by `train`)."""
+        self.end.enter("close")
         if self.stream_workers is not None:
             self.stream_workers.close()
         if self.bar is not None:
             self.bar.close()
         self.logs.close()
         self.board.close(exit_code or int(failed))  # W&B marks a failed run failed
+        self.end.enter("metrics linger", extra_seconds=self.cfg.metrics.linger_seconds)
         self.metrics.close()
         if self.run_lock is not None:  # a second train() in this process may take run_dir again
             self.run_lock.release()
+        self.end.enter("final barrier")
         if not failed and initialized():
             if exit_code == 0:
                 dist.barrier()

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import procs
 import pytest
 from dashboard import dashboard_exprs, fill
 from servers import Prometheus, Slurm, free_port, prometheus_server
@@ -144,9 +145,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def subprocess_run(cmd: list[str]) -> None:
-    import subprocess
-
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = procs.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -189,20 +188,20 @@ def test_e2e_prometheus_scrapes_a_two_rank_run_and_agrees_with_summary(
     env = {**os.environ, "ATTENT_NPROC": "2", "ATTENT_METRICS_PORT": str(port),
            "ATTENT_TARGETS_DIR": str(prom.targets_dir), "PATH": f"{VENV / 'bin'}:{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.Popen([str(ROOT / "launch" / "local.sh"), str(config)], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    env.pop("SLURM_JOB_ID", None)
+    env.pop("SLURM_JOB_ID", None)  # the exporter's slurm_job_id label stays empty: this is no Slurm job
     pending = {fill(e, "attent") for e in dashboard_exprs()}
-    try:
+    # procs.popen: a failed or timed-out test kills local.sh, torchrun and the ranks (in their own sessions);
+    # the output goes to a file: a pipe nobody reads while the test polls would block the ranks once full
+    log = tmp_path / "local.log"
+    cmd = [str(ROOT / "launch" / "local.sh"), str(config)]
+    with log.open("w") as out, procs.popen(cmd, env=env, cwd=ROOT, stdout=out,
+                                           stderr=subprocess.STDOUT) as proc:
         while proc.poll() is None:  # run every dashboard query while the job is live
             for expr in sorted(pending):
                 if prom.query(expr):
                     pending.discard(expr)
             time.sleep(0.5)
-        output = proc.communicate(timeout=60)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    output = log.read_text(errors="replace")
     assert proc.returncode == 0, output
     assert not pending, f"dashboard queries without data during the run: {pending}"
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import procs
 import pytest
 
 SLURM_BINARIES = ("munged", "munge", "unmunge", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol",
@@ -118,7 +119,10 @@ class Slurm:
                              capture_output=True, text=True, timeout=60)
         if out.returncode != 0:
             raise AssertionError(f"sbatch failed: {out.stderr}")
-        return int(out.stdout.strip().split(";")[0])
+        job = int(out.stdout.strip().split(";")[0])
+        # however the test ends, its jobs end with it (scancel of a finished job is a no-op)
+        procs.after_test(lambda: self.run("scancel", str(job), check=False, timeout=30))
+        return job
 
     def job(self, job_id: int) -> dict[str, str]:
         """``scontrol show job`` as a dict (JobState, ExitCode, Restarts, ...)."""
@@ -129,11 +133,15 @@ class Slurm:
                  "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL")) -> str:
         deadline = time.monotonic() + timeout
         state = ""
-        while time.monotonic() < deadline:
-            state = self.job(job_id).get("JobState", "")
-            if state in states:
-                return state
-            time.sleep(0.5)
+        try:
+            while time.monotonic() < deadline:
+                state = self.job(job_id).get("JobState", "")
+                if state in states:
+                    return state
+                time.sleep(0.5)
+        except BaseException:  # pytest-timeout, Ctrl-C, a failing scontrol: the job must not run on
+            self.run("scancel", str(job_id), check=False)
+            raise
         self.run("scancel", str(job_id), check=False)
         raise AssertionError(f"job {job_id} still {state} after {timeout:.0f}s: {self.job(job_id)}")
 
