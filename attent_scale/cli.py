@@ -21,6 +21,7 @@ COMMANDS = {
     "bench": "attent_scale.bench",
     "score": "attent_scale.score",
     "simulate": "attent_scale.simulate",
+    "init": "attent_scale.init",
 }
 
 

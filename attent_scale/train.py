@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from attent_scale.config import RunConfig, add_override_argument, load_config
+from attent_scale.deadline import EndDeadline
 from attent_scale.dist import all_gather_objects, all_reduce_values, initialized, side_group
 from attent_scale.errors import UserError
 from attent_scale.malloc import malloc_state, tune_malloc
@@ -42,7 +43,8 @@ class NonFiniteLossError(UserError):
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train with (or without) the AtteNT teacher")
-    parser.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    parser.add_argument("--config", required=True, help="run config: a YAML file, or the name of a packaged "
+                        "one (demo, gpu_gpt2_small, ...: `attent-scale init DIR` copies them out)")
     add_override_argument(parser)
     parser.add_argument(
         "--resume",
@@ -75,7 +77,8 @@ def train(cfg: RunConfig) -> int:
         failed = True
         raise
     finally:
-        trainer.close(failed, exit_code)
+        with trainer.end:  # the end deadline is disarmed however close ends
+            trainer.close(failed, exit_code)
 
 
 def _data_label(cfg: RunConfig) -> str:
@@ -104,6 +107,7 @@ class Trainer:
         from attent_scale.data.workers import StreamWorkers
         from attent_scale.dist import init_distributed
         from attent_scale.engines import build_engine
+        from attent_scale.loggers import open_loggers
         from attent_scale.metrics import Metrics
         from attent_scale.models import check_model_fits
         from attent_scale.resume import resume
@@ -111,7 +115,6 @@ class Trainer:
         from attent_scale.runlog import RunLogs
         from attent_scale.teacher import Batching, Budget, TeacherSession
         from attent_scale.teacher.plan import candidate_batch_size
-        from attent_scale.tensorboard import open_board
         from attent_scale.validate import Validator
 
         self.cfg = cfg
@@ -179,9 +182,10 @@ class Trainer:
         self._config_recorded = self._record_config()
         self.logs.open()  # the teacher appends selection records itself; ours open after truncation
         node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-        self.metrics = Metrics.create(cfg.metrics, rank=self.rank, local_rank=self.info.local_rank, node=node)
-        self.board = open_board(cfg.metrics.tensorboard_dir, self.run_dir, is_main=self.is_main,
-                                resumed_step=None if self.resumed is None else self.progress.step)
+        self.metrics = Metrics.create(cfg.metrics, rank=self.rank, local_rank=self.info.local_rank, node=node,
+                                      totals=self.totals())  # a resumed run's counters go on from its totals
+        self.board = open_loggers(cfg, self.run_dir, is_main=self.is_main,  # TensorBoard, W&B
+                                  resumed_step=None if self.resumed is None else self.progress.step)
         self.validator.open(self.logs.eval, self.metrics, self.board)
         self.stopper = StopCheck(every=cfg.train.stop_check_every, max_seconds=cfg.train.max_seconds,
                                  group=self.group)
@@ -190,6 +194,9 @@ class Trainer:
         self.scorer = _ShardScorer(self)
         self.empty_epochs = 0  # epochs in a row whose stream ran out without a training batch
         self.bar = _progress_bar(self.total_steps, self.progress.step) if self.is_main else None
+        # every phase after the last step ends within train.end_timeout_seconds (deadline.py)
+        self.end = EndDeadline(cfg.train.end_timeout_seconds, rank=self.rank, world=self.world,
+                               run_dir=self.run_dir)
 
     def replan(self) -> None:
         """The run's total steps again, from where it stands (after a resume, or a selection whose kept
@@ -256,6 +263,7 @@ class Trainer:
             progress.epoch += 1  # the stream ran out, or the anneal point ended this epoch early
             if decision is None and self.epoch_budget_spent(trained):
                 break
+        self.end.enter("final checks")
         faults.check(progress.step, progress.samples_trained, final=True)  # trained nothing: no export
         self.finish()
         return 0
@@ -311,6 +319,8 @@ class Trainer:
         result = self.engine.train_step(batch)
         real = batch["ids"] >= 0
         self.faults.note(stream, progress.step)
+        if progress.step + 1 >= self.total_steps:
+            self.end.enter("last step")  # its selection exchange, stop check, eval or save
         session.after_step(batch["ids"][real], result.per_sample[real], progress.step)
         progress.step += 1
         progress.samples_trained += int(real.sum())
@@ -338,7 +348,7 @@ class Trainer:
             self.board.log_step(progress.step, loss=result.loss, lr=result.lr, tokens_per_second=tokens_per_s,
                                 selected_ratio=tot.selected_ratio,
                                 selection_seconds_by_phase=tot.selection_seconds_by_phase)
-        self.metrics.observe_step(step_seconds, result.loss, tokens_per_s)
+        self.metrics.observe_step(step_seconds, result.loss)
         self.metrics.update(tot)
         if self.bar is not None:
             self.bar.update(1)
@@ -450,16 +460,20 @@ class Trainer:
         """The end of a run: final eval (unless this step had one), last checkpoint, export, summary.json."""
         from attent_scale.runlog import write_json
 
+        self.end.enter("final eval")
         if not self.validator.should_validate(self.progress.step):
             self.evaluate()
+        self.end.enter("checkpoint")
         if self.checkpointer.enabled:
             self.save(None)
+        self.end.enter("export")
         if self.cfg.checkpoint.export:
             self.engine.export(self.run_dir / "export")  # collective: sharded engines gather the weights
             if self.is_main and self.manifest.tokenizer_kind != "sentencepiece":
                 from attent_scale.models import save_data_tokenizer
 
                 save_data_tokenizer(self.run_dir / "export", self.manifest.tokenizer_dir)
+        self.end.enter("summary")
         tot = self.totals()
         summary = _summary(self.cfg, tot, self.faults.corrupt_ids, self.group, self.world)
         if self.is_main:
@@ -468,16 +482,20 @@ class Trainer:
 
     def close(self, failed: bool, exit_code: int) -> None:
         """Close bar, logs and metrics; after a clean run, wait for every rank, then leave the process group
-        (never after a failure: see `train`); the data workers stop either way."""
+        (never after a failure: see `train`); the data workers stop either way. Each part runs under the
+        end deadline (disarmed by `train`)."""
+        self.end.enter("close")
         if self.stream_workers is not None:
             self.stream_workers.close()
         if self.bar is not None:
             self.bar.close()
         self.logs.close()
-        self.board.close()
+        self.board.close(exit_code or int(failed))  # W&B marks a failed run failed
+        self.end.enter("metrics linger", extra_seconds=self.cfg.metrics.linger_seconds)
         self.metrics.close()
         if self.run_lock is not None:  # a second train() in this process may take run_dir again
             self.run_lock.release()
+        self.end.enter("final barrier")
         if not failed and initialized():
             if exit_code == 0:
                 dist.barrier()

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny real-text shard set built once per session."""
+"""Shared fixtures: a tiny real-text shard set built once per session; no test leaves a process running."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from attent_scale.data.builder import build_shards
 
 _FILE_SECONDS: defaultdict[str, float] = defaultdict(float)  # test file -> setup + call + teardown seconds
 _SESSION_START = time.monotonic()
+
+# tests/helpers/leftovers.py: no test or session leaves a process running; pytester: tests of that plugin
+pytest_plugins = ["leftovers", "pytester"]
 
 STDLIB_SOURCES = ("textwrap.py", "argparse.py", "difflib.py", "heapq.py", "bisect.py", "shlex.py")
 

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import procs
 import pytest
 import yaml
 from conftest import write_text_corpus
@@ -61,7 +62,9 @@ def _config(run_dir: Path, data: str, cache: Path, **data_keys) -> dict:
 
 
 def _launch(cfg: dict, ids_dir: Path, env: dict[str, str], nproc: int = 2) -> subprocess.Popen:
-    """torchrun `nproc` ranks of tests/helpers/ids_trainer.py (the trainer, recording each step's ids)."""
+    """torchrun `nproc` ranks of tests/helpers/ids_trainer.py (the trainer, recording each step's ids);
+    procs.start: a failed or timed-out test's job is killed whole at its teardown. Output goes to
+    run_dir.log, never to a pipe nobody reads while the test waits (a full pipe blocks the ranks)."""
     run_dir = Path(cfg["run_dir"])
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     ids_dir.mkdir(parents=True, exist_ok=True)
@@ -72,14 +75,17 @@ def _launch(cfg: dict, ids_dir: Path, env: dict[str, str], nproc: int = 2) -> su
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                 "ATTENT_IDS_DIR": str(ids_dir), **env}
-    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    log = run_dir.parent / f"{run_dir.name}.log"
+    with log.open("w") as out:
+        proc = procs.start(cmd, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 400) -> tuple[int, str]:
     """Exit code and output; the output's attent-scale lines come first in a failure's message."""
-    out, err = proc.communicate(timeout=timeout)
-    log = out + err
+    proc.wait(timeout=timeout)
+    log = proc.log.read_text(errors="replace")  # type: ignore[attr-defined]
     ours = "\n".join(line for line in log.splitlines() if line.startswith("attent-scale: "))
     return proc.returncode, f"{ours}\n----\n{log}"
 

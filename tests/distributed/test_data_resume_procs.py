@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import procs
+
 from attent_scale.data.builder import build_shards
 
 RANK_SCRIPT = r'''
@@ -47,14 +49,14 @@ json.dump(result, open(path, "w"))
 
 def _launch(mode: str, script: Path, shards: Path, jobs: list[tuple[int, int]], tmp: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    procs = [
-        subprocess.Popen(
+    started = [  # procs.start: a failed or timed-out test kills them all at its teardown
+        procs.start(
             [sys.executable, str(script), mode, str(shards), str(r), str(w), str(tmp / f"{w}-{r}.json")],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for w, r in jobs
     ]
-    for p in procs:
+    for p in started:
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, out
 

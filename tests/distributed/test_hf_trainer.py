@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import procs
 import pytest
 
 from attent_scale import launcher
@@ -38,7 +38,7 @@ def _run(tmp: Path, name: str, nproc: int, **spec: Any) -> Path:
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = launcher.command((str(WORKER), str(spec_path)), nproc,
                            rendezvous=(f"--master_port={random.randint(20000, 60000)}",), torchrun=True)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
+    proc = procs.run(cmd, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out
 

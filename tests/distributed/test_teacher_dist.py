@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import procs
 import pytest
 import teacher_dist_worker as w
 import torch
-import torch.multiprocessing as mp
 
 from attent_scale.teacher import key_image, read_records
 from attent_scale.teacher.records import RECORD_KEYS
@@ -32,7 +32,7 @@ def _reference_topk(keys: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
 
 def _spawn(world: int, tmp: Path) -> tuple[list[dict[str, Any]], float]:
     t0 = time.perf_counter()
-    mp.spawn(w.run, args=(world, _free_port(), str(tmp)), nprocs=world, join=True)
+    procs.spawn(w.run, (world, _free_port(), str(tmp)), world)  # killed if the test fails or times out
     return [
         torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)
     ], time.perf_counter() - t0

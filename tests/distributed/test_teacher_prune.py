@@ -6,10 +6,10 @@ import socket
 from pathlib import Path
 
 import numpy as np
+import procs
 import prune_dist_worker as w
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from attent_scale.config import TeacherConfig, load_config
 from attent_scale.errors import UserError
@@ -128,7 +128,7 @@ def _free_port() -> int:
 @pytest.mark.timeout(300)
 def test_selection_and_weights_identical_on_one_and_two_ranks(tmp_path: Path) -> None:
     ref = w.scenarios(0, 1, None)
-    mp.spawn(w.run, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    procs.spawn(w.run, (2, _free_port(), str(tmp_path)), 2)  # killed if the test fails or times out
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert set(ref) == set(ranks[0]) == set(ranks[1])
     for key, want in ref.items():

@@ -6,9 +6,9 @@ import socket
 from pathlib import Path
 
 import numpy as np
+import procs
 import signal_dist_worker as w
 import torch
-import torch.multiprocessing as mp
 
 
 def _free_port() -> int:
@@ -18,7 +18,7 @@ def _free_port() -> int:
 
 
 def test_two_ranks_select_the_same_ids_as_one_and_resume_exactly(tmp_path: Path) -> None:
-    mp.spawn(w.run, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    procs.spawn(w.run, (2, _free_port(), str(tmp_path)), 2)  # killed if the test fails or times out
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for method in ("threshold", "gather"):
         one = w.scenario(0, 1, None, topk_method=method)

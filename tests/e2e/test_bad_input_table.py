@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import procs
 import pytest
 import yaml
 
@@ -362,8 +363,8 @@ def test_bad_input(case: Case, tmp_path: Path, tiny_shards: Path, monkeypatch: p
     argv = case.make(ctx)
     if case.proc:
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-        p = subprocess.run([sys.executable, "-m", "attent_scale", *argv], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=240)
+        p = procs.run([sys.executable, "-m", "attent_scale", *argv], cwd=REPO, env=env,
+                      capture_output=True, text=True, timeout=240)
         code, out, err = p.returncode, p.stdout, p.stderr
     else:
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
+import procs
 import pytest
 import yaml
 from train_runner import REPO, check, read_lines, run_train, tiny_run_config
@@ -134,7 +134,7 @@ def test_bench_runs_arms_with_controls_and_writes_report(tmp_path, tiny_shards):
     cfg_path = tmp_path / "bench.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "bench"
-    proc = subprocess.run(
+    proc = procs.run(
         [
             sys.executable,
             "-m",
@@ -208,7 +208,7 @@ def test_fine_tuning_regime_starts_every_arm_from_the_pretrained_export(tmp_path
     build_shards([other], fine, seq_len=32, tokenizer=tiny_shards / "tokenizer.model", val_fraction=0.15,
                  progress=False)
     out = tmp_path / "bench"
-    proc = subprocess.run(
+    proc = procs.run(
         [sys.executable, "-m", "attent_scale", "bench", "--data", str(fine),
          "--config", str(tmp_path / "pretrain.yaml"), "--init-from", str(tmp_path / "pretrain"),
          "--arms", "ft:strategy=soft", "--budget-steps", "6", "--out", str(out),

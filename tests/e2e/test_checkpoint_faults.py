@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import procs
 import pytest
 import yaml
 from engine_worker import VOCAB, tiny_config
@@ -44,9 +45,9 @@ def _train(cfg: dict, limit_bytes: int | None = None) -> subprocess.CompletedPro
         if limit_bytes is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
-    return subprocess.run([sys.executable, "-m", "attent_scale", "train", "--config", str(cfg_path)],
-                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=240, preexec_fn=limit)
+    return procs.run([sys.executable, "-m", "attent_scale", "train", "--config", str(cfg_path)],
+                     cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                     text=True, timeout=240, preexec_fn=limit)
 
 def _error_line(proc: subprocess.CompletedProcess) -> str:
     """The one error line; no traceback anywhere."""
@@ -178,8 +179,8 @@ def test_bad_run_dir_is_one_line(tmp_path, tiny_shards, kind, message):
     cfg["run_dir"] = str(run_dir)
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "attent_scale", "train", "--config", str(cfg_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = procs.run([sys.executable, "-m", "attent_scale", "train", "--config", str(cfg_path)],
+                     cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     line = _error_line(proc)
     assert f"run_dir {run_dir}: {message}" in line, line

@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import procs
+
 from attent_scale import __version__
 from attent_scale.bench import run_with_bar
 from attent_scale.config import RunConfig
@@ -15,8 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "attent_scale", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    return procs.run([sys.executable, "-m", "attent_scale", *args], cwd=REPO, capture_output=True,
+                     text=True, timeout=300)
 
 
 def test_version() -> None:

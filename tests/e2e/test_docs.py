@@ -9,6 +9,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import procs
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,8 +73,8 @@ def test_runnable_blocks_run(doc: Path, tmp_path: Path) -> None:
     """A file's runnable blocks run in order in one scratch checkout, each under `bash -euo pipefail`."""
     env = _workspace(tmp_path)
     for line, body in runnable_blocks(doc):
-        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", body], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=1500)
+        proc = procs.run(["bash", "-euo", "pipefail", "-c", body], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=1500)
         assert proc.returncode == 0, (
             f"{doc.name}:{line}: block exited with {proc.returncode}\n{body}\n--- stdout\n"
             f"{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"

@@ -9,6 +9,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import procs
 import pytest
 import yaml
 from train_runner import REPO, check, read_lines, run_train, tiny_run_config
@@ -35,7 +36,7 @@ def _run(cfg: dict, nproc: int, ids_dir: Path, env: dict[str, str] | None = None
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                 "ATTENT_IDS_DIR": str(ids_dir), **(env or {})}
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return procs.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 def _trained(ids_dir: Path) -> list[dict]:

@@ -3,7 +3,6 @@ training, one rank's error, preemption with DataLoader workers, a second run in 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -13,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import procs
 import pytest
 import yaml
 from train_runner import REPO, check, run_train, selection_hashes, step_losses, tiny_run_config
@@ -43,7 +43,8 @@ def test_periodic_checkpoints_do_not_change_training(tmp_path, tiny_shards, engi
 
 
 def _launch(cfg: dict, nproc: int, env: dict[str, str], module: str = "attent_scale") -> subprocess.Popen:
-    """torchrun in its own session (so a hung job can be killed whole); stdout+stderr to run_dir.log."""
+    """torchrun, marked (procs.start: a failed or hung test's job is killed whole, ranks included);
+    stdout+stderr to run_dir.log."""
     run_dir = Path(cfg["run_dir"])
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir.parent / f"{run_dir.name}.yaml"
@@ -53,24 +54,15 @@ def _launch(cfg: dict, nproc: int, env: dict[str, str], module: str = "attent_sc
     cmd = [*launcher.command((*target, "train"), nproc, torchrun=True), "--config", str(cfg_path)]
     log = (run_dir.parent / f"{run_dir.name}.log").open("w")
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **env}
-    return subprocess.Popen(
-        cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    return procs.start(cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _wait(proc: subprocess.Popen, timeout: float) -> float:
-    """Wait for the job; on timeout kill its whole session and fail. Returns the wall time it ended."""
+    """Wait for the job; on timeout kill all of it and fail. Returns the wall time it ended."""
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        ranks = [
-            int(c)
-            for t in Path(f"/proc/{proc.pid}/task").iterdir()
-            for c in (t / "children").read_text().split()
-        ]
-        for pid in [proc.pid, *ranks]:  # torchrun starts each rank in a session of its own
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+        procs.kill(proc.tag)  # torchrun starts each rank in a session of its own: killed by marker
         proc.wait()
         pytest.fail(f"job still running {timeout:.0f} s after the fault: killed")
     return time.time()
@@ -137,7 +129,7 @@ def test_second_run_in_a_run_dir_fails_and_a_killed_runs_lock_is_taken_over(tmp_
     cmd = [sys.executable, "-m", "attent_scale", "train", "--config", str(cfg_path)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     env.pop("SLURM_JOB_ID", None)
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = procs.start(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         metrics = tmp_path / "run" / "metrics.jsonl"
         deadline = time.time() + 180
@@ -146,7 +138,7 @@ def test_second_run_in_a_run_dir_fails_and_a_killed_runs_lock_is_taken_over(tmp_
         ):
             time.sleep(0.2)
         assert first.poll() is None
-        second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        second = procs.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert second.returncode == 2
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1 and f"pid {first.pid}" in lines[0] and "in use by host" in lines[0], (
@@ -156,7 +148,7 @@ def test_second_run_in_a_run_dir_fails_and_a_killed_runs_lock_is_taken_over(tmp_
         first.kill()  # SIGKILL: the lock stays behind, stale
         first.wait()
     assert (tmp_path / "run" / "LOCK").exists()
-    third = subprocess.run(
+    third = procs.run(
         [*cmd, "--set", "train.max_steps=2", "--set", "eval.every_steps=0"],
         cwd=REPO,
         env=env,

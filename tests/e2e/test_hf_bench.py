@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import procs
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,8 +66,8 @@ def test_cut_rows_drops_repeats_and_blank() -> None:
 def _finetune(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     script = REPO / "tools" / "examples" / "hf_finetune.py"
-    return subprocess.run([sys.executable, str(script), *args], env=env,
-                          capture_output=True, text=True, timeout=300)
+    return procs.run([sys.executable, str(script), *args], env=env,
+                     capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import procs
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -174,7 +174,7 @@ def test_demo_smollm2_compares_uniform_and_attent(tmp_path: Path, gguf_run: Path
     out = tmp_path / "demo"
     out.mkdir()
     (out / "base").symlink_to(_init_dir(gguf_run))
-    proc = subprocess.run(
+    proc = procs.run(
         [sys.executable, "-m", "attent_scale", "demo", "--model", "smollm2", "--out", str(out),
          "--examples", "24", "--epochs", "1", "--set", "eval.every_steps=0",
          "--set", "train.micro_batch_size=4"],

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import procs
 import pytest
 import yaml
 from conftest import write_text_corpus
@@ -47,8 +48,8 @@ def run_score(*args: str, nproc: int = 1, guard: Path | None = None) -> subproce
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     if guard is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(guard), env.get("PYTHONPATH", str(REPO))])
-    return subprocess.run([*launch, "-m", "attent_scale", "score", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return procs.run([*launch, "-m", "attent_scale", "score", *args], cwd=REPO, env=env,
+                     capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

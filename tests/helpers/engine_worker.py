@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import procs
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,20 +64,20 @@ def launch(scenario: str, out: Path, world_size: int = 2, timeout: float = HANG_
     """Run `scenario` on `world_size` ranks as separate processes; return each rank's JSON result."""
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    procs = []
+    ranks = []
     for rank in range(world_size):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                    LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
         log = open(out / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
-        procs.append((subprocess.Popen([sys.executable, __file__, scenario, str(out)], env=env, stdout=log,
-                                       stderr=subprocess.STDOUT), log))
+        ranks.append((procs.start([sys.executable, __file__, scenario, str(out)], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT), log))
     try:
-        codes = [p.wait(timeout=timeout) for p, _ in procs]
+        codes = [p.wait(timeout=timeout) for p, _ in ranks]
     finally:
-        for p, log in procs:
+        for p, log in ranks:
             if p.poll() is None:
-                p.kill()
+                procs.kill(p.tag)
                 p.wait()
             log.close()
     if any(codes):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import procs
 import pytest
 
 SLURM_BINARIES = ("munged", "munge", "unmunge", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol",
@@ -118,7 +119,10 @@ class Slurm:
                              capture_output=True, text=True, timeout=60)
         if out.returncode != 0:
             raise AssertionError(f"sbatch failed: {out.stderr}")
-        return int(out.stdout.strip().split(";")[0])
+        job = int(out.stdout.strip().split(";")[0])
+        # however the test ends, its jobs end with it (scancel of a finished job is a no-op)
+        procs.after_test(lambda: self.run("scancel", str(job), check=False, timeout=30))
+        return job
 
     def job(self, job_id: int) -> dict[str, str]:
         """``scontrol show job`` as a dict (JobState, ExitCode, Restarts, ...)."""
@@ -129,11 +133,15 @@ class Slurm:
                  "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL")) -> str:
         deadline = time.monotonic() + timeout
         state = ""
-        while time.monotonic() < deadline:
-            state = self.job(job_id).get("JobState", "")
-            if state in states:
-                return state
-            time.sleep(0.5)
+        try:
+            while time.monotonic() < deadline:
+                state = self.job(job_id).get("JobState", "")
+                if state in states:
+                    return state
+                time.sleep(0.5)
+        except BaseException:  # pytest-timeout, Ctrl-C, a failing scontrol: the job must not run on
+            self.run("scancel", str(job_id), check=False)
+            raise
         self.run("scancel", str(job_id), check=False)
         raise AssertionError(f"job {job_id} still {state} after {timeout:.0f}s: {self.job(job_id)}")
 
@@ -281,18 +289,18 @@ class Prometheus:
         raise AssertionError(f"{promql!r} never satisfied the condition in {timeout:.0f}s: {result}")
 
 
-PROMETHEUS_YML = """\
-global:
-  scrape_interval: 1s
-  scrape_timeout: 1s
-  evaluation_interval: 1s
-scrape_configs:
-  - job_name: attent
-    honor_labels: true
-    file_sd_configs:
-      - files: ['{targets}/*.json']
-        refresh_interval: 1s
-"""
+def prometheus_yml(targets: Path) -> str:
+    """The shipped prometheus.yml (its scrape job, labels and honor_labels as users get them), scraping
+    every second from `targets`."""
+    import yaml
+
+    from attent_scale import assets
+
+    conf = yaml.safe_load(assets.path("ops", "prometheus", "prometheus.yml").read_text())
+    conf["global"] = {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"}
+    (job,) = conf["scrape_configs"]
+    job["file_sd_configs"] = [{"files": [f"{targets}/*.json"], "refresh_interval": "1s"}]
+    return yaml.safe_dump(conf)
 
 
 @contextmanager
@@ -301,7 +309,7 @@ def prometheus_server() -> Iterator[Prometheus]:
     require(("prometheus",), "prometheus")
     tmp = Path(tempfile.mkdtemp(prefix="attent-prom-"))
     (tmp / "targets").mkdir()
-    (tmp / "prometheus.yml").write_text(PROMETHEUS_YML.format(targets=tmp / "targets"))
+    (tmp / "prometheus.yml").write_text(prometheus_yml(tmp / "targets"))
     port = free_port()
     log = tmp / "prometheus.log"
     proc = subprocess.Popen(

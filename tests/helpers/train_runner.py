@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import procs
 import yaml
 
 from attent_scale import launcher
@@ -79,7 +80,8 @@ def run_train(
     cfg_path.write_text(yaml.safe_dump(cfg))
     cmd = [*launcher.command(nproc=nproc), "--config", str(cfg_path), *(extra or [])]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    # every process of the job (torchrun's ranks too) is killed on a timeout or error
+    return procs.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
+import procs
 import pytest
 
 import attent_scale
@@ -20,7 +20,7 @@ EXPORTS = ("train", "load_config", "RunConfig", "Teacher", "ShardStream", "Atten
 
 
 def _python(code: str) -> str:
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = procs.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -73,7 +73,7 @@ def test_user_error_is_a_value_error_and_the_cli_still_prints_one_line(tmp_path:
     with pytest.raises(ValueError, match="config key 'teacher.stratgy'"):
         attent_scale.load_config(None, ["teacher.stratgy=hard"])
     cmd = [sys.executable, "-m", "attent_scale", "train", "--config", str(tmp_path / "no.yaml")]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = procs.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
@@ -127,8 +127,8 @@ def test_train_twice_in_one_process_on_one_run_dir(tmp_path: Path, tiny_shards: 
         "codes = [attent_scale.train(cfg), attent_scale.train(cfg)]\n"
         "print(codes, cfg.train.max_steps)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    proc = procs.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                     timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "[0, 0] 1000", proc.stdout
     assert "resumed from" in proc.stderr

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import procs
 from train_runner import REPO
 
 JOINED = """
@@ -25,8 +26,8 @@ print("never")
 
 
 def _python(code: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+    return procs.run([sys.executable, "-c", textwrap.dedent(code), *args], cwd=REPO, capture_output=True,
+                     text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
 
 
 def test_a_process_that_joined_a_group_keeps_its_code_atexit_handlers_and_output() -> None:
@@ -54,6 +55,6 @@ def test_run_exits_like_python_for_return_codes_usage_errors_and_escaped_excepti
 
 
 def test_python_dash_m_is_the_same_entry() -> None:
-    proc = subprocess.run([sys.executable, "-m", "attent_scale", "train", "--config", "/nonexistent.yaml"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = procs.run([sys.executable, "-m", "attent_scale", "train", "--config", "/nonexistent.yaml"],
+                     cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "/nonexistent.yaml" in proc.stderr

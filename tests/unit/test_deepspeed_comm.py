@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import textwrap
 
+import procs
 import pytest
 
 pytest.importorskip("deepspeed")
@@ -29,8 +29,8 @@ def test_a_stale_extension_lock_does_not_hang_deepspeed_init(tmp_path):
     lock.touch()  # what a process killed inside torch.utils.cpp_extension's build leaves
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(lock.parent.parent), "DS_ACCELERATOR": "cpu",
            "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = procs.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+                     timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[-2:] == ["ok", "1"]
     assert lock.exists() and len(list(lock.parent.iterdir())) == 1  # nothing was built or waited on

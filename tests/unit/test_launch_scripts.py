@@ -15,10 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+import procs
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = ["slurm_torchrun.sbatch", "slurm_deepspeed.sbatch"]
+SCRIPTS = ["slurm_torchrun.sbatch", "slurm_srun.sbatch", "slurm_deepspeed.sbatch"]
 
 # srun stand-in: records its argv, waits for the USR1 forward when asked to, then plays the trainer
 SRUN = """#!/usr/bin/env bash
@@ -63,8 +64,9 @@ def run_script(tmp: Path, script: str, trainer: str, *, usr1: bool, env: dict[st
     for name in ("ATTENT_REPO", "ATTENT_TARGETS_DIR", "ATTENT_METRICS_ADDRESS", "ATTENT_VENV"):
         if env is None or name not in env:
             full_env.pop(name, None)
-    proc = subprocess.Popen(["bash", str(ROOT / "launch" / script), str(config)], env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # procs.start: a failed or timed-out test kills the script and whatever it started, at its teardown
+    proc = procs.start(["bash", str(ROOT / "launch" / script), str(config)], env=full_env,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if usr1:
         deadline = time.monotonic() + 60
         while not (fake / "started").exists():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import procs
 import pytest
 import torch
 
@@ -111,7 +112,6 @@ def test_lora_targets_follow_the_architecture(tmp_path: Path) -> None:
 
 
 def test_train_cli_data_vocab_larger_than_the_model_is_one_line(tmp_path: Path, tiny_shards: Path) -> None:
-    import subprocess
     import sys
 
     import yaml
@@ -122,7 +122,7 @@ def test_train_cli_data_vocab_larger_than_the_model_is_one_line(tmp_path: Path, 
     cfg["model"] = {"init_from": str(tmp_path / "m")}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "attent_scale", "train", "--config", str(tmp_path / "c.yaml")]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
+    proc = procs.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("attent-scale: error: config key 'model.init_from'"), lines
