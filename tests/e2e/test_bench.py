@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -112,6 +113,32 @@ def test_bench_without_arms_runs_the_configs_own_teacher(tmp_path, monkeypatch):
                                       "--out", str(tmp_path / "out"), "--set", "teacher.mode=none"])
     with pytest.raises(UserError, match="teacher.mode is none"):
         bench.run_bench(args)
+
+
+def test_dry_run_checks_every_planned_config_and_writes_nothing(tmp_path, tiny_shards, capsys):
+    from attent_scale import bench
+    from attent_scale.cli import build_parser
+
+    cfg = REPO / "configs" / "ablation.yaml"
+    out = tmp_path / "out"
+
+    def parse(*arms: str) -> argparse.Namespace:
+        argv = ["bench", "--data", str(tiny_shards), "--config", str(cfg), "--out", str(out), "--seeds", "2",
+                "--budget-epochs", "2", "--dry-run"]
+        return build_parser().parse_args(argv + [x for a in arms for x in ("--arms", a)])
+
+    plan = bench.run_bench(parse("h:strategy=hard", "s:mode=ledger,strategy=signal,ratio_schedule=constant"))
+    lines = capsys.readouterr().out.splitlines()
+    # uniform, two arms and their random controls (the signal arm's sized by what it keeps), 2 seeds each
+    assert [(r["arm"], r["seed"]) for r in plan["planned"]] == [
+        (a, s) for a in ("uniform", "h", "s", "random-subset[h]", "random-subset[s]") for s in (0, 1)]
+    assert len(lines) == 11 and lines[-1].startswith("bench --dry-run: 10 runs planned")
+    assert "teacher.initial_ratio=<kept>" in lines[8]  # random-subset[s] seed 0
+    assert not out.exists()  # nothing trained, nothing written
+    with pytest.raises(UserError, match="arm h: .*teacher.strategy.*'hardd'"):
+        bench.run_bench(parse("h:strategy=hardd"))
+    with pytest.raises(UserError, match="arm h: .*no_such_key"):
+        bench.run_bench(parse("h:strategy=hard,no_such_key=1"))
 
 
 @pytest.mark.parametrize("text", ["uniform:mode=cycle", ":strategy=hard", "a:strategy", "x:mode=none"])
