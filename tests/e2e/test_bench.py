@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -155,8 +157,11 @@ def test_interpolate_target_between_evaluations():
     assert interpolate_target(curve, 8.0) == (0.0, 0)
 
 
-@pytest.mark.slow
-def test_bench_runs_arms_with_controls_and_writes_report(tmp_path, tiny_shards):
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory, tiny_shards):
+    """One real `attent-scale bench` (uniform, hard, its random subset, uniform-short): the process, its out
+    dir (its tests share one xdist worker: tests/conftest.py groups a module fixture's tests)."""
+    tmp_path = tmp_path_factory.mktemp("tiny_bench")
     cfg = tiny_run_config(tmp_path / "unused", tiny_shards, eval={"every_steps": 4, "max_batches": 2})
     cfg_path = tmp_path / "bench.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
@@ -189,6 +194,12 @@ def test_bench_runs_arms_with_controls_and_writes_report(tmp_path, tiny_shards):
         env={**os.environ, "OMP_NUM_THREADS": "2"},  # --clock cpu must pin the arms to one thread itself
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc, out
+
+
+@pytest.mark.slow
+def test_bench_runs_arms_with_controls_and_writes_report(tiny_bench):
+    proc, out = tiny_bench
     report = json.loads((out / "bench.json").read_text())
     assert report["clock"] == "cpu" and report["threads"] == [1]
     assert all(seed["threads"] == 1 for arm in report["arms"] for seed in arm["seeds"])
@@ -217,6 +228,32 @@ def test_bench_runs_arms_with_controls_and_writes_report(tmp_path, tiny_shards):
     assert "| uniform |" in (out / "bench.md").read_text()
     assert (out / "val_loss.png").stat().st_size > 0 and (out / "selected_ratio.png").stat().st_size > 0
     assert "uniform" in proc.stdout and "speedup" in proc.stdout
+
+
+@pytest.mark.slow
+def test_tools_read_the_bench_json(tiny_bench, tmp_path):
+    """The tools that read a bench.json read a real one: tools/benchmarks/bench_seeds.py's per-seed table,
+    and tools/ablations/regime_targets.py holding the hard arm to a regime's targets (with the bench as
+    the dup regime's)."""
+    _, out = tiny_bench
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    seeds = subprocess.run([sys.executable, str(REPO / "tools/benchmarks/bench_seeds.py"),
+                            str(out / "bench.json")], capture_output=True, text=True, env=env, timeout=120)
+    assert seeds.returncode == 0, seeds.stderr
+    rows = {line.split(" | ")[0].lstrip("| ") for line in seeds.stdout.splitlines()[2:]}
+    names = {a["name"] for a in json.loads((out / "bench.json").read_text())["arms"]}
+    assert rows == names and any(n.startswith("uniform-short[") for n in names)
+    (tmp_path / "dup").mkdir()
+    shutil.copy(out / "bench.json", tmp_path / "dup" / "bench.json")
+    targets = subprocess.run([sys.executable, str(REPO / "tools/ablations/regime_targets.py"), str(tmp_path),
+                              "--arm", "hard", "--raw", "hard"], capture_output=True, text=True, env=env,
+                             timeout=120)
+    assert targets.returncode == 0, targets.stderr
+    lines = targets.stdout.splitlines()
+    assert re.match(r"(held|MISSED) +dup +seed 0: uniform \d", lines[0]), lines
+    assert lines[1:3] == [f"noise: no {tmp_path / 'noise' / 'bench.json'}, skipped",
+                          f"clean: no {tmp_path / 'clean' / 'bench.json'}, skipped"]
+    assert re.fullmatch(r"[01] of 1 seed targets held", lines[-1])
 
 
 @pytest.mark.slow
