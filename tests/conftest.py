@@ -126,6 +126,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group(group))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker sends the collected ids to the controller
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """In an xdist worker under --dist loadgroup: give each grouped test the id suffix "@<group>" that the
+    scheduler groups by. pytest-xdist 3.8 writes it to `item._nodeid`, which pytest 9.2 no longer reads (a
+    node's id is the structured `item._id`), so every group would be silently spread over the workers
+    (pytest-dev/pytest-xdist#1386, fix proposed in #1388); this writes it where pytest reads it (a fixed
+    xdist has done it already: the suffix is there)."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    for item in session.items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(names)
+        if names and hasattr(item, "_id") and not item.nodeid.endswith(suffix):
+            item._id = type(item._id).parse(item.nodeid + suffix)
+
+
 # Under xdist the controller receives every worker's reports through this hook (and prints the summary);
 # a worker's own copy of the table is never printed.
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
