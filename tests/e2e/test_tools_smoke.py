@@ -74,7 +74,9 @@ def test_every_tool_script_has_a_smoke() -> None:
     scripts = tool_scripts()
     assert "tools/benchmarks/bench_scale.py" in scripts  # the listing found the scripts
     missing = [s for s in scripts if s not in SMOKES]
-    assert not missing, f"scripts under tools/ without a smoke run (add one here and to SMOKES): {missing}"
+    assert not missing, (f"scripts under tools/ without a smoke run: {missing}; add a test to {THIS} that "
+                         "runs each end to end at its smallest size (shell scripts: ATTENT_TINY=1, see "
+                         "tools/ablations/bench_common.sh) and asserts on its output, and an entry in SMOKES")
     gone = [s for s in SMOKES if s not in scripts]
     assert not gone, f"SMOKES names scripts that are no longer under tools/: {gone}"
     for script, node in SMOKES.items():
