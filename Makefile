@@ -48,9 +48,12 @@ system-packages:
 	  echo "make test needs (missing:$$missing): as root, apt-get install $(SYS_PACKAGES)"; exit 1; \
 	fi
 
-# --durations also turns on tests/conftest.py's table of seconds per test folder and file (and CPU seconds)
+# --durations also turns on tests/conftest.py's table of seconds per test folder and file (and CPU seconds).
+# pytest-xdist: TEST_WORKERS processes; --dist loadgroup keeps each xdist_group (tests/conftest.py: the one
+# Slurm cluster, the SmolLM2 model, a file's shared fixture) on one of them.
+TEST_WORKERS ?= 2
 test: system-packages $(STAMP)
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 tests
 
 demo: $(STAMP)
 	$(VENV)/bin/attent-scale demo

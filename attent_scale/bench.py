@@ -186,8 +186,10 @@ def run_with_bar(cmd: list[str], log_path: Path, label: str, env: dict[str, str]
     return code
 
 
-def run_arm(arm: Arm, seed: int, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
-    """Run one arm for one seed as its own process; return what the run directory says."""
+def arm_command(
+    arm: Arm, seed: int, args: argparse.Namespace, out_dir: Path
+) -> tuple[Path, list[str], list[str]]:
+    """One arm's run for one seed: its run dir, the trainer command and that command's `--set` list."""
     run_dir = out_dir / arm.name / f"seed-{seed}"
     sets = [
         f"run_dir={run_dir}",
@@ -203,6 +205,12 @@ def run_arm(arm: Arm, seed: int, args: argparse.Namespace, out_dir: Path) -> dic
     cmd = [*launcher.command(launcher=args.launcher), "--config", str(args.config)]
     for s in sets:
         cmd += ["--set", s]
+    return run_dir, cmd, sets
+
+
+def run_arm(arm: Arm, seed: int, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """Run one arm for one seed as its own process; return what the run directory says."""
+    run_dir, cmd, _ = arm_command(arm, seed, args, out_dir)
     stamp = run_dir / "bench-command.json"
     t0 = time.perf_counter()
     # --reuse: a finished run of the very same command is read back instead of trained again
@@ -422,9 +430,36 @@ def plot(results: dict[str, list[dict[str, Any]]], out_dir: Path, clock: str = "
     return paths
 
 
+def dry_run(plan: list[Arm], seeds: list[int], args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """--dry-run: each planned run's trainer command, its config checked as the trainer loads it (a bad key
+    or value is the one-line error it would be), the data's manifest and --init-from's export looked up;
+    nothing is trained or written."""
+    from attent_scale.config import load_config
+    from attent_scale.data import Manifest
+
+    Manifest.load(args.data)
+    if args.init_from and not (Path(args.init_from) / "export" / "model").is_dir():
+        raise UserError(f"--init-from {args.init_from}: no export/model in it (a run with checkpoint.export)")
+    runs = []
+    for arm in plan:
+        for seed in seeds:
+            run_dir, cmd, sets = arm_command(arm, seed, args, out_dir)
+            # a signal arm's control keeps the share the arm kept, known once it has run: checked at 0.5
+            try:
+                load_config(args.config, [s.replace("<kept>", "0.5") for s in sets])
+            except UserError as exc:
+                raise UserError(f"bench --dry-run: arm {arm.name}: {exc}") from None
+            print(f"{arm.name} seed {seed}: {shlex.join(cmd)}", flush=True)
+            runs.append({"arm": arm.name, "role": arm.role, "seed": seed, "run_dir": str(run_dir),
+                         "cmd": cmd})
+    print(f"bench --dry-run: {len(runs)} runs planned ({len(plan)} arms x {len(seeds)} seeds), every config "
+          "checked, nothing trained; a uniform-short control per distinct step count of the AtteNT arms "
+          "follows once they have run")
+    return {"planned": runs}
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     from attent_scale.config import load_config
 
     base_teacher = load_config(args.config, args.overrides).teacher
@@ -448,6 +483,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 key += (("arm", arm.name),)
             control_of[arm.name] = given[key].name if key in given else controls.setdefault(key, ctl).name
     plan += [ctl for key, ctl in controls.items() if key not in given]
+    if getattr(args, "dry_run", False):
+        return dry_run(plan, seeds, args, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     results: dict[str, list[dict[str, Any]]] = {}
     roles: dict[str, str] = {}
@@ -553,6 +591,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--launcher", default=None, help="e.g. 'torchrun --nproc-per-node 2' (default: one process)"
     )
     p.add_argument("--out", default="runs/bench", help="output directory")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print every planned run's command after checking its config; train nothing")
     p.set_defaults(func=_run_cli)
 
 

@@ -90,13 +90,71 @@ def slurm_hosts() -> Iterator[Any]:
         yield c
 
 
+# pytest-xdist (`make test` runs -n 2 --dist loadgroup) starts a session or module fixture once in every
+# worker that runs a test needing it. What must exist once, or is too costly to build twice, goes to one
+# xdist_group (one worker runs all of it):
+#   cluster  tests/cluster: the session's one Slurm cluster (slurm_hosts: network namespaces, munge, fixed
+#            slurmctld/slurmd ports inside them, /etc/hosts lines) and the Prometheus / moto / http servers
+#            its modules share;
+#   smollm2  tests that use smollm2_sft_shards (SmolLM2's tokenizer from the 98 MB GGUF; test_pretrained's
+#            session gguf_run dequantizes the model once for its tests);
+#   <file>   the tests of one file that share a module- or session-scoped fixture that file defines (one
+#            run or build for all of them, not one per worker).
+# Everything else goes wherever a worker is free. Ports come from servers.free_port / bind(0), temporary
+# files from tmp_path (per worker), so two workers collide nowhere else.
+GROUP_BY_FIXTURE = {"slurm_hosts": "cluster", "smollm2_sft_shards": "smollm2"}
+
+
+def xdist_group_of(item: pytest.Item) -> str | None:
+    """The xdist group `item` must run in (see above), or None when any worker will do."""
+    path = item.nodeid.split("::", 1)[0]
+    if path.startswith("tests/cluster/"):
+        return "cluster"
+    names = item.fixturenames
+    for name, group in GROUP_BY_FIXTURE.items():
+        if name in names:
+            return group
+    defs = getattr(item, "_fixtureinfo", None)
+    for name in names:
+        fixturedefs = defs.name2fixturedefs.get(name) if defs is not None else None
+        if fixturedefs and fixturedefs[-1].scope != "function" and fixturedefs[-1].baseid == path:
+            return path
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks in each worker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None and (group := xdist_group_of(item)):
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker sends the collected ids to the controller
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """In an xdist worker under --dist loadgroup: give each grouped test the id suffix "@<group>" that the
+    scheduler groups by. pytest-xdist 3.8 writes it to `item._nodeid`, which pytest 9.2 no longer reads (a
+    node's id is the structured `item._id`), so every group would be silently spread over the workers
+    (pytest-dev/pytest-xdist#1386, fix proposed in #1388); this writes it where pytest reads it (a fixed
+    xdist has done it already: the suffix is there)."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    for item in session.items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(names)
+        if names and hasattr(item, "_id") and not item.nodeid.endswith(suffix):
+            item._id = type(item._id).parse(item.nodeid + suffix)
+
+
+# Under xdist the controller receives every worker's reports through this hook (and prints the summary);
+# a worker's own copy of the table is never printed.
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _FILE_SECONDS[report.nodeid.split("::", 1)[0]] += report.duration
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # type: ignore[no-untyped-def]
     """With --durations (as `make test` runs): seconds per test group (folder) and per file, largest first."""
-    if config.option.durations is None or not _FILE_SECONDS:
+    if config.option.durations is None or not _FILE_SECONDS or hasattr(config, "workerinput"):
         return
     total = sum(_FILE_SECONDS.values())
     groups: defaultdict[str, float] = defaultdict(float)
@@ -105,9 +163,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     write = terminalreporter.write_line
     terminalreporter.section("where the time goes (setup + call + teardown)")
     cpu = os.times()  # the CPU clock: what load on a shared machine does not stretch
-    write(f"{total:8.1f} s in tests of {time.monotonic() - _SESSION_START:.1f} s of pytest; CPU "
-          f"{cpu.user + cpu.system:.1f} s in pytest + {cpu.children_user + cpu.children_system:.1f} s in "
-          "the processes it waited for")
+    workers = getattr(config.option, "numprocesses", None) or 0
+    wall = time.monotonic() - _SESSION_START
+    if workers:  # the workers are child processes, reaped before this summary: their CPU is in children
+        write(f"{total:8.1f} s in tests on {workers} xdist workers, {wall:.1f} s of pytest; CPU "
+              f"{cpu.user + cpu.system:.1f} s in pytest + {cpu.children_user + cpu.children_system:.1f} s "
+              "in its workers and the processes they waited for")
+    else:
+        write(f"{total:8.1f} s in tests of {wall:.1f} s of pytest; CPU {cpu.user + cpu.system:.1f} s in "
+              f"pytest + {cpu.children_user + cpu.children_system:.1f} s in the processes it waited for")
     for name, seconds in sorted(groups.items(), key=lambda kv: -kv[1]):
         write(f"{seconds:8.1f} s {100 * seconds / total:5.1f}%  {name}/")
     for path, seconds in sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1]):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import procs
 import pytest
+from servers import free_port
 
 from attent_scale import launcher
 from attent_scale.config import load_config
@@ -37,7 +37,7 @@ def _run(tmp: Path, name: str, nproc: int, **spec: Any) -> Path:
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = launcher.command((str(WORKER), str(spec_path)), nproc,
-                           rendezvous=(f"--master_port={random.randint(20000, 60000)}",), torchrun=True)
+                           rendezvous=(f"--master_port={free_port(1)}",), torchrun=True)
     proc = procs.run(cmd, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out
@@ -160,7 +160,7 @@ def signal_two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_selection_world_size_independent_and_equals_teacher(tmp_path: Path, two_ranks: Path) -> None:
     """1 process (batch 4 x accumulation 2) and 2 processes (batch 4 each): same global batches, the
     same selections, and each equals a fresh Teacher fed the losses the ranks recorded."""
-    one = _run(tmp_path, "w1", 1, batch=4, ga=2, metrics_port=random.randint(20000, 60000))
+    one = _run(tmp_path, "w1", 1, batch=4, ga=2, metrics_port=free_port(1))
     shas = _shas(one)
     assert len(shas) == 2 and shas == _shas(two_ranks)
     assert _replay(one, 1) == shas

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
+import shutil
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -114,6 +118,32 @@ def test_bench_without_arms_runs_the_configs_own_teacher(tmp_path, monkeypatch):
         bench.run_bench(args)
 
 
+def test_dry_run_checks_every_planned_config_and_writes_nothing(tmp_path, tiny_shards, capsys):
+    from attent_scale import bench
+    from attent_scale.cli import build_parser
+
+    cfg = REPO / "configs" / "ablation.yaml"
+    out = tmp_path / "out"
+
+    def parse(*arms: str) -> argparse.Namespace:
+        argv = ["bench", "--data", str(tiny_shards), "--config", str(cfg), "--out", str(out), "--seeds", "2",
+                "--budget-epochs", "2", "--dry-run"]
+        return build_parser().parse_args(argv + [x for a in arms for x in ("--arms", a)])
+
+    plan = bench.run_bench(parse("h:strategy=hard", "s:mode=ledger,strategy=signal,ratio_schedule=constant"))
+    lines = capsys.readouterr().out.splitlines()
+    # uniform, two arms and their random controls (the signal arm's sized by what it keeps), 2 seeds each
+    assert [(r["arm"], r["seed"]) for r in plan["planned"]] == [
+        (a, s) for a in ("uniform", "h", "s", "random-subset[h]", "random-subset[s]") for s in (0, 1)]
+    assert len(lines) == 11 and lines[-1].startswith("bench --dry-run: 10 runs planned")
+    assert "teacher.initial_ratio=<kept>" in lines[8]  # random-subset[s] seed 0
+    assert not out.exists()  # nothing trained, nothing written
+    with pytest.raises(UserError, match="arm h: .*teacher.strategy.*'hardd'"):
+        bench.run_bench(parse("h:strategy=hardd"))
+    with pytest.raises(UserError, match="arm h: .*no_such_key"):
+        bench.run_bench(parse("h:strategy=hard,no_such_key=1"))
+
+
 @pytest.mark.parametrize("text", ["uniform:mode=cycle", ":strategy=hard", "a:strategy", "x:mode=none"])
 def test_parse_arm_rejects_bad_arms(text):
     with pytest.raises(UserError):
@@ -128,8 +158,11 @@ def test_interpolate_target_between_evaluations():
     assert interpolate_target(curve, 8.0) == (0.0, 0)
 
 
-@pytest.mark.slow
-def test_bench_runs_arms_with_controls_and_writes_report(tmp_path, tiny_shards):
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory, tiny_shards):
+    """One real `attent-scale bench` (uniform, hard, its random subset, uniform-short): the process, its out
+    dir (its tests share one xdist worker: tests/conftest.py groups a module fixture's tests)."""
+    tmp_path = tmp_path_factory.mktemp("tiny_bench")
     cfg = tiny_run_config(tmp_path / "unused", tiny_shards, eval={"every_steps": 4, "max_batches": 2})
     cfg_path = tmp_path / "bench.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
@@ -162,6 +195,12 @@ def test_bench_runs_arms_with_controls_and_writes_report(tmp_path, tiny_shards):
         env={**os.environ, "OMP_NUM_THREADS": "2"},  # --clock cpu must pin the arms to one thread itself
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc, out
+
+
+@pytest.mark.slow
+def test_bench_runs_arms_with_controls_and_writes_report(tiny_bench):
+    proc, out = tiny_bench
     report = json.loads((out / "bench.json").read_text())
     assert report["clock"] == "cpu" and report["threads"] == [1]
     assert all(seed["threads"] == 1 for arm in report["arms"] for seed in arm["seeds"])
@@ -190,6 +229,32 @@ def test_bench_runs_arms_with_controls_and_writes_report(tmp_path, tiny_shards):
     assert "| uniform |" in (out / "bench.md").read_text()
     assert (out / "val_loss.png").stat().st_size > 0 and (out / "selected_ratio.png").stat().st_size > 0
     assert "uniform" in proc.stdout and "speedup" in proc.stdout
+
+
+@pytest.mark.slow
+def test_tools_read_the_bench_json(tiny_bench, tmp_path):
+    """The tools that read a bench.json read a real one: tools/benchmarks/bench_seeds.py's per-seed table,
+    and tools/ablations/regime_targets.py holding the hard arm to a regime's targets (with the bench as
+    the dup regime's)."""
+    _, out = tiny_bench
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    seeds = subprocess.run([sys.executable, str(REPO / "tools/benchmarks/bench_seeds.py"),
+                            str(out / "bench.json")], capture_output=True, text=True, env=env, timeout=120)
+    assert seeds.returncode == 0, seeds.stderr
+    rows = {line.split(" | ")[0].lstrip("| ") for line in seeds.stdout.splitlines()[2:]}
+    names = {a["name"] for a in json.loads((out / "bench.json").read_text())["arms"]}
+    assert rows == names and any(n.startswith("uniform-short[") for n in names)
+    (tmp_path / "dup").mkdir()
+    shutil.copy(out / "bench.json", tmp_path / "dup" / "bench.json")
+    targets = subprocess.run([sys.executable, str(REPO / "tools/ablations/regime_targets.py"), str(tmp_path),
+                              "--arm", "hard", "--raw", "hard"], capture_output=True, text=True, env=env,
+                             timeout=120)
+    assert targets.returncode == 0, targets.stderr
+    lines = targets.stdout.splitlines()
+    assert re.match(r"(held|MISSED) +dup +seed 0: uniform \d", lines[0]), lines
+    assert lines[1:3] == [f"noise: no {tmp_path / 'noise' / 'bench.json'}, skipped",
+                          f"clean: no {tmp_path / 'clean' / 'bench.json'}, skipped"]
+    assert re.fullmatch(r"[01] of 1 seed targets held", lines[-1])
 
 
 @pytest.mark.slow

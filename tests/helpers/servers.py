@@ -47,20 +47,31 @@ def _can_bind(port: int) -> bool:
     return True
 
 
+def _worker_slice(low: int, high: int) -> tuple[int, int]:
+    """This pytest-xdist worker's share of [low, high) (all of it outside xdist): two workers never draw
+    the same port, whatever their timing."""
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    size = (high - low) // max(1, count)
+    return low + index * size, low + (index + 1) * size
+
+
 def free_port(span: int = 4) -> int:
     """A TCP port, with the `span - 1` after it (exporters listen on port + LOCAL_RANK), free on every
     address a moment ago. Drawn below the kernel's ephemeral range: a port the kernel hands out (bind to
     port 0) can be taken meanwhile by any outgoing connection — gloo opens many — and a job then fails
-    with "port already in use"."""
+    with "port already in use". Under pytest-xdist each worker draws from its own slice of that range."""
     low = _ephemeral_low()
     low = low if 10000 + 100 < low <= 32768 else 32768
+    first, end = _worker_slice(10000, low)
     for _ in range(500):
-        port = random.randrange(10000, low - span)
+        port = random.randrange(first, end - span)
         if not _HANDED_OUT.intersection(range(port, port + span)) and all(
                 _can_bind(p) for p in range(port, port + span)):
             _HANDED_OUT.update(range(port, port + span))
             return port
-    raise RuntimeError(f"no {span} free consecutive TCP ports in 10000-{low}")
+    raise RuntimeError(f"no {span} free consecutive TCP ports in {first}-{end}")
 
 
 def require(binaries: tuple[str, ...], package: str) -> None:

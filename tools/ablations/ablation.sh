@@ -8,9 +8,11 @@ seeds=${1:-3}
 out=${2:-runs/ablation/bench}
 first=${3:-0}
 shards=runs/ablation/shards
+# shellcheck source=tools/ablations/bench_common.sh
+source "$(dirname "$0")/bench_common.sh"
 export OMP_NUM_THREADS=1  # one thread per run: with --clock cpu the timing is fair on a shared machine
 if [ ! -f "$shards/manifest.json" ]; then
-  attent-scale shards build -o "$shards" --seq-len 128 --vocab-size 2000 --max-bytes 900000 --val-fraction 0.08
+  attent shards build -o "$shards" --seq-len 128 --vocab-size 2000 --max-bytes 900000 --val-fraction 0.08
 fi
 arms=()
 for strategy in hard soft random; do
@@ -25,5 +27,5 @@ arms+=(--arms "online-hard:mode=online,strategy=hard,online_ratio=0.5")
 # beyond the paper: no scoring passes with hard keys, and cycles that rescore only stale ids
 arms+=(--arms "ledger-hard:mode=ledger,strategy=hard,ratio_schedule=incremental")
 arms+=(--arms "hard-cos-fix-stale:strategy=hard,ratio_schedule=cosine,interval_schedule=fixed,rescore=stale")
-attent-scale bench --data "$shards" --config configs/ablation.yaml --budget-epochs 6 --seeds "$seeds" --seed "$first" --clock cpu \
+attent bench --data "$shards" --config "$repo"/configs/ablation.yaml --budget-epochs 6 --seeds "$seeds" --seed "$first" --clock cpu \
   --reuse --out "$out" --set checkpoint.export=false "${arms[@]}"

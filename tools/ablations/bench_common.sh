@@ -1,7 +1,35 @@
-# Sourced by the issue-9 benchmark scripts (selection_ablation.sh, finetune_bench.sh,
-# finetune_excess_bench.sh): the quarter-size model they all train, and the shard splits with a held-out
-# `ref` split for a reference model.
+# Sourced by the benchmark scripts in tools/ablations: the repository they run from, `attent` (the
+# attent-scale CLI, and its smoke mode), the quarter-size model of the issue-9 scripts and the shard splits
+# with a held-out `ref` split for a reference model.
 # shellcheck shell=bash disable=SC2034  # the variables are read by the scripts that source this file
+
+# the checkout these scripts belong to: configs and tools are found from any working directory; the
+# scripts write their runs/ under the working directory
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+py=${PYTHON:-python}  # the interpreter that runs attent_scale and the python tools
+
+# ATTENT_TINY=1: a smoke run (tests/e2e/test_tools_smoke.py): every step of the script at the smallest size
+# that still runs it. `attent` adds to each subcommand what shrinks it: `shards build` reads at most 200 KB
+# of text (less leaves the prose corpus' val or ref split empty; vocabulary 512, one worker), `train` stops
+# after 2 steps, `bench` plans its arms with --dry-run (every arm's config checked, nothing trained); a
+# step that reads the arms' results says that it is left out.
+tiny=${ATTENT_TINY:-0}
+if [ "$tiny" = 1 ]; then
+  echo "ATTENT_TINY=1: smoke sizes (shards <= 200 KB of text, 2 training steps, bench --dry-run)" >&2
+fi
+
+# attent ARGS: `attent-scale ARGS` run by $py (no installed entry point needed), shrunk under ATTENT_TINY=1
+attent() {
+  local more=()
+  if [ "$tiny" = 1 ]; then
+    case "$1 ${2:-}" in
+      "shards build") more=(--max-bytes 200000 --vocab-size 512 --workers 1) ;;
+      train\ *) more=(--set train.max_steps=2) ;;
+      bench\ *) more=(--dry-run) ;;
+    esac
+  fi
+  "$py" -m attent_scale "$@" "${more[@]}"
+}
 
 # GPT-2 shape, 2 layers x 64, sequence 64 (configs/ablation.yaml otherwise)
 quarter_model=(--set model.config.n_embd=64 --set model.config.n_head=2 --set model.config.n_positions=64)

@@ -21,19 +21,19 @@ src() {  # the corpus' inputs for `shards build` (CORPUS CAP)
 base_shards=$root/shards-$base_corpus
 if [ ! -f "$base_shards/manifest.json" ]; then
   # shellcheck disable=SC2046
-  attent-scale shards build -o "$base_shards" $(src "$base_corpus" 2000000) --seq-len 64 --vocab-size 1000 \
+  attent shards build -o "$base_shards" $(src "$base_corpus" 2000000) --seq-len 64 --vocab-size 1000 \
     --val-fraction 0.1 --no-progress
 fi
 base=$root/base-$base_corpus
 if [ ! -f "$base/export/model/config.json" ]; then
-  attent-scale train --config configs/ablation.yaml --set run_dir="$base" --set data.dir="$base_shards" \
+  attent train --config "$repo"/configs/ablation.yaml --set run_dir="$base" --set data.dir="$base_shards" \
     --set teacher.mode=none --set train.max_steps=1000000 --set train.max_epochs=4 --set eval.every_steps=200 \
     --set checkpoint.export=true --no-resume "${quarter_model[@]}"
 fi
 ft_shards=$root/shards-$ft_corpus-by-$base_corpus
 if [ ! -f "$ft_shards/manifest.json" ]; then
   # shellcheck disable=SC2046
-  attent-scale shards build -o "$ft_shards" $(src "$ft_corpus" 320000) --seq-len 64 \
+  attent shards build -o "$ft_shards" $(src "$ft_corpus" 320000) --seq-len 64 \
     --tokenizer "$base_shards/tokenizer.model" --val-fraction 0.4 --no-progress
 fi
 [ "$seeds" = 0 ] && exit 0  # SEEDS=0: only prepare the shards and the base model
@@ -42,6 +42,6 @@ arms=(
   --arms "hard-cos-fix-stale:strategy=hard,ratio_schedule=cosine,interval_schedule=fixed,rescore=stale"
   --arms "prune-anneal:mode=ledger,strategy=prune,prune_ratio=0.6,prune_quantile=0.7,anneal_fraction=0.125"
 )
-attent-scale bench --data "$ft_shards" --config configs/ablation.yaml --init-from "$base" --budget-epochs 3 \
+attent bench --data "$ft_shards" --config "$repo"/configs/ablation.yaml --init-from "$base" --budget-epochs 3 \
   --seeds "$seeds" --clock cpu --reuse --out "$out" --set model.lora.enabled=true --set checkpoint.export=false \
   --set eval.every_steps=25 --set eval.max_batches=0 "${quarter_model[@]}" "${arms[@]}" "${@:5}"

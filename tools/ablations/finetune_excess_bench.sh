@@ -20,18 +20,18 @@ base=$root/base-$base_corpus
 ft_shards=$root/shards-$ft_corpus-by-$base_corpus-ref
 if [ ! -f "$ft_shards/manifest.json" ]; then
   ref_split_src "$ft_corpus"
-  attent-scale shards build -o "$ft_shards" "${split_src[@]}" --seq-len 64 \
+  attent shards build -o "$ft_shards" "${split_src[@]}" --seq-len 64 \
     --tokenizer "$root/shards-$base_corpus/tokenizer.model" --no-progress
 fi
 ref_run=$root/reference-$ft_corpus-by-$base_corpus
 ref=$ref_run/export/merged/scores-train.safetensors
 if [ ! -f "$ref" ]; then
   export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 ATTENT_NUM_THREADS=1  # its CPU seconds are charged like an arm's
-  attent-scale train --config configs/ablation.yaml --set run_dir="$ref_run" --set data.dir="$ft_shards" \
+  attent train --config "$repo"/configs/ablation.yaml --set run_dir="$ref_run" --set data.dir="$ft_shards" \
     --set data.train_split=ref --set model.pretrained="$base/export/model" --set model.lora.enabled=true \
     --set model.lora.export_merged=true --set teacher.mode=none --set train.max_steps=1000000 \
     --set train.max_epochs=3 --set eval.every_steps=0 --set checkpoint.export=true --no-resume "${quarter_model[@]}"
-  attent-scale score --model "$ref_run/export" --data "$ft_shards" --split train
+  attent score --model "$ref_run/export" --data "$ft_shards" --split train
 fi
 official=mode=ledger,strategy=hard,ratio_schedule=constant,initial_ratio=0.7,final_ratio=0.7,warmup_epochs=1
 cycle=strategy=hard,ratio_schedule=cosine,interval_schedule=fixed,rescore=stale
@@ -42,6 +42,6 @@ arms=(
   --arms "cycle-hard:$cycle"
   --arms "cycle-hard-excess:$cycle,score=excess,reference=$ref"
 )
-attent-scale bench --data "$ft_shards" --config configs/ablation.yaml --init-from "$base" --budget-epochs 3 \
+attent bench --data "$ft_shards" --config "$repo"/configs/ablation.yaml --init-from "$base" --budget-epochs 3 \
   --seeds "$seeds" --clock cpu --reuse --out "$out" --set model.lora.enabled=true --set checkpoint.export=false \
   --set eval.every_steps=25 --set eval.max_batches=0 "${quarter_model[@]}" "${arms[@]}" "${@:5}"

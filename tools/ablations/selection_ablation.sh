@@ -18,15 +18,15 @@ ref_run=$root/reference-$corpus
 source "$(dirname "$0")/bench_common.sh"
 if [ ! -f "$shards/manifest.json" ]; then
   ref_split_src "$corpus"
-  attent-scale shards build -o "$shards" "${split_src[@]}" --seq-len 64 --vocab-size 1000 --no-progress
+  attent shards build -o "$shards" "${split_src[@]}" --seq-len 64 --vocab-size 1000 --no-progress
 fi
 ref=$ref_run/export/model/scores-train.safetensors
 if [ ! -f "$ref" ]; then
   export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 ATTENT_NUM_THREADS=1  # its CPU seconds are charged like an arm's
-  attent-scale train --config configs/ablation.yaml --set data.dir="$shards" --set data.train_split=ref \
+  attent train --config "$repo"/configs/ablation.yaml --set data.dir="$shards" --set data.train_split=ref \
     --set run_dir="$ref_run" --set teacher.mode=none --set train.max_epochs=4 --set checkpoint.export=true \
     --set eval.every_steps=0 "${quarter_model[@]}"
-  attent-scale score --model "$ref_run/export" --data "$shards" --split train
+  attent score --model "$ref_run/export" --data "$shards" --split train
 fi
 sched=strategy=hard,ratio_schedule=cosine,interval_schedule=fixed
 prune=mode=ledger,strategy=prune,prune_ratio=0.6,prune_quantile=0.7
@@ -39,6 +39,6 @@ arms=(
   --arms "prune:$prune,anneal_fraction=0"
   --arms "prune-anneal-noreweight:$prune,anneal_fraction=0.125,reweight=false"
 )
-attent-scale bench --data "$shards" --config configs/ablation.yaml --budget-epochs 6 --seeds "$seeds" --clock cpu \
+attent bench --data "$shards" --config "$repo"/configs/ablation.yaml --budget-epochs 6 --seeds "$seeds" --clock cpu \
   --reuse --out "$out" --set checkpoint.export=false --set eval.every_steps=50 --set eval.max_batches=0 \
   "${quarter_model[@]}" "${arms[@]}" "${@:4}"

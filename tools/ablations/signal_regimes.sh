@@ -16,22 +16,29 @@ sig=mode=ledger,strategy=signal,ratio_schedule=constant,initial_ratio=0.2,record
 for regime in dup noise clean; do
   data=$out/data-$regime
   if [ ! -f "$data/shards/manifest.json" ]; then
-    rate=0.4 bytes=160000
+    rate=0.4 bytes=160000 copies=16
     [ "$regime" = dup ] || { rate=0.15; bytes=400000; }
-    python tools/ablations/regimes.py --regime "$regime" --rate "$rate" --max-copies 16 --corpus "$corpus" \
-      --max-bytes "$bytes" --seed 0 --out "$data"
-    attent-scale shards build "$data/train.jsonl" --val-input "$data/val.jsonl" -o "$data/shards" --seq-len 64 \
+    # ATTENT_TINY: less train text than the tiny build's cap (`regimes.py kinds` needs all of it built)
+    [ "$tiny" = 1 ] && { bytes=20000; copies=4; }
+    "$py" "$repo"/tools/ablations/regimes.py --regime "$regime" --rate "$rate" --max-copies "$copies" \
+      --corpus "$corpus" --max-bytes "$bytes" --seed 0 --out "$data"
+    attent shards build "$data/train.jsonl" --val-input "$data/val.jsonl" -o "$data/shards" --seq-len 64 \
       --vocab-size 1000 --no-progress
   fi
-  attent-scale bench --data "$data/shards" --config configs/ablation.yaml --budget-epochs 6 --seeds "$seeds" \
+  attent bench --data "$data/shards" --config "$repo"/configs/ablation.yaml --budget-epochs 6 --seeds "$seeds" \
     --clock cpu --reuse --out "$out/$regime" --set checkpoint.export=false --set eval.every_steps=50 \
     --set eval.max_batches=0 "${quarter_model[@]}" \
     --arms "signal:$sig,signal=${SIGNAL:-gap+learn}" \
     --arms "hard:mode=ledger,strategy=hard,ratio_schedule=cosine,record_bits=true" "${@:4}"
+  if [ "$tiny" = 1 ]; then  # bench --dry-run trained no arm: what the regime's samples are instead
+    echo "$regime: ATTENT_TINY, no arm's selection to read (bench --dry-run); kinds of the train samples:"
+    "$py" "$repo"/tools/ablations/regimes.py kinds "$data/shards" "$data/kinds.json"
+    continue
+  fi
   for arm in signal hard; do
     echo "$regime $arm:"
-    python tools/ablations/regimes.py kinds "$data/shards" "$data/kinds.json" \
+    "$py" "$repo"/tools/ablations/regimes.py kinds "$data/shards" "$data/kinds.json" \
       --selection "$out/$regime/$arm/seed-0/selection.jsonl"
   done
 done
-python tools/ablations/regime_targets.py "$out"  # issue 21's targets, seed by seed
+"$py" "$repo"/tools/ablations/regime_targets.py "$out"  # issue 21's targets, seed by seed

@@ -11,7 +11,8 @@
 #   ~19 runs of one thread, about 30 minutes (docs/benchmarks.md "Real-model regime" has the sizing).
 #   SEEDS: 3. env: PYTHON (python), EPOCHS (3), SEQ_LEN (80, the demo's), EVALS (val passes per epoch, 2).
 set -euo pipefail
-py=${PYTHON:-python}  # `$py -m attent_scale`: no installed entry point needed (tools/ops/gpu_run.sh)
+# shellcheck source=tools/ablations/bench_common.sh
+source "$(dirname "$0")/bench_common.sh"  # $py, `attent`: no installed entry point needed (tools/ops/gpu_run.sh)
 seeds=${1:-3}
 out=${2:-runs/smollm2-regimes}
 pairs=${3:-80}
@@ -34,24 +35,29 @@ for regime in clean swapped; do
   if [ ! -f "$data/shards/manifest.json" ]; then
     how=(--regime clean)
     [ "$regime" = clean ] || how=(--regime noise --rate 0.2)
-    "$py" tools/ablations/regimes.py "${how[@]}" --corpus stdlib-qa --max-docs "$pairs" --val-fraction 0.2 \
-      --seed 0 --out "$data"
-    "$py" -m attent_scale shards build "$data/train.jsonl" --val-input "$data/val.jsonl" -o "$data/shards" \
+    "$py" "$repo"/tools/ablations/regimes.py "${how[@]}" --corpus stdlib-qa --max-docs "$pairs" \
+      --val-fraction 0.2 --seed 0 --out "$data"
+    attent shards build "$data/train.jsonl" --val-input "$data/val.jsonl" -o "$data/shards" \
       --seq-len "$seq_len" --tokenizer "$base" --prompt-field prompt --response-field response \
       --chat-template --samples-per-shard 100 --workers 1 --no-progress --overwrite
   fi
   ref=$data/base-scores-train.safetensors  # up to date is skipped by `score` itself
-  "$py" -m attent_scale score --model "$base" --data "$data/shards" --split train --out "$ref"
-  "$py" -m attent_scale bench --data "$data/shards" --config configs/demo_smollm2.yaml \
+  attent score --model "$base" --data "$data/shards" --split train --out "$ref"
+  attent bench --data "$data/shards" --config "$repo"/configs/demo_smollm2.yaml \
     --budget-epochs "$epochs" --seeds "$seeds" --clock cpu --reuse --out "$out/$regime" \
     --set "model.init_from=$base" --set checkpoint.export=false --set "eval.every_steps=$every" \
     --set eval.max_batches=0 \
     --arms "signal:$sig,signal=gap+learn" \
     --arms "signal-excess:$sig,signal=excess,score=excess,reference=$ref" \
     --arms "hard:mode=ledger,strategy=hard,ratio_schedule=cosine,record_bits=true" "${@:4}"
+  if [ "$tiny" = 1 ]; then  # bench --dry-run trained no arm: what the regime's samples are instead
+    echo "$regime: ATTENT_TINY, no arm's selection to read (bench --dry-run); kinds of the train samples:"
+    "$py" "$repo"/tools/ablations/regimes.py kinds "$data/shards" "$data/kinds.json"
+    continue
+  fi
   for arm in signal signal-excess hard; do
     echo "$regime $arm:"
-    "$py" tools/ablations/regimes.py kinds "$data/shards" "$data/kinds.json" \
+    "$py" "$repo"/tools/ablations/regimes.py kinds "$data/shards" "$data/kinds.json" \
       --selection "$out/$regime/$arm/seed-0/selection.jsonl"
   done
 done

@@ -29,7 +29,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from attent_scale.config import TeacherConfig
-from attent_scale.data import ShardStream
+from attent_scale.data import Manifest, ShardStream
+from attent_scale.data.partition import partition_epoch
 from attent_scale.teacher import Teacher, uniform_noise
 
 
@@ -65,16 +66,16 @@ def _rank(rank: int, world: int, port: int, a: argparse.Namespace, root: str, ou
     # phase 1: one epoch of training-forward observations, in the order of this rank's epoch-0 stream
     dist.barrier()
     t0, c0 = time.perf_counter(), time.process_time()
-    plan = ShardStream(root, "train", rank=rank, world_size=world, seed=1, epoch=0, batch_size=a.batch)._plan
-    lo, hi = plan.rank_start, plan.rank_start + plan.per
+    # the rank's block of the epoch-0 sequence, as ShardStream plans it (data/partition.py, the pure epoch
+    # plan), walked as (shard, k0, k1) runs: ids are made one batch at a time, never N/W of them at once
+    parts = Manifest.load(root).parts("train")
+    part = partition_epoch([p.count for p in parts], seed=1, epoch=0, rank=rank, world_size=world,
+                           batch_size=a.batch, workers=0, shuffle_buffer=1000)
     step = 0
-    for k, si in enumerate(plan.order.tolist()):
-        s0, s1 = int(plan.seg_starts[k]), int(plan.seg_starts[k + 1])
-        if s1 <= lo or s0 >= hi:
-            continue
-        first = int(plan.firsts[si])
-        for p in range(max(lo, s0), min(hi, s1), a.batch):
-            ids = np.arange(first + p - s0, first + min(p + a.batch, min(hi, s1)) - s0, dtype=np.int64)
+    for si, k0, k1 in part.runs(part.rank_start, part.rank_start + part.real):
+        first = parts[si].first_id
+        for p in range(k0, k1, a.batch):
+            ids = np.arange(first + p, first + min(p + a.batch, k1), dtype=np.int64)
             loss = (uniform_noise(ids, seed=123, cycle=0) * 5).astype(np.float32)
             teacher.observe(torch.from_numpy(ids), torch.from_numpy(loss), step)
             step += 1
@@ -113,7 +114,7 @@ def _rank(rank: int, world: int, port: int, a: argparse.Namespace, root: str, ou
     row["held"] = {"ledger_block": teacher.ledger.nbytes, "selection_bits": sel.nbytes,
                    "stream_slice": stream._plan.selection_nbytes, "worker_slices": workers,
                    "samples_per_rank": stream.samples_per_rank}
-    del stream, plan
+    del stream, parts, part
 
     if a.checkpoint:
         from attent_scale.checkpoint import save_state

@@ -1,6 +1,7 @@
 """Benchmark the data path: `shards build` MB of text/s, ShardStream samples/s and tokens/s per worker count.
 
 Usage: python tools/benchmarks/bench_stream.py [--max-bytes 8000000] [--batch-size 32] [--workers 0 1 2]
+                                               [--vocab-size 8000] [--min-seconds 3]
        python tools/benchmarks/bench_stream.py --build-workers 1 2 [--max-bytes 0] [--repeats 1]
                                                [INPUTS --glob PAT]
 Builds the embedded stdlib corpus (capped) at seq_len 128 and 1024 in a temp dir, then streams one epoch
@@ -27,9 +28,9 @@ from attent_scale.data import Manifest, ShardStream
 from attent_scale.data.builder import build_shards
 
 
-def bench_build(out: Path, seq_len: int, max_bytes: int) -> Manifest:
+def bench_build(out: Path, seq_len: int, max_bytes: int, vocab_size: int) -> Manifest:
     t0 = time.perf_counter()
-    m = build_shards([], out, seq_len=seq_len, vocab_size=8000, max_bytes=max_bytes, val_fraction=0.01,
+    m = build_shards([], out, seq_len=seq_len, vocab_size=vocab_size, max_bytes=max_bytes, val_fraction=0.01,
                      shard_size_mb=4, progress=False)
     secs = time.perf_counter() - t0
     text = sum((m.raw or {})["splits"][s]["text_bytes"] for s in m.splits) / 1e6
@@ -115,7 +116,6 @@ def build_scaling(args: argparse.Namespace) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-bytes", type=int, default=None,
@@ -128,7 +128,7 @@ def main() -> None:
     ap.add_argument("inputs", nargs="*", help="--build-workers: corpus files/directories (default: embedded)")
     ap.add_argument("--glob", default="*", help="--build-workers: file pattern inside input directories")
     ap.add_argument("--seq-len", type=int, default=1024, help="--build-workers: the build's seq_len")
-    ap.add_argument("--vocab-size", type=int, default=8000, help="--build-workers: the tokenizer's vocab")
+    ap.add_argument("--vocab-size", type=int, default=8000, help="the tokenizer's vocabulary")
     ap.add_argument("--repeats", type=int, default=1, help="--build-workers: builds per count (best shown)")
     ap.add_argument("--tmp", default=None, help="--build-workers: scratch directory (default: a temp dir)")
     args = ap.parse_args()
@@ -142,7 +142,7 @@ def main() -> None:
     print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
         for seq_len in (128, 1024):
-            m = bench_build(Path(tmp) / f"s{seq_len}", seq_len, args.max_bytes)
+            m = bench_build(Path(tmp) / f"s{seq_len}", seq_len, args.max_bytes, args.vocab_size)
             for workers in args.workers:
                 bench_stream(m, workers, args.batch_size, args.min_seconds)
 

@@ -1,7 +1,7 @@
 """Steps/s, tokens/s and selection overhead of the demo config per engine and teacher mode (prints a table).
 
 Usage: python tools/benchmarks/bench_train.py [--engines local,deepspeed,fsdp]
-           [--modes none,cycle,ledger,online] [--epochs 2] [--out runs/bench_train]
+           [--modes none,cycle,ledger,online] [--epochs 2] [--out runs/bench_train] [--data SHARDS]
        python tools/benchmarks/bench_train.py --step-bench [--engines local|deepspeed|fsdp]
            [--grad-accum 4] [--steps 8] [--repeats 3] [--model demo|gpt2-small] [--seq 128] [--micro 4]
            [--json FILE] [--layers N --width N --heads N --vocab N] [--deepspeed-config F]
@@ -231,6 +231,8 @@ def main() -> None:
     parser.add_argument("--modes", default="none,cycle,ledger,online")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--out", default="runs/bench_train")
+    parser.add_argument("--data", default=None,
+                        help="shards to train on (default: the demo shards, built once in runs/demo)")
     parser.add_argument("--step-bench", action="store_true", help="time train_step/score alone (see above)")
     parser.add_argument("--model", choices=sorted(MODELS), default="demo")
     parser.add_argument("--seq", type=int, default=128)
@@ -253,10 +255,13 @@ def main() -> None:
             parser.error("--step-bench: run deepspeed and fsdp in separate processes (a group each)")
         step_bench(args)
         return
-    from attent_scale.demo import ensure_demo_shards
+    if args.data:
+        shards = Path(args.data).resolve()
+    else:
+        from attent_scale.demo import ensure_demo_shards
 
-    shards = ensure_demo_shards(REPO / "runs" / "demo" / "shards", progress=False)
-    out = Path(args.out)
+        shards = ensure_demo_shards(REPO / "runs" / "demo" / "shards", progress=False)
+    out = Path(args.out).resolve()  # the runs start in REPO: a relative --out is this directory's
     print(
         f"{'engine':10} {'mode':7} {'ranks':>5} {'steps':>6} {'steps/s':>8} {'tokens/s':>9} {'select %':>8} "
         f"{'score s':>8}"

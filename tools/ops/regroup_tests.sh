@@ -57,7 +57,7 @@ while IFS= read -r f; do
   [ "$name" = conftest ] && continue
   if [[ $name == test_* ]]; then
     if [ -n "${GROUP[$name]:-}" ]; then group=${GROUP[$name]}; why="listed"
-    else why=$(rule "$f"); group=${why%% *}; why="by rule: ${why#* }"; fi
+    else why=$(rule "$f"); group=${why%% *}; why=${why#* (}; why="by rule: ${why%)}"; fi
     is_test=1
   else
     group=helpers; why="not a test file"; is_test=0
