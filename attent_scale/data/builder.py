@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from attent_scale.data import remote
+from attent_scale.data import output, remote
 from attent_scale.data.corpus import Corpus, Document
 from attent_scale.data.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardInfo
 from attent_scale.data.readers import record_error
@@ -648,6 +648,7 @@ def merge_parts(part_dirs: Sequence[str | Path], out_dir: str | Path, *, workers
     dirs = [Path(p) for p in part_dirs]
     if not dirs:
         raise UserError("shards merge: no part directories given")
+    output.check_inputs(Path(out_dir), dirs, "the input")
     loaded = [(d, *_load_part(d)) for d in dirs]
     first_dir, first, _ = loaded[0]
     n = first["settings"]["num_parts"]
@@ -686,13 +687,6 @@ def merge_parts(part_dirs: Sequence[str | Path], out_dir: str | Path, *, workers
 
 # ---------------------------------------------------------------------------------------- build
 
-def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: output exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: output directory is not empty (use --overwrite)")
-
-
 class _Stopped(BaseException):
     """A stop signal during a build: unwinds like KeyboardInterrupt, so the temp directory goes too."""
 
@@ -723,24 +717,20 @@ def _stop_on_sigterm() -> Iterator[None]:
 
 
 def _atomic_dir(out: Path, overwrite: bool, fill: Callable[[Path], None]) -> Path:
-    """Run fill(tmp) on a fresh temp dir beside OUT, then swap it into place; nothing left on failure
+    """Run fill(tmp) on a fresh temp dir beside OUT, then swap it into place (data/output.py: one build at a
+    time, only an earlier build's files replaced, dead builds' temp dirs removed); nothing left on failure
     (an error, SIGINT, SIGTERM, a full disk)."""
-    _check_output(out, overwrite)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    output.check_output(out, overwrite)
+    tmp = output.temp_dir(out)
     try:
-        with _stop_on_sigterm():
+        with _stop_on_sigterm(), output.build_lock(out):
+            output.remove_stale(out)
+            output.check_output(out, overwrite)  # again, under the lock
             try:
-                out.parent.mkdir(parents=True, exist_ok=True)
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
                 fill(tmp)
-                if out.exists():
-                    old = out.parent / f".{out.name}.old-{os.getpid()}"
-                    out.rename(old)
-                    tmp.rename(out)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    tmp.rename(out)
+                output.swap_in(tmp, out)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -873,13 +863,14 @@ def build_shards(
         raise UserError(f"--ref-fraction {ref_fraction} with --ref-input: the ref split is --ref-input's "
                         "documents; drop one")
     val_fraction = 0.0 if val_input else val_fraction
-    _check_output(out, overwrite)
     # SFT: the corpus reads records (any format), a document's text is the prompt, its record carries both
     # fields for the builder
     corpus = Corpus(inputs, glob=glob, text_field=prompt_field if sft else text_field, max_bytes=max_bytes,
                     max_docs=max_docs, val_inputs=val_input, ref_inputs=ref_input,
                     columns=(sft.prompt_field, sft.response_field) if sft else None,
                     field_flag="--prompt-field" if sft else "--text-field")
+    output.check_inputs(out, corpus.files)
+    output.check_output(out, overwrite)
     user_tok: Tokenizer | HFTokenizer | None = None
     if tokenizer is not None:
         tp = Path(tokenizer)

@@ -264,6 +264,77 @@ def output_is_a_file(c: Ctx) -> list[str]:
     return txt()(c)
 
 
+def txt_dir(c: Ctx, n: int = 20) -> Path:
+    """A directory of `n` small .txt documents (ctx.tmp/in)."""
+    d = c.tmp / "in"
+    d.mkdir(exist_ok=True)
+    for i in range(n):
+        (d / f"d{i:02d}.txt").write_text(f"document {i} holds a few plain words, and more words {i * 7}\n")
+    return d
+
+
+def inputs_kept(c: Ctx) -> None:
+    assert sorted(p.name for p in (c.tmp / "in").iterdir()) == [f"d{i:02d}.txt" for i in range(20)]
+
+
+def out_is_input_dir(c: Ctx) -> list[str]:
+    d = txt_dir(c)
+    return ["shards", "build", str(d), "-o", str(d), "--overwrite", "--seq-len", "16", "--tokenizer",
+            str(c.tiny_shards / "tokenizer.model"), "--no-progress", "--workers", "1"]
+
+
+def out_holds(*names: str, earlier: bool = False) -> Callable[[Ctx], Path]:
+    """ctx.tmp/out holding `names` (files a user put there), on top of an earlier build with `earlier`."""
+    def make(c: Ctx) -> Path:
+        out = c.tmp / "out"
+        if earlier:
+            shutil.copytree(c.tiny_shards, out)
+        out.mkdir(exist_ok=True)
+        for name in names:
+            (out / name).write_text("the user's own file")
+        return out
+    return make
+
+
+def kept(*names: str) -> Callable[[Ctx], None]:
+    def check(c: Ctx) -> None:
+        for name in names:
+            assert (c.tmp / "out" / name).read_text() == "the user's own file", name
+        assert not [p.name for p in c.tmp.iterdir() if p.name.startswith(".out.")]
+    return check
+
+
+def over(holds: Callable[[Ctx], Path], *extra: str) -> Callable[[Ctx], list[str]]:
+    """`shards build` (with --tokenizer TINY) into a prepared ctx.tmp/out."""
+    def make(c: Ctx) -> list[str]:
+        holds(c)
+        return txt("--tokenizer", "TINY/tokenizer.model", *extra)(c)
+    return make
+
+
+def merge_into_part(c: Ctx) -> list[str]:
+    """`shards merge P -o P --overwrite`: a part directory is the merge's input."""
+    text_input(c)
+    part = c.tmp / "p0"
+    assert cli.main(["shards", "build", str(c.tmp / "in.txt"), "-o", str(part), "--part", "0/1", "--seq-len",
+                     "16", "--tokenizer", str(c.tiny_shards / "tokenizer.model"), "--no-progress"]) == 0
+    return ["shards", "merge", str(part), "-o", str(part), "--overwrite", "--workers", "1"]
+
+
+def blank_jsonl(texts: tuple[str, ...] = ("", "   ", "\n\n", "\t \n")) -> Callable[[Path], Any]:
+    return lambda p: p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+def val_input_blank(c: Ctx) -> list[str]:
+    text_input(c)
+    blank_jsonl()(c.tmp / "val.jsonl")
+    return c.build(str(c.tmp / "in.txt"), extra=("--val-input", str(c.tmp / "val.jsonl"), "--tokenizer",
+                                                 str(c.tiny_shards / "tokenizer.model")))
+
+
+DEEP = b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+
 CUT, TOK = b'{"text": "abc', "TINY/tokenizer.model"
 CORRUPT = r"data\.dir .*: \d+ of \d+ training samples are corrupt .* over data\.max_corrupt_fraction 0\.01"
 
@@ -297,6 +368,42 @@ CASES = [
     # 23 (build half): a full disk is one line and leaves no partial temp directory
     Case("disk full during build", disk_full, 2,
          E + r".*out: cannot write: No space left on device; nothing written", after=no_tmp_left),
+    # issue 30: --overwrite replaces only what an earlier build wrote, never an input or a user's file
+    Case("build --out is the input dir", out_is_input_dir, 2,
+         E + r"\S+/in: --out holds the input file \S+/in/d00\.txt; a build never writes over its inputs "
+         r"\(choose another --out\)", after=inputs_kept),
+    Case("build --overwrite, out holds a user's files", over(out_holds("notes.md", "a.txt"), "--overwrite"),
+         2,
+         E + r"\S+/out: --overwrite replaces only a shard set a build wrote there; this directory has no "
+         r"manifest\.json and holds 2 other file\(s\): a\.txt, notes\.md \(move them, or choose another "
+         r"--out\)", after=kept("notes.md", "a.txt")),
+    Case("build --overwrite, earlier build plus a user's file",
+         over(out_holds("keep.txt", earlier=True), "--overwrite"), 2,
+         E + r"\S+/out: --overwrite replaces only a shard set a build wrote there; this directory also holds "
+         r"1 other file\(s\): keep\.txt \(move them, or choose another --out\)", after=kept("keep.txt")),
+    Case("build, out holds a user's files", over(out_holds("notes.md")), 2,
+         E + r"\S+/out: output directory is not empty and holds no shard set \(notes\.md\); choose another "
+         r"--out", after=kept("notes.md")),
+    Case("merge --out is its part dir", merge_into_part, 2,
+         E + r"\S+/p0: --out holds the input \S+/p0; a build never writes over its inputs"),
+    # issue 30: blank documents are one rule for every input format; a split of nothing but blanks is refused
+    Case("jsonl whitespace-only documents", lambda c: made("in.jsonl", blank_jsonl())(c) + [
+        "--tokenizer", str(c.tiny_shards / "tokenizer.model")], 2,
+         E + r"empty corpus: \S+in\.jsonl holds no non-blank document \(4 blank\)"),
+    Case("jsonl whitespace-only documents, no --tokenizer", made("in.jsonl", blank_jsonl()), 2,
+         E + r"empty corpus: \S+in\.jsonl holds no non-blank document \(4 blank\)"),
+    Case("whitespace-only --val-input", val_input_blank, 2,
+         E + r"--val-input: \S+val\.jsonl holds no non-blank document \(4 blank\)"),
+    # issue 30: a JSON value nested too deep, a line sentencepiece cannot learn from
+    Case("jsonl line nested 100000 deep", jl(DEEP), 2, E + r"\S+jsonl:101: invalid JSON \(nested too deep"),
+    Case("jsonl line nested 100000 deep, 2 workers",
+         lambda c: jl(DEEP, 100, "--tokenizer", TOK)(c) + ["--workers", "2"], 2,
+         E + r"\S+jsonl:101: invalid JSON \(nested too deep"),
+    Case("jsonl one 30 MB line, no --tokenizer", made("in.jsonl", lambda p: p.write_text(
+        json.dumps({"text": "ab cd " * 5_000_000}) + "\n")), 2,
+         E + r"\S+in\.jsonl: no line of text sentencepiece can train a tokenizer on: 1 line\(s\) over "
+         r"\d+ bytes, which it skips \(the longest, 30000000 bytes, at \S+in\.jsonl:1\); break the text into "
+         r"lines, or pass --tokenizer"),
     # 24: inspect
     Case("inspect --verify unreadable shard", unreadable_shard, 1,
          r"BAD train/train-000001\.tar: unreadable \(Permission denied\)"),
@@ -414,6 +521,84 @@ def test_sigterm_during_build_removes_its_temp_dir(tmp_path: Path) -> None:
     assert err.strip().splitlines()[-1] == f"{ERR}SIGTERM: stopped, nothing written", err
     assert "Traceback" not in err
     assert sorted(q.name for q in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def _build_proc(out: Path, max_bytes: int, workers: int = 1) -> subprocess.Popen:
+    """A build of the embedded stdlib corpus into OUT in a child process (slow enough to catch mid-way)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "attent_scale", "shards", "build", "-o", str(out),
+                             "--seq-len", "64", "--vocab-size", "2000", "--max-bytes", str(max_bytes),
+                             "--no-progress", "--workers", str(workers)],
+                            cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_temp(p: subprocess.Popen, parent: Path) -> Path:
+    deadline = time.monotonic() + 120
+    while not list(parent.glob(".out.tmp-*")) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    found = list(parent.glob(".out.tmp-*"))
+    assert found, "the build never made its temp directory"
+    return found[0]
+
+
+def small_build(tmp: Path, out: Path, tiny_shards: Path) -> list[str]:
+    (tmp / "in.txt").write_text("hello world, a short text document for the tokenizer\n" * 50)
+    return ["shards", "build", str(tmp / "in.txt"), "-o", str(out), "--seq-len", "16", "--tokenizer",
+            str(tiny_shards / "tokenizer.model"), "--no-progress", "--workers", "1"]
+
+
+def test_two_builds_into_one_out(tmp_path: Path, tiny_shards: Path, capsys: pytest.CaptureFixture) -> None:
+    """Two builds into one --out at once: the second stops at once with one line naming the first, which
+    finishes; nothing of either is lost silently."""
+    out = tmp_path / "out"
+    first = _build_proc(out, 3_000_000)
+    try:
+        _wait_for_temp(first, tmp_path)
+        assert cli.main(small_build(tmp_path, out, tiny_shards)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        busy = E + r"\S+/out: another build \(pid \d+ on \S+\) is writing this output now; wait for it to "
+        assert len(err) == 1 and re.match(busy + "finish, or choose another --out", err[0]), err
+        assert f"pid {first.pid} " in err[0]
+        _, first_err = first.communicate(timeout=600)
+    finally:
+        first.kill()
+    assert first.returncode == 0, first_err
+    assert json.loads((out / "manifest.json").read_text())["build"]["corpus"] == "embedded stdlib corpus"
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["in.txt", "out"]
+
+
+def test_killed_build_leaves_temp_the_next_build_removes(tmp_path: Path, tiny_shards: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """kill -9 mid-build leaves its .out.tmp-PID (nothing can clean up); the next build into that --out
+    proves the builder is gone (it holds the lock), removes the directory and says so in one line."""
+    out = tmp_path / "out"
+    p = _build_proc(out, 20_000_000)
+    try:
+        tmp = _wait_for_temp(p, tmp_path)
+        time.sleep(0.5)
+        p.send_signal(signal.SIGKILL)
+        p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert tmp.is_dir()
+    assert cli.main(small_build(tmp_path, out, tiny_shards)) == 0
+    err = capsys.readouterr().err
+    said = (rf"^attent-scale: removed {re.escape(str(tmp))}: the temp directory of a build into "
+            rf"{re.escape(str(out))} that stopped without cleaning up \(pid {p.pid}\)$")
+    assert re.search(said, err, re.M), err
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["in.txt", "out"]
+
+
+def test_stale_temp_with_foreign_files_is_kept(tmp_path: Path, tiny_shards: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """A directory named like a dead build's temp that holds anything a build does not write is left."""
+    out = tmp_path / "out"
+    odd = tmp_path / ".out.tmp-999999999"
+    odd.mkdir()
+    (odd / "thesis.tex").write_text("mine")
+    assert cli.main(small_build(tmp_path, out, tiny_shards)) == 0
+    assert (odd / "thesis.tex").read_text() == "mine"
+    assert f"attent-scale: warning: {odd} looks like a dead build's temp directory" in capsys.readouterr().err
 
 
 def test_corruption_budget_stops_both_ranks_together(tmp_path: Path, tiny_shards: Path) -> None:
