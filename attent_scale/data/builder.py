@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from attent_scale.data import output, remote
-from attent_scale.data.corpus import Corpus, Document
+from attent_scale.data.corpus import Corpus, Document, is_blank
 from attent_scale.data.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardInfo
 from attent_scale.data.readers import record_error
 from attent_scale.data.samples import KEY_WIDTH, sample_key, token_field, write_samples
@@ -251,9 +251,15 @@ def _tokenize_chunk(docs: list[Document]) -> dict[str, Any]:
     where they went (for SFT also the examples skipped and truncated)."""
     dtype = _TOK["dtype"]
     counts: dict[str, list[int]] = {}
+    blank: dict[str, int] = {}
     if _TOK["sft"] is not None:
         rows, counts = _encode_sft(docs)
     else:
+        for d in docs:
+            if is_blank(d):  # skipped, counted under the split its text hashes to (or its given split)
+                split = d.split or split_of(d.text, _TOK["val"], _TOK["ref"])
+                blank[split] = blank.get(split, 0) + 1
+        docs = [d for d in docs if not is_blank(d)]
         ids_of = _TOK["tk"].encode_docs([d.text for d in docs])
         rows = [(d.split or split_of(d.text, _TOK["val"], _TOK["ref"]), ids, None, len(d.text.encode()))
                 for d, ids in zip(docs, ids_of, strict=True)]
@@ -275,6 +281,9 @@ def _tokenize_chunk(docs: list[Document]) -> dict[str, Any]:
     for split, (skipped, truncated) in counts.items():
         out.setdefault(split, {"file": None, "offset": 0, "lengths": np.zeros(0, np.int64), "text_bytes": 0})
         out[split].update(skipped=skipped, truncated=truncated)
+    for split, n in blank.items():
+        out.setdefault(split, {"file": None, "offset": 0, "lengths": np.zeros(0, np.int64), "text_bytes": 0})
+        out[split]["blank"] = n
     return out
 
 
@@ -307,6 +316,7 @@ class _SplitTokens:
     text_bytes: int
     skipped: int = 0  # SFT examples with no response token within seq_len + 1: not stored
     truncated: int = 0  # SFT examples cut to seq_len + 1
+    blank: int = 0  # documents of empty or whitespace-only text (corpus.is_blank): not stored
 
     @property
     def tokens(self) -> int:
@@ -321,6 +331,7 @@ def tokenize_part(corpus: Corpus, out: Path, pool: _Pool, *, progress: bool) -> 
     lengths: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     text_bytes = dict.fromkeys(SPLITS, 0)
     sft = {s: [0, 0] for s in SPLITS}
+    blank = dict.fromkeys(SPLITS, 0)
     bar = tqdm(desc="shards build", unit="doc", disable=None if progress else True)
     if corpus.max_bytes is None and corpus.max_docs is None:
         results = pool.map(_tokenize_files, corpus.tasks(CHUNK_BYTES, CHUNK_DOCS))
@@ -331,6 +342,7 @@ def tokenize_part(corpus: Corpus, out: Path, pool: _Pool, *, progress: bool) -> 
             for split, r in result.items():
                 sft[split][0] += r.get("skipped", 0)
                 sft[split][1] += r.get("truncated", 0)
+                blank[split] += r.get("blank", 0)
                 if r["file"] is None:
                     continue
                 if r["file"] not in files[split]:
@@ -351,6 +363,7 @@ def tokenize_part(corpus: Corpus, out: Path, pool: _Pool, *, progress: bool) -> 
             text_bytes=text_bytes[s],
             skipped=sft[s][0],
             truncated=sft[s][1],
+            blank=blank[s],
         )
         for s in SPLITS
     }
@@ -486,7 +499,9 @@ def _write_shard(task: _ShardTask) -> dict[str, Any]:
 
 def _split_summary(st: _SplitTokens, shards: list[dict[str, Any]]) -> dict[str, Any]:
     lengths = st.doc_lengths if len(st.doc_lengths) else np.zeros(1, dtype=np.int64)
+    blank = {"blank_documents": st.blank} if st.blank else {}  # absent: none (older builds did not count)
     return {
+        **blank,
         "num_samples": sum(s["count"] for s in shards),
         "tokens": sum(s["tokens"] for s in shards),
         "documents": int(len(st.doc_lengths)),
@@ -594,7 +609,7 @@ def _save_part(out: Path, splits: dict[str, _SplitTokens], settings: dict[str, A
         meta["splits"][s] = {"files": [str(Path(f).relative_to(out)) for f in st.files],
                              "tokens": st.tokens, "text_bytes": st.text_bytes,
                              "documents": int(len(st.doc_lengths)), "skipped": st.skipped,
-                             "truncated": st.truncated}
+                             "truncated": st.truncated, "blank": st.blank}
     (out / PART_NAME).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
@@ -614,7 +629,8 @@ def _load_part(d: Path) -> tuple[dict[str, Any], dict[str, _SplitTokens]]:
                     raise UserError(f"{f}: token file listed in {path} is missing")
             splits[s] = _SplitTokens(files, seg.reshape(-1, 3).astype(np.int64),
                                      np.load(d / "tokens" / f"{s}-doc-lengths.npy"), int(info["text_bytes"]),
-                                     int(info.get("skipped", 0)), int(info.get("truncated", 0)))
+                                     int(info.get("skipped", 0)), int(info.get("truncated", 0)),
+                                     int(info.get("blank", 0)))
     except UserError:  # a ValueError too: keep its own message
         raise
     except FileNotFoundError as exc:
@@ -635,7 +651,7 @@ def _concat(parts: list[_SplitTokens]) -> _SplitTokens:
     return _SplitTokens(files, np.concatenate(segs) if segs else np.zeros((0, 3), np.int64),
                         np.concatenate([p.doc_lengths for p in parts]).astype(np.int64),
                         sum(p.text_bytes for p in parts), sum(p.skipped for p in parts),
-                        sum(p.truncated for p in parts))
+                        sum(p.truncated for p in parts), sum(p.blank for p in parts))
 
 
 def merge_parts(part_dirs: Sequence[str | Path], out_dir: str | Path, *, workers: int | None = None,

@@ -389,11 +389,11 @@ CASES = [
     # issue 30: blank documents are one rule for every input format; a split of nothing but blanks is refused
     Case("jsonl whitespace-only documents", lambda c: made("in.jsonl", blank_jsonl())(c) + [
         "--tokenizer", str(c.tiny_shards / "tokenizer.model")], 2,
-         E + r"empty corpus: \S+in\.jsonl holds no non-blank document \(4 blank\)"),
+         E + r"empty corpus: \S+in\.jsonl holds no non-blank document \(4 blank: empty or whitespace only\)"),
     Case("jsonl whitespace-only documents, no --tokenizer", made("in.jsonl", blank_jsonl()), 2,
-         E + r"empty corpus: \S+in\.jsonl holds no non-blank document \(4 blank\)"),
+         E + r"empty corpus: \S+in\.jsonl holds no non-blank document \(4 blank: empty or whitespace only\)"),
     Case("whitespace-only --val-input", val_input_blank, 2,
-         E + r"--val-input: \S+val\.jsonl holds no non-blank document \(4 blank\)"),
+         E + r"--val-input: \S+val\.jsonl holds no non-blank document \(4 blank: empty or whitespace only\)"),
     # issue 30: a JSON value nested too deep, a line sentencepiece cannot learn from
     Case("jsonl line nested 100000 deep", jl(DEEP), 2, E + r"\S+jsonl:101: invalid JSON \(nested too deep"),
     Case("jsonl line nested 100000 deep, 2 workers",
@@ -599,6 +599,45 @@ def test_stale_temp_with_foreign_files_is_kept(tmp_path: Path, tiny_shards: Path
     assert cli.main(small_build(tmp_path, out, tiny_shards)) == 0
     assert (odd / "thesis.tex").read_text() == "mine"
     assert f"attent-scale: warning: {odd} looks like a dead build's temp directory" in capsys.readouterr().err
+
+
+def test_blank_documents_are_skipped_and_counted_in_every_format(tmp_path: Path, tiny_shards: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """One rule for JSONL, parquet and plain text: a blank document (empty, whitespace only) is not
+    stored, and the manifest and the build's report count it; the shards are those of the same inputs
+    without the blanks."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def inputs(root: Path, blanks: bool) -> list[str]:
+        root.mkdir()
+        extra = ["", "  \n\t "] if blanks else []
+        rows = [json.loads(g)["text"] for g in GOOD[:60]]
+        (root / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows[:30] + extra))
+        pq.write_table(pa.table({"text": rows[30:50] + (["\n\n"] if blanks else [])}), root / "b.parquet")
+        (root / "txt").mkdir()
+        for i, t in enumerate(rows[50:]):
+            (root / "txt" / f"{i}.txt").write_text(t)
+        if blanks:
+            (root / "txt" / "z.txt").write_text(" \n")
+        return [str(root / "a.jsonl"), str(root / "b.parquet"), str(root / "txt")]
+
+    args = ["--seq-len", "16", "--tokenizer", str(tiny_shards / "tokenizer.model"), "--val-fraction", "0.3",
+            "--no-progress", "--workers", "1"]
+    for name, blanks in (("o1", False), ("o2", True)):
+        capsys.readouterr()
+        argv = ["shards", "build", *inputs(tmp_path / f"in-{name}", blanks), "-o", str(tmp_path / name)]
+        assert cli.main([*argv, *args]) == 0
+    report = capsys.readouterr().out
+    m1, m2 = (json.loads((tmp_path / o / "manifest.json").read_text()) for o in ("o1", "o2"))
+    blank = {s: v.get("blank_documents", 0) for s, v in m2["splits"].items()}
+    assert sum(blank.values()) == 4, blank
+    said = r"^blank documents skipped \(empty or whitespace only\): (train|val) \d"
+    assert re.search(said, report, re.M), report
+    for split in ("train", "val"):
+        assert [s["sha256"] for s in m1["splits"][split]["shards"]] == \
+            [s["sha256"] for s in m2["splits"][split]["shards"]]
+        assert "blank_documents" not in m1["splits"][split]
 
 
 def test_corruption_budget_stops_both_ranks_together(tmp_path: Path, tiny_shards: Path) -> None:
