@@ -635,7 +635,7 @@ def _load_part(d: Path) -> tuple[dict[str, Any], dict[str, _SplitTokens]]:
         raise
     except FileNotFoundError as exc:
         raise UserError(f"{exc.filename or path}: not found (not a `shards build --part` output?)") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise UserError(f"{path}: invalid part ({type(exc).__name__}: {exc})") from None
     return meta, splits
 

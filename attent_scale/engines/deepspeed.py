@@ -38,8 +38,9 @@ def load_ds_config(
         raw = json.loads(Path(path).read_text())
     except OSError as exc:
         raise UserError(f"config key 'engine.deepspeed_config': {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"config key 'engine.deepspeed_config': {path}: invalid JSON ({exc})") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        why = "nested too deep to parse" if isinstance(exc, RecursionError) else exc
+        raise UserError(f"config key 'engine.deepspeed_config': {path}: invalid JSON ({why})") from None
     if not isinstance(raw, dict):
         raise UserError(f"config key 'engine.deepspeed_config': {path}: top level must be an object")
     ds = copy.deepcopy(raw)

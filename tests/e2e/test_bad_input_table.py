@@ -335,6 +335,12 @@ def val_input_blank(c: Ctx) -> list[str]:
 DEEP = b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
 
 
+def deep_gz(path: Path) -> None:
+    import gzip
+
+    path.write_bytes(gzip.compress(b'{"text": "a b c"}\n' + DEEP + b"\n"))
+
+
 CUT, TOK = b'{"text": "abc', "TINY/tokenizer.model"
 CORRUPT = r"data\.dir .*: \d+ of \d+ training samples are corrupt .* over data\.max_corrupt_fraction 0\.01"
 
@@ -399,6 +405,15 @@ CASES = [
     Case("jsonl line nested 100000 deep, 2 workers",
          lambda c: jl(DEEP, 100, "--tokenizer", TOK)(c) + ["--workers", "2"], 2,
          E + r"\S+jsonl:101: invalid JSON \(nested too deep"),
+    Case("jsonl.gz line nested 100000 deep", made("d.jsonl.gz", deep_gz), 2,
+         E + r"\S+d\.jsonl\.gz:2: invalid JSON \(nested too deep to parse\)"),
+    Case("config YAML nested 100000 deep", lambda c: ((c.tmp / "c.yaml").write_bytes(b"train: " + DEEP[9:-1]),
+                                                      ["train", "--config", str(c.tmp / "c.yaml")])[1], 2,
+         E + r"config file \S+c\.yaml: invalid YAML: nested too deep to parse"),
+    Case("--set value nested 50000 deep", train(None, "train=" + "[" * 50_000 + "]" * 50_000), 2,
+         E + r"--set train: value '\[+'\.\.\. is nested too deep to parse"),
+    Case("manifest.json nested 100000 deep", inspect(rewrite("manifest.json", lambda _: DEEP)), 2,
+         E + r"\S+manifest\.json: cannot read manifest: its JSON is nested too deep to parse"),
     Case("jsonl one 30 MB line, no --tokenizer", made("in.jsonl", lambda p: p.write_text(
         json.dumps({"text": "ab cd " * 5_000_000}) + "\n")), 2,
          E + r"\S+in\.jsonl: no line of text sentencepiece can train a tokenizer on: 1 line\(s\) over "

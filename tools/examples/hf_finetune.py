@@ -55,6 +55,8 @@ def read_rows(path: Path, max_samples: int) -> list[dict[str, str]]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
+            except RecursionError:
+                raise UserError(f"{path}:{lineno}: not JSON (nested too deep to parse)") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object")
             keys = ("text",) if "text" in row and "prompt" not in row else ("prompt", "response")
