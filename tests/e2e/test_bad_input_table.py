@@ -414,6 +414,8 @@ CASES = [
          E + r"--set train: value '\[+'\.\.\. is nested too deep to parse"),
     Case("manifest.json nested 100000 deep", inspect(rewrite("manifest.json", lambda _: DEEP)), 2,
          E + r"\S+manifest\.json: cannot read manifest: its JSON is nested too deep to parse"),
+    Case("empty jsonl, no --tokenizer", made("empty.jsonl", lambda p: p.write_text("")), 2,
+         E + r"empty corpus: \S+empty\.jsonl holds no non-blank document$"),
     Case("jsonl one 30 MB line, no --tokenizer", made("in.jsonl", lambda p: p.write_text(
         json.dumps({"text": "ab cd " * 5_000_000}) + "\n")), 2,
          E + r"\S+in\.jsonl: no line of text sentencepiece can train a tokenizer on: 1 line\(s\) over "
@@ -653,6 +655,17 @@ def test_blank_documents_are_skipped_and_counted_in_every_format(tmp_path: Path,
         assert [s["sha256"] for s in m1["splits"][split]["shards"]] == \
             [s["sha256"] for s in m2["splits"][split]["shards"]]
         assert "blank_documents" not in m1["splits"][split]
+
+
+def test_long_lines_the_tokenizer_skips_are_counted(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """sentencepiece skips lines over 4192 bytes while it trains: the build says how many, and where."""
+    ctx = Ctx(tmp_path, tmp_path, pytest.MonkeyPatch())
+    argv = jl(json.dumps({"text": "word " * 2000}).encode(), 200)(ctx)
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    said = (r"^attent-scale: warning: tokenizer training: 1 line\(s\) over 4192 bytes, which it skips \(the "
+            r"longest, 10000 bytes, at \S+in\.jsonl:201\); it learned from the other 200 line\(s\)$")
+    assert re.search(said, err, re.M), err
 
 
 def test_corruption_budget_stops_both_ranks_together(tmp_path: Path, tiny_shards: Path) -> None:
