@@ -341,6 +341,19 @@ def deep_gz(path: Path) -> None:
     path.write_bytes(gzip.compress(b'{"text": "a b c"}\n' + DEEP + b"\n"))
 
 
+def bench(*args: str) -> Callable[[Ctx], list[str]]:
+    """`bench` on the tiny shards with the tiny run config; nothing may run (no OUT made) when it refuses."""
+    def make(c: Ctx) -> list[str]:
+        config = c.train(c.tiny_shards)[2]
+        return ["bench", "--data", str(c.tiny_shards), "--config", config, "--out", str(c.tmp / "bench"),
+                *args]
+    return make
+
+
+def nothing_ran(ctx: Ctx) -> None:
+    assert not (ctx.tmp / "bench").exists()
+
+
 CUT, TOK = b'{"text": "abc', "TINY/tokenizer.model"
 CORRUPT = r"data\.dir .*: \d+ of \d+ training samples are corrupt .* over data\.max_corrupt_fraction 0\.01"
 
@@ -421,6 +434,28 @@ CASES = [
          E + r"\S+in\.jsonl: no line of text sentencepiece can train a tokenizer on: 1 line\(s\) over "
          r"\d+ bytes, which it skips \(the longest, 30000000 bytes, at \S+in\.jsonl:1\); break the text into "
          r"lines, or pass --tokenizer"),
+    # issue 30: bench arms change only teacher keys; every arm's config is checked before the first run
+    Case("bench arm changes train.lr", bench("--arms", "a:train.lr=0.1"), 2,
+         E + r"--arms 'a:train\.lr=0\.1': train\.lr is not a teacher key; an arm changes only teacher\.\* "
+         r"keys \(a change for every arm goes in --set\)", after=nothing_ran),
+    Case("bench arm changes model", bench("--arms", "a:strategy=hard,model.config.n_layer=9"), 2,
+         E + r"--arms 'a:strategy=hard,model\.config\.n_layer=9': model\.config\.n_layer is not a teacher "
+         r"key", after=nothing_ran),
+    Case("bench arm unknown teacher key", bench("--arms", "a:stratgy=hard"), 2,
+         E + r"--arms 'a:stratgy=hard': unknown config key 'teacher\.stratgy' \(did you mean "
+         r"'teacher\.strategy'\?\)", after=nothing_ran),
+    Case("bench arm bad teacher value", bench("--arms", "a:initial_ratio=2"), 2,
+         E + r"--arms 'a:initial_ratio=2': config key 'teacher\.initial_ratio': 2", after=nothing_ran),
+    Case("bench --seeds 0", bench("--seeds", "0"), 2, E + r"--seeds 0: must be at least 1$",
+         after=nothing_ran),
+    Case("bench --seeds -1", bench("--seeds", "-1"), 2, E + r"--seeds -1: must be at least 1$",
+         after=nothing_ran),
+    Case("bench --budget-steps -5", bench("--budget-steps", "-5"), 2,
+         E + r"--budget-steps -5: must be at least 1$", after=nothing_ran),
+    Case("bench --budget-seconds -1", bench("--budget-seconds", "-1"), 2,
+         E + r"--budget-seconds -1(\.0)?: must be positive$", after=nothing_ran),
+    Case("bench --set bad for every arm", bench("--set", "train.lr=abc"), 2,
+         E + r"config key 'train\.lr': expected a number", after=nothing_ran),
     # 24: inspect
     Case("inspect --verify unreadable shard", unreadable_shard, 1,
          r"BAD train/train-000001\.tar: unreadable \(Permission denied\)"),
