@@ -703,6 +703,31 @@ def test_long_lines_the_tokenizer_skips_are_counted(tmp_path: Path, capsys: pyte
     assert re.search(said, err, re.M), err
 
 
+@pytest.mark.parametrize("size", [4, 24, 1000, 100_000, 1_000_000, 3_000_000, 60_000_000])
+def test_truncated_gguf_is_one_line(size: int, tmp_path: Path, tiny_shards: Path,
+                                    capsys: pytest.CaptureFixture) -> None:
+    """model.init_from a .gguf cut at SIZE bytes (a partial download): whatever the gguf reader raises
+    (struct.error, a reshape ValueError, ...), train stops with one line naming the file, before any
+    weights load."""
+    from attent_scale.errors import UserError
+    from attent_scale.models import smollm2_gguf
+
+    try:
+        whole = smollm2_gguf()
+    except UserError as exc:
+        pytest.skip(str(exc))
+    cut = tmp_path / "cut.gguf"
+    with open(whole, "rb") as f:
+        cut.write_bytes(f.read(size))
+    ctx = Ctx(tmp_path, tiny_shards, pytest.MonkeyPatch())
+    assert cli.main(ctx.train(tiny_shards, f"model.init_from={cut}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert len(err) == 1 and re.match(E + rf"config key 'model\.init_from': {re.escape(str(cut))}: not a "
+                                      rf"readable \.gguf file \(.+; {size} bytes: truncated or damaged\?\)$",
+                                      err[0]), err
+
+
 def test_corruption_budget_stops_both_ranks_together(tmp_path: Path, tiny_shards: Path) -> None:
     """16 on 2 ranks (FSDP, gloo): every sample corrupt; the in-loop check (an all-reduce every
     stop_check_every steps) stops both ranks at the same step with the one line; nothing exported."""
