@@ -159,7 +159,7 @@ class Trainer:
         from attent_scale.runlock import lock_run_dir
         from attent_scale.runlog import RunLogs
         from attent_scale.tensorboard import open_board
-        from attent_scale.validate import Validator
+        from attent_scale.validate import Validator, check_val_split
 
         self.cfg = cfg
         self.clock = Clocks()  # the wall clock counts from here
@@ -187,6 +187,7 @@ class Trainer:
                 f"{self.data_label}: {self.n_train} training samples is too few for "
                 f"{self.world} ranks x batch {self.batch_size}"
             )
+        check_val_split(cfg, self.manifest, self.data_label)
         if cfg.engine.name == "local" and self.world > 1:
             raise UserError(f"engine.name 'local' is one process, but this job has {self.world} ranks; "
                             "use engine.name=deepspeed or fsdp under torchrun")

@@ -350,6 +350,20 @@ def bench(*args: str) -> Callable[[Ctx], list[str]]:
     return make
 
 
+def no_val(c: Ctx) -> Path:
+    """A real shard set without a val split (--val-fraction 0), built from a small text file."""
+    text_input(c)
+    out = c.tmp / "noval"
+    assert cli.main(["shards", "build", str(c.tmp / "in.txt"), "-o", str(out), "--seq-len", "16",
+                     "--val-fraction", "0", "--tokenizer", str(c.tiny_shards / "tokenizer.model"),
+                     "--no-progress", "--workers", "1"]) == 0
+    return out
+
+
+SIGNAL = ("teacher.mode=ledger", "teacher.strategy=signal", "teacher.ratio_schedule=constant",
+          "eval.every_steps=2", "train.micro_batch_size=4")
+
+
 def nothing_ran(ctx: Ctx) -> None:
     assert not (ctx.tmp / "bench").exists()
 
@@ -456,6 +470,11 @@ CASES = [
          E + r"--budget-seconds -1(\.0)?: must be positive$", after=nothing_ran),
     Case("bench --set bad for every arm", bench("--set", "train.lr=abc"), 2,
          E + r"config key 'train\.lr': expected a number", after=nothing_ran),
+    # issue 30: a teacher that needs val losses, on data without a val split, stops before training
+    Case("train signal with an empty val split", train(no_val, *SIGNAL), 2,
+         E + r"config key 'teacher\.strategy': 'signal' judges samples by their val losses, but data\.dir "
+         r"\S+/noval has no val samples \(split 'val' is empty\); rebuild the shards with --val-fraction > 0 "
+         r"or --val-input, or choose another teacher\.strategy", noisy=True, after=no_export),
     # 24: inspect
     Case("inspect --verify unreadable shard", unreadable_shard, 1,
          r"BAD train/train-000001\.tar: unreadable \(Permission denied\)"),
