@@ -742,11 +742,14 @@ class Trainer:
         if self.checkpointer.enabled:
             self.save(None)
         if self.cfg.checkpoint.export:
-            self.engine.export(self.run_dir / "export")  # collective: sharded engines gather the weights
-            if self.is_main and self.manifest.tokenizer_kind != "sentencepiece":
-                from attent_scale.models import save_data_tokenizer
+            from attent_scale import checkpoint as ckpt
+            from attent_scale.export import ExportFailed
 
-                save_data_tokenizer(self.run_dir / "export", self.manifest.tokenizer_dir)
+            tok = self.manifest.tokenizer_dir if self.manifest.tokenizer_kind != "sentencepiece" else None
+            try:  # collective: sharded engines gather the weights; written whole or not at all
+                self.engine.export(self.run_dir / "export", tokenizer_dir=tok)
+            except ExportFailed as exc:
+                raise exc.keeping(ckpt.latest_checkpoint(self.run_dir), self.progress.step) from None
         tot = self.totals()
         summary = _summary(self.cfg, tot, self.progress.corrupt_ids, self.group, self.world)
         if self.is_main:

@@ -22,7 +22,8 @@ from attent_scale.engines.base import (
     resolve_dtype,
 )
 from attent_scale.errors import UserError
-from attent_scale.models import build_model, export_state_dict, prepare_init_from
+from attent_scale.export import export_model
+from attent_scale.models import build_model, prepare_init_from
 
 
 def load_ds_config(
@@ -199,10 +200,9 @@ class DeepSpeedEngine(BaseEngine):
                 sd[name] = masters[id(param)].view(sd[name].shape)
         return sd
 
-    def export(self, out_dir: str | Path) -> None:
-        """Adapters (LoRA), merged weights on request, or the full model as safetensors, by rank 0."""
-        sd = self.full_state_dict()
-        if self.rank == 0 and sd is not None:
-            export_state_dict(sd, self.model_cfg, self.vocab_size, out_dir,
-                              dtype=self.cfg.checkpoint.export_dtype)
-        dist.barrier()
+    def export(self, out_dir: str | Path, tokenizer_dir: Path | None = None) -> None:
+        """Adapters (LoRA), merged weights on request, or the full model as safetensors, by rank 0, whole
+        or not at all (attent_scale/export.py); collective."""
+        export_model(self.full_state_dict(), out_dir, rank=self.rank, group=self.group, mcfg=self.model_cfg,
+                     vocab_size=self.vocab_size, dtype=self.cfg.checkpoint.export_dtype,
+                     tokenizer_dir=tokenizer_dir)

@@ -747,6 +747,90 @@ def test_truncated_gguf_is_one_line(size: int, tmp_path: Path, tiny_shards: Path
                                       err[0]), err
 
 
+@pytest.mark.parametrize(("engine", "nproc"), [("local", 1), ("fsdp", 2)])
+def test_disk_full_at_export_keeps_the_checkpoint(engine: str, nproc: int, tmp_path: Path,
+                                                  tiny_shards: Path) -> None:
+    """The disk fills up during the export (after the last checkpoint): every rank stops with one line
+    naming the checkpoint that holds the trained weights; no half-written export, no temp directory, no
+    summary, exit 2, no rank left waiting. Rerun with space, the same command exports from it."""
+    sys.path.insert(0, str(REPO / "tests" / "helpers"))
+    from train_runner import run_train, tiny_run_config
+
+    from attent_scale import launcher
+
+    run_dir = tmp_path / "run"
+    cfg = tiny_run_config(run_dir, tiny_shards, engine, teacher={"mode": "none"}, train={"max_steps": 4},
+                          eval={"every_steps": 0, "max_batches": 1},
+                          checkpoint={"export": True, "every_steps": 2})
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "helpers"), str(REPO)]),
+           "ATTENT_EXPORT_FSIZE": str(16 * 1024)}
+    fault = launcher.command(("-m", "export_fault", "train"), nproc=nproc)
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **env}
+    proc = subprocess.run([*fault, "--config", str(cfg_path)], cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert not re.search(r'File ".*attent_scale/', proc.stderr), proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(ERR)]
+    assert errors and all(e == errors[0] for e in errors), proc.stderr[-3000:]
+    step4 = run_dir / "checkpoints" / "step-00000004"
+    said = (E + rf"export {re.escape(str(run_dir / 'export'))}: write failed on rank 0: disk full \(File too "
+            rf"large\); nothing of it written; the trained weights are in checkpoint {re.escape(str(step4))} "
+            r"\(free space, then rerun the same command: it resumes there and exports\)$")
+    assert re.match(said, errors[0]), errors
+    if nproc == 1:
+        assert proc.returncode == 2
+    assert (step4 / "COMPLETE").is_file()
+    assert not (run_dir / "export").exists() and not (run_dir / "summary.json").exists()
+    assert not [q.name for q in run_dir.iterdir() if q.name.startswith(".export")]
+
+    again = run_train(cfg, nproc=nproc, timeout=400)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (run_dir / "export" / "model" / "model.safetensors").is_file()
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+
+
+def test_export_replaces_only_an_earlier_export(tmp_path: Path) -> None:
+    """The export writer swaps in a whole export (export.json last), replaces only the entries an earlier
+    export.json lists, leaves a user's files alone, and on a failed write leaves everything as it was."""
+    from attent_scale.export import write_export
+
+    out = tmp_path / "export"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "old.safetensors").write_text("old")
+    (out / "export.json").write_text(json.dumps({"dirs": ["model"]}))
+    (out / "notes.txt").write_text("mine")
+
+    def new(tmp: Path) -> None:
+        (tmp / "model").mkdir()
+        (tmp / "model" / "new.safetensors").write_text("new")
+        (tmp / "export.json").write_text(json.dumps({"dirs": ["model"]}))
+
+    def full(tmp: Path) -> None:
+        (tmp / "model").mkdir()
+        (tmp / "model" / "half.safetensors").write_text("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def blocked(tmp: Path) -> None:
+        new(tmp)
+        (tmp / "notes.txt").write_text("ours")
+
+    def tree() -> dict[str, str]:
+        return {str(q.relative_to(tmp_path)): q.read_text() for q in tmp_path.rglob("*") if q.is_file()}
+
+    before = tree()
+    assert write_export(out, full) == "disk full (No space left on device)"
+    assert tree() == before
+    in_the_way = "notes.txt in the way there (not written by an earlier export: move it)"
+    assert write_export(out, blocked) == in_the_way
+    assert tree() == before
+    assert write_export(out, new) is None
+    assert tree() == {"export/model/new.safetensors": "new", "export/export.json": '{"dirs": ["model"]}',
+                      "export/notes.txt": "mine"}
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["export"]
+
+
 def test_corruption_budget_stops_both_ranks_together(tmp_path: Path, tiny_shards: Path) -> None:
     """16 on 2 ranks (FSDP, gloo): every sample corrupt; the in-loop check (an all-reduce every
     stop_check_every steps) stops both ranks at the same step with the one line; nothing exported."""
