@@ -554,17 +554,14 @@ class Trainer:
             self.bar.set_postfix(loss=f"{result.loss:.3f}", epoch=progress.epoch)
 
     def check_nonfinite(self, stream: Any) -> None:
-        """Too many non-finite losses in a row: checkpoint, then stop with a one-line error."""
+        """Too many non-finite losses in a row: set aside the checkpoints holding the weights that gave them,
+        then stop with a one-line error."""
         from attent_scale import checkpoint as ckpt
 
         progress = self.progress
-        if progress.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
-            self.save(stream)
-            raise NonFiniteLossError(
-                f"{progress.nonfinite_in_row} non-finite training losses in a row at step "
-                f"{progress.step}; "
-                f"checkpoint written to {ckpt.checkpoint_root(self.run_dir)} (lower train.lr?)"
-            )
+        if progress.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:  # no checkpoint of these weights
+            raise NonFiniteLossError(ckpt.set_aside_nonfinite(
+                self.run_dir, progress.step, progress.nonfinite_in_row, rank=self.rank, group=self.group))
 
     def note_corrupt(self, stream: Any) -> None:
         """Keep corrupt samples out of every later selection and count the distinct ones."""
@@ -629,8 +626,11 @@ class Trainer:
     def checkpoint_due(self, poll: Poll) -> bool:
         """After this step's stop poll: a stop signal's checkpoint, or a periodic one (every_steps, or some
         rank's every_minutes)?"""
-        return poll.preempt or self.checkpointer.should_save(self.progress.step, last_step=self.total_steps,
-                                                             late=poll.save_late)
+        if poll.preempt:
+            return True
+        # none while losses are non-finite: a rotation (keep_last) would drop the last checkpoint before them
+        return self.progress.nonfinite_in_row == 0 and self.checkpointer.should_save(
+            self.progress.step, last_step=self.total_steps, late=poll.save_late)
 
     def preempt(self) -> int:
         """After a stop signal's checkpoint: leave the marker a launcher script checks, and the exit code."""

@@ -142,6 +142,22 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig,
     )
 
 
+def resume_lr(optimizer: Any, scheduler: Any, lr: float, rank: int) -> None:
+    """After a checkpoint's optimizer and scheduler state are loaded (they carry the LR the checkpoint was
+    written with): the schedule goes on from the config's train.lr, so a rerun that lowers it (after
+    non-finite losses, say) gets it; one line on rank 0 when it changed. A scheduler of a DeepSpeed JSON's
+    own is left as it is."""
+    base = list(getattr(scheduler, "base_lrs", None) or [])
+    if not base or all(b == lr for b in base):
+        return
+    for group, b in zip(optimizer.param_groups, base, strict=False):
+        group["lr"] = lr * (group["lr"] / b if b else 1.0)  # the same point of the schedule
+        group["initial_lr"] = lr
+    scheduler.base_lrs = [lr] * len(base)
+    log_rank0(rank, f"train.lr {base[0]:g} in the checkpoint, {lr:g} now: the LR schedule goes on from "
+                    f"{lr:g}")
+
+
 def make_adamw(params: Iterable[torch.nn.Parameter], cfg: RunConfig) -> torch.optim.AdamW:
     """torch AdamW over the trainable parameters; no weight decay on biases and norms (dim < 2)."""
     params = [p for p in params if p.requires_grad]

@@ -20,6 +20,7 @@ from attent_scale.engines.base import (
     make_adamw,
     make_scheduler,
     resolve_dtype,
+    resume_lr,
 )
 from attent_scale.errors import UserError
 from attent_scale.export import export_model
@@ -160,6 +161,8 @@ class DeepSpeedEngine(BaseEngine):
         )
         if path is None:
             raise UserError(f"no DeepSpeed checkpoint '{tag}' in {ckpt_dir}")
+        if self.scheduler is not None:
+            resume_lr(self.optimizer, self.scheduler, self.cfg.train.lr, self.rank)
         self.steps_done = int((client or {}).get("steps_done", 0))
 
     can_reshard = False  # a ZeRO checkpoint's partitions are tied to the world size that wrote them

@@ -17,6 +17,7 @@ from attent_scale.engines.base import (
     make_adamw,
     make_scheduler,
     resolve_dtype,
+    resume_lr,
 )
 from attent_scale.errors import UserError
 from attent_scale.export import export_model
@@ -114,6 +115,7 @@ class LocalEngine(BaseEngine):
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        resume_lr(self.optimizer, self.scheduler, self.cfg.train.lr, self.rank)
         self.steps_done = int(state["steps_done"])
 
     can_reshard = True  # one rank: nothing to reshard

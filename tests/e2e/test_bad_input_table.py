@@ -831,6 +831,44 @@ def test_export_replaces_only_an_earlier_export(tmp_path: Path) -> None:
     assert sorted(q.name for q in tmp_path.iterdir()) == ["export"]
 
 
+def test_nonfinite_stop_sets_aside_the_checkpoints_that_hold_its_weights(tmp_path: Path,
+                                                                         tiny_shards: Path) -> None:
+    """A run resumed with train.lr=1e10 diverges: the stop names the steps, sets aside the checkpoint that
+    holds the weights that gave them (a non-finite step changes nothing) and names the one a rerun resumes;
+    the rerun with a sane train.lr resumes there, not from the poisoned one, and finishes."""
+    sys.path.insert(0, str(REPO / "tests" / "helpers"))
+    from train_runner import run_train, tiny_run_config
+
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    cfg = tiny_run_config(run_dir, tiny_shards, teacher={"mode": "none"},
+                          train={"max_steps": 4, "max_nonfinite_in_row": 2},
+                          eval={"every_steps": 0, "max_batches": 1},
+                          checkpoint={"every_steps": 1, "keep_last": 3})
+    first = run_train(cfg)
+    assert first.returncode == 0, first.stderr[-3000:]
+    cfg["train"].update(max_steps=12, lr=1e10)
+    bad = run_train(cfg)
+    errors = [line for line in bad.stderr.splitlines() if line.startswith(ERR)]
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    said = (E + r"2 non-finite training steps \(loss or gradient norm\) in a row at steps 6-7; "
+            r"step-00000005 holds the weights that gave them, set aside \(COMPLETE renamed NONFINITE: never "
+            rf"resumed\); a rerun resumes from {re.escape(str(ckpts / 'step-00000004'))}, the last "
+            r"checkpoint before them \(lower train\.lr\?\)$")
+    assert len(errors) == 1 and re.match(said, errors[0]), errors
+    assert "attent-scale: train.lr 0.003 in the checkpoint, 1e+10 now: the LR schedule goes on from 1e+10" \
+        in bad.stderr, bad.stderr[-3000:]  # a changed train.lr applies on resume (it was silently ignored)
+    poisoned = ckpts / "step-00000005"
+    assert (poisoned / "NONFINITE").is_file() and not (poisoned / "COMPLETE").exists()
+    assert sorted(q.name for q in ckpts.iterdir()) == ["step-00000003", "step-00000004", "step-00000005"]
+
+    cfg["train"].update(max_steps=8, lr=3e-3)
+    again = run_train(cfg)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "step-00000004" in again.stderr and "step-00000005" not in again.stderr, again.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
+
+
 def test_corruption_budget_stops_both_ranks_together(tmp_path: Path, tiny_shards: Path) -> None:
     """16 on 2 ranks (FSDP, gloo): every sample corrupt; the in-loop check (an all-reduce every
     stop_check_every steps) stops both ranks at the same step with the one line; nothing exported."""
