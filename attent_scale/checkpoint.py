@@ -356,6 +356,26 @@ def changed_keys(saved: dict[str, Any], now: dict[str, Any], keys: tuple[str, ..
     return out
 
 
+def data_changes(path: Path, saved: dict[str, Any], now: dict[str, Any], n_train: int) -> list[str]:
+    """A checkpoint written for another number of training samples than the run's data has now: one item
+    naming data.dir (moved to other data, or rebuilt in place) or data.sources, with both counts. The
+    count is rank 0's teacher state (a JSON field, the same on every rank)."""
+    try:
+        written = int(json.loads((path / "rank-00000.json").read_text())["teacher"]["num_samples"])
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return []  # an older layout: the teacher's own check still refuses a mismatch
+    if written == n_train:
+        return []
+    data = now.get("data") or {}
+    counts = f"split {data.get('train_split', 'train')!r}: {written} samples when written, {n_train} now"
+    if data.get("sources"):
+        return [f"data.sources ({counts})"]
+    old, new = (saved.get("data") or {}).get("dir"), data.get("dir")
+    if old != new:
+        return [f"data.dir {old!r} -> {new!r} ({counts})"]
+    return [f"data.dir {new!r} rebuilt since ({counts})"]
+
+
 def check_safetensors(path: Path) -> str | None:
     """None when the file is a whole safetensors file (its header's data size matches the file size)."""
     try:

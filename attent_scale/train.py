@@ -375,6 +375,7 @@ class Trainer:
         now = config_to_dict(self.cfg)
         changed = ckpt.changed_keys(saved, now, RESUME_KEYS)
         changed += blend_layout_changes(saved, now)
+        changed += ckpt.data_changes(path, saved, now, self.n_train)
         if changed:
             raise UserError(f"checkpoint {path}: resume refused, changed since it was written: "
                             f"{'; '.join(changed)} (use another run_dir, or checkpoint.resume=false)")

@@ -364,11 +364,38 @@ SIGNAL = ("teacher.mode=ledger", "teacher.strategy=signal", "teacher.ratio_sched
           "eval.every_steps=2", "train.micro_batch_size=4")
 
 
+def resumed_on(other: Callable[[Ctx], Path]) -> Callable[[Ctx], list[str]]:
+    """A 4-step run with checkpoints on a private copy of the tiny shards (a subprocess), then `train` of
+    the same run_dir with data.dir=other(ctx): a resume on data of another size."""
+    def make(c: Ctx) -> list[str]:
+        sys.path.insert(0, str(REPO / "tests" / "helpers"))
+        from train_runner import run_train
+
+        argv = c.train(c.shards())
+        cfg = yaml.safe_load(Path(argv[2]).read_text())
+        cfg["checkpoint"]["every_steps"] = 2
+        Path(argv[2]).write_text(yaml.safe_dump(cfg))
+        done = run_train(cfg)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return [*argv, "--set", f"data.dir={other(c)}"]
+    return make
+
+
+def rebuilt_in_place(c: Ctx) -> Path:
+    """The run's shard directory itself, rebuilt from other text (the same path, other samples)."""
+    text_input(c)
+    assert cli.main(["shards", "build", str(c.tmp / "in.txt"), "-o", str(c.tmp / "shards"), "--overwrite",
+                     "--seq-len", "32", "--tokenizer", str(c.tiny_shards / "tokenizer.model"),
+                     "--no-progress", "--workers", "1"]) == 0
+    return c.tmp / "shards"
+
+
 def nothing_ran(ctx: Ctx) -> None:
     assert not (ctx.tmp / "bench").exists()
 
 
 CUT, TOK = b'{"text": "abc', "TINY/tokenizer.model"
+REFUSED = r"checkpoint \S+/step-00000004: resume refused, changed since it was written: "
 CORRUPT = r"data\.dir .*: \d+ of \d+ training samples are corrupt .* over data\.max_corrupt_fraction 0\.01"
 
 CASES = [
@@ -475,6 +502,13 @@ CASES = [
          E + r"config key 'teacher\.strategy': 'signal' judges samples by their val losses, but data\.dir "
          r"\S+/noval has no val samples \(split 'val' is empty\); rebuild the shards with --val-fraction > 0 "
          r"or --val-input, or choose another teacher\.strategy", noisy=True, after=no_export),
+    # issue 30: a resume on other data names data.dir (was: "teacher state has num_samples=N, this run has M")
+    Case("train resumed on another data.dir", resumed_on(no_val), 2,
+         E + REFUSED + r"data\.dir '\S+' -> '\S+/noval' \(split 'train': \d+ samples when written, 97 now\) "
+         r"\(use another run_dir, or checkpoint\.resume=false\)", noisy=True),
+    Case("train resumed on data.dir rebuilt in place", resumed_on(rebuilt_in_place), 2,
+         E + REFUSED + r"data\.dir '\S+/shards' rebuilt since \(split 'train': \d+ samples when written, \d+ "
+         r"now\)", noisy=True),
     # 24: inspect
     Case("inspect --verify unreadable shard", unreadable_shard, 1,
          r"BAD train/train-000001\.tar: unreadable \(Permission denied\)"),
