@@ -24,6 +24,8 @@ import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,15 +111,18 @@ def parse_part(text: str) -> tuple[int, int]:
 
 class _Pool:
     """Ordered map over tasks with N worker processes (inline for N = 1) and a bounded queue, so the
-    main process never reads far ahead of the workers."""
+    main process never reads far ahead of the workers. A worker that dies (the out-of-memory killer,
+    kill -9) stops the build with one line: concurrent.futures reports it (BrokenProcessPool), where a
+    multiprocessing.Pool would wait forever for the task the dead worker held."""
 
     def __init__(self, workers: int, initializer: Callable[..., None] | None = None,
                  initargs: tuple = ()) -> None:
         self.workers = workers
-        self.pool = None
+        self.pool: ProcessPoolExecutor | None = None
         if workers > 1:
             # spawn: no fork of a process that may hold threads (torch, tqdm's monitor)
-            self.pool = mp.get_context("spawn").Pool(workers, initializer=initializer, initargs=initargs)
+            self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                                            initializer=initializer, initargs=initargs)
         elif initializer is not None:
             initializer(*initargs)
 
@@ -127,24 +132,37 @@ class _Pool:
                 yield fn(t)
             return
         pending: deque = deque()
-        for t in tasks:
-            pending.append(self.pool.apply_async(fn, (t,)))
-            if len(pending) >= 2 * self.workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        try:
+            for t in tasks:
+                pending.append(self.pool.submit(fn, t))
+                if len(pending) >= 2 * self.workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BrokenProcessPool:
+            raise UserError("shards build: a worker process died (killed: out of memory?); nothing written "
+                            "(rerun; with fewer --workers if memory is short)") from None
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.close()
-            self.pool.join()
+            self.pool.shutdown(wait=True)
             self.pool = None
 
     def terminate(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-            self.pool = None
+        """Stop at once (an error, a signal): pending tasks cancelled, the workers killed and reaped."""
+        if self.pool is None:
+            return
+        pool, self.pool = self.pool, None
+        stop = getattr(pool, "terminate_workers", None)  # Python >= 3.14
+        if stop is not None:
+            stop()
+            return
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.join()
 
 
 # ---------------------------------------------------------------------------------------- tokenize phase

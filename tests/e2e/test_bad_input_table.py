@@ -694,6 +694,35 @@ def test_killed_build_leaves_temp_the_next_build_removes(tmp_path: Path, tiny_sh
     assert sorted(q.name for q in tmp_path.iterdir()) == ["in.txt", "out"]
 
 
+def _workers(pid: int) -> list[int]:
+    """The spawn worker processes of process `pid` (its resource tracker not among them)."""
+    kids = [int(x) for t in Path(f"/proc/{pid}/task").iterdir() for x in (t / "children").read_text().split()]
+    cmd = {k: Path(f"/proc/{k}/cmdline").read_bytes() for k in kids if Path(f"/proc/{k}").exists()}
+    return [k for k, c in cmd.items() if b"spawn_main" in c and b"resource_tracker" not in c]
+
+
+def test_build_worker_killed_is_one_line(tmp_path: Path) -> None:
+    """A worker killed mid-build (the out-of-memory killer, kill -9): the build stops with one line and
+    leaves nothing, instead of waiting forever for the task the dead worker held."""
+    out = tmp_path / "out"
+    p = _build_proc(out, 6_000_000, workers=2)
+    try:
+        deadline = time.monotonic() + 300
+        while p.poll() is None and time.monotonic() < deadline and not (
+                list(tmp_path.glob(".out.tmp-*/.part/tokens/*.bin")) and _workers(p.pid)):
+            time.sleep(0.2)
+        assert p.poll() is None, "the build finished before a worker could be killed"
+        os.kill(_workers(p.pid)[0], signal.SIGKILL)
+        _, err = p.communicate(timeout=300)
+    finally:
+        p.kill()
+    lines = err.strip().splitlines()
+    assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert re.match(E + r"shards build: a worker process died \(killed: out of memory\?\); nothing written "
+                    r"\(rerun; with fewer --workers if memory is short\)$", lines[-1]), lines
+    assert sorted(q.name for q in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
 def test_stale_temp_with_foreign_files_is_kept(tmp_path: Path, tiny_shards: Path,
                                                capsys: pytest.CaptureFixture) -> None:
     """A directory named like a dead build's temp that holds anything a build does not write is left."""
