@@ -50,6 +50,7 @@ class Arm:
     name: str
     overrides: dict[str, str] = field(default_factory=dict)
     role: str = "attent"  # attent | baseline | control
+    text: str = ""  # the --arms value it came from, for messages
 
     def set_args(self) -> list[str]:
         return [f"{k}={v}" for k, v in self.overrides.items()]
@@ -64,13 +65,17 @@ def parse_arm(text: str) -> Arm:
     overrides: dict[str, str] = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
+        key = key.strip()
         if not eq or not key:
             raise UserError(f"--arms {text!r}: {item!r} is not key=value")
+        if "." in key and not key.startswith("teacher."):  # arms differ only in the teacher
+            raise UserError(f"--arms {text!r}: {key} is not a teacher key; an arm changes only teacher.* "
+                            "keys (a change for every arm goes in --set)")
         overrides[key if "." in key else f"teacher.{key}"] = value
     overrides.setdefault("teacher.mode", "cycle")
     if overrides["teacher.mode"] == "none":
         raise UserError(f"--arms {text!r}: teacher.mode=none is the '{BASELINE}' arm, added by itself")
-    return Arm(name, overrides)
+    return Arm(name, overrides, text=text)
 
 
 def default_arm(teacher: Any) -> Arm:
@@ -186,11 +191,8 @@ def run_with_bar(cmd: list[str], log_path: Path, label: str, env: dict[str, str]
     return code
 
 
-def arm_command(
-    arm: Arm, seed: int, args: argparse.Namespace, out_dir: Path
-) -> tuple[Path, list[str], list[str]]:
-    """One arm's run for one seed: its run dir, the trainer command and that command's `--set` list."""
-    run_dir = out_dir / arm.name / f"seed-{seed}"
+def arm_sets(arm: Arm, seed: int, args: argparse.Namespace, run_dir: Path) -> list[str]:
+    """The `--set` overrides one arm's run gets on top of the base config."""
     sets = [
         f"run_dir={run_dir}",
         f"seed={seed}",
@@ -202,6 +204,39 @@ def arm_command(
     ]
     if args.init_from:
         sets.append(f"model.init_from={Path(args.init_from) / 'export' / 'model'}")
+    return sets
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The counts and budgets a bench needs, before anything runs: one line naming the flag."""
+    for flag, value in (("--seeds", args.seeds), ("--budget-steps", args.budget_steps or 1),
+                        ("--budget-epochs", args.budget_epochs or 1)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
+    if args.budget_seconds < 0 or args.budget_seconds != args.budget_seconds:
+        raise UserError(f"--budget-seconds {args.budget_seconds}: must be positive")
+
+
+def check_arm_configs(arms: list[Arm], args: argparse.Namespace, out_dir: Path) -> None:
+    """Every arm's run config (base config, --set, budget, the arm's keys) loads, before the first run:
+    a bad key or value is one line naming the arm, not an arm that fails after the others trained."""
+    from attent_scale.config import load_config
+
+    for arm in arms:
+        try:
+            load_config(args.config, arm_sets(arm, args.seed, args, out_dir / arm.name / "check"))
+        except UserError as exc:
+            if not arm.text:  # no --arms value of its own: the base config, --set or a budget is wrong
+                raise
+            raise UserError(f"--arms {arm.text!r}: {exc}") from None
+
+
+def arm_command(
+    arm: Arm, seed: int, args: argparse.Namespace, out_dir: Path
+) -> tuple[Path, list[str], list[str]]:
+    """One arm's run for one seed: its run dir, the trainer command and that command's `--set` list."""
+    run_dir = out_dir / arm.name / f"seed-{seed}"
+    sets = arm_sets(arm, seed, args, run_dir)
     cmd = [*launcher.command(launcher=args.launcher), "--config", str(args.config)]
     for s in sets:
         cmd += ["--set", s]
@@ -462,11 +497,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.out)
     from attent_scale.config import load_config
 
+    check_args(args)
     base_teacher = load_config(args.config, args.overrides).teacher
     attent_arms = [parse_arm(a) for a in args.arms] if args.arms else [default_arm(base_teacher)]
     names = [a.name for a in attent_arms]
     if len(set(names)) != len(names):
         raise UserError(f"--arms: duplicate arm names in {names}")
+    check_arm_configs([Arm(BASELINE, {"teacher.mode": "none"}, role="baseline"), *attent_arms], args, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seed, args.seed + args.seeds))
 
     plan: list[Arm] = [Arm(BASELINE, {"teacher.mode": "none"}, role="baseline")]

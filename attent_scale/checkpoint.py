@@ -176,6 +176,32 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+NONFINITE = "NONFINITE"  # a checkpoint's COMPLETE renamed: its weights gave non-finite losses; never resumed
+
+
+def set_aside_nonfinite(run_dir: str | Path, step: int, in_row: int, *, rank: int, group: Any = None) -> str:
+    """Collective, after `in_row` non-finite training losses ending at `step`: a non-finite step changes no
+    weight, so every checkpoint from the step before the first of them on holds the weights that gave
+    them. Rank 0 renames their COMPLETE to NONFINITE (kept for a look, never resumed: a rerun resumes the
+    last checkpoint before them, or starts over). Returns the one line saying so, the same on every rank."""
+    first = step - in_row + 1
+    if rank == 0:
+        aside = [p for s, p in list_checkpoints(run_dir) if s >= first - 1]
+        for path in aside:
+            (path / "COMPLETE").rename(path / NONFINITE)
+        left = latest_checkpoint(run_dir)
+        names = ", ".join(p.name for p in aside)
+        held = (f"{names} {'holds' if len(aside) == 1 else 'hold'} the weights that gave them, set aside "
+                f"(COMPLETE renamed {NONFINITE}: never resumed); ") if aside else ""
+        rerun = f"a rerun resumes from {left}, the last checkpoint before them" if left is not None else \
+            "no checkpoint before them: a rerun starts over"
+        line = (f"{in_row} non-finite training steps (loss or gradient norm) in a row at steps "
+                f"{first}-{step}; {held}{rerun} (lower train.lr?)")
+    else:
+        line = None
+    return all_gather_objects(line, group)[0]
+
+
 def _barrier() -> None:
     if initialized():
         dist.barrier()
@@ -328,6 +354,26 @@ def changed_keys(saved: dict[str, Any], now: dict[str, Any], keys: tuple[str, ..
         if any(key == k or key.startswith(k + ".") for k in keys) and a.get(key) != b.get(key):
             out.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
     return out
+
+
+def data_changes(path: Path, saved: dict[str, Any], now: dict[str, Any], n_train: int) -> list[str]:
+    """A checkpoint written for another number of training samples than the run's data has now: one item
+    naming data.dir (moved to other data, or rebuilt in place) or data.sources, with both counts. The
+    count is rank 0's teacher state (a JSON field, the same on every rank)."""
+    try:
+        written = int(json.loads((path / "rank-00000.json").read_text())["teacher"]["num_samples"])
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return []  # an older layout: the teacher's own check still refuses a mismatch
+    if written == n_train:
+        return []
+    data = now.get("data") or {}
+    counts = f"split {data.get('train_split', 'train')!r}: {written} samples when written, {n_train} now"
+    if data.get("sources"):
+        return [f"data.sources ({counts})"]
+    old, new = (saved.get("data") or {}).get("dir"), data.get("dir")
+    if old != new:
+        return [f"data.dir {old!r} -> {new!r} ({counts})"]
+    return [f"data.dir {new!r} rebuilt since ({counts})"]
 
 
 def check_safetensors(path: Path) -> str | None:

@@ -473,6 +473,8 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         value = load_yaml(text) if text != "" else ""
     except yaml.YAMLError as exc:
         raise UserError(f"--set {dotted}: value {text!r} is not valid YAML ({exc.problem})") from None
+    except RecursionError:
+        raise UserError(f"--set {dotted}: value {text[:20]!r}... is nested too deep to parse") from None
     node = raw
     for part in parts[:-1]:
         child = node.setdefault(part, {})
@@ -504,6 +506,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             loaded = load_yaml(text)
         except yaml.YAMLError as exc:
             raise UserError(f"config file {path}: invalid YAML: {exc}".replace("\n", " ")) from None
+        except RecursionError:
+            raise UserError(f"config file {path}: invalid YAML: nested too deep to parse") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -111,6 +111,19 @@ def _check_gguf(path: Path, key: str) -> None:
         raise missing("gguf", f"config key '{key}': {path}: reading .gguf files")
 
 
+def gguf_error(path: Path, key: str, exc: BaseException) -> UserError:
+    """One line for a .gguf file the gguf reader or transformers cannot read: the gguf package raises
+    struct.error, ValueError, IndexError, ... on a truncated or damaged file, so every error is caught at
+    this boundary and named by the file and its size."""
+    why = " ".join(str(exc).split())[:200] or "no detail"
+    try:
+        size = f"{path.stat().st_size} bytes"
+    except OSError:
+        size = "size unknown"
+    return UserError(f"config key '{key}': {path}: not a readable .gguf file ({type(exc).__name__}: {why}; "
+                     f"{size}: truncated or damaged?)")
+
+
 @functools.lru_cache(maxsize=4)
 def _gguf_config(path: Path, key: str) -> Any:
     """The transformers config stored in a .gguf file, without its quantization flag (we dequantize)."""
@@ -119,8 +132,8 @@ def _gguf_config(path: Path, key: str) -> Any:
     _check_gguf(path, key)
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"config key '{key}': cannot read {path} ({exc})".replace("\n", " ")) from None
+    except Exception as exc:  # the gguf reader's errors on a damaged file are of many kinds
+        raise gguf_error(path, key, exc) from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     return config
@@ -226,9 +239,12 @@ def load_gguf_model(path: Path, key: str = "model.init_from") -> nn.Module:
 
     config = hf_config_for_path(path, key)
     with zero3_init_disabled():
-        flagged = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, local_files_only=True, dtype=torch.float32
-        )
+        try:
+            flagged = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, local_files_only=True, dtype=torch.float32
+            )
+        except Exception as exc:  # read once for the config already; damaged between the two reads?
+            raise gguf_error(path, key, exc) from None
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(flagged.state_dict())
     del flagged
@@ -247,9 +263,12 @@ def source_tokenizer(mcfg: ModelConfig) -> Any | None:
     source = init_source(mcfg)
     if source is None:
         return None
-    path, _ = source
+    path, key = source
     if is_gguf(path):
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        try:
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        except Exception as exc:
+            raise gguf_error(path, key, exc) from None
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         return None
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -440,7 +459,7 @@ def export_state_dict(
         try:
             tokenizer = source_tokenizer(mcfg)
             tokenizer_note = "saved" if tokenizer is not None else f"none: {base} has no tokenizer files"
-        except (OSError, ValueError) as exc:  # the weights are still worth writing
+        except (OSError, ValueError, UserError) as exc:  # the weights are still worth writing
             tokenizer_note = f"not saved: {base}: {exc}".replace("\n", " ")
             print(f"export: tokenizer {tokenizer_note}", file=sys.stderr, flush=True)
     written: list[Path] = []

@@ -55,7 +55,7 @@ def resume(run_dir: Path, *, rank: int, world: int, group: Any, engine: Any, ses
     if skipped and rank == 0:
         print(f"attent-scale: warning: skipped damaged checkpoint(s) {'; '.join(skipped)}; "
               f"resuming from {path.name}", file=sys.stderr)
-    check_resumable(path, config)
+    check_resumable(path, config, num_ids)
     old_world = ckpt.saved_world(path)
     try:
         if old_world == world:
@@ -87,7 +87,7 @@ def _verify(path: Path, engine: Any, *, rank: int, world: int, num_ids: int) -> 
     return ckpt.check_rank_files(path, ranks) or engine.verify(path, "engine")
 
 
-def check_resumable(path: Path, config: dict[str, Any]) -> None:
+def check_resumable(path: Path, config: dict[str, Any], n_train: int) -> None:
     """A checkpoint written under another model, engine, teacher mode, seed or split: one line naming the
     changed keys (every rank reads the same file, so every rank raises together)."""
     from attent_scale.data.blend import blend_layout_changes
@@ -96,6 +96,7 @@ def check_resumable(path: Path, config: dict[str, Any]) -> None:
     if saved is None:
         return
     changed = ckpt.changed_keys(saved, config, RESUME_KEYS) + blend_layout_changes(saved, config)
+    changed += ckpt.data_changes(path, saved, config, n_train)
     if changed:
         raise UserError(f"checkpoint {path}: resume refused, changed since it was written: "
                         f"{'; '.join(changed)} (use another run_dir, or checkpoint.resume=false)")

@@ -115,7 +115,7 @@ class Trainer:
         from attent_scale.runlog import RunLogs
         from attent_scale.teacher import Batching, Budget, TeacherSession
         from attent_scale.teacher.plan import candidate_batch_size
-        from attent_scale.validate import Validator
+        from attent_scale.validate import Validator, check_val_split
 
         self.cfg = cfg
         self.clock = Clocks()  # the wall clock counts from here
@@ -134,6 +134,7 @@ class Trainer:
         self.batch_size = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
         self.n_train = self.manifest.num_samples(cfg.data.train_split)
         _preflight(cfg, self.n_train, self.world, self.batch_size, self.data_label)
+        check_val_split(cfg, self.manifest, self.data_label)
         self.run_dir = Path(cfg.run_dir)
         _check_run_dir(self.run_dir, self.rank)
         self.run_lock = lock_run_dir(self.run_dir, self.rank)  # one job per run_dir; released in close
@@ -355,25 +356,25 @@ class Trainer:
             self.bar.set_postfix(loss=f"{result.loss:.3f}", epoch=progress.epoch)
 
     def check_nonfinite(self, stream: Any) -> None:
-        """Too many non-finite losses in a row: checkpoint, then stop with a one-line error."""
+        """Too many non-finite losses in a row: set aside the checkpoints holding the weights that gave them,
+        then stop with a one-line error."""
         from attent_scale import checkpoint as ckpt
 
         progress = self.progress
-        if progress.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
-            self.save(stream)
-            raise NonFiniteLossError(
-                f"{progress.nonfinite_in_row} non-finite training losses in a row at step "
-                f"{progress.step}; "
-                f"checkpoint written to {ckpt.checkpoint_root(self.run_dir)} (lower train.lr?)"
-            )
+        if progress.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:  # no checkpoint of these weights
+            raise NonFiniteLossError(ckpt.set_aside_nonfinite(
+                self.run_dir, progress.step, progress.nonfinite_in_row, rank=self.rank, group=self.group))
 
     # ---- after a step: checkpoint, preemption, the epoch budget -----------------------------------
 
     def checkpoint_due(self, poll: Poll) -> bool:
         """After this step's stop poll: a stop signal's checkpoint, or a periodic one (every_steps, or some
         rank's every_minutes)?"""
-        return poll.preempt or self.checkpointer.should_save(self.progress.step, last_step=self.total_steps,
-                                                             late=poll.save_late)
+        if poll.preempt:
+            return True
+        # none while losses are non-finite: a rotation (keep_last) would drop the last checkpoint before them
+        return self.progress.nonfinite_in_row == 0 and self.checkpointer.should_save(
+            self.progress.step, last_step=self.total_steps, late=poll.save_late)
 
     def preempt(self) -> int:
         """After a stop signal's checkpoint: leave the marker a launcher script checks, and the exit code."""
@@ -468,11 +469,14 @@ class Trainer:
             self.save(None)
         self.end.enter("export")
         if self.cfg.checkpoint.export:
-            self.engine.export(self.run_dir / "export")  # collective: sharded engines gather the weights
-            if self.is_main and self.manifest.tokenizer_kind != "sentencepiece":
-                from attent_scale.models import save_data_tokenizer
+            from attent_scale import checkpoint as ckpt
+            from attent_scale.export import ExportFailed
 
-                save_data_tokenizer(self.run_dir / "export", self.manifest.tokenizer_dir)
+            tok = self.manifest.tokenizer_dir if self.manifest.tokenizer_kind != "sentencepiece" else None
+            try:  # collective: sharded engines gather the weights; written whole or not at all
+                self.engine.export(self.run_dir / "export", tokenizer_dir=tok)
+            except ExportFailed as exc:
+                raise exc.keeping(ckpt.latest_checkpoint(self.run_dir), self.progress.step) from None
         self.end.enter("summary")
         tot = self.totals()
         summary = _summary(self.cfg, tot, self.faults.corrupt_ids, self.group, self.world)

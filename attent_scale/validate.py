@@ -8,7 +8,19 @@ import math
 import time
 from typing import Any
 
-from attent_scale.config import EvalConfig
+from attent_scale.config import EvalConfig, RunConfig
+from attent_scale.errors import UserError
+
+
+def check_val_split(cfg: RunConfig, data: Any, label: str) -> None:
+    """Before training: teacher.strategy 'signal' judges samples by their val losses, so data without a
+    val sample would train as uniform, silently; one line instead (like eval.every_steps 0, refused in
+    config.py). `label` names the data as messages do ('data.dir PATH')."""
+    t = cfg.teacher
+    if t.strategy == "signal" and t.mode in ("cycle", "ledger") and data.num_samples("val") == 0:
+        raise UserError(f"config key 'teacher.strategy': 'signal' judges samples by their val losses, but "
+                        f"{label} has no val samples (split 'val' is empty); rebuild the shards with "
+                        "--val-fraction > 0 or --val-input, or choose another teacher.strategy")
 
 
 class Validator:

@@ -24,6 +24,8 @@ import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +33,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from attent_scale.data import remote
-from attent_scale.data.corpus import Corpus, Document
+from attent_scale.data import output, remote
+from attent_scale.data.corpus import Corpus, Document, is_blank
 from attent_scale.data.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardInfo
 from attent_scale.data.readers import record_error
 from attent_scale.data.samples import KEY_WIDTH, sample_key, token_field, write_samples
@@ -109,15 +111,18 @@ def parse_part(text: str) -> tuple[int, int]:
 
 class _Pool:
     """Ordered map over tasks with N worker processes (inline for N = 1) and a bounded queue, so the
-    main process never reads far ahead of the workers."""
+    main process never reads far ahead of the workers. A worker that dies (the out-of-memory killer,
+    kill -9) stops the build with one line: concurrent.futures reports it (BrokenProcessPool), where a
+    multiprocessing.Pool would wait forever for the task the dead worker held."""
 
     def __init__(self, workers: int, initializer: Callable[..., None] | None = None,
                  initargs: tuple = ()) -> None:
         self.workers = workers
-        self.pool = None
+        self.pool: ProcessPoolExecutor | None = None
         if workers > 1:
             # spawn: no fork of a process that may hold threads (torch, tqdm's monitor)
-            self.pool = mp.get_context("spawn").Pool(workers, initializer=initializer, initargs=initargs)
+            self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                                            initializer=initializer, initargs=initargs)
         elif initializer is not None:
             initializer(*initargs)
 
@@ -127,24 +132,37 @@ class _Pool:
                 yield fn(t)
             return
         pending: deque = deque()
-        for t in tasks:
-            pending.append(self.pool.apply_async(fn, (t,)))
-            if len(pending) >= 2 * self.workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        try:
+            for t in tasks:
+                pending.append(self.pool.submit(fn, t))
+                if len(pending) >= 2 * self.workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BrokenProcessPool:
+            raise UserError("shards build: a worker process died (killed: out of memory?); nothing written "
+                            "(rerun; with fewer --workers if memory is short)") from None
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.close()
-            self.pool.join()
+            self.pool.shutdown(wait=True)
             self.pool = None
 
     def terminate(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-            self.pool = None
+        """Stop at once (an error, a signal): pending tasks cancelled, the workers killed and reaped."""
+        if self.pool is None:
+            return
+        pool, self.pool = self.pool, None
+        stop = getattr(pool, "terminate_workers", None)  # Python >= 3.14
+        if stop is not None:
+            stop()
+            return
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.join()
 
 
 # ---------------------------------------------------------------------------------------- tokenize phase
@@ -251,9 +269,15 @@ def _tokenize_chunk(docs: list[Document]) -> dict[str, Any]:
     where they went (for SFT also the examples skipped and truncated)."""
     dtype = _TOK["dtype"]
     counts: dict[str, list[int]] = {}
+    blank: dict[str, int] = {}
     if _TOK["sft"] is not None:
         rows, counts = _encode_sft(docs)
     else:
+        for d in docs:
+            if is_blank(d):  # skipped, counted under the split its text hashes to (or its given split)
+                split = d.split or split_of(d.text, _TOK["val"], _TOK["ref"])
+                blank[split] = blank.get(split, 0) + 1
+        docs = [d for d in docs if not is_blank(d)]
         ids_of = _TOK["tk"].encode_docs([d.text for d in docs])
         rows = [(d.split or split_of(d.text, _TOK["val"], _TOK["ref"]), ids, None, len(d.text.encode()))
                 for d, ids in zip(docs, ids_of, strict=True)]
@@ -275,6 +299,9 @@ def _tokenize_chunk(docs: list[Document]) -> dict[str, Any]:
     for split, (skipped, truncated) in counts.items():
         out.setdefault(split, {"file": None, "offset": 0, "lengths": np.zeros(0, np.int64), "text_bytes": 0})
         out[split].update(skipped=skipped, truncated=truncated)
+    for split, n in blank.items():
+        out.setdefault(split, {"file": None, "offset": 0, "lengths": np.zeros(0, np.int64), "text_bytes": 0})
+        out[split]["blank"] = n
     return out
 
 
@@ -307,6 +334,7 @@ class _SplitTokens:
     text_bytes: int
     skipped: int = 0  # SFT examples with no response token within seq_len + 1: not stored
     truncated: int = 0  # SFT examples cut to seq_len + 1
+    blank: int = 0  # documents of empty or whitespace-only text (corpus.is_blank): not stored
 
     @property
     def tokens(self) -> int:
@@ -321,6 +349,7 @@ def tokenize_part(corpus: Corpus, out: Path, pool: _Pool, *, progress: bool) -> 
     lengths: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     text_bytes = dict.fromkeys(SPLITS, 0)
     sft = {s: [0, 0] for s in SPLITS}
+    blank = dict.fromkeys(SPLITS, 0)
     bar = tqdm(desc="shards build", unit="doc", disable=None if progress else True)
     if corpus.max_bytes is None and corpus.max_docs is None:
         results = pool.map(_tokenize_files, corpus.tasks(CHUNK_BYTES, CHUNK_DOCS))
@@ -331,6 +360,7 @@ def tokenize_part(corpus: Corpus, out: Path, pool: _Pool, *, progress: bool) -> 
             for split, r in result.items():
                 sft[split][0] += r.get("skipped", 0)
                 sft[split][1] += r.get("truncated", 0)
+                blank[split] += r.get("blank", 0)
                 if r["file"] is None:
                     continue
                 if r["file"] not in files[split]:
@@ -351,6 +381,7 @@ def tokenize_part(corpus: Corpus, out: Path, pool: _Pool, *, progress: bool) -> 
             text_bytes=text_bytes[s],
             skipped=sft[s][0],
             truncated=sft[s][1],
+            blank=blank[s],
         )
         for s in SPLITS
     }
@@ -486,7 +517,9 @@ def _write_shard(task: _ShardTask) -> dict[str, Any]:
 
 def _split_summary(st: _SplitTokens, shards: list[dict[str, Any]]) -> dict[str, Any]:
     lengths = st.doc_lengths if len(st.doc_lengths) else np.zeros(1, dtype=np.int64)
+    blank = {"blank_documents": st.blank} if st.blank else {}  # absent: none (older builds did not count)
     return {
+        **blank,
         "num_samples": sum(s["count"] for s in shards),
         "tokens": sum(s["tokens"] for s in shards),
         "documents": int(len(st.doc_lengths)),
@@ -594,7 +627,7 @@ def _save_part(out: Path, splits: dict[str, _SplitTokens], settings: dict[str, A
         meta["splits"][s] = {"files": [str(Path(f).relative_to(out)) for f in st.files],
                              "tokens": st.tokens, "text_bytes": st.text_bytes,
                              "documents": int(len(st.doc_lengths)), "skipped": st.skipped,
-                             "truncated": st.truncated}
+                             "truncated": st.truncated, "blank": st.blank}
     (out / PART_NAME).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
@@ -614,12 +647,13 @@ def _load_part(d: Path) -> tuple[dict[str, Any], dict[str, _SplitTokens]]:
                     raise UserError(f"{f}: token file listed in {path} is missing")
             splits[s] = _SplitTokens(files, seg.reshape(-1, 3).astype(np.int64),
                                      np.load(d / "tokens" / f"{s}-doc-lengths.npy"), int(info["text_bytes"]),
-                                     int(info.get("skipped", 0)), int(info.get("truncated", 0)))
+                                     int(info.get("skipped", 0)), int(info.get("truncated", 0)),
+                                     int(info.get("blank", 0)))
     except UserError:  # a ValueError too: keep its own message
         raise
     except FileNotFoundError as exc:
         raise UserError(f"{exc.filename or path}: not found (not a `shards build --part` output?)") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise UserError(f"{path}: invalid part ({type(exc).__name__}: {exc})") from None
     return meta, splits
 
@@ -635,7 +669,7 @@ def _concat(parts: list[_SplitTokens]) -> _SplitTokens:
     return _SplitTokens(files, np.concatenate(segs) if segs else np.zeros((0, 3), np.int64),
                         np.concatenate([p.doc_lengths for p in parts]).astype(np.int64),
                         sum(p.text_bytes for p in parts), sum(p.skipped for p in parts),
-                        sum(p.truncated for p in parts))
+                        sum(p.truncated for p in parts), sum(p.blank for p in parts))
 
 
 def merge_parts(part_dirs: Sequence[str | Path], out_dir: str | Path, *, workers: int | None = None,
@@ -648,6 +682,7 @@ def merge_parts(part_dirs: Sequence[str | Path], out_dir: str | Path, *, workers
     dirs = [Path(p) for p in part_dirs]
     if not dirs:
         raise UserError("shards merge: no part directories given")
+    output.check_inputs(Path(out_dir), dirs, "the input")
     loaded = [(d, *_load_part(d)) for d in dirs]
     first_dir, first, _ = loaded[0]
     n = first["settings"]["num_parts"]
@@ -686,13 +721,6 @@ def merge_parts(part_dirs: Sequence[str | Path], out_dir: str | Path, *, workers
 
 # ---------------------------------------------------------------------------------------- build
 
-def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: output exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: output directory is not empty (use --overwrite)")
-
-
 class _Stopped(BaseException):
     """A stop signal during a build: unwinds like KeyboardInterrupt, so the temp directory goes too."""
 
@@ -723,24 +751,20 @@ def _stop_on_sigterm() -> Iterator[None]:
 
 
 def _atomic_dir(out: Path, overwrite: bool, fill: Callable[[Path], None]) -> Path:
-    """Run fill(tmp) on a fresh temp dir beside OUT, then swap it into place; nothing left on failure
+    """Run fill(tmp) on a fresh temp dir beside OUT, then swap it into place (data/output.py: one build at a
+    time, only an earlier build's files replaced, dead builds' temp dirs removed); nothing left on failure
     (an error, SIGINT, SIGTERM, a full disk)."""
-    _check_output(out, overwrite)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    output.check_output(out, overwrite)
+    tmp = output.temp_dir(out)
     try:
-        with _stop_on_sigterm():
+        with _stop_on_sigterm(), output.build_lock(out):
+            output.remove_stale(out)
+            output.check_output(out, overwrite)  # again, under the lock
             try:
-                out.parent.mkdir(parents=True, exist_ok=True)
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
                 fill(tmp)
-                if out.exists():
-                    old = out.parent / f".{out.name}.old-{os.getpid()}"
-                    out.rename(old)
-                    tmp.rename(out)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    tmp.rename(out)
+                output.swap_in(tmp, out)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -873,13 +897,14 @@ def build_shards(
         raise UserError(f"--ref-fraction {ref_fraction} with --ref-input: the ref split is --ref-input's "
                         "documents; drop one")
     val_fraction = 0.0 if val_input else val_fraction
-    _check_output(out, overwrite)
     # SFT: the corpus reads records (any format), a document's text is the prompt, its record carries both
     # fields for the builder
     corpus = Corpus(inputs, glob=glob, text_field=prompt_field if sft else text_field, max_bytes=max_bytes,
                     max_docs=max_docs, val_inputs=val_input, ref_inputs=ref_input,
                     columns=(sft.prompt_field, sft.response_field) if sft else None,
                     field_flag="--prompt-field" if sft else "--text-field")
+    output.check_inputs(out, corpus.files)
+    output.check_output(out, overwrite)
     user_tok: Tokenizer | HFTokenizer | None = None
     if tokenizer is not None:
         tp = Path(tokenizer)

@@ -83,6 +83,10 @@ def _report(m: Manifest) -> None:
     for split in m.splits:
         print(f"{split}: {m.num_samples(split)} samples, {m.num_tokens(split)} tokens, "
               f"{len(m.splits[split])} shards")
+    blank = {s: v.get("blank_documents", 0) for s, v in (m.raw or {}).get("splits", {}).items()}
+    if any(blank.values()):
+        print("blank documents skipped (empty or whitespace only): "
+              + ", ".join(f"{s} {n}" for s, n in blank.items() if n))
     sft = (m.raw or {}).get("build", {}).get("sft")
     if sft:
         print(f"instruction examples: {sft['skipped']} skipped (no response token within seq_len + 1), "
@@ -155,7 +159,8 @@ def _summary(m: Manifest) -> None:
         info = raw.get("splits", {}).get(split, {})
         dt = info.get("doc_tokens")
         if dt:
-            print(f"  documents: {info.get('documents')}, text {info.get('text_bytes')} bytes, "
+            skipped = f" (+ {info['blank_documents']} blank, skipped)" if info.get("blank_documents") else ""
+            print(f"  documents: {info.get('documents')}{skipped}, text {info.get('text_bytes')} bytes, "
                   f"doc tokens min {dt['min']} p50 {dt['p50']} p90 {dt['p90']} max {dt['max']}")
             hist = dt.get("hist_pow2", [])
             if hist:

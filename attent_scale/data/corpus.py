@@ -30,6 +30,13 @@ class Document:
     record: dict[str, Any] | None = None
 
 
+def is_blank(doc: Document) -> bool:
+    """The one rule for every input format: a document whose text is empty or whitespace only teaches
+    nothing; the builder skips it and counts it (manifest: blank_documents). An instruction record (its
+    record kept) is judged by the builder on its response instead."""
+    return doc.record is None and not doc.text.strip()
+
+
 def _unreadable(path: Path, exc: OSError) -> UserError:
     return UserError(f"{path}: cannot read input file ({exc.strerror or exc})")
 
@@ -139,8 +146,9 @@ class Corpus:
         raise record_error(loc, f"field {self.field!r} is not a string ({kind})")
 
     def docs_in(self, path: Path, start: int = 0, stop: int | None = None) -> Iterator[Document]:
-        """The non-blank documents of one input file; with `stop`, of one piece of it (a byte range of a
-        JSONL file, a row-group range of a parquet file: see `tasks`)."""
+        """The documents of one input file, blank ones too (`is_blank`: the builder counts them); with
+        `stop`, of one piece of it (a byte range of a JSONL file, a row-group range of a parquet file: see
+        `tasks`)."""
         split = self.split_files.get(str(path))
         fmt = self.format_of(path)
         if fmt == "text":
@@ -148,9 +156,7 @@ class Corpus:
                 data = path.read_bytes()
             except OSError as exc:
                 raise _unreadable(path, exc) from None
-            text = self._decode(path, data)
-            if text.strip():
-                yield Document(str(path), text, split)
+            yield Document(str(path), self._decode(path, data), split)
             return
         for loc, rec in iter_records(path, start, stop, fmt=fmt, columns=self.columns):
             yield Document(loc, self.record_text(loc, rec), split, rec if self.keep_records else None)
@@ -189,16 +195,31 @@ class Corpus:
         for path, start, stop in task:
             yield from self.docs_in(Path(path), start, stop)
 
+    def _all_blank(self, files: list[Path]) -> int | None:
+        """None when `files` hold a non-blank document, else how many blank ones they hold."""
+        blank = 0
+        for p in files:
+            for d in self.docs_in(p):
+                if not is_blank(d):
+                    return None
+                blank += 1
+        return blank
+
     def check_nonempty(self) -> None:
         """A UserError when the inputs, or a --val-input/--ref-input, hold no non-blank document."""
         main = [p for p in self.files if str(p) not in self.split_files]
-        if main and next((d for p in main for d in self.docs_in(p)), None) is None:
-            what = "embedded stdlib corpus" if self.embedded else f"{len(main)} input file(s)"
-            raise UserError(f"empty corpus: {what} contain no non-blank text")
-        for split, flag in SPLIT_FLAGS.items():
-            files = [p for p in self.files if self.split_files.get(str(p)) == split]
-            if files and next((d for p in files for d in self.docs_in(p)), None) is None:
-                raise UserError(f"{flag}: {len(files)} file(s) ({files[0]}, ...) hold no non-blank text")
+        groups = [("empty corpus", main)] + [
+            (flag, [p for p in self.files if self.split_files.get(str(p)) == split])
+            for split, flag in SPLIT_FLAGS.items()]
+        for head, files in groups:
+            blank = self._all_blank(files) if files else None
+            if blank is None:
+                continue
+            if head == "empty corpus" and self.embedded:
+                raise UserError("empty corpus: the embedded stdlib corpus holds no non-blank document")
+            what = f"{files[0]} holds" if len(files) == 1 else f"{len(files)} files ({files[0]}, ...) hold"
+            counted = f" ({blank} blank: empty or whitespace only)" if blank else ""
+            raise UserError(f"{head}: {what} no non-blank document{counted}")
 
     def __iter__(self) -> Iterator[Document]:
         total = 0
@@ -209,8 +230,8 @@ class Corpus:
             if capped and not fixed:
                 continue
             for doc in self.docs_in(path):
-                if fixed:  # a given split is read whole: the caps are for the inputs
-                    yield doc
+                if fixed or is_blank(doc):  # a given split is read whole: the caps are for the inputs;
+                    yield doc  # a blank document counts toward neither cap (the builder counts it)
                     continue
                 size = len(doc.text.encode())
                 if (self.max_docs is not None and count >= self.max_docs) or \

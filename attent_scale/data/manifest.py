@@ -182,6 +182,8 @@ class Manifest:
                             f"({exc.reason})") from None
         except (OSError, ValueError) as exc:
             raise UserError(f"{path}: cannot read manifest: {exc}") from None
+        except RecursionError:
+            raise UserError(f"{shown}: cannot read manifest: its JSON is nested too deep to parse") from None
         path = shown  # messages below name a URL without its credentials
         tok_dir: Path | str = d
         if isinstance(d, str):  # the tokenizer comes to the local cache, named by its sha256

@@ -32,6 +32,7 @@ UNKNOWN = (".gz", ".zst", ".zstd", ".bz2", ".xz", ".lz4", ".zip", ".7z", ".rar",
            ".feather", ".orc", ".avro", ".pkl", ".pickle", ".npy", ".npz")
 KNOWN = ".jsonl[.gz|.zst], .parquet, .arrow, .tar[.gz], a save_to_disk directory, or plain text"
 _RANGE = re.compile(r"^(?P<path>.*)@(?P<offset>\d+)$")
+DEEP = "nested too deep to parse"  # json.loads raises RecursionError past ~1000 levels
 
 
 def input_format(path: Path) -> str:
@@ -69,7 +70,7 @@ def _hf_files(d: Path) -> list[Path]:
     if (d / HF_DICT).is_file():
         try:
             splits = json.loads((d / HF_DICT).read_text()).get("splits", [])
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             splits = []
         first = f"{d / splits[0]}" if splits else f"{d}/SPLIT"
         raise UserError(f"{d}: a DatasetDict (splits: {', '.join(splits) or '?'}); give one split's "
@@ -77,7 +78,7 @@ def _hf_files(d: Path) -> list[Path]:
     try:
         state = json.loads((d / HF_STATE).read_text())
         names = [f["filename"] for f in state["_data_files"]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise UserError(f"{d / HF_STATE}: not a save_to_disk state ({type(exc).__name__}: {exc})") from None
     files = [d / n for n in names]
     for f in files:
@@ -163,6 +164,8 @@ def _json_record(path: Path, raw: bytes, offset: int) -> dict[str, Any] | None:
         rec = json.loads(line)
     except ValueError as exc:
         raise UserError(f"invalid JSON ({exc})") from None
+    except RecursionError:
+        raise UserError(f"invalid JSON ({DEEP})") from None
     if not isinstance(rec, dict):
         raise UserError(f"not a JSON object (a {type(rec).__name__}); each line must hold one object")
     return rec
@@ -315,8 +318,9 @@ def _tar(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                     if ext == "json":
                         try:
                             obj = json.loads(data.decode("utf-8"))
-                        except (UnicodeDecodeError, ValueError) as exc:
-                            raise UserError(f"{path}:sample {key}: {key}.json is not valid JSON ({exc})") \
+                        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+                            why = DEEP if isinstance(exc, RecursionError) else exc
+                            raise UserError(f"{path}:sample {key}: {key}.json is not valid JSON ({why})") \
                                 from None
                         if isinstance(obj, dict):
                             rec.update(obj)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ HF_FILE = "tokenizer.json"
 _EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>", "<eos>", "<|eot_id|>", "[SEP]")
 NEWLINE = "\u23ce"  # "⏎": stands for "\n" inside the tokenizer so line structure survives tokenization
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+MAX_LINE_BYTES = 4192  # sentencepiece's max_sentence_length: it skips longer lines when it trains
+_LOCATION = re.compile(r"^(?P<file>.*?)(:\d+|:row \d+|:sample .*|@\d+)?$")  # Document.name -> its file
 
 
 def sha256_file(path: Path) -> str:
@@ -189,27 +192,42 @@ def load_tokenizer(path: str | Path) -> Tokenizer | HFTokenizer:
     return HFTokenizer(p) if is_hf_tokenizer(p) else Tokenizer(p)
 
 
-def _lines(docs: Iterable[object]) -> Iterator[str]:
-    for doc in docs:
-        for line in doc.text.split("\n"):  # type: ignore[attr-defined]
-            if line.strip():
-                yield line
-
-
 class _Reader:
     """The sentence iterator handed to sentencepiece: it keeps the exception the corpus raised (a reader
-    error, a stop signal), which sentencepiece would otherwise cut down to the last line of a traceback."""
+    error, a stop signal), which sentencepiece would otherwise cut down to the last line of a traceback,
+    and counts the lines sentencepiece will skip as too long (with the longest one's place)."""
 
     def __init__(self, docs: Iterable[object]) -> None:
         self.docs = docs
         self.error: BaseException | None = None
+        self.lines = self.long = self.longest = 0
+        self.longest_at = ""
+
+    def _lines(self) -> Iterator[str]:
+        for doc in self.docs:
+            for line in doc.text.split("\n"):  # type: ignore[attr-defined]
+                if not line.strip():
+                    continue
+                self.lines += 1
+                if len(line) * 4 > MAX_LINE_BYTES and (n := len(line.encode("utf-8"))) > MAX_LINE_BYTES:
+                    self.long += 1
+                    if n > self.longest:
+                        self.longest, self.longest_at = n, str(getattr(doc, "name", "?"))
+                yield line
 
     def __iter__(self) -> Iterator[str]:
         try:
-            yield from _lines(self.docs)
+            yield from self._lines()
         except BaseException as exc:
             self.error = exc
             raise
+
+    def skipped(self) -> str:
+        """'N line(s) over MAX bytes, which it skips (the longest, B bytes, at LOC)', or ''."""
+        if not self.long:
+            return ""
+        return (f"{self.long} line(s) over {MAX_LINE_BYTES} bytes, which it skips (the longest, "
+                f"{self.longest} bytes, at {self.longest_at})")
 
 
 def train_tokenizer(
@@ -250,6 +268,7 @@ def train_tokenizer(
             input_sentence_size=max_sentences,
             shuffle_input_sentence=True,
             minloglevel=2,
+            max_sentence_length=MAX_LINE_BYTES,
         )
     except BaseException as exc:
         if reader.error is not None:  # the corpus's own error (FILE:LINE: ...), not sentencepiece's
@@ -257,6 +276,10 @@ def train_tokenizer(
         if not isinstance(exc, RuntimeError):
             raise
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        if reader.lines == reader.long and reader.long:  # sentencepiece: INTERNAL [!sentences_.empty()]
+            where = _LOCATION.match(reader.longest_at)["file"]  # type: ignore[index]
+            raise UserError(f"{where}: no line of text sentencepiece can train a tokenizer on: "
+                            f"{reader.skipped()}; break the text into lines, or pass --tokenizer") from None
         small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", msg)
         if small:  # byte_fallback alone needs 256 pieces, plus the corpus's characters
             need = small.group(1)
@@ -266,5 +289,8 @@ def train_tokenizer(
             hint = f" (at most {limit.group(1)})" if limit else ""
             raise UserError(f"--vocab-size {vocab_size}: too large for this corpus{hint}") from None
         raise UserError(f"tokenizer training failed: {msg}") from None
+    if reader.long:
+        print(f"attent-scale: warning: tokenizer training: {reader.skipped()}; it learned from the other "
+              f"{reader.lines - reader.long} line(s)", file=sys.stderr)
     out_path.write_bytes(buf.getvalue())
     return out_path

@@ -51,7 +51,7 @@ class Engine(Protocol):
     def evaluate(self, batches: Iterable[Batch], sample_hist: bool = False) -> float: ...
     def save(self, ckpt_dir: str | Path, tag: str) -> None: ...
     def load(self, ckpt_dir: str | Path, tag: str) -> None: ...
-    def export(self, out_dir: str | Path) -> None: ...
+    def export(self, out_dir: str | Path, tokenizer_dir: Path | None = None) -> None: ...
 
 
 def _chunk_ce_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -140,6 +140,22 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig,
             s, warmup_steps=t.warmup_steps, max_steps=steps(), min_lr_ratio=t.min_lr_ratio
         ),
     )
+
+
+def resume_lr(optimizer: Any, scheduler: Any, lr: float, rank: int) -> None:
+    """After a checkpoint's optimizer and scheduler state are loaded (they carry the LR the checkpoint was
+    written with): the schedule goes on from the config's train.lr, so a rerun that lowers it (after
+    non-finite losses, say) gets it; one line on rank 0 when it changed. A scheduler of a DeepSpeed JSON's
+    own is left as it is."""
+    base = list(getattr(scheduler, "base_lrs", None) or [])
+    if not base or all(b == lr for b in base):
+        return
+    for group, b in zip(optimizer.param_groups, base, strict=False):
+        group["lr"] = lr * (group["lr"] / b if b else 1.0)  # the same point of the schedule
+        group["initial_lr"] = lr
+    scheduler.base_lrs = [lr] * len(base)
+    log_rank0(rank, f"train.lr {base[0]:g} in the checkpoint, {lr:g} now: the LR schedule goes on from "
+                    f"{lr:g}")
 
 
 def make_adamw(params: Iterable[torch.nn.Parameter], cfg: RunConfig) -> torch.optim.AdamW:

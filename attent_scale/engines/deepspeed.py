@@ -20,9 +20,11 @@ from attent_scale.engines.base import (
     make_adamw,
     make_scheduler,
     resolve_dtype,
+    resume_lr,
 )
 from attent_scale.errors import UserError
-from attent_scale.models import build_model, export_state_dict, prepare_init_from
+from attent_scale.export import export_model
+from attent_scale.models import build_model, prepare_init_from
 
 
 def ds_config_path(value: str | None) -> Path:
@@ -50,8 +52,9 @@ def load_ds_config(
         raw = json.loads(Path(path).read_text())
     except OSError as exc:
         raise UserError(f"config key 'engine.deepspeed_config': {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"config key 'engine.deepspeed_config': {path}: invalid JSON ({exc})") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        why = "nested too deep to parse" if isinstance(exc, RecursionError) else exc
+        raise UserError(f"config key 'engine.deepspeed_config': {path}: invalid JSON ({why})") from None
     if not isinstance(raw, dict):
         raise UserError(f"config key 'engine.deepspeed_config': {path}: top level must be an object")
     ds = copy.deepcopy(raw)
@@ -170,6 +173,8 @@ class DeepSpeedEngine(BaseEngine):
         )
         if path is None:
             raise UserError(f"no DeepSpeed checkpoint '{tag}' in {ckpt_dir}")
+        if self.scheduler is not None:
+            resume_lr(self.optimizer, self.scheduler, self.cfg.train.lr, self.rank)
         self.steps_done = int((client or {}).get("steps_done", 0))
 
     can_reshard = False  # a ZeRO checkpoint's partitions are tied to the world size that wrote them
@@ -210,10 +215,9 @@ class DeepSpeedEngine(BaseEngine):
                 sd[name] = masters[id(param)].view(sd[name].shape)
         return sd
 
-    def export(self, out_dir: str | Path) -> None:
-        """Adapters (LoRA), merged weights on request, or the full model as safetensors, by rank 0."""
-        sd = self.full_state_dict()
-        if self.rank == 0 and sd is not None:
-            export_state_dict(sd, self.model_cfg, self.vocab_size, out_dir,
-                              dtype=self.cfg.checkpoint.export_dtype)
-        dist.barrier()
+    def export(self, out_dir: str | Path, tokenizer_dir: Path | None = None) -> None:
+        """Adapters (LoRA), merged weights on request, or the full model as safetensors, by rank 0, whole
+        or not at all (attent_scale/export.py); collective."""
+        export_model(self.full_state_dict(), out_dir, rank=self.rank, group=self.group, mcfg=self.model_cfg,
+                     vocab_size=self.vocab_size, dtype=self.cfg.checkpoint.export_dtype,
+                     tokenizer_dir=tokenizer_dir)

@@ -20,6 +20,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from attent_scale.config import RunConfig
 from attent_scale.dist import DistInfo, init_one_rank_group
+from attent_scale.engines.base import resume_lr
 from attent_scale.engines.local import LocalEngine
 from attent_scale.models import transformer_blocks
 
@@ -81,6 +82,7 @@ class FSDPEngine(LocalEngine):
         )
         meta = json.loads((path / "engine.json").read_text())
         self.scheduler.load_state_dict(meta["scheduler"])
+        resume_lr(self.optimizer, self.scheduler, self.cfg.train.lr, self.rank)
         self.steps_done = int(meta["steps_done"])
 
     can_reshard = True  # DCP reshards on load: a checkpoint of W ranks loads on any other W'

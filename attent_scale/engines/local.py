@@ -17,9 +17,11 @@ from attent_scale.engines.base import (
     make_adamw,
     make_scheduler,
     resolve_dtype,
+    resume_lr,
 )
 from attent_scale.errors import UserError
-from attent_scale.models import build_model, export_state_dict, prepare_init_from
+from attent_scale.export import export_model
+from attent_scale.models import build_model, prepare_init_from
 
 
 class LocalEngine(BaseEngine):
@@ -113,6 +115,7 @@ class LocalEngine(BaseEngine):
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        resume_lr(self.optimizer, self.scheduler, self.cfg.train.lr, self.rank)
         self.steps_done = int(state["steps_done"])
 
     can_reshard = True  # one rank: nothing to reshard
@@ -131,9 +134,9 @@ class LocalEngine(BaseEngine):
         """The whole model's state dict on CPU on rank 0 (None elsewhere); collective when sharded."""
         return {k: v.detach().to("cpu", torch.float32).clone() for k, v in self.model.state_dict().items()}
 
-    def export(self, out_dir: str | Path) -> None:
-        """Write adapters (LoRA), merged weights on request, or the full model as safetensors (rank 0)."""
-        sd = self.full_state_dict()
-        if self.rank == 0 and sd is not None:
-            export_state_dict(sd, self.model_cfg, self.vocab_size, out_dir,
-                              dtype=self.cfg.checkpoint.export_dtype)
+    def export(self, out_dir: str | Path, tokenizer_dir: Path | None = None) -> None:
+        """Write adapters (LoRA), merged weights on request, or the full model as safetensors (rank 0),
+        whole or not at all (attent_scale/export.py); collective."""
+        export_model(self.full_state_dict(), out_dir, rank=self.rank, group=self.group, mcfg=self.model_cfg,
+                     vocab_size=self.vocab_size, dtype=self.cfg.checkpoint.export_dtype,
+                     tokenizer_dir=tokenizer_dir)

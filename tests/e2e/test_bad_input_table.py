@@ -265,7 +265,138 @@ def output_is_a_file(c: Ctx) -> list[str]:
     return txt()(c)
 
 
+def txt_dir(c: Ctx, n: int = 20) -> Path:
+    """A directory of `n` small .txt documents (ctx.tmp/in)."""
+    d = c.tmp / "in"
+    d.mkdir(exist_ok=True)
+    for i in range(n):
+        (d / f"d{i:02d}.txt").write_text(f"document {i} holds a few plain words, and more words {i * 7}\n")
+    return d
+
+
+def inputs_kept(c: Ctx) -> None:
+    assert sorted(p.name for p in (c.tmp / "in").iterdir()) == [f"d{i:02d}.txt" for i in range(20)]
+
+
+def out_is_input_dir(c: Ctx) -> list[str]:
+    d = txt_dir(c)
+    return ["shards", "build", str(d), "-o", str(d), "--overwrite", "--seq-len", "16", "--tokenizer",
+            str(c.tiny_shards / "tokenizer.model"), "--no-progress", "--workers", "1"]
+
+
+def out_holds(*names: str, earlier: bool = False) -> Callable[[Ctx], Path]:
+    """ctx.tmp/out holding `names` (files a user put there), on top of an earlier build with `earlier`."""
+    def make(c: Ctx) -> Path:
+        out = c.tmp / "out"
+        if earlier:
+            shutil.copytree(c.tiny_shards, out)
+        out.mkdir(exist_ok=True)
+        for name in names:
+            (out / name).write_text("the user's own file")
+        return out
+    return make
+
+
+def kept(*names: str) -> Callable[[Ctx], None]:
+    def check(c: Ctx) -> None:
+        for name in names:
+            assert (c.tmp / "out" / name).read_text() == "the user's own file", name
+        assert not [p.name for p in c.tmp.iterdir() if p.name.startswith(".out.")]
+    return check
+
+
+def over(holds: Callable[[Ctx], Path], *extra: str) -> Callable[[Ctx], list[str]]:
+    """`shards build` (with --tokenizer TINY) into a prepared ctx.tmp/out."""
+    def make(c: Ctx) -> list[str]:
+        holds(c)
+        return txt("--tokenizer", "TINY/tokenizer.model", *extra)(c)
+    return make
+
+
+def merge_into_part(c: Ctx) -> list[str]:
+    """`shards merge P -o P --overwrite`: a part directory is the merge's input."""
+    text_input(c)
+    part = c.tmp / "p0"
+    assert cli.main(["shards", "build", str(c.tmp / "in.txt"), "-o", str(part), "--part", "0/1", "--seq-len",
+                     "16", "--tokenizer", str(c.tiny_shards / "tokenizer.model"), "--no-progress"]) == 0
+    return ["shards", "merge", str(part), "-o", str(part), "--overwrite", "--workers", "1"]
+
+
+def blank_jsonl(texts: tuple[str, ...] = ("", "   ", "\n\n", "\t \n")) -> Callable[[Path], Any]:
+    return lambda p: p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+def val_input_blank(c: Ctx) -> list[str]:
+    text_input(c)
+    blank_jsonl()(c.tmp / "val.jsonl")
+    return c.build(str(c.tmp / "in.txt"), extra=("--val-input", str(c.tmp / "val.jsonl"), "--tokenizer",
+                                                 str(c.tiny_shards / "tokenizer.model")))
+
+
+DEEP = b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+
+def deep_gz(path: Path) -> None:
+    import gzip
+
+    path.write_bytes(gzip.compress(b'{"text": "a b c"}\n' + DEEP + b"\n"))
+
+
+def bench(*args: str) -> Callable[[Ctx], list[str]]:
+    """`bench` on the tiny shards with the tiny run config; nothing may run (no OUT made) when it refuses."""
+    def make(c: Ctx) -> list[str]:
+        config = c.train(c.tiny_shards)[2]
+        return ["bench", "--data", str(c.tiny_shards), "--config", config, "--out", str(c.tmp / "bench"),
+                *args]
+    return make
+
+
+def no_val(c: Ctx) -> Path:
+    """A real shard set without a val split (--val-fraction 0), built from a small text file."""
+    text_input(c)
+    out = c.tmp / "noval"
+    assert cli.main(["shards", "build", str(c.tmp / "in.txt"), "-o", str(out), "--seq-len", "16",
+                     "--val-fraction", "0", "--tokenizer", str(c.tiny_shards / "tokenizer.model"),
+                     "--no-progress", "--workers", "1"]) == 0
+    return out
+
+
+SIGNAL = ("teacher.mode=ledger", "teacher.strategy=signal", "teacher.ratio_schedule=constant",
+          "eval.every_steps=2", "train.micro_batch_size=4")
+
+
+def resumed_on(other: Callable[[Ctx], Path]) -> Callable[[Ctx], list[str]]:
+    """A 4-step run with checkpoints on a private copy of the tiny shards (a subprocess), then `train` of
+    the same run_dir with data.dir=other(ctx): a resume on data of another size."""
+    def make(c: Ctx) -> list[str]:
+        sys.path.insert(0, str(REPO / "tests" / "helpers"))
+        from train_runner import run_train
+
+        argv = c.train(c.shards())
+        cfg = yaml.safe_load(Path(argv[2]).read_text())
+        cfg["checkpoint"]["every_steps"] = 2
+        Path(argv[2]).write_text(yaml.safe_dump(cfg))
+        done = run_train(cfg)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return [*argv, "--set", f"data.dir={other(c)}"]
+    return make
+
+
+def rebuilt_in_place(c: Ctx) -> Path:
+    """The run's shard directory itself, rebuilt from other text (the same path, other samples)."""
+    text_input(c)
+    assert cli.main(["shards", "build", str(c.tmp / "in.txt"), "-o", str(c.tmp / "shards"), "--overwrite",
+                     "--seq-len", "32", "--tokenizer", str(c.tiny_shards / "tokenizer.model"),
+                     "--no-progress", "--workers", "1"]) == 0
+    return c.tmp / "shards"
+
+
+def nothing_ran(ctx: Ctx) -> None:
+    assert not (ctx.tmp / "bench").exists()
+
+
 CUT, TOK = b'{"text": "abc', "TINY/tokenizer.model"
+REFUSED = r"checkpoint \S+/step-00000004: resume refused, changed since it was written: "
 CORRUPT = r"data\.dir .*: \d+ of \d+ training samples are corrupt .* over data\.max_corrupt_fraction 0\.01"
 
 CASES = [
@@ -298,6 +429,87 @@ CASES = [
     # 23 (build half): a full disk is one line and leaves no partial temp directory
     Case("disk full during build", disk_full, 2,
          E + r".*out: cannot write: No space left on device; nothing written", after=no_tmp_left),
+    # issue 30: --overwrite replaces only what an earlier build wrote, never an input or a user's file
+    Case("build --out is the input dir", out_is_input_dir, 2,
+         E + r"\S+/in: --out holds the input file \S+/in/d00\.txt; a build never writes over its inputs "
+         r"\(choose another --out\)", after=inputs_kept),
+    Case("build --overwrite, out holds a user's files", over(out_holds("notes.md", "a.txt"), "--overwrite"),
+         2,
+         E + r"\S+/out: --overwrite replaces only a shard set a build wrote there; this directory has no "
+         r"manifest\.json and holds 2 other file\(s\): a\.txt, notes\.md \(move them, or choose another "
+         r"--out\)", after=kept("notes.md", "a.txt")),
+    Case("build --overwrite, earlier build plus a user's file",
+         over(out_holds("keep.txt", earlier=True), "--overwrite"), 2,
+         E + r"\S+/out: --overwrite replaces only a shard set a build wrote there; this directory also holds "
+         r"1 other file\(s\): keep\.txt \(move them, or choose another --out\)", after=kept("keep.txt")),
+    Case("build, out holds a user's files", over(out_holds("notes.md")), 2,
+         E + r"\S+/out: output directory is not empty and holds no shard set \(notes\.md\); choose another "
+         r"--out", after=kept("notes.md")),
+    Case("merge --out is its part dir", merge_into_part, 2,
+         E + r"\S+/p0: --out holds the input \S+/p0; a build never writes over its inputs"),
+    # issue 30: blank documents are one rule for every input format; a split of nothing but blanks is refused
+    Case("jsonl whitespace-only documents", lambda c: made("in.jsonl", blank_jsonl())(c) + [
+        "--tokenizer", str(c.tiny_shards / "tokenizer.model")], 2,
+         E + r"empty corpus: \S+in\.jsonl holds no non-blank document \(4 blank: empty or whitespace only\)"),
+    Case("jsonl whitespace-only documents, no --tokenizer", made("in.jsonl", blank_jsonl()), 2,
+         E + r"empty corpus: \S+in\.jsonl holds no non-blank document \(4 blank: empty or whitespace only\)"),
+    Case("whitespace-only --val-input", val_input_blank, 2,
+         E + r"--val-input: \S+val\.jsonl holds no non-blank document \(4 blank: empty or whitespace only\)"),
+    # issue 30: a JSON value nested too deep, a line sentencepiece cannot learn from
+    Case("jsonl line nested 100000 deep", jl(DEEP), 2, E + r"\S+jsonl:101: invalid JSON \(nested too deep"),
+    Case("jsonl line nested 100000 deep, 2 workers",
+         lambda c: jl(DEEP, 100, "--tokenizer", TOK)(c) + ["--workers", "2"], 2,
+         E + r"\S+jsonl:101: invalid JSON \(nested too deep"),
+    Case("jsonl.gz line nested 100000 deep", made("d.jsonl.gz", deep_gz), 2,
+         E + r"\S+d\.jsonl\.gz:2: invalid JSON \(nested too deep to parse\)"),
+    Case("config YAML nested 100000 deep", lambda c: ((c.tmp / "c.yaml").write_bytes(b"train: " + DEEP[9:-1]),
+                                                      ["train", "--config", str(c.tmp / "c.yaml")])[1], 2,
+         E + r"config file \S+c\.yaml: invalid YAML: nested too deep to parse"),
+    Case("--set value nested 50000 deep", train(None, "train=" + "[" * 50_000 + "]" * 50_000), 2,
+         E + r"--set train: value '\[+'\.\.\. is nested too deep to parse"),
+    Case("manifest.json nested 100000 deep", inspect(rewrite("manifest.json", lambda _: DEEP)), 2,
+         E + r"\S+manifest\.json: cannot read manifest: its JSON is nested too deep to parse"),
+    Case("empty jsonl, no --tokenizer", made("empty.jsonl", lambda p: p.write_text("")), 2,
+         E + r"empty corpus: \S+empty\.jsonl holds no non-blank document$"),
+    Case("jsonl one 30 MB line, no --tokenizer", made("in.jsonl", lambda p: p.write_text(
+        json.dumps({"text": "ab cd " * 5_000_000}) + "\n")), 2,
+         E + r"\S+in\.jsonl: no line of text sentencepiece can train a tokenizer on: 1 line\(s\) over "
+         r"\d+ bytes, which it skips \(the longest, 30000000 bytes, at \S+in\.jsonl:1\); break the text into "
+         r"lines, or pass --tokenizer"),
+    # issue 30: bench arms change only teacher keys; every arm's config is checked before the first run
+    Case("bench arm changes train.lr", bench("--arms", "a:train.lr=0.1"), 2,
+         E + r"--arms 'a:train\.lr=0\.1': train\.lr is not a teacher key; an arm changes only teacher\.\* "
+         r"keys \(a change for every arm goes in --set\)", after=nothing_ran),
+    Case("bench arm changes model", bench("--arms", "a:strategy=hard,model.config.n_layer=9"), 2,
+         E + r"--arms 'a:strategy=hard,model\.config\.n_layer=9': model\.config\.n_layer is not a teacher "
+         r"key", after=nothing_ran),
+    Case("bench arm unknown teacher key", bench("--arms", "a:stratgy=hard"), 2,
+         E + r"--arms 'a:stratgy=hard': unknown config key 'teacher\.stratgy' \(did you mean "
+         r"'teacher\.strategy'\?\)", after=nothing_ran),
+    Case("bench arm bad teacher value", bench("--arms", "a:initial_ratio=2"), 2,
+         E + r"--arms 'a:initial_ratio=2': config key 'teacher\.initial_ratio': 2", after=nothing_ran),
+    Case("bench --seeds 0", bench("--seeds", "0"), 2, E + r"--seeds 0: must be at least 1$",
+         after=nothing_ran),
+    Case("bench --seeds -1", bench("--seeds", "-1"), 2, E + r"--seeds -1: must be at least 1$",
+         after=nothing_ran),
+    Case("bench --budget-steps -5", bench("--budget-steps", "-5"), 2,
+         E + r"--budget-steps -5: must be at least 1$", after=nothing_ran),
+    Case("bench --budget-seconds -1", bench("--budget-seconds", "-1"), 2,
+         E + r"--budget-seconds -1(\.0)?: must be positive$", after=nothing_ran),
+    Case("bench --set bad for every arm", bench("--set", "train.lr=abc"), 2,
+         E + r"config key 'train\.lr': expected a number", after=nothing_ran),
+    # issue 30: a teacher that needs val losses, on data without a val split, stops before training
+    Case("train signal with an empty val split", train(no_val, *SIGNAL), 2,
+         E + r"config key 'teacher\.strategy': 'signal' judges samples by their val losses, but data\.dir "
+         r"\S+/noval has no val samples \(split 'val' is empty\); rebuild the shards with --val-fraction > 0 "
+         r"or --val-input, or choose another teacher\.strategy", noisy=True, after=no_export),
+    # issue 30: a resume on other data names data.dir (was: "teacher state has num_samples=N, this run has M")
+    Case("train resumed on another data.dir", resumed_on(no_val), 2,
+         E + REFUSED + r"data\.dir '\S+' -> '\S+/noval' \(split 'train': \d+ samples when written, 97 now\) "
+         r"\(use another run_dir, or checkpoint\.resume=false\)", noisy=True),
+    Case("train resumed on data.dir rebuilt in place", resumed_on(rebuilt_in_place), 2,
+         E + REFUSED + r"data\.dir '\S+/shards' rebuilt since \(split 'train': \d+ samples when written, \d+ "
+         r"now\)", noisy=True),
     # 24: inspect
     Case("inspect --verify unreadable shard", unreadable_shard, 1,
          r"BAD train/train-000001\.tar: unreadable \(Permission denied\)"),
@@ -415,6 +627,310 @@ def test_sigterm_during_build_removes_its_temp_dir(tmp_path: Path) -> None:
     assert err.strip().splitlines()[-1] == f"{ERR}SIGTERM: stopped, nothing written", err
     assert "Traceback" not in err
     assert sorted(q.name for q in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def _build_proc(out: Path, max_bytes: int, workers: int = 1) -> subprocess.Popen:
+    """A build of the embedded stdlib corpus into OUT in a child process (slow enough to catch mid-way)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "attent_scale", "shards", "build", "-o", str(out),
+                             "--seq-len", "64", "--vocab-size", "2000", "--max-bytes", str(max_bytes),
+                             "--no-progress", "--workers", str(workers)],
+                            cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_temp(p: subprocess.Popen, parent: Path) -> Path:
+    deadline = time.monotonic() + 120
+    while not list(parent.glob(".out.tmp-*")) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    found = list(parent.glob(".out.tmp-*"))
+    assert found, "the build never made its temp directory"
+    return found[0]
+
+
+def small_build(tmp: Path, out: Path, tiny_shards: Path) -> list[str]:
+    (tmp / "in.txt").write_text("hello world, a short text document for the tokenizer\n" * 50)
+    return ["shards", "build", str(tmp / "in.txt"), "-o", str(out), "--seq-len", "16", "--tokenizer",
+            str(tiny_shards / "tokenizer.model"), "--no-progress", "--workers", "1"]
+
+
+def test_two_builds_into_one_out(tmp_path: Path, tiny_shards: Path, capsys: pytest.CaptureFixture) -> None:
+    """Two builds into one --out at once: the second stops at once with one line naming the first, which
+    finishes; nothing of either is lost silently."""
+    out = tmp_path / "out"
+    first = _build_proc(out, 3_000_000)
+    try:
+        _wait_for_temp(first, tmp_path)
+        assert cli.main(small_build(tmp_path, out, tiny_shards)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        busy = E + r"\S+/out: another build \(pid \d+ on \S+\) is writing this output now; wait for it to "
+        assert len(err) == 1 and re.match(busy + "finish, or choose another --out", err[0]), err
+        assert f"pid {first.pid} " in err[0]
+        _, first_err = first.communicate(timeout=600)
+    finally:
+        first.kill()
+    assert first.returncode == 0, first_err
+    assert json.loads((out / "manifest.json").read_text())["build"]["corpus"] == "embedded stdlib corpus"
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["in.txt", "out"]
+
+
+def test_killed_build_leaves_temp_the_next_build_removes(tmp_path: Path, tiny_shards: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """kill -9 mid-build leaves its .out.tmp-PID (nothing can clean up); the next build into that --out
+    proves the builder is gone (it holds the lock), removes the directory and says so in one line."""
+    out = tmp_path / "out"
+    p = _build_proc(out, 20_000_000)
+    try:
+        tmp = _wait_for_temp(p, tmp_path)
+        time.sleep(0.5)
+        p.send_signal(signal.SIGKILL)
+        p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert tmp.is_dir()
+    assert cli.main(small_build(tmp_path, out, tiny_shards)) == 0
+    err = capsys.readouterr().err
+    said = (rf"^attent-scale: removed {re.escape(str(tmp))}: the temp directory of a build into "
+            rf"{re.escape(str(out))} that stopped without cleaning up \(pid {p.pid}\)$")
+    assert re.search(said, err, re.M), err
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["in.txt", "out"]
+
+
+def _workers(pid: int) -> list[int]:
+    """The spawn worker processes of process `pid` (its resource tracker not among them)."""
+    kids = [int(x) for t in Path(f"/proc/{pid}/task").iterdir() for x in (t / "children").read_text().split()]
+    cmd = {k: Path(f"/proc/{k}/cmdline").read_bytes() for k in kids if Path(f"/proc/{k}").exists()}
+    return [k for k, c in cmd.items() if b"spawn_main" in c and b"resource_tracker" not in c]
+
+
+def test_build_worker_killed_is_one_line(tmp_path: Path) -> None:
+    """A worker killed mid-build (the out-of-memory killer, kill -9): the build stops with one line and
+    leaves nothing, instead of waiting forever for the task the dead worker held."""
+    out = tmp_path / "out"
+    p = _build_proc(out, 6_000_000, workers=2)
+    try:
+        deadline = time.monotonic() + 300
+        while p.poll() is None and time.monotonic() < deadline and not (
+                list(tmp_path.glob(".out.tmp-*/.part/tokens/*.bin")) and _workers(p.pid)):
+            time.sleep(0.2)
+        assert p.poll() is None, "the build finished before a worker could be killed"
+        os.kill(_workers(p.pid)[0], signal.SIGKILL)
+        _, err = p.communicate(timeout=300)
+    finally:
+        p.kill()
+    lines = err.strip().splitlines()
+    assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert re.match(E + r"shards build: a worker process died \(killed: out of memory\?\); nothing written "
+                    r"\(rerun; with fewer --workers if memory is short\)$", lines[-1]), lines
+    assert sorted(q.name for q in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_stale_temp_with_foreign_files_is_kept(tmp_path: Path, tiny_shards: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """A directory named like a dead build's temp that holds anything a build does not write is left."""
+    out = tmp_path / "out"
+    odd = tmp_path / ".out.tmp-999999999"
+    odd.mkdir()
+    (odd / "thesis.tex").write_text("mine")
+    assert cli.main(small_build(tmp_path, out, tiny_shards)) == 0
+    assert (odd / "thesis.tex").read_text() == "mine"
+    assert f"attent-scale: warning: {odd} looks like a dead build's temp directory" in capsys.readouterr().err
+
+
+def test_blank_documents_are_skipped_and_counted_in_every_format(tmp_path: Path, tiny_shards: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """One rule for JSONL, parquet and plain text: a blank document (empty, whitespace only) is not
+    stored, and the manifest and the build's report count it; the shards are those of the same inputs
+    without the blanks."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def inputs(root: Path, blanks: bool) -> list[str]:
+        root.mkdir()
+        extra = ["", "  \n\t "] if blanks else []
+        rows = [json.loads(g)["text"] for g in GOOD[:60]]
+        (root / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows[:30] + extra))
+        pq.write_table(pa.table({"text": rows[30:50] + (["\n\n"] if blanks else [])}), root / "b.parquet")
+        (root / "txt").mkdir()
+        for i, t in enumerate(rows[50:]):
+            (root / "txt" / f"{i}.txt").write_text(t)
+        if blanks:
+            (root / "txt" / "z.txt").write_text(" \n")
+        return [str(root / "a.jsonl"), str(root / "b.parquet"), str(root / "txt")]
+
+    args = ["--seq-len", "16", "--tokenizer", str(tiny_shards / "tokenizer.model"), "--val-fraction", "0.3",
+            "--no-progress", "--workers", "1"]
+    for name, blanks in (("o1", False), ("o2", True)):
+        capsys.readouterr()
+        argv = ["shards", "build", *inputs(tmp_path / f"in-{name}", blanks), "-o", str(tmp_path / name)]
+        assert cli.main([*argv, *args]) == 0
+    report = capsys.readouterr().out
+    m1, m2 = (json.loads((tmp_path / o / "manifest.json").read_text()) for o in ("o1", "o2"))
+    blank = {s: v.get("blank_documents", 0) for s, v in m2["splits"].items()}
+    assert sum(blank.values()) == 4, blank
+    said = r"^blank documents skipped \(empty or whitespace only\): (train|val) \d"
+    assert re.search(said, report, re.M), report
+    for split in ("train", "val"):
+        assert [s["sha256"] for s in m1["splits"][split]["shards"]] == \
+            [s["sha256"] for s in m2["splits"][split]["shards"]]
+        assert "blank_documents" not in m1["splits"][split]
+
+
+def test_long_lines_the_tokenizer_skips_are_counted(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """sentencepiece skips lines over 4192 bytes while it trains: the build says how many, and where."""
+    ctx = Ctx(tmp_path, tmp_path, pytest.MonkeyPatch())
+    argv = jl(json.dumps({"text": "word " * 2000}).encode(), 200)(ctx)
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    said = (r"^attent-scale: warning: tokenizer training: 1 line\(s\) over 4192 bytes, which it skips \(the "
+            r"longest, 10000 bytes, at \S+in\.jsonl:201\); it learned from the other 200 line\(s\)$")
+    assert re.search(said, err, re.M), err
+
+
+@pytest.mark.parametrize("size", [4, 24, 1000, 100_000, 1_000_000, 3_000_000, 60_000_000])
+def test_truncated_gguf_is_one_line(size: int, tmp_path: Path, tiny_shards: Path,
+                                    capsys: pytest.CaptureFixture) -> None:
+    """model.init_from a .gguf cut at SIZE bytes (a partial download): whatever the gguf reader raises
+    (struct.error, a reshape ValueError, ...), train stops with one line naming the file, before any
+    weights load."""
+    from attent_scale.errors import UserError
+    from attent_scale.models import smollm2_gguf
+
+    try:
+        whole = smollm2_gguf()
+    except UserError as exc:
+        pytest.skip(str(exc))
+    cut = tmp_path / "cut.gguf"
+    with open(whole, "rb") as f:
+        cut.write_bytes(f.read(size))
+    ctx = Ctx(tmp_path, tiny_shards, pytest.MonkeyPatch())
+    assert cli.main(ctx.train(tiny_shards, f"model.init_from={cut}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert len(err) == 1 and re.match(E + rf"config key 'model\.init_from': {re.escape(str(cut))}: not a "
+                                      rf"readable \.gguf file \(.+; {size} bytes: truncated or damaged\?\)$",
+                                      err[0]), err
+
+
+@pytest.mark.parametrize(("engine", "nproc"), [("local", 1), ("fsdp", 2)])
+def test_disk_full_at_export_keeps_the_checkpoint(engine: str, nproc: int, tmp_path: Path,
+                                                  tiny_shards: Path) -> None:
+    """The disk fills up during the export (after the last checkpoint): every rank stops with one line
+    naming the checkpoint that holds the trained weights; no half-written export, no temp directory, no
+    summary, exit 2, no rank left waiting. Rerun with space, the same command exports from it."""
+    sys.path.insert(0, str(REPO / "tests" / "helpers"))
+    from train_runner import run_train, tiny_run_config
+
+    from attent_scale import launcher
+
+    run_dir = tmp_path / "run"
+    cfg = tiny_run_config(run_dir, tiny_shards, engine, teacher={"mode": "none"}, train={"max_steps": 4},
+                          eval={"every_steps": 0, "max_batches": 1},
+                          checkpoint={"export": True, "every_steps": 2})
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "helpers"), str(REPO)]),
+           "ATTENT_EXPORT_FSIZE": str(16 * 1024)}
+    fault = launcher.command(("-m", "export_fault", "train"), nproc=nproc)
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **env}
+    proc = subprocess.run([*fault, "--config", str(cfg_path)], cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert not re.search(r'File ".*attent_scale/', proc.stderr), proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(ERR)]
+    assert errors and all(e == errors[0] for e in errors), proc.stderr[-3000:]
+    step4 = run_dir / "checkpoints" / "step-00000004"
+    said = (E + rf"export {re.escape(str(run_dir / 'export'))}: write failed on rank 0: disk full \(File too "
+            rf"large\); nothing of it written; the trained weights are in checkpoint {re.escape(str(step4))} "
+            r"\(free space, then rerun the same command: it resumes there and exports\)$")
+    assert re.match(said, errors[0]), errors
+    if nproc == 1:
+        assert proc.returncode == 2
+    assert (step4 / "COMPLETE").is_file()
+    assert not (run_dir / "export").exists() and not (run_dir / "summary.json").exists()
+    assert not [q.name for q in run_dir.iterdir() if q.name.startswith(".export")]
+
+    again = run_train(cfg, nproc=nproc, timeout=400)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (run_dir / "export" / "model" / "model.safetensors").is_file()
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+
+
+def test_export_replaces_only_an_earlier_export(tmp_path: Path) -> None:
+    """The export writer swaps in a whole export (export.json last), replaces only the entries an earlier
+    export.json lists, leaves a user's files alone, and on a failed write leaves everything as it was."""
+    from attent_scale.export import write_export
+
+    out = tmp_path / "export"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "old.safetensors").write_text("old")
+    (out / "export.json").write_text(json.dumps({"dirs": ["model"]}))
+    (out / "notes.txt").write_text("mine")
+
+    def new(tmp: Path) -> None:
+        (tmp / "model").mkdir()
+        (tmp / "model" / "new.safetensors").write_text("new")
+        (tmp / "export.json").write_text(json.dumps({"dirs": ["model"]}))
+
+    def full(tmp: Path) -> None:
+        (tmp / "model").mkdir()
+        (tmp / "model" / "half.safetensors").write_text("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def blocked(tmp: Path) -> None:
+        new(tmp)
+        (tmp / "notes.txt").write_text("ours")
+
+    def tree() -> dict[str, str]:
+        return {str(q.relative_to(tmp_path)): q.read_text() for q in tmp_path.rglob("*") if q.is_file()}
+
+    before = tree()
+    assert write_export(out, full) == "disk full (No space left on device)"
+    assert tree() == before
+    in_the_way = "notes.txt in the way there (not written by an earlier export: move it)"
+    assert write_export(out, blocked) == in_the_way
+    assert tree() == before
+    assert write_export(out, new) is None
+    assert tree() == {"export/model/new.safetensors": "new", "export/export.json": '{"dirs": ["model"]}',
+                      "export/notes.txt": "mine"}
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["export"]
+
+
+def test_nonfinite_stop_sets_aside_the_checkpoints_that_hold_its_weights(tmp_path: Path,
+                                                                         tiny_shards: Path) -> None:
+    """A run resumed with train.lr=1e10 diverges: the stop names the steps, sets aside the checkpoint that
+    holds the weights that gave them (a non-finite step changes nothing) and names the one a rerun resumes;
+    the rerun with a sane train.lr resumes there, not from the poisoned one, and finishes."""
+    sys.path.insert(0, str(REPO / "tests" / "helpers"))
+    from train_runner import run_train, tiny_run_config
+
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    cfg = tiny_run_config(run_dir, tiny_shards, teacher={"mode": "none"},
+                          train={"max_steps": 4, "max_nonfinite_in_row": 2},
+                          eval={"every_steps": 0, "max_batches": 1},
+                          checkpoint={"every_steps": 1, "keep_last": 3})
+    first = run_train(cfg)
+    assert first.returncode == 0, first.stderr[-3000:]
+    cfg["train"].update(max_steps=12, lr=1e10)
+    bad = run_train(cfg)
+    errors = [line for line in bad.stderr.splitlines() if line.startswith(ERR)]
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    said = (E + r"2 non-finite training steps \(loss or gradient norm\) in a row at steps 6-7; "
+            r"step-00000005 holds the weights that gave them, set aside \(COMPLETE renamed NONFINITE: never "
+            rf"resumed\); a rerun resumes from {re.escape(str(ckpts / 'step-00000004'))}, the last "
+            r"checkpoint before them \(lower train\.lr\?\)$")
+    assert len(errors) == 1 and re.match(said, errors[0]), errors
+    assert "attent-scale: train.lr 0.003 in the checkpoint, 1e+10 now: the LR schedule goes on from 1e+10" \
+        in bad.stderr, bad.stderr[-3000:]  # a changed train.lr applies on resume (it was silently ignored)
+    poisoned = ckpts / "step-00000005"
+    assert (poisoned / "NONFINITE").is_file() and not (poisoned / "COMPLETE").exists()
+    assert sorted(q.name for q in ckpts.iterdir()) == ["step-00000003", "step-00000004", "step-00000005"]
+
+    cfg["train"].update(max_steps=8, lr=3e-3)
+    again = run_train(cfg)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "step-00000004" in again.stderr and "step-00000005" not in again.stderr, again.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
 
 
 def test_corruption_budget_stops_both_ranks_together(tmp_path: Path, tiny_shards: Path) -> None:

@@ -23,14 +23,16 @@ from attent_scale.errors import UserError
 
 
 def test_parse_arm_defaults_to_teacher_keys_and_cycle_mode():
-    arm = parse_arm("soft-inc:strategy=soft,ratio_schedule=incremental,train.lr=0.01")
+    arm = parse_arm("soft-inc:strategy=soft,ratio_schedule=incremental,teacher.seed_offset=1")
     assert arm.name == "soft-inc"
     assert arm.overrides == {
         "teacher.strategy": "soft",
         "teacher.ratio_schedule": "incremental",
-        "train.lr": "0.01",
+        "teacher.seed_offset": "1",
         "teacher.mode": "cycle",
     }
+    with pytest.raises(UserError, match=r"train\.lr is not a teacher key"):  # its controls would not get it
+        parse_arm("soft-inc:strategy=soft,train.lr=0.01")
     ctl = random_control(arm)
     assert ctl.overrides == {
         "teacher.ratio_schedule": "incremental",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,68 @@ def test_tokenizer_and_init_from(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "--tokenizer" in proc.stderr
     proc = _finetune(*small, "--out", str(tmp_path / "y"), "--teacher-set", "mode=sideways")
     assert proc.returncode == 2 and "teacher.mode" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def given_tok(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A SentencePiece model for rows of any size (training one on 4 rows fails on its vocabulary)."""
+    from attent_scale.data.tokenizer import train_tokenizer
+
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "word"]
+    docs = [SimpleNamespace(text=" ".join(words[(i + k) % len(words)] for k in range(12))) for i in range(60)]
+    return str(train_tokenizer(docs, tmp_path_factory.mktemp("tok") / "t.model", vocab_size=300))
+
+
+def _rows(path: Path, prompts: list[str]) -> Path:
+    rows = [json.dumps({"prompt": p, "response": "delta epsilon zeta"}) + "\n" for p in prompts]
+    path.write_text("".join(rows))
+    return path
+
+
+@pytest.mark.parametrize(("args", "first"), [
+    (["--eval-rows", "-3"], r"--eval-rows -3: must be >= 0 \(0: --eval-fraction decides\)$"),
+    (["--max-samples", "-1"], r"--max-samples -1: must be >= 0 \(0: all rows\)$"),
+    (["--seq-len", "1"], r"--seq-len 1: must be at least 2$"),
+    (["--batch-size", "0"], r"--batch-size 0: must be at least 1$"),
+    (["--epochs", "0"], r"--epochs 0(\.0)?: must be positive$"),
+    (["--eval-rows", "40"], r"--eval-rows 40: only 40 usable rows in \S+rows\.jsonl, and training needs "
+                            r"one$"),
+])
+def test_finetune_bad_arguments_are_one_line(tmp_path: Path, given_tok: str, args: list[str],
+                                             first: str) -> None:
+    data = _rows(tmp_path / "rows.jsonl", ["alpha beta gamma"] * 40)
+    proc = _finetune("--data", str(data), "--out", str(tmp_path / "o"), "--seq-len", "32", "--tokenizer",
+                     given_tok, *args)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.match("hf_finetune: " + first, lines[0]), lines
+
+
+def test_finetune_rows_whose_prompt_fills_seq_len(tmp_path: Path, given_tok: str) -> None:
+    """A row whose prompt fills --seq-len has no response token to learn: each one is counted in one line;
+    when every row is such a row the error names --seq-len, not --eval-rows."""
+    long = "word " * 40
+    data = _rows(tmp_path / "rows.jsonl", [long] * 40)
+    proc = _finetune("--data", str(data), "--out", str(tmp_path / "a"), "--seq-len", "16", "--eval-rows", "2",
+                     "--tokenizer", given_tok)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert re.match(r"hf_finetune: --seq-len 16: every row's prompt fills it \(40 rows in \S+rows\.jsonl, no "
+                    r"response token left\); raise --seq-len or shorten the prompts$", lines[0]), lines
+
+    data = _rows(tmp_path / "rows.jsonl", [long] * 3 + ["short?"])
+    proc = _finetune("--data", str(data), "--out", str(tmp_path / "a"), "--seq-len", "16", "--tokenizer",
+                     given_tok)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert re.match(r"hf_finetune: --eval-fraction 0\.1: leaves no training row of the 1 usable rows in "
+                    r"\S+rows\.jsonl \(3 more dropped: the prompt fills --seq-len 16\)$", lines[0]), lines
+
+    data = _rows(tmp_path / "rows.jsonl", [long] * 5 + ["short?"] * 11)
+    proc = _finetune("--data", str(data), "--out", str(tmp_path / "b"), "--seq-len", "16", "--eval-rows", "2",
+                     "--epochs", "1", "--batch-size", "4", "--no-save", "--no-attent", "--tokenizer",
+                     given_tok)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^hf_finetune: 5 of 16 rows dropped: the prompt fills --seq-len 16 \(no response token "
+                     r"left\)$", proc.stderr, re.M), proc.stderr[-3000:]
+    assert json.loads((tmp_path / "b" / "eval.json").read_text())["train_samples"] == 11 - 2

@@ -85,13 +85,21 @@ def test_bad_inputs_exit_2(
     expect_user_error(capsys, ["shards", "inspect", str(empty)], "manifest.json", "not found")
 
 
-def test_overwrite_replaces_atomically(tmp_path: Path, built: tuple[Path, Path]) -> None:
+def test_overwrite_replaces_atomically(tmp_path: Path, built: tuple[Path, Path],
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """--overwrite replaces an earlier build's files (and only those: a user's file stops it)."""
     src, _ = built
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "stale.txt").write_text("x")
+    assert main(build_args(src, out, "--samples-per-shard", "5")) == 0
+    many = {p.name for p in out.iterdir()}
+    (out / ".attent-verified.json").write_text("{}")  # a training run's cache beside the shards
     assert main(build_args(src, out, "--overwrite")) == 0
-    assert not (out / "stale.txt").exists() and (out / "manifest.json").is_file()
+    now = {p.name for p in out.iterdir()}
+    assert len(now) < len(many) and (out / "manifest.json").is_file()  # fewer shards: none left over
+    no_leftovers(tmp_path)
+    (out / "stale.txt").write_text("x")
+    expect_user_error(capsys, build_args(src, out, "--overwrite"), str(out), "stale.txt", "--overwrite")
+    assert (out / "stale.txt").read_text() == "x" and {p.name for p in out.iterdir()} == now | {"stale.txt"}
     no_leftovers(tmp_path)
 
 

@@ -55,6 +55,8 @@ def read_rows(path: Path, max_samples: int) -> list[dict[str, str]]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
+            except RecursionError:
+                raise UserError(f"{path}:{lineno}: not JSON (nested too deep to parse)") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object")
             keys = ("text",) if "text" in row and "prompt" not in row else ("prompt", "response")
@@ -70,8 +72,9 @@ def read_rows(path: Path, max_samples: int) -> list[dict[str, str]]:
     return rows
 
 
-def tokenize(rows: list[dict[str, str]], tok: Any, seq_len: int) -> list[dict[str, list[int]]]:
-    """input_ids = [bos] prompt response [eos], cut at seq_len; labels -100 on bos and the prompt."""
+def tokenize(rows: list[dict[str, str]], tok: Any, seq_len: int) -> tuple[list[dict[str, list[int]]], int]:
+    """input_ids = [bos] prompt response [eos], cut at seq_len; labels -100 on bos and the prompt. Returns
+    the items and how many rows were dropped: their prompt fills seq_len (no target token left)."""
     from attent_scale.data.tokenizer import BOS_ID
 
     out = []
@@ -82,7 +85,46 @@ def tokenize(rows: list[dict[str, str]], tok: Any, seq_len: int) -> list[dict[st
         labels = ([IGNORE] * len(prompt) + target)[:seq_len]
         if any(label != IGNORE for label in labels[1:]):  # a row with no target token teaches nothing
             out.append({"input_ids": ids, "labels": labels})
-    return out
+    return out, len(rows) - len(out)
+
+
+def split_eval(n_items: int, n_rows: int, args: argparse.Namespace) -> int:
+    """How many usable rows are held out: --eval-rows, else --eval-fraction of them; at least one of each
+    side, or a one-line error naming the flag that decides (and --seq-len when it left no row)."""
+    if n_items == 0:
+        raise UserError(f"--seq-len {args.seq_len}: every row's prompt fills it ({n_rows} rows in "
+                        f"{args.data}, no response token left); raise --seq-len or shorten the prompts")
+    dropped = f" ({n_rows - n_items} more dropped: the prompt fills --seq-len {args.seq_len})" \
+        if n_items < n_rows else ""
+    if args.eval_rows:
+        if args.eval_rows >= n_items:
+            raise UserError(f"--eval-rows {args.eval_rows}: only {n_items} usable rows in {args.data}, and "
+                            f"training needs one{dropped}")
+        return args.eval_rows
+    n_eval = max(1, int(n_items * args.eval_fraction))
+    if n_eval >= n_items:
+        raise UserError(f"--eval-fraction {args.eval_fraction}: leaves no training row of the {n_items} "
+                        f"usable rows in {args.data}{dropped}")
+    return n_eval
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every count and size flag in range, before anything loads: one line naming the flag."""
+    for flag, value, low, note in (("--eval-rows", args.eval_rows, 0, " (0: --eval-fraction decides)"),
+                                   ("--max-samples", args.max_samples, 0, " (0: all rows)"),
+                                   ("--eval-steps", args.eval_steps, 0, " (0: per epoch)")):
+        if value < low:
+            raise UserError(f"{flag} {value}: must be >= {low}{note}")
+    for flag, value, low in (("--seq-len", args.seq_len, 2), ("--batch-size", args.batch_size, 1),
+                             ("--grad-accum", args.grad_accum, 1), ("--lora-r", args.lora_r, 1),
+                             ("--vocab-size", args.vocab_size, 16)):
+        if value < low:
+            raise UserError(f"{flag} {value}: must be at least {low}")
+    for flag, value in (("--epochs", args.epochs), ("--lr", args.lr)):
+        if not value > 0:
+            raise UserError(f"{flag} {value}: must be positive")
+    if not 0 < args.eval_fraction < 1:
+        raise UserError(f"--eval-fraction {args.eval_fraction}: must be in (0, 1)")
 
 
 class Rows(torch.utils.data.Dataset):
@@ -256,13 +298,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_args(args)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, GPT2Config, Trainer, TrainingArguments
 
     from attent_scale.integrations.hf import AttentTrainer, init_deepspeed_comm
 
-    if not 0 < args.eval_fraction < 1:
-        raise UserError(f"--eval-fraction {args.eval_fraction}: must be in (0, 1)")
     teacher = None if args.no_attent else teacher_config(args.teacher_set)
     tok_source = tokenizer_source(args.tokenizer, args.init_from)
     rows = read_rows(args.data, args.max_samples)
@@ -280,12 +321,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.deepspeed:
         init_deepspeed_comm()  # so that zero.Init (in from_config) partitions over every rank
     tok = build_tokenizer(rows, args.out, args.vocab_size, tok_source)
-    items = tokenize(rows, tok, args.seq_len)
+    items, dropped = tokenize(rows, tok, args.seq_len)
+    n_eval = split_eval(len(items), len(rows), args)
+    if dropped and targs.process_index == 0:
+        print(f"hf_finetune: {dropped} of {len(rows)} rows dropped: the prompt fills --seq-len "
+              f"{args.seq_len} (no response token left)", file=sys.stderr, flush=True)
     g = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(items), generator=g).tolist()
-    n_eval = args.eval_rows or max(1, int(len(items) * args.eval_fraction))
-    if n_eval >= len(items):
-        raise UserError(f"--eval-rows {n_eval}: only {len(items)} usable rows in {args.data}")
     train = Rows([items[i] for i in order[n_eval:]])
     evals = Rows([items[i] for i in order[:n_eval]])
 
