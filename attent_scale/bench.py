@@ -126,8 +126,10 @@ def data_sentence(name: str, runs: list[dict[str, Any]], paid: bool | None = Non
     text = explain([r for run in runs for r in run["selections"]])
     if text is None:
         return None
-    seen, _, claim = text.partition(": ")
-    claims_gain = seen.startswith("the teacher dropped")  # explain names a case only at >= 10% dropped
+    seen, _, claim = text.rpartition(": ")  # the meaning is the last clause ("...: this data has ...")
+    if not seen:
+        seen, claim = claim, ""
+    claims_gain = seen.startswith("the teacher dropped")  # a case is named only where something was dropped
     if paid is not None and claim and ((claims_gain and not paid) or (paid and seen.startswith(
             "the teacher kept") and "expect no speedup" in claim)):
         claim = ("yet it paid off on this run" if paid else "on this run that did not pay off") + (

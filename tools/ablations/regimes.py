@@ -661,8 +661,8 @@ def _build_cmd(args: argparse.Namespace) -> None:
         if result["oracle"] else ""
     print(f"wrote {args.out}/train.jsonl, val.jsonl{oracle}{', ref.jsonl' if ref else ''}, {side.name}; "
           f"next: attent-scale shards build {args.out}/train.jsonl --val-input {args.out}/val.jsonl -o "
-          f"{args.out}/shards ... (the oracle's shards: the same with oracle.jsonl and --tokenizer "
-          f"{args.out}/shards/tokenizer.model)")
+          f"{args.out}/shards ... (the oracle's shards: the same from oracle.jsonl, the same --val-input, "
+          "--tokenizer the train shards' tokenizer)")
 
 
 def _kinds_cmd(args: argparse.Namespace) -> None:
