@@ -20,8 +20,8 @@
 #   once per regime by `attent-scale reference fit` with REF_ARGS, its CPU seconds charged by bench: e.g.
 #   ARMS='learn:mode=ledger,strategy=learn,ratio_schedule=constant,initial_ratio=0.2,reference={reference}'),
 #   REF_ARGS (default: one epoch per fold, eval every 35 steps, early-stop patience 1), SPAN_RATE (0.25),
-#   SPAN_WORDS (2,8), NOISE_RATE (0.15), EPOCHS (6), CONSTRAINED_EPOCHS (14), CONSTRAINED_BYTES (160000),
-#   REPEATS_CORPUS (prose), ORACLE_STEPS (budget | uniform), JOBS (regimes run at once, 1).
+#   SPAN_WORDS (2,8), SPAN_KINDS (random,shuffle), NOISE_RATE (0.15), EPOCHS (6), CONSTRAINED_EPOCHS (14), CONSTRAINED_BYTES (160000),
+#   REPEATS_CORPUS (prose), ORACLE_STEPS (uniform | budget), JOBS (regimes run at once, 1).
 set -euo pipefail
 corpus=${1:-stdlib}
 seeds=${2:-3}
@@ -41,7 +41,8 @@ done
 build() {  # build REGIME DATA: the regime's jsonl files, its shards and, where it has one, its twin's shards
   local regime=$1 data=$2 how=() src=$corpus bytes=400000
   case $regime in
-    span) how=(--regime span --rate "${SPAN_RATE:-0.25}" --span-words "${SPAN_WORDS:-2,8}") ;;
+    span) how=(--regime span --rate "${SPAN_RATE:-0.25}" --span-words "${SPAN_WORDS:-2,8}"
+               --noise-kinds "${SPAN_KINDS:-random,shuffle}") ;;
     dup) how=(--regime dup --rate 0.4 --max-copies 16); bytes=160000 ;;
     noise) how=(--regime noise --rate "${NOISE_RATE:-0.15}") ;;
     clean) how=(--regime clean) ;;
@@ -64,7 +65,7 @@ one() {  # one REGIME: build (once), its reference (when an arm needs one), benc
   [ -f "$data/shards/manifest.json" ] || build "$regime" "$data"
   [ "$regime" = constrained ] && budget=${CONSTRAINED_EPOCHS:-14}
   [ -f "$data/oracle-shards/manifest.json" ] && oracle=(--oracle-data "$data/oracle-shards" \
-    --oracle-steps "${ORACLE_STEPS:-budget}")
+    --oracle-steps "${ORACLE_STEPS:-uniform}")
   ref=$out/$regime/reference
   if [[ "${arms[*]}" == *"{reference}"* ]]; then  # the learn helper's arms: one cross-fitted reference
     read -r -a ref_args <<< "${REF_ARGS:---set reference.epochs=1 --set reference.eval_every_steps=35 \
