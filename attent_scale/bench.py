@@ -652,7 +652,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from attent_scale.config import load_config
 
     base_teacher = load_config(args.config, args.overrides).teacher
-    attent_arms = [parse_arm(a) for a in args.arms] if args.arms else [default_arm(base_teacher)]
+    gap_only = getattr(args, "gap_only", False)  # the regime's oracle gap first, before judging a teacher
+    attent_arms = [parse_arm(a) for a in args.arms] if args.arms else [] if gap_only else [
+        default_arm(base_teacher)]
     check_reserved(attent_arms)
     names = [a.name for a in attent_arms]
     if len(set(names)) != len(names):
@@ -661,6 +663,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     oracle_data = getattr(args, "oracle_data", None)
     if oracle_data:
         check_oracle_data(args.data, oracle_data)
+    if gap_only:
+        if not oracle_data:
+            raise UserError("bench --gap-only: needs --oracle-data (the gap is uniform − oracle)")
+        attent_arms = []
 
     plan: list[Arm] = [Arm(BASELINE, {"teacher.mode": "none"}, role="baseline")]
     if oracle_data:
@@ -810,6 +816,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "copies, the same val split and tokenizer): adds the arm 'oracle', uniform on it, "
                         "and the oracle gap each arm is judged by (tools/ablations/regimes.py writes its "
                         "input)")
+    p.add_argument("--gap-only", action="store_true",
+                   help="run uniform and the oracle only: the regime's oracle gap (a later bench --reuse "
+                        "with the arms reads both back)")
     p.add_argument("--oracle-steps", choices=("uniform", "budget"), default="uniform",
                    help="the oracle's budget: as many steps as uniform trained (the same compute on clean "
                         "data), or the bench's (an epoch budget trains fewer steps on a smaller twin)")

@@ -89,7 +89,7 @@ def _run(curve: list[tuple[float, float, float]], seed: int = 0, ref_s: float = 
     summary = {"final_val_loss": curve[-1][2], "selection_seconds": 0.0, "train_seconds": curve[-1][0],
                "wall_seconds": curve[-1][0], "samples_trained": curve[-1][1], "steps": int(curve[-1][1])}
     return {"seed": seed, "summary": summary, "curve": curve, "clock_seconds": curve[-1][0],
-            "reference_seconds": ref_s, "selections": []}
+            "reference_seconds": ref_s, "selections": [], "ratio": [(0, 1.0)]}
 
 
 def _scored(name: str, role: str, runs: list[dict], base: dict[int, dict]) -> dict:
@@ -217,6 +217,32 @@ def test_a_token_arm_gets_a_random_mask_control_of_its_kept_share(tmp_path, monk
                                           f"{bad}:strategy=hard"])
         with pytest.raises(UserError, match="reserved"):
             bench.run_bench(args)
+
+
+def test_gap_only_runs_uniform_and_the_oracle_and_reports_the_gap(tmp_path, monkeypatch, capsys):
+    from attent_scale import bench
+    from attent_scale.cli import build_parser
+
+    planned = []
+
+    def fake_run_arm(arm, seed, args, out_dir):
+        planned.append((arm.name, dict(arm.overrides)))
+        final = {"uniform": 4.0, "oracle": 3.8}[arm.name] + 0.01 * seed
+        return _run([(0.0, 0, 6.0), (10.0, 100, final)], seed=seed)
+
+    monkeypatch.setattr(bench, "run_arm", fake_run_arm)
+    monkeypatch.setattr(bench, "check_oracle_data", lambda data, oracle: None)
+    argv = ["bench", "--data", str(tmp_path), "--config", str(REPO / "configs" / "ablation.yaml"),
+            "--seeds", "2", "--out", str(tmp_path / "out"), "--oracle-data", str(tmp_path / "twin"),
+            "--gap-only"]
+    report = bench.run_bench(build_parser().parse_args(argv))
+    assert [n for n, _ in planned] == ["uniform", "uniform", "oracle", "oracle"]
+    assert planned[2][1]["train.max_steps"] == "100"  # uniform's step count, LR decayed over it
+    assert [a["name"] for a in report["arms"]] == ["uniform", "oracle"] and report["verdicts"] == []
+    assert report["oracle_gap"]["final_per_seed"] == pytest.approx([0.2, 0.2])
+    assert capsys.readouterr().out.startswith("oracle gap (uniform − oracle, final val): +0.2000")
+    with pytest.raises(UserError, match="--gap-only: needs --oracle-data"):
+        bench.run_bench(build_parser().parse_args(argv[:-3] + ["--gap-only"]))
 
 
 def test_the_bench_sentence_never_names_a_case_the_runs_numbers_contradict():
@@ -379,3 +405,45 @@ def test_fine_tuning_regime_starts_every_arm_from_the_pretrained_export(tmp_path
         starts.append(read_lines(out / arm / "seed-0" / "eval.jsonl")[0]["val_loss"])
     assert starts[0] == pytest.approx(starts[1]) == pytest.approx(starts[2])  # same pretrained start
     assert starts[0] < 6.2  # below ln(512): the pretrained weights, not a fresh init
+
+
+@pytest.mark.slow
+def test_bench_with_an_oracle_twin_opens_with_the_gap_and_ends_with_verdicts(tmp_path, tiny_shards):
+    """A real bench with --oracle-data: the oracle trains uniform's step count on the twin, bench.md opens
+    with the oracle gap and uniform's best val, and every AtteNT arm gets a verdict line."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text = (stdlib / "json" / "decoder.py").read_text() + (stdlib / "statistics.py").read_text()
+    docs = [text[i:i + 800] for i in range(0, 24_000, 800)]
+    for name, lines in (("train", docs[:24]), ("twin", docs[:18]), ("val", docs[24:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in lines))
+    shards = {}
+    for name in ("train", "twin"):
+        shards[name] = tmp_path / f"{name}-shards"
+        build_shards([tmp_path / f"{name}.jsonl"], shards[name], seq_len=32, progress=False,
+                     tokenizer=tiny_shards / "tokenizer.model", val_input=[tmp_path / "val.jsonl"])
+    cfg = tiny_run_config(tmp_path / "unused", shards["train"], eval={"every_steps": 3, "max_batches": 0})
+    cfg_path = tmp_path / "bench.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "attent_scale", "bench", "--data", str(shards["train"]), "--config",
+         str(cfg_path), "--arms", "hard:strategy=hard", "--budget-epochs", "2", "--out", str(out),
+         "--oracle-data", str(shards["twin"]), "--set", "checkpoint.export=false", "--clock", "cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    by = {a["name"]: a for a in report["arms"]}
+    assert by["oracle"]["role"] == "oracle" and by["oracle"]["steps"] == by["uniform"]["steps"]
+    oracle_cfg = yaml.safe_load((out / "oracle" / "seed-0" / "config.yaml").read_text())
+    assert oracle_cfg["data"]["dir"] == str(shards["twin"])
+    gap = report["oracle_gap"]
+    uni = by["uniform"]
+    assert gap["final_per_seed"] == [pytest.approx(uni["final_val_loss"] - by["oracle"]["final_val_loss"])]
+    assert uni["best_val_loss"] == report["uniform_best_val_loss"] <= uni["final_val_loss"]
+    md = (out / "bench.md").read_text().splitlines()
+    assert md[0].startswith("oracle gap (uniform − oracle, final val)")
+    assert md[1].startswith("uniform's best val")
+    assert report["verdicts"] and report["verdicts"][0].startswith("hard: ")
+    assert by["hard"]["verdict"].split(":")[0] in ("no", "wins (faster)", "wins (better)",
+                                                   "wins (faster and better)")
+    assert proc.stdout.splitlines()[0].startswith("oracle gap") and "hard: " in proc.stdout

@@ -20,8 +20,11 @@
 #   once per regime by `attent-scale reference fit` with REF_ARGS, its CPU seconds charged by bench: e.g.
 #   ARMS='learn:mode=ledger,strategy=learn,ratio_schedule=constant,initial_ratio=0.2,reference={reference}'),
 #   REF_ARGS (default: one epoch per fold, eval every 35 steps, early-stop patience 1), SPAN_RATE (0.25),
-#   SPAN_WORDS (2,8), SPAN_KINDS (random,shuffle), NOISE_RATE (0.15), EPOCHS (6), CONSTRAINED_EPOCHS (14), CONSTRAINED_BYTES (160000),
-#   REPEATS_CORPUS (prose), ORACLE_STEPS (uniform | budget), JOBS (regimes run at once, 1).
+#   SPAN_WORDS (2,8), SPAN_KINDS (random,shuffle), NOISE_RATE (0.15), EPOCHS (6), CONSTRAINED_EPOCHS (14),
+#   CONSTRAINED_BYTES (160000),
+#   REPEATS_CORPUS (prose), ORACLE_STEPS (uniform | budget), JOBS (regimes run at once, 1), GAP_ONLY (set:
+#   uniform and the oracle only, `bench --gap-only`: check that the noise hurts before judging a teacher;
+#   a later run without it reuses both).
 set -euo pipefail
 corpus=${1:-stdlib}
 seeds=${2:-3}
@@ -74,11 +77,15 @@ one() {  # one REGIME: build (once), its reference (when an arm needs one), benc
       --set eval.max_batches=0 "${quarter_model[@]}" "${ref_args[@]}"
   fi
   for a in "${arms[@]}"; do regime_arms+=("${a//\{reference\}/$ref/scores-train.safetensors}"); done
+  if [ -n "${GAP_ONLY:-}" ]; then  # uniform and the oracle only: the regime's oracle gap
+    if [ "${#oracle[@]}" -eq 0 ]; then echo "$regime: no clean twin, no gap to measure"; return 0; fi
+    regime_arms=(--gap-only)
+  fi
   attent-scale bench --data "$data/shards" --config configs/ablation.yaml --budget-epochs "$budget" \
     --seeds "$seeds" --clock cpu --reuse --out "$out/$regime" --set checkpoint.export=false \
     --set eval.every_steps=50 --set eval.max_batches=0 "${quarter_model[@]}" "${oracle[@]}" \
     "${regime_arms[@]}" "${@:2}"
-  python tools/ablations/regimes.py kinds "$data/shards" "$data/kinds.json" \
+  [ -n "${GAP_ONLY:-}" ] || python tools/ablations/regimes.py kinds "$data/shards" "$data/kinds.json" \
     --selection "$out/$regime/signal/seed-0/selection.jsonl"
 }
 
