@@ -408,6 +408,7 @@ def test_fine_tuning_regime_starts_every_arm_from_the_pretrained_export(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # five arm runs; ~1 minute on an idle machine, far more on a shared one
 def test_bench_with_an_oracle_twin_opens_with_the_gap_and_ends_with_verdicts(tmp_path, tiny_shards):
     """A real bench with --oracle-data: the oracle trains uniform's step count on the twin, bench.md opens
     with the oracle gap and uniform's best val, and every AtteNT arm gets a verdict line."""
@@ -421,15 +422,15 @@ def test_bench_with_an_oracle_twin_opens_with_the_gap_and_ends_with_verdicts(tmp
         shards[name] = tmp_path / f"{name}-shards"
         build_shards([tmp_path / f"{name}.jsonl"], shards[name], seq_len=32, progress=False,
                      tokenizer=tiny_shards / "tokenizer.model", val_input=[tmp_path / "val.jsonl"])
-    cfg = tiny_run_config(tmp_path / "unused", shards["train"], eval={"every_steps": 3, "max_batches": 0})
+    cfg = tiny_run_config(tmp_path / "unused", shards["train"], eval={"every_steps": 2, "max_batches": 0})
     cfg_path = tmp_path / "bench.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "bench"
     proc = subprocess.run(
         [sys.executable, "-m", "attent_scale", "bench", "--data", str(shards["train"]), "--config",
-         str(cfg_path), "--arms", "hard:strategy=hard", "--budget-epochs", "2", "--out", str(out),
+         str(cfg_path), "--arms", "hard:strategy=hard", "--budget-steps", "6", "--out", str(out),
          "--oracle-data", str(shards["twin"]), "--set", "checkpoint.export=false", "--clock", "cpu"],
-        cwd=REPO, capture_output=True, text=True, timeout=900)
+        cwd=REPO, capture_output=True, text=True, timeout=1700)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     by = {a["name"]: a for a in report["arms"]}
