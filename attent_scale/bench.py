@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -22,6 +23,9 @@ from attent_scale.errors import UserError
 from attent_scale.runlog import read_jsonl, write_json
 
 BASELINE = "uniform"
+ORACLE = "oracle"  # uniform on the regime's clean twin (--oracle-data): what a perfect teacher could reach
+RANDOM_MASK = "random-mask"  # token-unit arms' control: a random token mask of the arm's kept share
+RESERVED = (BASELINE, ORACLE, "random-subset", "uniform-short", RANDOM_MASK)
 BAR_DESC = "train"  # the trainer's tqdm description (train.py `_progress_bar`)
 CLOCK_KEYS = {"wall": "train_seconds", "cpu": "train_cpu_seconds"}
 DEFAULT_ARM = "attent"  # without --arms: one arm, the config's own teacher as it is
@@ -116,12 +120,222 @@ def kept_share(runs: list[dict[str, Any]]) -> float:
     return round(statistics.fmean(shares), 4) if shares else 1.0
 
 
-def data_sentence(name: str, runs: list[dict[str, Any]]) -> str | None:
-    """The one sentence on which case the data is in, from arm `name`'s selection records."""
+def data_sentence(name: str, runs: list[dict[str, Any]], paid: bool | None = None,
+                  numbers: str = "") -> str | None:
+    """The one sentence on which case the data is in, from arm `name`'s selection records. `paid`: whether
+    the run's own numbers say the arm paid off (None: not known). The teacher's sentence is "<what it
+    dropped>: <what that means>"; a meaning the numbers contradict (data with something to drop on a run
+    that did not pay off, nothing to drop on one that did) is replaced by what the numbers say."""
     from attent_scale.teacher.signals import explain
 
     text = explain([r for run in runs for r in run["selections"]])
-    return None if text is None else f"{name}: {text[0].upper()}{text[1:]}."
+    if text is None:
+        return None
+    seen, _, claim = text.rpartition(": ")  # the meaning is the last clause ("...: this data has ...")
+    if not seen:
+        seen, claim = claim, ""
+    claims_gain = seen.startswith("the teacher dropped")  # a case is named only where something was dropped
+    if paid is not None and claim and ((claims_gain and not paid) or (paid and seen.startswith(
+            "the teacher kept") and "expect no speedup" in claim)):
+        claim = ("yet it paid off on this run" if paid else "on this run that did not pay off") + (
+            f" ({numbers})" if numbers else "")
+    text = f"{seen}: {claim}" if claim else seen
+    return f"{name}: {text[0].upper()}{text[1:]}."
+
+
+# ---------------------------------------------------------------------------------------- oracle, masks
+
+def check_reserved(arms: list[Arm]) -> None:
+    """UserError for an --arms name that a bench arm of its own uses (uniform, oracle, the controls)."""
+    for arm in arms:
+        if arm.name in RESERVED or arm.name.startswith(tuple(f"{r}[" for r in RESERVED)):
+            raise UserError(f"--arms {arm.name}: a reserved arm name ({', '.join(RESERVED)})")
+
+
+def oracle_arm(data: str, steps: str = "uniform") -> Arm:
+    """Uniform on the regime's clean twin `data` (the train split without the injected noise or copies,
+    the same val split and tokenizer): what the noise costs uniform. `steps`: `uniform` (as many steps as
+    uniform trained, LR decayed over them: the same compute on clean data) or `budget` (the bench's budget:
+    an epoch budget trains fewer steps on a smaller twin, and short of convergence the missing steps cost
+    more than the noise did: measured, the whole-document noise regime's oracle ended 0.10 above uniform)."""
+    overrides = {"teacher.mode": "none", "data.dir": str(data)}
+    if steps == "uniform":
+        overrides.update({"train.max_steps": "<uniform-steps>", "train.max_epochs": "0",
+                          "train.max_seconds": "0"})
+    return Arm(ORACLE, overrides, role="oracle")
+
+
+def check_oracle_data(data: str, oracle: str) -> None:
+    """UserError unless `oracle` holds the same val split (shard by shard: samples, tokens, sha256) with
+    the same tokenizer and sequence length as `data`: only then are the two arms' val losses comparable."""
+    from attent_scale.data.manifest import Manifest
+
+    a, b = Manifest.load(data, check_files=False), Manifest.load(oracle, check_files=False)
+    if a.tokenizer_sha256 != b.tokenizer_sha256 or a.seq_len != b.seq_len:
+        raise UserError(f"--oracle-data {oracle}: its tokenizer or seq_len is not --data {data}'s (build it "
+                        f"with `shards build --tokenizer {data}/tokenizer.model` and the same --seq-len)")
+
+    def val(m: Manifest) -> list[tuple[int, int, str]]:
+        return [(info.count, info.tokens, info.sha256) for info in m.shards("val")]
+
+    if val(a) != val(b):
+        raise UserError(f"--oracle-data {oracle}: its val split is not --data {data}'s ({len(val(b))} val "
+                        f"shards against {len(val(a))}, or other bytes; same --val-input for both)")
+
+
+def is_token_arm(arm: Arm) -> bool:
+    """An arm whose teacher selects tokens, not samples (teacher.unit: token)."""
+    return arm.overrides.get("teacher.unit") == "token"
+
+
+def mask_control(arm: Arm) -> Arm:
+    """A token-unit arm's control: its schedule with a random token mask (teacher.strategy random) that
+    keeps the share of target tokens the arm kept (teacher.token_ratio, sized once the arm has run)."""
+    schedule = {k: v for k, v in arm.overrides.items() if k.split(".", 1)[1] in SCHEDULE_KEYS}
+    schedule.update({"teacher.unit": "token", "teacher.strategy": "random", "teacher.token_ratio": "<kept>"})
+    return Arm(f"{RANDOM_MASK}[{arm.name}]", schedule, role="control")
+
+
+def kept_token_share(arm: Arm, runs: list[dict[str, Any]]) -> float:
+    """The mean share of target tokens a token-unit arm kept over its seeds (summary.json
+    `kept_token_share`), else its own teacher.token_ratio."""
+    shares = [r["kept_token_share"] for r in runs if r.get("kept_token_share") is not None]
+    if shares:
+        return round(statistics.fmean(shares), 4)
+    if "teacher.token_ratio" in arm.overrides:
+        return float(arm.overrides["teacher.token_ratio"])
+    raise UserError(f"bench arm {arm.name}: teacher.unit token, but its summary.json has no kept_token_share "
+                    "and it sets no teacher.token_ratio: its random-mask control cannot be sized")
+
+
+# ---------------------------------------------------------------------------------------- best val, gap
+
+def best_point(curve: list[tuple[float, float, float]]) -> tuple[float | None, float | None]:
+    """(the lowest val loss of a curve, the clock seconds of its first evaluation at that loss): what
+    early stopping on val would have kept."""
+    pts = [(loss, sec) for sec, _, loss in curve if loss is not None and math.isfinite(loss)]
+    if not pts:
+        return None, None
+    best = min(loss for loss, _ in pts)
+    return best, next(sec for loss, sec in pts if loss == best)
+
+
+BEST_KEYS = ("best_val_loss", "uniform_best_val_loss", "uniform_best_seconds", "uniform_train_seconds",
+             "time_to_best_seconds", "time_to_best_charged", "speedup_best_charged", "final_delta",
+             "best_delta")
+
+
+def add_best_val(scored: dict[str, Any], runs: list[dict[str, Any]],
+                 baseline: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Judge against uniform's best val, not only its last (issue 29): per seed, uniform's best val loss
+    and when it reached it (what early stopping gives), this arm's time to that loss with its reference
+    charged and the speedup to it, its final-val delta against uniform's final and against uniform's best;
+    then their means and spreads (`scored`: score_arm's result for `runs`, updated and returned)."""
+    by_seed = {run["seed"]: run for run in runs}
+    for p in scored["seeds"]:
+        run, base = by_seed[p["seed"]], baseline[p["seed"]]
+        u_best, u_sec = best_point(base["curve"])
+        t = interpolate_target(run["curve"], u_best)[0] if u_best is not None else None
+        charged = None if t is None else t + p.get("reference_seconds", 0.0)
+        u_final = base["summary"]["final_val_loss"]
+        p.update({
+            "best_val_loss": best_point(run["curve"])[0],
+            "uniform_best_val_loss": u_best,
+            "uniform_best_seconds": u_sec,
+            "uniform_final_val_loss": u_final,
+            "uniform_train_seconds": base["clock_seconds"],
+            "time_to_best_seconds": t,
+            "time_to_best_charged": charged,
+            "speedup_best_charged": (u_sec / charged) if (charged and u_sec is not None) else None,
+            "final_delta": p["final_val_loss"] - u_final,
+            "best_delta": None if u_best is None else p["final_val_loss"] - u_best,
+        })
+    for key in BEST_KEYS:
+        scored[key], scored[f"{key}_std"] = _mean_spread([p[key] for p in scored["seeds"]])
+    return scored
+
+
+def oracle_gap(arms: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What the regime's noise costs uniform: uniform − oracle per seed, on the final val loss and on the
+    best; the mean, the paired spread, uniform's own seed spread (std of its final val over seeds) and the
+    gap in units of that spread. A regime judges a teacher only where `ratio` >= 3 (issue 29). Then each
+    arm's `gap_recovered` per seed: (uniform final − arm final) / gap."""
+    by = {a["name"]: a for a in arms}
+    if ORACLE not in by or BASELINE not in by:
+        return None
+    u = {p["seed"]: p for p in by[BASELINE]["seeds"]}
+    o = {p["seed"]: p for p in by[ORACLE]["seeds"]}
+    seeds = sorted(u.keys() & o.keys())
+    final = [u[s]["final_val_loss"] - o[s]["final_val_loss"] for s in seeds]
+    best = [u[s]["best_val_loss"] - o[s]["best_val_loss"] for s in seeds
+            if u[s].get("best_val_loss") is not None and o[s].get("best_val_loss") is not None]
+    spread = statistics.stdev([u[s]["final_val_loss"] for s in seeds]) if len(seeds) > 1 else None
+    mean, paired = _mean_spread(final)
+    gap = {"seeds": seeds, "final": mean, "final_std": paired, "final_per_seed": final,
+           "best": _mean_spread(best)[0] if len(best) == len(seeds) else None,
+           "best_std": _mean_spread(best)[1] if len(best) == len(seeds) else None, "best_per_seed": best,
+           "uniform_spread": spread, "ratio": (mean / spread) if (mean is not None and spread) else None}
+    gap["judges"] = bool(gap["ratio"] is not None and gap["ratio"] >= 3 and min(final) > 0)
+    per = dict(zip(seeds, final, strict=True))
+    for a in arms:
+        for p in a["seeds"]:
+            g = per.get(p["seed"])
+            p["gap_recovered"] = ((u[p["seed"]]["final_val_loss"] - p["final_val_loss"]) / g
+                                  if g is not None and g > 0 else None)
+        shares = [p["gap_recovered"] for p in a["seeds"]]
+        a["gap_recovered"] = statistics.fmean(shares) if shares and None not in shares else None
+        a["gap_recovered_min"] = min(shares) if shares and None not in shares else None
+    return gap
+
+
+def format_gap(gap: dict[str, Any] | None, arms: list[dict[str, Any]]) -> list[str]:
+    """The lines above a regime's table: the oracle gap first, then uniform's best val (early stopping)."""
+    lines = []
+    if gap is not None:
+        ratio = "—" if gap["ratio"] is None else f"{gap['ratio']:.1f}x"
+        lines.append(
+            f"oracle gap (uniform − oracle, final val): {_fmt(gap['final'], '+.4f')} ± "
+            f"{_fmt(gap['final_std'], '.4f')} over {len(gap['seeds'])} seeds (per seed "
+            f"{' / '.join(f'{g:+.4f}' for g in gap['final_per_seed'])}) = {ratio} uniform's seed spread "
+            f"{_fmt(gap['uniform_spread'], '.4f')}; best val {_fmt(gap['best'], '+.4f')} ± "
+            f"{_fmt(gap['best_std'], '.4f')}"
+            + ("" if gap["judges"] else " — under 3x the spread: this regime cannot judge a teacher"))
+    base = next((a for a in arms if a["name"] == BASELINE), None)
+    if base is not None and base.get("uniform_best_val_loss") is not None:
+        at = [p["uniform_best_seconds"] / p["uniform_train_seconds"] for p in base["seeds"]
+              if p.get("uniform_best_seconds") is not None and p.get("uniform_train_seconds")]
+        lines.append(
+            f"uniform's best val (what early stopping gives): {base['uniform_best_val_loss']:.4f} ± "
+            f"{_fmt(base['uniform_best_val_loss_std'], '.4f')}, reached at "
+            f"{' / '.join(f'{x:.2f}' for x in at)} of its time; final {base['final_val_loss']:.4f}")
+    return lines
+
+
+def verdict(a: dict[str, Any], controls: list[dict[str, Any]]) -> tuple[bool, str]:
+    """(wins, the verdict line's reason) of one arm from all three numbers: the time to uniform's best val
+    (its reference charged), the final val against uniform's final and best, and the controls. An arm wins
+    where it beats every control on final val AND either reaches uniform's best val sooner than uniform
+    did (`faster`) or ends below uniform's best within uniform's time (`better`)."""
+    above = [c for c in controls if a["final_val_loss"] > c["final_val_loss"]]
+    speed = a.get("speedup_best_charged")
+    faster = speed is not None and speed > 1.0
+    t_best, u_time = a.get("time_to_best_charged"), a.get("uniform_train_seconds")
+    better = (a.get("best_delta") is not None and a["best_delta"] < 0 and t_best is not None
+              and u_time is not None and t_best <= u_time)
+    parts = []
+    if speed is None:
+        parts.append("never reaches uniform's best val" if a.get("time_to_best_seconds") is None
+                     else "reaches uniform's best val")
+    else:
+        parts.append(f"reaches uniform's best val at {1 / speed:.2f}x uniform's time to it")
+    parts.append(f"ends {_fmt(a.get('final_delta'), '+.4f')} vs uniform's final, "
+                 f"{_fmt(a.get('best_delta'), '+.4f')} vs its best")
+    for c in controls:
+        parts.append(f"{'above' if c in above else 'below'} {c['name']} "
+                     f"({a['final_val_loss'] - c['final_val_loss']:+.4f})")
+    wins = bool(not above and (faster or better))
+    how = " and ".join(w for w, ok in (("faster", faster), ("better", better)) if ok)
+    return wins, (f"wins ({how})" if wins else "no") + ": " + "; ".join(parts)
 
 
 def interpolate_target(
@@ -284,6 +498,8 @@ def run_arm(arm: Arm, seed: int, args: argparse.Namespace, out_dir: Path) -> dic
         "threads": summary.get("torch_threads"),
         "ratio": [(m["step"], m.get("selected_ratio", 1.0)) for m in steps],
         "reference_seconds": reference_seconds(run_dir, args.clock),
+        # teacher.unit token: the share of target tokens its loss kept (its random-mask control's size)
+        "kept_token_share": summary.get("kept_token_share"),
     }
 
 
@@ -382,29 +598,41 @@ def _pct(value: float | None) -> float | None:
     return None if value is None else 100 * value
 
 
-def format_table(arms: list[dict[str, Any]]) -> str:
+def format_table(arms: list[dict[str, Any]], gap: dict[str, Any] | None = None) -> str:
+    """The terminal table: the oracle gap and uniform's best val first, then one row per arm (`to best`:
+    seconds to uniform's best val, the reference charged; `gap %`: the share of the oracle gap recovered)."""
     head = (
-        f"{'arm':34} {'final val':>14} {'Δ val':>8} {'train s':>9} {'to target s':>12} {'speedup':>8} "
-        f"{'samples':>9} {'select %':>8} {'ref s':>7} {'charged':>8}"
+        f"{'arm':34} {'final val':>14} {'Δ val':>8} {'Δ best':>8} {'train s':>9} {'to best s':>10} "
+        f"{'x best':>7} {'to target s':>12} {'speedup':>8} {'samples':>9} {'select %':>8} {'ref s':>7} "
+        f"{'charged':>8} {'gap %':>6}"
     )
-    lines = [head, "-" * len(head)]
+    lines = [*format_gap(gap, arms), head, "-" * len(head)]
     for a in arms:
         val = f"{_fmt(a['final_val_loss'], '.4f')}±{_fmt(a['final_val_loss_std'], '.3f')}"
         lines.append(
             f"{a['name'][:34]:34} {val:>14} {_fmt(a['val_loss_delta'], '+.4f'):>8} "
-            f"{_fmt(a['train_seconds'], '.1f'):>9} {_fmt(a['time_to_target_seconds'], '.1f'):>12} "
+            f"{_fmt(a.get('best_delta'), '+.4f'):>8} {_fmt(a['train_seconds'], '.1f'):>9} "
+            f"{_fmt(a.get('time_to_best_charged'), '.1f'):>10} "
+            f"{_fmt(a.get('speedup_best_charged'), '.2f'):>7} "
+            f"{_fmt(a['time_to_target_seconds'], '.1f'):>12} "
             f"{_fmt(a['speedup'], '.2f'):>8} {_fmt(a['samples_trained'], '.0f'):>9} "
             f"{_fmt(_pct(a['selection_fraction']), '.1f'):>8}"
             f" {_fmt(a.get('reference_seconds'), '.1f'):>7} {_fmt(a.get('speedup_charged'), '.2f'):>8}"
+            f" {_fmt(_pct(a.get('gap_recovered')), '.0f'):>6}"
         )
     return "\n".join(lines)
 
 
-def format_markdown(arms: list[dict[str, Any]], clock: str) -> str:
-    """The same numbers as a Markdown table (bench.md), for READMEs and notes."""
-    lines = [f"| arm | final val loss | Δ vs uniform | train s ({clock}) | to target s | speedup | reached | "
-             "samples | selection % | wins | reference s | speedup charged |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def format_markdown(arms: list[dict[str, Any]], clock: str, gap: dict[str, Any] | None = None) -> str:
+    """The same numbers as a Markdown table (bench.md), for READMEs and notes, the oracle gap first."""
+    lines = [f"{line}  " for line in format_gap(gap, arms)]
+    if lines:
+        lines.append("")
+    lines += [f"| arm | final val loss | Δ vs uniform | train s ({clock}) | to target s | speedup | "
+              "reached | samples | selection % | wins | reference s | speedup charged | "
+              "Δ vs uniform's best | to uniform's best s (charged) | speedup to best | gap recovered | "
+              "verdict |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in arms:
         wins = {True: "yes", False: "no"}.get(a.get("wins"), "")
         lines.append(
@@ -413,7 +641,10 @@ def format_markdown(arms: list[dict[str, Any]], clock: str) -> str:
             f"{_fmt(a['time_to_target_seconds'], '.1f')} | {_fmt(a['speedup'], '.2f')} | "
             f"{a['reached_target']}/{len(a['seeds'])} | {_fmt(a['samples_trained'], '.0f')} | "
             f"{_fmt(_pct(a['selection_fraction']), '.1f')} | {wins} | "
-            f"{_fmt(a.get('reference_seconds'), '.1f')} | {_fmt(a.get('speedup_charged'), '.2f')} |")
+            f"{_fmt(a.get('reference_seconds'), '.1f')} | {_fmt(a.get('speedup_charged'), '.2f')} | "
+            f"{_fmt(a.get('best_delta'), '+.4f')} | {_fmt(a.get('time_to_best_charged'), '.1f')} | "
+            f"{_fmt(a.get('speedup_best_charged'), '.2f')} | {_fmt(_pct(a.get('gap_recovered')), '.0f')}"
+            f"{'%' if a.get('gap_recovered') is not None else ''} | {a.get('verdict', '')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -499,22 +730,37 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     check_args(args)
     base_teacher = load_config(args.config, args.overrides).teacher
-    attent_arms = [parse_arm(a) for a in args.arms] if args.arms else [default_arm(base_teacher)]
+    gap_only = getattr(args, "gap_only", False)  # the regime's oracle gap first, before judging a teacher
+    attent_arms = [parse_arm(a) for a in args.arms] if args.arms else [] if gap_only else [
+        default_arm(base_teacher)]
+    check_reserved(attent_arms)
     names = [a.name for a in attent_arms]
     if len(set(names)) != len(names):
         raise UserError(f"--arms: duplicate arm names in {names}")
     check_arm_configs([Arm(BASELINE, {"teacher.mode": "none"}, role="baseline"), *attent_arms], args, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seed, args.seed + args.seeds))
+    oracle_data = getattr(args, "oracle_data", None)
+    if oracle_data:
+        check_oracle_data(args.data, oracle_data)
+    if gap_only:
+        if not oracle_data:
+            raise UserError("bench --gap-only: needs --oracle-data (the gap is uniform − oracle)")
+        attent_arms = []
 
     plan: list[Arm] = [Arm(BASELINE, {"teacher.mode": "none"}, role="baseline")]
+    if oracle_data:
+        plan.append(oracle_arm(oracle_data, getattr(args, "oracle_steps", "uniform")))
     controls: dict[tuple, Arm] = {}
     # a random arm given already controls its schedule
     given = {tuple(sorted(a.overrides.items())): a for a in attent_arms}
     control_of: dict[str, str] = {}  # arm -> its random control's name (arms with one schedule share it)
     for arm in attent_arms:
         plan.append(arm)
-        if arm.overrides.get("teacher.strategy") != "random" and arm.overrides["teacher.mode"] != "online":
+        if is_token_arm(arm):  # sized by its own arm's kept token share: never shared
+            ctl = mask_control(arm)
+            control_of[arm.name] = controls.setdefault((("arm", arm.name),), ctl).name
+        elif arm.overrides.get("teacher.strategy") != "random" and arm.overrides["teacher.mode"] != "online":
             ctl = random_control(arm, base_teacher)
             key = tuple(sorted(ctl.overrides.items()))
             if arm.overrides.get("teacher.strategy") == "signal":  # sized by its own arm: never shared
@@ -528,10 +774,17 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, list[dict[str, Any]]] = {}
     roles: dict[str, str] = {}
     source = {ctl: arm for arm, ctl in control_of.items()}
+    by_name = {a.name: a for a in attent_arms}
     for arm in plan:
+        if arm.overrides.get("teacher.token_ratio") == "<kept>":  # a token arm's mask: its kept share
+            src = source[arm.name]
+            arm.overrides["teacher.token_ratio"] = f"{kept_token_share(by_name[src], results[src]):g}"
         if arm.overrides.get("teacher.initial_ratio") == "<kept>":  # a signal arm's control: its kept share
             kept = f"{kept_share(results[source[arm.name]]):g}"
             arm.overrides.update({"teacher.initial_ratio": kept, "teacher.final_ratio": kept})
+        if arm.overrides.get("train.max_steps") == "<uniform-steps>":  # --oracle-steps uniform
+            steps = round(statistics.fmean(r["summary"]["steps"] for r in results[BASELINE]))
+            arm.overrides["train.max_steps"] = str(steps)
         results[arm.name] = [run_arm(arm, seed, args, out_dir) for seed in seeds]
         roles[arm.name] = arm.role
     # uniform-short: all data for as many steps as each AtteNT arm trained (seed mean), LR decayed over them
@@ -552,10 +805,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         roles[arm.name] = arm.role
 
     baseline = {r["seed"]: r for r in results[BASELINE]}
-    arms = [score_arm(name, roles[name], runs, baseline) for name, runs in results.items()]
+    arms = [add_best_val(score_arm(name, roles[name], runs, baseline), runs, baseline)
+            for name, runs in results.items()]
+    gap = oracle_gap(arms)
     _judge(arms, control_of)
     report = {
         "target_val_loss": statistics.fmean(r["summary"]["final_val_loss"] for r in results[BASELINE]),
+        # what early stopping gives uniform, and the regime's oracle gap (None without --oracle-data)
+        "uniform_best_val_loss": arms[0]["uniform_best_val_loss"],
+        "oracle_gap": gap,
+        "oracle_data": str(oracle_data) if oracle_data else None,
         "seeds": seeds,
         "config": str(args.config), "clock": args.clock,
         # threads each arm's training ran on (torch intra-op), pinned to 1 under --clock cpu
@@ -564,22 +823,34 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "arms": arms,
     }
     write_json(out_dir / "bench.json", report)
-    (out_dir / "bench.md").write_text(format_markdown(arms, args.clock))
+    (out_dir / "bench.md").write_text(format_markdown(arms, args.clock, gap))
     plots = plot(results, out_dir, args.clock)
-    sentences = [t for a in attent_arms if (t := data_sentence(a.name, results[a.name])) is not None]
+    judged = {a["name"]: a for a in arms}
+    sentences = [t for a in attent_arms if (t := data_sentence(
+        a.name, results[a.name], paid=judged[a.name]["wins"], numbers=outcome_numbers(judged[a.name])))
+        is not None]
     report["data_case"] = sentences
+    report["verdicts"] = [f"{a['name']}: {a['verdict']}" for a in arms if a["role"] == "attent"]
     write_json(out_dir / "bench.json", report)
-    print(format_table(arms))
+    print(format_table(arms, gap))
     print(f"\n{', '.join(['bench.json', *(p.name for p in plots)])} in {out_dir}")
+    for line in report["verdicts"]:
+        print(line)
     for text in sentences:  # the last word: which case the data is in
         print(text)
     return report
 
 
+def outcome_numbers(a: dict[str, Any]) -> str:
+    """What an arm's run measured, for its data sentence: final val against uniform's final and best."""
+    return (f"it ended {_fmt(a.get('final_delta'), '+.3f')} against uniform's final val and "
+            f"{_fmt(a.get('best_delta'), '+.3f')} against its best")
+
+
 def _judge(arms: list[dict[str, Any]], control_of: dict[str, str]) -> None:
-    """An AtteNT arm wins only where it reaches the target sooner than uniform, its reference model's cost
-    charged (`speedup_charged` > 1), AND beats both controls:
-    its random subset (`control_of`, shared by arms with the same schedule) and the nearest uniform-short."""
+    """Each AtteNT arm's `wins` and `verdict` (`verdict`: uniform's best val, the time to it with the
+    reference charged, the final val) against its controls: its random subset (`control_of`, shared by
+    arms with the same schedule; a token-unit arm's random mask) and the uniform-short nearest its steps."""
     by_name = {a["name"]: a for a in arms}
     shorts = [a for a in arms if a["name"].startswith("uniform-short")]
     for a in arms:
@@ -589,13 +860,7 @@ def _judge(arms: list[dict[str, Any]], control_of: dict[str, str]) -> None:
         short = min(shorts, key=lambda s: abs((s["steps"] or 0) - (a["steps"] or 0))) if shorts else None
         a["random_control"] = ctl["name"] if ctl is not None else None
         a["uniform_short"] = short["name"] if short is not None else None
-        beats = [c for c in (ctl, short) if c is not None]
-        # charged: an excess arm pays for its reference model here (equal to `speedup` without one)
-        a["wins"] = bool(
-            a["speedup_charged"] is not None
-            and a["speedup_charged"] > 1.0
-            and all(a["final_val_loss"] <= c["final_val_loss"] for c in beats)
-        )
+        a["wins"], a["verdict"] = verdict(a, [c for c in (ctl, short) if c is not None])
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -631,6 +896,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/bench", help="output directory")
     p.add_argument("--dry-run", action="store_true",
                    help="print every planned run's command after checking its config; train nothing")
+    p.add_argument("--oracle-data", default=None, metavar="DIR",
+                   help="the regime's clean twin (shards of its train split without the injected noise or "
+                        "copies, the same val split and tokenizer): adds the arm 'oracle', uniform on it, "
+                        "and the oracle gap each arm is judged by (tools/ablations/regimes.py writes its "
+                        "input)")
+    p.add_argument("--gap-only", action="store_true",
+                   help="run uniform and the oracle only: the regime's oracle gap (a later bench --reuse "
+                        "with the arms reads both back)")
+    p.add_argument("--oracle-steps", choices=("uniform", "budget"), default="uniform",
+                   help="the oracle's budget: as many steps as uniform trained (the same compute on clean "
+                        "data), or the bench's (an epoch budget trains fewer steps on a smaller twin)")
     p.set_defaults(func=_run_cli)
 
 

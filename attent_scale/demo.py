@@ -116,7 +116,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\n{shown}; run dirs: "
           f"{out / 'uniform' / 'seed-0'}, {out / 'attent' / 'seed-0'}; total {time.perf_counter() - t0:.0f}s "
           f"({cpu_seconds():.0f} CPU seconds)")
-    said = data_sentence("attent", results["attent"])  # strategy signal: which case the data is in
+    # strategy signal: which case the data is in, never one this run's own numbers contradict
+    said = data_sentence("attent", results["attent"], paid=rows[1]["time_to_target_seconds"] is not None,
+                         numbers=f"it ended {rows[1]['final_val_loss'] - rows[0]['final_val_loss']:+.3f} in "
+                                 "val loss")
     if said is not None:
         print(said)
     print(verdict(rows[0], rows[1]))  # the last line, always

@@ -101,6 +101,89 @@ def test_swapped_responses() -> None:
     assert len(responses) == len(swapped)  # a permutation among the chosen records
 
 
+def test_span_noise_inside_every_document_with_its_character_ranges(pool: list[dict[str, str]]) -> None:
+    r = regimes.build_regime(pool, "span", rate=0.25, max_copies=2, seed=0, val_fraction=0.1,
+                             span_words=(2, 6))
+    assert set(r["kind"]) == {"span"} and len(r["train"]) == r["originals"]
+    originals = [d for d in pool if d not in r["val"]]  # the train originals, in pool order
+    words = replaced = 0
+    for rec, src, where in zip(r["train"], r["source"], r["spans"], strict=True):
+        before, after = originals[src]["text"], rec["text"]
+        assert where and after != before
+        # outside its noise spans the text is the original's, whitespace included
+        a_words, b_words = regimes._TOKEN.split(after), regimes._TOKEN.split(before)
+        assert len(a_words) == len(b_words) and a_words[1::2] == b_words[1::2]
+        inside = set()
+        for lo, hi in where:
+            assert after[lo:hi].strip() == after[lo:hi]  # a span starts and ends on a word
+            inside.update(range(lo, hi))
+        pos = 0
+        for i, (x, y) in enumerate(zip(a_words, b_words, strict=True)):
+            if i % 2 == 0 and x:
+                words += 1
+                noisy = pos in inside
+                replaced += noisy
+                if not noisy:
+                    assert x == y
+            pos += len(x)
+    assert 0.25 <= replaced / words <= 0.35  # whole spans: the rate, overshot by less than a span per doc
+    # the oracle: the same documents in the same order without their spans
+    assert r["oracle"] == [originals[s] for s in r["source"]]
+    assert r["val"] and all(v in pool for v in r["val"])
+
+
+def test_oracle_twins_drop_exactly_the_injected_documents(pool: list[dict[str, str]]) -> None:
+    dup = _build(pool, "dup")
+    assert len(dup["oracle"]) == dup["originals"]  # each original once
+    assert sorted(map(json.dumps, dup["oracle"])) == sorted(
+        json.dumps(d) for d in pool if d not in dup["val"])
+    noise = _build(pool, "noise", rate=0.15)
+    assert noise["oracle"] == [rec for rec, k in zip(noise["train"], noise["kind"], strict=True)
+                               if k == "original"]
+    assert _build(pool, "clean")["oracle"] is None
+
+
+def test_repeats_keep_the_corpus_own_near_copies_and_val_shares_them(tmp_path: Path) -> None:
+    base = "The licence grants you the right to copy and modify this software under these terms " * 4
+    docs = [{"text": f"{base}\nproject {i}: a note that is its own, number {i}."} for i in range(12)]
+    docs += [{"text": f"An unrelated document {i} about {'cats' if i % 2 else 'dogs'} and more {i} words."}
+             for i in range(12)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    pool, skipped = regimes.load_pool(str(corpus), doc_chars=2000, max_bytes=10**6, dedup=False)
+    assert skipped == 0 and len(pool) == 24
+    assert regimes.load_pool(str(corpus), doc_chars=2000, max_bytes=10**6)[1] == 11  # the default drops them
+    r = regimes.build_regime(pool, "repeats", rate=0.5, max_copies=2, seed=0, val_fraction=0.25)
+    kinds = r["kind"]
+    licence_train = sum("licence" in rec["text"] for rec in r["train"])
+    licence_val = sum("licence" in rec["text"] for rec in r["val"])
+    assert licence_train >= 2 and licence_val >= 1
+    assert kinds.count("repeat") == licence_train - 1  # every licence document after the first
+    assert r["val_shares_train"] == licence_val and len(r["val"]) == 6  # kept: sharing them is the regime
+    assert r["oracle"] == [rec for rec, k in zip(r["train"], kinds, strict=True) if k == "original"]
+
+
+def test_sft_regime_with_val_count_and_a_clean_reference_slice(tmp_path: Path) -> None:
+    recs = [{"prompt": f"Write the docstring of `m.f{i}()`.", "response": f"Return {i} squared plus {i}."}
+            for i in range(60)]
+    r = regimes.build_regime(recs, "noise", rate=0.3, max_copies=2, seed=2, val_fraction=0.1, val_docs=20,
+                             ref_docs=10)
+    assert len(r["val"]) == 20 and len(r["ref"]) == 10 and r["originals"] == 30
+    keys = [{(d["prompt"], d["response"]) for d in part} for part in (r["val"], r["ref"], r["oracle"])]
+    assert not (keys[0] & keys[1]) and not (keys[0] & keys[2]) and not (keys[1] & keys[2])
+    assert all(rec in recs for rec in r["val"] + r["ref"])  # clean
+    assert r["kind"].count("swapped") == 9 and len(r["oracle"]) == 21
+    side = json.loads(regimes.write_regime(tmp_path, r, {"regime": "noise"}).read_text())
+    assert side["oracle_file"] == "oracle.jsonl" and side["ref_file"] == "ref.jsonl"
+    assert side["ref_docs"] == 10
+    ref_lines = [json.loads(x) for x in (tmp_path / "ref.jsonl").read_text().splitlines()]
+    assert [(x["prompt"], x["response"]) for x in ref_lines] == [(d["prompt"], d["response"])
+                                                                   for d in r["ref"]]
+    with pytest.raises(regimes.RegimeError, match="too small"):
+        regimes.build_regime(recs, "noise", rate=0.3, max_copies=2, seed=2, val_fraction=0.1, val_docs=50,
+                             ref_docs=10)
+
+
 @pytest.mark.parametrize("regime", ["dup", "noise", "clean"])
 def test_val_clean_and_disjoint(pool: list[dict[str, str]], regime: str) -> None:
     r = _build(pool, regime)
@@ -251,3 +334,52 @@ def test_regime_targets_seed_by_seed(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert out[0].startswith("held  dup   seed 0") and "0.55x" in out[0]
     assert out[1].startswith("noise: no ") and out[2].startswith("MISSED  clean seed 0")
     assert out[-1] == "1 of 2 seed targets held"
+
+
+def _bench29(regime_finals: dict[str, list[float]], seconds: dict[str, float] | None = None,
+             **per_arm: dict) -> dict:
+    """A bench.json of 3 seeds: per arm its final val per seed; `per_arm[name]` adds keys to every seed."""
+    seconds = seconds or {}
+    arms = []
+    for name, finals in regime_finals.items():
+        seeds = [{"seed": s, "final_val_loss": v, "train_seconds": seconds.get(name, 10.0),
+                  "reference_seconds": 0.0, **per_arm.get(name, {})} for s, v in enumerate(finals)]
+        extra = {"random_control": "rnd", "uniform_short": "short"} if name == "signal" else {}
+        arms.append({"name": name, "seeds": seeds, **extra})
+    return {"arms": arms}
+
+
+def test_issue29_targets_seed_by_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """regime_targets.py --issue 29: the oracle gap first, then each regime's own target per seed."""
+    spec = importlib.util.spec_from_file_location(
+        "regime_targets", Path(__file__).resolve().parents[2] / "tools" / "ablations" / "regime_targets.py")
+    targets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(targets)
+    uni = [3.50, 3.52, 3.48]  # seed spread 0.02: 3x is 0.06
+    span = _bench29({"uniform": uni, "signal": [3.43, 3.45, 3.47], "rnd": [3.55] * 3, "short": [3.6] * 3},
+                    {"signal": 10.5})
+    held = [ok for _, _, ok in targets.check29("span", span, "signal")]
+    assert held == [True, True, False]  # seed 2 is only 0.01 below its uniform
+    slow = _bench29({"uniform": uni, "signal": [3.40] * 3, "rnd": [3.55] * 3, "short": [3.6] * 3},
+                    {"signal": 11.5})  # 1.15x uniform's time
+    assert not any(ok for _, _, ok in targets.check29("span", slow, "signal"))
+    swapped = _bench29({"uniform": uni, "signal": uni, "rnd": uni, "short": uni},
+                       signal={"gap_recovered": 0.7})
+    assert all(ok for _, _, ok in targets.check29("swapped", swapped, "signal"))
+    constrained = _bench29({"uniform": uni, "signal": uni, "rnd": uni, "short": uni},
+                           signal={"speedup_best_charged": 1.2, "uniform_best_val_loss": 3.4})
+    assert not any(ok for _, _, ok in targets.check29("constrained", constrained, "signal"))  # 0.83x > 0.8x
+    repeats = _bench29({"uniform": uni, "signal": [u + 0.005 for u in uni], "rnd": uni, "short": uni})
+    assert all(ok for _, _, ok in targets.check29("repeats", repeats, "signal"))
+    repeats["data_case"] = ["signal: The teacher dropped 18% of samples ...: this data has repeats to drop."]
+    assert not any(ok for _, _, ok in targets.check29("repeats", repeats, "signal"))
+    span["oracle_gap"] = {"final": 0.1, "final_std": 0.01, "final_per_seed": [0.09, 0.1, 0.11],
+                          "uniform_spread": 0.02, "ratio": 5.0, "judges": True}
+    for regime, bench in (("span", span), ("repeats", repeats)):
+        (tmp_path / regime).mkdir()
+        (tmp_path / regime / "bench.json").write_text(json.dumps(bench))
+    assert targets.main([str(tmp_path), "--issue", "29"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("span        oracle gap +0.1000") and "5.0x" in out[0] and "judges" in out[0]
+    assert out[1].startswith("repeats     no oracle")
+    assert out[-1] == "2 of 6 seed targets held"

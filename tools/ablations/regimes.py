@@ -1,5 +1,6 @@
-"""Benchmark regimes (issue 21 item 2): train/val .jsonl inputs for `shards build` with duplicated, noisy
-or clean documents, a sidecar saying what each train document is, and the map to sample ids.
+"""Benchmark regimes (issues 21 and 29): train/val .jsonl inputs for `shards build` with duplicated, noisy,
+span-noised, naturally repeated or clean documents, their clean twin (the oracle's train data), a sidecar
+saying what each train document is, and the map to sample ids.
 
     python tools/ablations/regimes.py --regime dup --rate 0.4 --max-copies 16 --corpus stdlib --out DIR
     attent-scale shards build DIR/train.jsonl --val-input DIR/val.jsonl -o DIR/shards --seq-len 64 ...
@@ -25,14 +26,20 @@ from typing import Any
 
 import numpy as np
 
-REGIMES = ("dup", "noise", "clean")
-CORPORA = ("stdlib", "prose", "stdlib-qa")
+REGIMES = ("dup", "noise", "clean", "span", "repeats")
+CORPORA = ("stdlib", "prose", "stdlib-qa", "stdlib-doc")
 # kinds of a train document (and, by majority of its target tokens, of a sample)
-KINDS = ("original", "duplicated", "copy", "noise", "swapped")
+KINDS = ("original", "duplicated", "copy", "noise", "swapped", "span", "repeat")
 SAFE_KINDS = ("copy", "noise", "swapped")  # safe to drop: a further occurrence, or unlearnable
 # original: appears once; duplicated: the first occurrence of a document that has copies; copy: a further
 # occurrence (exact or edited); noise: random-token or shuffled-word text; swapped: a prompt with another
-# record's response
+# record's response; span: a document with noise spans inside it (its other words are text: not safe to
+# drop whole); repeat: a natural near-copy of an earlier train document (regime repeats: val shares such
+# text, so it is not known to be safe to drop)
+# what the oracle (uniform on the clean twin, oracle.jsonl) trains, per regime; clean has no twin
+ORACLE_RULE = {"dup": "each original once (the copies dropped)", "noise": "the originals (noise dropped)",
+               "span": "every document with its noise spans undone",
+               "repeats": "the train documents less their natural near-copies (deduplicated)"}
 SIDE_FORMAT = "attent-scale-regime/1"
 SHINGLE = 5  # words per shingle for the near-copy test
 NEAR = 0.5  # a document sharing >= this share of its shingles with another counts as a near-copy
@@ -102,6 +109,15 @@ def _qa_records() -> Iterator[dict[str, str]]:
             yield {"prompt": f"What does {mod}.{node.name}({ast.unparse(node.args)}) do?", "response": doc}
 
 
+def _doc_records() -> Iterator[dict[str, str]]:
+    """Instruction records from the stdlib: "Write the docstring of `module.func(args)`." -> its first
+    docstring paragraph (attent_scale/data/instructions.py, the SmolLM2 demo's pairs: short responses that
+    fit an 80-token sample)."""
+    from attent_scale.data.instructions import docstring_pairs
+    for pair in docstring_pairs():
+        yield {"prompt": pair["prompt"], "response": pair["response"]}
+
+
 def _join(rec: dict[str, str]) -> str:
     return f"{rec['prompt']}\n{rec['response']}"
 
@@ -120,6 +136,8 @@ def _jsonl(path: Path) -> Iterable[tuple[int, Any]]:
 def _records(corpus: str, doc_chars: int) -> Iterable[dict[str, str]]:
     if corpus == "stdlib-qa":
         recs = _qa_records()
+    elif corpus == "stdlib-doc":
+        recs = _doc_records()
     elif corpus in ("stdlib", "prose"):
         files = _stdlib_files() if corpus == "stdlib" else _prose_files()
         recs = ({"text": c} for f in files if (t := _read(f)) for c in _chunks(t, doc_chars))
@@ -143,12 +161,13 @@ def _records(corpus: str, doc_chars: int) -> Iterable[dict[str, str]]:
     return recs
 
 
-def load_pool(corpus: str, *, doc_chars: int, max_bytes: int,
-              max_docs: int | None = None) -> tuple[list[dict[str, str]], int]:
+def load_pool(corpus: str, *, doc_chars: int, max_bytes: int, max_docs: int | None = None,
+              dedup: bool = True) -> tuple[list[dict[str, str]], int]:
     """The distinct original documents of `corpus` (a name in CORPORA, or a directory of text files / a
     .jsonl file with "text" or "prompt"/"response"), in a fixed order, up to `max_bytes` of text and
     `max_docs` documents, without exact or near copies of an earlier one (`NEAR` of its word 5-grams
-    seen); and how many were skipped."""
+    seen); and how many were skipped. `dedup=False` keeps the near copies (regime repeats: the corpus's
+    own repeats, as it has them)."""
     out, total, skipped = [], 0, 0
     seen: set[int] = set()
     for rec in _records(corpus, doc_chars):
@@ -158,7 +177,7 @@ def load_pool(corpus: str, *, doc_chars: int, max_bytes: int,
         if not text.strip():
             continue
         s = shingles(text)
-        if len(s & seen) >= NEAR * len(s):
+        if dedup and len(s & seen) >= NEAR * len(s):
             skipped += 1
             continue
         total += len(text.encode())
@@ -240,6 +259,50 @@ def noise_text(text: str, vocab: Sequence[str], rng: random.Random, how: str) ->
     return "\n".join(lines) + "\n"
 
 
+def span_noise(text: str, vocab: Sequence[str], rng: random.Random, rate: float,
+               span_words: tuple[int, int] = (2, 8), kinds: Sequence[str] = ("random", "shuffle")
+               ) -> tuple[str, list[list[int]]]:
+    """`text` with about `rate` of its words replaced inside the document, in spans of `span_words`
+    consecutive words (a random length in that range), whitespace and line structure kept: the words of
+    a `random` span drawn uniformly from the corpus vocabulary, those of a `shuffle` span drawn from the
+    document's own words (the right vocabulary in the wrong order); the span kinds alternate. Returns the
+    text and the [start, end) character ranges of its noise spans (neighbouring spans merged)."""
+    parts = _TOKEN.split(text)  # words at even, separators at odd positions ('' at the ends)
+    words = [i for i in range(0, len(parts), 2) if parts[i]]
+    n = len(words)
+    lo, hi = span_words
+    segs, j = [], 0
+    while j < n:  # consecutive segments of lo..hi words, a random subset of them replaced
+        length = rng.randint(lo, hi)
+        segs.append((j, min(n, j + length)))
+        j += length
+    order = list(range(len(segs)))
+    rng.shuffle(order)
+    chosen, covered = [], 0
+    for k in order:
+        if covered >= rate * n:
+            break
+        chosen.append(k)
+        covered += segs[k][1] - segs[k][0]
+    own = [parts[i] for i in words]
+    noisy = set()
+    for c, k in enumerate(sorted(chosen)):
+        how = kinds[c % len(kinds)]
+        for w in range(*segs[k]):
+            parts[words[w]] = rng.choice(vocab) if how == "random" else rng.choice(own)
+            noisy.add(words[w])
+    out, spans, pos = [], [], 0
+    for i, piece in enumerate(parts):
+        if i in noisy:
+            if spans and i - 2 in noisy:  # the separator between two noise words joins them
+                spans[-1][1] = pos + len(piece)
+            else:
+                spans.append([pos, pos + len(piece)])
+        out.append(piece)
+        pos += len(piece)
+    return "".join(out), spans
+
+
 def _derangement(n: int, rng: random.Random) -> list[int]:
     """A permutation of range(n) with no fixed point (n >= 2)."""
     order = list(range(n))
@@ -250,28 +313,44 @@ def _derangement(n: int, rng: random.Random) -> list[int]:
     return out
 
 
+def _text(rec: dict[str, str]) -> str:
+    return rec.get("text") or _join(rec)
+
+
 def build_regime(pool: list[dict[str, str]], regime: str, *, rate: float, max_copies: int, seed: int,
                  val_fraction: float, exact_share: float = 0.5, edit_rate: float = 0.02,
-                 noise_kinds: Sequence[str] = ("random", "shuffle")) -> dict[str, Any]:
-    """Split `pool` (distinct documents: `load_pool`) into val (clean) and train originals by document,
-    then apply `regime` to train. Returns
-    {"train": [...], "val": [...], "kind": [...], "source": [...], "edited": [...], "counts": {...}} where
-    train[i] is a record, kind[i] its KINDS name and source[i] the index of its original in `originals`."""
+                 noise_kinds: Sequence[str] = ("random", "shuffle"), val_docs: int | None = None,
+                 ref_docs: int = 0, doc_rate: float = 1.0, span_words: tuple[int, int] = (2, 8)
+                 ) -> dict[str, Any]:
+    """Split `pool` (distinct documents: `load_pool`) into val (clean), a clean reference slice of
+    `ref_docs` and train originals by document, then apply `regime` to train. `val_docs` fixes the val
+    count (else `val_fraction` of the pool). Returns {"train", "val", "ref", "oracle", "kind", "source",
+    "edited", "spans", "counts", ...} where train[i] is a record, kind[i] its KINDS name, source[i] the
+    index of its original in the train originals, spans[i] its noise character ranges (regime span), and
+    oracle the clean twin of train (ORACLE_RULE; None for clean)."""
     if regime not in REGIMES:
         raise RegimeError(f"--regime {regime}: one of {', '.join(REGIMES)}")
     rng = random.Random(seed)
     docs = pool
     order = list(range(len(docs)))
     rng.shuffle(order)
-    n_val = max(1, round(val_fraction * len(docs))) if val_fraction > 0 else 0
-    if len(docs) - n_val < 2:
-        raise RegimeError(f"corpus too small: {len(docs)} distinct documents")
+    if val_docs is not None:
+        n_val = val_docs
+    else:
+        n_val = max(1, round(val_fraction * len(docs))) if val_fraction > 0 else 0
+    if ref_docs < 0 or n_val < 0:
+        raise RegimeError(f"--val-docs {n_val} / --ref-docs {ref_docs}: must not be negative")
+    if len(docs) - n_val - ref_docs < 2:
+        raise RegimeError(f"corpus too small: {len(docs)} distinct documents for {n_val} val, {ref_docs} ref "
+                          "and at least 2 train")
     val = [docs[i] for i in sorted(order[:n_val])]
-    originals = [docs[i] for i in sorted(order[n_val:])]
+    ref = [docs[i] for i in sorted(order[n_val:n_val + ref_docs])]
+    originals = [docs[i] for i in sorted(order[n_val + ref_docs:])]
     n = len(originals)
     kind = ["original"] * n
     source = list(range(n))
     edited = [False] * n
+    spans: list[list[list[int]]] = [[] for _ in range(n)]
     train: list[dict[str, str]] = [dict(r) for r in originals]
     is_qa = all("prompt" in r for r in originals)
     if regime == "dup":
@@ -291,6 +370,7 @@ def build_regime(pool: list[dict[str, str]], regime: str, *, rate: float, max_co
                 kind.append("copy")
                 source.append(i)
                 edited.append(not exact)
+                spans.append([])
     elif regime == "noise":
         if not 0 < rate < 1:
             raise RegimeError(f"--rate {rate}: need 0 < rate < 1")
@@ -307,6 +387,16 @@ def build_regime(pool: list[dict[str, str]], regime: str, *, rate: float, max_co
                 train[i] = {"text": noise_text(originals[i]["text"], vocab, rng, how)}
                 kind[i] = "noise"
                 edited[i] = True
+    elif regime == "span":
+        if is_qa or not 0 < rate < 1 or not 0 < doc_rate <= 1 or not 1 <= span_words[0] <= span_words[1]:
+            raise RegimeError(f"--regime span: needs text documents, 0 < --rate {rate} < 1, 0 < --doc-rate "
+                              f"{doc_rate} <= 1 and 1 <= --span-words {span_words[0]},{span_words[1]}, "
+                              "ordered")
+        vocab = sorted({w for r in originals for w in r["text"].split()})
+        for i in sorted(rng.sample(range(n), max(1, round(doc_rate * n)))):
+            text, where = span_noise(originals[i]["text"], vocab, rng, rate, span_words, noise_kinds)
+            train[i] = {"text": text}
+            kind[i], edited[i], spans[i] = "span", True, where
     perm = list(range(len(train)))
     rng.shuffle(perm)  # copies spread over the file, not next to their original
     first = {}
@@ -320,15 +410,35 @@ def build_regime(pool: list[dict[str, str]], regime: str, *, rate: float, max_co
     kind = [kind[p] for p in perm]
     source = [source[p] for p in perm]
     edited = [edited[p] for p in perm]
-    counts = {k: kind.count(k) for k in KINDS}
-    # the pool skips near-copies of *earlier* documents only: a val document can still be pieced together
-    # from several later train documents (licence paragraphs); those leave val
+    spans = [spans[p] for p in perm]
     train_sh: set[int] = set()
-    for rec in train:
-        train_sh |= shingles(rec.get("text") or _join(rec))
-    clean_val = [v for v in val if overlap(v.get("text") or _join(v), train_sh) < NEAR]
-    return {"train": train, "val": clean_val, "kind": kind, "source": source, "edited": edited,
-            "counts": counts, "originals": n, "val_dropped": len(val) - len(clean_val)}
+    if regime == "repeats":  # the corpus's own near-copies, in file order: a later one is a repeat
+        for i, rec in enumerate(train):
+            s = shingles(_text(rec))
+            if len(s & train_sh) >= NEAR * len(s):
+                kind[i] = "repeat"
+            train_sh |= s
+    else:
+        for rec in train:
+            train_sh |= shingles(_text(rec))
+    counts = {k: kind.count(k) for k in KINDS}
+    oracle = None
+    if regime in ("dup", "span"):
+        oracle = [dict(originals[s]) for s, k in zip(source, kind, strict=True) if k != "copy"]
+    elif regime in ("noise", "repeats"):
+        oracle = [dict(rec) for rec, k in zip(train, kind, strict=True) if k == "original"]
+    # the pool skips near-copies of *earlier* documents only: a val (or ref) document can still be pieced
+    # together from several later train documents (licence paragraphs); those leave val. Regime repeats
+    # keeps them: there the held-out text shares the corpus's repeats by design, and says how many.
+    shared = sum(overlap(_text(v), train_sh) >= NEAR for v in val)
+    clean_val = val if regime == "repeats" else [v for v in val if overlap(_text(v), train_sh) < NEAR]
+    val_sh = set().union(*(shingles(_text(v)) for v in clean_val)) if clean_val else set()
+    clean_ref = ref if regime == "repeats" else [
+        r for r in ref if overlap(_text(r), train_sh) < NEAR and overlap(_text(r), val_sh) < NEAR]
+    return {"train": train, "val": clean_val, "ref": clean_ref, "oracle": oracle, "kind": kind,
+            "source": source, "edited": edited, "spans": spans, "counts": counts, "originals": n,
+            "val_dropped": len(val) - len(clean_val), "ref_dropped": len(ref) - len(clean_ref),
+            "val_shares_train": shared if regime == "repeats" else 0}
 
 
 def _line(rec: dict[str, str], tag: str, src: int) -> str:
@@ -341,7 +451,9 @@ def _line(rec: dict[str, str], tag: str, src: int) -> str:
 
 
 def write_regime(out: Path, result: dict[str, Any], settings: dict[str, Any]) -> Path:
-    """OUT/train.jsonl, OUT/val.jsonl and the sidecar OUT/kinds.json; the sidecar's path."""
+    """OUT/train.jsonl, OUT/val.jsonl, the clean twin OUT/oracle.jsonl (what the `oracle` arm trains on,
+    with the same val.jsonl and the train shards' tokenizer), the clean reference slice OUT/ref.jsonl
+    (when asked for) and the sidecar OUT/kinds.json; the sidecar's path."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "train.jsonl", "w", encoding="utf-8") as f:
         for rec, k, s in zip(result["train"], result["kind"], result["source"], strict=True):
@@ -349,11 +461,26 @@ def write_regime(out: Path, result: dict[str, Any], settings: dict[str, Any]) ->
     with open(out / "val.jsonl", "w", encoding="utf-8") as f:
         for rec in result["val"]:
             f.write(_line(rec, "val", -1))
+    files = {}
+    for name in ("oracle", "ref"):
+        path = out / f"{name}.jsonl"
+        if result.get(name):
+            with open(path, "w", encoding="utf-8") as f:
+                for rec in result[name]:
+                    f.write(_line(rec, name, -1))
+            files[name] = path.name  # the sidecar names the files of this build (none: a null)
+    regime = settings.get("regime")
     side = {"format": SIDE_FORMAT, "settings": settings, "train_file": "train.jsonl", "val_file": "val.jsonl",
+            "oracle_file": files.get("oracle"), "oracle_rule": ORACLE_RULE.get(regime),
+            "oracle_docs": len(result.get("oracle") or []), "ref_file": files.get("ref"),
+            "ref_docs": len(result.get("ref") or []), "ref_dropped_near_train": result.get("ref_dropped", 0),
             "counts": result["counts"], "originals": result["originals"], "val_docs": len(result["val"]),
             "near_copies_removed": settings.get("near_copies_removed", 0),
-            "val_dropped_near_train": result["val_dropped"], "kind": result["kind"],
-            "source": result["source"], "edited": result["edited"]}
+            "val_dropped_near_train": result["val_dropped"],
+            "val_shares_train": result.get("val_shares_train", 0), "kind": result["kind"],
+            "source": result["source"], "edited": result["edited"],
+            # regime span: per train line, the [start, end) character ranges of its noise (token ground truth)
+            "noise_spans": result.get("spans") if regime == "span" else None}
     path = out / "kinds.json"
     path.write_text(json.dumps(side) + "\n")
     return path
@@ -501,21 +628,41 @@ def summarize_dropped(selection: Any, kinds: np.ndarray, *, file: Any = None) ->
 def _build_cmd(args: argparse.Namespace) -> None:
     if args.max_docs is not None and args.max_docs < 3:
         raise RegimeError(f"--max-docs {args.max_docs}: must be at least 3")
+    try:
+        lo, hi = (int(x) for x in args.span_words.split(","))
+    except ValueError:
+        raise RegimeError(f"--span-words {args.span_words!r}: need MIN,MAX words, e.g. 2,8") from None
+    kinds = tuple(k for k in args.noise_kinds.split(",") if k)
+    if not kinds or set(kinds) - {"random", "shuffle"}:
+        raise RegimeError(f"--noise-kinds {args.noise_kinds!r}: a comma list of random, shuffle")
     pool, skipped = load_pool(args.corpus, doc_chars=args.doc_chars, max_bytes=args.max_bytes,
-                              max_docs=args.max_docs)
+                              max_docs=args.max_docs, dedup=args.regime != "repeats")
     result = build_regime(pool, args.regime, rate=args.rate, max_copies=args.max_copies, seed=args.seed,
                           val_fraction=args.val_fraction, exact_share=args.exact_share,
-                          edit_rate=args.edit_rate)
+                          edit_rate=args.edit_rate, noise_kinds=kinds, val_docs=args.val_docs,
+                          ref_docs=args.ref_docs, doc_rate=args.doc_rate, span_words=(lo, hi))
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "func")}
     settings["near_copies_removed"] = skipped
     side = write_regime(Path(args.out), result, settings)
     c = result["counts"]
+    noise_share = ""
+    if args.regime == "span":
+        chars = sum(b - a for doc in result["spans"] for a, b in doc)
+        total = sum(len(_text(r)) for r in result["train"])
+        noise_share = f"; {chars / total:.1%} of train characters in noise spans"
+    shared = f", {result['val_shares_train']} of them near-copies of train text" if args.regime == "repeats" \
+        else ""
+    ref = f", {len(result['ref'])} ref docs ({result['ref_dropped']} dropped)" if args.ref_docs else ""
     print(f"{args.regime} on {args.corpus}: {result['originals']} train originals, {len(result['val'])} val "
-          f"docs ({skipped} near-copies skipped in the corpus, {result['val_dropped']} val docs dropped as "
-          f"near-copies of train); train "
-          f"{len(result['train'])} docs: " + ", ".join(f"{k} {c[k]}" for k in KINDS if c[k]))
-    print(f"wrote {args.out}/train.jsonl, val.jsonl, {side.name}; next: attent-scale shards build "
-          f"{args.out}/train.jsonl --val-input {args.out}/val.jsonl -o {args.out}/shards ...")
+          f"docs{shared} ({skipped} near-copies skipped in the corpus, {result['val_dropped']} val docs "
+          f"dropped as near-copies of train){ref}; train "
+          f"{len(result['train'])} docs: " + ", ".join(f"{k} {c[k]}" for k in KINDS if c[k]) + noise_share)
+    oracle = f", oracle.jsonl ({len(result['oracle'])} docs: {ORACLE_RULE[args.regime]})" \
+        if result["oracle"] else ""
+    print(f"wrote {args.out}/train.jsonl, val.jsonl{oracle}{', ref.jsonl' if ref else ''}, {side.name}; "
+          f"next: attent-scale shards build {args.out}/train.jsonl --val-input {args.out}/val.jsonl -o "
+          f"{args.out}/shards ... (the oracle's shards: the same from oracle.jsonl, the same --val-input, "
+          "--tokenizer the train shards' tokenizer)")
 
 
 def _kinds_cmd(args: argparse.Namespace) -> None:
@@ -542,7 +689,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         p = argparse.ArgumentParser(prog="regimes.py", description=__doc__.split("\n")[0])
         p.add_argument("--regime", choices=REGIMES, required=True)
         p.add_argument("--rate", type=float, default=0.4,
-                       help="dup: share of train originals that get copies; noise: share replaced")
+                       help="dup: share of train originals that get copies; noise: share replaced; span: "
+                            "share of each document's words replaced")
         p.add_argument("--max-copies", type=int, default=16, help="dup: occurrences per duplicated doc, 2..N")
         p.add_argument("--exact-share", type=float, default=0.5, help="dup: share of copies left exact")
         p.add_argument("--edit-rate", type=float, default=0.02, help="dup: edits per word of an edited copy")
@@ -553,6 +701,15 @@ def main(argv: Iterable[str] | None = None) -> int:
         p.add_argument("--max-bytes", type=int, default=1_500_000, help="text of the original pool")
         p.add_argument("--max-docs", type=int, default=None, help="and at most this many originals (records)")
         p.add_argument("--val-fraction", type=float, default=0.1, help="share of originals held out as val")
+        p.add_argument("--val-docs", type=int, default=None, help="this many originals as val (not a share)")
+        p.add_argument("--ref-docs", type=int, default=0,
+                       help="a clean reference slice of this many originals (ref.jsonl), disjoint from both")
+        p.add_argument("--doc-rate", type=float, default=1.0,
+                       help="span: share of documents given noise spans")
+        p.add_argument("--span-words", default="2,8", help="span: MIN,MAX words per noise span")
+        p.add_argument("--noise-kinds", default="random,shuffle",
+                       help="noise/span: random (corpus vocabulary) and/or shuffle (the document's own "
+                            "words)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--out", required=True)
         p.set_defaults(func=_build_cmd)
