@@ -158,6 +158,7 @@ class Trainer:
         from attent_scale.models import check_model_fits
         from attent_scale.runlock import lock_run_dir
         from attent_scale.runlog import RunLogs
+        from attent_scale.teacher.folds import holdout_selection
         from attent_scale.tensorboard import open_board
         from attent_scale.validate import Validator
 
@@ -182,6 +183,7 @@ class Trainer:
         self.manifest = open_data(cfg.data, cfg.seed)  # a Manifest, or a Blend of data.sources
         self.batch_size = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
         self.n_train = self.manifest.num_samples(cfg.data.train_split)
+        self.holdout = holdout_selection(cfg.data.holdout, self.n_train)  # None, or the ids trained on
         if self.n_train < self.world * self.batch_size:
             raise UserError(
                 f"{self.data_label}: {self.n_train} training samples is too few for "
@@ -488,8 +490,10 @@ class Trainer:
 
     def _shard_stream(self, epoch: int, batch: int, selection: Any = None, pad: bool = False) -> Any:
         from attent_scale.data import ShardStream
+        from attent_scale.teacher.folds import restrict
 
         cfg = self.cfg
+        selection = restrict(selection, self.holdout)  # data.holdout: one fold's ids held out (or alone)
         return ShardStream(self.manifest, cfg.data.train_split, rank=self.rank, world_size=self.world,
                            seed=cfg.seed, epoch=epoch, batch_size=batch, selection=selection,
                            shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers,
@@ -667,7 +671,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Val loss on this rank's val batches; eval.jsonl and the metrics get the point."""
         progress, clock = self.progress, self.clock
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         signal = self.cfg.teacher.strategy == "signal" and self.teacher.mode in ("cycle", "ledger")
         loss = self.engine.evaluate(self.validator.batches(self.manifest), sample_hist=signal)
         if self.validator.stream is not None:  # val shards given up on stop the run like train shards
@@ -675,7 +679,10 @@ class Trainer:
         if signal:  # the teacher's thresholds come from the val losses' distribution
             self.teacher.observe_val(self.engine.val_histogram, progress.step)
         clock.eval_seconds += time.perf_counter() - t0
+        clock.eval_cpu_seconds += time.process_time() - c0
         self.validator.last_loss = loss
+        if self.validator.stop_early(loss):  # eval.early_stop_patience: val stopped improving: end here
+            self.total_steps = progress.step
         self.logs.eval.write(
             {
                 "step": progress.step,
@@ -728,7 +735,8 @@ class Trainer:
             online_dropped_batches=p.online_dropped_batches, corrupt_samples=p.corrupt_samples,
             corrupt_ids=len(p.corrupt_ids), dropped_samples=p.dropped_samples, train_seconds=c.train_seconds,
             train_cpu_seconds=c.train_cpu_seconds, eval_seconds=c.eval_seconds,
-            checkpoint_seconds=c.checkpoint_seconds, wall_seconds=c.wall(),
+            eval_cpu_seconds=c.eval_cpu_seconds, checkpoint_seconds=c.checkpoint_seconds,
+            wall_seconds=c.wall(),
             selected_ratio=self.selection.ratio, train_loss=p.last_train_loss,
             val_loss=self.validator.last_loss, **remote_totals(remote_stats())))
 
