@@ -11,6 +11,7 @@ import numpy as np
 
 from attent_scale.data.selection import Selection
 from attent_scale.teacher.comm import Comm
+from attent_scale.teacher.learnability import pick_learn, pick_rho
 from attent_scale.teacher.ledger import NEG_INF_IMAGE, POS_INF_IMAGE, loss_image, unpack_entries
 from attent_scale.teacher.signals import pick_signal
 from attent_scale.teacher.strategies import strategy_keys, uniform_noise
@@ -229,6 +230,8 @@ STRATEGIES: dict[str, Strategy] = {
     "random": Strategy(pick_random, scores=False, reuse=True, staleness=False),
     "prune": Strategy(pick_prune, scores=False, reuse=False, staleness=True),
     "signal": Strategy(pick_signal, scores=True, reuse=False, staleness=True),
+    "learn": Strategy(pick_learn, scores=False, reuse=True, staleness=False),
+    "rho": Strategy(pick_rho, scores=True, reuse=True, staleness=True),
 }
 
 

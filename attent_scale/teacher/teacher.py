@@ -198,7 +198,7 @@ class Teacher:
             return num
         if num == self.num_samples and plan.epoch in self.kept_counts:  # what its selection kept
             return self.kept_counts[plan.epoch]
-        if self.cfg.strategy == "signal":  # keeps what its signal does not drop: all, until it has selected
+        if self.cfg.strategy in ("signal", "learn"):  # keeps what its rule does not drop: all, until selected
             if num == self.num_samples and self.kept_counts:
                 return self.kept_counts.get(plan.epoch, self.kept_counts[max(self.kept_counts)])
             return num
@@ -366,7 +366,7 @@ class Teacher:
             n_selected=selection.count, n_unseen=int(self.num_samples - pick.n_obs),
             n_nonfinite=int(pick.n_nonfinite), world_size=self.world_size,
             sha256=selection.sha256 if self.rank == 0 else None, staleness=staleness, sources=sources,
-            signal=self.signal_record if cfg.strategy == "signal" else None,
+            signal=self.signal_record if cfg.strategy in ("signal", "learn", "rho") else None,
             selection_bits=selection.bits.tobytes().hex() if cfg.record_bits and self.rank == 0 else None)
         self._settle(comm, report, t_keys, {"score": self._score_seconds_pending}, bytes_max=True,
                      record=record)
