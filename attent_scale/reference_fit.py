@@ -49,6 +49,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--data", default=None, help="manifest directory (default: the config's data.dir)")
     f.add_argument("--out", default=None, help="output directory (default: reference.out, run_dir/reference)")
     f.add_argument("--nproc", type=int, default=1, help="ranks per fold run and scoring pass (torchrun)")
+    f.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: every child runs on one thread (as `bench --clock cpu`), so the CPU seconds "
+                        "charged compare with a CPU-clock bench")
     f.add_argument("--reuse", action="store_true",
                    help="keep a fold run already trained with the very same command")
     add_override_argument(f, "override applied to the fold runs and scoring (repeatable)")
@@ -81,14 +84,14 @@ def fold_steps(cfg: RunConfig, ids: int, world: int) -> int:
     return max(1, math.ceil(cfg.reference.epochs * ids / per_step))
 
 
-def run_child(cmd: list[str], log: Path, what: str) -> float:
+def run_child(cmd: list[str], log: Path, what: str, env: dict[str, str]) -> float:
     """Run one child process (a fold's training or scoring), its output to `log`; returns its CPU seconds
     (this process's children, user + system). A failure is one error naming the log, with its tail."""
     before = os.times()
     with log.open("w") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False).returncode
     after = os.times()
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-LOG_TAIL:])
@@ -173,6 +176,12 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     cost: dict[str, Any] = {"kind": "adapter" if r.adapter else "cross-fit", "folds": [],
                             "world_size": args.nproc, "train_seconds": 0.0, "train_cpu_seconds": 0.0,
                             "score_seconds": 0.0, "score_cpu_seconds": 0.0, "process_cpu_seconds": 0.0}
+    from attent_scale.bench import CPU_CLOCK_THREADS, THREAD_ENV
+
+    env = dict(os.environ)
+    if args.clock == "cpu":  # multi-threaded phases would count their CPU time once per thread
+        env.update({name: str(CPU_CLOCK_THREADS) for name in THREAD_ENV})
+    cost["clock"] = args.clock
     t0 = time.perf_counter()
     fold_files = []
     for k in range(folds):
@@ -201,7 +210,7 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
         if not reuse:
             print(f"reference fit: fold {k} of {folds}: training on {ids} ids, at most {steps} steps",
                   file=sys.stderr, flush=True)
-            cpu += run_child(train_cmd, run_dir / "train.log", f"fold {k}'s training")
+            cpu += run_child(train_cmd, run_dir / "train.log", f"fold {k}'s training", env)
             stamp.write_text(json.dumps(train_cmd[1:]))
         summary = json.loads((run_dir / "summary.json").read_text())
         evals = read_jsonl(run_dir / "eval.jsonl") if (run_dir / "eval.jsonl").exists() else []
@@ -212,12 +221,13 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
         if not r.adapter:
             score_cmd += ["--folds", str(r.folds), "--fold", str(k), "--fold-seed", str(r.seed),
                           "--fold-group", str(r.group)]
-        cpu += run_child(score_cmd, run_dir / "score.log", f"fold {k}'s scoring")
+        cpu += run_child(score_cmd, run_dir / "score.log", f"fold {k}'s scoring", env)
         scored = json.loads(Path(f"{fold_file}.cost.json").read_text())
         vals = [e["val_loss"] for e in evals]
         row = {"fold": k, "ids": ids, "planned_steps": steps, "steps": summary["steps"],
                "stopped_early": summary["steps"] < steps, "best_val_loss": min(vals) if vals else None,
                "final_val_loss": summary.get("final_val_loss"), "reused": reuse,
+               "threads": summary.get("torch_threads"),
                # the early stopping's evaluations are part of the reference's cost
                "train_seconds": summary["train_seconds"] + summary.get("eval_seconds", 0.0),
                "train_cpu_seconds": summary["train_cpu_seconds"] + summary.get("eval_cpu_seconds", 0.0),
