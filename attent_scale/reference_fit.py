@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -91,7 +92,16 @@ def run_child(cmd: list[str], log: Path, what: str, env: dict[str, str]) -> floa
     with log.open("w") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False).returncode
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        try:
+            code = proc.wait()
+        finally:  # interrupted (Ctrl-C, a test's timeout): the child (torchrun: its ranks) goes too
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
     after = os.times()
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-LOG_TAIL:])
@@ -251,6 +261,15 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     return cost
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _run_cli(args: argparse.Namespace) -> int:
-    fit(args)
+    # SIGTERM (a scheduler, a timeout) stops the child running now within seconds (run_child's finally)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        fit(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0

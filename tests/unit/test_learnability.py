@@ -246,3 +246,41 @@ def test_early_stop_counts_evaluations_without_a_new_best_and_survives_a_checkpo
 def test_histogram_bins_are_what_the_rule_assumes() -> None:
     assert NUM_BINS == 4096 and histogram(np.array([40.0])).argmax() == NUM_BINS - 1
     assert REPEATED == 2
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_holdout_stream_never_yields_a_held_out_id(tiny_shards: Path, world: int) -> None:
+    """data.holdout as the trainer applies it (the epoch's selection restricted to the fold filter):
+    every rank's stream yields only ids outside the held-out fold, each at most once per epoch."""
+    from attent_scale.data import Manifest, ShardStream
+
+    m = Manifest.load(tiny_shards)
+    n = m.num_samples("train")
+    keep = fold_selection(n, 2, 1, seed=3, train_on="rest", group=4)
+    some = Selection.from_ids(np.arange(0, n, 3), n)  # an epoch's selection of a teacher
+    for selection, allowed in ((None, keep.ids()), (some, restrict(some, keep).ids())):
+        seen = []
+        for rank in range(world):
+            stream = ShardStream(m, "train", rank=rank, world_size=world, seed=0, epoch=1, batch_size=8,
+                                 selection=restrict(selection, keep), shuffle_buffer=16)
+            seen += [i for batch in stream for i in batch["ids"].tolist() if i >= 0]
+        assert len(seen) == len(set(seen)) and set(seen) <= set(allowed.tolist())
+        assert len(seen) >= len(allowed) - world  # only the M mod W ids equal shares drop
+
+
+def test_fixed_keeps_the_largest_base_minus_reference_gap(tmp_path: Path) -> None:
+    """Token Cleaning at the sample level: the ids the reference (adapter) improved most over the base."""
+    from attent_scale.score import write_scores
+
+    ref_path = sc.write_reference(tmp_path / "ref.safetensors")
+    ids = np.arange(sc.N)
+    gap = uniform_noise(ids, seed=9, cycle=0)
+    base = sc.reference_losses(ids) + gap.astype(np.float32)
+    write_scores(tmp_path / "base.safetensors", base, {"format": "attent-scale-scores/1"})
+    t = sc.teacher({**LEARN, "learn_rule": "fixed", "learn_base": str(tmp_path / "base.safetensors"),
+                    "initial_ratio": 0.3}, sc.reference(ref_path))
+    kept = t.select(0, step=0).mask(ids)
+    fin = np.isfinite(base)
+    assert kept.sum() == round(0.3 * fin.sum()) + int((~fin).sum())
+    assert gap[kept & fin].min() > gap[~kept & fin].max()
+    assert t.last_record["signal"]["name"] == "learn:fixed"
