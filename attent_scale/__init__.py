@@ -3,7 +3,7 @@
 The Python API, imported on first use (so ``import attent_scale`` and ``attent-scale --help`` stay light)::
 
     from attent_scale import load_config, train
-    cfg = load_config("configs/demo.yaml", ["data.dir=runs/shards", "train.max_steps=10"])
+    cfg = load_config("demo", ["data.dir=runs/shards", "train.max_steps=10"])  # a packaged config, or a path
     exit_code = train(cfg)          # the native trainer, as `attent-scale train` runs it
 
 ``train`` is the module ``attent_scale.train`` itself, callable as ``train(cfg)``; ``RunConfig`` and

@@ -381,6 +381,13 @@ def format_markdown(arms: list[dict[str, Any]], clock: str) -> str:
 
 
 def plot(results: dict[str, list[dict[str, Any]]], out_dir: Path, clock: str = "wall") -> list[Path]:
+    """val_loss.png and selected_ratio.png in `out_dir`; none (and one line saying so) without matplotlib:
+    the tables and bench.json carry the numbers."""
+    from attent_scale.extras import available, install_hint
+
+    if not available("matplotlib"):
+        print(f"plots: none written (matplotlib is not installed: {install_hint('matplotlib')})", flush=True)
+        return []
     import matplotlib
 
     matplotlib.use("Agg")
@@ -493,7 +500,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     report["data_case"] = sentences
     write_json(out_dir / "bench.json", report)
     print(format_table(arms))
-    print(f"\nbench.json and {', '.join(p.name for p in plots)} in {out_dir}")
+    print(f"\n{', '.join(['bench.json', *(p.name for p in plots)])} in {out_dir}")
     for text in sentences:  # the last word: which case the data is in
         print(text)
     return report

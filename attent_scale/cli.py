@@ -22,6 +22,7 @@ COMMANDS = {
     "score": "attent_scale.score",
     "reference": "attent_scale.reference_fit",
     "simulate": "attent_scale.simulate",
+    "init": "attent_scale.init",
 }
 
 

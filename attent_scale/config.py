@@ -122,7 +122,9 @@ class ModelConfig:
 @dataclass
 class EngineConfig:
     name: Literal["local", "deepspeed", "fsdp"] = "local"
-    deepspeed_config: str | None = None  # DeepSpeed JSON; batch sizes are filled in from `train`
+    # DeepSpeed JSON (a path, or the bare name of a packaged one: deepspeed_zero2); null with engine.name
+    # deepspeed = the packaged ZeRO-3 JSON (configs/deepspeed_zero3.json); batch sizes come from `train`
+    deepspeed_config: str | None = None
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     loss_chunk_tokens: int = 8192  # per-sample loss upcasts logits to fp32 this many tokens at a time
 
@@ -238,14 +240,28 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """metrics.wandb: Weights & Biases logging of the native trainer (rank 0), beside TensorBoard."""
+
+    enabled: bool = False
+    project: str = "attent-scale"
+    entity: str = ""  # "" = your W&B default entity
+    # "" = WANDB_MODE, else W&B's default (online); offline writes under `dir` and needs no account or
+    # network (`wandb sync` uploads it later); disabled logs nothing
+    mode: Literal["", "online", "offline", "disabled"] = ""
+    dir: str = ""  # where W&B writes its files (a wandb/ folder); "" = run_dir, relative = under run_dir
+    name: str = ""  # the W&B run's display name; "" = the run_dir's name
+
+
+@dataclass
 class MetricsConfig:
     enabled: bool = False
     port: int = 19400  # rank r listens on port + local_rank (off 9100/9400/9464: node, dcgm, otel exporters)
     address: str = "127.0.0.1"
     port_fallback: bool = False  # take the next free port instead of failing when the port is taken
-    job: str = "attent"
     linger_seconds: float = 0.0  # keep the exporter up this long at close so the last values get scraped
     tensorboard_dir: str = ""  # TensorBoard event files (rank 0); relative: under run_dir; "" = off
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -464,8 +480,6 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.model.init_from and cfg.model.pretrained:
         raise UserError("config key 'model.pretrained': set model.init_from or its older name "
                         "model.pretrained, not both")
-    if cfg.engine.name == "deepspeed" and cfg.engine.deepspeed_config is None:
-        raise UserError("config key 'engine.deepspeed_config': required when engine.name is 'deepspeed'")
 
 
 def validate_teacher(t: TeacherConfig, *, reference_given: bool = False) -> None:
@@ -564,10 +578,13 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Load YAML from `path` (or start from defaults), apply `--set` overrides, validate."""
+    """Load YAML from `path` (or start from defaults), apply `--set` overrides, validate. A bare name that
+    is no file here (`demo`) names a packaged config (attent_scale/assets/configs/demo.yaml)."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        from attent_scale.assets import resolve_config
+
+        path = resolve_config(path)
         try:
             text = path.read_text()
         except OSError as exc:

@@ -11,14 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+from attent_scale.assets import resolve_config
 from attent_scale.config import add_override_argument
 from attent_scale.data.builder import build_shards
 from attent_scale.data.manifest import Manifest
 from attent_scale.errors import UserError
 
 DEMO_DIR = Path("runs/demo/shards")
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-SMOL_CONFIG = DEMO_CONFIG.with_name("demo_smollm2.yaml")
+DEMO_CONFIG, SMOL_CONFIG = "demo", "demo_smollm2"  # packaged configs (attent_scale/assets/configs)
 # 140 stdlib docstring pairs; the builder's hash split sends ~1/5 to val (the pairs are deduplicated, so
 # val never repeats a train prompt or response). seq_len 80 holds ~90% of them in SmolLM2's chat template.
 # Sized for ~10 minutes on 2 idle cores; 180 took 12.6 (docs/benchmarks.md, "The SmolLM2 demo").
@@ -58,8 +58,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "smollm2: LoRA on SmolLM2-135M-Instruct with stdlib docstring instructions (~10 min)")
     p.add_argument("--out", default=None, help="demo directory (shards/ and one run dir per arm; default "
                    "runs/demo, or runs/demo-smollm2)")
-    p.add_argument("--config", default=None, help="run config for both arms (default configs/demo.yaml, or "
-                   "configs/demo_smollm2.yaml)")
+    p.add_argument("--config", default=None, help="run config for both arms: a YAML file or a packaged "
+                   f"config's name (default {DEMO_CONFIG}, or {SMOL_CONFIG})")
     p.add_argument("--epochs", type=int, default=None, help="epoch budget of both arms (default 6, or 3)")
     p.add_argument("--examples", type=int, default=None,
                    help=f"--model smollm2: stdlib docstring pairs to train on (default {SMOL_EXAMPLES})")
@@ -74,7 +74,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     epochs = args.epochs if args.epochs is not None else (3 if smol else 6)
     if epochs < 1:
         raise UserError(f"--epochs {epochs}: must be at least 1")
-    config = args.config or str(SMOL_CONFIG if smol else DEMO_CONFIG)
+    config = str(resolve_config(args.config or (SMOL_CONFIG if smol else DEMO_CONFIG)))
     t0 = time.perf_counter()
     out = Path(args.out or ("runs/demo-smollm2" if smol else "runs/demo"))
     overrides = ["checkpoint.export=false"]
@@ -112,7 +112,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     plots = plot(results, out)
     print()
     print(format_demo_table(rows))
-    print(f"\nplot: {plots[0]} (val loss vs training seconds and vs samples); run dirs: "
+    shown = f"plot: {plots[0]} (val loss vs training seconds and vs samples)" if plots else "no plot"
+    print(f"\n{shown}; run dirs: "
           f"{out / 'uniform' / 'seed-0'}, {out / 'attent' / 'seed-0'}; total {time.perf_counter() - t0:.0f}s "
           f"({cpu_seconds():.0f} CPU seconds)")
     said = data_sentence("attent", results["attent"])  # strategy signal: which case the data is in

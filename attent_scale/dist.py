@@ -1,4 +1,4 @@
-"""Process-group setup from the torchrun / deepspeed-launcher environment; the run's shared collectives."""
+"""Process-group setup from the torchrun / deepspeed launcher / srun environment; the run's collectives."""
 
 from __future__ import annotations
 
@@ -214,12 +214,16 @@ def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
 def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     """Join the process group described by RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT.
 
+    A task srun started without torchrun gets them from its SLURM_* variables first (attent_scale/srun.py).
     nccl on CUDA, gloo on CPU. A single process (WORLD_SIZE unset or 1) initialises nothing.
     Calling it again after the group exists returns the same info.
     """
     import datetime
 
+    from attent_scale import srun
+
     ensure_accelerator_env()
+    srun.apply()
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -237,7 +241,7 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     backend = "nccl" if cuda else "gloo"
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set (launch with torchrun or deepspeed)")
+        raise RuntimeError("WORLD_SIZE > 1 but no MASTER_PORT (launch with torchrun, srun or deepspeed)")
     set_socket_ifname()
     kwargs: dict = {"timeout": datetime.timedelta(seconds=timeout_s)}
     if cuda:

@@ -1,4 +1,7 @@
-"""The one command line that starts a program on N local ranks (torchrun) or as one plain process."""
+"""The one command line that starts a program on N local ranks (torchrun) or as one plain process.
+
+A given launcher goes in front as it is: torchrun, the deepspeed runner, or srun inside a Slurm job
+(``"srun --ntasks=4"``: each task finds its rank in SLURM_* itself, attent_scale/srun.py)."""
 
 from __future__ import annotations
 

@@ -3,18 +3,23 @@
 One exporter per process, listening on ``cfg.address:cfg.port + local_rank`` (``auto``: this host's address
 on the cluster interface, see ``dist.cluster_address``) with its own private
 ``CollectorRegistry`` (so several exporters can live in one process, e.g. in tests). Every series carries
-the labels ``job``, ``rank`` and ``node`` (set once at start; Prometheus must scrape with
-``honor_labels: true`` so these win over the target labels, see tools/ops/prometheus/prometheus.yml).
+the labels ``rank``, ``node`` and ``slurm_job_id`` (``$SLURM_JOB_ID``, empty outside Slurm, which Prometheus
+reads as no label), set once at start. The exporter never sets ``job``: that is the scrape config's
+``job_name`` (tools/ops/prometheus/prometheus.yml), so ``up{job=...}`` and the series of one scrape job
+carry the same ``job``. Names carry their unit (``_seconds``, ``_bytes``, ``_nats``, ``_ratio``; counters
+end in ``_total`` and say what they count); a rate is never exported, Grafana takes ``rate()`` of the
+counter.
 
 API (the trainer calls only these; ``Metrics.create`` returns a no-op ``NullMetrics`` with the same
 methods when ``cfg.enabled`` is false)::
 
     m = Metrics.create(cfg.metrics, rank=rank, local_rank=local_rank, node=socket.gethostname(),
-                       job=None)                      # job=None -> cfg.job
+                       totals=None)                   # the restored totals of a resumed run, exported
+                                                      # before the first scrape (no drop to 0)
     m.port                                            # actual port (None when disabled)
     m.update(totals)                                  # CUMULATIVE numbers: a totals.RunTotals (or a dict
                                                       # of some of its fields)
-    m.observe_step(seconds, train_loss, tokens_per_second)
+    m.observe_step(seconds, train_loss)
     m.observe_selection(phase_seconds={}, selected_ratio=None, staleness_median=None)
     m.observe_sources(sources)                        # a selection record's "sources" (per source)
     m.observe_eval(val_loss)
@@ -32,7 +37,7 @@ a resume, where the first call carries the restored totals), ``selection_seconds
 ({phase: cumulative seconds}; the part not yet observed through ``observe_selection`` is observed into
 the ``attent_selection_seconds`` histogram, so its ``_sum`` equals the total), ``wall_seconds``
 (cumulative training wall time; overhead ratio = sum of phase seconds / wall_seconds), and the gauges
-``selected_ratio``, ``staleness_median``, ``train_loss``, ``val_loss``, ``tokens_per_second``.
+``selected_ratio``, ``staleness_median``, ``train_loss``, ``val_loss``.
 
 ``observe_selection(phase_seconds)`` takes the *increments* of those same per-phase seconds (one
 selection event); it is optional — a trainer that only calls ``update`` gets one histogram observation
@@ -42,6 +47,7 @@ per phase per ``update`` call with the time spent since the previous call.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import sys
 import threading
@@ -55,16 +61,15 @@ from attent_scale.config import MetricsConfig
 from attent_scale.errors import UserError
 from attent_scale.totals import PHASES, RunTotals, prometheus_fields
 
-CONST_LABELS: tuple[str, ...] = ("job", "rank", "node")
+CONST_LABELS: tuple[str, ...] = ("slurm_job_id", "rank", "node")
 FALLBACK_TRIES = 100  # ports tried after the configured one when port_fallback is on
 ALL_INTERFACES = ("0.0.0.0", "::")  # metrics.address values that listen on every interface
 AUTO = "auto"  # metrics.address: the cluster interface the job's sockets use (the sbatch scripts' default)
 
 # RunTotals field -> counter attribute (counters advance by the delta of these cumulative numbers)
 COUNTER_KEYS: dict[str, str] = prometheus_fields("counter")
-# RunTotals field -> gauge attribute; tokens_per_second is a rate, not a total: observe_step sets it (a
-# mapping passed to `update` may carry it too)
-GAUGE_KEYS: dict[str, str] = {**prometheus_fields("gauge"), "tokens_per_second": "tokens_per_second"}
+# RunTotals field -> gauge attribute
+GAUGE_KEYS: dict[str, str] = prometheus_fields("gauge")
 
 _SELECTION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 _STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -106,9 +111,8 @@ class NullMetrics:
         """Take the cumulative totals (a RunTotals, or a mapping of some of its fields); see the module
         docstring."""
 
-    def observe_step(self, seconds: float, train_loss: float | None = None,
-                     tokens_per_second: float | None = None) -> None:
-        """Record one optimizer step: its wall seconds, its train loss, its throughput."""
+    def observe_step(self, seconds: float, train_loss: float | None = None) -> None:
+        """Record one optimizer step: its wall seconds and its train loss (nats)."""
 
     def observe_selection(self, phase_seconds: Mapping[str, float] | None = None,
                           selected_ratio: float | None = None,
@@ -140,9 +144,9 @@ class NullMetrics:
 class Metrics(NullMetrics):
     """A live exporter for one rank; build it with ``Metrics.create``."""
 
-    def __init__(self, *, rank: int, node: str, job: str) -> None:
+    def __init__(self, *, rank: int, node: str, slurm_job_id: str = "") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.labels = {"job": job, "rank": str(rank), "node": node}
+        self.labels = {"slurm_job_id": slurm_job_id, "rank": str(rank), "node": node}
         self._lock = threading.Lock()
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -176,11 +180,11 @@ class Metrics(NullMetrics):
         self.selected_ratio = gauge("attent_selected_ratio", "Fraction of samples the last selection kept")
         self.staleness = gauge("attent_score_staleness_steps",
                                "Median age in steps of the scores the last selection used")
-        self.dropped_ratio = gauge("attent_dropped_ratio",
+        self.dropped_ratio = gauge("attent_signal_dropped_ratio",
                                    "Share of the observed samples the last signal selection dropped")
-        self.dropped = gauge_by("attent_dropped_samples", "Samples the last signal selection dropped, by "
-                                "reason (memorized/learned/unlearnable; capped: candidates kept by the ratio "
-                                "cap)", "reason")
+        self.dropped = gauge_by("attent_signal_dropped_samples", "Samples the last signal selection dropped, "
+                                "by reason (memorized/learned/unlearnable; capped: candidates kept by the "
+                                "ratio cap)", "reason")
         self.signal_threshold = gauge_by("attent_signal_threshold_nats", "Cut points of the last signal "
                                          "selection's rule (memorized/learned/unlearnable/min_fall/excess)",
                                          "rule")
@@ -195,12 +199,12 @@ class Metrics(NullMetrics):
         for of in ("train", "val", "fall"):
             for q in ("q05", "q25", "q50", "q75", "q95"):
                 self.signal_quantile.labels(**lab, of=of, q=q)
-        self.train_loss = gauge("attent_train_loss", "Train loss of the last step")
-        self.val_loss = gauge("attent_val_loss", "Held-out validation loss of the last evaluation")
-        self.tokens_per_second = gauge("attent_tokens_per_second",
-                                       "The job's trained tokens per second at the last step, estimated "
-                                       "by each rank as its tokens x world / step seconds: do not sum")
-        self.tokens_trained = counter("attent_tokens_trained", "Target tokens this rank trained on")
+        self.train_loss = gauge("attent_train_loss_nats", "Train loss of the last step (mean token "
+                                "cross-entropy, nats)")
+        self.val_loss = gauge("attent_val_loss_nats", "Held-out validation loss of the last evaluation "
+                              "(nats)")
+        self.tokens_trained = counter("attent_tokens_trained", "Target tokens this rank trained on (its "
+                                      "rate() is the rank's token throughput; summed over ranks, the job's)")
         self.samples_scored = counter("attent_samples_scored", "Samples scored by the teacher")
         self.samples_trained = counter("attent_samples_trained", "Samples trained on")
         self.corrupt_samples = counter("attent_corrupt_samples_skipped",
@@ -213,7 +217,7 @@ class Metrics(NullMetrics):
                                         "Bytes this rank sent in selection collectives")
         self.remote_retries = counter("attent_remote_read_retries",
                                       "Reads of a shard URL retried after a transient error")
-        self.remote_unreachable = counter("attent_remote_unreachable",
+        self.remote_unreachable = counter("attent_remote_unreachable_urls",
                                           "Shard URLs given up on after the retries (or missing)")
         self.remote_downloaded_bytes = counter("attent_remote_downloaded_bytes",
                                                "Bytes of shards downloaded into the local cache")
@@ -224,15 +228,14 @@ class Metrics(NullMetrics):
         self.source_gauges = {
             "samples": gauge_by("attent_source_samples", "Training ids of the source (after weights)",
                                 "source"),
-            "selected": gauge_by("attent_source_selected", "Ids of the source the last selection kept",
-                                 "source"),
-            "dropped": gauge_by("attent_source_dropped", "Ids of the source the last selection dropped",
-                                "source"),
-            "floor_added": gauge_by("attent_source_floor_added",
+            "selected": gauge_by("attent_source_selected_samples", "Ids of the source the last selection "
+                                 "kept", "source"),
+            "dropped": gauge_by("attent_source_dropped_samples", "Ids of the source the last selection "
+                                "dropped", "source"),
+            "floor_added": gauge_by("attent_source_floor_added_samples",
                                     "Ids the source's floor added to the last selection", "source"),
-            "mean_loss": gauge_by("attent_source_mean_loss",
-                                  "Mean last observed loss over the source's ids at the last selection",
-                                  "source"),
+            "mean_loss": gauge_by("attent_source_mean_loss_nats", "Mean last observed loss over the source's "
+                                  "ids at the last selection (nats)", "source"),
         }
         self.step_seconds = Histogram("attent_step_seconds", "Wall seconds per optimizer step", names,
                                       registry=reg, buckets=_STEP_BUCKETS).labels(**lab)
@@ -241,8 +244,12 @@ class Metrics(NullMetrics):
 
     @classmethod
     def create(cls, cfg: MetricsConfig, *, rank: int, local_rank: int, node: str | None = None,
-               job: str | None = None) -> NullMetrics:
-        """Start this rank's exporter on ``cfg.port + local_rank`` (a NullMetrics when disabled)."""
+               slurm_job_id: str | None = None, totals: RunTotals | Mapping[str, Any] | None = None,
+               ) -> NullMetrics:
+        """Start this rank's exporter on ``cfg.port + local_rank`` (a NullMetrics when disabled).
+        ``slurm_job_id`` None: ``$SLURM_JOB_ID`` (or none); ``totals``: exported before the server starts,
+        so a resumed run's counters go on from the restored totals and never read 0 in between (which
+        Prometheus would take for a counter reset)."""
         if not cfg.enabled:
             return NullMetrics()
         address = bind_address(cfg.address, rank)
@@ -251,8 +258,12 @@ class Metrics(NullMetrics):
             print(f"attent-scale: warning: metrics.address={address}: the exporters are unauthenticated "
                   "and listen on every interface; bind the cluster interface instead (metrics.address: "
                   "auto)", file=sys.stderr, flush=True)
-        metrics = cls(rank=rank, node=node or socket.gethostname(), job=job or cfg.job)
+        if slurm_job_id is None:
+            slurm_job_id = os.environ.get("SLURM_JOB_ID", "")
+        metrics = cls(rank=rank, node=node or socket.gethostname(), slurm_job_id=slurm_job_id)
         metrics.linger_seconds = cfg.linger_seconds
+        if totals is not None:
+            metrics.update(totals)
         metrics._serve(address, cfg.port + local_rank if cfg.port else 0, cfg.port_fallback)
         return metrics
 
@@ -306,13 +317,10 @@ class Metrics(NullMetrics):
                 if value is not None:
                     getattr(self, attr).set(float(value))
 
-    def observe_step(self, seconds: float, train_loss: float | None = None,
-                     tokens_per_second: float | None = None) -> None:
+    def observe_step(self, seconds: float, train_loss: float | None = None) -> None:
         self.step_seconds.observe(seconds)
         if train_loss is not None:
             self.train_loss.set(train_loss)
-        if tokens_per_second is not None:
-            self.tokens_per_second.set(tokens_per_second)
 
     def observe_selection(self, phase_seconds: Mapping[str, float] | None = None,
                           selected_ratio: float | None = None,

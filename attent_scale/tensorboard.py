@@ -34,8 +34,8 @@ class NullBoard:
     def log_eval(self, step: int, val_loss: float) -> None:
         """One evaluation."""
 
-    def close(self) -> None:
-        """Flush and close (idempotent)."""
+    def close(self, exit_code: int = 0) -> None:
+        """Flush and close (idempotent); `exit_code`: how the run ended (a logger may record it)."""
 
 
 class Board(NullBoard):
@@ -65,7 +65,7 @@ class Board(NullBoard):
         self.writer.add_scalar("val/loss", val_loss, step)
         self.writer.flush()  # evaluations are rare: a live TensorBoard sees each one at once
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         writer, self.writer = self.writer, None
         if writer is not None:
             writer.close()
@@ -85,9 +85,7 @@ def open_board(tensorboard_dir: str, run_dir: Path, *, is_main: bool, resumed_st
     path = board_dir(tensorboard_dir, run_dir)
     if path is None or not is_main:
         return NullBoard()
-    try:
-        import tensorboard  # noqa: F401  (torch.utils.tensorboard needs the package)
-    except ImportError:
-        raise UserError(f"config key '{KEY}': the tensorboard package is not installed "
-                        "(pip install tensorboard)") from None
+    from attent_scale.extras import require
+
+    require("tensorboard", f"config key '{KEY}'")  # torch.utils.tensorboard writes through it
     return Board(path, 0 if resumed_step is None else resumed_step + 1)

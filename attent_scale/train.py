@@ -44,7 +44,8 @@ class NonFiniteLossError(UserError):
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train with (or without) the AtteNT teacher")
-    parser.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    parser.add_argument("--config", required=True, help="run config: a YAML file, or the name of a packaged "
+                        "one (demo, gpu_gpt2_small, ...: `attent-scale init DIR` copies them out)")
     add_override_argument(parser)
     parser.add_argument(
         "--resume",
@@ -154,12 +155,12 @@ class Trainer:
         from attent_scale.data.workers import StreamWorkers
         from attent_scale.dist import init_distributed
         from attent_scale.engines import build_engine
+        from attent_scale.loggers import open_loggers
         from attent_scale.metrics import Metrics
         from attent_scale.models import check_model_fits
         from attent_scale.runlock import lock_run_dir
         from attent_scale.runlog import RunLogs
         from attent_scale.teacher.folds import holdout_selection
-        from attent_scale.tensorboard import open_board
         from attent_scale.validate import Validator
 
         self.cfg = cfg
@@ -216,9 +217,10 @@ class Trainer:
         self._config_recorded = self._record_config()
         self.logs.open()  # the teacher appends selection records itself; ours open after truncation
         node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-        self.metrics = Metrics.create(cfg.metrics, rank=self.rank, local_rank=self.info.local_rank, node=node)
-        self.board = open_board(cfg.metrics.tensorboard_dir, self.run_dir, is_main=self.is_main,
-                                resumed_step=None if self.resumed_from is None else self.progress.step)
+        self.metrics = Metrics.create(cfg.metrics, rank=self.rank, local_rank=self.info.local_rank, node=node,
+                                      totals=self.totals())  # a resumed run's counters go on from its totals
+        self.board = open_loggers(cfg, self.run_dir, is_main=self.is_main,  # TensorBoard, W&B
+                                  resumed_step=None if self.resumed_from is None else self.progress.step)
         self.stopper = StopCheck(every=cfg.train.stop_check_every, max_seconds=cfg.train.max_seconds,
                                  group=self.group)
         # one set of DataLoader workers for every epoch and scoring pass (started on first use)
@@ -550,7 +552,7 @@ class Trainer:
             self.board.log_step(progress.step, loss=result.loss, lr=result.lr, tokens_per_second=tokens_per_s,
                                 selected_ratio=tot.selected_ratio,
                                 selection_seconds_by_phase=tot.selection_seconds_by_phase)
-        self.metrics.observe_step(step_seconds, result.loss, tokens_per_s)
+        self.metrics.observe_step(step_seconds, result.loss)
         self.metrics.update(tot)
         if self.bar is not None:
             self.bar.update(1)
@@ -768,7 +770,7 @@ class Trainer:
         if self.bar is not None:
             self.bar.close()
         self.logs.close()
-        self.board.close()
+        self.board.close(exit_code or int(failed))  # W&B marks a failed run failed
         self.metrics.close()
         if self.run_lock is not None:  # a second train() in this process may take run_dir again
             self.run_lock.release()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from attent_scale.errors import UserError
+from attent_scale.extras import require
 
 HF_STATE = "state.json"  # what `Dataset.save_to_disk` writes beside its .arrow files
 HF_INFO = "dataset_info.json"
@@ -206,7 +207,7 @@ def _jsonl(path: Path, start: int, stop: int | None) -> Iterator[tuple[str, dict
 
 
 def _compressed_jsonl(path: Path, codec: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    import pyarrow as pa
+    pa = require("pyarrow", f"{path}: reading .{codec} streams")
 
     lineno, offset = 0, 0
     try:
@@ -235,7 +236,7 @@ def _columns(names: Sequence[str], columns: Sequence[str] | None) -> list[str] |
 
 def _parquet(path: Path, start: int, stop: int | None,
              columns: Sequence[str] | None) -> Iterator[tuple[str, dict[str, Any]]]:
-    import pyarrow as pa
+    pa = require("pyarrow", f"{path}: reading parquet")
     import pyarrow.parquet as pq
 
     try:
@@ -266,7 +267,7 @@ def _parquet(path: Path, start: int, stop: int | None,
 
 def _arrow(path: Path, columns: Sequence[str] | None) -> Iterator[tuple[str, dict[str, Any]]]:
     """An Arrow IPC stream (what `save_to_disk` writes) or IPC file, memory-mapped batch by batch."""
-    import pyarrow as pa
+    pa = require("pyarrow", f"{path}: reading Arrow files")
 
     row = 0
     try:
@@ -373,7 +374,7 @@ def units(path: Path, fmt: str, chunk_bytes: int) -> list[tuple[int, int | None]
     if fmt == "jsonl":
         return [(a, min(a + chunk_bytes, n)) for a in range(0, n, chunk_bytes)]
     if fmt == "parquet":
-        import pyarrow as pa
+        pa = require("pyarrow", f"{path}: reading parquet")
         import pyarrow.parquet as pq
 
         try:

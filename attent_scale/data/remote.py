@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from attent_scale.errors import UserError
+from attent_scale.extras import require
 
 SCHEMES = ("s3", "gs", "gcs", "http", "https")
 CHUNK = 4 << 20
@@ -193,23 +194,16 @@ def filesystem(url: str) -> Any:
         return fs
     t = _options.timeout
     if sch == "s3":
-        try:
-            import s3fs
-        except ImportError:
-            raise UserError(f"{redact(url)}: s3:// needs s3fs (pip install s3fs)") from None
+        s3fs = require("s3fs", f"{redact(url)}: s3://")
         fs = s3fs.S3FileSystem(skip_instance_cache=True, config_kwargs={
             "retries": {"max_attempts": 1, "mode": "standard"}, "connect_timeout": t, "read_timeout": t})
         fs.retries = 1
     elif sch in ("gs", "gcs"):
-        try:
-            import gcsfs
-        except ImportError:
-            raise UserError(f"{redact(url)}: gs:// needs gcsfs (pip install gcsfs)") from None
+        gcsfs = require("gcsfs", f"{redact(url)}: gs://")
         fs = gcsfs.GCSFileSystem(skip_instance_cache=True, retries=1, timeout=t)
     else:
-        import aiohttp
-        import fsspec
-
+        aiohttp = require("aiohttp", f"{redact(url)}: http(s)://")
+        fsspec = require("fsspec", f"{redact(url)}: http(s)://")
         fs = fsspec.filesystem("http", skip_instance_cache=True,
                                client_kwargs={"timeout": aiohttp.ClientTimeout(total=None, sock_connect=t,
                                                                                sock_read=t)})

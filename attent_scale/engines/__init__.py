@@ -24,7 +24,10 @@ def build_engine(cfg: RunConfig, manifest: Any = None, *, vocab_size: int | None
 
         return LocalEngine(cfg, vocab_size)
     from attent_scale.dist import init_distributed
+    from attent_scale.extras import available, missing
 
+    if name == "deepspeed" and not available("deepspeed"):  # found, not imported: DS_ACCELERATOR comes first
+        raise missing("deepspeed", "config key 'engine.name': 'deepspeed'")
     info = init_distributed()
     if name == "deepspeed":
         from attent_scale.engines.deepspeed import DeepSpeedEngine

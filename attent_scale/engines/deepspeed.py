@@ -25,15 +25,27 @@ from attent_scale.errors import UserError
 from attent_scale.models import build_model, export_state_dict, prepare_init_from
 
 
+def ds_config_path(value: str | None) -> Path:
+    """`engine.deepspeed_config`: a file; the bare name of a packaged JSON (`deepspeed_zero2`); unset: the
+    packaged ZeRO-3 JSON."""
+    from attent_scale import assets
+
+    if not value:
+        return assets.deepspeed_default()
+    given = Path(value)
+    packaged = assets.root() / "configs" / f"{value}.json"
+    if not given.exists() and assets.is_bare_name(value) and packaged.is_file():
+        return packaged
+    return given
+
+
 def load_ds_config(
     cfg: RunConfig, world_size: int, device: torch.device, bf16_supported: bool | None = None
 ) -> dict[str, Any]:
     """Read `engine.deepspeed_config` and fill in what we own: batch sizes, clipping, bf16 'auto', and
     fp32 gradient accumulation and reduction unless the JSON sets `data_types.grad_accum_dtype` /
     `communication_data_type` itself (DeepSpeed's defaults follow the bf16 model dtype)."""
-    path = cfg.engine.deepspeed_config
-    if not path:
-        raise UserError("config key 'engine.deepspeed_config': required when engine.name is 'deepspeed'")
+    path = ds_config_path(cfg.engine.deepspeed_config)
     try:
         raw = json.loads(Path(path).read_text())
     except OSError as exc:

@@ -19,7 +19,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainerCallback
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError:  # the usual cause: no accelerate, which transformers names obscurely
+    from attent_scale.extras import require
+
+    require("accelerate", "AttentTrainer (attent_scale.integrations.hf)")
+    raise
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
 
 from attent_scale.checkpoint import load_state, save_state

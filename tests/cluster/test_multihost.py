@@ -57,8 +57,9 @@ def one_host_run(cfg: dict) -> Path:
 
 
 def submit(cluster: Cluster, script: str, config: Path, out: Path, *train_args: str,
-           env: dict[str, str] | None = None, name_ifname: bool = True) -> int:
-    """sbatch a launch script on both hosts, NPROC CPU processes each.
+           env: dict[str, str] | None = None, name_ifname: bool = True, tasks_per_node: int = 1) -> int:
+    """sbatch a launch script on both hosts, NPROC CPU processes each: one task per node that starts
+    them (torchrun, the deepspeed launcher), or `tasks_per_node` tasks of one CPU each (srun).
 
     name_ifname=False leaves GLOO_SOCKET_IFNAME unset: the trainer must find the interface itself.
     """
@@ -69,7 +70,8 @@ def submit(cluster: Cluster, script: str, config: Path, out: Path, *train_args: 
            **(GLOO_ENV if name_ifname else {}), **(env or {})}
     assert name_ifname or not any(k in cluster.env for k in GLOO_ENV), "GLOO_SOCKET_IFNAME inherited"
     return cluster.sbatch(f"--partition={cluster.partition}", f"--nodes={len(cluster.hosts)}",
-                          "--ntasks-per-node=1", "--gpus-per-node=0", f"--cpus-per-task={NPROC}", "--time=30",
+                          f"--ntasks-per-node={tasks_per_node}", "--gpus-per-node=0",
+                          f"--cpus-per-task={NPROC // tasks_per_node}", "--time=30",
                           f"--output={out}", str(ROOT / "launch" / script), str(config), *train_args,
                           cwd=ROOT, env=env)
 
@@ -87,18 +89,18 @@ class TwoHostRun:
     state: str
     nodes: set[str]
     up: set[str]  # scrape targets Prometheus saw up
-    node_rank: set[tuple[str, str]]  # (node, rank) label pairs of attent_train_loss
+    node_rank: set[tuple[str, str]]  # (node, rank) label pairs of attent_train_loss_nats
     dashboard: dict[str, int]  # dashboard query -> most distinct ranks (or series) in one result
     metrics_port: int
 
 
 def watch_dashboard(prom: Any, job: str, done: Any) -> tuple[set[str], dict[str, int]]:
     """Evaluate every dashboard query (and `up`) while the job runs; keep the widest result of each."""
-    exprs = [fill(e, job) for e in dashboard_exprs()]
+    exprs = [fill(e, "attent", slurm_job_id=job) for e in dashboard_exprs()]
     widest = dict.fromkeys(exprs, 0)
     up: set[str] = set()
     while not done():
-        for s in prom.query(f'up{{job="{job}"}} == 1'):
+        for s in prom.query(f'up{{job="attent", slurm_job_id="{job}"}} == 1'):
             up.add(s["metric"]["instance"])
         for e in exprs:
             res = prom.query(e)
@@ -125,7 +127,8 @@ def fsdp_two_host(cluster: Cluster, tiny_shards: Path,
         up, widest = watch_dashboard(prom, str(job), lambda: cluster.job(job).get("JobState") in finished
                                      or time.monotonic() > deadline)
         state = cluster.wait_job(job, 10)
-        pairs = prom.query(f'sum by (node, rank) (last_over_time(attent_train_loss{{job="{job}"}}[10m]))')
+        loss = f'attent_train_loss_nats{{slurm_job_id="{job}"}}'
+        pairs = prom.query(f"sum by (node, rank) (last_over_time({loss}[10m]))")
     return TwoHostRun(run_dir=tmp / "run", log=out.read_text(), state=state, nodes=job_nodes(cluster, job),
                       up=up, node_rank={(s["metric"]["node"], s["metric"]["rank"]) for s in pairs},
                       dashboard=widest, metrics_port=port)
@@ -158,10 +161,32 @@ def test_prometheus_scrapes_all_four_exporters_across_hosts(cluster: Cluster,
         labels = {x.strip() for x in by.group(1).split(",")} if by else {"rank"}
         if "rank" in labels:  # a series per rank: every rank of both hosts is scraped
             assert width == 2 * NPROC, f"{expr}: {width} ranks"
-        elif labels == {"job"}:  # the throughput panel sums over ranks
+        elif labels == {"slurm_job_id"}:  # the throughput panels sum over ranks
             assert width == 1, f"{expr}: {width} series"
         else:  # one series per source / reason / rule (max over the ranks, who agree): data is there
             assert width >= 1, f"{expr}: no series"
+
+
+# ------------------------------------------------------------------ srun alone: one task per process
+def test_two_host_srun_sbatch_runs_one_task_per_rank_and_selects_like_torchrun(
+        cluster: Cluster, fsdp_two_host: TwoHostRun, tiny_shards: Path, tmp_path: Path) -> None:
+    # no torchrun: srun starts 2 tasks on each host; each finds its rank in SLURM_PROCID, the world in
+    # SLURM_STEP_NUM_TASKS, and meets the others on the first host at the port its job id gives
+    # (ATTENT_MASTER_PORT empty: the derived one)
+    _, config = mh_config(tmp_path, tiny_shards, "fsdp", "run")
+    out = tmp_path / "slurm.out"
+    job = submit(cluster, "slurm_srun.sbatch", config, out, tasks_per_node=NPROC,
+                 env={"ATTENT_MASTER_PORT": ""})
+    state = cluster.wait_job(job, 300)
+    log = out.read_text()
+    assert state == "COMPLETED", log
+    assert job_nodes(cluster, job) == {h.name for h in cluster.hosts}
+    assert f"({len(cluster.hosts)} x {NPROC})" in log and "torchrun" not in log, log
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 * NPROC and summary["steps"] == STEPS and summary["engine"] == "fsdp"
+    # the same selections as the torchrun launch of the same config on the same hosts
+    got, want = selection_records(tmp_path / "run"), selection_records(fsdp_two_host.run_dir)
+    assert len(want) >= 3 and got == want
 
 
 # ------------------------------------------------------------------ ZeRO-3 through the deepspeed launcher

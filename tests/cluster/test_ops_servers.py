@@ -35,7 +35,7 @@ def slurm(slurm_hosts: Slurm) -> Slurm:
 
 
 def populated(m: Metrics, scale: float) -> None:
-    m.observe_step(0.05, train_loss=3.0 * scale, tokens_per_second=1e4 * scale)
+    m.observe_step(0.05, train_loss=3.0 * scale)
     m.observe_eval(3.1 * scale)
     m.observe_checkpoint(0.5)
     m.observe_selection({"score": 0.2 * scale}, selected_ratio=0.3, staleness_median=4)
@@ -52,28 +52,33 @@ def populated(m: Metrics, scale: float) -> None:
 
 
 def test_prometheus_scrapes_two_exporters_and_every_dashboard_query_returns_data(prom: Prometheus) -> None:
-    cfg = MetricsConfig(enabled=True, port=free_port(), port_fallback=True, job="dash")
-    ranks = [Metrics.create(cfg, rank=r, local_rank=r, node="n0") for r in range(2)]
+    # the shipped scrape config: `job` is its job_name, never the exporter's; Slurm's id is its own label
+    cfg = MetricsConfig(enabled=True, port=free_port(), port_fallback=True)
+    ranks = [Metrics.create(cfg, rank=r, local_rank=r, node="n0", slurm_job_id="dash") for r in range(2)]
     try:
         for r, m in enumerate(ranks):
             populated(m, 1.0 + r)  # type: ignore[arg-type]
-        prom.add_targets("dash", [f"127.0.0.1:{m.port}" for m in ranks], {"job": "dash", "node": "n0"})
-        prom.wait_for('count_over_time(attent_samples_trained_total{job="dash"}[1m]) >= 3',
+        prom.add_targets("dash", [f"127.0.0.1:{m.port}" for m in ranks],
+                         {"slurm_job_id": "dash", "node": "n0"})
+        prom.wait_for('count_over_time(attent_samples_trained_total{slurm_job_id="dash"}[1m]) >= 3',
                       lambda res: len(res) == 2)
+        # `up` of the scrape job carries the same job and slurm_job_id as the series the dashboard reads
+        up = prom.query('up{job="attent", slurm_job_id="dash"} == 1')
+        assert {s["metric"]["instance"] for s in up} == {f"127.0.0.1:{m.port}" for m in ranks}
         for r, m in enumerate(ranks):  # advance so rate() windows see a change
             m.observe_step(0.07)
             m.update({"samples_trained": 96, "tokens_trained": 3072,
                       "selection_seconds_by_phase": dict.fromkeys(PHASES, 0.3 * (1 + r))})
-        prom.wait_for('attent_samples_trained_total{job="dash"} == 96', lambda res: len(res) == 2)
-        got = prom.query('attent_selection_seconds_sum{job="dash"}')
+        prom.wait_for('attent_samples_trained_total{slurm_job_id="dash"} == 96', lambda res: len(res) == 2)
+        got = prom.query('attent_selection_seconds_sum{slurm_job_id="dash"}')
         assert {(s["metric"]["rank"], s["metric"]["phase"]) for s in got} == {
             (str(r), p) for r in range(2) for p in PHASES}
         for s in got:
             assert float(s["value"][1]) == pytest.approx(0.3 * (1 + int(s["metric"]["rank"])))
-            assert s["metric"]["node"] == "n0" and s["metric"]["job"] == "dash"
+            assert s["metric"]["node"] == "n0" and s["metric"]["job"] == "attent"
         for expr in dashboard_exprs():
-            result = prom.query(fill(expr, "dash"))
-            assert result, f"dashboard query returned no data: {fill(expr, 'dash')}"
+            result = prom.query(fill(expr, "attent", slurm_job_id="dash"))
+            assert result, f"dashboard query returned no data: {fill(expr, 'attent', slurm_job_id='dash')}"
     finally:
         for m in ranks:
             m.close()
@@ -89,13 +94,17 @@ def test_slurm_runs_a_trivial_job(slurm: Slurm, tmp_path: Path) -> None:
 # ------------------------------------------------------------------ launch scripts under Slurm
 def sbatch_script(slurm: Slurm, script: str, config: Path, out: Path, *train_args: str,
                   env: dict[str, str] | None = None) -> int:
-    """Submit a launch script sized for this machine: one node, 2 CPU processes, no GPUs."""
+    """Submit a launch script sized for this machine: one node, 2 CPU processes, no GPUs (srun: 2 tasks
+    of one CPU share; the others: one task that starts both)."""
     env = {"ATTENT_VENV": str(VENV), "ATTENT_NPROC_PER_NODE": "2", "ATTENT_RDZV_PORT": str(free_port()),
            "ATTENT_MASTER_PORT": str(free_port()), "ATTENT_METRICS_PORT": str(free_port()),
            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
-    return slurm.sbatch(f"--partition={slurm.partition}", "--gpus-per-node=0",
-                        f"--cpus-per-task={os.cpu_count()}", "--time=30", f"--output={out}",
-                        str(ROOT / "launch" / script), str(config), *train_args, cwd=ROOT, env=env)
+    cpus = os.cpu_count() or 1
+    shape = (["--ntasks-per-node=2", f"--cpus-per-task={max(1, cpus // 2)}"] if script == "slurm_srun.sbatch"
+             else [f"--cpus-per-task={cpus}"])
+    return slurm.sbatch(f"--partition={slurm.partition}", "--gpus-per-node=0", *shape, "--time=30",
+                        f"--output={out}", str(ROOT / "launch" / script), str(config), *train_args, cwd=ROOT,
+                        env=env)
 
 
 def wait_until(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -176,13 +185,14 @@ def test_e2e_prometheus_scrapes_a_two_rank_run_and_agrees_with_summary(
     import subprocess
 
     config, run_dir = tiny_config(tmp_path, tiny_data, 400)
-    job = f"e2e-{os.getpid()}"
-    env = {**os.environ, "ATTENT_NPROC": "2", "ATTENT_METRICS_PORT": str(free_port()), "ATTENT_JOB": job,
+    port = free_port()
+    env = {**os.environ, "ATTENT_NPROC": "2", "ATTENT_METRICS_PORT": str(port),
            "ATTENT_TARGETS_DIR": str(prom.targets_dir), "PATH": f"{VENV / 'bin'}:{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     proc = subprocess.Popen([str(ROOT / "launch" / "local.sh"), str(config)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    pending = {fill(e, job) for e in dashboard_exprs()}
+    env.pop("SLURM_JOB_ID", None)
+    pending = {fill(e, "attent") for e in dashboard_exprs()}
     try:
         while proc.poll() is None:  # run every dashboard query while the job is live
             for expr in sorted(pending):
@@ -197,7 +207,7 @@ def test_e2e_prometheus_scrapes_a_two_rank_run_and_agrees_with_summary(
     assert not pending, f"dashboard queries without data during the run: {pending}"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2
-    sel = f'job="{job}"'
+    sel = f'job="attent", instance=~"127.0.0.1:({port}|{port + 1})"'
     for row in summary["per_rank"]:
         for phase in PHASES:
             got = prom.query(f'last_over_time(attent_selection_seconds_sum{{{sel}, rank="{row["rank"]}", '
@@ -211,7 +221,7 @@ def test_e2e_prometheus_scrapes_a_two_rank_run_and_agrees_with_summary(
                         ("attent_tokens_trained_total", "tokens_trained")):
         got = prom.query(f"sum(last_over_time({metric}{{{sel}}}[10m]))")
         assert float(got[0]["value"][1]) == summary[key], metric
-    ranks = prom.query(f"count by (rank) (last_over_time(attent_train_loss{{{sel}}}[10m]))")
+    ranks = prom.query(f"count by (rank) (last_over_time(attent_train_loss_nats{{{sel}}}[10m]))")
     assert {r["metric"]["rank"] for r in ranks} == {"0", "1"}
 
 
@@ -272,3 +282,29 @@ def test_e2e_slurm_preemption_checkpoints_requeues_and_selects_the_same(
     assert got == ref, (f"selections differ from the uninterrupted run from record {first} "
                         f"(step {got[first][0] if first is not None else '?'}; checkpoint at step "
                         f"{preempt.group(1)}): resume is not exact")
+
+
+@pytest.mark.slow
+def test_e2e_srun_tasks_preempt_requeue_take_the_lock_over_and_select_the_same(
+        slurm: Slurm, reference_run: Path, tiny_data: Path, tmp_path: Path) -> None:
+    # slurm_srun.sbatch: 2 srun tasks are the 2 ranks (no torchrun). USR1 reaches them, they checkpoint
+    # and exit 75, the job is requeued (SLURM_RESTART_COUNT 1), the new attempt takes the run_dir lock
+    # again and ends with the uninterrupted torchrun run's selections.
+    config, run_dir = tiny_config(tmp_path, tiny_data, PREEMPT_STEPS)
+    out = tmp_path / "slurm.out"
+    job = sbatch_script(slurm, "slurm_srun.sbatch", config, out, env={"ATTENT_MASTER_PORT": ""})
+    wait_until(lambda: last_step(run_dir) >= 60, 240, f"step 60 in {run_dir}/metrics.jsonl")
+    lock = json.loads((run_dir / "LOCK").read_text())
+    assert lock["slurm_job_id"] == str(job) and lock["slurm_step_id"] == "0" and lock["slurm_procid"] == "0"
+    assert lock["slurm_restart_count"] == 0
+    slurm.run("scancel", "--batch", "--signal=USR1", str(job))  # what --signal=B:USR1@N sends
+    state = slurm.wait_job(job, 600)  # the stop, the requeue delay and ~700 more steps on a shared machine
+    log = out.read_text()
+    assert state == "COMPLETED" and slurm.job(job)["Restarts"] == "1", log
+    assert "requeueing job" in log and "restart 1" in log and "torchrun" not in log, log
+    # the first attempt released its lock on the way out (exit 75); the second took it as a new holder,
+    # not as a sibling of its own job (that would have been a one-line error)
+    assert "in use by" not in log and "took over" not in log, log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == PREEMPT_STEPS and summary["world_size"] == 2
+    assert selection_records(run_dir) == selection_records(reference_run)

@@ -281,18 +281,18 @@ class Prometheus:
         raise AssertionError(f"{promql!r} never satisfied the condition in {timeout:.0f}s: {result}")
 
 
-PROMETHEUS_YML = """\
-global:
-  scrape_interval: 1s
-  scrape_timeout: 1s
-  evaluation_interval: 1s
-scrape_configs:
-  - job_name: attent
-    honor_labels: true
-    file_sd_configs:
-      - files: ['{targets}/*.json']
-        refresh_interval: 1s
-"""
+def prometheus_yml(targets: Path) -> str:
+    """The shipped prometheus.yml (its scrape job, labels and honor_labels as users get them), scraping
+    every second from `targets`."""
+    import yaml
+
+    from attent_scale import assets
+
+    conf = yaml.safe_load(assets.path("ops", "prometheus", "prometheus.yml").read_text())
+    conf["global"] = {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"}
+    (job,) = conf["scrape_configs"]
+    job["file_sd_configs"] = [{"files": [f"{targets}/*.json"], "refresh_interval": "1s"}]
+    return yaml.safe_dump(conf)
 
 
 @contextmanager
@@ -301,7 +301,7 @@ def prometheus_server() -> Iterator[Prometheus]:
     require(("prometheus",), "prometheus")
     tmp = Path(tempfile.mkdtemp(prefix="attent-prom-"))
     (tmp / "targets").mkdir()
-    (tmp / "prometheus.yml").write_text(PROMETHEUS_YML.format(targets=tmp / "targets"))
+    (tmp / "prometheus.yml").write_text(prometheus_yml(tmp / "targets"))
     port = free_port()
     log = tmp / "prometheus.log"
     proc = subprocess.Popen(

@@ -159,10 +159,10 @@ def test_per_source_gauges_carry_a_source_label() -> None:
                            {"name": "prose", "samples": 100, "selected": 30, "dropped": 70, "floor_added": 12,
                             "mean_loss": None}])
         got = scrape(m.port)  # type: ignore[arg-type]
-    assert value(got, "attent_source_selected", source="code") == 50
-    assert value(got, "attent_source_floor_added", source="prose") == 12
-    assert value(got, "attent_source_mean_loss", source="code") == 2.5
-    assert not [k for k in got if k[0] == "attent_source_mean_loss" and ("source", "prose") in k[1]]
+    assert value(got, "attent_source_selected_samples", source="code") == 50
+    assert value(got, "attent_source_floor_added_samples", source="prose") == 12
+    assert value(got, "attent_source_mean_loss_nats", source="code") == 2.5
+    assert not [k for k in got if k[0] == "attent_source_mean_loss_nats" and ("source", "prose") in k[1]]
 
 
 def test_a_resume_refuses_another_blend_layout_but_not_moved_dirs() -> None:

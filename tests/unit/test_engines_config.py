@@ -54,6 +54,20 @@ def test_ds_config_errors(tmp_path: Path) -> None:
         load_ds_config(config_from_dict(raw), 1, torch.device("cpu"))
 
 
+def test_deepspeed_without_a_json_uses_the_packaged_zero3_and_bare_names_are_packaged_jsons() -> None:
+    # a user switching engines with --set engine.name=deepspeed need not know where the JSON lives
+    raw = tiny_config("deepspeed")
+    raw["engine"].pop("deepspeed_config", None)
+    cfg = config_from_dict(raw)
+    assert cfg.engine.deepspeed_config is None
+    assert load_ds_config(cfg, 1, torch.device("cpu"))["zero_optimization"]["stage"] == 3
+    raw["engine"]["deepspeed_config"] = "deepspeed_zero2"
+    assert load_ds_config(config_from_dict(raw), 1, torch.device("cpu"))["zero_optimization"]["stage"] == 2
+    raw["engine"]["deepspeed_config"] = "deepspeed_zero9"
+    with pytest.raises(UserError, match="deepspeed_zero9"):
+        load_ds_config(config_from_dict(raw), 1, torch.device("cpu"))
+
+
 @pytest.mark.parametrize(("key", "value"), [("engine.loss_chunk_tokens", 0), ("train.adam_beta2", 1.0),
                                             ("model.lora.dropout", 1.0), ("train.weight_decay", -0.1)])
 def test_engine_config_ranges(key: str, value: object) -> None:

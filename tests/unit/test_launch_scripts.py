@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = ["slurm_torchrun.sbatch", "slurm_deepspeed.sbatch"]
+SCRIPTS = ["slurm_torchrun.sbatch", "slurm_srun.sbatch", "slurm_deepspeed.sbatch"]
 
 # srun stand-in: records its argv, waits for the USR1 forward when asked to, then plays the trainer
 SRUN = """#!/usr/bin/env bash

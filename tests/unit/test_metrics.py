@@ -14,11 +14,11 @@ from attent_scale.metrics import PHASES, Metrics, NullMetrics
 
 CONTRACT = {
     "attent_selection_seconds", "attent_selection_overhead_ratio", "attent_selected_ratio",
-    "attent_samples_scored_total", "attent_samples_trained_total", "attent_train_loss", "attent_val_loss",
-    "attent_tokens_per_second", "attent_score_staleness_steps", "attent_collective_sent_bytes_total",
+    "attent_samples_scored_total", "attent_samples_trained_total", "attent_train_loss_nats",
+    "attent_val_loss_nats", "attent_score_staleness_steps", "attent_collective_sent_bytes_total",
     "attent_corrupt_samples_skipped_total", "attent_nonfinite_losses_skipped_total",
     "attent_checkpoint_seconds", "attent_step_seconds", "attent_tokens_trained_total",
-    "attent_remote_read_retries_total", "attent_remote_unreachable_total",
+    "attent_remote_read_retries_total", "attent_remote_unreachable_urls_total",
     "attent_remote_downloaded_bytes_total", "attent_remote_cache_hits_total",
 }
 
@@ -46,10 +46,10 @@ def cfg(**kw: object) -> MetricsConfig:
 
 
 def test_names_labels_and_totals_agree_with_summary() -> None:
-    m = Metrics.create(cfg(job="j1"), rank=3, local_rank=1, node="n7")
+    m = Metrics.create(cfg(), rank=3, local_rank=1, node="n7", slurm_job_id="77")
     try:
         assert isinstance(m, Metrics) and m.port
-        m.observe_step(0.2, train_loss=2.5, tokens_per_second=1000.0)
+        m.observe_step(0.2, train_loss=2.5)
         m.observe_selection({"score": 0.5, "collective": 0.1}, selected_ratio=0.4, staleness_median=3)
         m.update({"samples_trained": 10, "samples_scored": 7, "selection_seconds_by_phase":
                   {"score": 0.5, "collective": 0.1}})
@@ -68,7 +68,11 @@ def test_names_labels_and_totals_agree_with_summary() -> None:
             assert name in names or f"{name}_sum" in names, name
         for (name, lab) in s:
             if name.startswith("attent_"):
-                assert {"job": "j1", "rank": "3", "node": "n7"}.items() <= dict(lab).items(), (name, lab)
+                assert {"slurm_job_id": "77", "rank": "3", "node": "n7"}.items() <= dict(lab).items(), name
+                assert "job" not in dict(lab), name  # Prometheus's scrape job sets it
+        # a rate is never exported beside its counter (Grafana takes rate() of the counter)
+        assert not any(n.endswith("_per_second") for n in names)
+        assert "attent_dropped_samples" not in names and "attent_train_loss" not in names  # old names
         assert value(s, "attent_samples_trained_total") == 40
         assert value(s, "attent_samples_scored_total") == 70
         assert value(s, "attent_tokens_trained_total") == 1280
@@ -76,7 +80,7 @@ def test_names_labels_and_totals_agree_with_summary() -> None:
         assert value(s, "attent_nonfinite_losses_skipped_total") == 1
         assert value(s, "attent_collective_sent_bytes_total") == 4096
         assert value(s, "attent_remote_read_retries_total") == 3
-        assert value(s, "attent_remote_unreachable_total") == 1
+        assert value(s, "attent_remote_unreachable_urls_total") == 1
         assert value(s, "attent_remote_downloaded_bytes_total") == 5000
         assert value(s, "attent_remote_cache_hits_total") == 9
         for phase in PHASES:
@@ -86,13 +90,27 @@ def test_names_labels_and_totals_agree_with_summary() -> None:
         assert value(s, "attent_selection_overhead_ratio") == pytest.approx(0.2)
         assert value(s, "attent_selected_ratio") == 0.6
         assert value(s, "attent_score_staleness_steps") == 3
-        assert value(s, "attent_train_loss") == 2.5 and value(s, "attent_val_loss") == 2.7
-        assert value(s, "attent_tokens_per_second") == 1000
+        assert value(s, "attent_train_loss_nats") == 2.5 and value(s, "attent_val_loss_nats") == 2.7
         assert value(s, "attent_step_seconds_count") == 1
         assert value(s, "attent_checkpoint_seconds_sum") == 1.5
     finally:
         m.close()
     m.close()  # idempotent
+
+
+def test_restored_totals_are_exported_before_the_first_scrape(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a resumed run's counters must never read 0 between the exporter's start and the first step: Prometheus
+    # would take the drop for a reset and increase() would count the restored totals twice
+    from attent_scale.totals import RunTotals
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    tot = RunTotals(samples_trained=96, tokens_trained=3072, corrupt_samples=2)
+    with Metrics.create(cfg(), rank=0, local_rank=0, node="n", totals=tot) as m:
+        s = scrape(m.port)  # type: ignore[arg-type]
+        assert value(s, "attent_samples_trained_total") == 96
+        assert value(s, "attent_tokens_trained_total") == 3072
+        assert value(s, "attent_corrupt_samples_skipped_total") == 2
+        assert value(s, "attent_samples_trained_total", slurm_job_id="4242") == 96
 
 
 def test_resume_first_update_carries_restored_totals() -> None:
@@ -105,12 +123,11 @@ def test_resume_first_update_carries_restored_totals() -> None:
 
 
 def test_tokens_trained_counts_each_ranks_own_tokens_so_the_sum_is_the_jobs() -> None:
-    # each rank's gauge already estimates the job's rate (its tokens x world): a sum over ranks would be
-    # world x the real rate; the counter holds the rank's own tokens, so sums and rates of it add up
+    # the counter holds the rank's own tokens, so sums and rates of it add up to the job's
     ranks = [Metrics.create(cfg(port=0), rank=r, local_rank=r, node="n") for r in range(2)]
     try:
         for m, mine in zip(ranks, (300, 340), strict=True):
-            m.observe_step(1.0, tokens_per_second=640.0)
+            m.observe_step(1.0)
             m.update({"tokens_trained": mine})
         scrapes = [scrape(m.port) for m in ranks]  # type: ignore[arg-type]
         assert sum(value(s, "attent_tokens_trained_total") for s in scrapes) == 640
@@ -163,7 +180,7 @@ def test_disabled_is_a_noop_with_the_same_methods() -> None:
     m = Metrics.create(MetricsConfig(enabled=False), rank=0, local_rank=0, node="n")
     assert type(m) is NullMetrics and m.port is None
     m.update({"samples_trained": 1})
-    m.observe_step(0.1, 1.0, 10.0)
+    m.observe_step(0.1, 1.0)
     m.observe_selection({"score": 1.0}, 0.5, 1.0)
     m.observe_eval(1.0)
     m.observe_checkpoint(1.0)

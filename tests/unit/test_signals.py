@@ -198,15 +198,15 @@ def test_metrics_expose_the_signal() -> None:
 
     from attent_scale.metrics import Metrics
 
-    m = Metrics(rank=0, node="n", job="j")
+    m = Metrics(rank=0, node="n", slurm_job_id="j")
     m.observe_signal({"dropped_share": 0.25, "reasons": {"memorized": 3, "learned": 0, "unlearnable": 1},
                       "thresholds": {"memorized": 3.5}, "loss": {"q50": 4.0}, "val": {"n": 5, "q50": 4.2},
                       "fall": None})
     text = generate_latest(m.registry).decode()
-    assert 'attent_dropped_ratio{job="j",node="n",rank="0"} 0.25' in text
-    assert 'attent_dropped_samples{job="j",node="n",rank="0",reason="memorized"} 3.0' in text
-    assert 'attent_signal_threshold_nats{job="j",node="n",rank="0",rule="memorized"} 3.5' in text
-    assert 'attent_signal_loss_quantile_nats{job="j",node="n",of="val",q="q50",rank="0"} 4.2' in text
+    assert 'attent_signal_dropped_ratio{node="n",rank="0",slurm_job_id="j"} 0.25' in text
+    assert 'attent_signal_dropped_samples{node="n",rank="0",reason="memorized",slurm_job_id="j"} 3.0' in text
+    assert 'attent_signal_threshold_nats{node="n",rank="0",rule="memorized",slurm_job_id="j"} 3.5' in text
+    assert 'attent_signal_loss_quantile_nats{node="n",of="val",q="q50",rank="0",slurm_job_id="j"} 4.2' in text
 
 
 def test_bench_sizes_the_random_control_and_ends_with_the_sentence() -> None:

@@ -23,8 +23,8 @@ def populate(m: Metrics, steps: int) -> dict[str, object]:
                   "corrupt_samples": step // 100, "nonfinite_skipped": 0, "wall_seconds": 0.1 * step,
                   "selection_seconds_by_phase": {p: 0.001 * step for p in PHASES},
                   "selected_ratio": 0.5, "staleness_median": 3.0, "train_loss": 3.0, "val_loss": 3.1,
-                  "tokens_per_second": 1e5}
-        m.observe_step(0.1, 3.0, 1e5)
+                  "tokens_trained": 2048 * step}
+        m.observe_step(0.1, 3.0)
         m.update(totals)
         if step % 50 == 0:
             m.observe_selection({"score": 0.01, "collective": 0.002}, 0.5, 3.0)
@@ -33,7 +33,7 @@ def populate(m: Metrics, steps: int) -> dict[str, object]:
 
 
 def bench(steps: int, scrapes: int, interval: float) -> dict[str, float]:
-    m = Metrics.create(MetricsConfig(enabled=True, port=0), rank=0, local_rank=0, node="bench", job="bench")
+    m = Metrics.create(MetricsConfig(enabled=True, port=0), rank=0, local_rank=0, node="bench")
     assert isinstance(m, Metrics) and m.port is not None
     try:
         populate(m, 100)  # warm up

@@ -1,4 +1,4 @@
-"""Print the run_dir a `train --config CONFIG [--set ...]` command would use (for the launch scripts)."""
+"""Print the run_dir of a `train --config CONFIG [--set ...]` command: python -m attent_scale.ops.run_dir."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ def main(argv: list[str]) -> int:
     from attent_scale.config import add_override_argument, load_config
     from attent_scale.errors import UserError
 
-    parser = argparse.ArgumentParser(prog="run_dir.py", add_help=False)
+    parser = argparse.ArgumentParser(prog="python -m attent_scale.ops.run_dir", add_help=False)
     parser.add_argument("config")
     add_override_argument(parser)
     args, _ = parser.parse_known_args(argv)  # the other train options do not move run_dir

@@ -6,7 +6,8 @@
 # EDIT: ATTENT_NPROC (processes), ATTENT_VENV (venv to activate; default: the one on PATH),
 #   ATTENT_RDZV_PORT (29500), ATTENT_METRICS (1: exporters on 127.0.0.1:ATTENT_METRICS_PORT+local_rank),
 #   ATTENT_METRICS_PORT (19400), ATTENT_TARGETS_DIR (file_sd directory for a local Prometheus; unset = none).
-#   ATTENT_JOB (job label, default local-PID), ATTENT_MODULE (python module run as the trainer: attent_scale).
+#   ATTENT_MODULE (python module run as the trainer: attent_scale). Runs in the current directory (the
+#   config's relative paths start there); CONFIG may be a packaged config's name, e.g. demo.
 # Stopping: USR1, TERM or INT to this script asks the trainers to checkpoint and exit (code 75, passed on);
 #   running the same command again resumes from the checkpoint.
 set -euo pipefail
@@ -18,7 +19,6 @@ fi
 config=$1
 shift
 
-cd "$(dirname "$0")/.."
 if [[ -n ${ATTENT_VENV:-} ]]; then
     # shellcheck disable=SC1091
     source "$ATTENT_VENV/bin/activate"
@@ -32,16 +32,16 @@ else
     nproc=1
 fi
 metrics_port=${ATTENT_METRICS_PORT:-19400}
-job=${ATTENT_JOB:-local-$$}
+targets=local-$$.json
 
 module=${ATTENT_MODULE:-attent_scale}   # python module run as the trainer
 train_args=(train --config "$config")
 if [[ ${ATTENT_METRICS:-1} == 1 ]]; then
     train_args+=(--set metrics.enabled=true --set metrics.address=127.0.0.1
-                 --set "metrics.port=$metrics_port" --set "metrics.job=\"$job\"")  # quoted: a YAML string
+                 --set "metrics.port=$metrics_port")
     if [[ -n ${ATTENT_TARGETS_DIR:-} ]]; then
-        python tools/ops/prometheus/write_targets.py --out "$ATTENT_TARGETS_DIR/$job.json" \
-            --nodelist 127.0.0.1 --ranks-per-node "$nproc" --base-port "$metrics_port" --job "$job"
+        python -m attent_scale.ops.targets --out "$ATTENT_TARGETS_DIR/$targets" \
+            --nodelist 127.0.0.1 --ranks-per-node "$nproc" --base-port "$metrics_port"
     fi
 fi
 train_args+=("$@")
@@ -63,14 +63,13 @@ trap on_stop USR1 TERM INT
 (trap '' USR1 INT; exec torchrun --standalone --nproc-per-node="$nproc" --max-restarts=0 \
     -m "$module" "${train_args[@]}") &
 launcher=$!
-rc=0
-wait "$launcher" || rc=$?
-while kill -0 "$launcher" 2>/dev/null; do   # wait returns early when the trap runs
-    rc=0
-    wait "$launcher" || rc=$?
+while kill -0 "$launcher" 2>/dev/null; do   # a wait the trap interrupts returns early (128 + USR1)
+    wait "$launcher" || true
 done
+rc=0
+wait "$launcher" || rc=$?   # the exit status itself: bash keeps it for a child it has already reaped
 if [[ -n ${ATTENT_TARGETS_DIR:-} ]]; then
-    rm -f "$ATTENT_TARGETS_DIR/$job.json"
+    rm -f "$ATTENT_TARGETS_DIR/$targets"
 fi
 if [[ $rc -ne 0 && $stopping == 1 ]]; then
     echo "attent-scale: stopped after a checkpoint (rc $rc); run the same command again to resume"
