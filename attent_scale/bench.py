@@ -44,6 +44,8 @@ SCHEDULE_KEYS = (
     "online_ratio",
     "anneal_fraction",
 )
+# strategies whose ratio is a cap: a random control keeps the share the arm kept (known once it has run)
+KEPT_SIZED = ("signal", "learn")
 # --clock cpu: every arm runs on one thread (set here, not left to the caller's environment)
 CPU_CLOCK_THREADS = 1
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ATTENT_NUM_THREADS")
@@ -106,7 +108,7 @@ def random_control(arm: Arm, base: Any = None) -> Arm:
         reweight = arm.overrides.get("teacher.reweight", str(getattr(base, "reweight", True)).lower())
         schedule.pop("teacher.reweight", None)
         schedule["teacher.random_reweight"] = reweight
-    if arm.overrides.get("teacher.strategy") == "signal":  # its size is known once the arm has run
+    if arm.overrides.get("teacher.strategy") in KEPT_SIZED:  # its size is known once the arm has run
         schedule.update({"teacher.ratio_schedule": "constant", "teacher.initial_ratio": "<kept>",
                          "teacher.final_ratio": "<kept>"})
     return Arm(f"random-subset[{arm.name}]", schedule, role="control")
@@ -126,9 +128,10 @@ def data_sentence(name: str, runs: list[dict[str, Any]], paid: bool | None = Non
     the run's own numbers say the arm paid off (None: not known). The teacher's sentence is "<what it
     dropped>: <what that means>"; a meaning the numbers contradict (data with something to drop on a run
     that did not pay off, nothing to drop on one that did) is replaced by what the numbers say."""
-    from attent_scale.teacher.signals import explain
+    from attent_scale.teacher import learnability, signals
 
-    text = explain([r for run in runs for r in run["selections"]])
+    records = [r for run in runs for r in run["selections"]]
+    text = learnability.explain(records) or signals.explain(records)
     if text is None:
         return None
     seen, _, claim = text.rpartition(": ")  # the meaning is the last clause ("...: this data has ...")
@@ -504,13 +507,16 @@ def run_arm(arm: Arm, seed: int, args: argparse.Namespace, out_dir: Path) -> dic
 
 
 def reference_seconds(run_dir: Path, clock: str) -> float:
-    """One-time cost of the run's reference model (teacher.score=excess) on `clock`: its training plus
-    its scoring pass, from the `<reference>.cost.json` that `attent-scale score` writes; 0 without one."""
+    """One-time cost of the run's reference model (teacher.score=excess, strategies learn and rho) on
+    `clock`: its training plus its scoring passes, from the `<reference>.cost.json` that `attent-scale
+    score` or `attent-scale reference fit` writes; 0 without a reference."""
     import yaml
 
     cfg_path = run_dir / "config.yaml"
     teacher = (yaml.safe_load(cfg_path.read_text()) or {}).get("teacher", {}) if cfg_path.exists() else {}
-    if teacher.get("score") != "excess" or not teacher.get("reference"):
+    uses = teacher.get("score") == "excess" or (teacher.get("mode") != "none"
+                                                and teacher.get("strategy") in ("learn", "rho"))
+    if not uses or not teacher.get("reference"):
         return 0.0
     cost_path = Path(f"{teacher['reference']}.cost.json")
     if not cost_path.exists():
@@ -763,7 +769,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         elif arm.overrides.get("teacher.strategy") != "random" and arm.overrides["teacher.mode"] != "online":
             ctl = random_control(arm, base_teacher)
             key = tuple(sorted(ctl.overrides.items()))
-            if arm.overrides.get("teacher.strategy") == "signal":  # sized by its own arm: never shared
+            if arm.overrides.get("teacher.strategy") in KEPT_SIZED:  # sized by its own arm: never shared
                 key += (("arm", arm.name),)
             control_of[arm.name] = given[key].name if key in given else controls.setdefault(key, ctl).name
     plan += [ctl for key, ctl in controls.items() if key not in given]

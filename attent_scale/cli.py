@@ -20,6 +20,7 @@ COMMANDS = {
     "demo": "attent_scale.demo",
     "bench": "attent_scale.bench",
     "score": "attent_scale.score",
+    "reference": "attent_scale.reference_fit",
     "simulate": "attent_scale.simulate",
     "init": "attent_scale.init",
 }

@@ -57,6 +57,19 @@ class SourceConfig:
 
 
 @dataclass
+class HoldoutConfig:
+    """Which training ids a run trains on, by fold (teacher/folds.py): off with folds 0."""
+
+    folds: int = 0  # > 0: ids fall into this many folds by a counter-based hash of (seed, id)
+    fold: int = 0  # the fold this run holds out (train_on rest) or trains on alone (train_on fold)
+    seed: int = 0  # the fold hash's seed (the same for a reference fit and the learner it serves)
+    group: int = 64  # runs of this many consecutive ids (consecutive text) share a fold
+    # rest: every id outside `fold` (a cross-fitted reference, or a learner beside a reference adapter);
+    # fold: only the ids of `fold` (a held-out slice a reference adapter trains on)
+    train_on: Literal["rest", "fold"] = "rest"
+
+
+@dataclass
 class DataConfig:
     dir: str = ""  # manifest directory written by `attent-scale shards build`: a path, s3://, gs://, http(s)://
     sources: list[SourceConfig] = field(default_factory=list)  # a blend of shard sets instead of `dir`
@@ -78,6 +91,7 @@ class DataConfig:
     # a shard still unreachable after the retries stops the job (one line naming the URL on every rank);
     # true: its samples are skipped and counted like a corrupt shard's, under max_corrupt_fraction
     skip_unreachable: bool = False
+    holdout: HoldoutConfig = field(default_factory=HoldoutConfig)  # train on one fold's ids (or all but it)
 
 
 @dataclass
@@ -123,7 +137,8 @@ class TeacherConfig:
     mode: Literal["none", "cycle", "ledger", "online"] = "none"
     # prune: InfoBatch-style unbiased pruning from the ledger's training-forward losses (no scoring pass)
     # signal: drop only what the signal says is safe to drop (docs/teacher.md "What is safe to drop")
-    strategy: Literal["hard", "soft", "random", "prune", "signal"] = "hard"
+    # learn / rho: learnability against a reference that never saw the sample (docs/teacher.md "Learnability")
+    strategy: Literal["hard", "soft", "random", "prune", "signal", "learn", "rho"] = "hard"
     temperature: float = 1.0
     normalization: Literal["softmax", "sigmoid"] = "softmax"
     ratio_schedule: Literal["constant", "incremental", "cosine", "step"] = "cosine"
@@ -168,6 +183,18 @@ class TeacherConfig:
     signal_min_fall: float = 0.0  # nats: a loss that fell less than this since its last observation is flat
     signal_excess: float = 0.0  # signal excess: drop where learner loss - reference loss is below this
     record_bits: bool = False  # each selection record carries its selection as hex bits (N/4 characters)
+    # strategies learn and rho (teacher/learnability.py) read teacher.reference (`reference fit` writes it).
+    # learn, rule reference: drop only samples whose reference loss no held-out sample explains (learn_tails
+    # high: above the reference's val losses, noise; low: below them, content repeated elsewhere in train),
+    # the share a one-sided KS excess beyond learn_tolerance * sqrt(1/n_val + 1/n_train) + learn_allowance
+    # says, capped by the ratio; rule fixed: keep the top ratio by learn_base's loss minus the reference's
+    # (two fixed models, Token Cleaning). rho: RHO-LOSS, keep the top ratio by the learner's loss from a
+    # scoring pass minus the reference's (cycle mode, rescore all: never a training-forward loss)
+    learn_rule: Literal["reference", "fixed"] = "reference"
+    learn_tails: Literal["high", "low", "both"] = "high"
+    learn_tolerance: float = 1.63  # 99% per tail: on clean data a false cut is rare and small
+    learn_allowance: float = 0.0
+    learn_base: str | None = None  # learn_rule fixed: the base model's scores file (`attent-scale score`)
 
 
 @dataclass
@@ -200,6 +227,8 @@ class EvalConfig:
     every_steps: int = 50
     max_batches: int = 0  # 0 = whole val split
     batch_size: int = 16
+    # > 0: training stops at the evaluation that is the this-many-th in a row without a new best val loss
+    early_stop_patience: int = 0
 
 
 @dataclass
@@ -240,6 +269,24 @@ class MetricsConfig:
 
 
 @dataclass
+class ReferenceConfig:
+    """`attent-scale reference fit` (reference_fit.py): a reference model that never saw the ids it scores."""
+
+    folds: int = 2  # K: fold k's model trains on the other folds' ids and scores fold k's (cross-fitting)
+    seed: int = 0  # the fold hash's seed
+    group: int = 64  # runs of this many consecutive ids share a fold (a document's windows stay together)
+    # adapter: fine-tuning (model.init_from + model.lora): one LoRA adapter trained on fold 0 alone, the
+    # held-out slice (1/folds of train); the learner then trains on the rest (data.holdout)
+    adapter: bool = False
+    epochs: float = 1.0  # training budget over its ids, in epochs (its LR decays over them)
+    model: dict[str, Any] = field(default_factory=dict)  # model.config keys replaced for it (a smaller model)
+    lr: float = 0.0  # 0: train.lr
+    eval_every_steps: int = 0  # 0: eval.every_steps
+    early_stop_patience: int = 1  # its training stops at this many evaluations in a row without a new best
+    out: str = ""  # where the fold runs and the scores go ("" = run_dir/reference)
+
+
+@dataclass
 class RunConfig:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -251,6 +298,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
 
 # (key, predicate, message) range checks applied after loading
@@ -287,9 +335,22 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("teacher.signal_learned_quantile", lambda v: 0 < v < 1, "must be in (0, 1)"),
     ("teacher.signal_unlearnable_quantile", lambda v: 0 < v < 1, "must be in (0, 1)"),
     ("teacher.signal_margin", lambda v: v >= 0, "must be >= 0 (nats)"),
+    ("teacher.learn_tolerance", lambda v: v >= 0, "must be >= 0"),
+    ("teacher.learn_allowance", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("eval.every_steps", lambda v: v >= 0, "must be >= 0 (0 = only at the end)"),
     ("eval.max_batches", lambda v: v >= 0, "must be >= 0"),
     ("eval.batch_size", lambda v: v >= 1, "must be >= 1"),
+    ("eval.early_stop_patience", lambda v: v >= 0, "must be >= 0 (0 = off)"),
+    ("data.holdout.folds", lambda v: v >= 0, "must be >= 0 (0 = off)"),
+    ("data.holdout.seed", lambda v: 0 <= v < 2**63, "must be >= 0 (and below 2**63)"),
+    ("data.holdout.group", lambda v: v >= 1, "must be >= 1"),
+    ("reference.group", lambda v: v >= 1, "must be >= 1"),
+    ("reference.folds", lambda v: v >= 2, "must be >= 2 (a fold is scored by a model trained on the others)"),
+    ("reference.seed", lambda v: 0 <= v < 2**63, "must be >= 0 (and below 2**63)"),
+    ("reference.epochs", lambda v: v > 0, "must be > 0"),
+    ("reference.lr", lambda v: v >= 0, "must be >= 0 (0 = train.lr)"),
+    ("reference.eval_every_steps", lambda v: v >= 0, "must be >= 0 (0 = eval.every_steps)"),
+    ("reference.early_stop_patience", lambda v: v >= 0, "must be >= 0 (0 = off)"),
     ("data.num_workers", lambda v: v >= 0, "must be >= 0"),
     ("data.shuffle_buffer", lambda v: v >= 1, "must be >= 1"),
     ("data.max_corrupt_fraction", lambda v: 0 <= v <= 1, "must be in [0, 1] (1.0 disables the budget)"),
@@ -410,6 +471,13 @@ def _validate(cfg: RunConfig) -> None:
         if not ok(value):
             raise UserError(f"config key '{key}': {value!r} {message}")
     _check_teacher(cfg.teacher)
+    h = cfg.data.holdout
+    if h.folds and not 0 <= h.fold < h.folds:
+        raise UserError(f"config key 'data.holdout.fold': {h.fold} is outside [0, data.holdout.folds "
+                        f"{h.folds})")
+    if h.folds and cfg.train.max_epochs:
+        raise UserError(f"config key 'train.max_epochs': {cfg.train.max_epochs} with data.holdout, whose "
+                        "epochs train only part of the split; give the budget in train.max_steps")
     t = cfg.teacher
     if t.strategy == "signal" and t.mode in ("cycle", "ledger") and not cfg.eval.every_steps:
         raise UserError("config key 'eval.every_steps': 0, but teacher.strategy 'signal' needs periodic val "
@@ -450,9 +518,35 @@ def _check_teacher(t: TeacherConfig) -> None:
     if t.strategy == "signal" and t.signal == "excess" and t.score != "excess":
         raise UserError("config key 'teacher.signal': 'excess' needs teacher.score: excess (and "
                         "teacher.reference, the reference's scores)")
+    if t.strategy in ("learn", "rho"):
+        _check_learn(t)
     if t.strategy == "prune" and t.mode not in ("cycle", "ledger", "none"):
         raise UserError(f"config key 'teacher.strategy': 'prune' needs teacher.mode cycle or ledger, not "
                         f"{t.mode!r}")
+
+
+def _check_learn(t: TeacherConfig) -> None:
+    """strategies learn and rho: their reference, and learner losses only where they compare with the
+    reference's (rho: scoring passes, never training forwards)."""
+    if not t.reference:
+        raise UserError(f"config key 'teacher.reference': required by teacher.strategy {t.strategy!r} (the "
+                        "scores of a reference that never saw the samples: `attent-scale reference fit`)")
+    if t.score == "excess":
+        raise UserError("config key 'teacher.score': 'excess' subtracts the reference inside other "
+                        f"strategies; strategy {t.strategy!r} reads teacher.reference itself (leave "
+                        "teacher.score: loss)")
+    if t.mode not in ("cycle", "ledger", "none"):
+        raise UserError(f"config key 'teacher.strategy': {t.strategy!r} needs teacher.mode cycle or ledger, "
+                        f"not {t.mode!r} (online RHO-LOSS: mode online, strategy hard, score excess)")
+    if t.strategy == "rho" and (t.mode == "ledger" or t.rescore != "all"):
+        key = "teacher.mode" if t.mode == "ledger" else "teacher.rescore"
+        raise UserError(f"config key '{key}': teacher.strategy 'rho' compares the learner's losses with the "
+                        "reference's, so both must come from scoring passes: training-forward losses minus a "
+                        "reference rank samples by when they were seen; use teacher.mode cycle with "
+                        "teacher.rescore all")
+    if t.strategy == "learn" and t.learn_rule == "fixed" and not t.learn_base:
+        raise UserError("config key 'teacher.learn_base': required by teacher.learn_rule 'fixed' (the base "
+                        "model's scores: `attent-scale score --model BASE`)")
 
 
 def add_override_argument(parser: Any, help_text: str = "override one config key (repeatable)") -> None:

@@ -47,6 +47,7 @@ class RunTotals:
     train_seconds: float = 0.0
     train_cpu_seconds: float = 0.0
     eval_seconds: float = 0.0
+    eval_cpu_seconds: float = 0.0
     checkpoint_seconds: float = 0.0
     wall_seconds: float = 0.0
     selected_ratio: float = field(default=1.0, metadata=_gauge("selected_ratio"))
@@ -111,6 +112,7 @@ class RunTotals:
             "train_seconds": self.train_seconds,
             "train_cpu_seconds": self.train_cpu_seconds,
             "eval_seconds": self.eval_seconds,
+            "eval_cpu_seconds": self.eval_cpu_seconds,
             "checkpoint_seconds": self.checkpoint_seconds,
             "selection_seconds": self.selection_seconds,
             "selection_seconds_by_phase": dict(self.selection_seconds_by_phase),

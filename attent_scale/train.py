@@ -114,6 +114,7 @@ class Trainer:
         from attent_scale.runlock import lock_run_dir
         from attent_scale.runlog import RunLogs
         from attent_scale.teacher import Batching, Budget, TeacherSession
+        from attent_scale.teacher.folds import holdout_selection
         from attent_scale.teacher.plan import candidate_batch_size
         from attent_scale.validate import Validator, check_val_split
 
@@ -133,6 +134,7 @@ class Trainer:
         self.manifest = open_data(cfg.data, cfg.seed)  # a Manifest, or a Blend of data.sources
         self.batch_size = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
         self.n_train = self.manifest.num_samples(cfg.data.train_split)
+        self.holdout = holdout_selection(cfg.data.holdout, self.n_train)  # None, or the ids trained on
         _preflight(cfg, self.n_train, self.world, self.batch_size, self.data_label)
         check_val_split(cfg, self.manifest, self.data_label)
         self.run_dir = Path(cfg.run_dir)
@@ -295,8 +297,10 @@ class Trainer:
 
     def _shard_stream(self, epoch: int, batch: int, selection: Any = None, pad: bool = False) -> Any:
         from attent_scale.data import ShardStream
+        from attent_scale.teacher.folds import restrict
 
         cfg = self.cfg
+        selection = restrict(selection, self.holdout)  # data.holdout: one fold's ids held out (or alone)
         return ShardStream(self.manifest, cfg.data.train_split, rank=self.rank, world_size=self.world,
                            seed=cfg.seed, epoch=epoch, batch_size=batch, selection=selection,
                            shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers,
@@ -410,9 +414,13 @@ class Trainer:
     # ---- eval, checkpoints, totals, the end --------------------------------------------------------
 
     def evaluate(self) -> float:
-        """The val loss now: the Validator measures it and writes eval.jsonl, the metrics and the board."""
-        return self.validator.validate(self.engine, self.progress.step, clock=self.clock,
+        """The val loss now: the Validator measures it and writes eval.jsonl, the metrics and the board;
+        with eval.early_stop_patience, val that stopped improving ends the run here."""
+        loss = self.validator.validate(self.engine, self.progress.step, clock=self.clock,
                                        samples_trained=self.progress.samples_trained * self.world)
+        if self.validator.stop_early(loss):
+            self.total_steps = self.progress.step
+        return loss
 
     def save(self, stream: Any, epoch_done: bool = False) -> None:
         """A checkpoint: the engine's state plus each component's own entry and the RNG's.
@@ -453,7 +461,8 @@ class Trainer:
             online_dropped_batches=p.online_dropped_batches, corrupt_samples=f.corrupt_samples,
             corrupt_ids=len(f.corrupt_ids), dropped_samples=p.dropped_samples, train_seconds=c.train_seconds,
             train_cpu_seconds=c.train_cpu_seconds, eval_seconds=c.eval_seconds,
-            checkpoint_seconds=c.checkpoint_seconds, wall_seconds=c.wall(),
+            eval_cpu_seconds=c.eval_cpu_seconds, checkpoint_seconds=c.checkpoint_seconds,
+            wall_seconds=c.wall(),
             selected_ratio=self.session.state.ratio, train_loss=p.last_train_loss,
             val_loss=self.validator.last_loss, **remote_totals(remote_stats())))
 

@@ -52,6 +52,7 @@ class Clocks(_Entry):
     train_seconds: float = 0.0  # loop time excluding eval and checkpoints (selection included)
     train_cpu_seconds: float = 0.0  # the same span in this process's CPU time: robust to a shared machine
     eval_seconds: float = 0.0
+    eval_cpu_seconds: float = 0.0  # the evaluations in this process's CPU time (a reference fit's cost)
     checkpoint_seconds: float = 0.0
     wall_offset: float = 0.0  # wall seconds of earlier attempts (resume)
     wall_start: float = field(default_factory=time.perf_counter, metadata={"saved": False})

@@ -35,6 +35,9 @@ class Validator:
         self.data, self.session, self.faults = data, session, faults
         self.every_steps = cfg.every_steps
         self.last_loss = float("nan")
+        self.patience = cfg.early_stop_patience
+        self.best_loss = float("inf")  # early stopping: the best val loss so far, and evaluations since it
+        self.since_best = 0
         self._cache: list[Any] = []
         self.stream: Any = None  # the val ShardStream last built
         self.log: Any = None  # eval.jsonl (runlog.JsonLines), the metrics and the board: `open`
@@ -48,6 +51,17 @@ class Validator:
     def should_validate(self, step: int) -> bool:
         """A periodic evaluation after `step` (step 0: the first point of every val-loss curve)?"""
         return bool(self.every_steps) and step % self.every_steps == 0
+
+    def stop_early(self, loss: float) -> bool:
+        """Count an evaluation's val loss; True once `eval.early_stop_patience` evaluations in a row gave no
+        new best (never with patience 0). Every rank gets the same all-reduced loss, so all agree."""
+        if not self.patience:
+            return False
+        if loss < self.best_loss:
+            self.best_loss, self.since_best = loss, 0
+        else:
+            self.since_best += 1
+        return self.since_best >= self.patience
 
     def batches(self) -> Any:
         """This rank's val batches, read by a DataLoader worker (not on the training thread); a bounded
@@ -69,7 +83,7 @@ class Validator:
         to `clock.eval_seconds`); with strategy signal the histogram of the per-sample val losses goes to
         the session. eval.jsonl gets the point with the samples trained (all ranks) and the clocks, the
         metrics and the board the loss."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         hist = self.session is not None and self.session.wants_val
         loss = engine.evaluate(self.batches(), sample_hist=hist)
         if self.stream is not None and self.faults is not None:  # given-up val shards stop the run too
@@ -77,6 +91,7 @@ class Validator:
         if hist:  # the teacher's thresholds come from the val losses' distribution
             self.session.observe_val(engine.val_histogram, step)
         clock.eval_seconds += time.perf_counter() - t0
+        clock.eval_cpu_seconds += time.process_time() - c0
         self.last_loss = loss
         if self.log is not None:
             self.log.write({
@@ -95,7 +110,9 @@ class Validator:
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_loss": self.last_loss}
+        return {"last_loss": self.last_loss, "best_loss": self.best_loss, "since_best": self.since_best}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_loss = float(state.get("last_loss", float("nan")))
+        self.best_loss = float(state.get("best_loss", float("inf")))
+        self.since_best = int(state.get("since_best", 0))

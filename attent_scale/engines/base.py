@@ -46,6 +46,7 @@ class Engine(Protocol):
     total_steps: int  # the steps the LR schedule decays over; the trainer sets it from its plan
 
     def per_sample_loss(self, batch: Batch) -> torch.Tensor: ...
+    def token_losses(self, batch: Batch) -> torch.Tensor: ...
     def score(self, batch: Batch) -> torch.Tensor: ...
     def train_step(self, batch: Batch) -> StepResult: ...
     def evaluate(self, batches: Iterable[Batch], sample_hist: bool = False) -> float: ...
@@ -54,43 +55,54 @@ class Engine(Protocol):
     def export(self, out_dir: str | Path, tokenizer_dir: Path | None = None) -> None: ...
 
 
-def _chunk_ce_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of fp32 token CE per row for one chunk of rows; only this chunk is upcast."""
-    rows, t, v = logits.shape
-    ce = F.cross_entropy(
-        logits.reshape(rows * t, v).float(),
-        labels.reshape(rows * t),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    )
-    return ce.view(rows, t).sum(dim=1)
-
-
 def token_ce_sums(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:
-    """Sum of fp32 token cross-entropy per sequence over labels != -100 ([B] fp32, differentiable).
-
-    `labels` are the targets already aligned with `logits` (no shift here). Rows are processed in
-    chunks of about `chunk_tokens` tokens, upcasting only the chunk, so no [B, T, V] fp32 copy of the
-    logits is made; under autograd each chunk is recomputed in backward instead of keeping its fp32
-    log-softmax alive. Logits that are already fp32 are not upcast (no copy): under autograd their
-    log-softmax takes the place of the logits the recompute would keep, so all rows go through one
-    cross_entropy without a recompute.
-    """
+    """Sum of fp32 token cross-entropy per sequence over labels != -100 ([B] fp32, differentiable): the
+    row sums of `token_ce` (its chunking: no [B, T, V] fp32 copy of the logits, each chunk recomputed in
+    backward; fp32 logits go through one cross_entropy without a recompute)."""
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"per_sample_loss: logits {tuple(logits.shape)} vs labels {tuple(labels.shape)}")
+    return token_ce(logits, labels, chunk_tokens).sum(dim=1)
+
+
+def _chunk_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """fp32 token CE [rows, T] of one chunk of rows (0 where the label is -100); only the chunk is upcast."""
+    rows, t, v = logits.shape
+    return F.cross_entropy(logits.reshape(rows * t, v).float(), labels.reshape(rows * t),
+                           ignore_index=IGNORE_INDEX, reduction="none").view(rows, t)
+
+
+def token_ce(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:
+    """Per-token fp32 cross-entropy [B, T] (differentiable), 0 where labels are -100 (padding, prompt tokens):
+    rows of about `chunk_tokens` tokens are upcast one chunk at a time (no [B, T, V] fp32 copy of the
+    logits) and, under autograd, recomputed in backward instead of keeping their fp32 log-softmax alive;
+    fp32 logits go through one cross_entropy. The valid mask is `labels != -100`."""
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"token_ce: logits {tuple(logits.shape)} vs labels {tuple(labels.shape)}")
     b, t, _ = logits.shape
     grad = torch.is_grad_enabled() and logits.requires_grad
     if grad and logits.dtype == torch.float32:
-        return _chunk_ce_sums(logits, labels)
+        return _chunk_token_ce(logits, labels)
     rows = max(1, chunk_tokens // max(t, 1))
-    sums = []
+    parts = []
     for start in range(0, b, rows):
-        lg, lb = logits[start : start + rows], labels[start : start + rows]
-        if grad:
-            sums.append(checkpoint(_chunk_ce_sums, lg, lb, use_reentrant=False))
-        else:
-            sums.append(_chunk_ce_sums(lg, lb))
-    return torch.cat(sums) if sums else logits.new_zeros(0, dtype=torch.float32)
+        lg, lb = logits[start:start + rows], labels[start:start + rows]
+        parts.append(checkpoint(_chunk_token_ce, lg, lb, use_reentrant=False) if grad
+                     else _chunk_token_ce(lg, lb))
+    return torch.cat(parts) if parts else logits.new_zeros((0, t), dtype=torch.float32)
+
+
+def masked_token_loss(token_losses: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor,
+                      divisor: float) -> torch.Tensor:
+    """sum over valid tokens of w * CE / `divisor`: a micro batch's share of the step's mean over kept
+    tokens. `weights` [B, T] (1 kept, 0 masked out, or any weight); tokens whose label is -100 (padding,
+    prompt) count nothing whatever their weight. `divisor` is the step's kept-token total (over all its
+    micro batches: `step_kept_tokens`), so micro batches of 1 x B and k x B/k give the same gradient."""
+    if weights.shape != token_losses.shape or labels.shape != token_losses.shape:
+        raise ValueError(f"masked_token_loss: losses {tuple(token_losses.shape)}, weights "
+                         f"{tuple(weights.shape)}, labels {tuple(labels.shape)}")
+    valid = (labels != IGNORE_INDEX).to(token_losses.dtype)
+    w = weights.to(token_losses.device, token_losses.dtype) * valid.to(token_losses.device)
+    return (token_losses * w).sum() / max(float(divisor), 1.0)
 
 
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:
@@ -306,6 +318,19 @@ class BaseEngine:
         batch = self._to_device(batch)
         logits = self._logits(batch["input_ids"].to(self.device))
         return per_sample_loss(logits, batch["labels"].to(self.device), self.chunk_tokens)
+
+    def token_losses(self, batch: Batch) -> torch.Tensor:
+        """Per-token loss without grad and without dropout: [B, T] fp32 on CPU, 0 where labels are -100
+        (one host sync); what a reference or learner contributes to token-level learnability."""
+        self._set_train(False)
+        try:
+            with torch.no_grad():
+                batch = self._to_device(batch)
+                logits = self._logits(batch["input_ids"].to(self.device))
+                tl = token_ce(logits, batch["labels"].to(self.device), self.chunk_tokens)
+                return self._to_host(tl)[0].view(tl.shape)
+        finally:
+            self._set_train(True)
 
     def score(self, batch: Batch) -> torch.Tensor:
         """Per-sample loss without grad and without dropout; [B] fp32 on CPU (one host sync)."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from attent_scale.data.selection import Selection
+from attent_scale.teacher.learnability import pick_learn, pick_rho
 from attent_scale.teacher.ledger import NEG_INF_IMAGE, POS_INF_IMAGE, loss_image
 from attent_scale.teacher.schedules import round_half_up
 from attent_scale.teacher.signals import pick_signal
@@ -192,6 +193,8 @@ STRATEGIES: dict[str, Strategy] = {
     "random": Strategy(pick_random, scores=False, reuse=True, staleness=False, reads_losses=False),
     "prune": Strategy(pick_prune, scores=False, reuse=False, staleness=True),
     "signal": Strategy(pick_signal, scores=True, reuse=False, staleness=True),
+    "learn": Strategy(pick_learn, scores=False, reuse=True, staleness=False, reads_losses=False),
+    "rho": Strategy(pick_rho, scores=True, reuse=True, staleness=True),
 }
 
 

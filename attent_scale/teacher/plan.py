@@ -95,14 +95,14 @@ def planned_count(cfg: TeacherConfig, plan: EpochPlan, num: int, *, num_samples:
                   kept_counts: Mapping[int, int]) -> int:
     """Samples an epoch of `plan` trains out of `num` (every id observed with a finite loss; `num_samples`
     ids in all). A strategy whose selection sets the epoch's count (prune, signal, floors: `kept_counts`,
-    epoch -> ids kept): what the epoch's selection kept once it was made; before that, signal and prune
+    epoch -> ids kept): what the epoch's selection kept once it was made; before that, signal, learn and prune
     below the mean (prune_quantile 0, a count only the losses decide) what the latest selection kept,
     else prune's median count, the ratio's count for the others."""
     if not plan.subset or plan.ratio is None:
         return num
     if num == num_samples and plan.epoch in kept_counts:  # what its selection kept
         return kept_counts[plan.epoch]
-    if cfg.strategy == "signal":  # keeps what its signal does not drop: all, until it has selected
+    if cfg.strategy in ("signal", "learn"):  # keeps what its rule does not drop: all, until it has selected
         if num == num_samples and kept_counts:
             return kept_counts[max(kept_counts)]
         return num

@@ -14,6 +14,7 @@ from attent_scale.errors import UserError
 
 SCORES_FORMAT = "attent-scale-scores/1"
 LOSS_KEY = "loss"  # float32 [N]: the loss of sample id i at index i
+VAL_HIST_KEY = "val_hist"  # int64 [models, bins] (optional): each fold model's val losses (signals bins)
 READ_GAP = 1024  # Reference.losses reads ids closer than this many as one run (4 KiB of losses)
 
 
@@ -93,6 +94,10 @@ class Reference:
         self.num_samples = n
         self._offset = offset  # file position of loss[0]
         self.bytes_read = 0  # what losses() read from the file, in all
+        meta = read_metadata(self.path) or {}
+        self.folds = int(meta.get("folds", "0") or 0)  # a cross-fitted reference (`reference fit`): K
+        self.fold_seed = int(meta.get("fold_seed", "0") or 0)
+        self.fold_group = int(meta.get("fold_group", "1") or 1)
 
     def _read(self, fd: int, lo: int, hi: int) -> np.ndarray:
         data = os.pread(fd, 4 * (hi - lo), self._offset + 4 * lo)
@@ -119,6 +124,29 @@ class Reference:
                 lo, hi = int(uniq[a]), int(uniq[b - 1]) + 1
                 vals[a:b] = self._read(f.fileno(), lo, hi)[uniq[a:b] - lo]
         return vals[np.searchsorted(uniq, ids)]
+
+
+    def val_hist(self) -> np.ndarray | None:
+        """[rows, bins] int64: the val-loss histogram of each fold's model (row k: fold k's; one row without
+        folds), or None when the file has none (a reference written by `attent-scale score` without
+        --val-hist)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="np") as f:
+            names = set(f.keys())
+            if VAL_HIST_KEY not in names:
+                return None
+            hist = np.asarray(f.get_tensor(VAL_HIST_KEY), dtype=np.int64)
+        return hist.reshape(1, -1) if hist.ndim == 1 else hist
+
+    def fold_of(self, ids: np.ndarray) -> np.ndarray:
+        """The fold (0 without folds) whose model scored each id."""
+        from attent_scale.teacher.folds import fold_of
+
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if not self.folds:
+            return np.zeros(ids.shape[0], dtype=np.int64)
+        return fold_of(ids, self.folds, self.fold_seed, self.fold_group)
 
 
 def _loss_layout(path: Path) -> tuple[int, list[int] | None]:
@@ -157,10 +185,11 @@ class LossArray:
 
 def open_reference(tcfg: Any, manifest: Any, split: str, *, given: Any = None,
                    num_samples: int | None = None) -> Any:
-    """The run's reference when `teacher.score` is "excess", else None: `given` (losses by id, or an object
-    with `losses(ids)`: AttentTrainer's `reference=`), else the teacher.reference scores file, checked
-    against `manifest`'s `split` (or, without a manifest, against `num_samples`)."""
-    if getattr(tcfg, "score", "loss") != "excess":
+    """The run's reference when `teacher.score` is "excess" or the strategy is learn / rho, else None:
+    `given` (losses by id, or an object with `losses(ids)`: AttentTrainer's `reference=`), else the
+    teacher.reference scores file, checked against `manifest`'s `split` (or, without a manifest, against
+    `num_samples`)."""
+    if getattr(tcfg, "score", "loss") != "excess" and getattr(tcfg, "strategy", "") not in ("learn", "rho"):
         return None
     if given is not None:
         return given if hasattr(given, "losses") else LossArray(given, int(num_samples or 0))

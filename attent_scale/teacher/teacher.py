@@ -284,7 +284,7 @@ class Teacher:
             n_selected=selection.count, n_unseen=int(self.num_samples - pick.n_obs),
             n_nonfinite=int(pick.n_nonfinite), world_size=self.world_size,
             sha256=selection.sha256 if self.rank == 0 else None, staleness=staleness, sources=sources,
-            signal=pick.record if cfg.strategy == "signal" else None,
+            signal=pick.record if cfg.strategy in ("signal", "learn", "rho") else None,
             selection_bits=selection.bits.tobytes().hex() if cfg.record_bits and self.rank == 0 else None)
         self._settle(comm, report, t_keys, {"score": self._score_seconds_pending}, bytes_max=True,
                      record=record)

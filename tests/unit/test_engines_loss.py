@@ -63,8 +63,8 @@ def test_per_sample_loss_fp32_grad_is_one_pass(monkeypatch: pytest.MonkeyPatch) 
     from attent_scale.engines import base
 
     calls = []
-    inner = base._chunk_ce_sums
-    monkeypatch.setattr(base, "_chunk_ce_sums", lambda lg, lb: calls.append(lg.shape[0]) or inner(lg, lb))
+    inner = base._chunk_token_ce
+    monkeypatch.setattr(base, "_chunk_token_ce", lambda lg, lb: calls.append(lg.shape[0]) or inner(lg, lb))
     logits, labels = _data()
     a = logits.clone().requires_grad_(True)
     got = per_sample_loss(a, labels, chunk_tokens=8)
