@@ -234,12 +234,12 @@ def test_early_stop_counts_evaluations_without_a_new_best_and_survives_a_checkpo
     from attent_scale.validate import Validator
 
     cfg = config_from_dict({"eval": {"early_stop_patience": 2}})
-    v = Validator(cfg, rank=0, world=1)
+    v = Validator(cfg.eval, seed=0, rank=0, world=1)
     assert [v.stop_early(x) for x in (5.0, 4.0, 4.1)] == [False, False, False]
-    w = Validator(cfg, rank=0, world=1)
+    w = Validator(cfg.eval, seed=0, rank=0, world=1)
     w.load_state_dict(v.state_dict())
     assert w.stop_early(4.0) is True  # the second in a row without a new best
-    off = Validator(config_from_dict({}), rank=0, world=1)
+    off = Validator(config_from_dict({}).eval, seed=0, rank=0, world=1)
     assert not any(off.stop_early(x) for x in (1.0, 2.0, 3.0, 4.0))
 
 
