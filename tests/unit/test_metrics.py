@@ -58,7 +58,8 @@ def test_names_labels_and_totals_agree_with_summary() -> None:
         m.observe_checkpoint(1.5)
         summary = {"samples_trained": 40, "tokens_trained": 1280, "samples_scored": 70, "corrupt_samples": 2,
                    "nonfinite_skipped": 1, "collective_bytes": 4096, "wall_seconds": 10.0,
-                   "selected_ratio": 0.6, "kept_token_share": 0.625, "remote_retries": 3, "remote_unreachable": 1,
+                   "selected_ratio": 0.6, "kept_token_share": 0.625, "remote_retries": 3,
+                   "remote_unreachable": 1,
                    "remote_downloaded_bytes": 5000, "remote_cache_hits": 9,
                    "selection_seconds_by_phase": {"score": 1.25, "collective": 0.25, "select": 0.5,
                                                   "share": 0.0, "rebalance": 0.0}}
