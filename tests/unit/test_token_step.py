@@ -111,3 +111,14 @@ def test_token_reference_errors_name_the_key(tmp_path: Path) -> None:
     (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(UserError, match="LoRA adapter, which needs the learner's peft model .* engine fsdp"):
         open_token_reference(str(tmp_path), device=torch.device("cpu"), where="engine fsdp")
+
+
+def test_bench_sentence_of_a_token_arm_says_the_kept_share() -> None:
+    from attent_scale.bench import token_sentence
+
+    runs = [{"kept_token_share": 0.6}, {"kept_token_share": 0.62}]
+    assert token_sentence("tok", runs) == ("tok: The loss kept 61.0% of the target tokens (teacher.unit "
+                                           "token; random-mask[tok] kept the same share at random).")
+    assert token_sentence("tok", runs, paid=False, numbers="it ended +0.010").endswith(
+        "; it did not pay off on this run (it ended +0.010).")
+    assert token_sentence("tok", [{"kept_token_share": None}]) is None
