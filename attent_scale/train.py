@@ -348,9 +348,11 @@ class Trainer:
         tokens_per_s = int((batch["labels"] != -100).sum()) * world / max(step_seconds, 1e-9)
         tot = self.totals()
         if progress.step % self.cfg.train.log_every == 0 or progress.step == self.total_steps:
-            self.logs.metrics.write(tot.metrics_row(world=world, loss=result.loss, lr=result.lr,
-                                                    grad_norm=result.grad_norm,
-                                                    tokens_per_second=tokens_per_s))
+            row = tot.metrics_row(world=world, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
+                                  tokens_per_second=tokens_per_s)
+            if self.session.tokens is not None:  # teacher.unit token: this step's kept share, all ranks'
+                row["step_kept_token_share"] = self.session.tokens.step_share
+            self.logs.metrics.write(row)
             self.board.log_step(progress.step, loss=result.loss, lr=result.lr, tokens_per_second=tokens_per_s,
                                 selected_ratio=tot.selected_ratio,
                                 selection_seconds_by_phase=tot.selection_seconds_by_phase,

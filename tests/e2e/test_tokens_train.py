@@ -45,6 +45,7 @@ def test_token_unit_reports_the_kept_share_and_resumes_exactly(tmp_path, tiny_sh
     assert summary["samples_trained"] == 12 * 16  # every sample trains: the unit is the token
     rows = read_lines(run / "metrics.jsonl")
     assert all(r["kept_token_share"] == pytest.approx(0.6, abs=0.02) for r in rows)
+    assert all(r["step_kept_token_share"] == pytest.approx(0.6, abs=0.02) for r in rows)
     assert rows[-1]["kept_token_share"] == share
     assert not (run / "selection.jsonl").exists() or not read_lines(run / "selection.jsonl")
     tb = scalar_steps(run / "tb")
