@@ -211,6 +211,21 @@ def kept_token_share(arm: Arm, runs: list[dict[str, Any]]) -> float:
                     "and it sets no teacher.token_ratio: its random-mask control cannot be sized")
 
 
+def token_sentence(name: str, runs: list[dict[str, Any]], paid: bool | None = None,
+                   numbers: str = "") -> str | None:
+    """A token-unit arm's sentence: the share of target tokens its loss kept (summary.json
+    `kept_token_share`, mean over seeds), and whether that paid off on this run (None: not known)."""
+    shares = [r["kept_token_share"] for r in runs if r.get("kept_token_share") is not None]
+    if not shares:
+        return None
+    text = (f"{name}: The loss kept {100 * statistics.fmean(shares):.1f}% of the target tokens (teacher.unit "
+            f"token; {RANDOM_MASK}[{name}] kept the same share at random)")
+    if paid is not None:
+        text += "; it paid off on this run" if paid else "; it did not pay off on this run"
+        text += f" ({numbers})" if numbers else ""
+    return text + "."
+
+
 # ---------------------------------------------------------------------------------------- best val, gap
 
 def best_point(curve: list[tuple[float, float, float]]) -> tuple[float | None, float | None]:
@@ -832,7 +847,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     (out_dir / "bench.md").write_text(format_markdown(arms, args.clock, gap))
     plots = plot(results, out_dir, args.clock)
     judged = {a["name"]: a for a in arms}
-    sentences = [t for a in attent_arms if (t := data_sentence(
+    sentences = [t for a in attent_arms if (t := (token_sentence if is_token_arm(a) else data_sentence)(
         a.name, results[a.name], paid=judged[a.name]["wins"], numbers=outcome_numbers(judged[a.name])))
         is not None]
     report["data_case"] = sentences

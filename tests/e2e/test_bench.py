@@ -189,7 +189,7 @@ def test_the_oracle_needs_the_same_val_split_and_tokenizer(tmp_path, tiny_shards
 
 
 def test_a_token_arm_gets_a_random_mask_control_of_its_kept_share(tmp_path, monkeypatch):
-    """teacher.unit token (issue 29 item 3, not built yet): bench plans `random-mask[ARM]` with the arm's
+    """teacher.unit token (issue 29 item 3): bench plans `random-mask[ARM]` with the arm's
     schedule, strategy random and teacher.token_ratio = the share of tokens the arm kept (its summary's
     kept_token_share, mean over seeds), instead of a random subset; the oracle runs right after uniform."""
     from attent_scale import bench
@@ -208,7 +208,8 @@ def test_a_token_arm_gets_a_random_mask_control_of_its_kept_share(tmp_path, monk
     args = build_parser().parse_args([
         "bench", "--data", str(tmp_path), "--config", str(REPO / "configs" / "demo.yaml"), "--seeds", "2",
         "--out", str(tmp_path / "out"), "--oracle-data", str(tmp_path / "twin"),
-        "--arms", "tok:mode=ledger,unit=token,strategy=hard,ratio_schedule=constant"])
+        "--arms", f"tok:mode=ledger,unit=token,strategy=hard,ratio_schedule=constant,"
+                  f"token_reference={tmp_path / 'ref'}"])
     with pytest.raises(KeyboardInterrupt):
         bench.run_bench(args)
     names = [n for n, _ in planned]

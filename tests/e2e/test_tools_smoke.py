@@ -41,6 +41,7 @@ SMOKES = {
     "tools/benchmarks/bench_seeds.py": "tests/e2e/test_bench.py::test_tools_read_the_bench_json",
     "tools/benchmarks/bench_select.py": f"{THIS}::test_bench_select",
     "tools/benchmarks/bench_step.py": f"{THIS}::test_bench_step",
+    "tools/benchmarks/bench_tokens.py": f"{THIS}::test_bench_tokens",
     "tools/benchmarks/bench_stream.py": f"{THIS}::test_bench_stream",
     "tools/benchmarks/bench_train.py": f"{THIS}::test_bench_train",
     "tools/benchmarks/hf_bench.py": f"{THIS}::test_hf_bench",
@@ -178,6 +179,19 @@ def test_bench_select(tmp_path: Path) -> None:
     assert {(r["method"], r["world"], r["k"]) for r in got["ranks"]} == {("gather", 2, 500),
                                                                         ("threshold", 2, 500)}
     assert "| threshold |" in out and "| gather |" in out
+
+
+def test_bench_tokens(tmp_path: Path) -> None:
+    """Token selection's extras and the engine step with teacher.unit sample / token (random, reference)."""
+    res = tmp_path / "res.json"
+    out = run_tool(["tools/benchmarks/bench_tokens.py", "--batch", "2", "--seq", "32", "--layers", "2",
+                    "--embd", "64", "--vocab", "512", "--ref-layers", "1", "--ref-embd", "32",
+                    "--repeat", "1", "--worlds", "2", "--json", str(res)])
+    got = json.loads(res.read_text())
+    for key in ("engine_step_s", "engine_step_token_random_s", "engine_step_token_hard_s", "threshold_s"):
+        assert got[key] > 0, key
+    assert got["engine_kept_token_share"] == pytest.approx(0.6, abs=0.02)
+    assert got["world2"]["bytes_per_call"] > 0 and "engine_step_token_hard_s" in out
 
 
 def test_bench_step(tmp_path: Path) -> None:
