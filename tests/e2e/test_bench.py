@@ -327,9 +327,10 @@ def test_dry_run_checks_every_planned_config_and_writes_nothing(tmp_path, tiny_s
     plan = bench.run_bench(build_parser().parse_args(argv))
     assert [r["arm"] for r in plan["planned"]] == ["uniform", "oracle"]
     assert "train.max_steps=<uniform-steps>" in capsys.readouterr().out.splitlines()[1]
-    with pytest.raises(UserError, match="arm h: .*teacher.strategy.*'hardd'"):
+    # a bad arm is refused before anything is planned (bench.check_arm_configs), as without --dry-run
+    with pytest.raises(UserError, match="--arms 'h:strategy=hardd': .*teacher.strategy.*'hardd'"):
         bench.run_bench(parse("h:strategy=hardd"))
-    with pytest.raises(UserError, match="arm h: .*no_such_key"):
+    with pytest.raises(UserError, match="--arms 'h:strategy=hard,no_such_key=1': .*no_such_key"):
         bench.run_bench(parse("h:strategy=hard,no_such_key=1"))
 
 
