@@ -5,9 +5,9 @@ without an entry fails `test_every_tool_script_has_a_smoke`, and an entry must n
 mentions the script. The runs are real (real data, models, processes, a local S3 server); only their sizes
 are small: the python tools through their own size flags, the shell scripts with ATTENT_TINY=1 (shards of
 <= 200 KB of text, 2 training steps, one step per fold model of a `reference fit`, `attent-scale bench
---dry-run`: every arm's config is checked but no
-arm trains, because one tiny arm costs a process start of seconds and the ablations plan 5 to 18 arms;
-`attent-scale bench` itself trains arms in tests/e2e/test_bench.py). tools/ops/gpu_run.sh runs its
+--dry-run`: every arm's config is checked but no arm trains, because one tiny arm costs a process start of
+seconds and the ablations plan 5 to 18 arms; `attent-scale bench` itself trains arms in
+tests/e2e/test_bench.py). tools/ops/gpu_run.sh runs its
 ATTENT_TINY CPU mode: every step (step bench and training on FSDP2 and ZeRO-3, summary), toy sizes.
 """
 
