@@ -731,9 +731,11 @@ def dry_run(plan: list[Arm], seeds: list[int], args: argparse.Namespace, out_dir
     for arm in plan:
         for seed in seeds:
             run_dir, cmd, sets = arm_command(arm, seed, args, out_dir)
-            # a signal arm's control keeps the share the arm kept, known once it has run: checked at 0.5
+            # a signal arm's control keeps the share the arm kept, known once it has run: checked at 0.5;
+            # the oracle trains as many steps as uniform did (--oracle-steps uniform): checked at 1
             try:
-                load_config(args.config, [s.replace("<kept>", "0.5") for s in sets])
+                load_config(args.config, [s.replace("<kept>", "0.5").replace("<uniform-steps>", "1")
+                                          for s in sets])
             except UserError as exc:
                 raise UserError(f"bench --dry-run: arm {arm.name}: {exc}") from None
             print(f"{arm.name} seed {seed}: {shlex.join(cmd)}", flush=True)
@@ -759,7 +761,6 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if len(set(names)) != len(names):
         raise UserError(f"--arms: duplicate arm names in {names}")
     check_arm_configs([Arm(BASELINE, {"teacher.mode": "none"}, role="baseline"), *attent_arms], args, out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seed, args.seed + args.seeds))
     oracle_data = getattr(args, "oracle_data", None)
     if oracle_data:

@@ -322,9 +322,16 @@ def test_dry_run_checks_every_planned_config_and_writes_nothing(tmp_path, tiny_s
     assert len(lines) == 11 and lines[-1].startswith("bench --dry-run: 10 runs planned")
     assert "teacher.initial_ratio=<kept>" in lines[8]  # random-subset[s] seed 0
     assert not out.exists()  # nothing trained, nothing written
-    with pytest.raises(UserError, match="arm h: .*teacher.strategy.*'hardd'"):
+    # the oracle (here the shards themselves as their own twin) trains uniform's step count, known later
+    argv = ["bench", "--data", str(tiny_shards), "--config", str(cfg), "--out", str(out), "--budget-epochs",
+            "2", "--dry-run", "--oracle-data", str(tiny_shards), "--gap-only"]
+    plan = bench.run_bench(build_parser().parse_args(argv))
+    assert [r["arm"] for r in plan["planned"]] == ["uniform", "oracle"]
+    assert "train.max_steps=<uniform-steps>" in capsys.readouterr().out.splitlines()[1]
+    # a bad arm is refused before anything is planned (bench.check_arm_configs), as without --dry-run
+    with pytest.raises(UserError, match="--arms 'h:strategy=hardd': .*teacher.strategy.*'hardd'"):
         bench.run_bench(parse("h:strategy=hardd"))
-    with pytest.raises(UserError, match="arm h: .*no_such_key"):
+    with pytest.raises(UserError, match="--arms 'h:strategy=hard,no_such_key=1': .*no_such_key"):
         bench.run_bench(parse("h:strategy=hard,no_such_key=1"))
 
 
