@@ -189,7 +189,7 @@ class AttentCallback(pl.Callback):
                                 f"batch {self.sampler.batch_size}")
             logs = {"attent/selected_ratio": start.ratio, "attent/selected": float(start.selected),
                     "attent/selection_seconds": sum(start.phase_seconds.values())}
-            pl_module.log_dict(logs, on_step=False, on_epoch=True)
+            pl_module.log_dict(logs, on_step=False, on_epoch=True, sync_dist=True)  # equal on all ranks
         # Lightning sized the epoch from the loader before this hook: have it take the loader again
         trainer.fit_loop._combined_loader = None
         trainer.fit_loop.setup_data()

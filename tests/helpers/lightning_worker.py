@@ -1,4 +1,4 @@
-"""One Lightning run with AttentCallback on a tiny GPT-2 and hf_worker's synthetic rows, for the Lightning tests.
+"""One Lightning run with AttentCallback on a tiny GPT-2 and hf_worker's rows, for the Lightning tests.
 
 Usage: python tests/helpers/lightning_worker.py SPEC.json (or under torchrun: Lightning joins its ranks).
 Every rank appends to OUT/losses.rank{r}.jsonl what the teacher session got after each step (ids, losses,
@@ -98,9 +98,10 @@ def main(spec: dict[str, Any]) -> None:
 
     callbacks: list[Any] = [attent, Recorder()]
     if spec.get("save_every"):
-        callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=spec["save_every"],
-                                                      save_top_k=-1))
-    trainer = pl.Trainer(accelerator="cpu", devices=spec.get("devices", "auto"), strategy=spec.get("strategy", "auto"),
+        callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=out / "ckpt", save_top_k=-1,
+                                                      every_n_train_steps=spec["save_every"]))
+    trainer = pl.Trainer(accelerator="cpu", devices=spec.get("devices", "auto"),
+                         strategy=spec.get("strategy", "auto"),
                          max_epochs=spec.get("epochs", 4), max_steps=spec.get("max_steps", -1),
                          accumulate_grad_batches=spec.get("accum", 1), use_distributed_sampler=False,
                          default_root_dir=str(out), callbacks=callbacks, logger=False,
