@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -373,26 +372,6 @@ def test_steps_budget_anneal_ends_the_subset_epoch(tmp_path: Path) -> None:
     assert trainer.state.global_step == 20 and trainer.teacher.anneal_from == 2
 
 
-def _lightning(tmp: Path, name: str, nproc: int = 2, **spec: Any) -> Path:
-    """tests/helpers/lightning_worker.py under torchrun: `nproc` real gloo ranks, Lightning's ddp strategy."""
-    import procs
-    from servers import free_port
-
-    from attent_scale import launcher
-
-    out = tmp / name
-    spec_path = tmp / f"{name}.json"
-    spec = {"out": str(out), "batch": 8, "devices": nproc, "strategy": "ddp", **spec}
-    spec_path.write_text(json.dumps(spec))
-    worker = Path(__file__).resolve().parents[1] / "helpers" / "lightning_worker.py"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
-    port = f"--master_port={free_port(1)}"
-    cmd = launcher.command((str(worker), str(spec_path)), nproc, rendezvous=(port,), torchrun=True)
-    proc = procs.run(cmd, env=env, capture_output=True, text=True, timeout=420)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return out
-
-
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -404,10 +383,11 @@ def test_lightning_selects_by_the_shared_epoch_start_on_two_ranks(tmp_path: Path
     single-process session fed the losses both ranks recorded (the replay the other trainers pass), every
     batch carried its selection's weights, and the epochs are the plan's length on 2 ranks."""
     from hf_worker import N_SAMPLES
+    from lightning_worker import launch
 
     from attent_scale.teacher.reference import LossArray
 
-    out = _lightning(tmp_path, "pl", teacher=CONFIG, reference=True, epochs=EPOCHS)
+    out = launch(tmp_path, "pl", 2, teacher=CONFIG, reference=True, epochs=EPOCHS)
     per_rank = [_jsonl(out / f"epochs.rank{r}.jsonl") for r in range(2)]
     assert per_rank[0] == per_rank[1] and [e["epoch"] for e in per_rank[0]] == list(range(EPOCHS))
     events, weights = [], []

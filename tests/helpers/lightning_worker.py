@@ -10,6 +10,7 @@ selection hash; rank 0 writes OUT/selection.jsonl (the teacher's records) and OU
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,33 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+REPO = Path(__file__).resolve().parents[2]
+
+
+def launch(tmp: Path, name: str, nproc: int, fails: bool = False, **spec: Any) -> Path:
+    """Run this worker on `nproc` real ranks (torchrun, gloo, Lightning's ddp strategy; one rank: plain
+    python) with SPEC `spec` (batch 8 unless given); returns OUT (tmp/name). It must exit non-zero if
+    `fails`, else 0; OUT/stderr.txt holds its stderr."""
+    import procs
+    from servers import free_port
+
+    from attent_scale import launcher
+
+    out = tmp / name
+    ddp = {"strategy": "ddp"} if nproc > 1 else {}
+    spec = {"out": str(out), "batch": 8, "devices": nproc, **ddp, **spec}
+    spec_path = tmp / f"{name}.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd: Any = [sys.executable, __file__, str(spec_path)]
+    if nproc > 1:
+        port = f"--master_port={free_port(1)}"
+        cmd = launcher.command((__file__, str(spec_path)), nproc, rendezvous=(port,), torchrun=True)
+    proc = procs.run(cmd, env=env, capture_output=True, text=True, timeout=420)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stderr.txt").write_text(proc.stderr)
+    assert (proc.returncode != 0) == fails, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return out
 
 
 def main(spec: dict[str, Any]) -> None:
