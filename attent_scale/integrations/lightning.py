@@ -35,7 +35,7 @@ from attent_scale.extras import require
 from attent_scale.integrations.sampler import ID_KEY, AttentBatchSampler, IdCollator, IndexedDataset
 from attent_scale.runlog import count_lines, truncate_lines
 from attent_scale.teacher import Batching, Budget, Selection, TeacherSession
-from attent_scale.teacher.session import score_share
+from attent_scale.teacher.session import default_teacher_config, score_share
 from attent_scale.teacher.signals import NUM_BINS, histogram
 from attent_scale.train_state import Progress
 
@@ -91,17 +91,19 @@ class AttentCallback(pl.Callback):
 
     - `train_dataset`: any map-style dataset; its indices are the sample ids. `batch_size` per rank and
       `collate_fn` (rows -> a dict batch) as a DataLoader would take them; `train_dataloader()` builds it.
-    - `teacher_config`: `attent_scale.config.TeacherConfig` (modes cycle and ledger; checked like a YAML
-      one); `reference`: losses per id for `teacher.score: excess`; `seed` orders and draws.
+    - `teacher_config`: `attent_scale.config.TeacherConfig` (default: `default_teacher_config()`, strategy
+      signal, which needs validation); modes cycle and ledger; checked like a YAML one.
+    - `reference`: losses per id for `teacher.score: excess`; `seed`: the epochs' order and draws.
     The Trainer must get `use_distributed_sampler=False` (the sampler is rank-aware already). Its budget
     is the teacher's: `max_steps` (a steps budget) or `max_epochs`; size the LR schedule with
     `total_steps()` (subset epochs are shorter than Lightning's estimate)."""
 
     def __init__(self, train_dataset: Any, *, batch_size: int, collate_fn: Callable[[list[Any]], Any],
-                 teacher_config: TeacherConfig, reference: Any = None, seed: int = 0, drop_last: bool = False,
-                 score_batch_size: int | None = None) -> None:
+                 teacher_config: TeacherConfig | None = None, reference: Any = None, seed: int = 0,
+                 drop_last: bool = False, score_batch_size: int | None = None) -> None:
         if not hasattr(train_dataset, "__len__"):
             raise UserError("AttentCallback: train_dataset must be a map-style dataset with __len__")
+        teacher_config = teacher_config if teacher_config is not None else default_teacher_config()
         validate_teacher(teacher_config, reference_given=reference is not None)
         if teacher_config.mode not in ("cycle", "ledger"):
             raise UserError(f"AttentCallback: teacher.mode {teacher_config.mode!r}: use 'cycle' or 'ledger' "
