@@ -406,3 +406,32 @@ def test_lightning_selects_by_the_shared_epoch_start_on_two_ranks(tmp_path: Path
     # 64 ids over 2 ranks x batch 8: 4 steps a full epoch, 3 a pruned one (48 ids); the LR knew it
     assert [e["step"] for e in per_rank[0]] == [0, 4, 7, 10]
     assert json.loads((out / "done.json").read_text()) == {"global_step": 14, "total_steps": 14}
+
+
+@pytest.mark.slow
+def test_lightning_signal_selects_as_the_teacher_does_on_two_ranks(tmp_path: Path) -> None:
+    """Strategy signal (SIGNAL, as AttentTrainer's test) through AttentCallback on 2 real ranks, validating
+    20 held-out rows at every epoch's end (each rank its 10): the teacher gets one histogram of all 20 per
+    validation, at the step the next epoch selects at, and the selections equal a fresh session's fed the
+    same training losses and histograms; without the histograms it would drop nothing."""
+    from hf_worker import N_SAMPLES
+    from lightning_worker import launch
+
+    from attent_scale.integrations import default_teacher_config
+
+    cfg = dataclasses.replace(default_teacher_config(), **SIGNAL)
+    # batch 4 per rank: 8 steps an epoch, as AttentTrainer's one rank x 8 (fewer steps learn too little to
+    # drop anything)
+    out = launch(tmp_path, "pl", 2, teacher=dataclasses.asdict(cfg), val=20, epochs=EPOCHS, batch=4)
+    vals = [(np.asarray(v["hist"], np.int64), v["step"]) for v in _jsonl(out / "vals.rank0.jsonl")]
+    assert _jsonl(out / "vals.rank0.jsonl") == _jsonl(out / "vals.rank1.jsonl")
+    events = []
+    for r in range(2):
+        events += [(np.asarray(e["ids"], np.int64), np.asarray(e["losses"], np.float32), e["step"], TRAIN)
+                   for e in _jsonl(out / f"losses.rank{r}.jsonl")]
+    events.sort(key=lambda e: e[2])
+    records = read_records(out / "selection.jsonl")
+    last = json.loads((out / "done.json").read_text())["global_step"]
+    assert [s for _, s in vals] == [r["step"] for r in records] + [last]  # every epoch's end, the last too
+    assert all(int(h.sum()) == 20 for h, _ in vals)
+    _check_signal_replay(cfg, N_SAMPLES, SimpleNamespace(events=events, vals=vals), records)

@@ -3,8 +3,9 @@
 Usage: python tests/helpers/lightning_worker.py SPEC.json (or under torchrun: Lightning joins its ranks).
 Every rank appends to OUT/losses.rank{r}.jsonl what the teacher session got after each step (ids, losses,
 step), OUT/weights.rank{r}.jsonl the loss weights every batch asked for (epoch, ids, weights),
-OUT/ids.rank{r}.jsonl the ids each optimizer step trained and OUT/epochs.rank{r}.jsonl each epoch's
-selection hash; rank 0 writes OUT/selection.jsonl (the teacher's records) and OUT/done.json.
+OUT/ids.rank{r}.jsonl the ids each optimizer step trained, OUT/epochs.rank{r}.jsonl each epoch's
+selection hash and, with `val`, OUT/vals.rank{r}.jsonl the val histograms the teacher got; rank 0 writes
+OUT/selection.jsonl (the teacher's records) and OUT/done.json.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def main(spec: dict[str, Any]) -> None:
     from attent_scale.config import TeacherConfig
     from attent_scale.integrations.lightning import ID_KEY, AttentCallback, causal_lm_loss
     from attent_scale.integrations.sampler import PadCollator
-    from attent_scale.teacher import Selection, TeacherSession
+    from attent_scale.teacher import Selection, Teacher, TeacherSession
 
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -85,11 +86,23 @@ def main(spec: dict[str, Any]) -> None:
         def sample_losses(self, batch: dict[str, Any]) -> torch.Tensor:
             return causal_lm_loss(self._logits(batch), batch)["sample_losses"]
 
+
         def configure_optimizers(self) -> Any:
             opt = torch.optim.AdamW(self.parameters(), lr=3e-3, weight_decay=0.0)
             total = attent.total_steps()
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    class ValidatedLM(TinyLM):
+        """With `val` held-out rows (another seed), validated at every epoch's end, each rank its share."""
+
+        def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+            return causal_lm_loss(self._logits(batch), batch)
+
+        def val_dataloader(self) -> Any:
+            rows, t = ToyPairs(spec["val"], seed=1), self.trainer
+            mine = torch.utils.data.Subset(rows, range(t.global_rank, len(rows), t.world_size))
+            return torch.utils.data.DataLoader(mine, batch_size=8, collate_fn=PadCollator(0))
 
     def append(name: str, row: dict[str, Any], rank: int) -> None:
         with (out / f"{name}.rank{rank}.jsonl").open("a") as f:
@@ -108,6 +121,13 @@ def main(spec: dict[str, Any]) -> None:
         return w
 
     TeacherSession.after_step, TeacherSession.loss_weights = recording_after_step, recording_weights
+    observe_val = Teacher.observe_val
+
+    def recording_val(self: Teacher, hist: Any, step: int) -> None:  # the histogram summed over ranks
+        append("vals", {"step": step, "hist": np.asarray(hist).tolist()}, self.rank)
+        observe_val(self, hist, step)
+
+    Teacher.observe_val = recording_val
 
     class Recorder(pl.Callback):
         def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
@@ -135,7 +155,8 @@ def main(spec: dict[str, Any]) -> None:
                          default_root_dir=str(out), callbacks=callbacks, logger=False,
                          enable_checkpointing=bool(spec.get("save_every")), enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, deterministic=True)
-    trainer.fit(TinyLM(), train_dataloaders=attent.train_dataloader(), ckpt_path=spec.get("resume"))
+    module = ValidatedLM() if spec.get("val") else TinyLM()
+    trainer.fit(module, train_dataloaders=attent.train_dataloader(), ckpt_path=spec.get("resume"))
     if trainer.global_rank == 0:
         (out / "done.json").write_text(json.dumps({"global_step": trainer.global_step,
                                                    "total_steps": attent.total_steps()}))
