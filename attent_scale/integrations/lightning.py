@@ -16,6 +16,7 @@ puts it there; cycle mode scores with the module's `sample_losses(batch) -> [B]`
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,7 @@ class AttentCallback(pl.Callback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.session.wants_val and trainer.global_rank == 0 and not trainer.val_dataloaders:
             print("attent-scale: warning: AttentCallback: teacher.strategy 'signal' without validation keeps "
-                  "every sample")
+                  "every sample", file=sys.stderr)
         if trainer.ckpt_path is not None and self.session.state.epoch == trainer.current_epoch:
             self._start_epoch(trainer, pl_module, resumed=True)  # Lightning skips on_train_epoch_start
 
