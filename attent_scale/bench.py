@@ -211,6 +211,21 @@ def kept_token_share(arm: Arm, runs: list[dict[str, Any]]) -> float:
                     "and it sets no teacher.token_ratio: its random-mask control cannot be sized")
 
 
+def token_sentence(name: str, runs: list[dict[str, Any]], paid: bool | None = None,
+                   numbers: str = "") -> str | None:
+    """A token-unit arm's sentence: the share of target tokens its loss kept (summary.json
+    `kept_token_share`, mean over seeds), and whether that paid off on this run (None: not known)."""
+    shares = [r["kept_token_share"] for r in runs if r.get("kept_token_share") is not None]
+    if not shares:
+        return None
+    text = (f"{name}: The loss kept {100 * statistics.fmean(shares):.1f}% of the target tokens (teacher.unit "
+            f"token; {RANDOM_MASK}[{name}] kept the same share at random)")
+    if paid is not None:
+        text += "; it paid off on this run" if paid else "; it did not pay off on this run"
+        text += f" ({numbers})" if numbers else ""
+    return text + "."
+
+
 # ---------------------------------------------------------------------------------------- best val, gap
 
 def best_point(curve: list[tuple[float, float, float]]) -> tuple[float | None, float | None]:
@@ -716,9 +731,11 @@ def dry_run(plan: list[Arm], seeds: list[int], args: argparse.Namespace, out_dir
     for arm in plan:
         for seed in seeds:
             run_dir, cmd, sets = arm_command(arm, seed, args, out_dir)
-            # a signal arm's control keeps the share the arm kept, known once it has run: checked at 0.5
+            # a signal arm's control keeps the share the arm kept, known once it has run: checked at 0.5;
+            # the oracle trains as many steps as uniform did (--oracle-steps uniform): checked at 1
             try:
-                load_config(args.config, [s.replace("<kept>", "0.5") for s in sets])
+                load_config(args.config, [s.replace("<kept>", "0.5").replace("<uniform-steps>", "1")
+                                          for s in sets])
             except UserError as exc:
                 raise UserError(f"bench --dry-run: arm {arm.name}: {exc}") from None
             print(f"{arm.name} seed {seed}: {shlex.join(cmd)}", flush=True)
@@ -744,7 +761,6 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if len(set(names)) != len(names):
         raise UserError(f"--arms: duplicate arm names in {names}")
     check_arm_configs([Arm(BASELINE, {"teacher.mode": "none"}, role="baseline"), *attent_arms], args, out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seed, args.seed + args.seeds))
     oracle_data = getattr(args, "oracle_data", None)
     if oracle_data:
@@ -832,7 +848,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     (out_dir / "bench.md").write_text(format_markdown(arms, args.clock, gap))
     plots = plot(results, out_dir, args.clock)
     judged = {a["name"]: a for a in arms}
-    sentences = [t for a in attent_arms if (t := data_sentence(
+    sentences = [t for a in attent_arms if (t := (token_sentence if is_token_arm(a) else data_sentence)(
         a.name, results[a.name], paid=judged[a.name]["wins"], numbers=outcome_numbers(judged[a.name])))
         is not None]
     report["data_case"] = sentences

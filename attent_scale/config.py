@@ -195,6 +195,15 @@ class TeacherConfig:
     learn_tolerance: float = 1.63  # 99% per tail: on clean data a false cut is rare and small
     learn_allowance: float = 0.0
     learn_base: str | None = None  # learn_rule fixed: the base model's scores file (`attent-scale score`)
+    # token: the strategy picks tokens, not samples (Rho-1; teacher/token_step.py): each micro batch's loss
+    # keeps the top token_ratio of the target tokens of all ranks by learnability (learner - reference
+    # token loss; strategy hard) or a keyed random mask of that share (strategy random); every epoch trains
+    # all samples (the mode's sample schedule is off). token_reference: the reference of strategy hard, a
+    # model directory (a small frozen model, e.g. `reference fit`'s fold export) or a LoRA adapter directory
+    # (a reference adapter on the learner's peft model: engine local or AttentTrainer)
+    unit: Literal["sample", "token"] = "sample"
+    token_ratio: float = 0.6
+    token_reference: str | None = None
 
 
 @dataclass
@@ -321,6 +330,7 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("teacher.initial_ratio", lambda v: 0 < v <= 1, "must be in (0, 1]"),
     ("teacher.final_ratio", lambda v: 0 < v <= 1, "must be in (0, 1]"),
     ("teacher.online_ratio", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    ("teacher.token_ratio", lambda v: 0 < v <= 1, "must be in (0, 1]"),
     ("teacher.total_cycles", lambda v: v >= 1, "must be >= 1"),
     ("teacher.initial_interval", lambda v: v >= 1, "must be >= 1"),
     ("teacher.max_interval", lambda v: v >= 1, "must be >= 1"),
@@ -518,11 +528,32 @@ def _check_teacher(t: TeacherConfig) -> None:
     if t.strategy == "signal" and t.signal == "excess" and t.score != "excess":
         raise UserError("config key 'teacher.signal': 'excess' needs teacher.score: excess (and "
                         "teacher.reference, the reference's scores)")
+    if t.unit == "token":
+        _check_tokens(t)
+        return
     if t.strategy in ("learn", "rho"):
         _check_learn(t)
     if t.strategy == "prune" and t.mode not in ("cycle", "ledger", "none"):
         raise UserError(f"config key 'teacher.strategy': 'prune' needs teacher.mode cycle or ledger, not "
                         f"{t.mode!r}")
+
+
+def _check_tokens(t: TeacherConfig) -> None:
+    """teacher.unit token: the strategies that rank tokens, their reference, a mode without candidates."""
+    if t.strategy not in ("hard", "random"):
+        raise UserError(f"config key 'teacher.strategy': {t.strategy!r} ranks samples; teacher.unit token "
+                        "takes 'hard' (the top teacher.token_ratio by learner - reference token loss) or "
+                        "'random' (a random mask of that share)")
+    if t.strategy == "hard" and not t.token_reference:
+        raise UserError("config key 'teacher.token_reference': required by teacher.unit token with strategy "
+                        "'hard' (a reference model directory, or a LoRA reference adapter directory); "
+                        "strategy 'random' needs none")
+    if t.mode == "online":
+        raise UserError("config key 'teacher.unit': 'token' picks tokens in every micro batch; teacher.mode "
+                        "'online' picks samples among candidates (use mode none, cycle or ledger)")
+    if t.score == "excess":
+        raise UserError("config key 'teacher.score': teacher.unit token subtracts teacher.token_reference's "
+                        "token losses itself (leave teacher.score: loss)")
 
 
 def _check_learn(t: TeacherConfig) -> None:

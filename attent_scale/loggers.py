@@ -17,10 +17,12 @@ class Loggers(NullBoard):
         self.boards = boards
 
     def log_step(self, step: int, *, loss: float, lr: float, tokens_per_second: float,
-                 selected_ratio: float, selection_seconds_by_phase: Mapping[str, float]) -> None:
+                 selected_ratio: float, selection_seconds_by_phase: Mapping[str, float],
+                 kept_token_share: float | None = None) -> None:
         for b in self.boards:
             b.log_step(step, loss=loss, lr=lr, tokens_per_second=tokens_per_second,
-                       selected_ratio=selected_ratio, selection_seconds_by_phase=selection_seconds_by_phase)
+                       selected_ratio=selected_ratio, selection_seconds_by_phase=selection_seconds_by_phase,
+                       kept_token_share=kept_token_share)
 
     def log_eval(self, step: int, val_loss: float) -> None:
         for b in self.boards:

@@ -37,7 +37,7 @@ a resume, where the first call carries the restored totals), ``selection_seconds
 ({phase: cumulative seconds}; the part not yet observed through ``observe_selection`` is observed into
 the ``attent_selection_seconds`` histogram, so its ``_sum`` equals the total), ``wall_seconds``
 (cumulative training wall time; overhead ratio = sum of phase seconds / wall_seconds), and the gauges
-``selected_ratio``, ``staleness_median``, ``train_loss``, ``val_loss``.
+``selected_ratio``, ``kept_token_share``, ``staleness_median``, ``train_loss``, ``val_loss``.
 
 ``observe_selection(phase_seconds)`` takes the *increments* of those same per-phase seconds (one
 selection event); it is optional — a trainer that only calls ``update`` gets one histogram observation
@@ -178,6 +178,8 @@ class Metrics(NullMetrics):
         self.overhead_ratio = gauge("attent_selection_overhead_ratio",
                                     "Selection seconds (all phases) / training wall seconds")
         self.selected_ratio = gauge("attent_selected_ratio", "Fraction of samples the last selection kept")
+        self.kept_token_ratio = gauge("attent_kept_token_ratio", "teacher.unit token: share of the target "
+                                      "tokens the token selection kept over the run (0 otherwise)")
         self.staleness = gauge("attent_score_staleness_steps",
                                "Median age in steps of the scores the last selection used")
         self.dropped_ratio = gauge("attent_signal_dropped_ratio",

@@ -207,6 +207,7 @@ def load_elastic(path: Path, *, engine: Any, session: Any, rank: int, world: int
     if rank >= old_world:
         state["logs"] = {k: 0 for k in state["logs"]}
     teacher_state = ckpt.materialize({k: v for k, v in base["teacher"].items() if k != "ledger"})
-    session.load_state_dict({"teacher": teacher_state, "selection": state["selection"]},
+    session.load_state_dict({"teacher": teacher_state, "selection": state["selection"],
+                             "tokens": state.get("tokens")},  # teacher.unit token: global counts
                             peers={r: p["teacher"] for r, p in peers.items()})
     return state

@@ -4,6 +4,7 @@ Tags (the step is the optimizer step, the one metrics.jsonl and eval.jsonl carry
 
     train/loss, train/lr, train/tokens_per_second     every step metrics.jsonl gets a line
     selection/ratio                                    the fraction of the data the current epoch trains
+    selection/kept_token_share                         teacher.unit token: kept / target tokens so far
     selection/seconds/<phase>                          cumulative selection seconds of this rank, by phase
     val/loss                                           every evaluation (step 0 included)
 
@@ -28,7 +29,8 @@ class NullBoard:
     """TensorBoard off (or not rank 0): every method is a no-op."""
 
     def log_step(self, step: int, *, loss: float, lr: float, tokens_per_second: float,
-                 selected_ratio: float, selection_seconds_by_phase: Mapping[str, float]) -> None:
+                 selected_ratio: float, selection_seconds_by_phase: Mapping[str, float],
+                 kept_token_share: float | None = None) -> None:
         """One metrics.jsonl point."""
 
     def log_eval(self, step: int, val_loss: float) -> None:
@@ -52,12 +54,15 @@ class Board(NullBoard):
             raise UserError(f"config key '{KEY}': cannot write to {log_dir} ({reason})") from None
 
     def log_step(self, step: int, *, loss: float, lr: float, tokens_per_second: float,
-                 selected_ratio: float, selection_seconds_by_phase: Mapping[str, float]) -> None:
+                 selected_ratio: float, selection_seconds_by_phase: Mapping[str, float],
+                 kept_token_share: float | None = None) -> None:
         w = self.writer
         w.add_scalar("train/loss", loss, step)
         w.add_scalar("train/lr", lr, step)
         w.add_scalar("train/tokens_per_second", tokens_per_second, step)
         w.add_scalar("selection/ratio", selected_ratio, step)
+        if kept_token_share is not None:
+            w.add_scalar("selection/kept_token_share", kept_token_share, step)
         for phase, seconds in selection_seconds_by_phase.items():
             w.add_scalar(f"selection/seconds/{phase}", seconds, step)
 

@@ -52,6 +52,8 @@ class RunTotals:
     wall_seconds: float = 0.0
     selected_ratio: float = field(default=1.0, metadata=_gauge("selected_ratio"))
     staleness_median: float = field(default=0.0, metadata=_gauge("staleness"))
+    # teacher.unit token: kept target tokens / target tokens over the run, every rank's (None: unit sample)
+    kept_token_share: float | None = field(default=None, metadata=_gauge("kept_token_ratio"))
     train_loss: float = field(default=float("nan"), metadata=_gauge("train_loss"))
     val_loss: float = field(default=float("nan"), metadata=_gauge("val_loss"))
 
@@ -84,6 +86,7 @@ class RunTotals:
             "samples_scored": self.samples_scored,
             "selection_seconds": self.selection_seconds,
             "selected_ratio": self.selected_ratio,
+            **({} if self.kept_token_share is None else {"kept_token_share": self.kept_token_share}),
             "train_seconds": self.train_seconds,
             "wall_seconds": self.wall_seconds,
         }
@@ -120,6 +123,7 @@ class RunTotals:
             "collective_bytes": self.collective_bytes,
             **{k: int(summed[k]) for k in REMOTE_KEYS if k in summed},
             "last_selected_ratio": self.selected_ratio,
+            "kept_token_share": self.kept_token_share,
             "per_rank": per_rank,
         }
 

@@ -159,6 +159,7 @@ class Trainer:
         check_model_fits(cfg.model, int(self.manifest.vocab_size), self.manifest.seq_len)
         self.engine = build_engine(cfg, self.manifest)
         self.engine.total_steps = self.total_steps
+        _attach_token_reference(cfg, self.session, self.engine)
         self.checkpointer = Checkpointer(self.run_dir, every_steps=cfg.checkpoint.every_steps,
                                          every_minutes=cfg.checkpoint.every_minutes,
                                          keep_last=cfg.checkpoint.keep_last, rank=self.rank,
@@ -321,7 +322,7 @@ class Trainer:
         weights = session.loss_weights(batch["ids"])
         if weights is not None:
             batch["weights"] = weights
-        result = self.engine.train_step(batch)
+        result = self.engine.train_step(batch, tokens=session.tokens)
         real = batch["ids"] >= 0
         self.faults.note(stream, progress.step)
         if progress.step + 1 >= self.total_steps:
@@ -347,12 +348,15 @@ class Trainer:
         tokens_per_s = int((batch["labels"] != -100).sum()) * world / max(step_seconds, 1e-9)
         tot = self.totals()
         if progress.step % self.cfg.train.log_every == 0 or progress.step == self.total_steps:
-            self.logs.metrics.write(tot.metrics_row(world=world, loss=result.loss, lr=result.lr,
-                                                    grad_norm=result.grad_norm,
-                                                    tokens_per_second=tokens_per_s))
+            row = tot.metrics_row(world=world, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
+                                  tokens_per_second=tokens_per_s)
+            if self.session.tokens is not None:  # teacher.unit token: this step's kept share, all ranks'
+                row["step_kept_token_share"] = self.session.tokens.step_share
+            self.logs.metrics.write(row)
             self.board.log_step(progress.step, loss=result.loss, lr=result.lr, tokens_per_second=tokens_per_s,
                                 selected_ratio=tot.selected_ratio,
-                                selection_seconds_by_phase=tot.selection_seconds_by_phase)
+                                selection_seconds_by_phase=tot.selection_seconds_by_phase,
+                                kept_token_share=tot.kept_token_share)
         self.metrics.observe_step(step_seconds, result.loss)
         self.metrics.update(tot)
         if self.bar is not None:
@@ -443,6 +447,7 @@ class Trainer:
             "logs": self.logs.state_dict(),
             "faults": self.faults.state_dict(),
             "teacher": session["teacher"],
+            **({"tokens": session["tokens"]} if "tokens" in session else {}),  # teacher.unit token's counts
             "rng": ckpt.rng_state(),
         }
         self.checkpointer.save(self.progress.step, self.engine, state, config=config_to_dict(self.cfg))
@@ -464,6 +469,7 @@ class Trainer:
             eval_cpu_seconds=c.eval_cpu_seconds, checkpoint_seconds=c.checkpoint_seconds,
             wall_seconds=c.wall(),
             selected_ratio=self.session.state.ratio, train_loss=p.last_train_loss,
+            kept_token_share=None if self.session.tokens is None else self.session.tokens.share,
             val_loss=self.validator.last_loss, **remote_totals(remote_stats())))
 
     def finish(self) -> None:
@@ -533,6 +539,19 @@ class _ShardScorer:
 
     def losses(self, batch: dict[str, Any]) -> Any:
         return self.trainer.engine.score(batch)
+
+
+def _attach_token_reference(cfg: RunConfig, session: Any, engine: Any) -> None:
+    """teacher.unit token with strategy hard: its online reference beside the engine's model (sharded over an
+    FSDP2 engine's mesh; a LoRA reference adapter only on engine local, whose model is the peft model)."""
+    if session.tokens is None or session.tokens.strategy != "hard":
+        return
+    from attent_scale.engines.reference import open_token_reference
+
+    name = cfg.engine.name
+    session.tokens.reference = open_token_reference(
+        cfg.teacher.token_reference, device=engine.device, mesh=getattr(engine, "mesh", None),
+        peft_model=engine.model if name == "local" else None, where=f"engine {name} (use engine local)")
 
 
 def _preflight(cfg: RunConfig, n_train: int, world: int, batch_size: int, label: str) -> None:

@@ -59,10 +59,13 @@ class WandbBoard(NullBoard):
                             "metrics.wandb.mode: offline needs no account") from None
 
     def log_step(self, step: int, *, loss: float, lr: float, tokens_per_second: float,
-                 selected_ratio: float, selection_seconds_by_phase: Mapping[str, float]) -> None:
+                 selected_ratio: float, selection_seconds_by_phase: Mapping[str, float],
+                 kept_token_share: float | None = None) -> None:
         row = {"train/loss": loss, "train/lr": lr, "train/tokens_per_second": tokens_per_second,
                "selection/ratio": selected_ratio}
         row.update({f"selection/seconds/{p}": s for p, s in selection_seconds_by_phase.items()})
+        if kept_token_share is not None:
+            row["selection/kept_token_share"] = kept_token_share
         self.run.log(row, step=step)
 
     def log_eval(self, step: int, val_loss: float) -> None:

@@ -48,7 +48,7 @@ class Engine(Protocol):
     def per_sample_loss(self, batch: Batch) -> torch.Tensor: ...
     def token_losses(self, batch: Batch) -> torch.Tensor: ...
     def score(self, batch: Batch) -> torch.Tensor: ...
-    def train_step(self, batch: Batch) -> StepResult: ...
+    def train_step(self, batch: Batch, tokens: Any = None) -> StepResult: ...
     def evaluate(self, batches: Iterable[Batch], sample_hist: bool = False) -> float: ...
     def save(self, ckpt_dir: str | Path, tag: str) -> None: ...
     def load(self, ckpt_dir: str | Path, tag: str) -> None: ...
@@ -341,7 +341,7 @@ class BaseEngine:
         finally:
             self._set_train(True)
 
-    def train_step(self, batch: Batch) -> StepResult:
+    def train_step(self, batch: Batch, tokens: Any = None) -> StepResult:
         """One optimizer step over the rank's batch, split into `grad_accum` micro batches.
 
         The objective is the token mean over the rank's whole batch (each micro batch contributes its
@@ -351,17 +351,25 @@ class BaseEngine:
         `batch["weights"]` (per-sample loss weights) each sample's CE sum is scaled by its weight; the
         divisor stays the batch's token count (see weighted_token_loss). Losses stay on the device until
         the one host copy in `_optimizer_step`.
+
+        `tokens` (teacher.unit token: teacher/token_step.TokenStep, every rank in lockstep): the objective is
+        the mean token CE over the tokens it keeps in each micro batch (its `divisor` once per step, its
+        `loss` per micro batch from this forward's token losses); the per-sample losses stay the full ones.
         """
         self._set_train(True)
         lr = self.current_lr()
         total_tokens = max(1, int(token_counts(batch["labels"]).sum()))  # host labels: no device sync
         micros, real = split_micro(self._to_device(batch), self.grad_accum)
+        divisor = tokens.divisor([m["labels"] for m in micros]) if tokens is not None else 0.0
         per_sample: list[torch.Tensor] = []
         loss_sum: torch.Tensor | None = None
         for i, micro in enumerate(micros):
-            ps = self.per_sample_loss(micro)
-            tok = token_counts(micro["labels"]).to(ps.device, ps.dtype)
-            loss = weighted_token_loss(ps, tok, micro.get("weights"), total_tokens)
+            if tokens is None:
+                ps = self.per_sample_loss(micro)
+                tok = token_counts(micro["labels"]).to(ps.device, ps.dtype)
+                loss = weighted_token_loss(ps, tok, micro.get("weights"), total_tokens)
+            else:
+                loss, ps = self._token_loss(micro, tokens, divisor)
             self._backward(loss, last=i == len(micros) - 1)
             if i < real:  # filler micro batches (a short batch) return no per-sample loss
                 per_sample.append(ps.detach())
@@ -371,6 +379,17 @@ class BaseEngine:
         if applied:
             self.steps_done += 1
         return StepResult(loss_value, ps_host, lr, grad_norm, not applied)
+
+    def _token_loss(self, micro: Batch, tokens: Any, divisor: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro batch under token selection: (its share of the step's masked loss, its per-sample
+        losses over all its target tokens), from one training forward."""
+        input_ids = micro["input_ids"].to(self.device)
+        labels = micro["labels"].to(self.device)
+        tl = token_ce(self._logits(input_ids), labels, self.chunk_tokens)
+        ids = micro["ids"] if "ids" in micro else torch.arange(labels.shape[0])
+        loss = tokens.loss(ids, input_ids, labels, tl, divisor, micro.get("weights"))
+        counts = token_counts(labels).clamp(min=1).to(tl.dtype)
+        return loss, tl.detach().sum(dim=1) / counts
 
     def evaluate(self, batches: Iterable[Batch], sample_hist: bool = False) -> float:
         """Token-mean loss over all batches of all ranks (every rank must pass the same count);

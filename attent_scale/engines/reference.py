@@ -3,6 +3,8 @@ LoRA reference adapter on the learner's own peft model (one forward through the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,8 @@ class FrozenReference:
 
         from attent_scale.models import transformer_blocks
 
-        self.model: nn.Module = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        with _replicated_load():
+            self.model: nn.Module = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
         self.model.to(device).eval()
         self.model.requires_grad_(False)
         self.device, self.chunk_tokens, self.sharded = device, chunk_tokens, mesh is not None
@@ -78,3 +81,46 @@ class AdapterReference:
                 return token_ce(logits, labels.to(logits.device), self.chunk_tokens)
         finally:
             model.train(was_training)
+
+
+@contextmanager
+def _replicated_load() -> Iterator[None]:
+    """While a ZeRO-3 learner's HfDeepSpeedConfig is alive (a DeepSpeed engine's, or a Trainer's
+    TrainingArguments'), transformers would build any model partitioned by `zero.Init`, whose weights
+    only the learner's engine gathers: the frozen reference is loaded whole meanwhile (the config is set
+    aside and put back)."""
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:  # no deepspeed integration: nothing partitions
+        yield
+        return
+    held = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = held
+
+
+def open_token_reference(path: str, *, device: torch.device, mesh: Any = None,
+                         peft_model: nn.Module | None = None,
+                         where: str = "engine local") -> FrozenReference | AdapterReference:
+    """teacher.token_reference as the online reference of token selection: a LoRA adapter directory
+    (adapter_config.json) loaded frozen beside the learner's adapter on its peft model (`peft_model`: None
+    where the trainer cannot host one, `where` says which), else a model directory as a FrozenReference
+    (sharded over `mesh` when given); UserError naming the key otherwise."""
+    from attent_scale.errors import UserError
+
+    key = "config key 'teacher.token_reference'"
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise UserError(f"{key}: {path} is not a directory (a model directory or a LoRA adapter directory)")
+    if (root / "adapter_config.json").is_file():
+        if peft_model is None or not hasattr(peft_model, "peft_config"):
+            raise UserError(f"{key}: {path} is a LoRA adapter, which needs the learner's peft model "
+                            f"(model.lora.enabled) on {where}; give a model directory instead")
+        return AdapterReference(peft_model, root)
+    if not (root / "config.json").is_file():
+        raise UserError(f"{key}: {path} has neither config.json (a model) nor adapter_config.json (an "
+                        "adapter)")
+    return FrozenReference(root, device, mesh=mesh)

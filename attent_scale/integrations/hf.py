@@ -36,7 +36,7 @@ from attent_scale.checkpoint import load_state, save_state
 from attent_scale.config import MetricsConfig, TeacherConfig, validate_teacher
 from attent_scale.dist import group_size, initialized, side_group
 from attent_scale.dist import init_deepspeed_comm as dist_init_deepspeed_comm
-from attent_scale.engines.base import IGNORE_INDEX, per_sample_loss, token_ce_sums, token_counts
+from attent_scale.engines.base import IGNORE_INDEX, per_sample_loss, token_ce, token_ce_sums, token_counts
 from attent_scale.errors import UserError
 from attent_scale.integrations.sampler import ID_KEY, AttentBatchSampler, IdCollator, IndexedDataset
 from attent_scale.metrics import Metrics, NullMetrics
@@ -70,6 +70,17 @@ def causal_lm_targets(logits: torch.Tensor, inputs: dict[str, Any]) -> torch.Ten
         got = None if labels is None else tuple(labels.shape)
         raise UserError(f"AttentTrainer: per-sample loss needs causal-LM logits [B, T, V] and labels [B, T] "
                         f"(got logits {tuple(logits.shape)}, labels {got}); pass per_sample_loss_fn=")
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def _shifted_targets(batch: dict[str, Any]) -> torch.Tensor:
+    """A collated training batch's causal-LM targets without the logits (for counting them): `shift_labels`
+    as given, else `labels` shifted left by one, -100 last (as `causal_lm_targets`); none: an empty one."""
+    if batch.get("shift_labels") is not None:
+        return batch["shift_labels"]
+    labels = batch.get("labels")
+    if labels is None:
+        return torch.zeros(0, dtype=torch.int64)
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
@@ -166,9 +177,9 @@ class AttentTrainer(Trainer):
         if mode == "online":
             raise UserError("AttentTrainer: teacher mode 'online' needs per-step rebalancing that Trainer "
                             "cannot do; use mode 'cycle' or 'ledger'")
-        self.attent_enabled = mode in ("cycle", "ledger")
-        self.per_sample_loss_fn = per_sample_loss_fn or causal_lm_per_sample
         t = self.teacher_config
+        self.attent_enabled = mode in ("cycle", "ledger") or t.unit == "token"
+        self.per_sample_loss_fn = per_sample_loss_fn or causal_lm_per_sample
         weighs = (t.strategy == "prune" and t.reweight) or (t.strategy == "random" and t.random_reweight)
         own_loss = per_sample_loss_fn is not None or self.label_smoother is not None \
             or self.compute_loss_func is not None
@@ -176,6 +187,14 @@ class AttentTrainer(Trainer):
             raise UserError(f"AttentTrainer: teacher.strategy {t.strategy!r} weights the loss per sample, "
                             "which needs the built-in causal-LM loss (no per_sample_loss_fn, label "
                             "smoothing or compute_loss_func)")
+        if t.unit == "token" and own_loss:
+            raise UserError("AttentTrainer: teacher.unit token masks tokens out of the loss, which needs the "
+                            "built-in causal-LM loss (no per_sample_loss_fn, label smoothing or "
+                            "compute_loss_func)")
+        if t.unit == "token":
+            self.loss_is_scaled_for_ga = True  # each micro batch's loss is its share of the step's token mean
+        self._token_reference: Any = None  # teacher.unit token, strategy hard: built once, on first train()
+        self._token_divisor = 0.0  # the current step's kept-token divisor (get_batch_samples)
         self._reference_arg = reference
         self.session: TeacherSession | None = None
         self.counts = Progress()  # this rank's samples trained and dropped by rank equalisation
@@ -251,12 +270,39 @@ class AttentTrainer(Trainer):
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
             self._metrics = Metrics.create(self._metrics_config, rank=self._rank, local_rank=local_rank,
                                            node=os.environ.get("SLURMD_NODENAME") or socket.gethostname())
+        if self.attent_enabled and self.session.tokens is not None:
+            self._attach_token_reference()
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self._metrics.update(self.attent_totals())
             self._metrics.close()
             self._metrics = NullMetrics()
+
+    def _attach_token_reference(self) -> None:
+        """teacher.unit token with strategy hard: the online reference of teacher.token_reference beside the
+        model (a frozen model on the training device, or a LoRA reference adapter on the peft model; not
+        under DeepSpeed, whose partitioned peft model cannot take a second adapter here)."""
+        tokens = self.session.tokens
+        if tokens.strategy != "hard":
+            return
+        if self._token_reference is None:
+            from attent_scale.engines.reference import open_token_reference
+
+            peft = None if self.is_deepspeed_enabled else self.model
+            self._token_reference = open_token_reference(
+                self.teacher_config.token_reference, device=self.args.device, peft_model=peft,
+                where="AttentTrainer without DeepSpeed")
+        tokens.reference = self._token_reference
+
+    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device) -> tuple:
+        """Trainer's step of micro batches; with teacher.unit token also the step's kept-token divisor
+        (a collective over the step's target counts: every rank fetches one step at a time)."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        tokens = self.session.tokens if self.attent_enabled and self.session is not None else None
+        if tokens is not None:
+            self._token_divisor = tokens.divisor([_shifted_targets(b) for b in batches])
+        return batches, num_items
 
     def get_train_dataloader(self) -> DataLoader:
         """Trainer's loader, but batches come from this rank's AttentBatchSampler and carry the indices."""
@@ -378,8 +424,10 @@ class AttentTrainer(Trainer):
             return {}
         from attent_scale.totals import teacher_totals
 
+        tokens = self.session.tokens
         return teacher_totals(self.teacher.stats, samples_trained=self.counts.samples_trained,
-                              selected_ratio=self.session.state.ratio)
+                              selected_ratio=self.session.state.ratio,
+                              kept_token_share=None if tokens is None else tokens.share)
 
     # ------------------------------------------------------------------ losses
 
@@ -413,6 +461,9 @@ class AttentTrainer(Trainer):
         if self._one_ce_pass(inputs):
             loss, outputs, losses = self._causal_lm_loss(model, inputs, num_items_in_batch, weights)
         else:
+            if self.session.tokens is not None:
+                raise UserError("AttentTrainer: teacher.unit token needs the built-in causal-LM loss (labels "
+                                "in the batch, no sequence parallelism)")
             if weights is not None:
                 raise UserError("AttentTrainer: this epoch's selection weights the loss per sample, which "
                                 "needs the built-in causal-LM loss (labels in the batch, no sequence "
@@ -485,6 +536,12 @@ class AttentTrainer(Trainer):
         outputs = model(**model_inputs)
         logits = outputs["logits"]
         targets = causal_lm_targets(logits, inputs).to(logits.device)
+        tokens = self.session.tokens if self.session is not None else None
+        if tokens is not None and self._ids is not None:  # teacher.unit token (teacher/token_step.py)
+            tl = token_ce(logits, targets)
+            loss = tokens.loss(self._ids, inputs["input_ids"], targets, tl, self._token_divisor, weights)
+            counts = token_counts(targets).clamp(min=1).to(tl.dtype)
+            return loss, outputs, tl.detach().sum(dim=1) / counts
         sums = token_ce_sums(logits, targets)
         counts = token_counts(targets)
         contrib = sums if weights is None else sums * weights.to(sums.device, sums.dtype)
@@ -514,6 +571,9 @@ class AttentTrainer(Trainer):
         self.session.after_step(ids, losses, step)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        tokens = self.session.tokens if self.session is not None else None
+        if "loss" in logs and tokens is not None:  # teacher.unit token: kept / target tokens so far
+            logs["attent/kept_token_share"] = tokens.share
         if "loss" in logs:
             self._metrics.update({"train_loss": logs["loss"], **self.attent_totals()})
         if "eval_loss" in logs:

@@ -6,6 +6,7 @@ framework's hooks into these calls and applies what they return; it never reache
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -18,13 +19,14 @@ import torch
 from attent_scale.config import TeacherConfig
 from attent_scale.data.partition import FILLER, rank_block
 from attent_scale.data.selection import Selection
-from attent_scale.dist import all_reduce_values
+from attent_scale.dist import all_reduce_values, group_size
 from attent_scale.teacher import plan as planning
 from attent_scale.teacher.comm import Comm
 from attent_scale.teacher.plan import Batching, EpochPlan
 from attent_scale.teacher.records import PHASES
 from attent_scale.teacher.reference import open_reference
 from attent_scale.teacher.teacher import Teacher
+from attent_scale.teacher.token_step import TokenStep
 
 SELECTING = ("cycle", "ledger")  # the modes whose epochs train a selection
 
@@ -180,8 +182,10 @@ class TeacherSession:
     """The teacher of one training run (module docstring). Every method that says "collective" must be
     called by every rank in the same order; the others are local."""
 
-    def __init__(self, teacher: Teacher, *, batching: Batching, budget: Budget, group: Any = None) -> None:
+    def __init__(self, teacher: Teacher, *, batching: Batching, budget: Budget, group: Any = None,
+                 tokens: TokenStep | None = None) -> None:
         self.teacher = teacher
+        self.tokens = tokens  # teacher.unit token: the per-micro-batch token selection (None: samples)
         self.batching = batching  # set again by a trainer whose loader's batch size changes
         self.budget = budget
         self.group = group  # the run's bookkeeping group (None: the default group, or none)
@@ -197,13 +201,19 @@ class TeacherSession:
         `record_path` on rank 0), its reference for `teacher.score: excess` (`reference` given as losses or
         an object with `losses(ids)`, else teacher.reference's scores file checked against `data`'s
         `split`), and an epoch budget's anneal planned from the start (the plan and the LR know it)."""
+        tokens = None
+        if cfg.unit == "token":  # the strategy picks tokens; the sample schedule is off (every epoch all ids)
+            cfg = dataclasses.replace(cfg, mode="none")
         ref = open_reference(cfg, data, split, given=reference, num_samples=num_samples)
         teacher = Teacher(cfg, num_samples=num_samples, seed=seed, record_path=record_path, group=group,
                           reference=ref, sources=sources)
+        if cfg.unit == "token":
+            tokens = TokenStep(cfg, seed=seed, world=group_size(group), group=group,
+                               charge=teacher.add_score_seconds)
         anneal = teacher.anneal_epoch(budget.epochs)
         if anneal is not None:
             teacher.start_anneal(anneal)
-        return cls(teacher, batching=batching, budget=budget, group=group)
+        return cls(teacher, batching=batching, budget=budget, group=group, tokens=tokens)
 
     # ------------------------------------------------------------------ what trainers read
 
@@ -243,6 +253,8 @@ class TeacherSession:
         teacher.rescore=stale it skips the ids the previous subset epoch trained: their training losses
         are fresh), and a subset epoch gets the teacher's selection."""
         st, n = self.state, self.num_samples
+        if self.tokens is not None:
+            self.tokens.epoch = epoch
         st.drop_remainder_before(epoch)  # owed ids of an epoch that is over are trained
         plan = self.teacher.plan_epoch(epoch)
         if st.remainder_due(epoch) or resumed:
@@ -386,8 +398,12 @@ class TeacherSession:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """Its checkpoint entries: "teacher" (this rank's ledger block, caches, stats) and "selection"."""
-        return {"teacher": self.teacher.state_dict(), "selection": self.state.state_dict()}
+        """Its checkpoint entries: "teacher" (this rank's ledger block, caches, stats), "selection" and, with
+        teacher.unit token, "tokens" (the run's kept and target token counts)."""
+        out = {"teacher": self.teacher.state_dict(), "selection": self.state.state_dict()}
+        if self.tokens is not None:
+            out["tokens"] = self.tokens.state_dict()
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any],
                         peers: dict[int, dict[str, Any]] | None = None) -> None:
@@ -395,6 +411,8 @@ class TeacherSession:
         see `Teacher.load_state_dict`)."""
         self.teacher.load_state_dict(state["teacher"], peers=peers)
         self.state = SelectionState.from_state(state.get("selection") or {})
+        if self.tokens is not None:
+            self.tokens.load_state_dict(state.get("tokens"))
         self._training, self._weight_table = None, None
 
 

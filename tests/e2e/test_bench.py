@@ -189,7 +189,7 @@ def test_the_oracle_needs_the_same_val_split_and_tokenizer(tmp_path, tiny_shards
 
 
 def test_a_token_arm_gets_a_random_mask_control_of_its_kept_share(tmp_path, monkeypatch):
-    """teacher.unit token (issue 29 item 3, not built yet): bench plans `random-mask[ARM]` with the arm's
+    """teacher.unit token (issue 29 item 3): bench plans `random-mask[ARM]` with the arm's
     schedule, strategy random and teacher.token_ratio = the share of tokens the arm kept (its summary's
     kept_token_share, mean over seeds), instead of a random subset; the oracle runs right after uniform."""
     from attent_scale import bench
@@ -208,7 +208,8 @@ def test_a_token_arm_gets_a_random_mask_control_of_its_kept_share(tmp_path, monk
     args = build_parser().parse_args([
         "bench", "--data", str(tmp_path), "--config", str(REPO / "configs" / "demo.yaml"), "--seeds", "2",
         "--out", str(tmp_path / "out"), "--oracle-data", str(tmp_path / "twin"),
-        "--arms", "tok:mode=ledger,unit=token,strategy=hard,ratio_schedule=constant"])
+        "--arms", f"tok:mode=ledger,unit=token,strategy=hard,ratio_schedule=constant,"
+                  f"token_reference={tmp_path / 'ref'}"])
     with pytest.raises(KeyboardInterrupt):
         bench.run_bench(args)
     names = [n for n, _ in planned]
@@ -321,9 +322,16 @@ def test_dry_run_checks_every_planned_config_and_writes_nothing(tmp_path, tiny_s
     assert len(lines) == 11 and lines[-1].startswith("bench --dry-run: 10 runs planned")
     assert "teacher.initial_ratio=<kept>" in lines[8]  # random-subset[s] seed 0
     assert not out.exists()  # nothing trained, nothing written
-    with pytest.raises(UserError, match="arm h: .*teacher.strategy.*'hardd'"):
+    # the oracle (here the shards themselves as their own twin) trains uniform's step count, known later
+    argv = ["bench", "--data", str(tiny_shards), "--config", str(cfg), "--out", str(out), "--budget-epochs",
+            "2", "--dry-run", "--oracle-data", str(tiny_shards), "--gap-only"]
+    plan = bench.run_bench(build_parser().parse_args(argv))
+    assert [r["arm"] for r in plan["planned"]] == ["uniform", "oracle"]
+    assert "train.max_steps=<uniform-steps>" in capsys.readouterr().out.splitlines()[1]
+    # a bad arm is refused before anything is planned (bench.check_arm_configs), as without --dry-run
+    with pytest.raises(UserError, match="--arms 'h:strategy=hardd': .*teacher.strategy.*'hardd'"):
         bench.run_bench(parse("h:strategy=hardd"))
-    with pytest.raises(UserError, match="arm h: .*no_such_key"):
+    with pytest.raises(UserError, match="--arms 'h:strategy=hard,no_such_key=1': .*no_such_key"):
         bench.run_bench(parse("h:strategy=hard,no_such_key=1"))
 
 

@@ -4,9 +4,10 @@ SMOKES names, for each script `git ls-files tools` lists (*.py, *.sh), the test 
 without an entry fails `test_every_tool_script_has_a_smoke`, and an entry must name a test whose file
 mentions the script. The runs are real (real data, models, processes, a local S3 server); only their sizes
 are small: the python tools through their own size flags, the shell scripts with ATTENT_TINY=1 (shards of
-<= 200 KB of text, 2 training steps, `attent-scale bench --dry-run`: every arm's config is checked but no
-arm trains, because one tiny arm costs a process start of seconds and the ablations plan 5 to 18 arms;
-`attent-scale bench` itself trains arms in tests/e2e/test_bench.py). tools/ops/gpu_run.sh runs its
+<= 200 KB of text, 2 training steps, one step per fold model of a `reference fit`, `attent-scale bench
+--dry-run`: every arm's config is checked but no arm trains, because one tiny arm costs a process start of
+seconds and the ablations plan 5 to 18 arms; `attent-scale bench` itself trains arms in
+tests/e2e/test_bench.py). tools/ops/gpu_run.sh runs its
 ATTENT_TINY CPU mode: every step (step bench and training on FSDP2 and ZeRO-3, summary), toy sizes.
 """
 
@@ -41,6 +42,7 @@ SMOKES = {
     "tools/benchmarks/bench_seeds.py": "tests/e2e/test_bench.py::test_tools_read_the_bench_json",
     "tools/benchmarks/bench_select.py": f"{THIS}::test_bench_select",
     "tools/benchmarks/bench_step.py": f"{THIS}::test_bench_step",
+    "tools/benchmarks/bench_tokens.py": f"{THIS}::test_bench_tokens",
     "tools/benchmarks/bench_stream.py": f"{THIS}::test_bench_stream",
     "tools/benchmarks/bench_train.py": f"{THIS}::test_bench_train",
     "tools/benchmarks/hf_bench.py": f"{THIS}::test_hf_bench",
@@ -53,11 +55,13 @@ SMOKES = {
     "tools/ablations/selection_ablation.sh": f"{THIS}::test_ablation_script",
     "tools/ablations/signal_regimes.sh": f"{THIS}::test_ablation_script",
     "tools/ablations/smollm2_regimes.sh": f"{THIS}::test_ablation_script",
+    "tools/ablations/learn_regimes.sh": f"{THIS}::test_ablation_script",
+    "tools/ablations/learn_smollm2.sh": f"{THIS}::test_ablation_script",
     "tools/ablations/finetune_bench.sh": f"{THIS}::test_finetune_bench_scripts",
     "tools/ablations/finetune_excess_bench.sh": f"{THIS}::test_finetune_bench_scripts",
     "tools/ops/gpu_run.sh": f"{THIS}::test_gpu_run_tiny",
     "tools/ops/regroup_tests.sh": f"{THIS}::test_regroup_tests",
-    "tools/ops/prometheus/write_targets.py": "tests/unit/test_ops.py::test_write_targets_cli",
+    "tools/ops/stress_end.py": f"{THIS}::test_stress_end",
 }
 
 
@@ -181,6 +185,19 @@ def test_bench_select(tmp_path: Path) -> None:
     assert "| threshold |" in out and "| gather |" in out
 
 
+def test_bench_tokens(tmp_path: Path) -> None:
+    """Token selection's extras and the engine step with teacher.unit sample / token (random, reference)."""
+    res = tmp_path / "res.json"
+    out = run_tool(["tools/benchmarks/bench_tokens.py", "--batch", "2", "--seq", "32", "--layers", "2",
+                    "--embd", "64", "--vocab", "512", "--ref-layers", "1", "--ref-embd", "32",
+                    "--repeat", "1", "--worlds", "2", "--json", str(res)])
+    got = json.loads(res.read_text())
+    for key in ("engine_step_s", "engine_step_token_random_s", "engine_step_token_hard_s", "threshold_s"):
+        assert got[key] > 0, key
+    assert got["engine_kept_token_share"] == pytest.approx(0.6, abs=0.02)
+    assert got["world2"]["bytes_per_call"] > 0 and "engine_step_token_hard_s" in out
+
+
 def test_bench_step(tmp_path: Path) -> None:
     """The hand-written loop (with and without tuned malloc) against `attent-scale train`, 2 steps."""
     res = tmp_path / "res.json"
@@ -192,6 +209,29 @@ def test_bench_step(tmp_path: Path) -> None:
     assert all(r[0]["process"] > 0 and r[0]["loop"] > 0 for r in results.values())
     assert re.search(rf"process ledger/hand: {NUM}x", out), out
     assert re.search(rf"loop ledger/hand-malloc: {NUM}x", out), out
+
+
+def test_bench_tokens(tmp_path: Path) -> None:
+    """Token-level selection costs at toy size; the threshold on 1 and 2 gloo ranks (spawned processes)."""
+    from attent_scale.teacher.topk import RADIX_BITS
+
+    res = tmp_path / "res.json"
+    out = run_tool(["tools/benchmarks/bench_tokens.py", "--batch", "2", "--seq", "16", "--layers", "1",
+                    "--embd", "32", "--vocab", "64", "--ref-layers", "1", "--ref-embd", "32", "--repeat", "1",
+                    "--worlds", "1,2", "--json", str(res)])
+    got = json.loads(res.read_text())
+    assert got["tokens_per_micro_batch"] == 32
+    for key in ("learner_step_s", "frozen_reference_forward_s", "adapter_reference_forward_s", "threshold_s"):
+        assert got[key] > 0
+        assert re.search(rf"^  {key} +{NUM} ms  \( *{NUM}% of the learner's step\)$", out, re.M), out
+    # one rank sends nothing; two send the valid count, then one histogram of 2**RADIX_BITS int64 counts
+    # per round, at most ceil(64 / RADIX_BITS) rounds for the 64-bit token keys (plus a few small counts)
+    assert got["world1"]["bytes_per_call"] == 0
+    hist = 8 << RADIX_BITS
+    assert hist < got["world2"]["bytes_per_call"] <= -(-64 // RADIX_BITS) * hist + 1024, got
+    for world in (1, 2):
+        assert got[f"world{world}"]["threshold_s"] > 0
+        assert re.search(rf"^  threshold on {world} gloo ranks +{NUM} ms, {NUM} KiB sent", out, re.M), out
 
 
 def test_bench_stream(tmp_path: Path) -> None:
@@ -227,6 +267,20 @@ def test_hf_bench(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "hf_bench.json").read_text())
     assert [s["seed"] for s in report["seeds"]] == [0]
     assert re.search(rf"^\| plain_eval_loss \| {NUM} \|", out, re.M), out
+
+
+def test_stress_end(tmp_path: Path) -> None:
+    """The end-of-run hang harness at its smallest: two 2-rank torchrun runs of 2 steps (FSDP, then ZeRO-3;
+    ledger teacher, metrics on and scraped), each ending with its final eval, export and summary; 0 hangs."""
+    out = run_tool(["tools/ops/stress_end.py", "--runs", "2", "--steps", "2", "--parallel", "1", "--engines",
+                    "fsdp,zero3", "--modes", "ledger", "--metrics", "on", "--scrape", "--linger", "0",
+                    "--stop-check-every", "1", "--deadline", "600", "--out", str(tmp_path / "stress")])
+    for i, engine in enumerate(("fsdp", "zero3")):
+        assert re.search(rf"^run +{i} {engine}-ledger-metrics_on +ok +{NUM} s rc 0  "
+                         r"\[step 2 eval export summary\]", out, re.M), out
+    # runs, ok, failed, ended by the end deadline, hangs
+    assert re.search(r"^all +2 +2 +0 +0 +0$", out, re.M), out
+    assert sorted(p.name for p in (tmp_path / "stress").iterdir()) == ["shards"]  # ok runs' dirs removed
 
 
 # ------------------------------------------------------------------------------- shell scripts
@@ -299,13 +353,20 @@ def test_regroup_tests(tmp_path: Path) -> None:
 
 DRY_RUN = re.compile(r"^bench --dry-run: (\d+) runs planned", re.M)
 
-# script, its arguments (SEEDS 1; OUT under the working directory), how many `bench --dry-run` it calls
-ABLATIONS = {
-    "ablation.sh": (["1"], 1),
-    "selection_ablation.sh": (["stdlib", "1"], 1),
-    "signal_regimes.sh": (["stdlib", "1"], 3),  # dup, noise, clean
-    "smollm2_regimes.sh": (["1", "runs/smollm2", "10"], 2),  # clean, swapped; 10 instruction pairs
+# the learn helper's arm (bench_common.sh shrinks its cross-fitted reference to one step per fold)
+LEARN_ARM = "learn:mode=ledger,strategy=learn,ratio_schedule=constant,initial_ratio=0.2,reference={reference}"
+# script, its arguments (SEEDS 1; OUT under the working directory), how many `bench --dry-run` it calls,
+# its environment beyond ATTENT_TINY=1
+ABLATIONS: dict[str, tuple[list[str], int, dict[str, str]]] = {
+    "ablation.sh": (["1"], 1, {}),
+    "selection_ablation.sh": (["stdlib", "1"], 1, {}),
+    "signal_regimes.sh": (["stdlib", "1"], 3, {}),  # dup, noise, clean
+    "smollm2_regimes.sh": (["1", "runs/smollm2", "10"], 2, {}),  # clean, swapped; 10 instruction pairs
+    # span (oracle twin, stdlib) and repeats (prose) of its six regimes, each with a reference fit
+    "learn_regimes.sh": (["stdlib", "1"], 2, {"REGIMES": "span repeats", "ARMS": LEARN_ARM}),
+    "learn_smollm2.sh": (["1", "runs/learn-smollm2", "10"], 1, {}),  # swapped; 10 pairs, 8 val, 8 ref
 }
+KINDS = ("signal_regimes.sh", "smollm2_regimes.sh", "learn_regimes.sh", "learn_smollm2.sh")
 
 
 @pytest.mark.parametrize("script", sorted(ABLATIONS))
@@ -314,14 +375,31 @@ def test_ablation_script(script: str, tmp_path: Path) -> None:
     shards, reference model and scores are built for real at tiny size, its bench plans every arm
     (--dry-run); signal_regimes and smollm2_regimes run regimes.py to make their corpora and print the kinds
     of the samples (the arms' selections need trained arms; tests/unit/test_regimes.py covers that)."""
-    args, benches = ABLATIONS[script]
-    if script == "smollm2_regimes.sh" and not HAVE_SMOLLM2:  # as tests/e2e/test_pretrained.py
+    args, benches, env = ABLATIONS[script]
+    if "smollm2" in script and not HAVE_SMOLLM2:  # as tests/e2e/test_pretrained.py
         pytest.skip("needs the smollm2 extra (make setup installs it)")
-    out = run_tool([f"tools/ablations/{script}", *args], cwd=tmp_path, ATTENT_TINY="1")
+    out = run_tool([f"tools/ablations/{script}", *args], cwd=tmp_path, ATTENT_TINY="1", **env)
     planned = [int(n) for n in DRY_RUN.findall(out)]
     assert len(planned) == benches and all(n >= 3 for n in planned), out  # uniform, arms, controls
-    if script in ("signal_regimes.sh", "smollm2_regimes.sh"):
+    if script in KINDS:
         assert len(re.findall(r"^\d+ train samples: ", out, re.M)) == benches, out
+    if script.startswith("learn_"):  # uniform, the oracle (uniform on the clean twin), signal, controls
+        oracles = re.findall(r"^oracle seed 0: .* --set data\.dir=\S+/data-[a-z]+[-0-9]*/oracle-shards ", out,
+                             re.M)
+        assert len(oracles) == benches, out
+        assert out.rstrip().endswith("(regimes: span, swapped, dup, noise, constrained, repeats, clean)"), out
+    if script == "learn_regimes.sh":
+        root = tmp_path / "runs/learn-regimes/stdlib"
+        assert planned == [6, 6]  # uniform, oracle, signal, learn and their two random controls
+        for regime in ("span", "repeats"):
+            assert (root / f"data-{regime}/oracle-shards/manifest.json").is_file()
+            cost = json.loads((root / f"{regime}/reference/scores-train.safetensors.cost.json").read_text())
+            assert [f["steps"] for f in cost["folds"]] == [1, 1]  # ATTENT_TINY: one step per fold model
+            ref = f"runs/learn-regimes/stdlib/{regime}/reference/scores-train.safetensors"
+            assert re.search(rf"^learn seed 0: .*teacher\.reference={re.escape(ref)}", out, re.M), out
+    if script == "learn_smollm2.sh":
+        assert planned == [4]  # uniform, oracle, signal, its random control
+        assert re.search(r"^10 train samples: original 7, swapped 3$", out, re.M), out
     if script == "signal_regimes.sh":
         assert out.rstrip().endswith("0 of 0 seed targets held")
     if script == "selection_ablation.sh":

@@ -15,6 +15,7 @@ UNITS = {
     "attent_selection_seconds": "seconds", "attent_step_seconds": "seconds",
     "attent_checkpoint_seconds": "seconds",
     "attent_selection_overhead_ratio": "ratio", "attent_selected_ratio": "ratio",
+    "attent_kept_token_ratio": "ratio",
     "attent_signal_dropped_ratio": "ratio",
     "attent_score_staleness_steps": "steps",
     "attent_signal_dropped_samples": "samples", "attent_source_samples": "samples",

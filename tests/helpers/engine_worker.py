@@ -60,8 +60,10 @@ def free_port() -> int:
 HANG_S = float(os.environ.get("ATTENT_TEST_HANG_S", "100"))  # raise on a heavily shared machine
 
 
-def launch(scenario: str, out: Path, world_size: int = 2, timeout: float = HANG_S + 20) -> list[dict]:
-    """Run `scenario` on `world_size` ranks as separate processes; return each rank's JSON result."""
+def launch(scenario: str, out: Path, world_size: int = 2, timeout: float = HANG_S + 20,
+           script: str = __file__) -> list[dict]:
+    """Run `scenario` on `world_size` ranks as separate processes (of `script`, this worker by default);
+    return each rank's JSON result."""
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     ranks = []
@@ -70,7 +72,7 @@ def launch(scenario: str, out: Path, world_size: int = 2, timeout: float = HANG_
                    LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
         log = open(out / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
-        ranks.append((procs.start([sys.executable, __file__, scenario, str(out)], env=env, stdout=log,
+        ranks.append((procs.start([sys.executable, script, scenario, str(out)], env=env, stdout=log,
                                    stderr=subprocess.STDOUT), log))
     try:
         codes = [p.wait(timeout=timeout) for p, _ in ranks]

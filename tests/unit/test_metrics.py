@@ -14,6 +14,7 @@ from attent_scale.metrics import PHASES, Metrics, NullMetrics
 
 CONTRACT = {
     "attent_selection_seconds", "attent_selection_overhead_ratio", "attent_selected_ratio",
+    "attent_kept_token_ratio",
     "attent_samples_scored_total", "attent_samples_trained_total", "attent_train_loss_nats",
     "attent_val_loss_nats", "attent_score_staleness_steps", "attent_collective_sent_bytes_total",
     "attent_corrupt_samples_skipped_total", "attent_nonfinite_losses_skipped_total",
@@ -57,7 +58,8 @@ def test_names_labels_and_totals_agree_with_summary() -> None:
         m.observe_checkpoint(1.5)
         summary = {"samples_trained": 40, "tokens_trained": 1280, "samples_scored": 70, "corrupt_samples": 2,
                    "nonfinite_skipped": 1, "collective_bytes": 4096, "wall_seconds": 10.0,
-                   "selected_ratio": 0.6, "remote_retries": 3, "remote_unreachable": 1,
+                   "selected_ratio": 0.6, "kept_token_share": 0.625, "remote_retries": 3,
+                   "remote_unreachable": 1,
                    "remote_downloaded_bytes": 5000, "remote_cache_hits": 9,
                    "selection_seconds_by_phase": {"score": 1.25, "collective": 0.25, "select": 0.5,
                                                   "share": 0.0, "rebalance": 0.0}}
@@ -89,6 +91,7 @@ def test_names_labels_and_totals_agree_with_summary() -> None:
         assert value(s, "attent_selection_seconds_count", phase="score") == 2  # observe_selection + delta
         assert value(s, "attent_selection_overhead_ratio") == pytest.approx(0.2)
         assert value(s, "attent_selected_ratio") == 0.6
+        assert value(s, "attent_kept_token_ratio") == 0.625
         assert value(s, "attent_score_staleness_steps") == 3
         assert value(s, "attent_train_loss_nats") == 2.5 and value(s, "attent_val_loss_nats") == 2.7
         assert value(s, "attent_step_seconds_count") == 1

@@ -11,8 +11,9 @@ py=${PYTHON:-python}  # the interpreter that runs attent_scale and the python to
 # ATTENT_TINY=1: a smoke run (tests/e2e/test_tools_smoke.py): every step of the script at the smallest size
 # that still runs it. `attent` adds to each subcommand what shrinks it: `shards build` reads at most 200 KB
 # of text (less leaves the prose corpus' val or ref split empty; vocabulary 512, one worker), `train` stops
-# after 2 steps, `bench` plans its arms with --dry-run (every arm's config checked, nothing trained); a
-# step that reads the arms' results says that it is left out.
+# after 2 steps, `reference fit` trains each fold model one step (reference.epochs 0.001: its fold runs get
+# their step count from it) and scores for real, `bench` plans its arms with --dry-run (every arm's config
+# checked, nothing trained); a step that reads the arms' results says that it is left out.
 tiny=${ATTENT_TINY:-0}
 if [ "$tiny" = 1 ]; then
   echo "ATTENT_TINY=1: smoke sizes (shards <= 200 KB of text, 2 training steps, bench --dry-run)" >&2
@@ -25,6 +26,7 @@ attent() {
     case "$1 ${2:-}" in
       "shards build") more=(--max-bytes 200000 --vocab-size 512 --workers 1) ;;
       train\ *) more=(--set train.max_steps=2) ;;
+      "reference fit") more=(--set reference.epochs=0.001) ;;
       bench\ *) more=(--dry-run) ;;
     esac
   fi

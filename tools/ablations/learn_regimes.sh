@@ -53,12 +53,15 @@ build() {  # build REGIME DATA: the regime's jsonl files, its shards and, where 
     repeats) how=(--regime repeats); src=${REPEATS_CORPUS:-prose} ;;
     *) echo "learn_regimes.sh: unknown regime '$regime' in REGIMES" >&2; exit 2 ;;
   esac
-  python tools/ablations/regimes.py "${how[@]}" --corpus "$src" --max-bytes "$bytes" --seed 0 --out "$data"
-  attent-scale shards build "$data/train.jsonl" --val-input "$data/val.jsonl" -o "$data/shards" --seq-len 64 \
+  # ATTENT_TINY: less train text than the tiny build's cap (`regimes.py kinds` needs all of it built)
+  [ "$tiny" = 1 ] && { bytes=20000; [ "$regime" = dup ] && how+=(--max-copies 4); }
+  "$py" "$repo"/tools/ablations/regimes.py "${how[@]}" --corpus "$src" --max-bytes "$bytes" --seed 0 \
+    --out "$data"
+  attent shards build "$data/train.jsonl" --val-input "$data/val.jsonl" -o "$data/shards" --seq-len 64 \
     --vocab-size 1000 --no-progress --overwrite
-  if [ -f "$data/oracle.jsonl" ] && python -c 'import json, sys
+  if [ -f "$data/oracle.jsonl" ] && "$py" -c 'import json, sys
 sys.exit(0 if json.load(open(sys.argv[1]))["oracle_file"] else 1)' "$data/kinds.json"; then
-    attent-scale shards build "$data/oracle.jsonl" --val-input "$data/val.jsonl" -o "$data/oracle-shards" \
+    attent shards build "$data/oracle.jsonl" --val-input "$data/val.jsonl" -o "$data/oracle-shards" \
       --seq-len 64 --tokenizer "$data/shards/tokenizer.model" --no-progress --overwrite
   fi
 }
@@ -73,7 +76,7 @@ one() {  # one REGIME: build (once), its reference (when an arm needs one), benc
   if [[ "${arms[*]}" == *"{reference}"* ]]; then  # the learn helper's arms: one cross-fitted reference
     read -r -a ref_args <<< "${REF_ARGS:---set reference.epochs=1 --set reference.eval_every_steps=35 \
 --set reference.early_stop_patience=1}"
-    attent-scale reference fit --config configs/ablation.yaml --data "$data/shards" --out "$ref" --reuse \
+    attent reference fit --config "$repo"/configs/ablation.yaml --data "$data/shards" --out "$ref" --reuse \
       --set eval.max_batches=0 "${quarter_model[@]}" "${ref_args[@]}"
   fi
   for a in "${arms[@]}"; do regime_arms+=("${a//\{reference\}/$ref/scores-train.safetensors}"); done
@@ -81,11 +84,16 @@ one() {  # one REGIME: build (once), its reference (when an arm needs one), benc
     if [ "${#oracle[@]}" -eq 0 ]; then echo "$regime: no clean twin, no gap to measure"; return 0; fi
     regime_arms=(--gap-only)
   fi
-  attent-scale bench --data "$data/shards" --config configs/ablation.yaml --budget-epochs "$budget" \
+  attent bench --data "$data/shards" --config "$repo"/configs/ablation.yaml --budget-epochs "$budget" \
     --seeds "$seeds" --clock cpu --reuse --out "$out/$regime" --set checkpoint.export=false \
     --set eval.every_steps=50 --set eval.max_batches=0 "${quarter_model[@]}" "${oracle[@]}" \
     "${regime_arms[@]}" "${@:2}"
-  [ -n "${GAP_ONLY:-}" ] || python tools/ablations/regimes.py kinds "$data/shards" "$data/kinds.json" \
+  if [ "$tiny" = 1 ]; then  # bench --dry-run trained no arm: what the regime's samples are instead
+    echo "$regime: ATTENT_TINY, no arm's selection to read (bench --dry-run); kinds of the train samples:"
+    "$py" "$repo"/tools/ablations/regimes.py kinds "$data/shards" "$data/kinds.json"
+    return 0
+  fi
+  [ -n "${GAP_ONLY:-}" ] || "$py" "$repo"/tools/ablations/regimes.py kinds "$data/shards" "$data/kinds.json" \
     --selection "$out/$regime/signal/seed-0/selection.jsonl"
 }
 
@@ -105,9 +113,9 @@ while [ "$running" -gt 0 ]; do
 done
 for regime in $regimes; do
   echo "== $regime ($out/$regime.log)"
-  tail -n 30 "$out/$regime.log"
+  if [ "$tiny" = 1 ]; then cat "$out/$regime.log"; else tail -n 30 "$out/$regime.log"; fi
 done
-python tools/ablations/regime_targets.py "$out" --issue 29  # issue 29's targets, seed by seed
+"$py" "$repo"/tools/ablations/regime_targets.py "$out" --issue 29  # issue 29's targets, seed by seed
 if [ "$failed" -gt 0 ]; then
   echo "learn_regimes.sh: $failed regime(s) failed; see their logs" >&2
   exit 1

@@ -10,18 +10,21 @@
 # Usage: tools/ablations/learn_smollm2.sh [SEEDS=3] [OUT=runs/learn-smollm2] [PAIRS=400] [bench args]
 #   PAIRS: train pairs (before swapping). env: VAL (200), REF (100), RATE (0.3), REGIMES ("swapped"; add
 #   "clean"), ARMS (';'-separated extra bench arms), EPOCHS (3), SEQ_LEN (80), EVALS (val passes per epoch,
-#   2), SEED_JOBS (seeds benched at once, 1: see below), PYTHON.
+#   2), SEED_JOBS (seeds benched at once, 1: see below), PYTHON, ATTENT_TINY (1: the smoke run of
+#   bench_common.sh, every step at its smallest size: give few PAIRS; VAL and REF default to 8 there).
 # Sizing (one thread per run; docs/benchmarks.md has the measured numbers): a training pass ~0.455 CPU s per
 # pair, a val forward ~0.23 s per pair, so one run ~ EPOCHS*PAIRS*0.455 + (EPOCHS*EVALS+1)*VAL*0.23 s.
 # SEED_JOBS=3 benches the seeds as 3 processes at once (one core each), then one 3-seed `bench --reuse`
 # reads them back (rerunning only a signal arm's random control whose kept share changed with the seeds).
 set -euo pipefail
-py=${PYTHON:-python}
+# shellcheck source=tools/ablations/bench_common.sh
+source "$(dirname "$0")/bench_common.sh"  # $py, `attent`: no installed entry point needed; ATTENT_TINY
 seeds=${1:-3}
 out=${2:-runs/learn-smollm2}
 pairs=${3:-400}
 val=${VAL:-200}
 ref=${REF:-100}
+[ "$tiny" = 1 ] && { val=${VAL:-8}; ref=${REF:-8}; }
 rate=${RATE:-0.3}
 epochs=${EPOCHS:-3}
 seq_len=${SEQ_LEN:-80}
@@ -48,18 +51,18 @@ for regime in ${REGIMES:-swapped}; do
   if [ ! -f "$data/shards/manifest.json" ]; then
     how=(--regime clean)
     [ "$regime" = clean ] || how=(--regime noise --rate "$rate")
-    "$py" tools/ablations/regimes.py "${how[@]}" --corpus stdlib-doc --max-docs $((pairs + val + ref)) \
+    "$py" "$repo"/tools/ablations/regimes.py "${how[@]}" --corpus stdlib-doc --max-docs $((pairs + val + ref)) \
       --val-docs "$val" --ref-docs "$ref" --seed 0 --out "$data"
-    "$py" -m attent_scale shards build "$data/train.jsonl" --val-input "$data/val.jsonl" \
+    attent shards build "$data/train.jsonl" --val-input "$data/val.jsonl" \
       --ref-input "$data/ref.jsonl" -o "$data/shards" "${sft[@]}"
     if [ "$regime" != clean ]; then
-      "$py" -m attent_scale shards build "$data/oracle.jsonl" --val-input "$data/val.jsonl" \
+      attent shards build "$data/oracle.jsonl" --val-input "$data/val.jsonl" \
         --ref-input "$data/ref.jsonl" -o "$data/oracle-shards" "${sft[@]}"
     fi
   fi
   oracle=()
   [ -f "$data/oracle-shards/manifest.json" ] && oracle=(--oracle-data "$data/oracle-shards")
-  bench=("$py" -m attent_scale bench --data "$data/shards" --config configs/demo_smollm2.yaml
+  bench=(attent bench --data "$data/shards" --config "$repo"/configs/demo_smollm2.yaml
          --budget-epochs "$epochs" --clock cpu --reuse --out "$out/$regime" --set "model.init_from=$base"
          --set checkpoint.export=false --set "eval.every_steps=$every" --set eval.max_batches=0
          "${oracle[@]}" "${arms[@]}" "${@:4}")
@@ -73,7 +76,12 @@ for regime in ${REGIMES:-swapped}; do
     for pid in "${pids[@]}"; do wait "$pid"; done
   fi
   "${bench[@]}" --seeds "$seeds"
-  "$py" tools/ablations/regimes.py kinds "$data/shards" "$data/kinds.json" \
+  if [ "$tiny" = 1 ]; then  # bench --dry-run trained no arm: what the regime's samples are instead
+    echo "$regime: ATTENT_TINY, no arm's selection to read (bench --dry-run); kinds of the train samples:"
+    "$py" "$repo"/tools/ablations/regimes.py kinds "$data/shards" "$data/kinds.json"
+    continue
+  fi
+  "$py" "$repo"/tools/ablations/regimes.py kinds "$data/shards" "$data/kinds.json" \
     --selection "$out/$regime/signal/seed-0/selection.jsonl"
 done
-"$py" tools/ablations/regime_targets.py "$out" --issue 29
+"$py" "$repo"/tools/ablations/regime_targets.py "$out" --issue 29

@@ -1,7 +1,9 @@
 """What token-level selection costs per micro batch, beside the step it selects for: the learner's training
 forward + backward, the reference's online forward (a frozen model beside the learner, or a reference
 adapter on the learner's peft model) and the global token threshold (`teacher.tokens.token_weights`) on 1
-and W gloo ranks, with the bytes each rank sends for the threshold.
+and W gloo ranks, with the bytes each rank sends for the threshold; then the native engine's whole step
+(engine local, one micro batch) with teacher.unit sample, token + random mask, token + frozen reference
+(teacher/token_step.py: what a token-unit run pays per step beside a sample-level one).
 
     python tools/benchmarks/bench_tokens.py [--batch 8] [--seq 256] [--layers 4] [--embd 256] [--vocab 8192]
         [--ref-layers 2] [--ref-embd 128] [--keep 0.6] [--repeat 5] [--worlds 2] [--json out.json]
@@ -32,9 +34,13 @@ from attent_scale.teacher.comm import Comm
 from attent_scale.teacher.tokens import token_weights
 
 
+def _shape(layers: int, embd: int, seq: int) -> dict[str, Any]:
+    return {"model_type": "gpt2", "n_layer": layers, "n_embd": embd, "n_head": max(1, embd // 64),
+            "n_positions": seq, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+
+
 def _gpt(layers: int, embd: int, vocab: int, seq: int, lora: bool = False) -> torch.nn.Module:
-    shape = {"model_type": "gpt2", "n_layer": layers, "n_embd": embd, "n_head": max(1, embd // 64),
-             "n_positions": seq, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    shape = _shape(layers, embd, seq)
     return build_model(ModelConfig(config=shape, lora=LoraConfig(enabled=lora, r=8)), vocab, seed=0)
 
 
@@ -84,6 +90,34 @@ def one_rank(args: argparse.Namespace) -> dict[str, float]:
     return out
 
 
+def engine_steps(args: argparse.Namespace) -> dict[str, float]:
+    """engine local's train_step on one micro batch: without token selection, with a random mask, and
+    with a frozen reference (its online forward, the threshold and the masked loss)."""
+    from attent_scale.config import TeacherConfig, config_from_dict
+    from attent_scale.engines.local import LocalEngine
+    from attent_scale.engines.reference import FrozenReference
+    from attent_scale.teacher.token_step import TokenStep
+
+    shape = _shape(args.layers, args.embd, args.seq)
+    cfg = config_from_dict({"model": {"config": shape}, "train": {"micro_batch_size": args.batch,
+                                                                  "warmup_steps": 0}})
+    engine = LocalEngine(cfg, args.vocab, device=torch.device("cpu"))
+    ids, x, y = _batch(args)
+    batch = {"ids": ids, "input_ids": x, "labels": y}
+    out = {"engine_step_s": _time(lambda: engine.train_step(batch), args.repeat)}
+    keep = args.keep
+    rnd = TokenStep(TeacherConfig(unit="token", strategy="random", token_ratio=keep), seed=0, world=1)
+    out["engine_step_token_random_s"] = _time(lambda: engine.train_step(batch, tokens=rnd), args.repeat)
+    with tempfile.TemporaryDirectory() as d:
+        _gpt(args.ref_layers, args.ref_embd, args.vocab, args.seq).save_pretrained(d)
+        hard = TokenStep(TeacherConfig(unit="token", strategy="hard", token_ratio=keep, token_reference=d),
+                         seed=0, world=1)
+        hard.reference = FrozenReference(d, torch.device("cpu"))
+        out["engine_step_token_hard_s"] = _time(lambda: engine.train_step(batch, tokens=hard), args.repeat)
+    out["engine_kept_token_share"] = hard.share
+    return out
+
+
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -91,11 +125,11 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     g = torch.Generator().manual_seed(rank)
     lt, rt = torch.rand(x.shape, generator=g) * 5, torch.rand(x.shape, generator=g) * 5
     valid = y != IGNORE_INDEX
-    sent: dict[str, int] = {}
+    sent = {"bytes": 0}  # one rank: no collective at all (resolve_group gives None), nothing sent
     orig = Comm.all_reduce
 
     def counting(self: Comm, t: torch.Tensor, phase: str, op: Any = dist.ReduceOp.SUM) -> None:
-        sent["bytes"] = sent.get("bytes", 0) + int(2 * (world - 1) / world * t.numel() * t.element_size())
+        sent["bytes"] += int(2 * (world - 1) / world * t.numel() * t.element_size())
         orig(self, t, phase, op=op)
 
     Comm.all_reduce = counting  # type: ignore[method-assign]
@@ -128,7 +162,8 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
-    res: dict[str, Any] = {"tokens_per_micro_batch": args.batch * args.seq, **one_rank(args)}
+    res: dict[str, Any] = {"tokens_per_micro_batch": args.batch * args.seq, **one_rank(args),
+                           **engine_steps(args)}
     for w in (int(v) for v in args.worlds.split(",") if v):
         res[f"world{w}"] = many_ranks(args, w)
     step = res["learner_step_s"]
@@ -136,6 +171,10 @@ def main() -> None:
           f"{args.ref_layers} x {args.ref_embd}, vocab {args.vocab}, keep {args.keep}; one thread")
     for key in ("learner_step_s", "frozen_reference_forward_s", "adapter_reference_forward_s", "threshold_s"):
         print(f"  {key:30} {res[key] * 1e3:9.1f} ms  ({100 * res[key] / step:5.1f}% of the learner's step)")
+    base = res["engine_step_s"]
+    for key in ("engine_step_s", "engine_step_token_random_s", "engine_step_token_hard_s"):
+        print(f"  {key:30} {res[key] * 1e3:9.1f} ms  ({res[key] / base:5.2f}x engine local's step, "
+              "teacher.unit sample)")
     for w in (k for k in res if k.startswith("world")):
         r = res[w]
         print(f"  threshold on {w[5:]} gloo ranks     {r['threshold_s'] * 1e3:9.1f} ms, "

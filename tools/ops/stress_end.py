@@ -21,7 +21,8 @@ where it stood.
 
 Prints one row per run as it ends, then a table: runs, ok, failed, ended by the end deadline, hangs, and
 for the hangs where each rank stopped. The load while measuring (os.getloadavg before and after, CPUs) is
-printed with it: these counts depend on load, they are not timings.
+printed with it: these counts depend on load, they are not timings. Exit status 1 when a run hung or
+failed (a failed run never reached the end under test), 0 otherwise.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ train: {{max_steps: {steps}, micro_batch_size: 8, lr: 0.002, warmup_steps: 2, lo
 eval: {{every_steps: 0, max_batches: 2, batch_size: 16}}
 checkpoint: {{every_steps: {ckpt}, keep_last: 1, resume: false, export: true}}
 metrics: {{enabled: {metrics}, linger_seconds: {linger}, port: {port}, port_fallback: true,
-          address: 127.0.0.1, job: stress}}
+          address: 127.0.0.1}}
 """
 
 ENGINES = {
@@ -404,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  run {r.index} {r.combo} {r.status} [{r.files}]")
             for who, frame in sorted(r.where.items()):
                 print(f"    {who}: {frame}")
-    return 1 if n["hang"] else 0
+    return 1 if n["hang"] or n["failed"] else 0  # a run that failed never reached the end under test
 
 
 if __name__ == "__main__":
