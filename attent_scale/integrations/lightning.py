@@ -106,6 +106,10 @@ class AttentCallback(pl.Callback):
             raise UserError("AttentCallback: train_dataset must be a map-style dataset with __len__")
         teacher_config = teacher_config if teacher_config is not None else default_teacher_config()
         validate_teacher(teacher_config, reference_given=reference is not None)
+        if teacher_config.unit != "sample":
+            raise UserError(f"AttentCallback: teacher.unit {teacher_config.unit!r}: the Lightning "
+                            "integration selects samples only; use unit 'sample' (AttentTrainer or "
+                            "attent-scale train select tokens)")
         if teacher_config.mode not in ("cycle", "ledger"):
             raise UserError(f"AttentCallback: teacher.mode {teacher_config.mode!r}: use 'cycle' or 'ledger' "
                             "(online rebalances each step; none is a plain Lightning run)")

@@ -283,8 +283,6 @@ def test_stress_end(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "stress").iterdir()) == ["shards"]  # ok runs' dirs removed
 
 
-# ------------------------------------------------------------------------------- shell scripts
-
 def test_lightning_finetune(tmp_path: Path) -> None:
     """tools/examples/lightning_finetune.py at its smallest: 2 epochs of the tiny GPT-2 on 40 rows with a
     hard cycle teacher (a scoring pass, then 20% of the ids), its LR planned over the shorter epoch; a
@@ -305,6 +303,8 @@ def test_lightning_finetune(tmp_path: Path) -> None:
                           env=tool_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and proc.stderr.strip().endswith(f"{rows}:41: not JSON"), proc.stderr[-2000:]
 
+
+# ------------------------------------------------------------------------------- shell scripts
 
 def test_gpu_run_tiny(tmp_path: Path) -> None:
     """tools/ops/gpu_run.sh with ATTENT_TINY=1 on the CPU: the step bench of FSDP2 and ZeRO-3, text shards,
