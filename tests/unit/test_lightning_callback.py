@@ -13,7 +13,7 @@ from attent_scale.errors import UserError
     (dict(mode="online"), "teacher.mode 'online'"),
     (dict(mode="ledger", strategy="hardest"), "teacher.strategy"),
     (dict(mode="ledger", score="excess"), "teacher.reference"),
-    (dict(mode="ledger", unit="token"), "teacher.unit 'token'"),
+    (dict(mode="ledger", unit="token", strategy="random"), "teacher.unit 'token'"),
 ])
 def test_bad_teacher_config_raises_at_construction(bad: dict, message: str) -> None:
     from hf_worker import ToyPairs
