@@ -9,7 +9,8 @@ The Python API, imported on first use (so ``import attent_scale`` and ``attent-s
 ``train`` is the module ``attent_scale.train`` itself, callable as ``train(cfg)``; ``RunConfig`` and
 ``load_config`` come from ``attent_scale.config``, ``Teacher`` from ``attent_scale.teacher``,
 ``ShardStream`` from ``attent_scale.data``, ``AttentTrainer`` (the HF Trainer, needs the ``hf`` extra)
-from ``attent_scale.integrations.hf``, ``UserError`` (a ValueError) from ``attent_scale.errors``.
+from ``attent_scale.integrations.hf``, ``AttentCallback`` (PyTorch Lightning, needs the ``lightning`` extra)
+from ``attent_scale.integrations.lightning``, ``UserError`` (a ValueError) from ``attent_scale.errors``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "Teacher": ("attent_scale.teacher", "Teacher"),
     "ShardStream": ("attent_scale.data", "ShardStream"),
     "AttentTrainer": ("attent_scale.integrations.hf", "AttentTrainer"),
+    "AttentCallback": ("attent_scale.integrations.lightning", "AttentCallback"),
     "UserError": ("attent_scale.errors", "UserError"),
 }
 __all__ = ["__version__", *_EXPORTS]

@@ -106,6 +106,18 @@ def materialize(node: Any) -> Any:
     return node
 
 
+def split_tensors(state: dict[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
+    """`state` as (its JSON-able remainder, its tensors by key): arrays become CPU tensors (save_state's
+    layout, for a checkpoint dict that must load with torch.load(weights_only=True))."""
+    tensors: dict[str, torch.Tensor] = {}
+    return _split(state, "", tensors), tensors
+
+
+def join_tensors(rest: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of split_tensors."""
+    return _join(rest, tensors)
+
+
 def save_state(path_stem: Path, state: dict[str, Any]) -> None:
     """Write `state` as `<stem>.safetensors` (tensors) plus `<stem>.json` (everything else)."""
     tensors: dict[str, torch.Tensor] = {}

@@ -21,6 +21,7 @@ EXTRAS: dict[str, str] = {
     "aiohttp": "http",
     "gguf": "smollm2",
     "wandb": "wandb",
+    "pytorch_lightning": "lightning",
 }
 
 

@@ -42,23 +42,13 @@ from attent_scale.integrations.sampler import ID_KEY, AttentBatchSampler, IdColl
 from attent_scale.metrics import Metrics, NullMetrics
 from attent_scale.runlog import count_lines, truncate_lines
 from attent_scale.teacher import Batching, Budget, Selection, SelectionState, Teacher, TeacherSession
-from attent_scale.teacher.session import score_share
+from attent_scale.teacher.session import default_teacher_config, score_share
 from attent_scale.teacher.signals import NUM_BINS, histogram
 from attent_scale.train_state import Progress
 
 STATE_DIR = "attent"  # inside each checkpoint-N folder: rank{r}.safetensors + rank{r}.json
 RECORDS = "selection.jsonl"  # in output_dir, written by rank 0: the same records as `attent-scale train`
 LossFn = Callable[[Any, dict[str, Any]], torch.Tensor]
-
-
-def default_teacher_config() -> TeacherConfig:
-    """The project default (configs/demo.yaml's teacher section): after one full epoch, each epoch drops
-    only the samples the signal calls memorized, learned or unlearnable (gap+learn, from the training
-    forwards' losses and the last evaluation's), at most 80%. It needs an evaluation (eval_dataset)."""
-    return TeacherConfig(mode="ledger", strategy="signal", signal="gap+learn", ratio_schedule="constant",
-                         initial_ratio=0.2, final_ratio=0.8, total_cycles=5, interval_schedule="fixed",
-                         initial_interval=1, max_interval=3, warmup_epochs=1, full_epochs_per_cycle=0,
-                         rescore="stale")
 
 
 def causal_lm_per_sample(outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:

@@ -58,6 +58,7 @@ class AttentBatchSampler:
         self.drop_last = bool(drop_last)
         self.epoch = 0
         self.selection: Selection | None = None
+        self.skip = 0  # batches of the epoch not yielded again: those a run resumed inside the epoch trained
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -86,10 +87,11 @@ class AttentBatchSampler:
         return n % max(1, self.world_size)
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self._batches()[0]:
+        for batch in self._batches()[0][self.skip:]:
             yield batch.tolist()
 
     def __len__(self) -> int:
+        """Batches of the whole epoch (`skip` included: a loop resumed inside the epoch counts them done)."""
         return self.batches_for(self.selection.count if self.selection is not None else self.num_samples)
 
 

@@ -46,6 +46,17 @@ class Scorer(Protocol):
         ...
 
 
+def default_teacher_config() -> TeacherConfig:
+    """The project default (configs/demo.yaml's teacher section): after one full epoch, each epoch drops
+    only the samples the signal calls memorized, learned or unlearnable (gap+learn, from the training
+    forwards' losses and the last evaluation's), at most 80%. It needs an evaluation (AttentTrainer's
+    eval_dataset, AttentCallback's validation)."""
+    return TeacherConfig(mode="ledger", strategy="signal", signal="gap+learn", ratio_schedule="constant",
+                         initial_ratio=0.2, final_ratio=0.8, total_cycles=5, interval_schedule="fixed",
+                         initial_interval=1, max_interval=3, warmup_epochs=1, full_epochs_per_cycle=0,
+                         rescore="stale")
+
+
 def score_share(skip: Selection | None, num_samples: int, rank: int, world: int) -> np.ndarray:
     """This rank's ids of a scoring pass over a map-style dataset: its contiguous block of the ids not in
     `skip` (the block arithmetic of a padded stream, data/partition.rank_block), padded with FILLER (-1)

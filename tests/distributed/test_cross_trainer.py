@@ -1,10 +1,13 @@
-"""One teacher path for both trainers: `attent-scale train`'s Trainer and the HF AttentTrainer select the
-same ids for the losses they recorded (prune + reweight, anneal, excess), and weight the loss alike."""
+"""One teacher path for three trainers: `attent-scale train`'s Trainer, the HF AttentTrainer and Lightning's
+AttentCallback (on 2 real ranks) select the same ids for the losses they recorded (prune + reweight, anneal,
+excess), and weight the loss alike."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -367,3 +370,68 @@ def test_steps_budget_anneal_ends_the_subset_epoch(tmp_path: Path) -> None:
     assert starts == [(0, 64, 0), (1, 51, 8), (2, 64, 14)]  # epoch 1 trained 6 of its 7 steps
     assert [r["epoch"] for r in read_records(tmp_path / "selection.jsonl")] == [1]
     assert trainer.state.global_step == 20 and trainer.teacher.anneal_from == 2
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_lightning_selects_by_the_shared_epoch_start_on_two_ranks(tmp_path: Path) -> None:
+    """The third trainer: AttentCallback on 2 real ranks (torchrun, gloo, Lightning ddp) with the teacher
+    of the two tests above. Both ranks hold the same selection each epoch; the records equal a fresh
+    single-process session fed the losses both ranks recorded (the replay the other trainers pass), every
+    batch carried its selection's weights, and the epochs are the plan's length on 2 ranks."""
+    from hf_worker import N_SAMPLES
+    from lightning_worker import launch
+
+    from attent_scale.teacher.reference import LossArray
+
+    out = launch(tmp_path, "pl", 2, teacher=CONFIG, reference=True, epochs=EPOCHS)
+    per_rank = [_jsonl(out / f"epochs.rank{r}.jsonl") for r in range(2)]
+    assert per_rank[0] == per_rank[1] and [e["epoch"] for e in per_rank[0]] == list(range(EPOCHS))
+    events, weights = [], []
+    for r in range(2):
+        events += [(np.asarray(e["ids"], np.int64), np.asarray(e["losses"], np.float32), e["step"], TRAIN)
+                   for e in _jsonl(out / f"losses.rank{r}.jsonl")]
+        weights += [(e["epoch"], np.asarray(e["ids"], np.int64), np.asarray(e["w"], np.float32))
+                    for e in _jsonl(out / f"weights.rank{r}.jsonl")]
+    events.sort(key=lambda e: e[2])
+    assert len({tuple(e[0]) for e in events}) == len(events)  # each rank's own batches, none twice
+    records = read_records(out / "selection.jsonl")
+    assert [r["world_size"] for r in records] == [2, 2]
+    cap = SimpleNamespace(events=events, weights=weights)
+    ref = _reference_losses(N_SAMPLES)
+    _check_against_replay(TeacherConfig(**CONFIG), N_SAMPLES, cap, records, LossArray(ref, N_SAMPLES))
+    # 64 ids over 2 ranks x batch 8: 4 steps a full epoch, 3 a pruned one (48 ids); the LR knew it
+    assert [e["step"] for e in per_rank[0]] == [0, 4, 7, 10]
+    assert json.loads((out / "done.json").read_text()) == {"global_step": 14, "total_steps": 14}
+
+
+@pytest.mark.slow
+def test_lightning_signal_selects_as_the_teacher_does_on_two_ranks(tmp_path: Path) -> None:
+    """Strategy signal (SIGNAL, as AttentTrainer's test) through AttentCallback on 2 real ranks, validating
+    20 held-out rows at every epoch's end (each rank its 10): the teacher gets one histogram of all 20 per
+    validation, at the step the next epoch selects at, and the selections equal a fresh session's fed the
+    same training losses and histograms; without the histograms it would drop nothing."""
+    from hf_worker import N_SAMPLES
+    from lightning_worker import launch
+
+    from attent_scale.integrations import default_teacher_config
+
+    cfg = dataclasses.replace(default_teacher_config(), **SIGNAL)
+    # batch 4 per rank: 8 steps an epoch, as AttentTrainer's one rank x 8 (fewer steps learn too little to
+    # drop anything)
+    out = launch(tmp_path, "pl", 2, teacher=dataclasses.asdict(cfg), val=20, epochs=EPOCHS, batch=4)
+    vals = [(np.asarray(v["hist"], np.int64), v["step"]) for v in _jsonl(out / "vals.rank0.jsonl")]
+    assert _jsonl(out / "vals.rank0.jsonl") == _jsonl(out / "vals.rank1.jsonl")
+    events = []
+    for r in range(2):
+        events += [(np.asarray(e["ids"], np.int64), np.asarray(e["losses"], np.float32), e["step"], TRAIN)
+                   for e in _jsonl(out / f"losses.rank{r}.jsonl")]
+    events.sort(key=lambda e: e[2])
+    records = read_records(out / "selection.jsonl")
+    last = json.loads((out / "done.json").read_text())["global_step"]
+    assert [s for _, s in vals] == [r["step"] for r in records] + [last]  # every epoch's end, the last too
+    assert all(int(h.sum()) == 20 for h, _ in vals)
+    _check_signal_replay(cfg, N_SAMPLES, SimpleNamespace(events=events, vals=vals), records)

@@ -47,6 +47,7 @@ SMOKES = {
     "tools/benchmarks/bench_train.py": f"{THIS}::test_bench_train",
     "tools/benchmarks/hf_bench.py": f"{THIS}::test_hf_bench",
     "tools/examples/hf_finetune.py": f"{THIS}::test_hf_bench",  # hf_bench runs it three times
+    "tools/examples/lightning_finetune.py": f"{THIS}::test_lightning_finetune",
     "tools/ablations/regime_targets.py": "tests/e2e/test_bench.py::test_tools_read_the_bench_json",
     "tools/ablations/regimes.py": f"{THIS}::test_ablation_script",  # signal_regimes + smollm2_regimes
     "tools/ablations/bench_common.sh": f"{THIS}::test_ablation_script",  # sourced by each of them
@@ -272,6 +273,27 @@ def test_stress_end(tmp_path: Path) -> None:
     # runs, ok, failed, ended by the end deadline, hangs
     assert re.search(r"^all +2 +2 +0 +0 +0$", out, re.M), out
     assert sorted(p.name for p in (tmp_path / "stress").iterdir()) == ["shards"]  # ok runs' dirs removed
+
+
+def test_lightning_finetune(tmp_path: Path) -> None:
+    """tools/examples/lightning_finetune.py at its smallest: 2 epochs of the tiny GPT-2 on 40 rows with a
+    hard cycle teacher (a scoring pass, then 20% of the ids), its LR planned over the shorter epoch; a
+    line that is not JSON is a one-line error naming file and line."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"q{i} ", "response": "ab" * (i % 7 + 1)}) + "\n"
+                            for i in range(40)))
+    out = run_tool(["tools/examples/lightning_finetune.py", "--data", str(rows), "--out", str(tmp_path / "o"),
+                    "--epochs", "2", "--seq-len", "32", "--eval-rows", "8", "--teacher-set", "mode=cycle",
+                    "--teacher-set", "strategy=hard"])
+    result = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert result["val_loss"] > 0 and result["steps"] == result["planned_steps"] == 4 + 1, out
+    records = [json.loads(line) for line in (tmp_path / "o" / "selection.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["n_selected"]) for r in records] == [(1, 6)]
+    rows.write_text(rows.read_text() + "{not json\n")
+    tool = str(REPO / "tools/examples/lightning_finetune.py")
+    proc = subprocess.run([sys.executable, tool, "--data", str(rows), "--out", str(tmp_path / "bad")],
+                          env=tool_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and proc.stderr.strip().endswith(f"{rows}:41: not JSON"), proc.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------- shell scripts

@@ -16,7 +16,8 @@ import attent_scale
 from attent_scale.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
-EXPORTS = ("train", "load_config", "RunConfig", "Teacher", "ShardStream", "AttentTrainer", "UserError")
+EXPORTS = ("train", "load_config", "RunConfig", "Teacher", "ShardStream", "AttentTrainer", "AttentCallback",
+           "UserError")
 
 
 def _python(code: str) -> str:
@@ -37,10 +38,12 @@ def test_every_export_is_the_object_its_module_defines() -> None:
     from attent_scale.config import RunConfig, load_config
     from attent_scale.data import ShardStream
     from attent_scale.integrations.hf import AttentTrainer
+    from attent_scale.integrations.lightning import AttentCallback
     from attent_scale.teacher import Teacher
 
     expected = {"load_config": load_config, "RunConfig": RunConfig, "Teacher": Teacher,
-                "ShardStream": ShardStream, "AttentTrainer": AttentTrainer, "UserError": UserError}
+                "ShardStream": ShardStream, "AttentTrainer": AttentTrainer, "AttentCallback": AttentCallback,
+                "UserError": UserError}
     for name, obj in expected.items():
         assert getattr(attent_scale, name) is obj, name
     assert set(EXPORTS) <= set(attent_scale.__all__) and set(EXPORTS) <= set(dir(attent_scale))
