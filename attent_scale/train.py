@@ -98,7 +98,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig) -> None:
         # Heavy imports here so `attent-scale --help` stays fast.
-        from attent_scale.checkpoint import Checkpointer
+        from attent_scale.checkpoint import Checkpointer, move_aside_earlier
         from attent_scale.config import config_to_dict
         from attent_scale.data import remote
         from attent_scale.data.blend import open_data
@@ -142,6 +142,10 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         _check_run_dir(self.run_dir, self.rank)
         self.run_lock = lock_run_dir(self.run_dir, self.rank)  # one job per run_dir; released in close
+        if not cfg.checkpoint.resume and self.is_main:  # a fresh run never writes beside an earlier run's
+            moved = move_aside_earlier(self.run_dir)
+            if moved:
+                print(moved, file=sys.stderr)
         # Teacher and loop bookkeeping talk over CPU tensors: on NCCL jobs they get a gloo group of their own.
         self.group = side_group()
         for _, m in self.manifest.manifests():  # a blend: every source's shard set
