@@ -111,3 +111,37 @@ def test_sigterm_during_the_scoring_pass_preempts_within_seconds(tmp_path, long_
         a, b = step_losses(tmp_path / "straight"), step_losses(run)
         for step in a:
             assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_during_reference_scoring_ends_it_within_seconds(tmp_path, long_scoring_shards, nproc):
+    """`attent-scale score` (one process, or torchrun) over ~47k samples one at a time (a minute or more):
+    SIGTERM a few seconds in ends it within seconds, with no scores file and no temp file left."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = tmp_path / "model"
+    config = GPT2Config(vocab_size=512, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
+                        eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(model)
+    out = tmp_path / "scores" / "s.safetensors"
+    out.parent.mkdir()
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [*launcher.command(("-m", "attent_scale", "score"), nproc), "--model", str(model), "--data",
+           str(long_scoring_shards), "--out", str(out), "--batch-size", "1"]
+    if nproc > 1:
+        cfg = tmp_path / "engine.yaml"
+        cfg.write_text(yaml.safe_dump({"engine": {"name": "fsdp"}}))
+        cmd += ["--config", str(cfg)]
+    with procs.popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                     text=True) as proc:
+        time.sleep(10)
+        assert proc.poll() is None, proc.stdout.read()[-3000:]  # still scoring
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        seconds = time.monotonic() - signalled
+    print(f"score on {nproc} rank(s): SIGTERM to exit {seconds:.1f} s")
+    assert proc.returncode != 0
+    assert seconds < 30, f"{seconds:.0f} s from SIGTERM to the end"  # a hang guard, not a speed target
+    assert list(out.parent.iterdir()) == []
