@@ -188,6 +188,32 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def move_aside_earlier(run_dir: str | Path) -> str | None:
+    """A fresh run (checkpoint.resume=false) in a run_dir that holds an earlier run's checkpoints: rename
+    run_dir/checkpoints to checkpoints.before-<UTC time> (kept, never deleted: a later resume must not mix
+    the two runs, nor pick the earlier run's newer step). Rank 0 only, before the run writes any. Returns
+    the line saying so (None: nothing there)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir() or not any(root.iterdir()):
+        return None
+    found = list_checkpoints(run_dir)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = root.with_name(f"{root.name}.before-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = root.with_name(f"{root.name}.before-{stamp}-{n}")
+    try:
+        root.rename(aside)
+    except OSError as exc:
+        raise UserError(f"run_dir {run_dir}: checkpoint.resume=false, but {root} holds an earlier run's "
+                        f"checkpoints and cannot be moved aside ({exc.strerror or exc}); move it yourself, "
+                        "choose another run_dir, or resume (checkpoint.resume=true)") from None
+    newest = f" (newest: {found[-1][1].name})" if found else ""
+    return (f"attent-scale: checkpoint.resume=false: {root} held an earlier run's checkpoints{newest}; moved "
+            f"to {aside} so that no later resume mixes the two runs (remove it when you no longer need it)")
+
+
 NONFINITE = "NONFINITE"  # a checkpoint's COMPLETE renamed: its weights gave non-finite losses; never resumed
 
 

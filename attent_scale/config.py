@@ -222,8 +222,9 @@ class TrainConfig:
     adam_beta2: float = 0.95
     max_nonfinite_in_row: int = 3
     log_every: int = 10
-    # ranks agree on a stop (signal, max_seconds) only at steps that are a multiple of this: one small
-    # collective every N steps instead of every step; a signal waits at most N steps to be acted on
+    # ranks agree on a stop (signal, max_seconds) only at steps that are a multiple of this (and the last):
+    # one small collective every N steps instead of every step; a signal waits at most N steps to be acted
+    # on (N batches in the teacher's scoring pass, whose forwards cost less than a step)
     stop_check_every: int = 10
     # after the last step every phase (final eval, checkpoint, export, summary, final barrier, ...) must end
     # within this many seconds, or the rank names the phase and the rank(s) it waited for in one line and

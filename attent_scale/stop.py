@@ -47,13 +47,17 @@ class StopCheck:
         self.every, self.max_seconds, self.group = every, max_seconds, group
         self.signal = signal_flag or StopSignal()
 
-    def poll(self, step: int, train_seconds: float, save_late: bool) -> Poll:
+    def requested(self) -> bool:
+        """This rank's stop flag (local, no collective): what a scoring pass polls (teacher.StopRequest)."""
+        return self.signal.received is not None
+
+    def poll(self, step: int, train_seconds: float, save_late: bool, *, last: bool = False) -> Poll:
         """After step `step`: this rank's signal, clock (`train_seconds`) and `save_late`, agreed over ranks
-        on poll steps (between them: nothing, the next poll carries it)."""
+        on poll steps and after the `last` step (between them: nothing, the next poll carries it)."""
         sig = self.signal
         if step == sig.stop_after_step:
             sig.received = "ATTENT_STOP_AFTER_STEP"
-        if step % self.every != 0:
+        if step % self.every != 0 and not last:
             return Poll()
         out_of_time = bool(self.max_seconds) and train_seconds >= self.max_seconds
         mine = 2.0 if sig.received else (1.0 if out_of_time else 0.0)

@@ -98,7 +98,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig) -> None:
         # Heavy imports here so `attent-scale --help` stays fast.
-        from attent_scale.checkpoint import Checkpointer
+        from attent_scale.checkpoint import Checkpointer, move_aside_earlier
         from attent_scale.config import config_to_dict
         from attent_scale.data import remote
         from attent_scale.data.blend import open_data
@@ -122,6 +122,8 @@ class Trainer:
         self.clock = Clocks()  # the wall clock counts from here
         self.progress = Progress()
         self.resume_stream: dict[str, Any] | None = None  # a checkpoint's mid-epoch stream position
+        self.stream: Any = None  # the epoch under way's ShardStream (None between epochs)
+        self.saved_step = -1  # the step of the newest checkpoint written or resumed from
         if os.environ.get("ATTENT_NUM_THREADS"):  # bench --clock cpu pins each arm to this many threads
             torch.set_num_threads(int(os.environ["ATTENT_NUM_THREADS"]))
         tune_malloc()
@@ -140,6 +142,10 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         _check_run_dir(self.run_dir, self.rank)
         self.run_lock = lock_run_dir(self.run_dir, self.rank)  # one job per run_dir; released in close
+        if not cfg.checkpoint.resume and self.is_main:  # a fresh run never writes beside an earlier run's
+            moved = move_aside_earlier(self.run_dir)
+            if moved:
+                print(moved, file=sys.stderr)
         # Teacher and loop bookkeeping talk over CPU tensors: on NCCL jobs they get a gloo group of their own.
         self.group = side_group()
         for _, m in self.manifest.manifests():  # a blend: every source's shard set
@@ -179,6 +185,7 @@ class Trainer:
             self.logs.reset(None)  # a fresh run starts its logs empty
         else:
             self.resume_stream = self.resumed.stream
+            self.saved_step = self.progress.step
             self.replan()  # steps done plus what is left at this world size
         if self.is_main:
             (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
@@ -236,11 +243,16 @@ class Trainer:
     def train(self) -> int:
         """Epoch after epoch (start, stream, steps) until a budget, the data or a stop signal ends the run;
         returns the exit code."""
+        from attent_scale.teacher import ScoringStopped
+
         progress, clock, faults = self.progress, self.clock, self.faults
         if self.resumed is None and self.validator.should_validate(progress.step):
             self.evaluate()  # the step-0 point of every val-loss curve
         while progress.step < self.total_steps:
-            stream = self.epoch_stream()
+            try:
+                stream = self.stream = self.epoch_stream()
+            except ScoringStopped:  # a stop signal during the teacher's scoring pass, agreed by every rank
+                return self.preempt(self.save_between_epochs())
             faults.check(progress.step, progress.samples_trained, now=True)  # the scoring pass's faults too
             trained, decision = 0, None
             for batch in clock.timed(stream):
@@ -251,7 +263,8 @@ class Trainer:
                 cut = self.session.anneal_cut(progress.step, clock.train_seconds)  # ends a subset epoch
                 if self.validator.should_validate(progress.step):
                     self.evaluate()
-                poll = self.stopper.poll(progress.step, clock.train_seconds, self.checkpointer.late())
+                poll = self.stopper.poll(progress.step, clock.train_seconds, self.checkpointer.late(),
+                                         last=progress.step >= self.total_steps)
                 if self.checkpoint_due(poll):
                     faults.check(progress.step, progress.samples_trained, now=True)  # none unreadable saved
                     # an anneal cut saves as the end of this epoch: a resume starts the anneal like we do
@@ -265,6 +278,7 @@ class Trainer:
             if decision == STOP:
                 break
             progress.epoch += 1  # the stream ran out, or the anneal point ended this epoch early
+            self.stream = None
             if decision is None and self.epoch_budget_spent(trained):
                 break
         self.end.enter("final checks")
@@ -280,7 +294,7 @@ class Trainer:
         loop_t0 = now()
         progress = self.progress
         start = self.session.begin_epoch(progress.epoch, progress.step, self.scorer,
-                                         resumed=self.resume_stream is not None)
+                                         resumed=self.resume_stream is not None, stop=self.stopper)
         if start.replan:
             self.replan()
         if not (start.resumed or start.owed):
@@ -384,22 +398,35 @@ class Trainer:
         return self.progress.nonfinite_in_row == 0 and self.checkpointer.should_save(
             self.progress.step, last_step=self.total_steps, late=poll.save_late)
 
-    def preempt(self) -> int:
-        """After a stop signal's checkpoint: leave the marker a launcher script checks, and the exit code."""
+    def preempt(self, checkpoint: str | None = None) -> int:
+        """After a stop signal's checkpoint: leave the marker a launcher script checks, and the exit code.
+        `checkpoint`: what became of the checkpoint, when the stop came between epochs (default: written)."""
         from attent_scale.runlog import write_json
 
         received = self.stopper.signal.received
+        step = self.progress.step
         if self.is_main:
             # torchrun turns a worker's exit code into its own 1: the marker file is what a
             # launcher script checks to tell "preempted, requeue me" from a failure
-            marker = {"step": self.progress.step, "signal": received}
+            marker = {"step": step, "signal": received}
             write_json(self.run_dir / PREEMPTED_MARKER, marker)
-            print(
-                f"attent-scale: {received or 'stop signal'}: checkpoint at step "
-                f"{self.progress.step} written, exiting with {PREEMPT_EXIT_CODE} for requeue",
-                file=sys.stderr,
-            )
+            what = checkpoint or f"checkpoint at step {step} written"
+            print(f"attent-scale: {received or 'stop signal'}: {what}, exiting with {PREEMPT_EXIT_CODE} for "
+                  "requeue", file=sys.stderr)
         return PREEMPT_EXIT_CODE
+
+    def save_between_epochs(self) -> str:
+        """Collective: a stop signal ended the teacher's scoring pass at the start of an epoch (step N):
+        checkpoint step N, unless the newest checkpoint is at step N already or nothing was trained yet
+        (the requeued run scores again from there). Returns what it did, for the preempt line."""
+        step = self.progress.step
+        where = f"stopped the teacher's scoring pass for epoch {self.progress.epoch} at step {step}"
+        if step == 0:
+            return f"{where}; nothing trained yet, no checkpoint (a rerun starts over)"
+        if self.saved_step == step:
+            return f"{where}; checkpoint at step {step} is there already"
+        self.save(None)
+        return f"{where}; checkpoint at step {step} written"
 
     def epoch_budget_spent(self, trained: int) -> bool:
         """After an epoch whose stream ran out (`trained` steps): is the epoch budget spent? Three epochs
@@ -428,8 +455,9 @@ class Trainer:
 
     def save(self, stream: Any, epoch_done: bool = False) -> None:
         """A checkpoint: the engine's state plus each component's own entry and the RNG's.
-        `stream`: the epoch's stream, whose position a resume continues from (None: at an epoch's start);
-        `epoch_done`: saved as the end of this epoch (a resume starts the next one, no stream)."""
+        `stream`: the epoch's stream, whose position a resume continues from (None: at an epoch's start, or
+        at a resumed position no stream has taken yet); `epoch_done`: saved as the end of this epoch (a
+        resume starts the next one, no stream)."""
         from attent_scale import checkpoint as ckpt
         from attent_scale.config import config_to_dict
 
@@ -437,12 +465,13 @@ class Trainer:
         progress = self.progress.state_dict()
         if epoch_done:
             progress["epoch"] += 1
+        position = stream.state_dict() if stream is not None else self.resume_stream  # a position not taken
         session = self.session.state_dict()
         state = {
             "progress": progress,
             "clock": self.clock.state_dict(),
             "selection": session["selection"],
-            "stream": stream.state_dict() if stream is not None and not epoch_done else None,
+            "stream": None if epoch_done else position,
             "eval": self.validator.state_dict(),
             "logs": self.logs.state_dict(),
             "faults": self.faults.state_dict(),
@@ -451,6 +480,7 @@ class Trainer:
             "rng": ckpt.rng_state(),
         }
         self.checkpointer.save(self.progress.step, self.engine, state, config=config_to_dict(self.cfg))
+        self.saved_step = self.progress.step
         seconds = time.perf_counter() - t0
         self.clock.checkpoint_seconds += seconds
         self.metrics.observe_checkpoint(seconds)
@@ -480,8 +510,8 @@ class Trainer:
         if not self.validator.should_validate(self.progress.step):
             self.evaluate()
         self.end.enter("checkpoint")
-        if self.checkpointer.enabled:
-            self.save(None)
+        if self.checkpointer.enabled:  # where the stream stands: a resume with a larger budget goes on there
+            self.save(self.stream)
         self.end.enter("export")
         if self.cfg.checkpoint.export:
             from attent_scale import checkpoint as ckpt

@@ -8,7 +8,7 @@ from attent_scale.teacher.records import PHASES, RECORD_KEYS, RecordWriter, make
 from attent_scale.teacher.schedules import interval_at, ratio_at
 from attent_scale.teacher.session import Budget, EpochStart, Scorer, SelectionState, TeacherSession
 from attent_scale.teacher.strategies import gumbel_noise, strategy_keys, uniform_noise
-from attent_scale.teacher.teacher import STAT_KEYS, Teacher
+from attent_scale.teacher.teacher import STAT_KEYS, ScoringStopped, StopRequest, Teacher
 from attent_scale.teacher.topk import SelectionMismatchError, key_image, select_global
 
 __all__ = [
@@ -22,9 +22,11 @@ __all__ = [
     "Ledger",
     "RecordWriter",
     "Scorer",
+    "ScoringStopped",
     "Selection",
     "SelectionMismatchError",
     "SelectionState",
+    "StopRequest",
     "Teacher",
     "TeacherSession",
     "block_owner",

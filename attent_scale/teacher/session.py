@@ -25,7 +25,7 @@ from attent_scale.teacher.comm import Comm
 from attent_scale.teacher.plan import Batching, EpochPlan
 from attent_scale.teacher.records import PHASES
 from attent_scale.teacher.reference import open_reference
-from attent_scale.teacher.teacher import Teacher
+from attent_scale.teacher.teacher import StopRequest, Teacher
 from attent_scale.teacher.token_step import TokenStep
 
 SELECTING = ("cycle", "ledger")  # the modes whose epochs train a selection
@@ -246,12 +246,13 @@ class TeacherSession:
     # ------------------------------------------------------------------ the epoch start
 
     def begin_epoch(self, epoch: int, step: int, scorer: Scorer | None = None, *,
-                    resumed: bool = False) -> EpochStart:
+                    resumed: bool = False, stop: StopRequest | None = None) -> EpochStart:
         """Collective (every rank, same order): the start of `epoch` at optimizer step `step`. An elastic
         resume's owed epoch trains its owed ids; an epoch `resumed` from a checkpoint keeps the selection
         it started with. Otherwise the teacher plans the epoch, `scorer` scores when the plan says so (with
         teacher.rescore=stale it skips the ids the previous subset epoch trained: their training losses
-        are fresh), and a subset epoch gets the teacher's selection."""
+        are fresh), and a subset epoch gets the teacher's selection. With `stop`, a stop signal on any rank
+        ends the scoring pass within `stop.every` batches: ScoringStopped on every rank, nothing selected."""
         st, n = self.state, self.num_samples
         if self.tokens is not None:
             self.tokens.epoch = epoch
@@ -270,7 +271,7 @@ class TeacherSession:
             if scorer is None:
                 raise ValueError(f"epoch {epoch} scores, but begin_epoch got no scorer")
             skip = st.selection(n) if self.cfg.rescore == "stale" else None
-            teacher.score_pass(scorer.batches(skip, step), scorer.losses, step)
+            teacher.score_pass(scorer.batches(skip, step), scorer.losses, step, stop=stop)
         selection = teacher.select(epoch, step) if plan.subset else None
         after = _phase_seconds(teacher)
         count = selection.count if selection is not None else n

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -62,6 +62,44 @@ def _topk_method(name: str) -> Callable[[TeacherView, Pick, dict[str, Any]], Sel
         return TOPK_METHODS[name]
     except KeyError:
         raise ValueError(f"unknown topk_method {name!r} (one of {', '.join(TOPK_METHODS)})") from None
+
+
+class StopRequest(Protocol):
+    """A trainer's stop flag as a scoring pass polls it: an agreed poll every `every` batches (every rank
+    the same), and whether this rank got a stop signal (`requested`, local: no collective)."""
+
+    every: int
+
+    def requested(self) -> bool: ...
+
+
+class ScoringStopped(Exception):
+    """A stop signal on some rank ended a scoring pass early; every rank raises it after the same round."""
+
+
+class _Rounds:
+    """The lockstep rounds of one scoring pass: a rank counts its rounds, so every rank exchanges in the
+    same ones (every `exchange_every`-th, and the last), polls the stop flag in each, and raises
+    ScoringStopped in the same one. On one process there is no collective: the flag alone decides."""
+
+    def __init__(self, teacher: Teacher, comm: Comm | None, stop: StopRequest | None, *,
+                 exchange_every: int) -> None:
+        self.teacher, self.comm, self.stop, self.exchange_every = teacher, comm, stop, exchange_every
+        self.count = 0
+
+    def run(self, *, done: bool) -> bool:
+        """One round; True once every rank is done (raises ScoringStopped when some rank has a stop flag)."""
+        self.count += 1
+        flag = self.stop is not None and self.stop.requested()
+        if self.comm is None:
+            if flag:
+                raise ScoringStopped(f"stop signal after {self.count} round(s) of the scoring pass")
+            return done
+        all_done, stopping = self.teacher._exchange_round(
+            self.comm, done=done, stop=flag, exchange=self.count % self.exchange_every == 0)
+        if stopping:
+            raise ScoringStopped(f"stop signal after {self.count} round(s) of the scoring pass")
+        return all_done
 
 
 class Teacher:
@@ -134,35 +172,51 @@ class Teacher:
     # ------------------------------------------------------------------ observing
 
     def score_pass(self, stream: Iterable[dict[str, torch.Tensor]],
-                   score_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], step: int) -> int:
+                   score_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], step: int,
+                   stop: StopRequest | None = None) -> int:
         """Collective: score every batch of this rank's stream (no grad) into the ledger; returns samples
         scored here. Every EXCHANGE_EVERY batches (and at the end) the ranks exchange pending observations,
-        in rounds every rank joins until all are done, so ranks may hold different numbers of batches."""
+        in rounds every rank joins until all are done, so ranks may hold different numbers of batches.
+        With `stop`, a round every `stop.every` batches also carries each rank's stop flag: once any rank
+        has one, every rank raises ScoringStopped after the same round (the ledger keeps what was scored:
+        observations fold by a max rule, so scoring those ids again at this step changes nothing)."""
         t0 = time.perf_counter()
-        n = 0
+        n = nonfinite = 0
         comm = self._comm()
-        with torch.no_grad():
-            for i, batch in enumerate(stream):
-                scores = score_fn(batch)
-                self.stats["nonfinite"] += self.ledger.observe(batch["ids"], scores, step, kind=SCORE)
-                n += int((batch["ids"] >= 0).sum())  # filler rows (id -1) of a padded share are no sample
-                if comm is not None and (i + 1) % EXCHANGE_EVERY == 0:
-                    self._exchange_round(comm, done=False)
-        while comm is not None and not self._exchange_round(comm, done=True):
-            pass
+        every = max(1, int(stop.every)) if stop is not None else EXCHANGE_EVERY
+        rounds = _Rounds(self, comm, stop, exchange_every=max(1, EXCHANGE_EVERY // every))
+        try:
+            with torch.no_grad():
+                for i, batch in enumerate(stream):
+                    scores = score_fn(batch)
+                    nonfinite += self.ledger.observe(batch["ids"], scores, step, kind=SCORE)
+                    n += int((batch["ids"] >= 0).sum())  # filler rows (id -1) of a padded share are no sample
+                    if (i + 1) % every == 0:
+                        rounds.run(done=False)
+            while not rounds.run(done=True):
+                pass
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:  # a generator left early: its reader stops now, not at garbage collection
+                close()
         dt = time.perf_counter() - t0
+        self.stats["nonfinite"] += nonfinite
         self.stats["seconds_score"] += dt
         self.stats["samples_scored"] += n
         self._score_seconds_pending += dt
         self._scored_pending += n
         return n
 
-    def _exchange_round(self, comm: Comm, *, done: bool) -> bool:
-        """One lockstep exchange; True once every rank has said it is done."""
-        busy = torch.tensor([0 if done else 1], dtype=torch.int64)
-        comm.all_reduce(busy, "consolidate")
-        self.ledger.exchange(comm=comm)
-        return int(busy.item()) == 0
+    def _exchange_round(self, comm: Comm, *, done: bool, stop: bool = False, exchange: bool = True
+                        ) -> tuple[bool, bool]:
+        """One lockstep round: (has every rank said it is done, has any rank a stop flag); the pending
+        observations go to their owners when `exchange` (every rank passes the same) or when all are done."""
+        flags = torch.tensor([0 if done else 1, 1 if stop else 0], dtype=torch.int64)
+        comm.all_reduce(flags, "consolidate")
+        all_done, stopping = int(flags[0].item()) == 0, int(flags[1].item()) > 0
+        if (exchange or all_done) and not stopping:
+            self.ledger.exchange(comm=comm)
+        return all_done, stopping
 
     def add_score_seconds(self, seconds: float) -> None:
         """Scoring forwards a trainer ran for the teacher outside a scoring pass (online mode's candidates):

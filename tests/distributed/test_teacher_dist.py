@@ -46,6 +46,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, A
     ref.update(w.online_scenario(0, 1, None))
     ref.update(w.small_scenarios(0, 1, None))
     ref.update(w.checkpoint_scenario(0, 1, None, tmp1))
+    ref.update(w.stop_scenario(0, 1, None))
     out[1] = [ref]
     for world in (2, 4):
         tmp = tmp_path_factory.mktemp(f"w{world}")
@@ -206,3 +207,21 @@ def test_empty_owner_blocks_select_like_one_rank(runs: dict[int, list[dict[str, 
         for r in runs[world]:
             assert r[key].tolist() == runs[1][0][key].tolist(), key
 
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_stop_flag_on_one_rank_ends_the_scoring_pass_on_every_rank(
+    runs: dict[int, list[dict[str, Any]]], world: int
+) -> None:
+    """A stop flag on the last rank only (after its 7th batch; polls every 3): every rank raises
+    ScoringStopped after the same agreed round (9 batches: the third poll), also a rank with no batches;
+    the full pass after it selects as a pass that was never stopped does."""
+    res = runs[world]
+    for r in range(world):
+        assert res[r]["stop/none/raised"] is None
+        seen = res[r]["stop/late/raised"]
+        assert seen is not None, f"rank {r} went on scoring"
+        n_batches = -(-len(w.split(np.arange(w.N), r, world, "shuffled")) // 20)
+        assert seen == min(9, n_batches), (r, seen, n_batches)
+        np.testing.assert_array_equal(res[r]["stop/late/ids"], res[r]["stop/none/ids"])
+        np.testing.assert_array_equal(res[r]["stop/none/ids"], runs[1][0]["stop/none/ids"])

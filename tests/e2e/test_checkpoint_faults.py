@@ -122,6 +122,49 @@ def test_refused_resume_is_one_line_and_keeps_config_yaml(tmp_path, tiny_shards,
     assert "resume refused" in line and key in line, line
     assert (run_dir / "config.yaml").read_bytes() == recorded
 
+# ---- issue 30: a fresh run in a run_dir with an earlier run's checkpoints ----------------------------
+
+def test_no_resume_moves_the_earlier_runs_checkpoints_aside(tmp_path, tiny_shards, four_steps):
+    """checkpoint.resume=false where an earlier run left checkpoints 2 and 4: they move, whole, to
+    checkpoints.before-<time> (one line says so), the fresh run writes its own, and the next plain run
+    resumes the fresh run's newest step (3), not the earlier run's newer one (4)."""
+    run_dir = _copy(four_steps, tmp_path / "run")
+    before = {p.relative_to(run_dir / "checkpoints"): p.read_bytes()
+              for p in (run_dir / "checkpoints").rglob("*") if p.is_file()}
+    fresh = _train(_cfg(run_dir, tiny_shards, steps=3, resume=False))
+    check(fresh)
+    aside = sorted(run_dir.glob("checkpoints.before-*"))
+    assert len(aside) == 1, sorted(run_dir.iterdir())
+    line = next(x for x in fresh.stderr.splitlines() if "checkpoint.resume=false" in x)
+    assert line == (f"attent-scale: checkpoint.resume=false: {run_dir / 'checkpoints'} held an earlier run's "
+                    f"checkpoints (newest: step-00000004); moved to {aside[0]} so that no later resume mixes "
+                    "the two runs (remove it when you no longer need it)"), line
+    assert {p.relative_to(aside[0]): p.read_bytes() for p in aside[0].rglob("*") if p.is_file()} == before
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2, 3]
+    again = _train(_cfg(run_dir, tiny_shards, steps=5))
+    check(again)
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-00000003'} (step 3," in again.stderr, again.stderr
+    assert len(list(run_dir.glob("checkpoints.before-*"))) == 1  # a resume moves nothing
+
+def test_signal_before_the_last_step_preempts_there(tmp_path, tiny_shards, monkeypatch):
+    """A signal during step 3 of 4 with train.stop_check_every=10: the last step has a stop check too, so the
+    run preempts at step 4 (checkpoint, PREEMPTED, 75) instead of going on into the final eval and export;
+    the requeued run resumes there and only finishes."""
+    cfg = _cfg(tmp_path / "run", tiny_shards, steps=4, every_steps=0)
+    cfg["train"]["stop_check_every"] = 10
+    monkeypatch.setenv("ATTENT_STOP_AFTER_STEP", "3")
+    stopped = _train(cfg)
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "PREEMPTED").read_text())["step"] == 4
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [4]
+    assert not (tmp_path / "run" / "export").exists()
+    monkeypatch.delenv("ATTENT_STOP_AFTER_STEP")
+    again = _train(cfg)
+    check(again)
+    assert "(step 4, 64 samples trained, epoch 0 after 4 of its batches" in again.stderr, again.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4
+    assert (tmp_path / "run" / "export").is_dir()
+
 # ---- item 23: a full disk during a checkpoint write -------------------------------------------------
 
 def test_disk_full_during_checkpoint_write_is_one_line_and_leaves_no_tmp(tmp_path, tiny_shards):

@@ -154,3 +154,27 @@ def test_zero3_checkpoint_on_another_world_size_is_one_line_naming_the_conversio
     assert "written by 1 ranks, this job has 2" in errors[0] and "ds_to_universal" in errors[0], errors[0]
     # torchrun prints its own ChildFailedError traceback; no frame of ours may appear
     assert "attent_scale/" not in "".join(x for x in proc.stderr.splitlines() if 'File "' in x), proc.stderr
+
+
+@pytest.mark.timeout(600)
+def test_finished_run_resumed_with_a_larger_max_steps_goes_on_where_its_stream_stood(tmp_path, tiny_shards):
+    """issue 30: a run that ended at train.max_steps mid-epoch, rerun with a larger max_steps, trains the
+    rest of that epoch, not the epoch again from its start (its final checkpoint keeps the stream
+    position)."""
+    ids = tmp_path / "ids"
+    cfg = tiny_run_config(tmp_path / "run", tiny_shards, teacher={"mode": "none"},
+                          train={"max_steps": 6}, eval={"every_steps": 0, "max_batches": 1},
+                          checkpoint={"every_steps": 100})
+    check(_run(cfg, 1, ids))
+    assert (tmp_path / "run" / "checkpoints" / "step-00000006" / "COMPLETE").exists()  # the final one
+    n_train = Manifest.load(tiny_shards).num_samples("train")
+    per_epoch = -(-n_train // 16)
+    cfg["train"]["max_steps"] = per_epoch + 3  # the rest of epoch 0 and 3 steps of epoch 1
+    again = _run(cfg, 1, ids)
+    check(again)
+    assert "(step 6, 96 samples trained, epoch 0 after 6 of its batches" in _resume_line(again), again.stderr
+    rows = _trained(ids)
+    epoch0 = _epoch_ids(rows, 0)
+    assert len(epoch0) == len(set(epoch0)) == n_train  # every id of the epoch once, none twice
+    assert [r["step"] for r in rows] == list(range(1, per_epoch + 4))
+    assert {r["epoch"] for r in rows if r["step"] > per_epoch} == {1}

@@ -202,6 +202,44 @@ def small_scenarios(rank: int, world: int, group: Any) -> dict[str, Any]:
     return res
 
 
+class _StopAfter:
+    """A stop flag (teacher.StopRequest) that rises on one rank once it has scored `after` batches."""
+
+    def __init__(self, rank: int, on_rank: int, after: int, every: int) -> None:
+        self.every, self.rank, self.on_rank, self.after, self.seen = every, rank, on_rank, after, 0
+
+    def requested(self) -> bool:
+        return self.rank == self.on_rank and self.seen >= self.after
+
+
+def stop_scenario(rank: int, world: int, group: Any) -> dict[str, Any]:
+    """A scoring pass over unequal shares (rank 2 of 4 has none) stopped by a flag on the last rank only:
+    every rank raises ScoringStopped after the same round; a full pass after it selects as if the stopped
+    one had never run (what was scored folds in by the max rule)."""
+    from attent_scale.teacher import ScoringStopped
+
+    cfg = TeacherConfig(mode="cycle", strategy="hard", warmup_epochs=0, initial_ratio=0.3, final_ratio=0.3)
+    all_ids = np.arange(N, dtype=np.int64)
+    part = split(all_ids, rank, world, "shuffled")
+    res: dict[str, Any] = {}
+    for name, on_rank, after in (("late", world - 1, 7), ("none", world, 0)):
+        t = Teacher(cfg, num_samples=N, seed=3, group=group)
+        stop = _StopAfter(rank, on_rank, after, every=3)
+
+        def scored(b: dict[str, Any], stop: _StopAfter = stop) -> torch.Tensor:
+            stop.seen += 1
+            return torch.from_numpy(losses_of(b["ids"].numpy()))
+
+        try:
+            t.score_pass(batches(part, bs=20), scored, step=5, stop=stop)
+            res[f"stop/{name}/raised"] = None
+        except ScoringStopped:
+            res[f"stop/{name}/raised"] = stop.seen  # batches this rank scored before the agreed stop
+        t.score_pass(batches(part, bs=20), lambda b: torch.from_numpy(losses_of(b["ids"].numpy())), step=5)
+        res[f"stop/{name}/ids"] = t.select(0, 5).ids()
+    return res
+
+
 def run(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -248,6 +286,7 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
     res.update(small_scenarios(rank, world, group))
     res.update(teacher_scenarios(rank, world, group, tmp))
     res.update(checkpoint_scenario(rank, world, group, tmp))
+    res.update(stop_scenario(rank, world, group))
     torch.save(res, tmp / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
