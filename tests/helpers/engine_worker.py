@@ -267,12 +267,14 @@ def run_scenario(name: str, out: Path) -> dict[str, Any]:
     return res
 
 
-def main() -> None:
+def main(scenario: Any = None) -> None:
+    """Run `scenario(name, out)` (run_scenario by default) for argv's NAME OUT on this rank and write its
+    result to OUT/rank<R>.json; token_worker.py runs its own scenarios through this too."""
     import faulthandler
 
     faulthandler.dump_traceback_later(HANG_S, exit=True)  # a hung collective shows where, then exits
     name, out = sys.argv[1], Path(sys.argv[2])
-    res = run_scenario(name, out)
+    res = (scenario or run_scenario)(name, out)
     (out / f"rank{res['rank']}.json").write_text(json.dumps(res))
     import torch.distributed as dist
 

@@ -5,13 +5,11 @@ probe scores after the steps. argv: engine name, out dir (holding `ref/`, the fr
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from engine_worker import HANG_S, VOCAB, make_batch, tiny_config
+from engine_worker import VOCAB, main, make_batch, tiny_config
 
 STEPS = 3
 ROWS = 8  # global rows per step: 2 micro batches of 4 on one rank, of 2 per rank on two
@@ -86,22 +84,8 @@ def run(engine_name: str, out: Path) -> dict[str, Any]:
     return res
 
 
-def main() -> None:
-    import faulthandler
-
-    faulthandler.dump_traceback_later(HANG_S, exit=True)
-    name, out = sys.argv[1], Path(sys.argv[2])
-    res = run(name, out)
-    (out / f"rank{res['rank']}.json").write_text(json.dumps(res))
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    main(run)
     from attent_scale.cli import exit_process
 
     exit_process(0, group_used=True)

@@ -47,3 +47,14 @@ ref_split_src() {
     split_src=(/usr/share/doc --glob copyright --max-bytes 360000 --val-fraction 0.3 --ref-fraction 0.2)
   fi
 }
+
+default_and_extra_arms() {  # issue 29's scripts: `arms` = the default `signal` arm (ledger, gap+learn, constant
+  # ratio 0.2 as the cap, record_bits), then each ';'-separated NAME:KEY=VALUE,... spec of $ARMS
+  local sig=mode=ledger,strategy=signal,ratio_schedule=constant,initial_ratio=0.2,record_bits=true spec extra
+  arms=(--arms "signal:$sig,signal=gap+learn")
+  IFS=';' read -r -a extra <<< "${ARMS:-}"
+  for spec in "${extra[@]}"; do
+    [ -n "${spec// /}" ] && arms+=(--arms "$spec")
+  done
+  return 0
+}

@@ -34,12 +34,7 @@ epochs=${EPOCHS:-6}
 jobs=${JOBS:-1}
 # shellcheck source=tools/ablations/bench_common.sh
 source "$(dirname "$0")/bench_common.sh"
-sig=mode=ledger,strategy=signal,ratio_schedule=constant,initial_ratio=0.2,record_bits=true
-arms=(--arms "signal:$sig,signal=gap+learn")
-IFS=';' read -r -a extra <<< "${ARMS:-}"
-for spec in "${extra[@]}"; do
-  [ -n "${spec// /}" ] && arms+=(--arms "$spec")
-done
+default_and_extra_arms  # sets arms: the default signal arm, then $ARMS
 
 build() {  # build REGIME DATA: the regime's jsonl files, its shards and, where it has one, its twin's shards
   local regime=$1 data=$2 how=() src=$corpus bytes=400000

@@ -38,12 +38,7 @@ print(base)' "$out")
 micro=8  # configs/demo_smollm2.yaml train.micro_batch_size
 evals=${EVALS:-2}
 every=$(( ( (pairs + micro - 1) / micro + evals - 1) / evals ))
-sig=mode=ledger,strategy=signal,ratio_schedule=constant,initial_ratio=0.2,record_bits=true
-arms=(--arms "signal:$sig,signal=gap+learn")
-IFS=';' read -r -a extra <<< "${ARMS:-}"
-for spec in "${extra[@]}"; do
-  [ -n "${spec// /}" ] && arms+=(--arms "$spec")
-done
+default_and_extra_arms  # sets arms: the default signal arm, then $ARMS
 sft=(--seq-len "$seq_len" --tokenizer "$base" --prompt-field prompt --response-field response --chat-template
      --samples-per-shard 100 --workers 1 --no-progress --overwrite)
 for regime in ${REGIMES:-swapped}; do
