@@ -30,13 +30,14 @@ def test_train_help_lists_every_config_section_and_key() -> None:
     proc = _cli("train", "--help")
     assert proc.returncode == 0, proc.stderr
     epilog = proc.stdout.split("config sections", 1)[1]
-    for section in ("data", "model", "engine", "teacher", "train", "eval", "checkpoint", "metrics"):
+    for section in ("data", "model", "engine", "teacher", "train", "eval", "checkpoint", "metrics",
+                    "reference"):
         assert f"\n  {section} " in epilog
     assert "run_dir, seed" in epilog
     words = epilog.replace(",", " ").split()
     for key in ("rescore", "topk_method", "lora.target_modules", "max_epochs", "linger_seconds"):
         assert key in words
-    assert len(RunConfig.__dataclass_fields__) == 10  # a new section must show up above
+    assert len(RunConfig.__dataclass_fields__) == 11  # a new section must show up above
 
 
 FAKE_TRAINER = textwrap.dedent("""

@@ -34,7 +34,7 @@ def _install(kind: str, rank: int, step: int) -> None:
         train_step = engine.train_step
         calls = [0]
 
-        def faulty_step(batch):
+        def faulty_step(batch, **kwargs):  # kwargs: train_step's tokens= (teacher.unit token)
             calls[0] += 1
             if calls[0] == step:
                 Path(os.environ["ATTENT_TEST_FAULT_FILE"]).write_text(repr(time.time()))
@@ -43,7 +43,7 @@ def _install(kind: str, rank: int, step: int) -> None:
                 workers = _children(os.getpid())
                 assert workers, "no DataLoader worker to kill"
                 os.kill(workers[0], signal.SIGKILL)
-            return train_step(batch)
+            return train_step(batch, **kwargs)
 
         engine.train_step = faulty_step
         return engine
