@@ -93,6 +93,20 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def write_run_config(run_dir: Path, cfg: Any, planned_steps: int) -> None:
+    """config.yaml: the user's config as the run reads it (train.max_steps is the user's cap: rerunning it
+    re-plans from scratch), headed by the steps the run plans under an epoch budget."""
+    import yaml
+
+    from attent_scale.config import config_to_dict
+
+    head = ""
+    if cfg.train.max_epochs:
+        head = (f"# planned steps: {planned_steps} (train.max_epochs {cfg.train.max_epochs} under the "
+                "teacher's plan, capped by train.max_steps; the LR schedule decays over them)\n")
+    (run_dir / "config.yaml").write_text(head + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []

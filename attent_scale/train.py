@@ -190,7 +190,7 @@ class Trainer:
         if self.is_main:
             (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         # after the resume check (a refused resume leaves the recorded config as it was) and the plan
-        self._config_recorded = self._record_config()
+        self._record_config()
         self.logs.open()  # the teacher appends selection records itself; ours open after truncation
         node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
         self.metrics = Metrics.create(cfg.metrics, rank=self.rank, local_rank=self.info.local_rank, node=node,
@@ -221,24 +221,13 @@ class Trainer:
         if self._config_recorded:
             self._record_config()
 
-    def _record_config(self) -> bool:
-        """config.yaml (rank 0): the user's config as the run reads it (train.max_steps is the user's cap:
-        rerunning it re-plans from scratch), headed by the steps this run plans under an epoch budget."""
-        import yaml
-
-        from attent_scale.config import config_to_dict
+    def _record_config(self) -> None:
+        """config.yaml (rank 0) with the steps this run plans (runlog.write_run_config)."""
+        from attent_scale.runlog import write_run_config
 
         if self.is_main:
-            cfg = self.cfg
-            head = ""
-            if cfg.train.max_epochs:
-                head = (f"# planned steps: {self.total_steps} (train.max_epochs {cfg.train.max_epochs} under "
-                        f"the teacher's plan, capped by train.max_steps; the LR schedule decays over them)\n")
-            text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-            (self.run_dir / "config.yaml").write_text(head + text)
-        return True
-
-    # ---- the loop ---------------------------------------------------------------------------------
+            write_run_config(self.run_dir, self.cfg, self.total_steps)
+        self._config_recorded = True
 
     def train(self) -> int:
         """Epoch after epoch (start, stream, steps) until a budget, the data or a stop signal ends the run;

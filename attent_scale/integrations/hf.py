@@ -365,7 +365,10 @@ class AttentTrainer(Trainer):
             max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial)
         if not self.attent_enabled or resume_from_checkpoint is None:
             return epochs_trained, steps_in_epoch
-        self._load_attent_state(resume_from_checkpoint)
+        self.counts = load_attent_state(
+            resume_from_checkpoint, self.session, rank=self._rank, world=self._world,
+            num_samples=len(self.train_dataset), accum=self.args.gradient_accumulation_steps,
+            records=Path(self.args.output_dir) / RECORDS)
         # Epochs have different lengths: where the run stands comes from our state, not global_step alone.
         epoch, done = self.session.resume_point(self.state.global_step)
         return epoch, 0 if self.args.ignore_data_skip else done * self.args.gradient_accumulation_steps
@@ -585,32 +588,39 @@ class AttentTrainer(Trainer):
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         if self.attent_enabled:
             folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            self._save_attent_state(Path(self._get_output_dir(trial=trial)) / folder)
+            save_attent_state(Path(self._get_output_dir(trial=trial)) / folder, self.session, self.counts,
+                              rank=self._rank, world=self._world,
+                              records=Path(self.args.output_dir) / RECORDS)
         super()._save_checkpoint(model, trial)
 
-    def _save_attent_state(self, folder: Path) -> None:
-        """This rank's teacher session and counts beside the Trainer checkpoint (before it, so a checkpoint
-        with trainer_state.json always has it)."""
-        out = folder / STATE_DIR
-        out.mkdir(parents=True, exist_ok=True)
-        records = count_lines(Path(self.args.output_dir) / RECORDS) if self._rank == 0 else 0
-        state = {**self.session.state_dict(), "progress": self.counts.state_dict(), "record_lines": records,
-                 "world_size": self._world}
-        save_state(out / f"rank{self._rank}", state)
 
-    def _load_attent_state(self, checkpoint: str) -> None:
-        stem = Path(checkpoint) / STATE_DIR / f"rank{self._rank}"
-        if not stem.with_suffix(".json").exists():
-            raise UserError(f"{stem}.json: no AtteNT teacher state in this checkpoint (written by plain "
-                            "Trainer, or by a run with a different number of ranks?)")
-        state = _upgrade(load_state(stem), len(self.train_dataset), self.args.gradient_accumulation_steps)
-        if state["world_size"] != self._world:
-            raise UserError(f"{stem}.json: written by {state['world_size']} ranks, "
-                            f"this run has {self._world}")
-        self.session.load_state_dict(state)
-        self.counts = Progress.from_state(state["progress"])
-        if self._rank == 0:
-            truncate_lines(Path(self.args.output_dir) / RECORDS, int(state["record_lines"]))
+def save_attent_state(folder: Path, session: Any, counts: Progress, *, rank: int, world: int,
+                      records: Path) -> None:
+    """This rank's teacher session and counts beside a Trainer checkpoint `folder` (before it, so a
+    checkpoint with trainer_state.json always has it); rank 0 also notes how many lines `records` has."""
+    out = folder / STATE_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    lines = count_lines(records) if rank == 0 else 0
+    state = {**session.state_dict(), "progress": counts.state_dict(), "record_lines": lines,
+             "world_size": world}
+    save_state(out / f"rank{rank}", state)
+
+
+def load_attent_state(checkpoint: str, session: Any, *, rank: int, world: int, num_samples: int, accum: int,
+                      records: Path) -> Progress:
+    """The session's state from a Trainer checkpoint (refused in one line when absent or written by another
+    number of ranks); rank 0 cuts `records` back to the checkpoint's lines. Returns the counts."""
+    stem = Path(checkpoint) / STATE_DIR / f"rank{rank}"
+    if not stem.with_suffix(".json").exists():
+        raise UserError(f"{stem}.json: no AtteNT teacher state in this checkpoint (written by plain "
+                        "Trainer, or by a run with a different number of ranks?)")
+    state = _upgrade(load_state(stem), num_samples, accum)
+    if state["world_size"] != world:
+        raise UserError(f"{stem}.json: written by {state['world_size']} ranks, this run has {world}")
+    session.load_state_dict(state)
+    if rank == 0:
+        truncate_lines(records, int(state["record_lines"]))
+    return Progress.from_state(state["progress"])
 
 
 def _upgrade(state: dict[str, Any], num_samples: int, accum: int) -> dict[str, Any]:
