@@ -55,10 +55,14 @@ def _no_process_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
             procs.kill(tag)
         return
     deadline = time.monotonic() + 10  # DataLoader workers notice their rank's exit within 5 s
-    left = [p for tag in tags for p in procs.marked(procs.PROC, tag)]
+    def still_running() -> list[tuple[int, str]]:
+        return [(pid, cmd) for tag in tags for pid, cmd in procs.marked(procs.PROC, tag)
+                if not _own_helper(pid, cmd)]
+
+    left = still_running()
     while left and time.monotonic() < deadline:
         time.sleep(0.5)
-        left = [p for tag in tags for p in procs.marked(procs.PROC, tag)]
+        left = still_running()
     if left:
         for tag in tags:
             procs.kill(tag)
